@@ -1,0 +1,68 @@
+"""The ``cryoscape`` command: one subcommand per module in this package.
+
+Each command module defines ``HELP`` (one line), ``EXAMPLE`` (a shell line), ``add_arguments(parser)``
+and ``run(args) -> int | None``.  Modules parse arguments and call one library function; no
+logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cryoscape import __version__
+from cryoscape.errors import InputError
+
+# command name -> module in cryoscape.cli (``import`` is a Python keyword, hence ``import_``)
+COMMANDS: dict[str, str] = {
+    "simulate": "simulate",
+    "import": "import_",
+    "downsample": "downsample",
+    "backproject": "backproject",
+    "fsc": "fsc",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryoscape",
+        description="Reconstruct distributions of 3-D structures from cryo-EM particle images.",
+    )
+    parser.add_argument("--version", action="version", version=f"cryoscape {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"cryoscape.cli.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"cryoscape.cli.{module_name}":
+                continue  # command not built yet
+            raise
+        cmd = sub.add_parser(
+            name,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=f"example:\n  {module.EXAMPLE}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    try:
+        code = args._run(args)
+    except InputError as err:
+        print(f"cryoscape {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Random access to the particle images of a particle table, lazily, at any dataset size.
+
+A particle table names, for every particle, a stack file and an image index in it
+(``image_paths``, ``image_indices``; see :mod:`cryoscape.io.particles`).  :class:`ParticleImages`
+checks every stack once (headers only), then reads batches by grouping the requested particles
+by stack and copying just those images out of memory maps.  At most ``max_open_files`` maps
+are open at a time (least recently used are closed), so a dataset spread over tens of thousands
+of micrograph stacks neither runs out of file handles nor loads a whole stack.
+
+Small datasets can instead be loaded into memory once (``in_memory=True``); by default this
+happens when the images fit in ``memory_limit_bytes`` (2 GiB), and the choice is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cryoscape.errors import InputError
+from cryoscape.io.mrc import MrcHeader, MrcStack, _normalize_indices, open_stack
+
+__all__ = ["ParticleImages"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_LIMIT_BYTES = 2 * 1024**3
+_LOAD_CHUNK_BYTES = 16 * 1024**2
+
+
+class ParticleImages:
+    """Particle images addressed by particle number, read lazily from MRC stacks.
+
+    Parameters
+    ----------
+    image_paths
+        ``(N,)`` stack file of each particle (str; already resolved against any data folder).
+    image_indices
+        ``(N,)`` 0-based index of each particle's image in its stack.
+    box_size
+        Expected box size; every stack is checked against it.  Default: taken from the stacks
+        (which must agree with each other).
+    in_memory
+        ``True`` loads all images once, ``False`` always reads lazily, ``None`` (default)
+        loads them when ``N * D * D * 4 <= memory_limit_bytes``.
+    max_open_files
+        How many stack memory maps are kept open at once (least recently used are closed).
+    memory_limit_bytes
+        Threshold for the automatic ``in_memory`` choice.
+    table_path
+        The particle file the table came from, named in error messages.
+
+    Raises
+    ------
+    InputError
+        A stack is missing, not MRC, truncated or non-square, box sizes differ, or an index
+        points past the end of its stack.
+    """
+
+    def __init__(
+        self,
+        image_paths: Sequence[str] | np.ndarray,
+        image_indices: Sequence[int] | np.ndarray,
+        *,
+        box_size: int | None = None,
+        in_memory: bool | None = None,
+        max_open_files: int = 64,
+        memory_limit_bytes: int = DEFAULT_MEMORY_LIMIT_BYTES,
+        table_path: str | os.PathLike | None = None,
+    ):
+        paths = np.asarray(image_paths, dtype=object).reshape(-1)
+        indices = np.asarray(image_indices).reshape(-1)
+        source = os.fspath(table_path) if table_path is not None else "the particle table"
+        if paths.shape != indices.shape:
+            raise InputError(f"{source} lists {paths.size} image files but {indices.size} image "
+                             "indices; pass one file and one index per particle.", path=table_path)
+        # pd.factorize hashes (O(N)) and keeps first-appearance order of the files.
+        codes, uniques = pd.factorize(pd.Series(paths, dtype=object), sort=False)
+        self._setup(
+            [os.fspath(p) for p in uniques],
+            codes.astype(np.int64),
+            indices,
+            box_size=box_size,
+            in_memory=in_memory,
+            max_open_files=max_open_files,
+            memory_limit_bytes=memory_limit_bytes,
+            source=source,
+        )
+
+    @classmethod
+    def from_stack(cls, path: str | os.PathLike, **kwargs: Any) -> "ParticleImages":
+        """All images of one stack file, in file order (no per-particle path array is built)."""
+        obj = cls.__new__(cls)
+        name = os.fspath(path)
+        n = len(open_stack(name))
+        obj._setup(
+            [name],
+            np.zeros(n, dtype=np.int64),
+            np.arange(n, dtype=np.int64),
+            box_size=kwargs.pop("box_size", None),
+            in_memory=kwargs.pop("in_memory", None),
+            max_open_files=kwargs.pop("max_open_files", 64),
+            memory_limit_bytes=kwargs.pop("memory_limit_bytes", DEFAULT_MEMORY_LIMIT_BYTES),
+            source=name,
+        )
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        return obj
+
+    def _setup(
+        self,
+        paths: list[str],
+        file_ids: np.ndarray,
+        image_indices: np.ndarray,
+        *,
+        box_size: int | None,
+        in_memory: bool | None,
+        max_open_files: int,
+        memory_limit_bytes: int,
+        source: str,
+    ) -> None:
+        if image_indices.size and image_indices.dtype.kind not in "iu":
+            if not np.all(np.mod(image_indices, 1) == 0):
+                raise InputError(f"{source} has non-integer image indices; fix the particle "
+                                 "file.", path=source)
+        image_indices = image_indices.astype(np.int64, copy=False)
+        if image_indices.size and image_indices.min() < 0:
+            raise InputError(f"{source} has negative image indices; image indices count from 0 "
+                             "here (RELION's 1-based numbers are converted on import), so fix "
+                             "the particle file.", path=source)
+        self._paths = paths
+        self._file_ids = file_ids
+        self._image_indices = image_indices
+        self.max_open_files = max(1, int(max_open_files))
+        self._open: OrderedDict[int, MrcStack] = OrderedDict()
+        self._source = source
+
+        # Check each stack once, from its header only.
+        headers: list[MrcHeader] = []
+        for path in paths:
+            stack = open_stack(path)  # missing / not MRC / truncated / non-square
+            headers.append(stack.header)
+        self._headers = headers
+        if headers:
+            first = headers[0]
+            D = int(box_size) if box_size is not None else first.nx
+            for h in headers:
+                if h.nx != D:
+                    if box_size is not None:
+                        raise InputError(
+                            f"{h.path} holds {h.nx}x{h.ny} images but {source} says the box is "
+                            f"{D} pixels; pass the matching stack or fix the box size.",
+                            path=h.path)
+                    raise InputError(
+                        f"{h.path} holds {h.nx}x{h.ny} images but {first.path} holds "
+                        f"{first.nx}x{first.ny}; all stacks of one particle set must share "
+                        "the box size, so re-extract them alike.", path=h.path)
+            if file_ids.size:
+                max_index = np.full(len(paths), -1, dtype=np.int64)
+                np.maximum.at(max_index, file_ids, image_indices)
+                for fid, (h, hi) in enumerate(zip(headers, max_index)):
+                    if hi >= h.nz:
+                        raise InputError(
+                            f"{source} refers to image {int(hi) + 1} of {h.path}, which holds "
+                            f"only {h.nz} images; pass the matching stack or fix the "
+                            "particle file.", path=source)
+        else:
+            D = int(box_size) if box_size is not None else 0
+        self._box_size = D
+        self._pixel_size = headers[0].pixel_size_angstrom if headers else 0.0
+
+        nbytes = len(self) * D * D * 4
+        if in_memory is None:
+            in_memory = nbytes <= memory_limit_bytes
+            logger.info("%s: %d images of %dx%d (%.2f GiB) -> %s", source, len(self), D, D,
+                        nbytes / 1024**3,
+                        "loaded into memory" if in_memory else "read lazily from disk")
+        self.in_memory = bool(in_memory)
+        self._data: np.ndarray | None = None
+        if self.in_memory:
+            self._data = self._read_lazy_in_chunks()
+            self._data.flags.writeable = False
+            self._close_all()
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return int(self._image_indices.size)
+
+    def __repr__(self) -> str:
+        mode = "in memory" if self.in_memory else "lazy"
+        return (f"ParticleImages(n={len(self)}, box_size={self.box_size}, "
+                f"files={len(self._paths)}, {mode})")
+
+    @property
+    def box_size(self) -> int:
+        """Image side length ``D`` in pixels."""
+        return self._box_size
+
+    @property
+    def pixel_size_angstrom(self) -> float:
+        """Pixel size from the first stack's header (0.0 if unset)."""
+        return self._pixel_size
+
+    @property
+    def stack_paths(self) -> list[str]:
+        """The distinct stack files, in order of first appearance."""
+        return list(self._paths)
+
+    # ------------------------------------------------------------------ reading
+    def read(self, indices: Any) -> np.ndarray:
+        """Read particle images as float32.
+
+        Parameters
+        ----------
+        indices
+            Particle numbers: int, slice, boolean mask, or int sequence in any order.
+
+        Returns
+        -------
+        np.ndarray
+            ``(n, D, D)`` float32 in the order asked for (``(D, D)`` for a scalar index).
+        """
+        idx, scalar = _normalize_indices(indices, len(self))
+        if isinstance(idx, slice):
+            idx = np.arange(idx.start, idx.stop, dtype=np.int64)
+        if self._data is not None:
+            out = self._data[idx]  # fancy indexing copies
+        else:
+            out = self._read_lazy(idx)
+        return out[0] if scalar else out
+
+    def __getitem__(self, indices: Any) -> np.ndarray:
+        return self.read(indices)
+
+    def _read_lazy(self, idx: np.ndarray) -> np.ndarray:
+        D = self._box_size
+        if idx.size == 0:
+            return np.empty((0, D, D), dtype=np.float32)
+        fids = self._file_ids[idx]
+        local = self._image_indices[idx]
+        if np.all(fids == fids[0]):  # one stack: its read already returns a fresh array
+            return self._stack(int(fids[0])).read(local)
+        out = np.empty((idx.size, D, D), dtype=np.float32)
+        order = np.argsort(fids, kind="stable")
+        sorted_fids = fids[order]
+        cuts = np.flatnonzero(np.diff(sorted_fids)) + 1
+        for group in np.split(order, cuts):
+            out[group] = self._stack(int(fids[group[0]])).read(local[group])
+        return out
+
+    def _read_lazy_in_chunks(self) -> np.ndarray:
+        D = self._box_size
+        out = np.empty((len(self), D, D), dtype=np.float32)
+        step = max(1, _LOAD_CHUNK_BYTES // max(1, D * D * 4))
+        for start in range(0, len(self), step):
+            stop = min(len(self), start + step)
+            out[start:stop] = self._read_lazy(np.arange(start, stop, dtype=np.int64))
+        return out
+
+    def load_all(self) -> np.ndarray:
+        """All images as ``(N, D, D)`` float32 (read-only when the dataset is in memory)."""
+        if self._data is not None:
+            return self._data
+        return self._read_lazy_in_chunks()
+
+    def iter_batches(self, batch_size: int, *, indices: Any = None):
+        """Yield ``(particle_indices, images)`` in order, ``batch_size`` at a time."""
+        if indices is None:
+            all_idx = np.arange(len(self), dtype=np.int64)
+        else:
+            all_idx, _ = _normalize_indices(indices, len(self))
+            if isinstance(all_idx, slice):
+                all_idx = np.arange(all_idx.start, all_idx.stop, dtype=np.int64)
+        for start in range(0, all_idx.size, max(1, int(batch_size))):
+            batch = all_idx[start:start + batch_size]
+            yield batch, self.read(batch)
+
+    # ------------------------------------------------------------------ open maps (LRU)
+    def _stack(self, file_id: int) -> MrcStack:
+        stack = self._open.get(file_id)
+        if stack is not None:
+            self._open.move_to_end(file_id)
+            return stack
+        stack = MrcStack(self._headers[file_id])  # header already checked
+        self._open[file_id] = stack
+        while len(self._open) > self.max_open_files:
+            _, old = self._open.popitem(last=False)
+            old.close()
+        return stack
+
+    @property
+    def n_open_files(self) -> int:
+        """How many stack memory maps are open now (bounded by ``max_open_files``)."""
+        return sum(1 for s in self._open.values() if s._mm is not None)
+
+    def _close_all(self) -> None:
+        for stack in self._open.values():
+            stack.close()
+        self._open.clear()
+
+    def close(self) -> None:
+        """Close all memory maps (reads reopen them as needed)."""
+        self._close_all()
+
+    def __getstate__(self) -> dict:
+        # Memory maps do not travel to worker processes; each worker reopens its own.
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state

@@ -1,0 +1,1 @@
+"""posesearch layer."""
