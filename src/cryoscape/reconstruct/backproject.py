@@ -370,3 +370,126 @@ def backproject_images(
         bar.update(len(idx))
     bar.close()
     return acc
+
+
+def choose_half_sets(table, split: str, *, seed: int = 0) -> np.ndarray:
+    """Half-set (0/1) of every particle of a table.
+
+    ``split`` is ``"random"`` (balanced, seeded), ``"star"`` (RELION's ``rlnRandomSubset`` 1/2,
+    cryoSPARC's ``alignments3D/split`` 0/1), or a path to an index file (.npy/.pkl/.txt) listing
+    the rows of half-set 0 (the others form half-set 1).
+    """
+    from cryoscape.errors import InputError
+    from cryoscape.io.particles import load_indices
+
+    n = len(table)
+    if split == "random":
+        return split_halves(n, seed=seed)
+    if split == "star":
+        rows, records = table.star_rows, table.cs_records
+        if rows is not None and "rlnRandomSubset" in rows.columns:
+            sets = rows["rlnRandomSubset"].to_numpy().astype(np.int64) - 1
+        elif records is not None and "alignments3D/split" in (records.dtype.names or ()):
+            sets = records["alignments3D/split"].astype(np.int64)
+        else:
+            raise InputError(
+                "has no half-set column (rlnRandomSubset or alignments3D/split); "
+                "use --split random or pass a file of half-1 indices.",
+                path=table.source_path,
+            )
+        if not np.isin(sets, (0, 1)).all():
+            raise InputError(
+                "has half-set labels other than 1 and 2; use --split random.", path=table.source_path
+            )
+        return sets
+    first = load_indices(split, n_particles=n)
+    sets = np.ones(n, dtype=np.int64)
+    sets[first] = 0
+    return sets
+
+
+def backproject_particles(
+    table,
+    *,
+    batch_size: int = 256,
+    split: str = "random",
+    seed: int = 0,
+    oversampling: int = 2,
+    regularization: str | float = "fsc",
+    use_ctf: bool = True,
+    invert_contrast: bool = False,
+    fsc_mask: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> BackprojectionResult:
+    """Reconstruct a voxel map (and half-maps) from a particle table with poses and CTF.
+
+    Images are read lazily in batches (memory bounded by the batch and the ``(2 D)^3`` grids).
+    ``table`` is a :class:`cryoscape.io.particles.ParticleTable`; see :func:`choose_half_sets`
+    for ``split`` and the module docstring for ``regularization``.
+    """
+    from cryoscape.data.images import ParticleImages
+    from cryoscape.fourier.ctf import ctf_images_from_table
+
+    table.require_poses()
+    if use_ctf:
+        table.require_ctf()
+        table.require_pixel_size()
+    images = ParticleImages(
+        table.image_paths, table.image_indices, box_size=table.box_size, table_path=table.source_path
+    )
+    D = images.box_size
+    sets = choose_half_sets(table, split, seed=seed)
+    ctf_batch = None
+    if use_ctf:
+        def ctf_batch(idx: np.ndarray, grid_size: int) -> torch.Tensor:
+            return ctf_images_from_table(
+                table.ctf, table.pixel_size_angstrom, grid_size, idx, device=device
+            )
+
+    log.info("backprojecting %d particles of box %d (oversampling %d)", len(table), D, oversampling)
+    acc = backproject_images(
+        images.read,
+        box_size=D,
+        rotations=table.rotations,
+        shifts_pixel=table.shifts_pixel,
+        ctf_batch=ctf_batch,
+        sets=sets,
+        oversampling=oversampling,
+        batch_size=batch_size,
+        device=device,
+        invert_contrast=invert_contrast,
+        progress=progress,
+    )
+    pixel = float(np.nanmedian(table.pixel_size_angstrom)) if use_ctf else None
+    return reconstruct_from_accumulator(
+        acc, regularization=regularization, pixel_size_angstrom=pixel, fsc_mask=fsc_mask
+    )
+
+
+def write_backprojection(out_dir, result: BackprojectionResult, *, pixel_size_angstrom: float | None) -> dict:
+    """Write ``map.mrc``, ``half1.mrc``/``half2.mrc``, ``fsc.txt`` and ``fsc.png`` into ``out_dir``.
+
+    Returns a summary dict (resolutions, particle count) that is also logged.
+    """
+    from pathlib import Path
+
+    from cryoscape.fourier.fsc import plot_fsc, write_fsc_txt
+    from cryoscape.io.mrc import write_mrc
+
+    out = Path(out_dir)
+    pixel = pixel_size_angstrom if pixel_size_angstrom and np.isfinite(pixel_size_angstrom) else 1.0
+    write_mrc(out / "map.mrc", result.volume.cpu().numpy(), pixel_size_angstrom=pixel)
+    summary = {"n_particles": result.n_particles, "regularization": result.regularization}
+    if result.half_maps is not None:
+        for h in range(2):
+            write_mrc(out / f"half{h + 1}.mrc", result.half_maps[h].cpu().numpy(), pixel_size_angstrom=pixel)
+    if result.fsc is not None:
+        freqs, curve = result.fsc["freqs"], result.fsc["fsc"]
+        write_fsc_txt(out / "fsc.txt", freqs, curve, pixel_size_angstrom)
+        plot_fsc(freqs, {"half-map FSC": curve}, out / "fsc.png", pixel_size_angstrom=pixel_size_angstrom)
+        for key in ("res_0.143", "res_0.5", "res_0.143_angstrom", "res_0.5_angstrom"):
+            if key in result.fsc:
+                summary[key] = float(result.fsc[key])
+    log.info("backprojection summary: %s", summary)
+    return summary

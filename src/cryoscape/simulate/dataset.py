@@ -79,6 +79,7 @@ def _write_stack(
     seed: int,
     batch_size: int | None,
     device: Any,
+    oversampling: int,
     progress: bool,
 ) -> SimulationResult:
     """Stream the images into a memory-mapped temporary MRC stack, then rename it onto ``path``."""
@@ -91,7 +92,8 @@ def _write_stack(
         mrc.set_image_stack()
         mrc.voxel_size = float(params.pixel_size_angstrom)
         result = simulate_images(
-            ensemble, params, snr=snr, seed=seed, out=mrc.data, batch_size=batch_size, device=device, progress=progress
+            ensemble, params, snr=snr, seed=seed, out=mrc.data, batch_size=batch_size, device=device,
+            oversampling=oversampling, progress=progress,
         )
         stats = result.image_stats
         h = mrc.header
@@ -163,6 +165,7 @@ def simulate_dataset(
     shift_max_pixel: float = 0.0,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    oversampling: int = 2,
     progress: bool = False,
     arguments: dict[str, Any] | None = None,
 ) -> Path:
@@ -184,7 +187,7 @@ def simulate_dataset(
     defocus_range_angstrom, astigmatism_angstrom, voltage_kv, cs_mm, amplitude_contrast,
     b_factor_angstrom2, shift_max_pixel
         Image parameters (see :func:`cryoscape.simulate.images.sample_image_parameters`).
-    batch_size, device, progress
+    batch_size, device, oversampling, progress
         Passed to :func:`cryoscape.simulate.images.simulate_images`.
     arguments
         What to record in ``config.yaml`` as the run's arguments (e.g. the command line's);
@@ -222,7 +225,8 @@ def simulate_dataset(
         write_mrc(out_dir / name, ensemble.volumes[m], pixel_size_angstrom=pixel, is_stack=False)
 
     result = _write_stack(
-        out_dir / STACK_NAME, ensemble, params, snr=snr, seed=seed, batch_size=batch_size, device=device, progress=progress
+        out_dir / STACK_NAME, ensemble, params, snr=snr, seed=seed, batch_size=batch_size, device=device,
+        oversampling=oversampling, progress=progress,
     )
 
     table = _particle_table(out_dir, params)
@@ -273,6 +277,7 @@ def simulate_dataset(
             b_factor_angstrom2=b_factor_angstrom2,
             shift_max_pixel=shift_max_pixel,
             batch_size=batch_size,
+            oversampling=oversampling,
         )
     config = {
         "cryoscape_version": __version__,

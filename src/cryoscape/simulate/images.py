@@ -281,6 +281,7 @@ def simulate_images(
     batch_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    oversampling: int = 2,
     progress: bool = False,
 ) -> SimulationResult:
     """Make the images described by ``params`` (see the module docstring for the model).
@@ -304,6 +305,10 @@ def simulate_images(
     device, dtype
         Where and in which precision to compute (default CPU, float32); results are identical in
         distribution whatever the device, and the random draws do not depend on it.
+    oversampling
+        Zero-padding factor of the projector (:func:`prepare_projection_volume`).  With 2,
+        projections of a compact molecule are within ~1-3% (relative L2) of the exact line
+        integrals; 3 cuts that several-fold for ~1.5x the time.
     progress
         Show tqdm progress bars.
 
@@ -332,7 +337,7 @@ def simulate_images(
             if len(members) == 0:
                 continue
             volume = torch.as_tensor(ensemble.volumes[m], dtype=dtype, device=device)
-            prepared = prepare_projection_volume(volume, oversampling=2)
+            prepared = prepare_projection_volume(volume, oversampling=oversampling)
             del volume
             for start in range(0, len(members), batch):
                 idx = members[start : start + batch]
