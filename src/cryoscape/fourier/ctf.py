@@ -162,6 +162,7 @@ def ctf_images_from_table(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    freqs_cycles_per_pixel: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CTF images for rows ``indices`` of a particle CTF table.
 
@@ -180,6 +181,9 @@ def ctf_images_from_table(
         Rows to evaluate (integer array, slice, or ``None`` for all rows).
     device, dtype
         Where and in which precision to build the images.
+    freqs_cycles_per_pixel
+        Optional ``(P, 2)`` frequencies ``(kx, ky)``: evaluate only there and return ``(n, P)``
+        (cheaper when only some pixels are used; ``box_size`` is then ignored).
 
     Returns
     -------
@@ -209,4 +213,11 @@ def ctf_images_from_table(
     if pixel.ndim > 0:
         pixel = pixel[indices]
     pixel_t = torch.as_tensor(pixel, dtype=dtype, device=device)
-    return ctf_images(box_size, pixel_t, **params)
+    if freqs_cycles_per_pixel is None:
+        return ctf_images(box_size, pixel_t, **params)
+    freqs = freqs_cycles_per_pixel.to(device=device, dtype=dtype)
+    if pixel_t.ndim > 0:
+        freqs = freqs / pixel_t[:, None, None]
+    else:
+        freqs = freqs / pixel_t
+    return evaluate_ctf(freqs, **params)

@@ -25,6 +25,7 @@ from cryoscape.fourier.grids import grid_2d_index
 
 __all__ = [
     "slice_coordinates",
+    "trilinear_corners",
     "sample_trilinear",
     "scatter_trilinear",
     "extract_central_slices",
@@ -51,7 +52,7 @@ def slice_coordinates(rotations: torch.Tensor, coords_2d: torch.Tensor) -> torch
     return coords_2d.to(rotations.dtype) @ rotations[..., :2, :]
 
 
-def _corners(coords: torch.Tensor, D: int):
+def trilinear_corners(coords: torch.Tensor, D: int):
     """Flat indices ``(..., P, 8)`` and trilinear weights ``(..., P, 8)``; invalid corners weigh 0.
 
     Built per axis and combined by broadcasting, which is several times faster than forming
@@ -82,7 +83,7 @@ def sample_trilinear(volume: torch.Tensor, coords: torch.Tensor) -> torch.Tensor
     Returns ``(..., P[, C])`` with the volume's dtype (real or complex).
     """
     D = volume.shape[0]
-    flat, w = _corners(coords, D)
+    flat, w = trilinear_corners(coords, D)
     channels = volume.shape[3:]
     table = volume.reshape(D * D * D, *channels)
     vals = table[flat]  # (..., P, 8[, C])
@@ -108,7 +109,7 @@ def scatter_trilinear(
     """
     D = accumulator.shape[0]
     C = accumulator.shape[-1]
-    flat, w = _corners(coords, D)
+    flat, w = trilinear_corners(coords, D)
     contrib = values.unsqueeze(-2) * w.unsqueeze(-1).to(values.dtype)  # (..., P, 8, C)
     accumulator.view(D * D * D, C).index_add_(0, flat.reshape(-1), contrib.reshape(-1, C))
 

@@ -39,7 +39,7 @@ from cryoscape.fourier.filters import radial_average, radial_profile_to_grid
 from cryoscape.fourier.fsc import gold_standard_fsc
 from cryoscape.fourier.grids import grid_2d_index, radius_3d_index
 from cryoscape.fourier.shift import phase_shift_images
-from cryoscape.fourier.slicing import scatter_trilinear, slice_coordinates
+from cryoscape.fourier.slicing import slice_coordinates, trilinear_corners
 
 __all__ = [
     "FourierAccumulator",
@@ -97,6 +97,11 @@ class FourierAccumulator:
         self._coords, self._flat = half_plane_coordinates(D, device=self.device)
         self._coords = self._coords.to(self.dtype)
 
+    @property
+    def frequencies_cycles_per_pixel(self) -> torch.Tensor:
+        """``(P, 2)`` frequencies ``(kx, ky)`` of the inserted pixels (for evaluating the CTF)."""
+        return self._coords / self.padded_size
+
     def add(
         self,
         images_ft: torch.Tensor,
@@ -115,28 +120,29 @@ class FourierAccumulator:
         rotations
             ``(B, 3, 3)`` poses.
         ctf
-            ``(B, Dp, Dp)`` CTF values on the same padded grid, or ``None`` for perfect images.
+            CTF values, either ``(B, Dp, Dp)`` on the padded grid or ``(B, P)`` at
+            :attr:`frequencies_cycles_per_pixel`; ``None`` for perfect images.
         sets
             ``(B,)`` index of the half-set of each image (default all in set 0).
         """
         B, D = images_ft.shape[0], self.padded_size
         x = images_ft.reshape(B, D * D)[:, self._flat]
         if ctf is None:
-            c = torch.ones(x.shape, device=x.device, dtype=self.dtype)
+            values = torch.stack([x.real, x.imag, torch.ones_like(x.real)], dim=-1)
         else:
-            c = ctf.reshape(B, D * D)[:, self._flat].to(self.dtype)
-        values = torch.stack([c * x.real, c * x.imag, c * c], dim=-1).to(self.dtype)
+            c = ctf.reshape(B, -1)
+            c = (c[:, self._flat] if c.shape[1] == D * D else c).to(x.real.dtype)
+            values = torch.stack([c * x.real, c * x.imag, c * c], dim=-1)
         coords = slice_coordinates(rotations.to(self.dtype), self._coords)  # (B, P, 3)
+        flat, w = trilinear_corners(coords, D)  # (B, P, 8)
         if sets is None:
             sets = torch.zeros(B, dtype=torch.long)
-        sets = sets.to("cpu")
-        for h in range(self.n_sets):
-            rows = torch.nonzero(sets == h).squeeze(1)
-            if len(rows) == 0:
-                continue
-            rows_dev = rows.to(coords.device)
-            scatter_trilinear(self.sums[h], coords[rows_dev], values[rows_dev])
-            self.count[h] += len(rows)
+        sets = sets.to(device=flat.device, dtype=torch.long)
+        # one scatter for all sets: set h owns rows [h D^3, (h+1) D^3) of the flat buffer
+        flat = flat + (sets * D**3)[:, None, None]
+        contrib = values.to(self.dtype).unsqueeze(-2) * w.unsqueeze(-1).to(self.dtype)  # (B, P, 8, 3)
+        self.sums.view(-1, 3).index_add_(0, flat.reshape(-1), contrib.reshape(-1, 3))
+        self.count += torch.bincount(sets.cpu(), minlength=self.n_sets)
 
     def merge_(self, other: "FourierAccumulator") -> None:
         """Add another accumulator's sums (e.g. from another process) into this one."""
@@ -319,7 +325,7 @@ def backproject_images(
     box_size: int,
     rotations: np.ndarray,
     shifts_pixel: np.ndarray | None = None,
-    ctf_batch: Callable[[np.ndarray, int], torch.Tensor] | None = None,
+    ctf_batch: Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None = None,
     sets: np.ndarray | None = None,
     oversampling: int = 2,
     batch_size: int = 256,
@@ -337,8 +343,8 @@ def backproject_images(
         ``(N, 3, 3)`` and ``(N, 2)`` poses of the N images to insert (RELION shift sign: the
         particle centre sits at the box centre minus the shift).
     ctf_batch
-        ``(indices, grid_size) -> (b, grid_size, grid_size)`` CTF images on a grid of the given
-        size at the images' pixel size, or ``None`` for no CTF.
+        ``(indices, freqs (P, 2) cycles/pixel) -> (b, P)`` CTF values at the given frequencies
+        for the given images, or ``None`` for no CTF.
     oversampling
         Fourier grid refinement (zero padding in real space): 2 keeps trilinear interpolation
         errors below 1e-3 in FSC; 1 saves 8x memory for very large boxes.
@@ -352,6 +358,7 @@ def backproject_images(
         box_size, n_sets=1 if sets is None else 2, oversampling=oversampling, device=device
     )
     Dp = acc.padded_size
+    freqs = acc.frequencies_cycles_per_pixel
     bar = tqdm(total=n, unit="img", desc="backproject", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
@@ -364,7 +371,7 @@ def backproject_images(
             images_ft = phase_shift_images(
                 images_ft, torch.as_tensor(shifts_pixel[idx], device=device, dtype=torch.float32)
             )
-        ctf = None if ctf_batch is None else ctf_batch(idx, Dp)
+        ctf = None if ctf_batch is None else ctf_batch(idx, freqs)
         rot = torch.as_tensor(rotations[idx], device=device, dtype=torch.float32)
         acc.add(images_ft, rot, ctf=ctf, sets=None if sets is None else torch.as_tensor(sets[idx]))
         bar.update(len(idx))
@@ -442,9 +449,9 @@ def backproject_particles(
     sets = choose_half_sets(table, split, seed=seed)
     ctf_batch = None
     if use_ctf:
-        def ctf_batch(idx: np.ndarray, grid_size: int) -> torch.Tensor:
+        def ctf_batch(idx: np.ndarray, freqs: torch.Tensor) -> torch.Tensor:
             return ctf_images_from_table(
-                table.ctf, table.pixel_size_angstrom, grid_size, idx, device=device
+                table.ctf, table.pixel_size_angstrom, D, idx, device=device, freqs_cycles_per_pixel=freqs
             )
 
     log.info("backprojecting %d particles of box %d (oversampling %d)", len(table), D, oversampling)
