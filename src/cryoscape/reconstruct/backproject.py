@@ -34,12 +34,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cryoscape.fourier.fft import mirror_frequencies, fft2_center, ifft3_center
+from cryoscape.fourier.fft import ifft3_center, mirror_frequencies
 from cryoscape.fourier.filters import radial_average, radial_profile_to_grid
 from cryoscape.fourier.fsc import gold_standard_fsc
 from cryoscape.fourier.grids import grid_2d_index, radius_3d_index
-from cryoscape.fourier.shift import phase_shift_images
-from cryoscape.fourier.slicing import slice_coordinates, trilinear_corners
+from cryoscape.fourier.shift import phase_shift_coords
+from cryoscape.fourier.slicing import scatter_trilinear, slice_coordinates
 
 __all__ = [
     "FourierAccumulator",
@@ -50,7 +50,7 @@ __all__ = [
     "BackprojectionResult",
     "reconstruct_from_accumulator",
     "backproject_images",
-    "padded_transforms",
+    "origin_first_padded",
     "gridding_correction",
 ]
 
@@ -58,15 +58,36 @@ log = logging.getLogger(__name__)
 
 
 def half_plane_coordinates(D: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels inserted per image: the half-plane inside the circle of radius ``D/2``.
+    """Pixels inserted per image: the half-plane ``kx > 0`` (plus ``kx = 0, ky >= 0``) inside the
+    circle of radius ``D/2``.
 
-    Returns ``(coords (P, 2) as (x, y) index units, flat (P,) positions in the D x D image)``.
+    Returns ``(coords (P, 2) as (kx, ky) index units, rfft_index (P,))`` where ``rfft_index`` is
+    each pixel's position in the flattened ``(D, D//2 + 1)`` output of ``torch.fft.rfft2`` applied
+    to an image whose origin sits at index 0 (see :func:`origin_first_padded`).
     """
     grid = grid_2d_index(D, device=device).reshape(-1, 2)
     x, y = grid[:, 0], grid[:, 1]
-    keep = ((y > 0) | ((y == 0) & (x >= 0))) & (grid.norm(dim=-1) < D / 2)
-    flat = torch.nonzero(keep).squeeze(1)
-    return grid[flat], flat
+    keep = ((x > 0) | ((x == 0) & (y >= 0))) & (grid.norm(dim=-1) < D / 2)
+    coords = grid[keep]
+    kx, ky = coords[:, 0].long(), coords[:, 1].long()
+    rfft_index = (ky % D) * (D // 2 + 1) + kx
+    return coords, rfft_index
+
+
+def origin_first_padded(images: torch.Tensor, padded_size: int) -> torch.Tensor:
+    """Zero-pad ``(B, D, D)`` images to ``padded_size`` with the origin (index ``D//2``) moved to 0.
+
+    This is ``ifftshift(pad(images))`` built with four block copies instead of a padded copy
+    and a roll, so the unshifted FFT can be applied directly.
+    """
+    B, D = images.shape[0], images.shape[-1]
+    h, n = D // 2, D - D // 2
+    out = images.new_zeros(B, padded_size, padded_size)
+    out[:, :n, :n] = images[:, h:, h:]
+    out[:, :n, padded_size - h :] = images[:, h:, :h]
+    out[:, padded_size - h :, :n] = images[:, :h, h:]
+    out[:, padded_size - h :, padded_size - h :] = images[:, :h, :h]
+    return out
 
 
 @dataclass
@@ -94,54 +115,64 @@ class FourierAccumulator:
         D = self.padded_size
         self.sums = torch.zeros(self.n_sets, D, D, D, 3, device=self.device, dtype=self.dtype)
         self.count = torch.zeros(self.n_sets, dtype=torch.long)
-        self._coords, self._flat = half_plane_coordinates(D, device=self.device)
-        self._coords = self._coords.to(self.dtype)
+        coords, self._rfft_index = half_plane_coordinates(D, device=self.device)
+        self._coords = coords.to(self.dtype)
+
+    @property
+    def coordinates(self) -> torch.Tensor:
+        """``(P, 2)`` inserted pixels ``(kx, ky)`` in index units of the padded grid."""
+        return self._coords
 
     @property
     def frequencies_cycles_per_pixel(self) -> torch.Tensor:
         """``(P, 2)`` frequencies ``(kx, ky)`` of the inserted pixels (for evaluating the CTF)."""
         return self._coords / self.padded_size
 
+    def transform(self, images: torch.Tensor, shifts_pixel: torch.Tensor | None = None) -> torch.Tensor:
+        """Fourier coefficients ``(B, P)`` of real ``(B, D, D)`` images at the inserted pixels.
+
+        The images are zero-padded to the padded grid and, given ``shifts_pixel`` (RELION sign,
+        pixels), translated so the particle centre moves to the box centre.
+        """
+        B, Dp = images.shape[0], self.padded_size
+        spectrum = torch.fft.rfft2(origin_first_padded(images, Dp))
+        values = spectrum.reshape(B, -1)[:, self._rfft_index]
+        if shifts_pixel is not None:
+            values = phase_shift_coords(values, self._coords, shifts_pixel, Dp)
+        return values
+
     def add(
         self,
-        images_ft: torch.Tensor,
+        values: torch.Tensor,
         rotations: torch.Tensor,
         *,
         ctf: torch.Tensor | None = None,
         sets: torch.Tensor | None = None,
     ) -> None:
-        """Insert a batch of centred, shift-corrected image transforms.
+        """Insert the slices of a batch of images.
 
         Parameters
         ----------
-        images_ft
-            ``(B, Dp, Dp)`` complex transforms of the images zero-padded to the accumulator's
-            ``padded_size`` (see :func:`padded_transforms`).
+        values
+            ``(B, P)`` complex Fourier coefficients at :attr:`coordinates` (from :meth:`transform`).
         rotations
             ``(B, 3, 3)`` poses.
         ctf
-            CTF values, either ``(B, Dp, Dp)`` on the padded grid or ``(B, P)`` at
-            :attr:`frequencies_cycles_per_pixel`; ``None`` for perfect images.
+            ``(B, P)`` CTF at :attr:`frequencies_cycles_per_pixel`, or ``None`` for perfect images.
         sets
             ``(B,)`` index of the half-set of each image (default all in set 0).
         """
-        B, D = images_ft.shape[0], self.padded_size
-        x = images_ft.reshape(B, D * D)[:, self._flat]
+        B = values.shape[0]
         if ctf is None:
-            values = torch.stack([x.real, x.imag, torch.ones_like(x.real)], dim=-1)
+            stacked = torch.stack([values.real, values.imag, torch.ones_like(values.real)], dim=-1)
         else:
-            c = ctf.reshape(B, -1)
-            c = (c[:, self._flat] if c.shape[1] == D * D else c).to(x.real.dtype)
-            values = torch.stack([c * x.real, c * x.imag, c * c], dim=-1)
+            c = ctf.to(values.real.dtype)
+            stacked = torch.stack([c * values.real, c * values.imag, c * c], dim=-1)
         coords = slice_coordinates(rotations.to(self.dtype), self._coords)  # (B, P, 3)
-        flat, w = trilinear_corners(coords, D)  # (B, P, 8)
         if sets is None:
             sets = torch.zeros(B, dtype=torch.long)
-        sets = sets.to(device=flat.device, dtype=torch.long)
-        # one scatter for all sets: set h owns rows [h D^3, (h+1) D^3) of the flat buffer
-        flat = flat + (sets * D**3)[:, None, None]
-        contrib = values.to(self.dtype).unsqueeze(-2) * w.unsqueeze(-1).to(self.dtype)  # (B, P, 8, 3)
-        self.sums.view(-1, 3).index_add_(0, flat.reshape(-1), contrib.reshape(-1, 3))
+        sets = sets.to(dtype=torch.long)
+        scatter_trilinear(self.sums, coords, stacked.to(self.dtype), offsets=sets)
         self.count += torch.bincount(sets.cpu(), minlength=self.n_sets)
 
     def merge_(self, other: "FourierAccumulator") -> None:
@@ -308,17 +339,6 @@ def reconstruct_from_accumulator(
     )
 
 
-def padded_transforms(images: torch.Tensor, padded_size: int) -> torch.Tensor:
-    """Centred transforms ``(B, Dp, Dp)`` of ``(B, D, D)`` images zero-padded to ``Dp``."""
-    B, D = images.shape[0], images.shape[-1]
-    if padded_size == D:
-        return fft2_center(images)
-    a = padded_size // 2 - D // 2
-    padded = images.new_zeros(B, padded_size, padded_size)
-    padded[:, a : a + D, a : a + D] = images
-    return fft2_center(padded)
-
-
 def backproject_images(
     read_batch: Callable[[np.ndarray], np.ndarray],
     *,
@@ -357,7 +377,6 @@ def backproject_images(
     acc = FourierAccumulator(
         box_size, n_sets=1 if sets is None else 2, oversampling=oversampling, device=device
     )
-    Dp = acc.padded_size
     freqs = acc.frequencies_cycles_per_pixel
     bar = tqdm(total=n, unit="img", desc="backproject", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
@@ -365,15 +384,13 @@ def backproject_images(
         images = torch.as_tensor(read_batch(idx), device=device, dtype=torch.float32)
         if invert_contrast:
             images = -images
-        images_ft = padded_transforms(images, Dp)
+        shifts = None
         if shifts_pixel is not None:
-            # move the particle centre (at box centre - shift) back onto the box centre
-            images_ft = phase_shift_images(
-                images_ft, torch.as_tensor(shifts_pixel[idx], device=device, dtype=torch.float32)
-            )
+            shifts = torch.as_tensor(shifts_pixel[idx], device=device, dtype=torch.float32)
+        values = acc.transform(images, shifts)
         ctf = None if ctf_batch is None else ctf_batch(idx, freqs)
         rot = torch.as_tensor(rotations[idx], device=device, dtype=torch.float32)
-        acc.add(images_ft, rot, ctf=ctf, sets=None if sets is None else torch.as_tensor(sets[idx]))
+        acc.add(values, rot, ctf=ctf, sets=None if sets is None else torch.as_tensor(sets[idx]))
         bar.update(len(idx))
     bar.close()
     return acc

@@ -1,0 +1,255 @@
+"""Shared helpers of the benchmark scripts in bench/ (not part of the cryoscape package).
+
+What lives here
+---------------
+* :func:`run_timed` runs one command as a child process and measures its wall time and its peak
+  resident memory (``os.wait4`` returns the rusage of exactly that child, so ``ru_maxrss`` is its
+  own high-water mark, plus that of any children it reaped).
+* :func:`thread_env` gives every tool of a comparison the same thread settings.
+* :func:`ensure_cryodrgn` finds, or creates, the separate virtual environment holding the peer
+  tool cryoDRGN (installed from the package registry; its code is never imported by ours).
+* :func:`simulate_dataset` writes (or reuses) a ``cryoscape simulate`` dataset.
+* :func:`compare_to_reference` reports a map's FSC to a ground-truth map: resolution at a threshold
+  and the area under the curve, optionally inside a soft mask made from the ground truth.
+
+Every figure a benchmark prints goes through :func:`print_figure`, one per line, so that the
+output can be grepped or parsed (``name: value unit``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_CRYODRGN_VENV = Path("/tmp/cryodrgn-venv")
+CRYODRGN_VERSION = "4.3.1"
+CRYODRGN_TORCH_VERSION = "2.13.0"
+
+
+# --------------------------------------------------------------------------- processes
+@dataclass
+class RunResult:
+    """Wall time, peak memory and exit status of one child process."""
+
+    command: list[str]
+    wall_s: float
+    peak_rss_mb: float
+    returncode: int
+    log_path: Path
+
+    def tail(self, n_lines: int = 20) -> str:
+        """Last lines of the child's combined output."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n_lines:])
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Environment with the same thread settings for every tool (``None``: leave as inherited)."""
+    env = dict(os.environ)
+    if threads is not None:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[name] = str(threads)
+    # both tools are measured on the CPU of this machine, even where a GPU is present
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_timed(
+    command: Sequence[str],
+    *,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+) -> RunResult:
+    """Run ``command``, its output going to ``log_path``; measure wall time and peak RSS.
+
+    Raises
+    ------
+    RuntimeError
+        With ``check``, when the command exits non-zero (the error names the log file).
+    """
+    command = [str(c) for c in command]
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    result = RunResult(command, wall, usage.ru_maxrss / 1024.0, proc.returncode, log_path)
+    if check and result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} exited with status {result.returncode}; see {log_path}:\n"
+            + result.tail()
+        )
+    return result
+
+
+def best_of(runs: Sequence[RunResult]) -> RunResult:
+    """The fastest of repeated runs (the least disturbed by other work on a shared machine)."""
+    return min(runs, key=lambda r: r.wall_s)
+
+
+# --------------------------------------------------------------------------- tools
+def cryoscape_command() -> list[str]:
+    """How to call our CLI: the ``cryoscape`` script beside this interpreter, else ``-m``."""
+    script = Path(sys.executable).with_name("cryoscape")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "cryoscape.cli.main"]
+
+
+def ensure_cryodrgn(path: str | os.PathLike | None = None) -> Path:
+    """Path of a working ``cryodrgn`` executable; create the default venv when it is missing.
+
+    ``path`` may name the executable itself or a virtual environment holding it.  Without it,
+    ``/tmp/cryodrgn-venv/bin/cryodrgn`` is used, and that venv is created with
+    ``python3 -m venv`` and ``pip install torch==2.13.0`` then ``cryodrgn==4.3.1`` if absent.
+    """
+    if path is not None:
+        p = Path(path)
+        exe = p / "bin" / "cryodrgn" if p.is_dir() else p
+        if not exe.exists():
+            raise FileNotFoundError(f"{exe} does not exist; pass the cryodrgn executable or its venv")
+        return exe
+    exe = DEFAULT_CRYODRGN_VENV / "bin" / "cryodrgn"
+    if exe.exists():
+        return exe
+    print(f"# creating {DEFAULT_CRYODRGN_VENV} with cryodrgn=={CRYODRGN_VERSION} (once)", flush=True)
+    python3 = shutil.which("python3") or sys.executable
+    subprocess.run([python3, "-m", "venv", str(DEFAULT_CRYODRGN_VENV)], check=True)
+    pip = [str(DEFAULT_CRYODRGN_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + [f"torch=={CRYODRGN_TORCH_VERSION}"], check=True)
+    subprocess.run(pip + [f"cryodrgn=={CRYODRGN_VERSION}"], check=True)
+    if not exe.exists():
+        raise RuntimeError(f"installing cryodrgn into {DEFAULT_CRYODRGN_VENV} left no {exe}")
+    return exe
+
+
+def tool_version(command: Sequence[str], env: dict[str, str] | None = None) -> str:
+    """``COMMAND --version`` output, or ``unknown``."""
+    try:
+        out = subprocess.run([*map(str, command), "--version"], capture_output=True, text=True,
+                             env=env, timeout=120)
+        return (out.stdout or out.stderr).strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------- data
+def simulate_dataset(
+    outdir: Path,
+    *,
+    box_size: int,
+    n_images: int,
+    snr: float = 0.1,
+    shift_max_pixel: float = 0.0,
+    seed: int = 0,
+    env: dict[str, str] | None = None,
+) -> tuple[Path, RunResult | None]:
+    """A homogeneous ``cryoscape simulate`` dataset in ``outdir``, reused when its parameters match.
+
+    Returns ``(outdir, run)`` where ``run`` is ``None`` when an existing dataset was reused.
+    """
+    outdir = Path(outdir)
+    params = dict(box_size=box_size, n_images=n_images, snr=snr,
+                  shift_max_pixel=shift_max_pixel, seed=seed, heterogeneity="none")
+    stamp = outdir / "bench_params.json"
+    needed = ["particles.mrcs", "particles.star", "poses.pkl", "ctf.pkl", "gt_volumes/vol_000.mrc"]
+    if stamp.exists() and all((outdir / f).exists() for f in needed):
+        try:
+            if json.loads(stamp.read_text()) == params:
+                return outdir, None
+        except (OSError, ValueError):
+            pass
+    if outdir.exists():
+        shutil.rmtree(outdir)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    run = run_timed(
+        [*cryoscape_command(), "simulate", "-o", outdir, "-n", n_images, "-D", box_size,
+         "--snr", snr, "--heterogeneity", "none", "--shift-max-pixel", shift_max_pixel,
+         "--seed", seed],
+        log_path=outdir.parent / f"{outdir.name}.simulate.log", env=env,
+    )
+    stamp.write_text(json.dumps(params))
+    return outdir, run
+
+
+# --------------------------------------------------------------------------- maps
+def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """``(volume float64 [z, y, x], pixel size in angstrom)`` of an MRC map."""
+    from cryoscape.io.mrc import read_mrc
+
+    volume, pixel = read_mrc(path)
+    return np.asarray(volume, dtype=np.float64), float(pixel)
+
+
+def soft_mask_from_reference(reference: np.ndarray, *, threshold_fraction: float = 0.02,
+                             dilate_pixel: int = 3, edge_pixel: int = 4) -> np.ndarray:
+    """Soft mask around a clean reference map: threshold, dilate, cosine edge.
+
+    The binary core is ``reference > threshold_fraction * max``, dilated by ``dilate_pixel``; the
+    mask falls from 1 to 0 as a raised cosine over ``edge_pixel`` voxels outside the core.
+    """
+    from scipy import ndimage
+
+    core = reference > threshold_fraction * reference.max()
+    core = ndimage.binary_dilation(core, iterations=dilate_pixel)
+    distance = ndimage.distance_transform_edt(~core)
+    return np.where(distance >= edge_pixel, 0.0, 0.5 * (1 + np.cos(np.pi * distance / edge_pixel)))
+
+
+def compare_to_reference(volume: np.ndarray, reference: np.ndarray, *, pixel_size_angstrom: float,
+                         mask: np.ndarray | None = None) -> dict:
+    """FSC of ``volume`` to ``reference``: resolution at 0.5 and 0.143, and the curve's area.
+
+    ``auc`` is the mean of ``|FSC|`` over shells ``1 .. D//2`` (shell 0, the mean, is left out);
+    ``correlation`` is the real-space correlation coefficient (its sign shows an inverted map).
+    """
+    import torch
+
+    from cryoscape.fourier.fsc import fourier_shell_correlation, resolution_at_threshold
+
+    D = reference.shape[-1]
+    freqs, fsc = fourier_shell_correlation(
+        torch.as_tensor(volume), torch.as_tensor(reference),
+        mask=None if mask is None else torch.as_tensor(mask),
+    )
+    freqs, fsc = freqs.numpy(), fsc.numpy()
+    res05 = float(resolution_at_threshold(freqs, fsc, 0.5))
+    res0143 = float(resolution_at_threshold(freqs, fsc, 0.143))
+    return dict(
+        res_0_5_cycles_per_pixel=res05,
+        res_0_5_angstrom=pixel_size_angstrom / res05 if res05 > 0 else float("inf"),
+        res_0_143_cycles_per_pixel=res0143,
+        auc=float(np.abs(fsc[1 : D // 2 + 1]).mean()),
+        correlation=float(np.corrcoef(volume.ravel(), reference.ravel())[0, 1]),
+        fsc=fsc,
+    )
+
+
+# --------------------------------------------------------------------------- output
+def print_figure(name: str, value: float | str, unit: str = "", *, fmt: str = ".2f") -> None:
+    """One figure per line: ``name: value unit``."""
+    text = value if isinstance(value, str) else format(value, fmt)
+    print(f"{name}: {text}{(' ' + unit) if unit else ''}", flush=True)
+
+
+def print_note(text: str) -> None:
+    """A comment line (starts with ``#``), not a figure."""
+    print(f"# {text}", flush=True)
