@@ -209,7 +209,8 @@ def soft_mask_from_reference(reference: np.ndarray, *, threshold_fraction: float
     from scipy import ndimage
 
     core = reference > threshold_fraction * reference.max()
-    core = ndimage.binary_dilation(core, iterations=dilate_pixel)
+    if dilate_pixel > 0:  # (iterations=0 would dilate until nothing changes)
+        core = ndimage.binary_dilation(core, iterations=dilate_pixel)
     distance = ndimage.distance_transform_edt(~core)
     return np.where(distance >= edge_pixel, 0.0, 0.5 * (1 + np.cos(np.pi * distance / edge_pixel)))
 

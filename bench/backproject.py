@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Benchmark: ``cryoscape backproject`` against cryoDRGN's ``cryodrgn backproject_voxel``.
+
+What it compares
+----------------
+Both tools reconstruct a voxel map (plus half-maps and their FSC) from the same simulated
+particle stack, poses and CTF (``particles.mrcs`` + ``poses.pkl`` + ``ctf.pkl`` written by
+``cryoscape simulate``, homogeneous, SNR 0.1), on this machine, in the same run, with the same
+thread settings (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``, torch's default intra-op
+pool, GPU hidden).  Each tool runs as a child process; wall time covers the whole command
+(start-up, reading, backprojection, half-maps, FSC, writing), peak RSS is the child's
+``ru_maxrss``.  Ours runs twice: ``--oversampling 2`` (default) and ``--oversampling 1``.
+
+Quality is the FSC of each map to the ground-truth volume: resolution at FSC = 0.5 and the area
+under the curve (mean ``|FSC|`` over shells 1..D/2), unmasked and inside a soft mask made from the
+ground truth.  The masked figure is the fairer one: cryoDRGN skips the gridding correction, so
+its map is apodised (signal and noise fade towards the box edge), which acts as an implicit soft
+mask and raises its *unmasked* FSC (see bench/README.md).
+
+Convention cross-check (full run, or ``--conventions``): cryoDRGN reading our ``poses.pkl`` /
+``ctf.pkl`` must give a good map (rotation, translation sign/units, CTF layout agree), controls
+with the translation negated and the rotation transposed must fail, and cryoDRGN's own STAR
+parsers (``parse_pose_star``, ``parse_ctf_star``) run on our ``particles.star`` must reproduce our
+pickles.
+
+Memory check (full run): ours on the D=128 stack with a small batch, images loaded into memory
+(the default for small stacks) and read lazily (forced), peak RSS against the stack size on disk.
+
+Usage::
+
+    /work/main/.venv/bin/python bench/backproject.py            # ~10 min on 2 busy cores
+    /work/main/.venv/bin/python bench/backproject.py --quick    # D=64, 1000 images, ~2 min
+
+The speed ratio lines (cryoscape images/s over cryoDRGN images/s) are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    best_of,
+    compare_to_reference,
+    cryoscape_command,
+    ensure_cryodrgn,
+    print_figure,
+    print_note,
+    read_map,
+    run_timed,
+    simulate_dataset,
+    soft_mask_from_reference,
+    thread_env,
+    tool_version,
+)
+
+# Forces ParticleImages to read lazily (the CLI loads stacks under 2 GiB into memory).
+LAZY_WRAPPER = (
+    "import sys, cryoscape.data.images as m\n"
+    "init = m.ParticleImages.__init__\n"
+    "def lazy_init(self, *a, **k):\n"
+    "    k['in_memory'] = False\n"
+    "    init(self, *a, **k)\n"
+    "m.ParticleImages.__init__ = lazy_init\n"
+    "from cryoscape.cli.main import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/cryoscape-bench"),
+                   help="datasets and outputs (datasets are reused when parameters match)")
+    p.add_argument("--cryodrgn", default=None,
+                   help="cryodrgn executable or its venv (default /tmp/cryodrgn-venv, created if missing)")
+    p.add_argument("--quick", action="store_true",
+                   help="D=64 and 1000 images only, no memory check or convention check (~2 min)")
+    p.add_argument("--n-images-64", type=int, default=5000, help="images at D=64 [5000]")
+    p.add_argument("--n-images", "--n-images-128", dest="n_images_128", type=int, default=2000,
+                   help="images at D=128 [2000]")
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads for every tool [2]")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each timed command this many times and keep the fastest [1]")
+    p.add_argument("--conventions", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the convention cross-check (default: on, off with --quick)")
+    p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the lazy-reader memory check (default: on, off with --quick)")
+    p.add_argument("--memory-batch-size", type=int, default=16)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- runs
+def cryodrgn_backproject(exe: Path, data: Path, out: Path, *, poses: Path | None = None,
+                         ctf: Path | None = None, extra: list[str] = ()) -> list[str]:
+    """The cryoDRGN command used throughout (``--uninvert-data``: see the README)."""
+    return [str(exe), "backproject_voxel", str(data / "particles.mrcs"),
+            "--poses", str(poses or data / "poses.pkl"), "--ctf", str(ctf or data / "ctf.pkl"),
+            "-o", str(out), "--uninvert-data", *extra]
+
+
+def backproject_arguments(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
+    """Arguments of ``cryoscape`` for our run on the same inputs as cryoDRGN's."""
+    return ["backproject", str(data / "particles.mrcs"),
+            "--poses", str(data / "poses.pkl"), "--ctf", str(data / "ctf.pkl"),
+            "-o", str(out), "--no-progress", *extra]
+
+
+def cryoscape_backproject(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
+    return [*cryoscape_command(), *backproject_arguments(data, out, extra)]
+
+
+def timed(command, log: Path, env, repeats: int):
+    return best_of([run_timed(command, log_path=log, env=env) for _ in range(repeats)])
+
+
+def in_tool_seconds(log: Path, tool: str) -> float | None:
+    """The tool's own account of its backprojection time, from its log (None if absent)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    if tool == "cryodrgn":
+        m = re.search(r"Backprojected [\d,]+ images in ([\d.]+)s", text)
+        return float(m.group(1)) if m else None
+    stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) INFO .*?(backprojecting|summary)",
+                        text, flags=re.M)
+    if len(stamps) >= 2:
+        t = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s, _ in stamps[:2]]
+        return (t[1] - t[0]).total_seconds()
+    return None
+
+
+def report_quality(label: str, volume, gt, mask, pixel):
+    un = compare_to_reference(volume, gt, pixel_size_angstrom=pixel)
+    ma = compare_to_reference(volume, gt, pixel_size_angstrom=pixel, mask=mask)
+    print_figure(f"{label} FSC0.5 to ground truth",
+                 f"{un['res_0_5_cycles_per_pixel']:.3f} cycles/pixel ({un['res_0_5_angstrom']:.2f} A)")
+    print_figure(f"{label} FSC AUC to ground truth", un["auc"], fmt=".3f")
+    print_figure(f"{label} masked FSC0.5 to ground truth",
+                 f"{ma['res_0_5_cycles_per_pixel']:.3f} cycles/pixel ({ma['res_0_5_angstrom']:.2f} A)")
+    print_figure(f"{label} masked FSC AUC to ground truth", ma["auc"], fmt=".3f")
+    print_figure(f"{label} real-space correlation to ground truth", un["correlation"], fmt=".3f")
+    return un, ma
+
+
+def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
+    """Simulate (or reuse) one dataset, run both tools, print their figures."""
+    data, sim = simulate_dataset(args.workdir / f"homo_D{box}_n{n_images}", box_size=box,
+                                 n_images=n_images, snr=args.snr, env=env)
+    print_note(f"D={box}: {n_images} images, SNR {args.snr}, data {data}"
+               + ("" if sim is None else f" (simulated in {sim.wall_s:.0f} s)"))
+    runs_dir = args.workdir / "runs" / f"D{box}_n{n_images}"
+    configs = {
+        "cryodrgn": cryodrgn_backproject(exe, data, runs_dir / "cryodrgn"),
+        "cryoscape": cryoscape_backproject(data, runs_dir / "cryoscape_os2"),
+        "cryoscape --oversampling 1": cryoscape_backproject(
+            data, runs_dir / "cryoscape_os1", ["--oversampling", "1"]),
+    }
+    maps = {"cryodrgn": runs_dir / "cryodrgn" / "backproject.mrc",
+            "cryoscape": runs_dir / "cryoscape_os2" / "map.mrc",
+            "cryoscape --oversampling 1": runs_dir / "cryoscape_os1" / "map.mrc"}
+    print_note(f"cryoDRGN command: {' '.join(configs['cryodrgn'])}")
+    print_note(f"cryoscape command: {' '.join(configs['cryoscape'])}")
+    runs = {}
+    for name, cmd in configs.items():
+        log = runs_dir / f"{name.replace(' ', '_').replace('--', '')}.log"
+        runs[name] = timed(cmd, log, env, args.repeats)
+
+    gt, pixel = read_map(data / "gt_volumes" / "vol_000.mrc")
+    mask = soft_mask_from_reference(gt)
+    result = {"runs": runs}
+    for name, run in runs.items():
+        label = f"{name} D={box}"
+        print_figure(f"{label} images/s", n_images / run.wall_s, fmt=".1f")
+        print_figure(f"{label} wall time", run.wall_s, "s", fmt=".1f")
+        own = in_tool_seconds(run.log_path, "cryodrgn" if name == "cryodrgn" else "cryoscape")
+        if own is not None:
+            print_figure(f"{label} in-tool backprojection time", own, "s", fmt=".1f")
+        print_figure(f"{label} peak RSS", run.peak_rss_mb, "MB", fmt=".0f")
+        volume, _ = read_map(maps[name])
+        result[name] = report_quality(label, volume, gt, mask, pixel)
+    return result
+
+
+# --------------------------------------------------------------------------- conventions
+def check_conventions(args, env, exe: Path) -> None:
+    """cryoDRGN on our pickles (plus failing controls) and cryoDRGN's STAR parsers on our STAR."""
+    data, _ = simulate_dataset(args.workdir / "shifted_D64_n1000", box_size=64, n_images=1000,
+                               snr=args.snr, shift_max_pixel=4.0, env=env)
+    out = args.workdir / "runs" / "conventions"
+    out.mkdir(parents=True, exist_ok=True)
+    print_note(f"convention check on {data} (D=64, 1000 images, shifts uniform in [-4, 4] px)")
+    gt, pixel = read_map(data / "gt_volumes" / "vol_000.mrc")
+    mask = soft_mask_from_reference(gt)
+    rot, trans = pickle.load(open(data / "poses.pkl", "rb"))
+    ctf = np.asarray(pickle.load(open(data / "ctf.pkl", "rb")))
+
+    # controls: negated translation, transposed rotation
+    pickle.dump((rot, -trans), open(out / "poses_negated_trans.pkl", "wb"))
+    pickle.dump((np.swapaxes(rot, -1, -2), trans), open(out / "poses_transposed_rot.pkl", "wb"))
+
+    # cryoDRGN's own STAR parsers on our STAR (--ps 0: our STAR omits rlnPhaseShift, which
+    # parse_ctf_star otherwise turns into NaN)
+    star = data / "particles.star"
+    run_timed([exe, "parse_pose_star", star, "-o", out / "poses_from_star.pkl"],
+              log_path=out / "parse_pose_star.log", env=env)
+    run_timed([exe, "parse_ctf_star", star, "-o", out / "ctf_from_star_nops.pkl"],
+              log_path=out / "parse_ctf_star_nops.log", env=env)
+    run_timed([exe, "parse_ctf_star", star, "-o", out / "ctf_from_star.pkl", "--ps", "0"],
+              log_path=out / "parse_ctf_star.log", env=env)
+    rot2, trans2 = pickle.load(open(out / "poses_from_star.pkl", "rb"))
+    ctf2 = np.asarray(pickle.load(open(out / "ctf_from_star.pkl", "rb")))
+    ctf2_nops = np.asarray(pickle.load(open(out / "ctf_from_star_nops.pkl", "rb")))
+    print_figure("STAR->cryoDRGN rotation max |difference| vs our poses.pkl",
+                 float(np.abs(rot2 - rot).max()), fmt=".2e")
+    print_figure("STAR->cryoDRGN translation max |difference| vs our poses.pkl",
+                 float(np.abs(trans2 - trans).max() * 64), "pixel", fmt=".2e")
+    print_figure("STAR->cryoDRGN CTF max |difference| per column (D, Apix, dfU, dfV, ang, kV, Cs, w, ps)",
+                 " ".join(f"{x:.2g}" for x in np.abs(ctf2 - ctf).max(axis=0)))
+    print_figure("STAR->cryoDRGN CTF phase-shift column without --ps 0 has NaN",
+                 str(bool(np.isnan(ctf2_nops[:, 8]).any())))
+
+    cases = {
+        "cryodrgn our pkl": dict(),
+        "cryodrgn STAR-parsed pkl": dict(poses=out / "poses_from_star.pkl", ctf=out / "ctf_from_star.pkl"),
+        "cryodrgn control trans negated": dict(poses=out / "poses_negated_trans.pkl"),
+        "cryodrgn control rotation transposed": dict(poses=out / "poses_transposed_rot.pkl"),
+    }
+    print_note("cryoDRGN runs below use --no-half-maps (only the full map is scored)")
+    for name, kw in cases.items():
+        tag = name.replace(" ", "_")
+        run_timed(cryodrgn_backproject(exe, data, out / tag, extra=["--no-half-maps"], **kw),
+                  log_path=out / f"{tag}.log", env=env)
+        volume, _ = read_map(out / tag / "backproject.mrc")
+        m = compare_to_reference(volume, gt, pixel_size_angstrom=pixel, mask=mask)
+        mirrored = compare_to_reference(volume, gt[::-1].copy(), pixel_size_angstrom=pixel, mask=mask)
+        print_figure(f"convention {name}: masked FSC0.5 / AUC / correlation / AUC vs mirrored GT",
+                     f"{m['res_0_5_cycles_per_pixel']:.3f} / {m['auc']:.3f} / "
+                     f"{m['correlation']:+.3f} / {mirrored['auc']:.3f}")
+
+    # contrast: cryoDRGN inverts images unless told not to
+    tag = "cryodrgn_default_invert"
+    cmd = cryodrgn_backproject(exe, data, out / tag, extra=["--no-half-maps"])
+    cmd.remove("--uninvert-data")
+    run_timed(cmd, log_path=out / f"{tag}.log", env=env)
+    volume, _ = read_map(out / tag / "backproject.mrc")
+    m = compare_to_reference(volume, gt, pixel_size_angstrom=pixel)
+    print_figure("convention cryodrgn without --uninvert-data: real-space correlation to GT",
+                 m["correlation"], fmt="+.3f")
+
+    # ours from the STAR file (shifts from rlnOriginX/YAngst), for reference
+    run_timed([*cryoscape_command(), "backproject", star, "-o", out / "cryoscape_star", "--no-progress"],
+              log_path=out / "cryoscape_star.log", env=env)
+    volume, _ = read_map(out / "cryoscape_star" / "map.mrc")
+    m = compare_to_reference(volume, gt, pixel_size_angstrom=pixel, mask=mask)
+    print_figure("convention cryoscape from particles.star: masked FSC0.5 / AUC / correlation",
+                 f"{m['res_0_5_cycles_per_pixel']:.3f} / {m['auc']:.3f} / {m['correlation']:+.3f}")
+
+
+# --------------------------------------------------------------------------- memory
+def check_memory(args, env, box: int, n_images: int) -> None:
+    data = args.workdir / f"homo_D{box}_n{n_images}"
+    stack_mb = (data / "particles.mrcs").stat().st_size / 1024**2
+    out = args.workdir / "runs" / f"memory_D{box}"
+    extra = ["--batch-size", str(args.memory_batch_size), "--oversampling", "1"]
+    grid_mb = 2 * box**3 * 3 * 4 / 1024**2
+    print_note(f"memory check: ours on D={box}, {n_images} images, {' '.join(extra)}; "
+               f"accumulator grids 2 x {box}^3 x 3 float32 = {grid_mb:.0f} MB")
+    print_figure(f"stack size on disk D={box}", stack_mb, "MB", fmt=".0f")
+    auto = run_timed(cryoscape_backproject(data, out / "auto", extra),
+                     log_path=out / "auto.log", env=env)
+    lazy_cmd = [sys.executable, "-c", LAZY_WRAPPER, *backproject_arguments(data, out / "lazy", extra)]
+    lazy = run_timed(lazy_cmd, log_path=out / "lazy.log", env=env)
+    print_figure(f"cryoscape peak RSS D={box} batch {args.memory_batch_size}, stack in memory (default)",
+                 auto.peak_rss_mb, "MB", fmt=".0f")
+    print_figure(f"cryoscape peak RSS D={box} batch {args.memory_batch_size}, read lazily (forced)",
+                 lazy.peak_rss_mb, "MB", fmt=".0f")
+    print_figure(f"peak RSS saved by lazy reading / stack size D={box}",
+                 (auto.peak_rss_mb - lazy.peak_rss_mb) / stack_mb, fmt=".2f")
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.n_images_64 = 1000
+    conventions = (not args.quick) if args.conventions is None else args.conventions
+    memory = (not args.quick) if args.memory_check is None else args.memory_check
+    env = thread_env(args.threads)
+    exe = ensure_cryodrgn(args.cryodrgn)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print_note("cryoscape backproject vs cryodrgn backproject_voxel, same data, same machine, CPU only")
+    print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}; cryodrgn: {tool_version([exe], env)}")
+    print_note(f"threads: OMP_NUM_THREADS=MKL_NUM_THREADS={args.threads} for both (torch default "
+               f"intra-op pool); CUDA hidden; wall time of the whole command, best of {args.repeats}")
+
+    boxes = [(64, args.n_images_64)] + ([] if args.quick else [(128, args.n_images_128)])
+    results = {box: benchmark_box(args, env, exe, box, n) for box, n in boxes}
+    if conventions:
+        check_conventions(args, env, exe)
+    if memory and not args.quick:
+        check_memory(args, env, 128, args.n_images_128)
+
+    for box, res in results.items():
+        drgn = res["runs"]["cryodrgn"].wall_s
+        print_figure(f"speed ratio cryoscape --oversampling 1/cryodrgn at D={box}",
+                     drgn / res["runs"]["cryoscape --oversampling 1"].wall_s)
+    for box, res in results.items():
+        print_figure(f"speed ratio cryoscape/cryodrgn at D={box}",
+                     res["runs"]["cryodrgn"].wall_s / res["runs"]["cryoscape"].wall_s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The decoder interface every volume representation implements, and the decoder registry.
+
+A decoder is a (possibly latent-conditioned) 3-D map.  The training loop only ever asks two
+questions of it, so a new representation (neural field, voxel basis, transformer, atomic model)
+is one file in models/ registered by name, with no change to training or analysis:
+
+1. ``decoder(coords, z)``: the map's transform at 3-D frequencies ``coords`` for latents ``z``
+   (the central-slice points of a batch of images), in the decoder's ``domain``;
+2. ``decoder.eval_volume(z, box_size=...)``: the real-space map for one latent.
+
+Units and conventions
+---------------------
+* Frequencies are in **cycles per training pixel**: ``k = index / D`` where ``D`` is the box the
+  decoder was trained at, so ``|k| <= 0.5`` is Nyquist.  A slice point of image pixel
+  ``(kx, ky)`` under pose ``R`` is ``R^T (kx, ky, 0)`` (fourier/slicing.py).
+* ``domain == "fourier"``: outputs are complex Fourier coefficients.  The represented map is
+  real, so ``F(-k) = conj F(k)``; a Fourier decoder must honour this exactly (e.g. evaluate the
+  half-space ``k_z > 0 or (k_z = 0 and ...)`` and conjugate the rest), which lets the training
+  loop evaluate only half of each slice.
+* ``domain == "hartley"``: outputs are real Hartley coefficients ``Re F - Im F``; the loop
+  evaluates whole slices.
+* Outputs are in the units of the training data's normalised transform (the training loop
+  divides image transforms by one global scale, recorded in the run's config); ``eval_volume``
+  returns the map in those units, real space ``[z, y, x]`` with origin at ``D//2``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["VolumeDecoder", "register_decoder", "build_decoder", "decoder_names"]
+
+
+class VolumeDecoder(nn.Module, abc.ABC):
+    """Base class of all volume representations.
+
+    Subclasses set ``name`` (registry key), ``domain`` ("fourier" or "hartley"), and keep the
+    keyword arguments they were built with in ``self.config`` so that
+    ``build_decoder(name, **config)`` rebuilds an identical (untrained) module.
+    """
+
+    name: str = ""
+    domain: str = "fourier"
+
+    def __init__(self, *, box_size: int, zdim: int = 0):
+        super().__init__()
+        self.box_size = int(box_size)
+        self.zdim = int(zdim)
+        self.config: dict[str, Any] = {"box_size": self.box_size, "zdim": self.zdim}
+
+    @abc.abstractmethod
+    def forward(self, coords: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Map values at 3-D frequencies.
+
+        Parameters
+        ----------
+        coords
+            ``(B, P, 3)`` frequencies ``(kx, ky, kz)`` in cycles per training pixel.
+        z
+            ``(B, zdim)`` latents, or ``None`` for a homogeneous decoder (``zdim == 0``).
+
+        Returns
+        -------
+        ``(B, P)`` complex (fourier domain) or real (hartley domain) values.
+        """
+
+    @abc.abstractmethod
+    def eval_volume(self, z: torch.Tensor | None = None, *, box_size: int | None = None) -> torch.Tensor:
+        """Real-space map ``(n, n, n)`` for one latent ``(zdim,)`` (``n = box_size or D``).
+
+        A box smaller than the training box keeps the pixel size ratio ``D / n`` larger pixels
+        (frequencies are cropped to ``n / (2 D)``), like Fourier-crop downsampling.
+        """
+
+
+_REGISTRY: dict[str, Callable[..., VolumeDecoder]] = {}
+
+
+def register_decoder(name: str) -> Callable[[type], type]:
+    """Class decorator: make a decoder buildable by ``build_decoder(name, ...)``."""
+
+    def wrap(cls: type) -> type:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def decoder_names() -> list[str]:
+    """Names of the registered decoders."""
+    _load_builtin_decoders()
+    return sorted(_REGISTRY)
+
+
+def build_decoder(name: str, **config: Any) -> VolumeDecoder:
+    """Instantiate a registered decoder from its name and config (as saved in a run folder)."""
+    _load_builtin_decoders()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown decoder {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**config)
+
+
+def _load_builtin_decoders() -> None:
+    """Import the decoder modules shipped with cryoscape so they register themselves."""
+    import importlib
+
+    for module in ("cryoscape.models.neural_field",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
