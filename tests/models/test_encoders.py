@@ -1,0 +1,97 @@
+"""Image encoders, the tilt-pair encoder and their config round trip."""
+
+import numpy as np
+import pytest
+import torch
+
+from cryoscape.models import ImageEncoder, TiltPairEncoder, build_encoder
+
+
+def disc_count(D, radius):
+    c = np.arange(D) - D // 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    return int((x**2 + y**2 <= radius**2).sum())
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resmlp", "conv"])
+@pytest.mark.parametrize("D", [32, 33])
+def test_image_encoder_shapes(kind, D):
+    torch.manual_seed(0)
+    enc = ImageEncoder(box_size=D, zdim=5, kind=kind, layers=2, width=32)
+    mu, logvar = enc(torch.randn(4, D, D))
+    assert mu.shape == (4, 5) and logvar.shape == (4, 5)
+    assert torch.isfinite(mu).all() and torch.isfinite(logvar).all()
+
+
+@pytest.mark.parametrize("D", [32, 33])
+@pytest.mark.parametrize("fraction", [1.0, 0.6])
+def test_mask_size(D, fraction):
+    enc = ImageEncoder(box_size=D, zdim=2, kind="mlp", layers=1, width=16, mask_radius_fraction=fraction)
+    n = disc_count(D, fraction * D / 2)
+    assert enc.n_pixels == n
+    assert enc.trunk.net.input.in_features == n
+    assert ImageEncoder(box_size=D, zdim=2, mask_radius_fraction=1.5).n_pixels == D * D
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resmlp", "conv"])
+def test_pixels_outside_the_disc_are_ignored(kind):
+    D = 32
+    torch.manual_seed(0)
+    enc = ImageEncoder(box_size=D, zdim=3, kind=kind, layers=1, width=16)
+    x = torch.randn(2, D, D)
+    y = x.clone()
+    y[:, 0, 0] += 10.0  # corner, outside the disc
+    y[:, 1, D - 2] -= 5.0
+    torch.testing.assert_close(enc(x), enc(y))
+    y[:, D // 2, D // 2] += 1.0  # centre, inside
+    assert (enc(y)[0] - enc(x)[0]).abs().max() > 0
+
+
+def test_conv_encoder_large_box():
+    enc = ImageEncoder(box_size=256, zdim=8, kind="conv", layers=3, width=64)
+    mu, logvar = enc(torch.randn(2, 256, 256))
+    assert mu.shape == (2, 8)
+
+
+@pytest.mark.parametrize("kind", ["resmlp", "conv"])
+@pytest.mark.parametrize("D", [32, 33])
+def test_tilt_pair_encoder(kind, D):
+    torch.manual_seed(0)
+    enc = TiltPairEncoder(box_size=D, zdim=4, kind=kind, layers=1, width=32, head_layers=2)
+    a, b = torch.randn(3, D, D), torch.randn(3, D, D)
+    mu, logvar = enc(a, b)
+    assert mu.shape == (3, 4) and logvar.shape == (3, 4)
+    # Shared stage-1 weights: each image of a batch is encoded independently of the others.
+    mu1, _ = enc(a[:1], b[:1])
+    torch.testing.assert_close(mu1[0], mu[0], atol=1e-5, rtol=1e-5)
+    # The order of the pair matters (concatenation, not a symmetric pooling).
+    mu_swapped, _ = enc(b, a)
+    assert (mu_swapped - mu).abs().max() > 0
+    with pytest.raises(ValueError, match="match"):
+        enc(a, b[:, :-1, :-1])
+
+
+@pytest.mark.parametrize(
+    "enc",
+    [
+        ImageEncoder(box_size=16, zdim=3, kind="conv", layers=2, width=24, activation="gelu"),
+        ImageEncoder(box_size=17, zdim=2, kind="mlp", layers=1, width=8, mask_radius_fraction=0.7),
+        TiltPairEncoder(box_size=16, zdim=2, kind="resmlp", layers=2, width=16, head_layers=1),
+    ],
+)
+def test_config_round_trip(enc):
+    copy = build_encoder(enc.config)
+    assert type(copy) is type(enc)
+    assert copy.config == enc.config
+    sd, sd2 = enc.state_dict(), copy.state_dict()
+    assert list(sd) == list(sd2) and all(sd[k].shape == sd2[k].shape for k in sd)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="conv"):
+        ImageEncoder(box_size=16, zdim=2, kind="transformer")
+    with pytest.raises(ValueError, match="zdim"):
+        ImageEncoder(box_size=16, zdim=0)
+    enc = ImageEncoder(box_size=16, zdim=2)
+    with pytest.raises(ValueError, match="16"):
+        enc(torch.randn(2, 17, 17))
