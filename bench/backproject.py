@@ -37,8 +37,10 @@ The speed ratio lines (cryoscape images/s over cryoDRGN images/s) are printed la
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import re
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -89,12 +91,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads for every tool [2]")
     p.add_argument("--repeats", type=int, default=1,
-                   help="run each timed command this many times and keep the fastest [1]")
+                   help="timed runs per command, interleaved; the fastest is kept [1] (3 for steadier ratios)")
     p.add_argument("--conventions", action=argparse.BooleanOptionalAction, default=None,
                    help="run the convention cross-check (default: on, off with --quick)")
     p.add_argument("--memory-check", action=argparse.BooleanOptionalAction, default=None,
                    help="run the lazy-reader memory check (default: on, off with --quick)")
-    p.add_argument("--memory-batch-size", type=int, default=16)
+    p.add_argument("--memory-batch-size", type=int, default=64,
+                   help="batch size of the memory check [64]")
     return p.parse_args(argv)
 
 
@@ -118,22 +121,37 @@ def cryoscape_backproject(data: Path, out: Path, extra: list[str] = ()) -> list[
     return [*cryoscape_command(), *backproject_arguments(data, out, extra)]
 
 
-def timed(command, log: Path, env, repeats: int):
-    return best_of([run_timed(command, log_path=log, env=env) for _ in range(repeats)])
+def timed_rounds(commands: dict, logs: dict, outdirs: dict, env, repeats: int) -> dict:
+    """Run every command ``repeats`` times, interleaved (the order rotates each round), each into
+    a fresh output folder; keep each command's fastest run (the least disturbed by other load)."""
+    names = list(commands)
+    runs = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            shutil.rmtree(outdirs[name], ignore_errors=True)
+            runs[name].append(run_timed(commands[name], log_path=logs[name], env=env))
+    return {name: best_of(runs[name]) for name in names}
 
 
 def in_tool_seconds(log: Path, tool: str) -> float | None:
-    """The tool's own account of its backprojection time, from its log (None if absent)."""
+    """The tool's own account of its time, from its log (None if absent).
+
+    cryoDRGN: its "Backprojected N images in Xs" (from the start of its main, so it includes
+    reading the stack, but not the half-maps' solve and FSC).  Ours: from the last
+    "backprojecting" line of run.log to the "summary" line after it (reading excluded, solve
+    and FSC included).
+    """
     text = log.read_text(errors="replace") if log.exists() else ""
     if tool == "cryodrgn":
-        m = re.search(r"Backprojected [\d,]+ images in ([\d.]+)s", text)
-        return float(m.group(1)) if m else None
+        m = re.findall(r"Backprojected [\d,]+ images in ([\d.]+)s", text)
+        return float(m[-1]) if m else None
     stamps = re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) INFO .*?(backprojecting|summary)",
                         text, flags=re.M)
-    if len(stamps) >= 2:
-        t = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S,%f") for s, _ in stamps[:2]]
-        return (t[1] - t[0]).total_seconds()
-    return None
+    starts = [i for i, (_, kind) in enumerate(stamps) if kind == "backprojecting"]
+    if not starts or starts[-1] + 1 >= len(stamps):
+        return None
+    t0, t1 = (datetime.strptime(stamps[i][0], "%Y-%m-%d %H:%M:%S,%f") for i in (starts[-1], starts[-1] + 1))
+    return (t1 - t0).total_seconds()
 
 
 def report_quality(label: str, volume, gt, mask, pixel):
@@ -167,10 +185,8 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
             "cryoscape --oversampling 1": runs_dir / "cryoscape_os1" / "map.mrc"}
     print_note(f"cryoDRGN command: {' '.join(configs['cryodrgn'])}")
     print_note(f"cryoscape command: {' '.join(configs['cryoscape'])}")
-    runs = {}
-    for name, cmd in configs.items():
-        log = runs_dir / f"{name.replace(' ', '_').replace('--', '')}.log"
-        runs[name] = timed(cmd, log, env, args.repeats)
+    logs = {name: runs_dir / f"{name.replace(' ', '_').replace('--', '')}.log" for name in configs}
+    runs = timed_rounds(configs, logs, {n: m.parent for n, m in maps.items()}, env, args.repeats)
 
     gt, pixel = read_map(data / "gt_volumes" / "vol_000.mrc")
     mask = soft_mask_from_reference(gt)
@@ -179,13 +195,27 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
         label = f"{name} D={box}"
         print_figure(f"{label} images/s", n_images / run.wall_s, fmt=".1f")
         print_figure(f"{label} wall time", run.wall_s, "s", fmt=".1f")
-        own = in_tool_seconds(run.log_path, "cryodrgn" if name == "cryodrgn" else "cryoscape")
+        own = (in_tool_seconds(run.log_path, "cryodrgn") if name == "cryodrgn"
+               else in_tool_seconds(maps[name].parent / "run.log", "cryoscape"))
         if own is not None:
-            print_figure(f"{label} in-tool backprojection time", own, "s", fmt=".1f")
+            print_figure(f"{label} in-tool time (see README)", own, "s", fmt=".1f")
         print_figure(f"{label} peak RSS", run.peak_rss_mb, "MB", fmt=".0f")
         volume, _ = read_map(maps[name])
         result[name] = report_quality(label, volume, gt, mask, pixel)
+        if name != "cryodrgn":
+            # cryoDRGN's tent kernel on a D-grid without gridding correction leaves its map
+            # multiplied by about sinc^2(x/D) per axis; the same window on ours, for comparison
+            windowed = compare_to_reference(volume * apodisation_window(box), gt,
+                                            pixel_size_angstrom=pixel)
+            print_figure(f"{label} FSC0.5 / AUC to ground truth with cryoDRGN-like apodisation",
+                         f"{windowed['res_0_5_cycles_per_pixel']:.3f} / {windowed['auc']:.3f}")
     return result
+
+
+def apodisation_window(box: int) -> np.ndarray:
+    """``sinc^2(x / D)`` along each axis: the real-space image of a one-voxel tent on a D-grid."""
+    a = np.sinc((np.arange(box) - box // 2) / box) ** 2
+    return a[:, None, None] * a[None, :, None] * a[None, None, :]
 
 
 # --------------------------------------------------------------------------- conventions
@@ -194,7 +224,8 @@ def check_conventions(args, env, exe: Path) -> None:
     data, _ = simulate_dataset(args.workdir / "shifted_D64_n1000", box_size=64, n_images=1000,
                                snr=args.snr, shift_max_pixel=4.0, env=env)
     out = args.workdir / "runs" / "conventions"
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     print_note(f"convention check on {data} (D=64, 1000 images, shifts uniform in [-4, 4] px)")
     gt, pixel = read_map(data / "gt_volumes" / "vol_000.mrc")
     mask = soft_mask_from_reference(gt)
@@ -265,24 +296,32 @@ def check_conventions(args, env, exe: Path) -> None:
 
 # --------------------------------------------------------------------------- memory
 def check_memory(args, env, box: int, n_images: int) -> None:
+    """Ours with a small batch: stack in memory (default below 2 GiB) vs read lazily (forced)."""
     data = args.workdir / f"homo_D{box}_n{n_images}"
     stack_mb = (data / "particles.mrcs").stat().st_size / 1024**2
     out = args.workdir / "runs" / f"memory_D{box}"
+    shutil.rmtree(out, ignore_errors=True)
     extra = ["--batch-size", str(args.memory_batch_size), "--oversampling", "1"]
     grid_mb = 2 * box**3 * 3 * 4 / 1024**2
     print_note(f"memory check: ours on D={box}, {n_images} images, {' '.join(extra)}; "
-               f"accumulator grids 2 x {box}^3 x 3 float32 = {grid_mb:.0f} MB")
+               f"accumulator grids 2 x {box}^3 x 3 float32 = {grid_mb:.0f} MB; RSS = anon + file")
     print_figure(f"stack size on disk D={box}", stack_mb, "MB", fmt=".0f")
-    auto = run_timed(cryoscape_backproject(data, out / "auto", extra),
-                     log_path=out / "auto.log", env=env)
-    lazy_cmd = [sys.executable, "-c", LAZY_WRAPPER, *backproject_arguments(data, out / "lazy", extra)]
-    lazy = run_timed(lazy_cmd, log_path=out / "lazy.log", env=env)
-    print_figure(f"cryoscape peak RSS D={box} batch {args.memory_batch_size}, stack in memory (default)",
-                 auto.peak_rss_mb, "MB", fmt=".0f")
-    print_figure(f"cryoscape peak RSS D={box} batch {args.memory_batch_size}, read lazily (forced)",
-                 lazy.peak_rss_mb, "MB", fmt=".0f")
-    print_figure(f"peak RSS saved by lazy reading / stack size D={box}",
-                 (auto.peak_rss_mb - lazy.peak_rss_mb) / stack_mb, fmt=".2f")
+    runs = {
+        "stack in memory (default)": run_timed(
+            cryoscape_backproject(data, out / "auto", extra), log_path=out / "auto.log", env=env,
+            poll_memory=True),
+        "read lazily (forced)": run_timed(
+            [sys.executable, "-c", LAZY_WRAPPER, *backproject_arguments(data, out / "lazy", extra)],
+            log_path=out / "lazy.log", env=env, poll_memory=True),
+    }
+    for name, run in runs.items():
+        label = f"cryoscape D={box} batch {args.memory_batch_size}, {name}"
+        print_figure(f"{label}: peak RSS", run.peak_rss_mb, "MB", fmt=".0f")
+        print_figure(f"{label}: peak anonymous RSS", run.peak_anon_mb, "MB", fmt=".0f")
+        print_figure(f"{label}: peak file-backed RSS", run.peak_file_mb, "MB", fmt=".0f")
+        print_figure(f"{label}: images/s", n_images / run.wall_s, fmt=".1f")
+    saved = runs["stack in memory (default)"].peak_anon_mb - runs["read lazily (forced)"].peak_anon_mb
+    print_figure(f"anonymous memory saved by lazy reading / stack size D={box}", saved / stack_mb)
 
 
 # --------------------------------------------------------------------------- main
@@ -301,12 +340,14 @@ def main(argv=None) -> int:
                f"intra-op pool); CUDA hidden; wall time of the whole command, best of {args.repeats}")
 
     boxes = [(64, args.n_images_64)] + ([] if args.quick else [(128, args.n_images_128)])
+    print_note("load average at start (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
     results = {box: benchmark_box(args, env, exe, box, n) for box, n in boxes}
     if conventions:
         check_conventions(args, env, exe)
-    if memory and not args.quick:
-        check_memory(args, env, 128, args.n_images_128)
+    if memory:
+        check_memory(args, env, *boxes[-1])
 
+    print_note("load average at end (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
     for box, res in results.items():
         drgn = res["runs"]["cryodrgn"].wall_s
         print_figure(f"speed ratio cryoscape --oversampling 1/cryodrgn at D={box}",

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ class RunResult:
     peak_rss_mb: float
     returncode: int
     log_path: Path
+    peak_anon_mb: float | None = None
+    peak_file_mb: float | None = None
 
     def tail(self, n_lines: int = 20) -> str:
         """Last lines of the child's combined output."""
@@ -74,8 +77,14 @@ def run_timed(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     check: bool = True,
+    poll_memory: bool = False,
 ) -> RunResult:
     """Run ``command``, its output going to ``log_path``; measure wall time and peak RSS.
+
+    With ``poll_memory``, ``/proc/PID/status`` is also sampled every 20 ms for the peaks of
+    ``RssAnon`` (heap, tensors, arrays read into memory) and ``RssFile`` (mapped files, e.g.
+    memory-mapped stacks; reclaimable).  ``ru_maxrss`` counts both, so a lazy reader that maps
+    its stack shows up there too; ``peak_anon_mb`` separates it out (Linux only).
 
     Raises
     ------
@@ -88,16 +97,41 @@ def run_timed(
     with open(log_path, "wb") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        peaks = {"RssAnon": 0, "RssFile": 0}
+        done = threading.Event()
+        poller = threading.Thread(target=_poll_status, args=(proc.pid, peaks, done), daemon=True)
+        if poll_memory:
+            poller.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        done.set()
+        if poll_memory:
+            poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     result = RunResult(command, wall, usage.ru_maxrss / 1024.0, proc.returncode, log_path)
+    if poll_memory:
+        result.peak_anon_mb = peaks["RssAnon"] / 1024.0
+        result.peak_file_mb = peaks["RssFile"] / 1024.0
     if check and result.returncode != 0:
         raise RuntimeError(
             f"{' '.join(command)} exited with status {result.returncode}; see {log_path}:\n"
             + result.tail()
         )
     return result
+
+
+def _poll_status(pid: int, peaks: dict[str, int], done: threading.Event) -> None:
+    """Track the peaks (kB) of the fields named in ``peaks`` in /proc/PID/status until ``done``."""
+    while not done.is_set():
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    key = line.split(":", 1)[0]
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]))
+        except (OSError, ValueError, IndexError):
+            return
+        done.wait(0.02)
 
 
 def best_of(runs: Sequence[RunResult]) -> RunResult:

@@ -54,8 +54,10 @@ def test_noiseless_projection_backprojection_recovers_volume(D):
     R = random_rotations(2000, generator=gen, dtype=torch.float64)
     images = _analytic_projections(D, blobs, R).float().numpy()
     acc = backproject_images(lambda i: images[i], box_size=D, rotations=R.float().numpy(),
-                             sets=split_halves(len(R)), progress=False)
-    result = reconstruct_from_accumulator(acc, regularization=1e-4)
+                             sets=split_halves(len(R)), oversampling=2, invert_contrast=False, progress=False)
+    result = reconstruct_from_accumulator(
+        acc, regularization=1e-4, gridding_correction=True, sphere_mask_radius_fraction=None
+    )
     freqs, fsc = fourier_shell_correlation(result.volume, vol)
     half_nyquist = D // 4
     assert fsc[1 : half_nyquist + 1].min() > 0.99, fsc
@@ -141,12 +143,12 @@ def test_star_and_pickles_give_the_same_map_and_ctf_matters(tmp_path):
     assert fa[1:8].mean() > fc[1:8].mean() + 0.2  # ignoring the CTF must hurt
 
 
-def test_constant_regularization_and_given_split(tmp_path):
+def test_fsc_regularization_and_given_split(tmp_path):
     data = _simulate(tmp_path, "sim", "-n", "400", "-D", "24", "--snr", "1")
     split = tmp_path / "half1.txt"
     np.savetxt(split, np.arange(0, 400, 2), fmt="%d")
     out = tmp_path / "bp"
-    assert main(["backproject", str(data / "particles.star"), "-o", str(out), "--regularization", "0.01",
+    assert main(["backproject", str(data / "particles.star"), "-o", str(out), "--regularization", "fsc",
                  "--split", str(split), "--no-progress"]) == 0
     gt = torch.as_tensor(read_mrc(data / "gt_volumes" / "vol_000.mrc")[0])
     _, f = fourier_shell_correlation(torch.as_tensor(read_mrc(out / "map.mrc")[0]), gt)

@@ -19,13 +19,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="random",
                         help="half-sets: random (default), star (rlnRandomSubset / alignments3D/split), "
                              "or an index file listing half-set 1")
-    parser.add_argument("--regularization", default="fsc",
-                        help="'fsc' (Wiener filter from the half-map FSC, default) or a positive number r "
-                             "for a constant lambda = r * mean CTF^2 weight")
-    parser.add_argument("--oversampling", type=int, default=2, choices=(1, 2, 3),
-                        help="Fourier grid oversampling (2: accurate; 1: 8x less memory) [2]")
+    parser.add_argument("--regularization", default="1",
+                        help="a positive number r for a constant lambda = r * mean CTF^2 weight (default 1, as "
+                             "cryoDRGN's --reg-weight), or 'fsc' for a per-shell Wiener filter from the half-map FSC")
+    parser.add_argument("--oversampling", type=int, default=1, choices=(1, 2, 3),
+                        help="Fourier grid oversampling: 1 is fast; 2 with --gridding-correction is exact for "
+                             "noiseless data (4x the work, 8x the memory) [1]")
+    parser.add_argument("--gridding-correction", action="store_true",
+                        help="divide out the trilinear kernel's sinc^2 taper (exact amplitudes, but noise grows "
+                             "towards the box edge)")
+    parser.add_argument("--sphere-mask", type=float, default=0.45, metavar="FRACTION",
+                        help="soft spherical mask radius as a fraction of the box (0.05 box cosine edge); 0 turns it off [0.45]")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF (images already corrected or simulated without)")
-    parser.add_argument("--invert", action="store_true", help="invert the image contrast first")
+    parser.add_argument("--uninvert-data", action="store_true",
+                        help="do not invert the contrast (by default images are negated, as extracted particles are white)")
     parser.add_argument("--mask", help="mask .mrc applied to the half-maps for the FSC")
     parser.add_argument("-b", "--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half-set split")
@@ -57,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             oversampling=args.oversampling,
             regularization=regularization,
+            gridding_correction=args.gridding_correction,
+            sphere_mask_radius_fraction=args.sphere_mask or None,
             use_ctf=not args.no_ctf,
-            invert_contrast=args.invert,
+            invert_contrast=not args.uninvert_data,
             fsc_mask=None if mask is None else mask.to(device),
             device=device,
             progress=not args.no_progress,

@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "downsample": "downsample",
     "backproject": "backproject",
     "fsc": "fsc",
+    "train": "train",
+    "volumes": "volumes",
 }
 
 

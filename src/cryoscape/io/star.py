@@ -507,7 +507,9 @@ def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | No
         _set_values(rows, "rlnDefocusU", sub.ctf.defocus_u_angstrom)
         _set_values(rows, "rlnDefocusV", sub.ctf.defocus_v_angstrom)
         _set_values(rows, "rlnDefocusAngle", sub.ctf.defocus_angle_deg)
-        if "rlnPhaseShift" in rows.columns or np.any(sub.ctf.phase_shift_deg != 0):
+        # written whenever the source had it, or was not a STAR file (cryoDRGN's STAR parser
+        # needs the column; RELION treats a missing one as 0)
+        if "rlnPhaseShift" in rows.columns or sub.star_rows is None or np.any(sub.ctf.phase_shift_deg != 0):
             _set_values(rows, "rlnPhaseShift", sub.ctf.phase_shift_deg)
 
     text = "# version 30001, written by cryoscape\n\n" + _loop_text("optics", optics) + _loop_text("particles", rows)

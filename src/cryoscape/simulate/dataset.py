@@ -117,6 +117,7 @@ def _particle_table(out_dir: Path, params: ImageParameters) -> ParticleTable:
     N = len(params)
     stack = str((out_dir / STACK_NAME).resolve())
     rows = pd.DataFrame({"rlnImageName": pd.Series([f"{i + 1:06d}@{STACK_NAME}" for i in range(N)], dtype=object)})
+    rows["rlnPhaseShift"] = np.asarray(params.ctf.phase_shift_deg, dtype=np.float64)
     if params.b_factor_angstrom2 != 0:
         rows["rlnCtfBfactor"] = np.full(N, params.b_factor_angstrom2)
     return ParticleTable(

@@ -6,7 +6,13 @@ For image ``i`` with state ``m``, pose ``R``, shift ``t`` (pixels, RELION's sign
 
     P(k)     = FT of sum_z V_m(R^T (x, y, z))            (fourier/slicing.py, 2x padded, trilinear)
     Y(k)     = C(k) * P(k) * exp(+2 pi i k.t)              (fourier/ctf.py, fourier/shift.py)
-    image    = Re(IFFT(Y)) + noise
+    image    = -Re(IFFT(Y)) + noise
+
+The minus sign is particle extraction's contrast inversion: RELION and cryoSPARC write particles
+white (protein bright), while the CTF of fourier/ctf.py is negative at low frequency (protein
+dark in the raw micrograph).  Simulated stacks therefore look like real extracted particles, and
+every reconstruction command negates images by default (``--uninvert-data`` turns it off), as
+cryoDRGN does.
 
 The phase ramp moves the projection centre to ``box centre - t``: the particle sits where the
 stored shift ``t`` would bring it back to the centre (``phase_shift_images(F, -t)``).
@@ -193,6 +199,7 @@ def render_clean_images(
     indices: np.ndarray,
     *,
     apply_ctf: bool = True,
+    invert_contrast: bool = True,
 ) -> torch.Tensor:
     """Clean images ``(n, D, D)`` of the images ``indices`` of one state.
 
@@ -207,6 +214,8 @@ def render_clean_images(
         Images to render (all showing that state).
     apply_ctf
         Multiply by the CTF (False: projection and shift only).
+    invert_contrast
+        Negate the result, as particle extraction does (see the module docstring).
     """
     D = params.box_size
     device = prepared_volume.device
@@ -236,7 +245,8 @@ def render_clean_images(
     shifts = col(params.shifts_pixel)
     if bool((shifts != 0).any()):
         image_ft = phase_shift_images(image_ft, -shifts)
-    return ifft2_center(image_ft).real
+    images = ifft2_center(image_ft).real
+    return -images if invert_contrast else images
 
 
 class _RunningStats:

@@ -1,0 +1,207 @@
+"""``cryoscape train``: learn a map (homogeneous) or a distribution of maps (VAE) from particles with poses."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Train a neural map (homogeneous, --zdim 0) or a heterogeneous VAE (--zdim N) on particles with poses and CTF."
+EXAMPLE = ("cryoscape train particles.star --zdim 8 -n 20 -o run/   "
+           "(or: particles.mrcs --poses poses.pkl --ctf ctf.pkl; continue: cryoscape train --resume run/ -n 30)")
+
+
+def _beta(text: str) -> float | str:
+    if text == "anneal":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta must be a number or 'anneal', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--beta must not be negative, got {text}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--decoder-opt takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("particles", nargs="?", help="particles: .star, .cs, .txt stack list or .mrcs stack")
+    data.add_argument("-o", "--outdir", help="output folder (the run folder)")
+    data.add_argument("--poses", help="cryoDRGN poses.pkl (overrides poses in the metadata)")
+    data.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
+    data.add_argument("--datadir", help="folder to resolve relative stack paths against")
+    data.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
+    data.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+    data.add_argument("--pixel-size", type=float, dest="pixel_size_angstrom", help="override the pixel size (angstroms)")
+    data.add_argument("--no-ctf", action="store_true", help="ignore the CTF (phase-flipped or CTF-free data)")
+    data.add_argument("--invert-data", action="store_true", help="invert the image contrast (dark particles become light)")
+    data.add_argument("--no-window", action="store_true", help="do not apply the soft circular real-space window")
+    data.add_argument("--window-r", type=float, default=0.85,
+                      help="window: inner radius as a fraction of D/2, the edge falls to 0 at --window-r-outer [0.85]")
+    data.add_argument("--window-r-outer", type=float, default=0.99, help="window: outer radius fraction [0.99]")
+    data.add_argument("--lazy", action="store_true", help="always read images from disk (default: load sets under 2 GiB)")
+    data.add_argument("--norm-images", type=int, default=1000,
+                      help="images sampled to estimate the data normalisation [1000]")
+
+    tilt = parser.add_argument_group("tilt pairs (thesis 3.7.2)")
+    tilt.add_argument("--tilt", help="tilted partner of every particle (.star/.mrcs/.txt/.cs, same order)")
+    tilt.add_argument("--tilt-poses", help="poses.pkl of the tilted particles (only their shifts are used)")
+    tilt.add_argument("--tilt-ctf", help="ctf.pkl of the tilted particles (default: theirs, else the untilted CTF)")
+    tilt.add_argument("--tilt-deg", type=float, default=45.0,
+                      help="stage tilt in degrees, right-handed about the image x axis: tilted pose = T(x, deg) @ pose [45]")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--zdim", type=int, default=0, help="latent dimension; 0 trains one homogeneous map [0]")
+    model.add_argument("--decoder", default="neural_field", help="decoder name (a registered decoder) [neural_field]")
+    model.add_argument("--decoder-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                       help="extra decoder option (repeatable), passed to the decoder as it is")
+    model.add_argument("--dec-layers", type=int, default=3, help="decoder hidden layers [3]")
+    model.add_argument("--dec-dim", type=int, default=256, help="decoder width [256]")
+    model.add_argument("--domain", choices=("fourier", "hartley"), default="fourier",
+                       help="decoder output: complex Fourier (half the pixels) or real Hartley [fourier]")
+    model.add_argument("--pe-type", default="geom_lowf",
+                       help="positional encoding: geom_lowf, geom_full, geom_nohighf, gaussian, none [geom_lowf]")
+    model.add_argument("--pe-dim", type=int, default=None, help="number of encoding frequencies (default: by box)")
+    model.add_argument("--feat-sigma", type=float, default=None, dest="gaussian_scale",
+                       help="scale of the gaussian encoding's frequencies [1]")
+    model.add_argument("--encoder", choices=("mlp", "resmlp", "conv"), default="resmlp", help="encoder kind [resmlp]")
+    model.add_argument("--enc-layers", type=int, default=3, help="encoder hidden layers [3]")
+    model.add_argument("--enc-dim", type=int, default=256, help="encoder width [256]")
+    model.add_argument("--enc-mask", type=float, default=None, dest="enc_mask_radius_fraction",
+                       help="encoder reads pixels within this fraction of D/2 [1.0]")
+
+    opt = parser.add_argument_group("training")
+    opt.add_argument("-n", "--num-epochs", type=int, default=None, help="number of epochs [20]")
+    opt.add_argument("-b", "--batch-size", type=int, default=8, help="images per batch [8]")
+    opt.add_argument("--lr", type=float, default=None, help="learning rate of Adam [1e-4]")
+    opt.add_argument("--wd", type=float, default=None, dest="weight_decay", help="weight decay [0]")
+    opt.add_argument("--beta", type=_beta, default=None,
+                     help="KL weight: a number, or 'anneal' (0 -> 1 over --beta-anneal-epochs) [1/zdim]")
+    opt.add_argument("--beta-anneal-epochs", type=int, default=None, help="epochs of the beta ramp [num_epochs/4]")
+    opt.add_argument("--refine-poses", action="store_true",
+                     help="learn per-particle rotation and shift corrections by gradient descent")
+    opt.add_argument("--no-refine-shifts", action="store_true", help="with --refine-poses: keep the shifts fixed")
+    opt.add_argument("--pose-lr", type=float, default=None, help="learning rate of the rotation corrections in radians per step; shifts use pose-lr * D/4 pixels [3e-3]")
+    opt.add_argument("--pose-start-epoch", type=int, default=1,
+                     help="first epoch (0-based) that updates the poses; earlier ones fit the map to the input poses [1]")
+    opt.add_argument("--pose-representation", choices=("axis_angle", "6d"), default="axis_angle",
+                     help="rotation correction: axis-angle delta or 6-D rotation [axis_angle]")
+    opt.add_argument("--no-shuffle", action="store_true", help="visit particles in file order")
+    opt.add_argument("--seed", type=int, default=0, help="random seed (initialisation, order, noise) [0]")
+    opt.add_argument("--amp", action="store_true", help="mixed precision (autocast) on a GPU")
+    opt.add_argument("--device", default=None, help="auto (cuda when present), cpu, cuda, cuda:1 ... [auto]")
+    opt.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead in a background thread [2]")
+    opt.add_argument("--checkpoint-every", type=int, default=None, help="keep weights.EPOCH.pt every N epochs [5]")
+    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    run = parser.add_argument_group("continuing")
+    run.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN (same folder; -n sets the total)")
+    run.add_argument("--load", metavar="WEIGHTS",
+                     help="start from a checkpoint.pt / weights.EPOCH.pt (its epoch, weights, optimiser, "
+                          "normalisation) and write a new run to -o")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from cryoscape.train.config import TrainConfig
+
+    defaults = TrainConfig()
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return TrainConfig(
+        particles=args.particles,
+        poses=args.poses,
+        ctf=args.ctf,
+        datadir=args.datadir,
+        ind=args.ind,
+        first=args.first,
+        pixel_size_angstrom=args.pixel_size_angstrom,
+        use_ctf=not args.no_ctf,
+        invert_data=args.invert_data,
+        window=not args.no_window,
+        window_inner_radius_fraction=args.window_r,
+        window_outer_radius_fraction=args.window_r_outer,
+        lazy=args.lazy,
+        n_normalization_images=args.norm_images,
+        tilt=args.tilt,
+        tilt_poses=args.tilt_poses,
+        tilt_ctf=args.tilt_ctf,
+        tilt_deg=args.tilt_deg,
+        zdim=args.zdim,
+        decoder=args.decoder,
+        decoder_options=dict(args.decoder_opt),
+        dec_layers=args.dec_layers,
+        dec_dim=args.dec_dim,
+        domain=args.domain,
+        pe_type=args.pe_type,
+        pe_dim=args.pe_dim,
+        gaussian_scale=args.gaussian_scale,
+        encoder=args.encoder,
+        enc_layers=args.enc_layers,
+        enc_dim=args.enc_dim,
+        enc_mask_radius_fraction=args.enc_mask_radius_fraction,
+        num_epochs=pick(args.num_epochs, defaults.num_epochs),
+        batch_size=args.batch_size,
+        lr=pick(args.lr, defaults.lr),
+        weight_decay=pick(args.weight_decay, defaults.weight_decay),
+        beta=args.beta,
+        beta_anneal_epochs=args.beta_anneal_epochs,
+        refine_poses=args.refine_poses,
+        refine_shifts=not args.no_refine_shifts,
+        pose_lr=pick(args.pose_lr, defaults.pose_lr),
+        pose_representation=args.pose_representation,
+        pose_start_epoch=args.pose_start_epoch,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        amp=args.amp,
+        device=pick(args.device, defaults.device),
+        prefetch=pick(args.prefetch, defaults.prefetch),
+        checkpoint_every=pick(args.checkpoint_every, defaults.checkpoint_every),
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from cryoscape.errors import InputError
+    from cryoscape.train.loop import resume_training, run_training
+
+    arguments = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    if args.resume:
+        result = resume_training(
+            args.resume,
+            arguments=arguments,
+            num_epochs=args.num_epochs,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            pose_lr=args.pose_lr,
+            device=args.device,
+            progress=False if args.no_progress else None,
+            checkpoint_every=args.checkpoint_every,
+            prefetch=args.prefetch,
+            datadir=args.datadir,
+            amp=True if args.amp else None,
+            lazy=True if args.lazy else None,
+        )
+    else:
+        if not args.particles:
+            raise InputError("no particles were given; pass a .star, .cs, .txt or .mrcs file (or --resume RUN).")
+        if not args.outdir:
+            raise InputError("no output folder was given; pass -o RUN_FOLDER.")
+        config = _config_from_args(args)
+        try:
+            config.validate()
+        except ValueError as err:
+            raise InputError(f"{err}.") from None
+        result = run_training(config, args.outdir, arguments=arguments, init_from=args.load)
+    if result.history:
+        last = result.history[-1]
+        print(f"trained {result.epochs_done} epochs; final loss {last['loss']:.5g}; run folder {result.out_dir}")
+    return 0

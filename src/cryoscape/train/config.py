@@ -1,0 +1,131 @@
+"""Every option of a training run, as one dataclass saved in the run's config.yaml and checkpoints.
+
+The names follow cryoDRGN's command-line options where one exists (``enc_layers``, ``dec_dim``,
+``zdim``, ``beta``...).  ``TrainConfig.from_dict(config.to_dict())`` round-trips, so a run is
+rebuilt (and resumed) from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``cryoscape train`` (see ``cryoscape train --help`` for each one)."""
+
+    # ---- data
+    particles: str | None = None
+    poses: str | None = None
+    ctf: str | None = None
+    datadir: str | None = None
+    ind: str | None = None
+    first: int | None = None
+    pixel_size_angstrom: float | None = None
+    use_ctf: bool = True
+    invert_data: bool = False
+    window: bool = True
+    window_inner_radius_fraction: float = 0.85
+    window_outer_radius_fraction: float = 0.99
+    lazy: bool = False
+    n_normalization_images: int = 1000
+    # tilt pairs
+    tilt: str | None = None
+    tilt_poses: str | None = None
+    tilt_ctf: str | None = None
+    tilt_deg: float = 45.0
+
+    # ---- model
+    zdim: int = 0
+    decoder: str = "neural_field"
+    decoder_options: dict[str, Any] = field(default_factory=dict)
+    dec_layers: int = 3
+    dec_dim: int = 256
+    domain: str = "fourier"
+    pe_type: str = "geom_lowf"
+    pe_dim: int | None = None
+    gaussian_scale: float | None = None
+    encoder: str = "mlp"
+    enc_layers: int = 3
+    enc_dim: int = 256
+    enc_mask_radius_fraction: float | None = None
+
+    # ---- optimisation
+    num_epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta: float | str | None = None
+    beta_anneal_epochs: int | None = None
+    refine_poses: bool = False
+    refine_shifts: bool = True
+    pose_lr: float = 3e-3
+    pose_start_epoch: int = 1
+    pose_representation: str = "axis_angle"
+    shuffle: bool = True
+    seed: int = 0
+    amp: bool = False
+    device: str = "auto"
+    prefetch: int = 2
+    checkpoint_every: int = 5
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML-safe values)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from :meth:`to_dict` output; unknown keys are ignored (older/newer runs)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # ---- derived values
+    @property
+    def heterogeneous(self) -> bool:
+        """True when a latent space is learnt (``zdim > 0``)."""
+        return self.zdim > 0
+
+    def beta_at(self, epoch_float: float) -> float:
+        """KL weight at a fractional epoch (``epoch + batch / n_batches``).
+
+        ``beta`` a number: constant.  ``None``: ``1 / zdim`` (cryoDRGN's default).  ``"anneal"``:
+        rises linearly from 0 to 1 over the first ``beta_anneal_epochs`` epochs
+        (default: a quarter of ``num_epochs``, at least 1), then stays at 1.
+        """
+        if self.zdim <= 0:
+            return 0.0
+        if self.beta is None:
+            return 1.0 / self.zdim
+        if isinstance(self.beta, str):
+            if self.beta != "anneal":
+                return float(self.beta)
+            n = self.beta_anneal_epochs or max(1, math.ceil(self.num_epochs / 4))
+            return float(min(1.0, max(0.0, epoch_float / n)))
+        return float(self.beta)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for impossible option combinations (the CLI turns them into messages)."""
+        if self.domain not in ("fourier", "hartley"):
+            raise ValueError(f"--domain must be fourier or hartley, got {self.domain!r}")
+        if self.zdim < 0:
+            raise ValueError(f"--zdim must be 0 (homogeneous) or positive, got {self.zdim}")
+        if self.num_epochs < 1:
+            raise ValueError(f"--num-epochs must be at least 1, got {self.num_epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if isinstance(self.beta, str) and self.beta != "anneal":
+            float(self.beta)  # raises ValueError for other words
+        if self.tilt is not None and self.zdim <= 0:
+            raise ValueError("--tilt pairs train the encoder, so they need --zdim > 0")
+        if self.pose_representation not in ("axis_angle", "6d"):
+            raise ValueError(f"--pose-representation must be axis_angle or 6d, got {self.pose_representation!r}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
