@@ -9,13 +9,16 @@ particle stack, poses and CTF (``particles.mrcs`` + ``poses.pkl`` + ``ctf.pkl`` 
 thread settings (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``, torch's default intra-op
 pool, GPU hidden).  Each tool runs as a child process; wall time covers the whole command
 (start-up, reading, backprojection, half-maps, FSC, writing), peak RSS is the child's
-``ru_maxrss``.  Ours runs twice: ``--oversampling 2`` (default) and ``--oversampling 1``.
+``ru_maxrss``.  Ours runs twice: with its defaults (oversampling 1, no gridding correction, soft
+sphere mask, constant regulariser) and in its exact mode (``--oversampling 2 --gridding-correction``).
+Our simulated stacks have the contrast of extracted particles (white), so both tools run with
+their default contrast inversion.
 
 Quality is the FSC of each map to the ground-truth volume: resolution at FSC = 0.5 and the area
 under the curve (mean ``|FSC|`` over shells 1..D/2), unmasked and inside a soft mask made from the
-ground truth.  The masked figure is the fairer one: cryoDRGN skips the gridding correction, so
-its map is apodised (signal and noise fade towards the box edge), which acts as an implicit soft
-mask and raises its *unmasked* FSC (see bench/README.md).
+ground truth.  The masked figure compares the density itself; the unmasked one also counts the
+noise left in the solvent (cryoDRGN and our default both skip the gridding correction, so the map
+fades towards the box edge, which acts as a soft mask on that noise; see bench/README.md).
 
 Convention cross-check (full run, or ``--conventions``): cryoDRGN reading our ``poses.pkl`` /
 ``ctf.pkl`` must give a good map (rotation, translation sign/units, CTF layout agree), controls
@@ -104,10 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- runs
 def cryodrgn_backproject(exe: Path, data: Path, out: Path, *, poses: Path | None = None,
                          ctf: Path | None = None, extra: list[str] = ()) -> list[str]:
-    """The cryoDRGN command used throughout (``--uninvert-data``: see the README)."""
+    """The cryoDRGN command used throughout (its defaults, contrast inversion included)."""
     return [str(exe), "backproject_voxel", str(data / "particles.mrcs"),
             "--poses", str(poses or data / "poses.pkl"), "--ctf", str(ctf or data / "ctf.pkl"),
-            "-o", str(out), "--uninvert-data", *extra]
+            "-o", str(out), *extra]
 
 
 def backproject_arguments(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
@@ -115,6 +118,9 @@ def backproject_arguments(data: Path, out: Path, extra: list[str] = ()) -> list[
     return ["backproject", str(data / "particles.mrcs"),
             "--poses", str(data / "poses.pkl"), "--ctf", str(data / "ctf.pkl"),
             "-o", str(out), "--no-progress", *extra]
+
+
+EXACT = "cryoscape --oversampling 2 --gridding-correction"
 
 
 def cryoscape_backproject(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
@@ -169,20 +175,20 @@ def report_quality(label: str, volume, gt, mask, pixel):
 
 def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
     """Simulate (or reuse) one dataset, run both tools, print their figures."""
-    data, sim = simulate_dataset(args.workdir / f"homo_D{box}_n{n_images}", box_size=box,
+    data, sim = simulate_dataset(args.workdir / f"white_D{box}_n{n_images}", box_size=box,
                                  n_images=n_images, snr=args.snr, env=env)
     print_note(f"D={box}: {n_images} images, SNR {args.snr}, data {data}"
                + ("" if sim is None else f" (simulated in {sim.wall_s:.0f} s)"))
     runs_dir = args.workdir / "runs" / f"D{box}_n{n_images}"
     configs = {
         "cryodrgn": cryodrgn_backproject(exe, data, runs_dir / "cryodrgn"),
-        "cryoscape": cryoscape_backproject(data, runs_dir / "cryoscape_os2"),
-        "cryoscape --oversampling 1": cryoscape_backproject(
-            data, runs_dir / "cryoscape_os1", ["--oversampling", "1"]),
+        "cryoscape": cryoscape_backproject(data, runs_dir / "cryoscape"),
+        EXACT: cryoscape_backproject(
+            data, runs_dir / "cryoscape_exact", ["--oversampling", "2", "--gridding-correction"]),
     }
     maps = {"cryodrgn": runs_dir / "cryodrgn" / "backproject.mrc",
-            "cryoscape": runs_dir / "cryoscape_os2" / "map.mrc",
-            "cryoscape --oversampling 1": runs_dir / "cryoscape_os1" / "map.mrc"}
+            "cryoscape": runs_dir / "cryoscape" / "map.mrc",
+            EXACT: runs_dir / "cryoscape_exact" / "map.mrc"}
     print_note(f"cryoDRGN command: {' '.join(configs['cryodrgn'])}")
     print_note(f"cryoscape command: {' '.join(configs['cryoscape'])}")
     logs = {name: runs_dir / f"{name.replace(' ', '_').replace('--', '')}.log" for name in configs}
@@ -202,7 +208,7 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
         print_figure(f"{label} peak RSS", run.peak_rss_mb, "MB", fmt=".0f")
         volume, _ = read_map(maps[name])
         result[name] = report_quality(label, volume, gt, mask, pixel)
-        if name != "cryodrgn":
+        if name == EXACT:
             # cryoDRGN's tent kernel on a D-grid without gridding correction leaves its map
             # multiplied by about sinc^2(x/D) per axis; the same window on ours, for comparison
             windowed = compare_to_reference(volume * apodisation_window(box), gt,
@@ -221,7 +227,7 @@ def apodisation_window(box: int) -> np.ndarray:
 # --------------------------------------------------------------------------- conventions
 def check_conventions(args, env, exe: Path) -> None:
     """cryoDRGN on our pickles (plus failing controls) and cryoDRGN's STAR parsers on our STAR."""
-    data, _ = simulate_dataset(args.workdir / "shifted_D64_n1000", box_size=64, n_images=1000,
+    data, _ = simulate_dataset(args.workdir / "white_shifted_D64_n1000", box_size=64, n_images=1000,
                                snr=args.snr, shift_max_pixel=4.0, env=env)
     out = args.workdir / "runs" / "conventions"
     shutil.rmtree(out, ignore_errors=True)
@@ -236,8 +242,8 @@ def check_conventions(args, env, exe: Path) -> None:
     pickle.dump((rot, -trans), open(out / "poses_negated_trans.pkl", "wb"))
     pickle.dump((np.swapaxes(rot, -1, -2), trans), open(out / "poses_transposed_rot.pkl", "wb"))
 
-    # cryoDRGN's own STAR parsers on our STAR (--ps 0: our STAR omits rlnPhaseShift, which
-    # parse_ctf_star otherwise turns into NaN)
+    # cryoDRGN's own STAR parsers on our STAR (with and without --ps 0: a STAR without
+    # rlnPhaseShift would make parse_ctf_star write NaN; ours writes the column)
     star = data / "particles.star"
     run_timed([exe, "parse_pose_star", star, "-o", out / "poses_from_star.pkl"],
               log_path=out / "parse_pose_star.log", env=env)
@@ -275,14 +281,13 @@ def check_conventions(args, env, exe: Path) -> None:
                      f"{m['res_0_5_cycles_per_pixel']:.3f} / {m['auc']:.3f} / "
                      f"{m['correlation']:+.3f} / {mirrored['auc']:.3f}")
 
-    # contrast: cryoDRGN inverts images unless told not to
-    tag = "cryodrgn_default_invert"
-    cmd = cryodrgn_backproject(exe, data, out / tag, extra=["--no-half-maps"])
-    cmd.remove("--uninvert-data")
-    run_timed(cmd, log_path=out / f"{tag}.log", env=env)
+    # contrast: both tools invert by default; told not to, the map must come out negative
+    tag = "cryodrgn_uninvert"
+    run_timed(cryodrgn_backproject(exe, data, out / tag, extra=["--no-half-maps", "--uninvert-data"]),
+              log_path=out / f"{tag}.log", env=env)
     volume, _ = read_map(out / tag / "backproject.mrc")
     m = compare_to_reference(volume, gt, pixel_size_angstrom=pixel)
-    print_figure("convention cryodrgn without --uninvert-data: real-space correlation to GT",
+    print_figure("convention cryodrgn with --uninvert-data: real-space correlation to GT (expect -)",
                  m["correlation"], fmt="+.3f")
 
     # ours from the STAR file (shifts from rlnOriginX/YAngst), for reference
@@ -297,11 +302,11 @@ def check_conventions(args, env, exe: Path) -> None:
 # --------------------------------------------------------------------------- memory
 def check_memory(args, env, box: int, n_images: int) -> None:
     """Ours with a small batch: stack in memory (default below 2 GiB) vs read lazily (forced)."""
-    data = args.workdir / f"homo_D{box}_n{n_images}"
+    data = args.workdir / f"white_D{box}_n{n_images}"
     stack_mb = (data / "particles.mrcs").stat().st_size / 1024**2
     out = args.workdir / "runs" / f"memory_D{box}"
     shutil.rmtree(out, ignore_errors=True)
-    extra = ["--batch-size", str(args.memory_batch_size), "--oversampling", "1"]
+    extra = ["--batch-size", str(args.memory_batch_size)]
     grid_mb = 2 * box**3 * 3 * 4 / 1024**2
     print_note(f"memory check: ours on D={box}, {n_images} images, {' '.join(extra)}; "
                f"accumulator grids 2 x {box}^3 x 3 float32 = {grid_mb:.0f} MB; RSS = anon + file")
@@ -350,8 +355,7 @@ def main(argv=None) -> int:
     print_note("load average at end (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
     for box, res in results.items():
         drgn = res["runs"]["cryodrgn"].wall_s
-        print_figure(f"speed ratio cryoscape --oversampling 1/cryodrgn at D={box}",
-                     drgn / res["runs"]["cryoscape --oversampling 1"].wall_s)
+        print_figure(f"speed ratio {EXACT}/cryodrgn at D={box}", drgn / res["runs"][EXACT].wall_s)
     for box, res in results.items():
         print_figure(f"speed ratio cryoscape/cryodrgn at D={box}",
                      res["runs"]["cryodrgn"].wall_s / res["runs"]["cryoscape"].wall_s)

@@ -143,6 +143,18 @@ def test_star_and_pickles_give_the_same_map_and_ctf_matters(tmp_path):
     assert fa[1:8].mean() > fc[1:8].mean() + 0.2  # ignoring the CTF must hurt
 
 
+def test_contrast_inversion_is_the_default(tmp_path):
+    """Simulated stacks are white like extracted particles: without inversion the map is negative."""
+    data = _simulate(tmp_path, "sim", "-n", "300", "-D", "24", "--snr", "10")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["backproject", str(data / "particles.star"), "-o", str(a), "--no-progress"]) == 0
+    assert main(["backproject", str(data / "particles.star"), "-o", str(b), "--uninvert-data", "--no-progress"]) == 0
+    gt = np.asarray(read_mrc(data / "gt_volumes" / "vol_000.mrc")[0]).ravel()
+    va, vb = (np.asarray(read_mrc(p / "map.mrc")[0]).ravel() for p in (a, b))
+    assert np.corrcoef(va, gt)[0, 1] > 0.8
+    assert np.corrcoef(vb, gt)[0, 1] < -0.8
+
+
 def test_fsc_regularization_and_given_split(tmp_path):
     data = _simulate(tmp_path, "sim", "-n", "400", "-D", "24", "--snr", "1")
     split = tmp_path / "half1.txt"
