@@ -92,3 +92,23 @@ def test_nan_loss_exits_with_a_learning_rate_hint(dataset, tmp_path, capsys, mon
     assert main(["train", str(dataset / "particles.star"), "-o", str(tmp_path / "r"), "-n", "2", *SMALL]) == 2
     err = capsys.readouterr().err
     assert "training loss became" in err and "--lr 0.0001" in err and "no checkpoint" in err
+
+
+def test_odd_box_hartley_conv_encoder_amp_and_lazy_reading(tmp_path):
+    data = tmp_path / "odd"
+    assert main(["simulate", "-o", str(data), "-n", "48", "-D", "15", "--snr", "1", "--heterogeneity", "none",
+                 "--seed", "0", "--oversampling", "1", "--shift-max-pixel", "1"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", str(data / "particles.star"), "-o", str(run), "-n", "2", "--zdim", "1", "--encoder", "conv",
+                 "--domain", "hartley", "--amp", "--lazy", *SMALL]) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["data"]["box_size"] == 15 and state["decoder"]["config"]["domain"] == "hartley"
+    assert state["encoder"]["config"]["kind"] == "conv"
+    assert np.isfinite([h["loss"] for h in state["history"]]).all()
+    assert "bfloat16" in (run / "run.log").read_text()
+    assert main(["volumes", str(run), "--z-values", "0.3", "-o", str(tmp_path / "maps"), "--box-size", "11",
+                 "--no-progress", "--device", "cpu"]) == 0
+    from cryoscape.io.mrc import read_mrc
+
+    volume, pixel = read_mrc(tmp_path / "maps" / "vol_000.mrc")
+    assert volume.shape == (11, 11, 11) and pixel == pytest.approx(16.6667 * 15 / 11, rel=1e-3)

@@ -31,7 +31,7 @@ def _spearman(run, dataset, epoch):
 
 
 def test_hinge_latent_follows_the_hinge_angle_small(sim_root, tmp_path):
-    """800 images of 24 px (SNR 1), 4 epochs of batch 4: |Spearman| > 0.15 (measured 0.24).
+    """800 images of 24 px (SNR 1), 4 epochs of batch 4: |Spearman| > 0.15 (measured 0.27).
 
     A latent that ignores the hinge gives |Spearman| ~ N(0, 1/sqrt(800)) = 0.035 at most ~0.1,
     so 0.15 shows the latent carries the hinge angle after only ~800 steps; the slow test below
@@ -46,17 +46,18 @@ def test_hinge_latent_follows_the_hinge_angle_small(sim_root, tmp_path):
 
 @pytest.mark.slow
 def test_hinge_latent_follows_the_hinge_angle(sim_root, tmp_path):
-    """1000 images of 32 px (SNR 1), 12 epochs: |Spearman(z, hinge angle)| > 0.9 (measured 0.94)."""
+    """1000 images of 32 px (SNR 1), 14 epochs: |Spearman(z, hinge angle)| > 0.9 (measured 0.93 after
+    12 epochs, 0.91 after 11: the latent keeps sharpening, so 14 leaves a margin)."""
     data = simulate(sim_root, "hinge32", n=1000, D=32, snr="1", heterogeneity="hinge", seed=2)
-    config = TrainConfig(particles=str(data / "particles.star"), zdim=1, num_epochs=12, batch_size=8, **VAE)
+    config = TrainConfig(particles=str(data / "particles.star"), zdim=1, num_epochs=14, batch_size=8, **VAE)
     run_training(config, tmp_path / "run")
-    assert _spearman(tmp_path / "run", data, 11) > 0.9
+    assert _spearman(tmp_path / "run", data, 13) > 0.9
 
 
 @pytest.mark.slow
 def test_discrete_classes_separate_in_latent_space(sim_root, tmp_path):
     """1000 images of 32 px (SNR 1), 3 hinge classes (0, 30, 60 degrees), zdim 1, 20 epochs: k-means
-    (k=3) on z recovers the classes, ARI > 0.9 (measured 0.96; 0.5 after 10 epochs)."""
+    (k=3) on z recovers the classes, ARI > 0.9 (measured 0.94; 0.55 after 10 epochs)."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 

@@ -64,7 +64,7 @@ def test_corrections_start_at_the_input_poses():
 def test_joint_refinement_reduces_pose_errors(sim_root, tmp_path):
     """Map and poses together (1000 images, 32 px, SNR 10; poses off by 4 degrees and ~0.56 px):
     after 3 epochs on the input poses and 7 of refinement the shift error falls by over 30 %
-    (measured 0.56 -> 0.31 px) and the rotation error falls (measured 4.0 -> 3.5 degrees)."""
+    (measured 0.56 -> 0.31 px) and the rotation error falls (measured 4.0 -> 3.57 degrees)."""
     from cryoscape.train.config import TrainConfig
     from cryoscape.train.loop import run_training
 

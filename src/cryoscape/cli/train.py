@@ -39,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--datadir", help="folder to resolve relative stack paths against")
     data.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
     data.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
-    data.add_argument("--pixel-size", type=float, dest="pixel_size_angstrom", help="override the pixel size (angstroms)")
+    data.add_argument("--pixel-size", type=float, dest="pixel_size_angstrom", metavar="ANGSTROM",
+                      help="override the pixel size (angstroms)")
     data.add_argument("--no-ctf", action="store_true", help="ignore the CTF (phase-flipped or CTF-free data)")
-    data.add_argument("--invert-data", action="store_true", help="invert the image contrast (dark particles become light)")
+    data.add_argument("--uninvert-data", action="store_true",
+                      help="do not negate the images (by default they are, as extracted particles are white: "
+                           "RELION, cryoSPARC and cryoscape simulate write them so)")
     data.add_argument("--no-window", action="store_true", help="do not apply the soft circular real-space window")
     data.add_argument("--window-r", type=float, default=0.85,
                       help="window: inner radius as a fraction of D/2, the edge falls to 0 at --window-r-outer [0.85]")
@@ -69,12 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--pe-type", default="geom_lowf",
                        help="positional encoding: geom_lowf, geom_full, geom_nohighf, gaussian, none [geom_lowf]")
     model.add_argument("--pe-dim", type=int, default=None, help="number of encoding frequencies (default: by box)")
-    model.add_argument("--feat-sigma", type=float, default=None, dest="gaussian_scale",
+    model.add_argument("--feat-sigma", type=float, default=None, dest="gaussian_scale", metavar="SIGMA",
                        help="scale of the gaussian encoding's frequencies [1]")
     model.add_argument("--encoder", choices=("mlp", "resmlp", "conv"), default="resmlp", help="encoder kind [resmlp]")
     model.add_argument("--enc-layers", type=int, default=3, help="encoder hidden layers [3]")
     model.add_argument("--enc-dim", type=int, default=256, help="encoder width [256]")
-    model.add_argument("--enc-mask", type=float, default=None, dest="enc_mask_radius_fraction",
+    model.add_argument("--enc-mask", type=float, default=None, dest="enc_mask_radius_fraction", metavar="FRACTION",
                        help="encoder reads pixels within this fraction of D/2 [1.0]")
 
     opt = parser.add_argument_group("training")
@@ -95,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="rotation correction: axis-angle delta or 6-D rotation [axis_angle]")
     opt.add_argument("--no-shuffle", action="store_true", help="visit particles in file order")
     opt.add_argument("--seed", type=int, default=0, help="random seed (initialisation, order, noise) [0]")
-    opt.add_argument("--amp", action="store_true", help="mixed precision (autocast) on a GPU")
+    opt.add_argument("--amp", action="store_true",
+                     help="mixed precision (bfloat16 autocast of encoder and decoder): GPUs, and CPUs with bfloat16 "
+                          "instructions (about 1.7x faster on AVX512-BF16)")
     opt.add_argument("--device", default=None, help="auto (cuda when present), cpu, cuda, cuda:1 ... [auto]")
     opt.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead in a background thread [2]")
     opt.add_argument("--checkpoint-every", type=int, default=None, help="keep weights.EPOCH.pt every N epochs [5]")
@@ -125,7 +130,7 @@ def _config_from_args(args: argparse.Namespace):
         first=args.first,
         pixel_size_angstrom=args.pixel_size_angstrom,
         use_ctf=not args.no_ctf,
-        invert_data=args.invert_data,
+        invert_data=not args.uninvert_data,
         window=not args.no_window,
         window_inner_radius_fraction=args.window_r,
         window_outer_radius_fraction=args.window_r_outer,

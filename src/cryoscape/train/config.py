@@ -28,7 +28,7 @@ class TrainConfig:
     first: int | None = None
     pixel_size_angstrom: float | None = None
     use_ctf: bool = True
-    invert_data: bool = False
+    invert_data: bool = True
     window: bool = True
     window_inner_radius_fraction: float = 0.85
     window_outer_radius_fraction: float = 0.99
