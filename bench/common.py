@@ -194,17 +194,21 @@ def simulate_dataset(
     snr: float = 0.1,
     shift_max_pixel: float = 0.0,
     seed: int = 0,
+    heterogeneity: str = "none",
     env: dict[str, str] | None = None,
 ) -> tuple[Path, RunResult | None]:
-    """A homogeneous ``cryoscape simulate`` dataset in ``outdir``, reused when its parameters match.
+    """A ``cryoscape simulate`` dataset in ``outdir``, reused when its parameters match.
 
-    Returns ``(outdir, run)`` where ``run`` is ``None`` when an existing dataset was reused.
+    The built-in molecule; homogeneous by default, or ``heterogeneity="hinge"`` (its 1-D hinge
+    motion, the ground truth per image in ``ground_truth.npz``).  Returns ``(outdir, run)`` where
+    ``run`` is ``None`` when an existing dataset was reused.
     """
     outdir = Path(outdir)
     params = dict(box_size=box_size, n_images=n_images, snr=snr,
-                  shift_max_pixel=shift_max_pixel, seed=seed, heterogeneity="none")
+                  shift_max_pixel=shift_max_pixel, seed=seed, heterogeneity=heterogeneity)
     stamp = outdir / "bench_params.json"
-    needed = ["particles.mrcs", "particles.star", "poses.pkl", "ctf.pkl", "gt_volumes/vol_000.mrc"]
+    needed = ["particles.mrcs", "particles.star", "poses.pkl", "ctf.pkl", "gt_volumes/vol_000.mrc",
+              "ground_truth.npz"]
     if stamp.exists() and all((outdir / f).exists() for f in needed):
         try:
             if json.loads(stamp.read_text()) == params:
@@ -216,7 +220,7 @@ def simulate_dataset(
     outdir.parent.mkdir(parents=True, exist_ok=True)
     run = run_timed(
         [*cryoscape_command(), "simulate", "-o", outdir, "-n", n_images, "-D", box_size,
-         "--snr", snr, "--heterogeneity", "none", "--shift-max-pixel", shift_max_pixel,
+         "--snr", snr, "--heterogeneity", heterogeneity, "--shift-max-pixel", shift_max_pixel,
          "--seed", seed],
         log_path=outdir.parent / f"{outdir.name}.simulate.log", env=env,
     )

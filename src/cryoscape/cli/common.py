@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 
 
@@ -17,7 +16,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def load_table_from_args(args: argparse.Namespace):
     """Particle table from ``args.particles`` with ``--datadir``, ``--poses``, ``--ctf``, ``--ind``, ``--first``."""
-    from cryoscape.io.particles import load_indices, load_particles
+    from cryoscape.io.particles import load_particles, select_particles
 
     table = load_particles(
         args.particles,
@@ -25,8 +24,4 @@ def load_table_from_args(args: argparse.Namespace):
         poses_path=getattr(args, "poses", None),
         ctf_path=getattr(args, "ctf", None),
     )
-    if getattr(args, "ind", None):
-        table = table.subset(load_indices(args.ind, n_particles=len(table)))
-    if getattr(args, "first", None):
-        table = table.subset(np.arange(min(args.first, len(table))))
-    return table
+    return select_particles(table, ind=getattr(args, "ind", None), first=getattr(args, "first", None))

@@ -649,3 +649,17 @@ def load_indices(path: PathLike, *, n_particles: int | None = None) -> np.ndarra
             "(indices are 0-based); pass the index file made for these particles."
         )
     return idx
+
+
+def select_particles(table: ParticleTable, *, ind: PathLike | None = None, first: int | None = None) -> ParticleTable:
+    """The rows of ``table`` chosen by an index file (``--ind``) and then the first ``first`` of those.
+
+    Returns ``table`` itself when neither is given.
+    """
+    selection = None
+    if ind:
+        selection = load_indices(ind, n_particles=len(table))
+    if first:
+        base = np.arange(len(table)) if selection is None else selection
+        selection = base[: min(int(first), len(base))]
+    return table if selection is None else table.subset(selection)

@@ -202,7 +202,7 @@ def build_encoder_for(config: TrainConfig, box_size: int):
 
 def load_tables(config: TrainConfig):
     """The particle table (and tilted table) named in ``config``, with ``ind``/``first`` applied."""
-    from cryoscape.io.particles import load_indices, load_particles
+    from cryoscape.io.particles import load_particles, select_particles
 
     if not config.particles:
         raise InputError("no particles were given; pass a .star, .cs, .txt or .mrcs file.")
@@ -214,14 +214,7 @@ def load_tables(config: TrainConfig):
         pixel_size_angstrom=config.pixel_size_angstrom,
     )
     n_all = len(table)
-    selection = None
-    if config.ind:
-        selection = load_indices(config.ind, n_particles=n_all)
-    if config.first:
-        base = np.arange(n_all) if selection is None else selection
-        selection = base[: min(int(config.first), len(base))]
-    if selection is not None:
-        table = table.subset(selection)
+    table = select_particles(table, ind=config.ind, first=config.first)
     tilted = None
     if config.tilt:
         tilted = load_particles(
@@ -236,8 +229,7 @@ def load_tables(config: TrainConfig):
                 f"{config.tilt} holds {len(tilted)} tilted particles but {config.particles} has {n_all}; "
                 "pass the tilted partner of every untilted particle, in the same order."
             )
-        if selection is not None:
-            tilted = tilted.subset(selection)
+        tilted = select_particles(tilted, ind=config.ind, first=config.first)
     return table, tilted
 
 
