@@ -39,6 +39,7 @@ import math
 import torch
 
 from cryoscape.data.training import FourierPixels
+from cryoscape.fourier.slicing import slice_coordinates
 
 __all__ = [
     "slice_points",
@@ -50,8 +51,12 @@ __all__ = [
 
 
 def slice_points(rotations: torch.Tensor, freqs_2d: torch.Tensor) -> torch.Tensor:
-    """3-D frequencies ``R^T (kx, ky, 0)``: ``(B, 3, 3)`` x ``(P, 2)`` -> ``(B, P, 3)``."""
-    return freqs_2d.to(rotations.dtype) @ rotations[..., :2, :]
+    """3-D frequencies ``R^T (kx, ky, 0)``: ``(B, 3, 3)`` x ``(P, 2)`` -> ``(B, P, 3)``.
+
+    The central-slice geometry of :func:`cryoscape.fourier.slicing.slice_coordinates`, in the
+    decoder's unit (cycles per pixel).
+    """
+    return slice_coordinates(rotations, freqs_2d)
 
 
 def centre_values(values: torch.Tensor, coords_index: torch.Tensor, shifts_pixel: torch.Tensor, box_size: int) -> torch.Tensor:
