@@ -19,10 +19,10 @@ echo "== 3/5 compare the map with the ground truth"
 "$BIN/cryoscape" fsc "$OUT/backproject/map.mrc" "$OUT/data/gt_volumes/vol_000.mrc" \
     -o "$OUT/backproject/fsc_vs_truth.txt" --plot "$OUT/backproject/fsc_vs_truth.png"
 
-NH=${DEMO_N_HINGE:-2000}
-EPOCHS=${DEMO_EPOCHS:-6}
-echo "== 4/5 simulate $NH images of the hinge motion (D=48, SNR 0.3) and train a VAE (zdim 1, $EPOCHS epochs)"
-"$BIN/cryoscape" simulate -o "$OUT/hinge" -n "$NH" -D 48 --snr 0.3 --heterogeneity hinge --seed 1
+NH=${DEMO_N_HINGE:-1000}
+EPOCHS=${DEMO_EPOCHS:-14}
+echo "== 4/5 simulate $NH images of the hinge motion (D=32, SNR 1) and train a VAE (zdim 1, $EPOCHS epochs)"
+"$BIN/cryoscape" simulate -o "$OUT/hinge" -n "$NH" -D 32 --snr 1 --heterogeneity hinge --seed 1
 "$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$EPOCHS" --beta 0.05 -o "$OUT/train" --no-progress
 LAST=$((EPOCHS - 1))
 "$BIN/python" - "$OUT" "$LAST" <<'PY'
