@@ -28,7 +28,7 @@ within epochs); ``checkpoint.pt`` (latest epoch, atomically replaced);
 during epoch ``E``, in particle order) and ``z.E.pkl`` (cryoDRGN format: pickled float32
 ``(N, zdim)`` means); for homogeneous runs ``reconstruct.E.mrc`` when weights are saved; with
 ``refine_poses`` ``poses.E.pkl`` (cryoDRGN format) when weights are saved.  Epochs ``E`` count
-from 0, as cryoDRGN's files do.
+from 0 (cryoDRGN 4.x counts from 1: our ``z.0.npy`` is its ``z.1.pkl``).
 
 Speed
 -----
