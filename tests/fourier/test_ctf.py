@@ -177,7 +177,7 @@ def test_ctf_images_from_table():
             pixel,
             **{
                 name: torch.tensor([getattr(table, name)[i]], dtype=torch.float64)
-                for name in ctf_mod._PARAMETER_NAMES
+                for name in ctf_mod.CTF_PARAMETER_NAMES
                 if name != "phase_shift_deg"
             },
         )[0]

@@ -51,7 +51,7 @@ import torch
 from cryoscape.data.images import ParticleImages
 from cryoscape.data.preprocess import Preprocessor, soft_circular_window
 from cryoscape.errors import InputError
-from cryoscape.fourier.ctf import ctf_images_from_table
+from cryoscape.fourier.ctf import CTF_PARAMETER_NAMES, ctf_images_from_table
 from cryoscape.fourier.grids import grid_2d_index
 
 __all__ = [
@@ -426,16 +426,7 @@ class ParticleDataset:
 class _CtfColumns:
     """The CTF table as float32 columns, so a batch is one gather per column."""
 
-    _names = (
-        "defocus_u_angstrom",
-        "defocus_v_angstrom",
-        "defocus_angle_deg",
-        "voltage_kv",
-        "cs_mm",
-        "amplitude_contrast",
-        "phase_shift_deg",
-        "b_factor_angstrom2",
-    )
+    _names = (*CTF_PARAMETER_NAMES, "b_factor_angstrom2")
 
     def __init__(self, ctf: Any, pixel_size_angstrom: np.ndarray):
         self.ctf = ctf

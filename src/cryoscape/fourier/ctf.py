@@ -36,9 +36,10 @@ __all__ = [
     "evaluate_ctf",
     "ctf_images",
     "ctf_images_from_table",
+    "CTF_PARAMETER_NAMES",
 ]
 
-_PARAMETER_NAMES = (
+CTF_PARAMETER_NAMES = (
     "defocus_u_angstrom",
     "defocus_v_angstrom",
     "defocus_angle_deg",
@@ -206,7 +207,7 @@ def ctf_images_from_table(
             values_np = np.asarray(values, dtype=np.float64)[indices]
         return torch.as_tensor(values_np, dtype=dtype, device=device)
 
-    params = {name: column(name, 0.0 if name == "phase_shift_deg" else None) for name in _PARAMETER_NAMES}
+    params = {name: column(name, 0.0 if name == "phase_shift_deg" else None) for name in CTF_PARAMETER_NAMES}
     if getattr(ctf, "b_factor_angstrom2", None) is not None:
         params["b_factor_angstrom2"] = column("b_factor_angstrom2", 0.0)
     pixel = np.asarray(pixel_size_angstrom, dtype=np.float64)
