@@ -24,6 +24,12 @@ COMMANDS: dict[str, str] = {
     "fsc": "fsc",
     "train": "train",
     "volumes": "volumes",
+    "analyze": "analyze",
+    "traverse": "traverse",
+    "select": "select",
+    "landscape": "landscape",
+    "evaluate": "evaluate",
+    "abinit": "abinit",
 }
 
 
