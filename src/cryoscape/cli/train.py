@@ -69,14 +69,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dec-dim", type=int, default=256, help="decoder width [256]")
     model.add_argument("--domain", choices=("fourier", "hartley"), default="fourier",
                        help="decoder output: complex Fourier (half the pixels) or real Hartley [fourier]")
-    model.add_argument("--pe-type", default="geom_lowf",
-                       help="positional encoding: geom_lowf, geom_full, geom_nohighf, gaussian, none [geom_lowf]")
+    model.add_argument("--pe-type", default="gaussian",
+                       help="positional encoding: gaussian, geom_lowf, geom_full, geom_nohighf, none [gaussian]")
     model.add_argument("--pe-dim", type=int, default=None, help="number of encoding frequencies (default: by box)")
     model.add_argument("--feat-sigma", type=float, default=None, dest="gaussian_scale", metavar="SIGMA",
-                       help="scale of the gaussian encoding's frequencies [1]")
+                       help="standard deviation of the gaussian encoding's frequencies, in units of D/2 [0.5]")
     model.add_argument("--encoder", choices=("mlp", "resmlp", "conv"), default="resmlp", help="encoder kind [resmlp]")
     model.add_argument("--enc-layers", type=int, default=3, help="encoder hidden layers [3]")
     model.add_argument("--enc-dim", type=int, default=256, help="encoder width [256]")
+    model.add_argument("--noise-model", choices=("white", "spectral"), default="white",
+                       help="likelihood noise: white (all frequencies weighted equally) or spectral (each "
+                            "Fourier shell weighted by 1/sigma^2 estimated from the data and CTF, seed 003 eq. 5) [white]")
     model.add_argument("--enc-mask", type=float, default=None, dest="enc_mask_radius_fraction", metavar="FRACTION",
                        help="encoder reads pixels within this fraction of D/2 [1.0]")
 
@@ -98,9 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="rotation correction: axis-angle delta or 6-D rotation [axis_angle]")
     opt.add_argument("--no-shuffle", action="store_true", help="visit particles in file order")
     opt.add_argument("--seed", type=int, default=0, help="random seed (initialisation, order, noise) [0]")
-    opt.add_argument("--amp", action="store_true",
-                     help="mixed precision (bfloat16 autocast of encoder and decoder): GPUs, and CPUs with bfloat16 "
-                          "instructions (about 1.7x faster on AVX512-BF16)")
+    opt.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="mixed precision (bfloat16 matrix products in encoder and decoder, float32 loss); "
+                          "default: on for GPUs with bfloat16 and CPUs with bfloat16 instructions (about 2x "
+                          "faster on AVX512-BF16), off elsewhere; --no-amp trains in float32")
     opt.add_argument("--device", default=None, help="auto (cuda when present), cpu, cuda, cuda:1 ... [auto]")
     opt.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead in a background thread [2]")
     opt.add_argument("--checkpoint-every", type=int, default=None, help="keep weights.EPOCH.pt every N epochs [5]")
@@ -153,6 +157,7 @@ def _config_from_args(args: argparse.Namespace):
         enc_layers=args.enc_layers,
         enc_dim=args.enc_dim,
         enc_mask_radius_fraction=args.enc_mask_radius_fraction,
+        noise_model=args.noise_model,
         num_epochs=pick(args.num_epochs, defaults.num_epochs),
         batch_size=args.batch_size,
         lr=pick(args.lr, defaults.lr),
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             prefetch=args.prefetch,
             datadir=args.datadir,
-            amp=True if args.amp else None,
+            amp=args.amp,
             lazy=True if args.lazy else None,
         )
     else:

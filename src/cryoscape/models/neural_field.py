@@ -47,7 +47,7 @@ import torch
 
 from cryoscape.fourier.fft import ifft3_center, iht3_center
 from cryoscape.models.base import VolumeDecoder, register_decoder
-from cryoscape.models.encodings import make_encoding
+from cryoscape.models.encodings import DEFAULT_ENCODING, make_encoding
 from cryoscape.models.layers import ResidualMLP
 
 __all__ = ["NeuralField", "hermitian_negative_mask"]
@@ -97,7 +97,7 @@ class NeuralField(VolumeDecoder):
         layers: int = 3,
         width: int = 256,
         domain: str = "fourier",
-        encoding: str = "geom_lowf",
+        encoding: str = DEFAULT_ENCODING,
         n_freqs: int | None = None,
         gaussian_scale: float | None = None,
         activation: str = "relu",

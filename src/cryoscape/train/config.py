@@ -47,13 +47,14 @@ class TrainConfig:
     dec_layers: int = 3
     dec_dim: int = 256
     domain: str = "fourier"
-    pe_type: str = "geom_lowf"
+    pe_type: str = "gaussian"
     pe_dim: int | None = None
     gaussian_scale: float | None = None
     encoder: str = "mlp"
     enc_layers: int = 3
     enc_dim: int = 256
     enc_mask_radius_fraction: float | None = None
+    noise_model: str = "white"
 
     # ---- optimisation
     num_epochs: int = 20
@@ -69,7 +70,7 @@ class TrainConfig:
     pose_representation: str = "axis_angle"
     shuffle: bool = True
     seed: int = 0
-    amp: bool = False
+    amp: bool | None = None  # None: automatic (see train.loop.resolve_amp)
     device: str = "auto"
     prefetch: int = 2
     checkpoint_every: int = 5
@@ -111,6 +112,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` for impossible option combinations (the CLI turns them into messages)."""
+        if self.noise_model not in ("white", "spectral"):
+            raise ValueError(f"--noise-model must be white or spectral, got {self.noise_model!r}")
         if self.domain not in ("fourier", "hartley"):
             raise ValueError(f"--domain must be fourier or hartley, got {self.domain!r}")
         if self.zdim < 0:

@@ -35,10 +35,11 @@ Speed
 Images are read, normalised, transformed (one ``rfft2`` per batch, gathered at the training
 pixels) and their CTF evaluated at those pixels only, in a background thread two batches ahead;
 the training step is then the encoder, one decoder call on ``B x P`` slice points, and the
-loss.  At D = 64 with 256 x 3 networks about 90 % of the step is the decoder's matrix products
-(forward and backward).  ``amp`` runs encoder and decoder under bfloat16 autocast, on GPUs and on
-CPUs with bfloat16 instructions (about 1.9x faster on an AVX512-BF16 CPU, same reconstructions
-in our tests); the loss stays in float32.
+loss.  At D = 64 with 256 x 3 networks about 75-90 % of the step is the decoder's matrix products
+(forward and backward).  ``amp`` runs encoder and decoder under bfloat16 autocast (about 2x faster
+on an AVX512-BF16 CPU, the same per-image FSC in bench/train.py); the loss stays in float32.  It
+is on by default where the hardware has fast bfloat16 (:func:`resolve_amp`), like cryoDRGN's
+default mixed precision on GPUs.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ __all__ = [
     "load_tables",
     "build_decoder_for",
     "build_encoder_for",
+    "build_dataset",
+    "build_optimizers",
+    "prepare_likelihood_pixels",
+    "checkpoint_state",
     "tilt_rotation",
 ]
 
@@ -268,6 +273,37 @@ def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Gener
     return gen
 
 
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_amp(setting: bool | None, device: torch.device) -> bool:
+    """Whether to train in mixed precision: ``setting`` (``--amp``/``--no-amp``) or automatic.
+
+    Automatic (``None``) turns it on where low precision is both fast and safe: CUDA GPUs with
+    bfloat16 (Ampere and later) and CPUs with bfloat16 instructions.  Only the matrix products of
+    encoder and decoder run in bfloat16 (8-bit mantissa, float32 exponent range, so no loss
+    scaling); the positional encoding, the image formation model, the loss and the weights stay
+    in float32.  bench/train.py measures the same per-image FSC with and without it.
+    """
+    if device.type not in ("cuda", "cpu"):
+        return False
+    if setting is not None:
+        return bool(setting)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return cpu_has_native_bfloat16()
+
+
 def _amp_dtype(device: torch.device) -> torch.dtype:
     """Low precision of ``--amp``: bfloat16 (float16 on GPUs without bfloat16)."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -305,6 +341,116 @@ def _make_adam(params, *, lr: float, weight_decay: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def _model_param_groups(decoder, encoder, lr: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(dense groups, sparse groups)`` of the decoder and encoder parameters.
+
+    Generic decoder hook ``optimizer_param_groups()``: a decoder may return its own parameter
+    groups, dicts with ``params`` and optionally ``lr_scale`` (the group's learning rate is
+    ``lr_scale * --lr``; kept in the optimiser state, so resuming with another ``--lr`` keeps the
+    ratio) and ``sparse`` (``True``: the parameters get ``torch.sparse_coo`` gradients and are
+    updated by a row-sparse Adam, :class:`cryoscape.models.sparse_slice.RowSparseAdam`, without
+    weight decay).  The encoder then forms a group of its own.  Without the hook, decoder and
+    encoder share one group at ``--lr`` (as runs before the hook existed, so their checkpoints load).
+    """
+    enc = [] if encoder is None else list(encoder.parameters())
+    hook = getattr(decoder, "optimizer_param_groups", None)
+    if hook is None:
+        return [{"params": list(decoder.parameters()) + enc, "lr": lr, "lr_scale": 1.0}], []
+    dense, sparse = [], []
+    for group in hook():
+        group = dict(group)
+        is_sparse = bool(group.pop("sparse", False))
+        group["lr_scale"] = float(group.get("lr_scale", 1.0))
+        group["lr"] = lr * group["lr_scale"]
+        (sparse if is_sparse else dense).append(group)
+    if enc:
+        dense.append({"params": enc, "lr": lr, "lr_scale": 1.0})
+    return dense, sparse
+
+
+def _set_group_lrs(optimizer, lr: float) -> None:
+    """``lr_scale * lr`` for every group (``lr_scale`` 1 where a group has none)."""
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * float(group.get("lr_scale", 1.0))
+
+
+def build_dataset(config: TrainConfig, table, *, resume_state: dict[str, Any] | None = None) -> ParticleDataset:
+    """``table`` as training data, its normalisation fitted (or taken from ``resume_state``)."""
+    dataset = ParticleDataset(
+        table, domain=config.domain, use_ctf=config.use_ctf, in_memory=False if config.lazy else None
+    )
+    if resume_state is not None:
+        dataset.normalization = DataNormalization.from_dict(resume_state["normalization"])
+    else:
+        dataset.fit_normalization(
+            invert=config.invert_data,
+            window=config.window,
+            window_inner_radius_fraction=config.window_inner_radius_fraction,
+            window_outer_radius_fraction=config.window_outer_radius_fraction,
+            n_sample=config.n_normalization_images,
+            seed=config.seed,
+        )
+    return dataset
+
+
+def build_optimizers(config: TrainConfig, decoder, encoder):
+    """``(Adam or None, row-sparse Adam or None)`` for the decoder and encoder (:func:`_model_param_groups`)."""
+    dense_groups, sparse_groups = _model_param_groups(decoder, encoder, config.lr)
+    # (a decoder whose parameters all have sparse gradients, e.g. a homogeneous voxel map, has no dense group)
+    optimizer = _make_adam(dense_groups, lr=config.lr, weight_decay=config.weight_decay) if dense_groups else None
+    sparse_optimizer = None
+    if sparse_groups:
+        from cryoscape.models.sparse_slice import RowSparseAdam
+
+        sparse_optimizer = RowSparseAdam(sparse_groups, lr=config.lr)
+    return optimizer, sparse_optimizer
+
+
+def prepare_likelihood_pixels(config: TrainConfig, dataset: ParticleDataset, decoder, *, fresh: bool):
+    """The training pixels with the likelihood's weights (``--noise-model``), on the CPU.
+
+    Also calls the decoder hook ``set_data_spectrum(shell_rms)`` when ``fresh`` (a new run,
+    not a resumed one): the per-shell RMS of the data (seed 003 eq. 5), for decoders that
+    precondition Fourier-grid parameters with it.
+    """
+    pixels = dataset.pixels
+    wants_spectrum = fresh and hasattr(decoder, "set_data_spectrum")
+    if config.noise_model == "spectral" or wants_spectrum:
+        from cryoscape.train.noise import estimate_noise_spectrum, spectral_pixel_weights
+
+        spectrum = estimate_noise_spectrum(dataset, n_images=config.n_normalization_images, seed=config.seed)
+        if config.noise_model == "spectral":
+            pixels = spectral_pixel_weights(pixels, spectrum)
+        if wants_spectrum:
+            decoder.set_data_spectrum(torch.as_tensor(spectrum.shell_rms))
+    return pixels
+
+
+def checkpoint_state(*, epoch: int, config: TrainConfig, decoder, encoder, optimizer, sparse_optimizer,
+                     normalization: DataNormalization, history, steps, box_size: int, pixel_size: float,
+                     n_particles: int, poses: PoseCorrections | None = None, pose_optimizer=None) -> dict[str, Any]:
+    """The checkpoint dict of :mod:`cryoscape.train.checkpoint` after ``epoch`` (generator states included)."""
+    return {
+        "epoch": epoch,
+        "decoder": {"name": config.decoder, "config": dict(decoder.config), "state": decoder.state_dict()},
+        "encoder": None if encoder is None else {"config": dict(encoder.config), "state": encoder.state_dict()},
+        "poses": None if poses is None else {
+            "representation": poses.representation, "refine_shifts": poses.refine_shifts,
+            "state": poses.state_dict(),
+        },
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "pose_optimizer": None if pose_optimizer is None else pose_optimizer.state_dict(),
+        "sparse_optimizer": None if sparse_optimizer is None else sparse_optimizer.state_dict(),
+        "rng": capture_rng_state(),
+        "normalization": normalization.to_dict(),
+        "history": history,
+        "steps": steps,
+        "config": config.to_dict(),
+        "data": {"box_size": box_size, "pixel_size_angstrom": pixel_size, "n_particles": n_particles},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,12 +548,12 @@ def plot_losses(history: list[dict[str, Any]], steps: list[tuple[float, float]],
 
 def _write_run_config(out: Path, config: TrainConfig, arguments: dict | None, *, decoder, encoder,
                       normalization: DataNormalization, box_size: int, pixel_size: float,
-                      n_particles: int, resumed_from: int | None) -> None:
+                      n_particles: int, resumed_from: int | None, command: str = "train") -> None:
     from cryoscape.io.run_folder import write_config
 
     write_config(
         out,
-        "train",
+        command,
         arguments if arguments is not None else config.to_dict(),
         training=config.to_dict(),
         model={
@@ -477,20 +623,7 @@ def train_model(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
 
-    dataset = ParticleDataset(
-        table, domain=config.domain, use_ctf=config.use_ctf, in_memory=False if config.lazy else None
-    )
-    if resume_state is not None:
-        dataset.normalization = DataNormalization.from_dict(resume_state["normalization"])
-    else:
-        dataset.fit_normalization(
-            invert=config.invert_data,
-            window=config.window,
-            window_inner_radius_fraction=config.window_inner_radius_fraction,
-            window_outer_radius_fraction=config.window_outer_radius_fraction,
-            n_sample=config.n_normalization_images,
-            seed=config.seed,
-        )
+    dataset = build_dataset(config, table, resume_state=resume_state)
     normalization = dataset.normalization
     D = dataset.box_size
     N = len(dataset)
@@ -518,15 +651,19 @@ def train_model(
             dataset.rotations, representation=config.pose_representation, refine_shifts=config.refine_shifts
         ).to(device)
     params = list(decoder.parameters()) + ([] if encoder is None else list(encoder.parameters()))
-    optimizer = _make_adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer, sparse_optimizer = build_optimizers(config, decoder, encoder)
     pose_optimizer = None
     if poses is not None:
         pose_optimizer = torch.optim.SparseAdam(_pose_param_groups(poses, config.pose_lr, D), lr=config.pose_lr)
-    amp = bool(config.amp and device.type in ("cuda", "cpu"))
+    amp = resolve_amp(config.amp, device)
     if amp:
-        log.info("mixed precision: encoder and decoder in %s on %s", _amp_dtype(device), device)
+        log.info("mixed precision%s: encoder and decoder in %s on %s (--no-amp for float32)",
+                 "" if config.amp else " (automatic)", _amp_dtype(device), device)
     elif config.amp:
         log.info("--amp is not available on %s; training in float32", device)
+    else:
+        log.info("training in float32%s", "" if config.amp is False else
+                 f" (this {device.type} has no fast bfloat16; --amp forces mixed precision)")
 
     start_epoch = 0
     history: list[dict[str, Any]] = []
@@ -541,16 +678,20 @@ def train_model(
                 encoder.load_state_dict(resume_state["encoder"]["state"])
             if poses is not None and resume_state.get("poses") is not None:
                 poses.load_state_dict(resume_state["poses"]["state"])
-            optimizer.load_state_dict(resume_state["optimizer"])
+            if optimizer is not None:
+                optimizer.load_state_dict(resume_state["optimizer"])
             if pose_optimizer is not None and resume_state.get("pose_optimizer") is not None:
                 pose_optimizer.load_state_dict(resume_state["pose_optimizer"])
+            if sparse_optimizer is not None and resume_state.get("sparse_optimizer") is not None:
+                sparse_optimizer.load_state_dict(resume_state["sparse_optimizer"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise InputError(
                 f"the checkpoint does not fit this model ({type(err).__name__}: {str(err)[:200]}); "
                 "use the same --zdim, --decoder and --enc/--dec sizes as the run that wrote it."
             ) from None
-        for group in optimizer.param_groups:  # options given now win (e.g. a lower --lr)
-            group["lr"] = config.lr
+        _set_group_lrs(optimizer, config.lr)  # options given now win (e.g. a lower --lr)
+        _set_group_lrs(sparse_optimizer, config.lr)
+        for group in [] if optimizer is None else optimizer.param_groups:
             group["weight_decay"] = config.weight_decay
         if pose_optimizer is not None:
             for group, fresh in zip(pose_optimizer.param_groups, _pose_param_groups(poses, config.pose_lr, D)):
@@ -576,7 +717,13 @@ def train_model(
     if start_epoch >= config.num_epochs:
         log.info("the run already finished %d epochs; pass a larger --num-epochs to train more", start_epoch)
 
-    pixels = dataset.pixels.to(device)
+    # Generic decoder hooks (all optional): set_data_spectrum (see prepare_likelihood_pixels);
+    # regularization_loss(n_images=N) -> scalar or None, added to every batch's loss (a prior,
+    # per image); after_optimizer_step() after every step.
+    pixels = prepare_likelihood_pixels(config, dataset, decoder, fresh=resume_state is None)
+    regularization = getattr(decoder, "regularization_loss", None)
+    after_step = getattr(decoder, "after_optimizer_step", None)
+    pixels = pixels.to(device)
 
     def get_batch(indices: np.ndarray) -> TrainingBatch:
         batch = dataset.get_batch(indices)
@@ -620,12 +767,24 @@ def train_model(
                 batch, decoder=decoder, encoder=encoder, poses=poses, pixels=pixels, domain=config.domain,
                 beta=beta, generator=generator, tilt_matrix=tilt_matrix, amp=amp,
             )
+            if regularization is not None:
+                prior = regularization(n_images=N)
+                if prior is not None:
+                    parts["loss"] = parts["loss"] + prior
             loss = parts["loss"]
-            optimizer.zero_grad(set_to_none=True)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            if sparse_optimizer is not None:
+                sparse_optimizer.zero_grad(set_to_none=True)
             if pose_optimizer is not None:
                 pose_optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            if optimizer is not None:
+                optimizer.step()
+            if sparse_optimizer is not None:
+                sparse_optimizer.step()
+            if after_step is not None:
+                after_step()
             if pose_optimizer is not None and epoch >= config.pose_start_epoch:
                 pose_optimizer.step()
             with torch.no_grad():
@@ -666,23 +825,12 @@ def train_model(
         # ---- outputs of the epoch: latents, checkpoint, weights, plot
         if zdim > 0:
             _write_latents(out, epoch, z_mean, z_logvar)
-        state = {
-            "epoch": epoch,
-            "decoder": {"name": config.decoder, "config": dict(decoder.config), "state": decoder.state_dict()},
-            "encoder": None if encoder is None else {"config": dict(encoder.config), "state": encoder.state_dict()},
-            "poses": None if poses is None else {
-                "representation": poses.representation, "refine_shifts": poses.refine_shifts,
-                "state": poses.state_dict(),
-            },
-            "optimizer": optimizer.state_dict(),
-            "pose_optimizer": None if pose_optimizer is None else pose_optimizer.state_dict(),
-            "rng": capture_rng_state(),
-            "normalization": normalization.to_dict(),
-            "history": history,
-            "steps": steps,
-            "config": config.to_dict(),
-            "data": {"box_size": D, "pixel_size_angstrom": pixel_size, "n_particles": N},
-        }
+        state = checkpoint_state(
+            epoch=epoch, config=config, decoder=decoder, encoder=encoder, optimizer=optimizer,
+            sparse_optimizer=sparse_optimizer, poses=poses, pose_optimizer=pose_optimizer,
+            normalization=normalization, history=history, steps=steps, box_size=D, pixel_size=pixel_size,
+            n_particles=N,
+        )
         save_checkpoint(out / CHECKPOINT_NAME, state)
         last_good = (epoch, out / CHECKPOINT_NAME)
         is_last = epoch == config.num_epochs - 1
