@@ -9,11 +9,12 @@ number of epochs and learning rate (both default 1e-4, beta 1/zdim), on the same
 dataset (``cryoscape simulate --heterogeneity hinge --snr 0.1``: particles.mrcs + poses.pkl +
 ctf.pkl), on this machine's CPU, in the same run, one after the other, with the same thread
 settings (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = ``--threads``, ``OMP_WAIT_POLICY``, GPU hidden).
-Each tool keeps its default positional encoding (ours ``geom_lowf``, cryoDRGN 4.3.1 ``gaussian``
-with sigma 0.5) and default contrast handling (both negate the images, which are white like
-extracted particles).  Ours also runs with ``--amp`` (bfloat16 autocast of encoder and decoder,
-on CPUs with bfloat16 instructions) and, with ``--match-pe``, with cryoDRGN's encoding
-(``--pe-type gaussian --feat-sigma 0.5``).
+Each tool keeps its defaults: positional encoding (both ``gaussian`` with sigma 0.5), contrast
+handling (both negate the images, which are white like extracted particles) and precision (ours
+mixed precision -- bfloat16 matrix products, float32 loss -- on CPUs with bfloat16 instructions,
+float32 elsewhere; cryoDRGN float32 on CPUs).  Ours also runs with ``--no-amp`` (float32
+throughout) so that both precisions are measured; ``--lowf`` adds a run with our previous
+default encoding (``--pe-type geom_lowf``).
 
 Speed: training images/s = images x epochs / training time, the training time being the sum of
 each tool's per-epoch times from its log (the training passes only; cryoDRGN's extra pass that
@@ -31,8 +32,8 @@ default at box ``--fsc-box-128`` = 64 (both tools evaluate their decoder on the 
 frequencies only: ``cryoscape volumes --box-size 64``, ``cryodrgn eval_vol -d 64``) and compared
 with the ground truth Fourier-cropped to 64: the FSC curve is then exactly the first 32 shells of
 the full-box one (to 7.8 A), at an eighth of the decoding cost.  The sign and hand of every map are
-checked (real-space correlation to the truth; AUC against the mirrored truth).  Ours with
-``--amp`` (and ``--match-pe``) is scored on ``--fsc-images-extra`` = 25 images to save time.  Latent quality:
+checked (real-space correlation to the truth; AUC against the mirrored truth).  The extra
+runs of ours (``--no-amp``, ``--lowf``) are scored on ``--fsc-images-extra`` = 25 images to save time.  Latent quality:
 Spearman |rho| between PC1 of all latent means and the true hinge angle.
 
 Usage::
@@ -74,8 +75,14 @@ ARCHITECTURE_CRYODRGN = ["--zdim", "8", "--enc-dim", "256", "--enc-layers", "3",
                          "--dec-layers", "3"]
 DRGN = "cryodrgn"
 OURS = "cryoscape"
-AMP = "cryoscape --amp"
-MATCHED_PE = "cryoscape --pe-type gaussian --feat-sigma 0.5"
+FP32 = "cryoscape --no-amp"
+LOWF = "cryoscape --pe-type geom_lowf"
+
+
+def cpu_bf16() -> bool:
+    from cryoscape.train.loop import cpu_has_native_bfloat16
+
+    return cpu_has_native_bfloat16()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,10 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images scored for ours with --amp / --match-pe [25]")
     p.add_argument("--fsc-box-128", type=int, default=64,
                    help="box the D=128 maps are decoded and scored at [64: first 32 shells; 128: full]")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run ours with --amp (bfloat16 autocast) [on]")
-    p.add_argument("--match-pe", action="store_true",
-                   help="also run ours with cryoDRGN's encoding (--pe-type gaussian --feat-sigma 0.5)")
+    p.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run ours with --no-amp (float32 throughout) [on]")
+    p.add_argument("--lowf", action="store_true",
+                   help="also run ours with the geom_lowf encoding (our default before 2026-11-21)")
     return p.parse_args(argv)
 
 
@@ -236,11 +243,10 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
     runs_dir = args.workdir / "runs" / f"train_D{box}_n{n_images}_e{args.epochs}"
     configs = {DRGN: cryodrgn_train(exe, data, runs_dir / "cryodrgn", args),
                OURS: cryoscape_train(data, runs_dir / "cryoscape", args)}
-    if args.amp:
-        configs[AMP] = cryoscape_train(data, runs_dir / "cryoscape_amp", args, ["--amp"])
-    if args.match_pe:
-        configs[MATCHED_PE] = cryoscape_train(data, runs_dir / "cryoscape_gaussian_pe", args,
-                                              ["--pe-type", "gaussian", "--feat-sigma", "0.5"])
+    if args.fp32:
+        configs[FP32] = cryoscape_train(data, runs_dir / "cryoscape_fp32", args, ["--no-amp"])
+    if args.lowf:
+        configs[LOWF] = cryoscape_train(data, runs_dir / "cryoscape_lowf", args, ["--pe-type", "geom_lowf"])
     for name, command in configs.items():
         print_note(f"{name} command: {' '.join(command)}")
 
@@ -341,8 +347,9 @@ def main(argv=None) -> int:
     print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}; cryodrgn: {tool_version([exe], env)}")
     print_note(f"threads: OMP_NUM_THREADS=MKL_NUM_THREADS={args.threads}, OMP_WAIT_POLICY="
                f"{env.get('OMP_WAIT_POLICY', '(unset)')} for both; CUDA hidden; batch {args.batch_size}, "
-               f"{args.epochs} epoch(s); encodings: ours geom_lowf (default), cryoDRGN gaussian sigma 0.5 "
-               f"(its default)")
+               f"{args.epochs} epoch(s); encodings: both gaussian sigma 0.5 (both defaults); ours: "
+               f"{'mixed precision (bfloat16 CPU)' if cpu_bf16() else 'float32 (no bfloat16 on this CPU)'} "
+               f"by default")
     print_note("load average at start (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
     boxes = [(64, args.n_images_64)] + ([(128, args.n_images_128)] if args.box_128 else [])
     results = {box: benchmark_box(args, env, exe, box, n) for box, n in boxes}
@@ -355,7 +362,7 @@ def main(argv=None) -> int:
     for box, res in results.items():
         print_figure(f"FSC AUC mean ratio cryoscape/cryodrgn at D={box}",
                      res[OURS]["scores"]["auc"].mean() / res[DRGN]["scores"]["auc"].mean(), fmt=".3f")
-    for name in (MATCHED_PE, AMP):
+    for name in (LOWF, FP32):
         for box, res in results.items():
             if name in res:
                 print_figure(f"speed ratio (training images/s) {name}/cryodrgn at D={box}", ratio(res, name))
