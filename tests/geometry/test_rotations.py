@@ -238,3 +238,12 @@ def test_gradients_flow_for_pose_refinement():
     assert torch.autograd.gradcheck(sixd_to_matrix, (x,))
     v = torch.tensor([[0.3, -0.2, 0.1], [1e-5, 2e-5, 0.0], [0.0, 0.0, 3.0]], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(rotvec_to_matrix, (v,))
+
+
+def test_numpy_zero_dim_inputs_keep_their_shape():
+    """A 0-d numpy angle gives one (3, 3) matrix, not a batch of one."""
+    from cryoscape.geometry.rotations import rotation_about_axis
+
+    R = rotation_about_axis(np.array([0.0, 0.0, 1.0]), np.array(0.3))
+    assert R.shape == (3, 3)
+    assert np.isclose(R[0, 0], np.cos(0.3))

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cryoscape.errors import InputError
-from cryoscape.io.mrc import MrcHeader, MrcStack, _normalize_indices, open_stack
+from cryoscape.io.mrc import MrcHeader, MrcStack, normalize_indices, open_stack
 
 __all__ = ["ParticleImages"]
 
@@ -224,7 +224,7 @@ class ParticleImages:
         np.ndarray
             ``(n, D, D)`` float32 in the order asked for (``(D, D)`` for a scalar index).
         """
-        idx, scalar = _normalize_indices(indices, len(self))
+        idx, scalar = normalize_indices(indices, len(self))
         if isinstance(idx, slice):
             idx = np.arange(idx.start, idx.stop, dtype=np.int64)
         if self._data is not None:
@@ -272,7 +272,7 @@ class ParticleImages:
         if indices is None:
             all_idx = np.arange(len(self), dtype=np.int64)
         else:
-            all_idx, _ = _normalize_indices(indices, len(self))
+            all_idx, _ = normalize_indices(indices, len(self))
             if isinstance(all_idx, slice):
                 all_idx = np.arange(all_idx.start, all_idx.stop, dtype=np.int64)
         for start in range(0, all_idx.size, max(1, int(batch_size))):

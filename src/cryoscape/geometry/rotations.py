@@ -77,7 +77,8 @@ def _to_tensor(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float64)
-        return torch.from_numpy(np.ascontiguousarray(x))
+        # reshape: ascontiguousarray turns a 0-d array into shape (1,)
+        return torch.from_numpy(np.ascontiguousarray(x).reshape(x.shape))
     return x
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "open_stack",
     "read_mrc",
     "write_mrc",
+    "normalize_indices",
 ]
 
 HEADER_BYTES = 1024
@@ -211,7 +212,7 @@ def _check_finite(block: np.ndarray, path: str, indices: np.ndarray | None, *,
     )
 
 
-def _normalize_indices(indices: Any, n: int) -> tuple[np.ndarray | slice, bool]:
+def normalize_indices(indices: Any, n: int) -> tuple[np.ndarray | slice, bool]:
     """Return (int64 index array or step-1 slice, is_scalar); negatives count from the end."""
     if isinstance(indices, slice):
         start, stop, step = indices.indices(n)
@@ -313,7 +314,7 @@ class MrcStack:
         InputError
             If an image holds NaN or infinite pixels.
         """
-        idx, scalar = _normalize_indices(indices, len(self))
+        idx, scalar = normalize_indices(indices, len(self))
         mm = self._memmap()
         if isinstance(idx, slice):
             block = np.array(mm[idx], dtype=np.float32)
