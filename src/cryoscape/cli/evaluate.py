@@ -1,0 +1,69 @@
+"""``cryoscape evaluate``: score a run (or another tool's output) against a simulated dataset's truth."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = ("Evaluate against the ground truth of a simulated dataset: per-image FSC (100 images, AUC, FSC=0.5/0.143), "
+        "latent vs true coordinate, clusters vs true classes (ARI), poses.")
+EXAMPLE = ("cryoscape evaluate run/ --truth sim/   (another tool: cryoscape evaluate --truth sim/ --z z.50.pkl "
+           "-o eval/, decode eval/eval_z.txt into maps/, then add --maps maps/)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", nargs="?", default=None,
+                        help="the output folder of cryoscape train (optional with --z/--maps)")
+    parser.add_argument("--truth", "--dataset", dest="truth", required=True,
+                        help="the output folder of cryoscape simulate (ground_truth.npz, gt_volumes/)")
+    parser.add_argument("-o", "--outdir", default=None, help="output folder (default: RUN/evaluate.EPOCH)")
+    parser.add_argument("--epoch", type=int, default=None, help="weights and latents of this epoch (default: latest)")
+    parser.add_argument("--n-images", type=int, default=100, help="images for the per-image FSC, evenly spaced [100]")
+    parser.add_argument("--box-size", type=int, default=None,
+                        help="decode the run's maps at this box (default: the training box)")
+    parser.add_argument("--z", dest="z_path", metavar="FILE", help="latents of another tool (.pkl/.npy/.txt, N x zdim)")
+    parser.add_argument("--maps", dest="maps_dir", metavar="DIR",
+                        help="one map per evaluated image (sorted by the number in the name), e.g. from cryodrgn "
+                             "eval_vol --zfile OUT/eval_z.txt")
+    parser.add_argument("--ind", metavar="FILE",
+                        help="dataset rows of the particles (the --ind used for training); overrides the run's record")
+    parser.add_argument("--labels", metavar="FILE", help="per-particle cluster labels to score (default: k-means of z)")
+    parser.add_argument("--n-clusters", type=int, default=None,
+                        help="k of that k-means (default: the number of true classes)")
+    parser.add_argument("--poses", metavar="FILE",
+                        help="predicted poses (poses.pkl, .npz, .star, .cs) to score (default: the run's poses.EPOCH file, "
+                             "if any)")
+    parser.add_argument("--invert-maps", action="store_true", help="negate the maps before the FSC")
+    parser.add_argument("--flip-maps", action="store_true", help="mirror the maps (reverse z) before the FSC")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the k-means [0]")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cryoscape.cli.common import resolve_device
+    from cryoscape.report.evaluate import run_evaluation
+
+    ev = run_evaluation(
+        args.truth, run_dir=args.run, epoch=args.epoch, z_path=args.z_path, ind=args.ind, maps_dir=args.maps_dir,
+        n_images=args.n_images, box_size=args.box_size, labels=args.labels, n_clusters=args.n_clusters,
+        poses=args.poses, invert_maps=args.invert_maps, flip_maps=args.flip_maps, out_dir=args.outdir,
+        device=resolve_device(args.device), seed=args.seed, progress=not args.no_progress,
+    )
+    if ev.fsc is not None:
+        f = ev.fsc
+        print(f"per-image FSC ({len(f.auc)} images): AUC {f.auc.mean():.3f} mean / {np.median(f.auc):.3f} median; "
+              f"FSC=0.5 at {f.angstrom(f.res_0_5.mean()):.2f} A, FSC=0.143 at {f.angstrom(f.res_0_143.mean()):.2f} A "
+              "(mean frequency)")
+    if ev.latent is not None:
+        print(f"latent PC1 vs true {ev.latent.get('coordinate', 'coordinate')}: |Spearman rho| "
+              f"{ev.latent['spearman_pc1']:.3f}")
+    if ev.clusters is not None:
+        print(f"clusters vs true classes: ARI {ev.clusters['adjusted_rand_index']:.3f}")
+    if ev.poses is not None:
+        print(f"poses: rotation error {ev.poses['angle_deg_median']:.2f} deg median")
+    for note in ev.notes:
+        print(f"note: {note}")
+    print(f"report: {ev.out_dir / 'report.html'}")
+    return 0
