@@ -196,30 +196,16 @@ def decode_maps(tool: str, exe: Path, run_dir: Path, epoch: int, z: np.ndarray, 
 
 # --------------------------------------------------------------------------- quality
 def score_maps(paths: list[Path], states: np.ndarray, data: Path, box: int) -> dict:
-    """Per-map FSC to the ground truth of its state (cropped to ``box``), and sign/hand checks."""
-    import torch
+    """Per-map FSC to the ground truth of its state, and sign/hand checks: the library's CryoBench
+    scoring (:func:`cryoscape.analysis.evaluate.score_map_files`, also behind ``cryoscape
+    evaluate``), which compares at the smaller of the two boxes (the truth Fourier-cropped)."""
+    from cryoscape.analysis.evaluate import score_map_files
 
-    from cryoscape.fourier.fsc import fourier_shell_correlation, fsc_auc, resolution_at_threshold
-    from cryoscape.fourier.resample import downsample_volume
-
-    truth: dict[int, np.ndarray] = {}
-    rows = []
-    for path, state in zip(paths, states):
-        if state not in truth:
-            g, _ = read_map(data / "gt_volumes" / f"vol_{int(state):03d}.mrc")
-            if g.shape[-1] != box:
-                g = downsample_volume(torch.as_tensor(g), box).double().numpy()
-            truth[state] = g
-        g = truth[state]
-        v, _ = read_map(path)
-        freqs, fsc = fourier_shell_correlation(torch.as_tensor(v), torch.as_tensor(g))
-        _, fsc_mirror = fourier_shell_correlation(torch.as_tensor(v), torch.as_tensor(g[::-1].copy()))
-        rows.append(dict(
-            auc=float(fsc_auc(fsc)), auc_mirror=float(fsc_auc(fsc_mirror)),
-            f05=resolution_at_threshold(freqs, fsc, 0.5), f0143=resolution_at_threshold(freqs, fsc, 0.143),
-            correlation=float(np.corrcoef(v.ravel(), g.ravel())[0, 1]),
-        ))
-    return {key: np.array([r[key] for r in rows]) for key in rows[0]}
+    scores = score_map_files(paths, states, data)
+    if scores.box_size != box:
+        raise RuntimeError(f"maps were compared at box {scores.box_size}, expected {box}")
+    return dict(auc=scores.auc, auc_mirror=scores.auc_mirror, f05=scores.res_0_5, f0143=scores.res_0_143,
+                correlation=scores.correlation)
 
 
 def latent_spearman(z: np.ndarray, coordinate: np.ndarray) -> float:

@@ -1,6 +1,6 @@
 """Heterogeneous training recovers the simulated heterogeneity: a hinge angle (continuous) and
-discrete classes.  The full-size versions are slow (minutes on 2 CPU cores); a smaller hinge run
-with a weaker threshold stays in the default suite.
+discrete classes.  The hinge run is in the default suite (about half a minute on 2 CPU cores);
+the discrete one is slow.
 
 Settings shared by these runs (and why): decoder and encoder 128 x 2, batch 8, lr 1e-3 (latent
 learning is limited by the number of optimiser steps, so small batches help), beta 0.05.  On
@@ -30,28 +30,17 @@ def _spearman(run, dataset, epoch):
     return abs(spearmanr(z[:, 0], truth).statistic)
 
 
-def test_hinge_latent_follows_the_hinge_angle_small(sim_root, tmp_path):
-    """800 images of 24 px (SNR 1), 4 epochs of batch 4: |Spearman| > 0.15 (measured 0.27).
-
-    A latent that ignores the hinge gives |Spearman| ~ N(0, 1/sqrt(800)) = 0.035 at most ~0.1,
-    so 0.15 shows the latent carries the hinge angle after only ~800 steps; the slow test below
-    checks it ends up ordering the particles along the hinge.
-    """
-    data = simulate(sim_root, "hinge24", n=800, D=24, snr="1", heterogeneity="hinge", seed=4,
-                    extra=("--hinge-states", "12"))
-    config = TrainConfig(particles=str(data / "particles.star"), zdim=1, num_epochs=4, **{**VAE, "batch_size": 4})
-    run_training(config, tmp_path / "run")
-    assert _spearman(tmp_path / "run", data, 3) > 0.15
-
-
-@pytest.mark.slow
 def test_hinge_latent_follows_the_hinge_angle(sim_root, tmp_path):
-    """1000 images of 32 px (SNR 1), 14 epochs: |Spearman(z, hinge angle)| > 0.9 (measured 0.93 after
-    12 epochs, 0.91 after 11: the latent keeps sharpening, so 14 leaves a margin)."""
+    """1000 images of 32 px (SNR 1), 10 epochs: |Spearman(z, hinge angle)| > 0.9.
+
+    Measured with the default gaussian encoding: 0.95 after 10 epochs both in float32 and with
+    bfloat16 mixed precision (0.92 after 8); the previous default encoding, geom_lowf, reached
+    0.92 only after 10 epochs.  A latent that ignores the hinge gives |rho| ~ 0.03.
+    """
     data = simulate(sim_root, "hinge32", n=1000, D=32, snr="1", heterogeneity="hinge", seed=2)
-    config = TrainConfig(particles=str(data / "particles.star"), zdim=1, num_epochs=14, batch_size=8, **VAE)
+    config = TrainConfig(particles=str(data / "particles.star"), zdim=1, num_epochs=10, batch_size=8, **VAE)
     run_training(config, tmp_path / "run")
-    assert _spearman(tmp_path / "run", data, 13) > 0.9
+    assert _spearman(tmp_path / "run", data, 9) > 0.9
 
 
 @pytest.mark.slow
