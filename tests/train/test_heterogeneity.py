@@ -45,14 +45,15 @@ def test_hinge_latent_follows_the_hinge_angle(sim_root, tmp_path):
 
 @pytest.mark.slow
 def test_discrete_classes_separate_in_latent_space(sim_root, tmp_path):
-    """1000 images of 32 px (SNR 1), 3 hinge classes (0, 30, 60 degrees), zdim 1, 20 epochs: k-means
-    (k=3) on z recovers the classes, ARI > 0.9 (measured 0.94; 0.55 after 10 epochs)."""
+    """1000 images of 32 px (SNR 1), 3 hinge classes (0, 30, 60 degrees), zdim 1, 14 epochs: k-means
+    (k=3) on z recovers the classes, ARI > 0.9 (measured 0.93 from epoch 11 on with the gaussian
+    encoding; geom_lowf needed 20 epochs for 0.94)."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
     data = simulate(sim_root, "discrete32", n=1000, D=32, snr="1", heterogeneity="discrete", seed=3,
                     extra=("--n-classes", "3"))
-    epochs = 20
+    epochs = 14
     config = TrainConfig(particles=str(data / "particles.star"), zdim=1, num_epochs=epochs, batch_size=8, **VAE)
     run_training(config, tmp_path / "run")
     z = np.load(tmp_path / "run" / f"z.{epochs - 1}.npy")
