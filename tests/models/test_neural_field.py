@@ -126,8 +126,15 @@ def test_eval_volume_equals_full_grid_evaluation(domain, D):
     with torch.no_grad():
         vals = dec(pts, z[None]).reshape(D, D, D)
     ref = ifft3_center(vals).real if domain == "fourier" else iht3_center(vals)
-    vol = dec.eval_volume(z, chunk_points=D * D * 2)  # several chunks
+    vol = dec.eval_volume(z, chunk_points=D * D * 2, sphere=False)  # several chunks
     assert (vol - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # default: only the trained sphere |k| <= 1/2 is evaluated, the corners are zero
+    inside = (kx.square() + ky.square() + kz.square()) <= 0.25
+    ref_sphere = ifft3_center(vals * inside) if domain == "fourier" else iht3_center(vals * inside)
+    ref_sphere = ref_sphere.real if ref_sphere.is_complex() else ref_sphere
+    vol_sphere = dec.eval_volume(z, chunk_points=D * D * 2)
+    assert (vol_sphere - ref_sphere).abs().max() <= 1e-5 * ref_sphere.abs().max()
+    assert (vol_sphere - vol).abs().max() > 1e-3 * ref.abs().max()  # the corners did matter
 
 
 @pytest.mark.parametrize(
