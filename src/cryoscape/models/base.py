@@ -109,7 +109,7 @@ def _load_builtin_decoders() -> None:
     """Import the decoder modules shipped with cryoscape so they register themselves."""
     import importlib
 
-    for module in ("cryoscape.models.neural_field",):
+    for module in ("cryoscape.models.neural_field", "cryoscape.models.basis"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from cryoscape import __version__
 from cryoscape.io.writers import atomic_write
 
-__all__ = ["Figure", "Table", "Section", "write_html_report"]
+__all__ = ["Figure", "Link", "Table", "Section", "write_html_report"]
 
 
 @dataclass
@@ -31,8 +31,17 @@ class Figure:
 
 
 @dataclass
+class Link:
+    """A hyperlink inside a table cell; ``href`` is absolute or relative to the report."""
+
+    href: str | os.PathLike
+    label: str
+
+
+@dataclass
 class Table:
-    """A table: column names and rows (cells are formatted with ``str``, floats with 4 digits)."""
+    """A table: column names and rows (cells are formatted with ``str``, floats with 4 digits,
+    :class:`Link` cells as links)."""
 
     columns: Sequence[str]
     rows: Sequence[Sequence[Any]]
@@ -70,7 +79,10 @@ ul.links { columns: 2; font-size: 0.9em; }
 """
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, base: Path | None = None) -> str:
+    if isinstance(value, Link):
+        href = _relative(value.href, base) if base is not None else Path(value.href).as_posix()
+        return f'<a href="{html.escape(href)}">{html.escape(value.label)}</a>'
     if isinstance(value, float):
         return f"{value:.4g}"
     return html.escape(str(value))
@@ -102,7 +114,7 @@ def _render_section(section: Section, base: Path) -> list[str]:
             out.append(f"<caption>{html.escape(table.caption)}</caption>")
         out.append("<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns) + "</tr>")
         for row in table.rows:
-            out.append("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>")
+            out.append("<tr>" + "".join(f"<td>{_cell(v, base)}</td>" for v in row) + "</tr>")
         out.append("</table>")
     if section.links:
         out.append('<ul class="links">')

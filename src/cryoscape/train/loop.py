@@ -412,9 +412,9 @@ def build_optimizers(config: TrainConfig, decoder, encoder):
 def prepare_likelihood_pixels(config: TrainConfig, dataset: ParticleDataset, decoder, *, fresh: bool):
     """The training pixels with the likelihood's weights (``--noise-model``), on the CPU.
 
-    Also calls the decoder hook ``set_data_spectrum(shell_rms)`` when ``fresh`` (a new run,
-    not a resumed one): the per-shell RMS of the data (seed 003 eq. 5), for decoders that
-    precondition Fourier-grid parameters with it.
+    Also calls the decoder hook ``set_data_spectrum(shell_rms, mean_ctf_squared=...)`` when
+    ``fresh`` (a new run, not a resumed one): the per-shell RMS of the data (seed 003 eq. 5) and
+    the mean CTF^2, for decoders that precondition or regularise Fourier-grid parameters with them.
     """
     pixels = dataset.pixels
     wants_spectrum = fresh and hasattr(decoder, "set_data_spectrum")
@@ -425,7 +425,7 @@ def prepare_likelihood_pixels(config: TrainConfig, dataset: ParticleDataset, dec
         if config.noise_model == "spectral":
             pixels = spectral_pixel_weights(pixels, spectrum)
         if wants_spectrum:
-            decoder.set_data_spectrum(torch.as_tensor(spectrum.shell_rms))
+            decoder.set_data_spectrum(torch.as_tensor(spectrum.shell_rms), mean_ctf_squared=spectrum.mean_ctf_squared)
     return pixels
 
 

@@ -1,0 +1,402 @@
+"""Sparse central-slice extraction from a compact Hermitian voxel basis (seed 003, sec. 4.2-4.3).
+
+A *basis* is ``K1`` complex volumes stored only on the integer lattice points of a ball in the
+canonical Hermitian half-space.  For a batch of images with mixing weights ``s_b`` (``(B, K1)``)
+the value of image ``b``'s volume ``V_b = sum_j s_bj V_j`` at a slice point ``p`` is the
+trilinear interpolation of the 8 lattice corners around ``p``; only those corners are read, and
+in backward only they receive gradients.  This is what makes a voxel decoder cheap to train:
+per image the work is ``pixels x 8 x K1`` multiply-adds, independent of the volume size.
+
+The lattice (:class:`HermitianLattice`)
+---------------------------------------
+Integer frequencies ``c = (x, y, z)`` (index units, i.e. cycles per training pixel times ``D``)
+with ``|c| <= radius`` are stored once per Friedel pair: ``c`` is kept when it is *not negative*
+in the sense of :func:`cryoscape.models.neural_field.hermitian_negative_mask`
+(``z < 0``, or ``z == 0 and y < 0``, or ``z == y == 0 and x < 0`` is negative).  A negative
+``c`` reads the stored ``-c`` and conjugates it; the origin is real (its imaginary part is
+ignored and receives no gradient).  So the represented lattice function satisfies
+``V(-c) = conj V(c)`` exactly, and since trilinear weights are symmetric under ``p -> -p`` the
+interpolated function does too: the training loop may ask for any half (or all) of a slice.
+
+Compact index: the kept points in raster order ``(z, y, x)`` (neighbours along x adjacent in
+memory).  A lookup table over the cube ``[-L-1, L+1]^3`` (``L = floor(radius)``) maps a lattice
+point to a *code* ``4 * index + t`` with ``t = 0`` (stored as is), ``1`` (conjugate of the
+stored mirror) or ``2`` (origin: real), and ``-1`` outside the ball (value 0).  Points whose
+trilinear cell leaves the cube lie outside the ball and read zeros.
+
+The op (:func:`sparse_slice`)
+-----------------------------
+:class:`SparseSliceFunction` is a custom autograd function of the real basis tensor
+``W (n_vox, 2, K1)`` (real and imaginary parts), the mixing weights ``s (B, K1)`` and the corner
+weights ``w (B, P, 8)``; indices and conjugation signs are constants.  Forward gathers the
+corner rows (``index_select``), mixes them with ``s`` (one batched matrix product) and sums the
+weighted corners.  Backward recomputes the gather instead of keeping it (the gathered rows are
+the largest tensor), scatters ``dL/dW`` into a dense buffer with ``index_add_`` (memory
+``n_vox x 2 x K1``, independent of the batch size, as the paper's dense-gradient variant), and
+forms ``dL/ds`` and ``dL/dw`` with batched products.  Images are processed in chunks so that the
+transient gathered rows stay under ``max_elements`` floats.  The corner weights are ordinary
+autograd tensors computed from the slice points, so gradients reach the coordinates (and poses)
+as well.
+
+:func:`dense_reference_slice` is the same interpolation done the slow way, through a full cube of
+values; the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "HermitianLattice",
+    "SparseSliceFunction",
+    "sparse_slice",
+    "corner_codes_and_weights",
+    "dense_reference_slice",
+    "RowSparseAdam",
+]
+
+#: imaginary-part multiplier of code type t = 0 (as stored), 1 (conjugate), 2 (origin, real)
+_IMAG_SIGN = (1.0, -1.0, 0.0)
+#: default bound on the floats of one chunk's gathered rows (64 MiB in float32)
+DEFAULT_MAX_ELEMENTS = 2**24
+
+
+def _negative(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The half-space rule of :func:`cryoscape.models.neural_field.hermitian_negative_mask`."""
+    return (z < 0) | ((z == 0) & ((y < 0) | ((y == 0) & (x < 0))))
+
+
+class HermitianLattice:
+    """Integer frequencies of a ball, one per Friedel pair, and the lookup table to find them.
+
+    Parameters
+    ----------
+    radius
+        Largest stored ``|c|`` (index units).
+    device
+        Where the tables live.
+
+    Attributes
+    ----------
+    radius, L
+        The ball radius and ``floor(radius)``.
+    coords
+        ``(n_vox, 3)`` int64 ``(x, y, z)`` of the stored points, raster order ``(z, y, x)``.
+    table
+        ``(S^3,)`` int32 codes over the cube ``[-L-1, L+1]^3`` (``S = 2L + 3``), flattened in
+        ``(z, y, x)`` order: ``4 * index + t`` or ``-1`` (see the module docstring).
+    """
+
+    def __init__(self, radius: float, *, device: torch.device | str | None = None):
+        if not radius >= 0:
+            raise ValueError(f"radius must be non-negative, got {radius}")
+        self.radius = float(radius)
+        self.L = int(math.floor(self.radius + 1e-9))
+        L = self.L
+        r = torch.arange(-L, L + 1, device=device)
+        z, y, x = torch.meshgrid(r, r, r, indexing="ij")
+        inside = (x * x + y * y + z * z) <= self.radius**2 + 1e-6
+        negative = _negative(x, y, z)
+        keep = inside & ~negative
+        self.coords = torch.stack([x[keep], y[keep], z[keep]], dim=-1)
+        self.n_vox = int(self.coords.shape[0])
+        index = torch.full(keep.shape, -1, dtype=torch.int64, device=device)
+        index[keep] = torch.arange(self.n_vox, device=device)
+        code = torch.where(keep, 4 * index, torch.full_like(index, -1))
+        origin = (x == 0) & (y == 0) & (z == 0)
+        code = torch.where(origin & keep, 4 * index + 2, code)
+        # a negative point c reads its mirror -c: array position i -> 2L - i on every axis
+        mirror = index.flip((0, 1, 2))
+        code = torch.where(inside & negative, 4 * mirror + 1, code)
+        S = 2 * L + 3
+        table = torch.full((S, S, S), -1, dtype=torch.int32, device=device)
+        table[1:-1, 1:-1, 1:-1] = code.to(torch.int32)
+        self.S = S
+        self.table = table.reshape(-1)
+
+    def codes_at(self, points: torch.Tensor) -> torch.Tensor:
+        """Codes ``(...)`` of integer points ``(..., 3)`` (``(x, y, z)``); ``-1`` outside the ball."""
+        p = points.long()
+        L, S = self.L, self.S
+        in_cube = ((p >= -L - 1) & (p <= L + 1)).all(-1)
+        q = p.clamp(-L - 1, L + 1) + (L + 1)
+        flat = (q[..., 2] * S + q[..., 1]) * S + q[..., 0]
+        return torch.where(in_cube, self.table[flat].long(), torch.full_like(flat, -1))
+
+    def to(self, device: torch.device | str) -> "HermitianLattice":
+        """Move the tables to ``device`` (in place); returns ``self``."""
+        self.coords = self.coords.to(device)
+        self.table = self.table.to(device)
+        return self
+
+
+def split_codes(code: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index, imag_sign, valid)`` of lookup codes: index int64 (0 where invalid), sign and
+    validity as ``dtype`` tensors."""
+    valid = code >= 0
+    safe = code.clamp(min=0)
+    index = safe >> 2
+    lut = torch.tensor(_IMAG_SIGN, dtype=dtype, device=code.device)
+    return index, lut[safe & 3], valid.to(dtype)
+
+
+_CORNER_OFFSETS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1))
+
+
+def corner_codes_and_weights(
+    lattice: HermitianLattice, points: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trilinear corners of ``points (..., 3)`` (index units, ``(x, y, z)``) on ``lattice``.
+
+    Returns
+    -------
+    index
+        ``(..., 8)`` int64 compact indices (0 for corners outside the ball).
+    imag_sign
+        ``(..., 8)`` multiplier of the stored imaginary part (+1, -1 conjugate, 0 origin).
+    weights
+        ``(..., 8)`` trilinear weights times validity (0 outside the ball); differentiable in
+        ``points`` (corner order ``(dz, dy, dx)`` in binary, the same as the others).
+    """
+    L, S = lattice.L, lattice.S
+    base = torch.floor(points.detach())
+    frac = points - base
+    b = base.long()
+    # a cell that leaves the cube [-L-1, L+1]^3 has all corners outside the ball: clamp it and
+    # zero its weights
+    inside = ((b >= -L - 1) & (b <= L)).all(-1)
+    q = b.clamp(-L - 1, L) + (L + 1)
+    flat0 = (q[..., 2] * S + q[..., 1]) * S + q[..., 0]
+    delta = torch.tensor([dz * S * S + dy * S + dx for dz, dy, dx in _CORNER_OFFSETS], device=points.device)
+    code = lattice.table[flat0.unsqueeze(-1) + delta].long()
+    code = torch.where(inside.unsqueeze(-1), code, torch.full_like(code, -1))
+    index, imag_sign, valid = split_codes(code, points.dtype)
+    fx, fy, fz = frac.unbind(-1)
+    wx = torch.stack([1 - fx, fx], dim=-1)
+    wy = torch.stack([1 - fy, fy], dim=-1)
+    wz = torch.stack([1 - fz, fz], dim=-1)
+    w = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(-3)
+    return index, imag_sign, w * valid
+
+
+def _chunks(batch: int, per_image: int, max_elements: int):
+    step = max(1, int(max_elements) // max(int(per_image), 1))
+    for start in range(0, batch, step):
+        yield start, min(batch, start + step)
+
+
+def _transpose_plan(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How to run the gather backwards: ``(touched, offsets, point, perm)``.
+
+    The corners ``index (N, 8)`` sorted by voxel (one int32 sort; voxel indices are < 2^31 and
+    int32 sorts about twice as fast): ``touched`` the unique voxels, ``offsets`` where each one's
+    run of corners starts, ``point`` the point (bag) of every sorted corner, ``perm`` the sort.
+    """
+    C = index.shape[-1]
+    sorted_idx, perm = torch.sort(index.reshape(-1).to(torch.int32))
+    touched, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+    offsets = torch.zeros_like(counts, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    point = torch.div(perm, C, rounding_mode="floor")
+    return touched.long(), offsets, point, perm
+
+
+def _gradient_rows(plan, weights: torch.Tensor, per_point: torch.Tensor) -> torch.Tensor:
+    """For every touched voxel, the sum of ``weights x per_point`` over the corners that read it:
+    the transpose of the forward gather, as one more ``embedding_bag`` (each voxel a bag of the
+    points that read it)."""
+    _, offsets, point, perm = plan
+    return F.embedding_bag(point, per_point, offsets, per_sample_weights=weights.reshape(-1)[perm], mode="sum")
+
+
+class SparseSliceFunction(torch.autograd.Function):
+    """``out[b, p] = sum_c w[b,p,c] * (W[idx[b,p,c]] . s_b)``, imaginary parts signed; see the
+    module docstring.
+
+    Inputs: ``W_re, W_im (n_vox, K1)`` (real and imaginary parts of the basis), ``s (B, K1)``,
+    ``index (B, P, 8)`` int64, ``w (B, P, 8)``, ``imag_sign (B, P, 8)``, ``sparse`` (bool: return
+    ``torch.sparse_coo`` gradients of the tables, for ``torch.optim.SparseAdam``) and
+    ``max_elements`` (chunking of the rarely needed ``dL/dw``).  Output ``(B, P, 2)`` real and
+    imaginary parts.  Differentiable in ``W_re``, ``W_im``, ``s`` and ``w``.
+
+    Forward: two ``embedding_bag`` calls (weighted sums of the 8 corner rows of every point,
+    ``(B*P, K1)`` each) and one batched product with ``s``.  Backward: ``dL/ds`` from the saved
+    bag sums; ``dL/dW`` from :func:`_gradient_rows` into a dense zero buffer (or a sparse tensor
+    over the touched rows).  Nothing of size ``B x P x 8 x K1`` is ever built.
+    """
+
+    @staticmethod
+    def forward(ctx, W_re, W_im, s, index, w, imag_sign, sparse, max_elements):  # noqa: D102
+        K1 = W_re.shape[1]
+        B, P, C = index.shape
+        bags = index.reshape(B * P, C)
+        w_im = w * imag_sign
+        A_re = F.embedding_bag(bags, W_re, per_sample_weights=w.reshape(B * P, C), mode="sum").view(B, P, K1)
+        A_im = F.embedding_bag(bags, W_im, per_sample_weights=w_im.reshape(B * P, C), mode="sum").view(B, P, K1)
+        out = torch.stack([torch.bmm(A_re, s.unsqueeze(-1)), torch.bmm(A_im, s.unsqueeze(-1))], dim=-1)
+        ctx.save_for_backward(W_re, W_im, s, index, w, w_im, imag_sign, A_re, A_im)
+        ctx.sparse = bool(sparse)
+        ctx.max_elements = int(max_elements)
+        return out.view(B, P, 2)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        W_re, W_im, s, index, w, w_im, imag_sign, A_re, A_im = ctx.saved_tensors
+        n_vox, K1 = W_re.shape
+        B, P, C = index.shape
+        need_re, need_im, need_s, _, need_w = ctx.needs_input_grad[:5]
+        g = grad_out.to(W_re.dtype)
+        g_re, g_im = g[..., 0].contiguous(), g[..., 1].contiguous()
+        grad_re = grad_im = grad_s = grad_w = None
+        if need_s:
+            grad_s = (torch.bmm(g_re.unsqueeze(1), A_re) + torch.bmm(g_im.unsqueeze(1), A_im)).squeeze(1)
+        if need_re or need_im:
+            plan = _transpose_plan(index.reshape(B * P, C))
+            touched = plan[0]
+            grads = []
+            for need, gp, wc in ((need_re, g_re, w), (need_im, g_im, w_im)):
+                if not need:
+                    grads.append(None)
+                    continue
+                per_point = (gp.unsqueeze(-1) * s.unsqueeze(1)).reshape(B * P, K1)
+                rows = _gradient_rows(plan, wc, per_point)
+                if ctx.sparse:
+                    grads.append(torch.sparse_coo_tensor(touched.unsqueeze(0), rows, (n_vox, K1), is_coalesced=True,
+                                                         check_invariants=False))
+                else:
+                    grads.append(torch.zeros_like(W_re).index_copy_(0, touched, rows))
+            grad_re, grad_im = grads
+        if need_w:
+            grad_w = torch.empty_like(w)
+            for a, b in _chunks(B, P * C * K1 * 2, ctx.max_elements):
+                n = b - a
+                flat = index[a:b].reshape(-1)
+                mix = s[a:b].unsqueeze(-1)
+                r_re = torch.bmm(W_re.index_select(0, flat).view(n, P * C, K1), mix).view(n, P, C)
+                r_im = torch.bmm(W_im.index_select(0, flat).view(n, P * C, K1), mix).view(n, P, C)
+                grad_w[a:b] = g_re[a:b].unsqueeze(-1) * r_re + g_im[a:b].unsqueeze(-1) * r_im * imag_sign[a:b]
+        return grad_re, grad_im, grad_s, None, grad_w, None, None, None
+
+
+def sparse_slice(
+    W_re: torch.Tensor,
+    W_im: torch.Tensor,
+    s: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    imag_sign: torch.Tensor,
+    *,
+    sparse_grad: bool = False,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
+    """Complex ``(B, P)`` values of the mixed basis at the points whose corners are given.
+
+    ``W_re, W_im (n_vox, K1)`` basis (real, imaginary parts), ``s (B, K1)`` mixing weights,
+    corners from :func:`corner_codes_and_weights` shaped ``(B, P, 8)``.  ``sparse_grad``: the
+    tables' gradients are ``torch.sparse_coo`` tensors over the touched voxels (for
+    ``torch.optim.SparseAdam``) instead of dense buffers.
+    """
+    dtype = W_re.dtype
+    out = SparseSliceFunction.apply(
+        W_re, W_im, s.to(dtype), index, weights.to(dtype), imag_sign.to(dtype), bool(sparse_grad), int(max_elements)
+    )
+    return torch.view_as_complex(out)
+
+
+def dense_reference_slice(lattice: HermitianLattice, values: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The same interpolation through a full cube: slow, for tests.
+
+    ``values (n_vox,)`` complex lattice values; ``points (..., 3)`` index units.  Builds the cube
+    ``[-L-1, L+1]^3`` of ``V(c)`` (Friedel mates by flipping the array of the stored half) and
+    interpolates it trilinearly with :func:`cryoscape.fourier.slicing.sample_trilinear`.
+    """
+    from cryoscape.fourier.slicing import sample_trilinear
+
+    L = lattice.L
+    S = 2 * L + 3
+    x = torch.arange(-L - 1, L + 2, device=values.device)
+    zz, yy, xx = torch.meshgrid(x, x, x, indexing="ij")
+    half = torch.zeros(S, S, S, dtype=values.dtype, device=values.device)
+    c = lattice.coords
+    half[c[:, 2] + L + 1, c[:, 1] + L + 1, c[:, 0] + L + 1] = values
+    origin = (xx == 0) & (yy == 0) & (zz == 0)
+    half = torch.where(origin, half.real.to(values.dtype), half)
+    # negative points: the conjugate of the flipped array (position i <-> S - 1 - i = -c)
+    neg = _negative(xx, yy, zz) & ((xx * xx + yy * yy + zz * zz) <= lattice.radius**2 + 1e-6)
+    cube = torch.where(neg, half.flip((0, 1, 2)).conj(), half)
+    # sample_trilinear keeps corners inside the range symmetric about the origin, which for an
+    # odd cube is all of it
+    return sample_trilinear(cube, points.to(values.real.dtype))
+
+
+class RowSparseAdam(torch.optim.SparseAdam):
+    """``torch.optim.SparseAdam`` (lazy Adam: only rows with a gradient move), in fewer passes.
+
+    Same mathematics, options and state (``step``, ``exp_avg``, ``exp_avg_sq``) as
+    ``torch.optim.SparseAdam``, so checkpoints are interchangeable, for row-sparse gradients
+    (``torch.sparse_coo`` with one sparse dimension, as :func:`sparse_slice` produces): the
+    touched rows of the moments are gathered once, updated, and written back, and the parameter
+    gets one ``index_add_``.  About 3x faster than the generic implementation on the voxel tables.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, maximize = group["lr"], group["eps"], group.get("maximize", False)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, values = _row_sparse_parts(p.grad)
+                if values.numel() == 0:
+                    continue
+                if maximize:
+                    values = -values
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"]
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                m = _gather_rows(exp_avg, rows).lerp_(values, 1 - beta1)
+                v = _gather_rows(exp_avg_sq, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+                exp_avg.index_copy_(0, rows, m)
+                exp_avg_sq.index_copy_(0, rows, v)
+                step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                update = v.sqrt_().add_(eps)
+                torch.div(m, update, out=update).mul_(-step_size)
+                p.index_add_(0, rows, update)
+        return loss
+
+
+def _gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``table[rows]`` (a copy); ``F.embedding`` is about twice as fast as ``index_select`` on CPUs."""
+    if table.dim() == 2 and table.is_floating_point():
+        return F.embedding(rows, table)
+    return table.index_select(0, rows)
+
+
+def _row_sparse_parts(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, values)`` of a sparse gradient with unique rows (coalescing only when needed).
+
+    Autograd hands a stolen gradient over without its "coalesced" flag; rows that are strictly
+    increasing are unique already, which one comparison checks instead of a sort.
+    """
+    if not grad.is_sparse:
+        raise RuntimeError("RowSparseAdam takes sparse gradients; use Adam for dense ones")
+    if grad.sparse_dim() != 1:
+        raise RuntimeError("RowSparseAdam takes gradients with one sparse dimension")
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            grad = grad.coalesce()
+    return grad._indices()[0], grad._values()

@@ -1,0 +1,524 @@
+"""Hierarchical pose search over SO(3) x R^2 (thesis 5.3.2, Algorithm 2), batched and memory-bounded.
+
+The problem
+-----------
+For image ``i`` with Fourier coefficients ``X_i(k)`` (at the pixels ``k`` of a half-plane, each
+standing for itself and its Friedel mate with weight ``w_k``), CTF ``c_i(k)`` and a decoder ``V``
+(with latent ``z_i`` in the heterogeneous case), find the pose ``(R, t)`` minimising
+
+    E_i(R, t) = sum_k w_k | c_i(k) V(R^T (kx, ky, 0)) - X_i(k) exp(-2 pi i k.t / D) |^2,
+
+the squared error of :mod:`cryoscape.train.likelihood` (``t`` in pixels, RELION sign: the shift
+that centres the particle).
+
+The search
+----------
+1. **Base grid**, exhaustive: every rotation of the SO(3) grid at ``base_level`` (level 1 = 4 608
+   rotations, 15 degrees; level 2 = 36 864, 7.5 degrees; see
+   :mod:`cryoscape.geometry.so3_grid`) times every shift of an ``n x n`` grid over
+   ``[-t_extent, t_extent]^2``, on the pixels ``|k| < k_min``.
+2. **Refinement**, ``n_refine`` rounds: the ``n_keep`` best *rotations* (each with its own best
+   shift ``t*``) are each split into their 8 children on the grid twice as fine; every child is
+   tried with a shift grid of the same size at twice the resolution and half the extent centred
+   on its parent's ``t*`` (thesis 5.3.2: "K rotations, one translation each").  The frequency
+   band grows linearly from ``k_min`` (base) to ``k_max`` (last round): frequency marching.
+3. The best candidate of the last round is the answer; with ``return_candidates`` the
+   ``n_keep`` best of the last round come back too (for marginalisation or diagnostics).
+
+Speed: all squared errors from one matrix product
+--------------------------------------------------
+Shifts are applied to the image (``X exp(-2 pi i k.t)``, exact and free) rather than to the many
+model slices, and with ``|A - B|^2 = |A|^2 + |B|^2 - 2 Re(A* B)``::
+
+    E_i(R, t) = sum_k w c_i^2 |V_R|^2   -  2 Re sum_k conj(V_R) (w c_i X_i e^{-2 pi i k.t})  +  sum_k w |X_i|^2
+                (image x rotation,         (rotations x (images x shifts): one real GEMM         (constant per
+                 one small GEMM)            of [Re V, Im V] with [Re Z; Im Z])                     image)
+
+so the best shift of every (image, rotation) pair is an argmax over one GEMM output.  The CTF
+goes to the image side of the cross term and into the norm term as ``c^2``.
+
+For a homogeneous decoder the slices do not depend on the image: the decoder is evaluated once
+per call on a lattice (:mod:`cryoscape.posesearch.lattice`, "interpolate the model output, not
+the image") and every slice of every round is read from it, so one call can search thousands of
+images for the price of one decoder evaluation.  A heterogeneous decoder (``z`` per image) gets
+a small lattice per image for the base grid and is evaluated directly at the refinement
+candidates' slices (64 per image per round with the defaults).
+
+Memory: the GEMM output is computed in chunks of at most ``max_elements`` values (rotations x
+images x shifts), and refinement processes images in chunks, so memory does not grow with the
+number of images or the grid size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from cryoscape.geometry.so3_grid import (
+    DEFAULT_BASE_N_PSI,
+    DEFAULT_BASE_NSIDE,
+    base_grid_spacing_deg,
+    so3_grid,
+    so3_grid_children,
+    so3_grid_resolution,
+    so3_grid_rotations,
+    so3_grid_size,
+    translation_grid,
+)
+from cryoscape.posesearch.lattice import FourierLattice, evaluate_lattice, evaluate_slices
+
+__all__ = [
+    "SearchSettings",
+    "PoseSearchResult",
+    "search_poses",
+    "half_plane_pixels",
+    "grid_rotations",
+    "grid_summary",
+]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Grid, frequency and memory settings of :func:`search_poses`.
+
+    Attributes
+    ----------
+    base_level
+        SO(3) grid level of the exhaustive search: 0 = 30 degrees (576 rotations), 1 = 15
+        degrees (4 608, cryoDRGN2's default), 2 = 7.5 degrees (36 864).
+    n_refine
+        Rounds of refinement ``M``; the final rotation grid spacing is the base spacing / 2^M
+        (0.94 degrees for the defaults).
+    n_keep
+        Rotations kept per refinement round ``K`` (each brings 8 children to the next round).
+    n_keep_base
+        Rotations kept from the base grid (32; ``None``: ``n_keep``).  At 15 degrees the error
+        landscape is rough: a grid point 10 degrees from the truth can score worse than one 15
+        degrees away in a luckier direction, and the refinement (which moves each candidate by at
+        most half a parent spacing per round) cannot come back from the wrong one.  Keeping 32
+        base candidates costs little (the first refinement round runs on the smallest band) and,
+        on noiseless D = 48 images of the built-in molecule with the true map, took the share of
+        images more than 5 degrees off from 16 % (8 kept) to 0 % (48 kept); at SNR 0.1 it cut the
+        mean squared-Frobenius error from 0.037 to 0.005 (median unchanged).  The thesis keeps
+        ``K = 8`` at every round; ``n_keep_base=None`` does the same.
+    k_min, k_max
+        Frequency band (radius in Fourier pixels, ``|k| * D``) of the base search and of the last
+        refinement round; clipped to ``D / 2``.
+    t_extent_pixel, t_n_per_axis
+        Base shift grid: ``t_n_per_axis^2`` cell centres on ``[-t_extent, t_extent]^2`` pixels
+        (spacing ``2 t_extent / n``).  Each round halves the extent with the same number of
+        points.  ``t_n_per_axis = 1`` and ``t_extent_pixel = 0`` search no shifts.
+    oversampling
+        Lattice points per Fourier pixel for interpolated slices (2 by default).
+    interpolate_refinement
+        Read refinement slices from the lattice too (default: yes for homogeneous decoders,
+        no for heterogeneous ones, whose per-image lattices would cost more than direct slices).
+    max_elements
+        Bound on the size of the error blocks (values of rotations x images x shifts).
+    amp
+        Evaluate the decoder under bfloat16 autocast.
+    """
+
+    base_level: int = 1
+    n_refine: int = 4
+    n_keep: int = 8
+    n_keep_base: int | None = 32
+    k_min: float = 12.0
+    k_max: float = 32.0
+    t_extent_pixel: float = 10.0
+    t_n_per_axis: int = 7
+    oversampling: float = 2.0
+    interpolate_refinement: bool | None = None
+    max_elements: int = 2**24
+    amp: bool = False
+    base_nside: int = DEFAULT_BASE_NSIDE
+    base_n_psi: int = DEFAULT_BASE_N_PSI
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for impossible settings."""
+        if self.base_level < 0 or self.n_refine < 0:
+            raise ValueError("base_level and n_refine must be non-negative")
+        if self.n_keep < 1 or (self.n_keep_base is not None and self.n_keep_base < 1):
+            raise ValueError(f"n_keep and n_keep_base must be at least 1, got {self.n_keep}, {self.n_keep_base}")
+        if not 0 < self.k_min <= self.k_max:
+            raise ValueError(f"need 0 < k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
+        if self.t_n_per_axis < 1 or self.t_extent_pixel < 0:
+            raise ValueError("t_n_per_axis must be >= 1 and t_extent_pixel >= 0")
+
+    def radius_at(self, round_index: int, box_size: int) -> float:
+        """Frequency radius (Fourier pixels) of round ``round_index`` (0 = base grid)."""
+        if self.n_refine == 0:
+            k = self.k_max if round_index > 0 else self.k_min
+        else:
+            k = self.k_min + (self.k_max - self.k_min) * round_index / self.n_refine
+        return min(float(k), box_size / 2.0)
+
+    def final_spacing_deg(self) -> float:
+        """Rotation grid spacing of the last round (degrees)."""
+        return base_grid_spacing_deg(self.base_level + self.n_refine, base_nside=self.base_nside,
+                                     base_n_psi=self.base_n_psi)
+
+    def final_shift_spacing_pixel(self) -> float:
+        """Shift grid spacing of the last round (pixels)."""
+        return 2.0 * self.t_extent_pixel / self.t_n_per_axis / 2**self.n_refine
+
+
+@dataclass
+class PoseSearchResult:
+    """What :func:`search_poses` returns (tensors on the images' device)."""
+
+    rotations: torch.Tensor  # (B, 3, 3) best rotation
+    shifts_pixel: torch.Tensor  # (B, 2) best shift (RELION sign)
+    errors: torch.Tensor  # (B,) squared error of the best pose per unit weight (mean over the last band)
+    ids: torch.Tensor  # (B, 2) grid id (pixel, psi) at ``level``
+    level: int  # SO(3) grid level of the last round
+    candidate_rotations: torch.Tensor | None = None  # (B, K, 3, 3), best first
+    candidate_shifts_pixel: torch.Tensor | None = None  # (B, K, 2)
+    candidate_errors: torch.Tensor | None = None  # (B, K)
+
+
+# ----------------------------------------------------------------------------------------------
+# pixels
+# ----------------------------------------------------------------------------------------------
+def half_plane_pixels(coords_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of a pixel set belong to the half-plane ``kx > 0 or (kx = 0 and ky >= 0)``, and their weights.
+
+    Returns ``(mask (P,) bool, weights (n,) float32)``: weight 2 for every kept pixel but the
+    origin (each stands for its Friedel mate too), 1 for the origin.  Use it to search with the
+    pixels of a Hartley-domain dataset (the whole circle) at half the cost.
+    """
+    x, y = coords_index[:, 0], coords_index[:, 1]
+    mask = (x > 0) | ((x == 0) & (y >= 0))
+    kept = coords_index[mask]
+    origin = (kept[:, 0] == 0) & (kept[:, 1] == 0)
+    weights = torch.where(origin, 1.0, 2.0).to(torch.float32)
+    return mask, weights
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_grid(level: int, base_nside: int, base_n_psi: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    R, ids = so3_grid(level, base_nside=base_nside, base_n_psi=base_n_psi, dtype=torch.float32, device=device)
+    return R, ids
+
+
+@functools.lru_cache(maxsize=16)
+def _pixel_frame_table(level: int, base_nside: int, base_n_psi: int, device: str) -> torch.Tensor:
+    """``(12 nside^2, 3, 3)`` float64 frames ``T_p`` of every pixel at ``level`` (``R(p, j) = Rz(psi_j) T_p``).
+
+    Built once per level from :func:`so3_grid_rotations` at ``psi`` index 0 (``T_p = Rz(-psi_0)
+    R(p, 0)``), so that refinement rounds turn ids into rotations with a gather instead of
+    HEALPix calls (1.5 s per 10^5 ids otherwise).
+    """
+    nside, n_psi = so3_grid_resolution(level, base_nside=base_nside, base_n_psi=base_n_psi)
+    pixels = torch.arange(12 * nside * nside, dtype=torch.int64)
+    ids = torch.stack([pixels, torch.zeros_like(pixels)], dim=-1)
+    R0 = so3_grid_rotations(ids, level, base_nside=base_nside, base_n_psi=base_n_psi, dtype=torch.float64)
+    return _in_plane_rotate(R0, torch.full((len(pixels),), -math.pi / n_psi, dtype=torch.float64)).to(device)
+
+
+def _in_plane_rotate(R: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """``Rz(psi) R`` with the passive ``Rz`` of :mod:`cryoscape.geometry.so3_grid` (rows 0, 1 mix)."""
+    c, s = torch.cos(psi)[..., None], torch.sin(psi)[..., None]
+    r0, r1, r2 = R[..., 0, :], R[..., 1, :], R[..., 2, :]
+    return torch.stack([c * r0 + s * r1, -s * r0 + c * r1, r2], dim=-2)
+
+
+def grid_rotations(ids: torch.Tensor, level: int, *, base_nside: int = DEFAULT_BASE_NSIDE,
+                   base_n_psi: int = DEFAULT_BASE_N_PSI) -> torch.Tensor:
+    """Float32 rotations of SO(3) grid ids ``(..., 2)``: :func:`so3_grid_rotations`, from a cached frame table."""
+    frames = _pixel_frame_table(level, base_nside, base_n_psi, str(ids.device))
+    _, n_psi = so3_grid_resolution(level, base_nside=base_nside, base_n_psi=base_n_psi)
+    psi = (ids[..., 1].to(torch.float64) + 0.5) * (2 * math.pi / n_psi)
+    return _in_plane_rotate(frames[ids[..., 0]], psi).to(torch.float32)
+
+
+def _cos_sin(shifts_pixel: torch.Tensor, coords_index: torch.Tensor, box_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos`` and ``sin`` of ``theta = 2 pi k.t / D``: ``(..., 2)`` shifts x ``(P, 2)`` pixels -> two ``(..., P)``.
+
+    ``exp(-2 pi i k.t / D) = cos - i sin`` is the shift ramp of :mod:`cryoscape.fourier.shift`.
+    """
+    angle = (shifts_pixel.to(torch.float32) @ coords_index.to(torch.float32).T) * (2.0 * math.pi / box_size)
+    return torch.cos(angle), torch.sin(angle)
+
+
+def _shifted_images(Gr: torch.Tensor, Gi: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[Re Z, Im Z]`` of ``Z = G exp(-i theta)`` for every shift: ``(b, P)`` x ``(T, P)`` -> ``(b, T, 2P)``."""
+    Gr, Gi = Gr[:, None, :], Gi[:, None, :]
+    return torch.cat([Gr * cos + Gi * sin, Gi * cos - Gr * sin], dim=-1)
+
+
+class _Band:
+    """The images restricted to ``|k| < radius``: the image side of the cross term and the norm weights.
+
+    ``Gr, Gi``: real and imaginary parts of ``w c X`` ``(B, P)``; ``N = w c^2`` ``(B, P)``; ``xx``
+    ``= sum w |X|^2`` ``(B,)``.
+    """
+
+    def __init__(self, values, coords_index, weights, ctf, radius):
+        r2 = coords_index.square().sum(-1)
+        mask = r2 < radius * radius
+        if not bool(mask.any()):
+            mask = r2 <= r2.min()
+        self.coords = coords_index[mask]
+        w = weights[mask].to(torch.float32)
+        X = values[:, mask].to(torch.complex64)
+        Xr, Xi = X.real, X.imag
+        if ctf is None:
+            wc = w
+            self.N = w.expand(X.shape[0], -1)
+        else:
+            c = ctf[:, mask].to(torch.float32)
+            wc = w * c
+            self.N = wc * c
+        self.Gr, self.Gi = (Xr * wc).contiguous(), (Xi * wc).contiguous()
+        self.xx = (Xr.square() + Xi.square()) @ w
+        self.wsum = float(w.sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# error kernels (all in real arithmetic: Re(conj(Y) Z) = Yr Zr + Yi Zi)
+# ----------------------------------------------------------------------------------------------
+def _base_shared(Yr: torch.Tensor, Yi: torch.Tensor, band: _Band, shifts: torch.Tensor, box_size: int,
+                 max_elements: int, low_precision: bool = False):
+    """Errors of every (image, rotation) at its best shift, for slices shared by all images.
+
+    ``Yr, Yi`` ``(R, P)`` slices; returns ``(B, R)`` errors and ``(B, R)`` best shift indices.
+    With ``low_precision`` the GEMM runs in bfloat16 (about 2x faster on CPUs with bfloat16
+    instructions; the base grid only pre-selects candidates, which the refinement re-scores in
+    float32).
+    """
+    R, P = Yr.shape
+    B = band.Gr.shape[0]
+    T = shifts.shape[0]
+    A = torch.cat([Yr, Yi], dim=-1)  # (R, 2P)
+    norm = band.N @ (Yr.square() + Yi.square()).T  # (B, R)
+    cos, sin = _cos_sin(shifts, band.coords, box_size)  # (T, P)
+    gemm_dtype = torch.bfloat16 if low_precision else torch.float32
+    A = A.to(gemm_dtype)
+    errors = torch.empty((B, R), dtype=torch.float32, device=Yr.device)
+    best_t = torch.empty((B, R), dtype=torch.int64, device=Yr.device)
+    b_step = max(1, min(B, max_elements // max(1, R * T)))
+    r_step = max(1, min(R, max_elements // max(1, b_step * T)))
+    for b0 in range(0, B, b_step):
+        b1 = min(B, b0 + b_step)
+        Bm = _shifted_images(band.Gr[b0:b1], band.Gi[b0:b1], cos, sin).reshape((b1 - b0) * T, 2 * P)
+        Bm = Bm.to(gemm_dtype).T  # (2P, bT)
+        for r0 in range(0, R, r_step):
+            r1 = min(R, r0 + r_step)
+            cross = (A[r0:r1] @ Bm).view(r1 - r0, b1 - b0, T)
+            cmax, arg = cross.max(dim=-1)  # (r, b)
+            errors[b0:b1, r0:r1] = norm[b0:b1, r0:r1] - 2.0 * cmax.T.float() + band.xx[b0:b1, None]
+            best_t[b0:b1, r0:r1] = arg.T
+    return errors, best_t
+
+
+def _candidate_errors(Yr: torch.Tensor, Yi: torch.Tensor, centres: torch.Tensor, band: _Band, rows: slice,
+                      offsets: torch.Tensor, box_size: int):
+    """Errors of per-image candidates, ``n_child`` children per parent, with shift grids around the parents' shifts.
+
+    ``Yr, Yi`` ``(b, K, n_child, P)`` slices of the images ``rows``; the children of parent ``k``
+    are tried at the shifts ``centres[:, k] + offsets`` (``(b, K, 2)`` + ``(T, 2)``).  The
+    parent's shift goes to the model side (one phase ramp per parent: ``Y e^{+i theta}``, as
+    ``Re(conj(Y) e^{-i theta} Z) = Re(conj(Y e^{+i theta}) Z)``), the grid offsets to the image
+    side, so one batched GEMM scores every child at every offset.  Returns ``(b, K * n_child)``
+    errors and ``(b, K * n_child, 2)`` best shifts.
+    """
+    b, K, n_child, P = Yr.shape
+    C = K * n_child
+    cos_o, sin_o = _cos_sin(offsets, band.coords, box_size)  # (T, P)
+    right = _shifted_images(band.Gr[rows], band.Gi[rows], cos_o, sin_o).transpose(-1, -2)  # (b, 2P, T)
+    cos_c, sin_c = _cos_sin(centres, band.coords, box_size)  # (b, K, P)
+    cos_c, sin_c = cos_c[:, :, None, :], sin_c[:, :, None, :]
+    left = torch.empty((b, K, n_child, 2 * P), dtype=torch.float32, device=Yr.device)
+    torch.sub(Yr * cos_c, Yi * sin_c, out=left[..., :P])
+    torch.add(Yr * sin_c, Yi * cos_c, out=left[..., P:])
+    cross = torch.bmm(left.view(b, C, 2 * P), right)  # (b, C, T)
+    cmax, arg = cross.max(dim=-1)
+    power = (Yr.square() + Yi.square()).view(b, C, P)
+    norm = torch.bmm(power, band.N[rows, :, None])[..., 0]
+    errors = norm - 2.0 * cmax + band.xx[rows, None]
+    return errors, centres.repeat_interleave(n_child, dim=1) + offsets[arg]
+
+
+# ----------------------------------------------------------------------------------------------
+# the search
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def search_poses(
+    decoder: torch.nn.Module,
+    values: torch.Tensor,
+    *,
+    coords_index: torch.Tensor,
+    weights: torch.Tensor,
+    ctf: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    settings: SearchSettings = SearchSettings(),
+    lattice: FourierLattice | None = None,
+    return_candidates: bool = False,
+    image_chunk: int | None = None,
+) -> PoseSearchResult:
+    """Best pose of each image under ``decoder`` by hierarchical grid search (module docstring).
+
+    Parameters
+    ----------
+    decoder
+        A volume decoder (:class:`cryoscape.models.base.VolumeDecoder`): ``decoder(coords, z)``
+        at frequencies in cycles per pixel of its ``box_size``, domain "fourier" or "hartley".
+    values
+        ``(B, P)`` complex Fourier coefficients of the images at ``coords_index``, in the units
+        the decoder was trained in (not shifted).
+    coords_index
+        ``(P, 2)`` pixel frequencies ``(kx, ky)`` in index units (``k * D``), usually the
+        half-plane pixels of :func:`cryoscape.data.training.fourier_pixels`.
+    weights
+        ``(P,)`` pixel weights (2 for a half-plane pixel standing for its mate, see
+        :func:`half_plane_pixels`).
+    ctf
+        ``(B, P)`` CTF at the pixels, or ``None``.
+    z
+        ``(B, zdim)`` latents of a heterogeneous decoder, ``None`` for a homogeneous one.
+    settings
+        :class:`SearchSettings`.
+    lattice
+        A homogeneous decoder's lattice from :func:`cryoscape.posesearch.lattice.evaluate_lattice`
+        covering the radius needed (``k_max``, or ``k_min`` without interpolated refinement), to
+        share one decoder evaluation between calls; built here when ``None``.
+    return_candidates
+        Also return the ``n_keep`` best candidates of the last round.
+    image_chunk
+        Images per refinement block (default: from ``settings.max_elements``).
+
+    Returns
+    -------
+    :class:`PoseSearchResult`.
+    """
+    settings.validate()
+    device = values.device
+    D = int(decoder.box_size)
+    B = int(values.shape[0])
+    coords_index = coords_index.to(device=device, dtype=torch.float32)
+    weights = weights.to(device=device, dtype=torch.float32)
+    homogeneous = z is None
+    interpolate = settings.interpolate_refinement
+    if interpolate is None:
+        interpolate = homogeneous
+    M = settings.n_refine
+    radius_final = settings.radius_at(M, D)
+    if homogeneous and lattice is None:
+        lattice = evaluate_lattice(decoder, radius_index=radius_final if interpolate else settings.radius_at(0, D),
+                                   oversampling=settings.oversampling, amp=settings.amp)
+    if lattice is not None and lattice.values.device != device:
+        lattice = replace(lattice, values=lattice.values.to(device))
+
+    # ---- base grid: exhaustive over rotations x shifts
+    level = settings.base_level
+    R0, ids0 = _cached_grid(level, settings.base_nside, settings.base_n_psi, str(device))
+    band = _Band(values, coords_index, weights, ctf, settings.radius_at(0, D))
+    shifts0 = translation_grid(settings.t_extent_pixel, settings.t_n_per_axis, device=device)
+    n_rot = R0.shape[0]
+    K = settings.n_keep
+    K0 = min(settings.n_keep_base or K, n_rot)
+    if homogeneous:
+        Y0r, Y0i = lattice.slice_parts(R0, band.coords)  # (R, P), once for all images
+        err0, t_idx0 = _base_shared(Y0r, Y0i, band, shifts0, D, settings.max_elements, low_precision=settings.amp)
+    else:
+        err0, t_idx0 = _base_per_image(decoder, z, band, R0, shifts0, settings, D)
+    top_err, top = torch.topk(err0, K0, dim=1, largest=False)  # (B, K0)
+    keep_ids = ids0[top]  # (B, K, 2)
+    keep_t = shifts0[torch.gather(t_idx0, 1, top)]  # (B, K, 2)
+    keep_err = top_err
+    keep_R = R0[top]
+    wsum = band.wsum
+
+    # ---- refinement rounds
+    for j in range(1, M + 1):
+        level = settings.base_level + j
+        band = _Band(values, coords_index, weights, ctf, settings.radius_at(j, D))
+        wsum = band.wsum
+        child_ids = so3_grid_children(keep_ids).flatten(-3, -2)  # (B, 8K, 2)
+        child_R = grid_rotations(child_ids, level, base_nside=settings.base_nside, base_n_psi=settings.base_n_psi)
+        offsets = translation_grid(settings.t_extent_pixel / 2**j, settings.t_n_per_axis, device=device)
+        C = child_ids.shape[1]
+        P = band.coords.shape[0]
+        T = offsets.shape[0]
+        step = image_chunk or max(1, settings.max_elements // max(1, C * max(P, T) * 4))
+        errs, ts = [], []
+        for b0 in range(0, B, step):
+            rows = slice(b0, min(B, b0 + step))
+            if interpolate and homogeneous:
+                Yr, Yi = lattice.slice_parts(child_R[rows], band.coords)
+            else:
+                Y = evaluate_slices(decoder, child_R[rows], band.coords, z=None if z is None else z[rows],
+                                    amp=settings.amp)
+                Yr, Yi = Y.real.contiguous(), Y.imag.contiguous()
+            # each child starts from its parent's best shift t*
+            e, t = _candidate_errors(Yr.unflatten(1, (-1, 8)), Yi.unflatten(1, (-1, 8)), keep_t[rows], band, rows,
+                                     offsets, D)
+            errs.append(e)
+            ts.append(t)
+        err_c = torch.cat(errs)  # (B, C)
+        t_c = torch.cat(ts)  # (B, C, 2)
+        k_here = min(K, C)
+        keep_err, top = torch.topk(err_c, k_here, dim=1, largest=False)
+        keep_ids = torch.gather(child_ids, 1, top[..., None].expand(-1, -1, 2))
+        keep_t = torch.gather(t_c, 1, top[..., None].expand(-1, -1, 2))
+        keep_R = torch.gather(child_R, 1, top[..., None, None].expand(-1, -1, 3, 3))
+
+    result = PoseSearchResult(
+        rotations=keep_R[:, 0].contiguous(),
+        shifts_pixel=keep_t[:, 0].contiguous(),
+        errors=keep_err[:, 0] / max(wsum, 1e-12),
+        ids=keep_ids[:, 0].contiguous(),
+        level=level,
+    )
+    if return_candidates:
+        result.candidate_rotations = keep_R
+        result.candidate_shifts_pixel = keep_t
+        result.candidate_errors = keep_err / max(wsum, 1e-12)
+    return result
+
+
+def _base_per_image(decoder, z, band: _Band, R0: torch.Tensor, shifts: torch.Tensor, settings: SearchSettings,
+                    D: int):
+    """Base-grid errors when every image has its own volume: a small lattice per image."""
+    B = band.Gr.shape[0]
+    R = R0.shape[0]
+    T = shifts.shape[0]
+    P = band.coords.shape[0]
+    cos, sin = _cos_sin(shifts, band.coords, D)  # (T, P)
+    s = settings.oversampling
+    radius = float(band.coords.norm(dim=-1).max().item())
+    lattice_points = (2 * math.ceil(s * radius + 2) + 1) ** 3
+    step = max(1, min(B, settings.max_elements // max(1, R * max(T, P) * 2, lattice_points)))
+    errors = torch.empty((B, R), dtype=torch.float32, device=band.Gr.device)
+    best_t = torch.empty((B, R), dtype=torch.int64, device=band.Gr.device)
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        lat = evaluate_lattice(decoder, radius_index=radius, oversampling=s, z=z[b0:b1], amp=settings.amp)
+        rot = R0.expand(b1 - b0, R, 3, 3)
+        if b1 - b0 == 1:  # a one-volume lattice takes rotations without the volume axis
+            Yr, Yi = (y[None] for y in lat.slice_parts(rot[0], band.coords))
+        else:
+            Yr, Yi = lat.slice_parts(rot, band.coords)  # (b, R, P)
+        norm = torch.bmm(Yr.square() + Yi.square(), band.N[b0:b1, :, None])[..., 0]  # (b, R)
+        right = _shifted_images(band.Gr[b0:b1], band.Gi[b0:b1], cos, sin).transpose(-1, -2)  # (b, 2P, T)
+        cross = torch.bmm(torch.cat([Yr, Yi], dim=-1), right)  # (b, R, T)
+        cmax, arg = cross.max(dim=-1)
+        errors[b0:b1] = norm - 2.0 * cmax + band.xx[b0:b1, None]
+        best_t[b0:b1] = arg
+    return errors, best_t
+
+
+def grid_summary(settings: SearchSettings, box_size: int) -> str:
+    """One line describing the search grid (for logs)."""
+    n0 = so3_grid_size(settings.base_level, base_nside=settings.base_nside, base_n_psi=settings.base_n_psi)
+    return (
+        f"base grid {n0} rotations ({base_grid_spacing_deg(settings.base_level, base_nside=settings.base_nside, base_n_psi=settings.base_n_psi):g} deg) "
+        f"x {settings.t_n_per_axis}^2 shifts (+-{settings.t_extent_pixel:g} px), "
+        f"{settings.n_refine} refinement rounds keeping {settings.n_keep}, "
+        f"final {settings.final_spacing_deg():.3g} deg / {settings.final_shift_spacing_pixel():.3g} px, "
+        f"band {settings.radius_at(0, box_size):g} -> {settings.radius_at(settings.n_refine, box_size):g} px"
+    )

@@ -1,0 +1,554 @@
+"""``cryoscape analyze``: the latent analysis of a trained run, end to end, with an HTML report.
+
+:func:`analyze_run` reads the latents of one epoch, computes PCA, k-means with on-data centres
+and (for zdim >= 2) a UMAP embedding (:mod:`cryoscape.analysis.latent`), generates maps at the
+k-means centres and along the top principal components (:mod:`cryoscape.analysis.maps`), draws
+the plots (:mod:`cryoscape.report.plots`) and lists everything in ``report.html``.
+
+Output folder (default ``RUN/analysis.EPOCH``, EPOCH 0-based like ``z.EPOCH.npy``)
+--------------------------------------------------------------------------------------
+``report.html``
+    The report (open it in a browser; the folder can be copied as a whole).
+``config.yaml``, ``analyze.log``
+    The arguments and the log.
+``z_pca.npy``, ``pca_explained_variance.txt``, ``pca_components.txt``, ``pca_mean.txt``
+    Every particle's coordinates on the PCs ``(N, zdim)``; the variance ratio per PC; the PC
+    directions (rows) and the mean latent, so that ``z = mean + pca @ components``.
+``umap.npy``
+    ``(N, 2)`` UMAP embedding (zdim >= 2, unless ``skip_umap``); ``umap_fit_indices.npy`` lists
+    the particles it was fitted on when more than ``umap_fit_max`` (the others are interpolated,
+    see :func:`cryoscape.analysis.latent.compute_umap`).
+``kmeansK/``
+    ``labels.npy`` and ``labels.pkl`` (cluster 0..K-1 of each particle; the pickle as cryoDRGN
+    writes it), ``centers.txt`` (k-means centres), ``centers_ind.txt`` (index of the on-data
+    centre of each cluster), ``z_values.txt`` (the on-data latents), ``vol_000.mrc`` ... (map of
+    cluster ``i`` at its on-data centre).
+``pcN/``
+    ``vol_000.mrc`` ... along PC ``N`` from its 5th to its 95th percentile, ``z_values.txt`` (the
+    latents) and ``pc_coordinates.txt`` (the PC coordinates).
+``figures/``
+    The report's PNG plots.
+
+zdim 1: the latent is shown as histograms instead of scatter plots (no UMAP), its "PC1" is the
+latent itself (up to sign), and the PC traversal runs along it.
+
+Time: UMAP runs in a separate Python process (``background_umap``, started first) while PCA,
+k-means and the maps are computed; its cost at small N is mostly umap-learn's just-in-time
+compilation (~10 s), which would otherwise add to the maps' time.  Where no process can be
+started, or the child fails, it runs in line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryoscape.analysis.latent import (
+    KMeansResult,
+    PCAResult,
+    UMAPResult,
+    compute_pca,
+    compute_umap,
+    kmeans_on_data,
+    load_latents,
+    pc_traversal,
+)
+from cryoscape.analysis.maps import MapSet
+from cryoscape.errors import InputError
+from cryoscape.report.html import Figure, Link, Section, Table, write_html_report
+
+__all__ = ["AnalysisResult", "analyze_run", "read_training_history"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisResult:
+    """What :func:`analyze_run` computed and wrote (arrays for notebook use, paths of the files)."""
+
+    outdir: Path
+    report: Path
+    epoch: int
+    z: np.ndarray
+    pca: PCAResult
+    kmeans: KMeansResult | None = None
+    umap: UMAPResult | None = None
+    kmeans_maps: MapSet | None = None
+    pc_maps: dict[int, MapSet] = field(default_factory=dict)
+    pc_coordinates: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_maps(self) -> int:
+        """Number of maps written."""
+        n = len(self.kmeans_maps.paths) if self.kmeans_maps else 0
+        return n + sum(len(m.paths) for m in self.pc_maps.values())
+
+
+def read_training_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-epoch training records (``loss``, ``error``, ``kl``...) of a run, ``[]`` when unreadable."""
+    from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
+
+    try:
+        state = load_checkpoint(find_checkpoint(run_dir))
+    except InputError:
+        return []
+    return list(state.get("history") or [])
+
+
+class _Timer:
+    def __init__(self, store: dict[str, float]):
+        self.store = store
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Block:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.store[name] = timer.store.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Block()
+
+
+class _UMAPJob:
+    """:func:`compute_umap` of ``z.EPOCH.npy`` in a fresh Python process, or in this one.
+
+    The child is a new interpreter (``python -c``) that reads the latents from the run folder and
+    writes its result to a temporary file in the output folder: unlike ``multiprocessing`` it never
+    re-imports the caller's main script, so scripts and notebooks need no ``__main__`` guard.
+    Any failure of the child (no process allowed, killed, crashed) falls back to computing here.
+    """
+
+    def __init__(self, run: Path, epoch: int, z: np.ndarray, out: Path, *, fit_max: int, seed: int, background: bool):
+        import subprocess
+        import sys
+
+        self.z = z
+        self.kwargs = dict(fit_max=fit_max, seed=seed)
+        self.proc = None
+        self.result_path = out / ".umap_result.npz"
+        self.log_path = out / ".umap_child.log"
+        self.background = False
+        if not background:
+            return
+        code = "import sys; from cryoscape.report.analyze import _umap_child; _umap_child(sys.argv[1:])"
+        try:
+            self.result_path.unlink(missing_ok=True)
+            with open(self.log_path, "wb") as log_file:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", code, str(run), str(epoch), str(self.result_path), str(fit_max), str(seed)],
+                    stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.background = True
+        except OSError as err:  # no processes here: compute in line later
+            log.info("UMAP runs in this process (%s: %s)", type(err).__name__, err)
+            self.proc = None
+
+    def cancel(self) -> None:
+        """Stop the child process (if still running) and remove its files."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        self.result_path.unlink(missing_ok=True)
+        self.log_path.unlink(missing_ok=True)
+
+    def result(self) -> UMAPResult:
+        try:
+            if self.proc is not None:
+                code = self.proc.wait()
+                if code == 0 and self.result_path.is_file():
+                    with np.load(self.result_path) as f:
+                        return UMAPResult(embedding=f["embedding"], fit_indices=f["fit_indices"])
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-1:] if self.log_path.exists() else []
+                log.info("UMAP in the background process failed (exit %s%s); running it here", code,
+                         f": {tail[0]}" if tail else "")
+                self.background = False
+            return compute_umap(self.z, **self.kwargs)
+        finally:
+            self.cancel()
+
+
+def _umap_child(argv: list[str]) -> None:
+    """Entry point of the UMAP child process: ``RUN EPOCH RESULT.npz FIT_MAX SEED``."""
+    run, epoch, result, fit_max, seed = argv
+    z, _ = load_latents(run, int(epoch))
+    res = compute_umap(z, fit_max=int(fit_max), seed=int(seed))
+    tmp = Path(result).with_suffix(".tmp.npz")
+    np.savez(tmp, embedding=res.embedding, fit_indices=res.fit_indices)
+    os.replace(tmp, result)
+
+
+def _save_text(path: Path, array: np.ndarray, fmt: str = "%.6g") -> None:
+    from cryoscape.io.writers import atomic_write
+
+    with atomic_write(path, "w") as f:
+        np.savetxt(f, array, fmt=fmt)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    from cryoscape.io.writers import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        np.save(f, array)
+
+
+def analyze_run(
+    run_dir: str | os.PathLike,
+    *,
+    epoch: int | None = None,
+    outdir: str | os.PathLike | None = None,
+    ksample: int = 20,
+    n_pcs: int = 2,
+    n_per_pc: int = 10,
+    skip_umap: bool = False,
+    skip_vol: bool = False,
+    box_size: int | None = None,
+    lowpass_angstrom: float | None = None,
+    flip: bool = False,
+    invert: bool = False,
+    device: str = "cpu",
+    amp: bool | None = None,
+    umap_fit_max: int = 20_000,
+    seed: int = 0,
+    progress: bool = True,
+    background_umap: bool = True,
+    arguments: dict[str, Any] | None = None,
+) -> AnalysisResult:
+    """Analyse the latent space of a ``cryoscape train`` run and write a report (module docstring).
+
+    Parameters
+    ----------
+    run_dir
+        The training run folder.
+    epoch
+        0-based epoch (default: the latest with latents).
+    outdir
+        Output folder (default ``run_dir/analysis.EPOCH``).
+    ksample
+        Number of k-means clusters, i.e. of maps at on-data centres (0: no k-means).
+    n_pcs, n_per_pc
+        Traverse the top ``n_pcs`` PCs with ``n_per_pc`` maps each (5th to 95th percentile).
+    skip_umap, skip_vol
+        Leave out UMAP / map generation.
+    box_size, lowpass_angstrom, flip, invert
+        Map post-processing (as ``cryoscape volumes``).
+    device, amp
+        Where and in which precision maps are generated (``amp=None``: bfloat16 where fast).
+    umap_fit_max
+        Fit UMAP on at most this many particles (the rest are interpolated).
+    seed
+        Seed of k-means, UMAP and subsampling.
+    background_umap
+        Compute UMAP in a child process alongside the maps (module docstring).
+    arguments
+        What to record in ``config.yaml`` (the CLI passes its arguments).
+
+    Returns
+    -------
+    :class:`AnalysisResult`.
+    """
+    from cryoscape.io.run_folder import attach_log_file, detach_log_file, write_config
+
+    run = Path(os.path.abspath(run_dir))  # absolute: the report's links are made relative to it
+    z, epoch = load_latents(run, epoch)
+    out = Path(os.path.abspath(outdir)) if outdir is not None else run / f"analysis.{epoch}"
+    if ksample < 0 or n_pcs < 0 or n_per_pc < 1:
+        raise InputError(f"--ksample {ksample}, --pc {n_pcs} and --n-per-pc {n_per_pc} must be >= 0, >= 0 "
+                         "and >= 1; pass e.g. --ksample 20 --pc 2 --n-per-pc 10.")
+    out.mkdir(parents=True, exist_ok=True)
+    record = dict(arguments) if arguments is not None else dict(
+        run=str(run), epoch=epoch, ksample=ksample, n_pcs=n_pcs, n_per_pc=n_per_pc, skip_umap=skip_umap,
+        skip_vol=skip_vol, box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert,
+        device=str(device), amp=amp, umap_fit_max=umap_fit_max, seed=seed)
+    write_config(out, "analyze", record, analysed_epoch=epoch, n_particles=int(z.shape[0]), zdim=int(z.shape[1]))
+    handler = attach_log_file(out / "analyze.log")
+    try:
+        return _analyze(run, out, z, epoch, ksample=ksample, n_pcs=n_pcs, n_per_pc=n_per_pc, skip_umap=skip_umap,
+                        skip_vol=skip_vol, box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip,
+                        invert=invert, device=device, amp=amp, umap_fit_max=umap_fit_max, seed=seed,
+                        progress=progress, background_umap=background_umap)
+    finally:
+        detach_log_file(handler)
+
+
+def _analyze(run: Path, out: Path, z: np.ndarray, epoch: int, *, ksample: int, n_pcs: int, n_per_pc: int,
+             skip_umap: bool, skip_vol: bool, box_size: int | None, lowpass_angstrom: float | None, flip: bool,
+             invert: bool, device: str, amp: bool | None, umap_fit_max: int, seed: int,
+             progress: bool, background_umap: bool) -> AnalysisResult:
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    timed = _Timer(seconds)
+    n, zdim = z.shape
+    log.info("analysing %s epoch %d: %d particles, zdim %d -> %s", run, epoch, n, zdim, out)
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    want_umap = zdim >= 2 and not skip_umap
+    umap_job = (_UMAPJob(run, epoch, z, out, fit_max=umap_fit_max, seed=seed, background=background_umap)
+                if want_umap else None)
+    try:
+        return _analyze_steps(run, out, z, epoch, figures, umap_job, seconds, timed, start, ksample=ksample,
+                              n_pcs=n_pcs, n_per_pc=n_per_pc, skip_vol=skip_vol, box_size=box_size,
+                              lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert, device=device, amp=amp,
+                              seed=seed, progress=progress)
+    finally:
+        if umap_job is not None:
+            umap_job.cancel()  # a no-op once its result was taken; stops the child after an error
+
+
+def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Path, umap_job: "_UMAPJob | None",
+                   seconds: dict[str, float], timed: _Timer, start: float, *, ksample: int, n_pcs: int,
+                   n_per_pc: int, skip_vol: bool, box_size: int | None, lowpass_angstrom: float | None, flip: bool,
+                   invert: bool, device: str, amp: bool | None, seed: int, progress: bool) -> AnalysisResult:
+    from cryoscape.analysis.maps import generate_maps, load_map_model
+
+    n, zdim = z.shape
+
+    # ---------------------------------------------------------------- latent space
+    with timed("pca"):
+        pca = compute_pca(z)
+        _save_npy(out / "z_pca.npy", pca.projections)
+        _save_text(out / "pca_explained_variance.txt", pca.explained_variance_ratio)
+        _save_text(out / "pca_components.txt", pca.components)
+        _save_text(out / "pca_mean.txt", pca.mean[None])
+    log.info("PCA explained variance ratio: %s", np.array2string(pca.explained_variance_ratio, precision=3))
+
+    kmeans = None
+    if ksample > 0:
+        with timed("kmeans"):
+            k = min(ksample, n)
+            if k < ksample:
+                log.info("only %d particles: k-means with k = %d instead of %d", n, k, ksample)
+            kmeans = kmeans_on_data(z, k, seed=seed)
+            kdir = out / f"kmeans{ksample}"
+            kdir.mkdir(exist_ok=True)
+            _save_npy(kdir / "labels.npy", kmeans.labels)
+            from cryoscape.io.writers import atomic_write
+
+            with atomic_write(kdir / "labels.pkl", "wb") as f:
+                pickle.dump(kmeans.labels.astype(np.int32), f)
+            _save_text(kdir / "centers.txt", kmeans.centers)
+            _save_text(kdir / "centers_ind.txt", kmeans.center_indices, fmt="%d")
+            _save_text(kdir / "z_values.txt", z[kmeans.center_indices])
+        log.info("k-means (k = %d): cluster sizes %s", kmeans.k, kmeans.counts.tolist())
+
+    n_pcs_used = min(n_pcs, zdim)
+    if n_pcs_used < n_pcs:
+        log.info("the latent space has %d dimension(s): traversing %d PC(s) instead of %d", zdim, n_pcs_used, n_pcs)
+    pc_coords: dict[int, np.ndarray] = {}
+    pc_latents: dict[int, np.ndarray] = {}
+    for pc in range(1, n_pcs_used + 1):
+        pc_coords[pc], pc_latents[pc] = pc_traversal(pca, pc, n_points=n_per_pc)
+        pdir = out / f"pc{pc}"
+        pdir.mkdir(exist_ok=True)
+        _save_text(pdir / "pc_coordinates.txt", pc_coords[pc])
+        _save_text(pdir / "z_values.txt", pc_latents[pc])
+
+    # ---------------------------------------------------------------- maps
+    kmeans_maps = None
+    pc_maps: dict[int, MapSet] = {}
+    history: list[dict[str, Any]] = []
+    if not skip_vol:
+        with timed("maps"):
+            model = load_map_model(run, epoch=epoch, device=device)
+            if model.zdim != zdim:
+                raise InputError(f"{run}: the decoder of epoch {epoch} has zdim {model.zdim} but z.{epoch}.npy has "
+                                 f"{zdim} columns; pass a matching --epoch.", path=run)
+            history = model.history
+            opts = dict(box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert, amp=amp,
+                        progress=progress)
+            if kmeans is not None:
+                kmeans_maps = generate_maps(model, z[kmeans.center_indices], out / f"kmeans{ksample}", **opts)
+            for pc in pc_latents:
+                pc_maps[pc] = generate_maps(model, pc_latents[pc], out / f"pc{pc}", **opts)
+    if not history:
+        history = read_training_history(run)
+
+    got: dict[str, UMAPResult] = {}
+
+    def get_umap() -> UMAPResult:
+        """UMAP's result (waiting for the background process the first time)."""
+        if "umap" not in got:
+            with timed("umap"):
+                res = umap_job.result()
+                _save_npy(out / "umap.npy", res.embedding)
+                if res.subsampled:
+                    _save_npy(out / "umap_fit_indices.npy", res.fit_indices)
+            log.info("UMAP: fitted on %d of %d particles (%s; %.1f s waited for it here)", res.fit_indices.size, n,
+                     "in a background process" if umap_job.background else "in this process", seconds["umap"])
+            got["umap"] = res
+        return got["umap"]
+
+    # ---------------------------------------------------------------- plots and report
+    # UMAP's figures are drawn last, so the others are drawn while the background UMAP finishes
+    with timed("plots"):
+        sections = _plot_and_describe(out, figures, run=run, z=z, epoch=epoch, pca=pca, kmeans=kmeans,
+                                      ksample=ksample, get_umap=get_umap if umap_job is not None else None,
+                                      umap_fit_max=umap_job.kwargs["fit_max"] if umap_job is not None else 0,
+                                      pc_coords=pc_coords, kmeans_maps=kmeans_maps, pc_maps=pc_maps, history=history)
+        report = write_html_report(out / "report.html", title=f"cryoscape analyze: {run.name}, epoch {epoch}",
+                                   subtitle=f"{n} particles, zdim {zdim}", sections=sections)
+    seconds["plots"] -= seconds.get("umap", 0.0)  # the wait is counted as "umap"
+    umap_result = got.get("umap")
+    seconds["total"] = time.perf_counter() - start
+    n_maps = (len(kmeans_maps.paths) if kmeans_maps else 0) + sum(len(m.paths) for m in pc_maps.values())
+    log.info("analysis done in %.1f s (%s); %d map(s); report: %s", seconds["total"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total"), n_maps, report)
+    return AnalysisResult(outdir=out, report=report, epoch=epoch, z=z, pca=pca, kmeans=kmeans, umap=umap_result,
+                          kmeans_maps=kmeans_maps, pc_maps=pc_maps, pc_coordinates=pc_coords, seconds=seconds)
+
+
+def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, epoch: int, pca: PCAResult,
+                       kmeans: KMeansResult | None, ksample: int, get_umap, umap_fit_max: int,
+                       pc_coords: dict[int, np.ndarray], kmeans_maps: MapSet | None, pc_maps: dict[int, MapSet],
+                       history: list[dict[str, Any]]) -> list[Section]:
+    """Draw every plot into ``figures`` and return the report's sections.
+
+    ``get_umap`` (or ``None``: no UMAP) returns the UMAP result; figures that need it are
+    placeholders (callables) filled in after all the others are drawn.
+    """
+    from cryoscape.report import plots
+
+    n, zdim = z.shape
+    want_umap = get_umap is not None and zdim >= 2
+    sections: list[Section] = []
+    labels = kmeans.labels if kmeans is not None else None
+
+    # -- overview
+    overview = [
+        f"Run {run} at epoch {epoch} (0-based; cryoDRGN would call it epoch {epoch + 1}): {n} particles, "
+        f"{zdim}-dimensional latent space (the per-particle posterior means, z.{epoch}.npy).",
+    ]
+    files = [(out / "z_pca.npy", "PCA coordinates (z_pca.npy)"),
+             (out / "pca_explained_variance.txt", "explained variance per PC")]
+    if want_umap:
+        files.append((out / "umap.npy", "UMAP embedding (umap.npy)"))
+    files.append((out / "config.yaml", "arguments (config.yaml)"))
+    files.append((out / "analyze.log", "log (analyze.log)"))
+    sections.append(Section("Overview", paragraphs=overview, links=files))
+
+    # -- latent distribution
+    latent_figs: list[Figure] = []
+    paragraphs: list[str] = []
+    if zdim == 1:
+        latent_figs.append(Figure(plots.plot_latent_histogram(z[:, 0], figures / "z_histogram.png", xlabel="z",
+                                                              title="latent distribution"),
+                                  "Histogram of the 1-D latent"))
+    else:
+        ev = pca.explained_variance_ratio
+        paragraphs.append("PCA: " + ", ".join(f"PC{i + 1} {100 * v:.1f} %" for i, v in enumerate(ev[:6]))
+                          + " of the latent variance.")
+        xy = pca.projections[:, :2]
+        latent_figs += [
+            Figure(plots.plot_scatter(xy, figures / "pca_scatter.png", xlabel="PC1", ylabel="PC2",
+                                      title="particles on PC1-PC2"), "Particles projected on PC1 and PC2"),
+            Figure(plots.plot_joint(xy, figures / "pca_density.png", xlabel="PC1", ylabel="PC2",
+                                    title="density on PC1-PC2"),
+                   "Density (log scale) on PC1-PC2 with the marginal distributions"),
+            Figure(plots.plot_explained_variance(ev, figures / "pca_explained_variance.png"),
+                   "Explained variance ratio per principal component"),
+            Figure(plots.plot_latent_marginals(z, figures / "z_marginals.png", prefix="z"),
+                   "Marginal distribution of each latent coordinate"),
+        ]
+        if want_umap:
+            note = ""
+            if n > umap_fit_max:
+                note = (f" UMAP was fitted on {umap_fit_max} particles drawn at random; the other "
+                        f"{n - umap_fit_max} were placed at the weighted mean of their 10 nearest "
+                        "fitted neighbours' embeddings (umap_fit_indices.npy lists the fitted ones).")
+            paragraphs.append("UMAP (umap-learn, 15 neighbours, min_dist 0.1) embeds the latents in 2-D; distances "
+                              "between far-apart groups in it are not meaningful." + note)
+            latent_figs += [
+                lambda: Figure(plots.plot_scatter(get_umap().embedding, figures / "umap_scatter.png", xlabel="UMAP1",
+                                                  ylabel="UMAP2", title="UMAP"), "UMAP embedding of the latents"),
+                lambda: Figure(plots.plot_hexbin(get_umap().embedding, figures / "umap_density.png", xlabel="UMAP1",
+                                                 ylabel="UMAP2", title="density on UMAP"),
+                               "Density (log scale) of the UMAP embedding"),
+            ]
+    sections.append(Section("Latent space", paragraphs=paragraphs, figures=latent_figs))
+
+    # -- k-means
+    if kmeans is not None:
+        kdir = out / f"kmeans{ksample}"
+        kfigs: list[Figure] = []
+        centers_idx = kmeans.center_indices
+        if zdim == 1:
+            kfigs.append(Figure(plots.plot_latent_histogram(
+                z[:, 0], figures / "kmeans_histogram.png", labels=labels, marks=z[centers_idx, 0],
+                mark_labels=[str(i) for i in range(kmeans.k)], xlabel="z", title=f"k-means, k = {kmeans.k}"),
+                "Latent histogram stacked by cluster; dashed lines: on-data centres"))
+        else:
+            kfigs.append(Figure(plots.plot_scatter(
+                pca.projections[:, :2], figures / "kmeans_pca.png", labels=labels,
+                centers=pca.projections[centers_idx, :2], xlabel="PC1", ylabel="PC2",
+                title=f"k-means clusters (k = {kmeans.k}) on PC1-PC2"),
+                "Particles coloured by cluster; crosses: on-data centres (numbered)"))
+            if want_umap:
+                kfigs.append(lambda: Figure(plots.plot_scatter(
+                    get_umap().embedding, figures / "kmeans_umap.png", labels=labels,
+                    centers=get_umap().embedding[centers_idx], xlabel="UMAP1", ylabel="UMAP2",
+                    title=f"k-means clusters (k = {kmeans.k}) on UMAP"), "Clusters on the UMAP embedding"))
+        kfigs.append(Figure(plots.plot_cluster_sizes(kmeans.counts, figures / "kmeans_sizes.png"),
+                            "Particles per cluster"))
+        if kmeans_maps is not None:
+            kfigs.append(Figure(plots.plot_map_projections(
+                kmeans_maps.projections, figures / "kmeans_maps.png",
+                titles=[f"cluster {i}" for i in range(kmeans.k)]),
+                "Projections along z of the maps at the on-data centres (each scaled to its own range)"))
+        rows = []
+        for c in range(kmeans.k):
+            row: list[Any] = [c, int(kmeans.counts[c]), f"{100.0 * kmeans.counts[c] / n:.1f}", int(centers_idx[c])]
+            row.append(Link(kmeans_maps.paths[c], kmeans_maps.paths[c].name) if kmeans_maps is not None else "-")
+            rows.append(row)
+        table = Table(["cluster", "particles", "%", "on-data particle", "map"], rows,
+                      caption="k-means clusters: the map of each is made at its on-data centre, the particle "
+                              "latent nearest to the cluster's mean")
+        links = [(kdir / "labels.pkl", "cluster labels (labels.pkl / labels.npy)"),
+                 (kdir / "centers_ind.txt", "on-data centre particle indices"),
+                 (kdir / "z_values.txt", "on-data centre latents"), (kdir / "centers.txt", "k-means centres")]
+        sections.append(Section(
+            f"k-means clustering (k = {kmeans.k})",
+            paragraphs=["k-means partitions the latent space into regions; each region is represented by the map at "
+                        "its on-data centre (thesis 4.4.5). Cluster labels can select particles for other tools."],
+            figures=kfigs, tables=[table], links=links))
+
+    # -- PC traversals
+    for pc, coords in pc_coords.items():
+        pdir = out / f"pc{pc}"
+        figs = [Figure(plots.plot_traversal_positions(
+            pca.projections[:, pc - 1], coords, figures / f"pc{pc}_positions.png", xlabel=f"PC{pc}",
+            title=f"PC{pc}: {len(coords)} points, 5th-95th percentile"),
+            f"Histogram of the particles' PC{pc} coordinate; dashed lines: the traversal's points")]
+        links: list[tuple[str | os.PathLike, str]] = [(pdir / "z_values.txt", "latents (z_values.txt)"),
+                                                      (pdir / "pc_coordinates.txt", "PC coordinates")]
+        if pc in pc_maps:
+            figs.append(Figure(plots.plot_map_projections(pc_maps[pc].projections, figures / f"pc{pc}_maps.png",
+                                                          titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)]),
+                               f"Projections along z of the maps along PC{pc} (title: map, PC{pc} coordinate)"))
+            links += [(p, p.name) for p in pc_maps[pc].paths]
+        label = "the latent" if zdim == 1 else f"principal component {pc}"
+        sections.append(Section(
+            f"Traversal along PC{pc}",
+            paragraphs=[f"Maps at {len(coords)} equally spaced points along {label}, from the 5th to the 95th "
+                        "percentile of the particles' coordinates, other PCs at the mean (thesis 4.4.11)."],
+            figures=figs, links=links))
+
+    # -- training
+    if history:
+        sections.append(Section(
+            "Training", paragraphs=[f"{len(history)} epoch(s) recorded in the run's checkpoint."],
+            figures=[Figure(plots.plot_learning_curve(history, figures / "learning_curve.png", mark_epoch=epoch),
+                            "Learning curve: loss per epoch (mean over the epoch's batches)")]))
+    for section in sections:  # now the figures that wait for UMAP
+        section.figures = [f() if callable(f) else f for f in section.figures]
+    return sections

@@ -1,0 +1,73 @@
+"""The analysis reports render in headless Chromium: every image loads, no console errors.
+
+Needs the python ``playwright`` package and Debian's Chromium at /usr/bin/chromium (the
+``browser`` extra of pyproject.toml); where either is missing the test is skipped and says why
+(in the warnings summary as well as the skip reason).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path(os.environ.get("CRYOSCAPE_CHROMIUM", "/usr/bin/chromium"))
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _skip(reason: str) -> None:
+    warnings.warn(f"browser test skipped: {reason}", UserWarning, stacklevel=2)
+    print(f"browser test skipped: {reason}")
+    pytest.skip(reason)
+
+
+def _render(page, report: Path) -> dict:
+    """Open ``report`` and return what loaded and what went wrong."""
+    errors: list[str] = []
+    failed: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("requestfailed", lambda req: failed.append(req.url))
+    page.goto(report.resolve().as_uri(), wait_until="load")
+    images = page.evaluate(
+        "() => Array.from(document.images).map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0,"
+        " w: i.naturalWidth}))")
+    return {"errors": errors, "failed": failed, "images": images, "title": page.title()}
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Chromium's path; skips (before the trained-model fixtures are built) where it cannot run."""
+    if importlib.util.find_spec("playwright") is None:
+        _skip("the python package playwright is not installed (pip install playwright)")
+    if not CHROMIUM.is_file():
+        _skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CRYOSCAPE_CHROMIUM)")
+    return CHROMIUM
+
+
+def test_reports_render_in_headless_chromium(chromium, three_class_analysis, three_class_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from cryoscape.report.traverse import traverse_run
+
+    # (the three classes are separate islands of latent space, so no graph path joins them: a line does)
+    traversal = traverse_run(three_class_run, along="line", kmeans_anchors=3, n_points=3, outdir=tmp_path / "line",
+                             progress=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), args=ARGS, headless=True)
+        try:
+            for report, n_min in ((three_class_analysis.report, 12), (traversal.report, 2)):
+                page = browser.new_page()
+                seen = _render(page, report)
+                page.close()
+                assert seen["errors"] == [] and seen["failed"] == [], seen
+                assert len(seen["images"]) >= n_min
+                broken = [i["src"] for i in seen["images"] if not i["ok"]]
+                assert broken == [], broken
+                assert "cryoscape" in seen["title"]
+        finally:
+            browser.close()
