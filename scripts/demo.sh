@@ -1,49 +1,45 @@
 #!/usr/bin/env bash
 # The built-in example: simulate datasets of the built-in molecule, reconstruct one by
 # backprojection with known poses and CTF and compare the map with the ground truth, then learn
-# the moving domain of the other with a 1-D VAE and decode maps along its latent axis.
+# the moving domain of the other with a 1-D VAE, check it against the truth, analyse its latent
+# space into an HTML report and decode maps along its latent axis.
 # Usage: scripts/demo.sh [OUTDIR]   (make demo runs it with OUTDIR=demo_out)
 set -euo pipefail
 OUT=${1:-demo_out}
 BIN=${BIN:-.venv/bin}
 N=${DEMO_N_IMAGES:-5000}
 
-echo "== 1/5 simulate: $N images of the built-in molecule, D=64, SNR 0.1, CTF, shifts"
+echo "== 1/6 simulate: $N images of the built-in molecule, D=64, SNR 0.1, CTF, shifts"
 "$BIN/cryoscape" simulate -o "$OUT/data" -n "$N" -D 64 --snr 0.1 --heterogeneity none \
     --shift-max-pixel 3 --astigmatism-angstrom 500 --seed 0
 
-echo "== 2/5 backproject with the known poses and CTF (half-maps, gold-standard FSC)"
+echo "== 2/6 backproject with the known poses and CTF (half-maps, gold-standard FSC)"
 "$BIN/cryoscape" backproject "$OUT/data/particles.star" -o "$OUT/backproject"
 
-echo "== 3/5 compare the map with the ground truth"
+echo "== 3/6 compare the map with the ground truth"
 "$BIN/cryoscape" fsc "$OUT/backproject/map.mrc" "$OUT/data/gt_volumes/vol_000.mrc" \
     -o "$OUT/backproject/fsc_vs_truth.txt" --plot "$OUT/backproject/fsc_vs_truth.png"
 
 NH=${DEMO_N_HINGE:-1000}
-EPOCHS=${DEMO_EPOCHS:-14}
-echo "== 4/5 simulate $NH images of the hinge motion (D=32, SNR 1) and train a VAE (zdim 1, $EPOCHS epochs)"
+EPOCHS=${DEMO_EPOCHS:-10}
+echo "== 4/6 simulate $NH images of the hinge motion (D=32, SNR 1) and train a VAE (zdim 1, $EPOCHS epochs)"
 "$BIN/cryoscape" simulate -o "$OUT/hinge" -n "$NH" -D 32 --snr 1 --heterogeneity hinge --seed 2
 "$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$EPOCHS" --beta 0.05 --lr 1e-3 \
     --enc-layers 2 --enc-dim 128 --dec-layers 2 --dec-dim 128 -o "$OUT/train" --no-progress
 LAST=$((EPOCHS - 1))
-"$BIN/python" - "$OUT" "$LAST" <<'PY'
-import sys
-import numpy as np
-from scipy.stats import spearmanr
-out, epoch = sys.argv[1], sys.argv[2]
-z = np.load(f"{out}/train/z.{epoch}.npy")[:, 0]
-angle = np.load(f"{out}/hinge/ground_truth.npz")["coordinate"]  # true hinge angle per image
-rho = spearmanr(z, angle).correlation
-print(f"Spearman correlation of the latent with the true hinge angle: {rho:+.3f} "
-      f"(|rho| = {abs(rho):.3f}; the sign of a latent axis is arbitrary)")
-PY
 
-echo "== 5/5 decode maps along the latent axis"
+echo "== 5/6 evaluate against the simulated truth (latent vs hinge angle, per-image FSC)"
+"$BIN/cryoscape" evaluate "$OUT/train" --truth "$OUT/hinge" --n-images 50 --no-progress
+
+echo "== 6/6 analyze the latent space (PCA, k-means, maps, report) and decode maps along the latent"
+"$BIN/cryoscape" analyze "$OUT/train" --ksample 5 --skip-umap
 "$BIN/cryoscape" volumes "$OUT/train" --z-values -1.5 -0.75 0 0.75 1.5 -o "$OUT/train/maps" --no-progress
 
 cat <<TXT
 
 Done. Look at:
+  $OUT/train/analysis.$LAST/report.html   the analysis report (open in a browser)
+  $OUT/train/evaluate.$LAST/report.html   the comparison with the ground truth
   $OUT/backproject/map.mrc            reconstructed map (open in ChimeraX)
   $OUT/backproject/fsc.png            half-map gold-standard FSC
   $OUT/backproject/fsc_vs_truth.png   FSC of the map against the ground truth
