@@ -40,10 +40,14 @@ def _half_slice_points(D: int, B: int, gen: torch.Generator, dtype=torch.float64
     return k2[keep] @ _random_rotations(B, gen, dtype)[:, :2, :]
 
 
-def _lattice_values(lattice: HermitianLattice, K1: int, gen: torch.Generator, dtype=torch.float64):
-    re = torch.randn(lattice.n_vox, K1, generator=gen, dtype=dtype)
-    im = torch.randn(lattice.n_vox, K1, generator=gen, dtype=dtype)
-    return re, im
+def _tables(lattice: HermitianLattice, K: int, gen: torch.Generator, dtype=torch.float64):
+    """Random ``(mean_re, mean_im, basis_re, basis_im)``."""
+    return tuple(torch.randn(lattice.n_vox, k, generator=gen, dtype=dtype) for k in (1, 1, K, K))
+
+
+def _values(tables, s_b):
+    m_re, m_im, b_re, b_im = tables
+    return torch.complex(m_re[:, 0] + b_re @ s_b, m_im[:, 0] + b_im @ s_b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,34 +84,37 @@ def test_lattice_stores_one_point_per_friedel_pair_inside_the_ball(radius):
 def test_sparse_slice_equals_dense_full_volume_interpolation(D):
     gen = torch.Generator().manual_seed(D)
     lat = HermitianLattice(D / 2 + math.sqrt(3) + 1e-3)
-    K1, B = 4, 3
-    re, im = _lattice_values(lat, K1, gen)
-    s = torch.randn(B, K1, generator=gen, dtype=torch.float64)
+    K, B = 3, 3
+    tables = _tables(lat, K, gen)
+    s = torch.randn(B, K, generator=gen, dtype=torch.float64)
     pts = _half_slice_points(D, B, gen)
     # plus arbitrary points, some outside the ball and the cube
     pts = torch.cat([pts, (torch.rand(B, 50, 3, generator=gen, dtype=torch.float64) - 0.5) * 2 * (D / 2 + 4)], 1)
     index, sign, w = corner_codes_and_weights(lat, pts)
-    out = sparse_slice(re, im, s, index, w, sign)
+    out = sparse_slice(*tables, s, index, w, sign)
     for b in range(B):
-        values = torch.complex(re @ s[b], im @ s[b])
-        ref = dense_reference_slice(lat, values, pts[b])
+        ref = dense_reference_slice(lat, _values(tables, s[b]), pts[b])
         torch.testing.assert_close(out[b], ref, rtol=0, atol=1e-12)
     # float32 too, to float tolerance
-    out32 = sparse_slice(re.float(), im.float(), s.float(), index, w.float(), sign.float())
+    out32 = sparse_slice(*(t.float() for t in tables), s.float(), index, w.float(), sign.float())
     torch.testing.assert_close(out32, out.to(torch.complex64), rtol=1e-5, atol=1e-5)
+    # the mean volume alone
+    alone = sparse_slice(tables[0], tables[1], None, None, None, index, w, sign)
+    ref = dense_reference_slice(lat, torch.complex(tables[0][:, 0], tables[1][:, 0]), pts[0])
+    torch.testing.assert_close(alone[0], ref, rtol=0, atol=1e-12)
 
 
 def test_sparse_slice_is_hermitian_and_the_origin_real():
     gen = torch.Generator().manual_seed(3)
     lat = HermitianLattice(8.0)
-    re, im = _lattice_values(lat, 3, gen)
+    tables = _tables(lat, 3, gen)
     s = torch.randn(2, 3, generator=gen, dtype=torch.float64)
     pts = (torch.rand(2, 200, 3, generator=gen, dtype=torch.float64) - 0.5) * 12
     pts[:, 0] = 0.0
     idx, sign, w = corner_codes_and_weights(lat, pts)
-    a = sparse_slice(re, im, s, idx, w, sign)
+    a = sparse_slice(*tables, s, idx, w, sign)
     idx_m, sign_m, w_m = corner_codes_and_weights(lat, -pts)
-    b = sparse_slice(re, im, s, idx_m, w_m, sign_m)
+    b = sparse_slice(*tables, s, idx_m, w_m, sign_m)
     torch.testing.assert_close(b, a.conj(), rtol=0, atol=1e-12)
     assert a[:, 0].imag.abs().max() == 0
 
@@ -115,40 +122,39 @@ def test_sparse_slice_is_hermitian_and_the_origin_real():
 def test_sparse_slice_gradients_pass_gradcheck_in_float64():
     gen = torch.Generator().manual_seed(5)
     lat = HermitianLattice(3.0 + math.sqrt(3))
-    re, im = _lattice_values(lat, 3, gen)
-    s = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    tables = [t.requires_grad_() for t in _tables(lat, 2, gen)]
+    s = torch.randn(2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
     D = 6
-    pts = _half_slice_points(D, 2, gen) + 0.01  # away from cell faces, where trilinear kinks
-    re.requires_grad_(), im.requires_grad_(), s.requires_grad_(), pts.requires_grad_()
+    pts = (_half_slice_points(D, 2, gen) + 0.01).requires_grad_()  # off the cell faces (kinks)
 
-    def f(re_, im_, s_, p_):
+    def f(m_re, m_im, b_re, b_im, s_, p_):
         index, sign, w = corner_codes_and_weights(lat, p_)
-        return torch.view_as_real(sparse_slice(re_, im_, s_, index, w, sign, max_elements=40))
+        return torch.view_as_real(sparse_slice(m_re, m_im, b_re, b_im, s_, index, w, sign, max_elements=40))
 
-    assert torch.autograd.gradcheck(f, (re, im, s, pts), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(f, (*tables, s, pts), eps=1e-6, atol=1e-7)
 
 
 def test_sparse_gradients_equal_dense_gradients():
     gen = torch.Generator().manual_seed(7)
     lat = HermitianLattice(6.0)
-    re, im = _lattice_values(lat, 4, gen, dtype=torch.float32)
+    tables = _tables(lat, 4, gen, dtype=torch.float32)
     s = torch.randn(3, 4, generator=gen)
     pts = _half_slice_points(8, 3, gen, dtype=torch.float32)
     index, sign, w = corner_codes_and_weights(lat, pts)
     target = torch.randn(3, pts.shape[1], dtype=torch.complex64, generator=gen)
     grads = []
     for sparse in (False, True):
-        a, b = re.clone().requires_grad_(), im.clone().requires_grad_()
-        out = sparse_slice(a, b, s, index, w, sign, sparse_grad=sparse)
+        leaves = [t.clone().requires_grad_() for t in tables]
+        out = sparse_slice(*leaves, s, index, w, sign, sparse_grad=sparse)
         (out - target).abs().square().sum().backward()
-        grads.append((a.grad.to_dense(), b.grad.to_dense(), a.grad.is_sparse))
-    torch.testing.assert_close(grads[0][0], grads[1][0])
-    torch.testing.assert_close(grads[0][1], grads[1][1])
-    assert not grads[0][2] and grads[1][2]
+        assert all(t.grad.is_sparse == sparse for t in leaves)
+        grads.append([t.grad.to_dense() for t in leaves])
+    for dense, sparse in zip(*grads):
+        torch.testing.assert_close(dense, sparse)
     # only voxels some corner reads get a gradient
     touched = torch.zeros(lat.n_vox, dtype=torch.bool)
     touched[index[w != 0]] = True
-    assert (grads[0][0][~touched] == 0).all() and touched.float().mean() < 0.9
+    assert all((g[~touched] == 0).all() for g in grads[0]) and touched.float().mean() < 0.9
 
 
 def test_row_sparse_adam_matches_torch_sparse_adam():
@@ -174,18 +180,22 @@ def test_basis_is_registered_and_rebuilds_from_its_config():
     dec = build_decoder("basis", box_size=10, zdim=2, n_basis=3, layers=1, width=8)
     again = build_decoder("basis", **dec.config)
     assert again.config == dec.config and again.lattice.n_vox == dec.lattice.n_vox
-    assert dec.basis_real.shape == (dec.lattice.n_vox, 4)
-    assert float(dec.basis_real[:, 0].abs().max()) == 0.0  # V_0 starts at 0
-    assert 0 < float(dec.basis_real[:, 1:].std()) < 1e-5  # the basis starts tiny
+    assert dec.basis_real.shape == (dec.lattice.n_vox, 3) and dec.mean_real.shape == (dec.lattice.n_vox, 1)
+    assert float(dec.mean_real.abs().max()) == 0.0  # V_0 starts at 0
+    assert 0 < float(dec.basis_real.std()) < 1e-5  # the basis starts tiny
+    groups = dec.optimizer_param_groups()
+    assert [g["lr_scale"] for g in groups] == [10.0, 1.0, 1.0]  # V_0, basis (x0.1), MLP
+    homogeneous = build_decoder("basis", box_size=10)
+    assert homogeneous.basis_real is None and len(homogeneous.optimizer_param_groups()) == 1
 
 
 @pytest.mark.parametrize("D", [10, 11])
 def test_decoder_forward_matches_its_lattice_and_is_hermitian(D):
     torch.manual_seed(0)
-    dec = StructuralBasis(box_size=D, zdim=3, n_basis=2, layers=1, width=8)
+    dec = StructuralBasis(box_size=D, zdim=3, n_basis=2, layers=1, width=8).eval()
     with torch.no_grad():
-        dec.basis_real.normal_()
-        dec.basis_imag.normal_()
+        for t in dec._tables():
+            t.normal_()
         dec.set_data_spectrum(torch.linspace(3.0, 0.5, D // 2 + 1))
     z = torch.randn(2, 3)
     gen = torch.Generator().manual_seed(1)
@@ -194,7 +204,7 @@ def test_decoder_forward_matches_its_lattice_and_is_hermitian(D):
     s = dec.mixing_weights(z, 2).double()
     amp = dec._voxel_amplitude().double()
     for b in range(2):
-        values = torch.complex(dec.basis_real.double() @ s[b], dec.basis_imag.double() @ s[b]) * amp
+        values = _values([t.double() for t in dec._tables()], s[b]) * amp
         ref = dense_reference_slice(dec.lattice, values, coords[b].double() * D)
         torch.testing.assert_close(out[b].to(torch.complex128), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dec(-coords, z), out.conj())
@@ -206,14 +216,14 @@ def test_eval_volume_is_the_inverse_fft_of_the_lattice(D):
     """eval_volume equals Re(ifft3) of the full centred grid of lattice values (the neural
     field's convention), with the padding shells beyond Nyquist left out."""
     torch.manual_seed(0)
-    dec = StructuralBasis(box_size=D, zdim=2, n_basis=2, layers=1, width=8)
+    dec = StructuralBasis(box_size=D, zdim=2, n_basis=2, layers=1, width=8).eval()
     with torch.no_grad():
-        dec.basis_real.normal_()
-        dec.basis_imag.normal_()
+        for t in dec._tables():
+            t.normal_()
     z = torch.randn(2)
     vol = dec.eval_volume(z)
     s = dec.mixing_weights(z[None], 1)[0].double()
-    values = torch.complex(dec.basis_real.double() @ s, dec.basis_imag.double() @ s)
+    values = _values([t.double() for t in dec._tables()], s)
     c = torch.arange(D) - D // 2
     zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
     grid = torch.stack([xx, yy, zz], -1).double()
@@ -239,18 +249,19 @@ def test_a_volume_put_on_the_lattice_comes_back():
     inside = (c.abs() <= D // 2 - 1).all(-1)
     with torch.no_grad():
         vals = ft[c[inside, 2] + D // 2, c[inside, 1] + D // 2, c[inside, 0] + D // 2]
-        dec.basis_real[inside, 0] = vals.real.float()
-        dec.basis_imag[inside, 0] = vals.imag.float()
-    torch.testing.assert_close(dec.eval_volume().double(), vol, rtol=0, atol=2e-4)
+        dec.mean_real[inside, 0] = vals.real.float()
+        dec.mean_imag[inside, 0] = vals.imag.float()
+    torch.testing.assert_close(dec.eval_volume().double(), vol, rtol=0, atol=1e-3)  # float32 FFT of a 16^3 map
 
 
 def test_solvent_mask_projection_zeroes_the_solvent():
     D = 16
     torch.manual_seed(0)
     dec = StructuralBasis(box_size=D, zdim=1, n_basis=1, layers=1, width=4, solvent_mask_radius_fraction=0.25)
+    dec.eval()
     with torch.no_grad():
-        dec.basis_real.normal_()
-        dec.basis_imag.normal_()
+        for t in dec._tables():
+            t.normal_()
     before = dec.eval_volume(torch.ones(1))
     dec.apply_solvent_mask()
     after = dec.eval_volume(torch.ones(1))
@@ -270,7 +281,19 @@ def test_homogeneous_decoder_rejects_a_latent_and_needs_none():
     with pytest.raises(ValueError):
         StructuralBasis(box_size=8, zdim=2)(coords, None)
     with pytest.raises(ValueError):
-        StructuralBasis(box_size=8, power_prior=1.0)  # needs dense gradients
+        StructuralBasis(box_size=8, power_prior=-1.0)
+
+
+def test_mixing_weights_are_standardised_by_running_statistics():
+    torch.manual_seed(0)
+    dec = StructuralBasis(box_size=8, zdim=2, n_basis=3, layers=1, width=8)
+    z = torch.randn(400, 2) * 3 + 5
+    for _ in range(600):  # training-mode calls update the running mean and variance
+        dec.mixing_weights(z[torch.randint(0, 400, (16,))], 16)
+    dec.eval()
+    s = dec.mixing_weights(z, 400)
+    assert s.mean(0).abs().max() < 0.2 and (s.std(0) - 1).abs().max() < 0.2
+    assert torch.equal(dec.mixing_weights(z, 400), s)  # eval mode leaves the statistics alone
 
 
 def test_eval_volume_of_128_cubed_takes_under_a_tenth_of_a_second():

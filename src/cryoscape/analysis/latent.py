@@ -15,11 +15,12 @@ Scaling to large datasets (500k particles and more)
 ---------------------------------------------------
 PCA and k-means see every particle (k-means switches to mini-batch k-means above
 ``minibatch_above`` = 100k particles).  UMAP's cost grows with the number of points and its
-embedding serves only to look at, so :func:`compute_umap` fits at most ``fit_max`` (50k)
+embedding serves only to look at, so :func:`compute_umap` fits at most ``fit_max`` (20k)
 particles drawn at random; every other particle is placed at the inverse-distance weighted mean
 of the embeddings of its ``n_interpolate`` (10) nearest fitted neighbours in latent space.  That
-is the starting point UMAP's own ``transform`` would use for new points, without its refinement
-epochs: a neighbourhood-preserving placement that costs seconds instead of many minutes.  The
+is much like the starting point of UMAP's own ``transform`` for new points (a mean of the
+neighbours' embeddings weighted by their fuzzy memberships), without its refinement epochs: a
+neighbourhood-preserving placement that costs seconds instead of many minutes.  The
 fitted particles' indices are returned, so plots can show the fitted points alone.
 
 The k-nearest-neighbour graph UMAP needs is computed exactly with scikit-learn (a k-d tree on
@@ -296,7 +297,7 @@ def _knn(reference: np.ndarray, queries: np.ndarray | None, k: int) -> tuple[np.
     return idx, dist
 
 
-def compute_umap(z: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1, fit_max: int = 50_000,
+def compute_umap(z: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1, fit_max: int = 20_000,
                  n_interpolate: int = 10, seed: int = 0, n_epochs: int | None = None) -> UMAPResult:
     """2-D UMAP embedding of ``z (N, zdim)`` (umap-learn; large N: subsample, module docstring).
 

@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--decoder-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="extra decoder option (repeatable)")
     model.add_argument("--dec-layers", type=int, default=3, help="decoder hidden layers [3]")
-    model.add_argument("--dec-dim", type=int, default=256, help="decoder width [256]")
+    model.add_argument("--dec-dim", type=int, default=None, help="decoder width [128]")
     model.add_argument("--domain", choices=("fourier", "hartley"), default="fourier", help="decoder output domain [fourier]")
     model.add_argument("--pe-type", default="geom_lowf", help="positional encoding [geom_lowf]")
     model.add_argument("--pe-dim", type=int, default=None, help="number of encoding frequencies (default: by box)")
@@ -52,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="likelihood: white noise, or per-shell noise estimated from the data [white]")
 
     opt = parser.add_argument_group("training")
-    opt.add_argument("-n", "--num-epochs", type=int, default=None, help="number of epochs, final ones included [20]")
+    opt.add_argument("-n", "--num-epochs", type=int, default=None, help="number of epochs, final ones included [16]")
     opt.add_argument("-b", "--batch-size", type=int, default=None, help="images per gradient step [16]")
-    opt.add_argument("--lr", type=float, default=None, help="learning rate of Adam [1e-4]")
+    opt.add_argument("--lr", type=float, default=None, help="learning rate of Adam [1e-3]")
     opt.add_argument("--wd", type=float, default=None, dest="weight_decay", help="weight decay [0]")
     opt.add_argument("--beta", type=_beta, default=None, help="KL weight of the VAE: a number or 'anneal' [1/zdim]")
     opt.add_argument("--beta-anneal-epochs", type=int, default=None, help="epochs of the beta ramp")
@@ -70,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     sched = parser.add_argument_group("schedule (thesis 5.3.3)")
     sched.add_argument("--pretrain", type=int, default=None, dest="pretrain_images", metavar="N_IMAGES",
-                       help="warm-up: images fitted with random poses before the first search [10000]")
+                       help="warm-up: images fitted with random poses before the first search [4000]")
     sched.add_argument("--search-every", type=int, default=None, metavar="N",
-                       help="search poses every N epochs (from epoch 0) and reuse them in between [5]")
+                       help="search poses every N epochs (from epoch 0) and reuse them in between [2]")
     sched.add_argument("--final-epochs", type=int, default=None,
                        help="last epochs trained with the poses fixed, on the whole frequency circle [0]")
     sched.add_argument("--reset-epochs", type=int, nargs="*", default=None, metavar="EPOCH",
@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _config_from_args(args: argparse.Namespace):
     from cryoscape.train.abinit import AbinitConfig
 
-    d = AbinitConfig(num_epochs=20, batch_size=16)
+    d = AbinitConfig()
 
     def pick(value, default):
         return default if value is None else value
@@ -125,7 +125,7 @@ def _config_from_args(args: argparse.Namespace):
         window=not args.no_window, window_inner_radius_fraction=args.window_r,
         window_outer_radius_fraction=args.window_r_outer, lazy=args.lazy, n_normalization_images=args.norm_images,
         zdim=args.zdim, decoder=args.decoder, decoder_options=dict(args.decoder_opt), dec_layers=args.dec_layers,
-        dec_dim=args.dec_dim, domain=args.domain, pe_type=args.pe_type, pe_dim=args.pe_dim,
+        dec_dim=pick(args.dec_dim, d.dec_dim), domain=args.domain, pe_type=args.pe_type, pe_dim=args.pe_dim,
         gaussian_scale=args.gaussian_scale, encoder=args.encoder, enc_layers=args.enc_layers,
         enc_dim=args.enc_dim, noise_model=args.noise_model,
         num_epochs=pick(args.num_epochs, d.num_epochs), batch_size=pick(args.batch_size, d.batch_size),

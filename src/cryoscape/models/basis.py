@@ -15,37 +15,57 @@ Values between lattice points are trilinear interpolations of the 8 corners arou
 that the batch's central slices touch, so a step costs ``pixels x 8 x (K+1)`` multiply-adds per
 image instead of a coordinate MLP per pixel.
 
-Parameters and their scale
---------------------------
-``voxels``: one real tensor ``(n_vox, 2, K+1)`` (real and imaginary parts; column 0 is ``V_0``,
-initialised to 0; the basis columns to ``N(0, 1) * init_scale``, tiny, so that the subspace
-grows from the data).  The represented coefficient is ``voxels * amplitude(|k|)``: a fixed
-per-shell amplitude (a buffer, 1 until :meth:`StructuralBasis.set_data_spectrum` is called by the
-training loop with the data's per-shell RMS amplitude, the ``sigma_bar`` of seed 003 eq. 5).
-Map coefficients span orders of magnitude between low and high frequencies while Adam moves every
-parameter by about its learning rate, so this preconditioning puts all shells on the same footing
-(seed 003 sec. 4.3 does the same by dividing the data by ``sigma_bar``).  The voxels train with
-their own learning rate ``voxel_lr_scale x --lr`` (:meth:`StructuralBasis.optimizer_param_groups`).
+Parameters, their scale and their learning rates
+-------------------------------------------------
+``mean_real, mean_imag (n_vox, 1)`` hold ``V_0`` (initialised to 0) and ``basis_real,
+basis_imag (n_vox, K)`` the basis (``N(0, 1) * init_scale``: tiny, so the subspace grows from
+the data).  The represented coefficient is the stored value times a fixed per-shell amplitude (a
+buffer, 1 until :meth:`StructuralBasis.set_data_spectrum` is called by the training loop with
+the data's per-shell RMS amplitude, the ``sigma_bar`` of seed 003 eq. 5).  Map coefficients span
+orders of magnitude between low and high frequencies while Adam moves every parameter by about
+its learning rate, so this preconditioning puts all shells on one footing (seed 003 sec. 4.3
+divides the data by ``sigma_bar`` for the same reason).
 
-Optional regularisation (both off by default)
----------------------------------------------
+Three choices keep the per-image maps as clean as a consensus map while the latent space is still
+uninformative (measured on the 2000-image SNR 0.1 hinge set of bench/train.py, 2 epochs,
+per-image FSC AUC; a homogeneous ``V_0`` alone reaches 0.73):
+
+* ``s(z)`` is *standardised* by running statistics (mean and standard deviation over the training
+  batches, like batch normalisation without its affine part), so ``V_0`` is the mean map and the
+  product ``s_j V_j`` has no free scale for Adam to inflate.  Without it the raw ``s`` drifted to
+  +-15 and the mean map was spread over all 17 volumes.
+* The basis learns ``basis_lr_scale`` times slower than ``V_0``: Adam moves every stored value by
+  about its learning rate however small its gradient, so while ``s(z)`` carries no information the
+  16 basis volumes random-walk as fast as ``V_0`` learns and add their noise to every map (0.65 at
+  the same rate, 0.73 at 0.01x).  Too slow and the hinge is never learnt (0.1x learns it).
+* The voxels train at ``voxel_lr_scale x --lr`` (their own parameter groups,
+  :meth:`StructuralBasis.optimizer_param_groups`).
+
+Optional regularisation (off by default)
+----------------------------------------
 ``power_prior``: ``r`` of a Fourier-power (ridge) prior on the map coefficients, added to the loss
 through :meth:`StructuralBasis.regularization_loss` and scaled so that ``r`` means what
 backprojection's regulariser means (a homogeneous map converges to ``cryoscape backproject``'s
 Wiener estimate with the same ``r``).  A voxel map fitted to noisy images without it over-fits:
 on a 1000-image, SNR 1 test set the exact least-squares map scores 0.87 (sphere-masked FSC AUC to
-the truth) against backprojection's 0.93, and 0.93 with ``r = 3``.  Needs ``sparse_grad=False``
-(its gradient reaches every voxel).
-``solvent_mask_radius_fraction``: every ``mask_every`` optimiser steps each basis map is
-projected onto a soft sphere of that radius (fraction of the box; cosine edge of ``0.05 D``) in
-real space (:meth:`StructuralBasis.after_optimizer_step`); the solvent around the particle is
-then zero in every generated map.
+the truth) against backprojection's 0.93, and 0.93 with ``r = 3``.
+``solvent_mask_radius_fraction``: every ``mask_every`` optimiser steps every volume is multiplied
+in real space by a soft sphere of that radius (fraction of the box; cosine edge of ``0.05 D``)
+(:meth:`StructuralBasis.after_optimizer_step`); the solvent around the particle is then zero in
+every generated map.
+
+Gradients: dense by default (a zero buffer per table with the touched rows filled, then torch's
+fused Adam); ``sparse_grad=True`` gives ``torch.sparse_coo`` gradients over the touched voxels,
+updated lazily by :class:`cryoscape.models.sparse_slice.RowSparseAdam`.  On CPUs the dense path
+is faster at D = 64 and 128 (a fused pass over every voxel costs less than scattered row updates
+of the 20-30 % of voxels a batch of 8 touches); the sparse one keeps the optimiser's work
+proportional to the batch for large boxes.
 
 Scale of :meth:`StructuralBasis.eval_volume`: the same as the neural field's (module docstring
 of :mod:`cryoscape.models.neural_field`): lattice values are the centred unnormalised FFT of
 the map, smaller boxes crop frequencies and multiply by ``(n / D)^3``.  Generating a map is one
-``(n_vox, 2, K+1) x (K+1)`` product, one gather into the ``rfft`` half-grid and one inverse real
-FFT.  Voxels beyond the Nyquist shell (``round(|k| D) > radius``) are left out of generated maps.
+``(n_vox, K) x (K,)`` product, one gather into the ``rfft`` half-grid and one inverse real FFT.
+Voxels beyond the Nyquist shell (``round(|k| D) > radius``) are left out of generated maps.
 """
 
 from __future__ import annotations
@@ -70,6 +90,8 @@ __all__ = ["StructuralBasis"]
 
 #: Lattice points farther than this from the largest training frequency are never a corner.
 _CORNER_REACH = math.sqrt(3.0) + 1e-3
+#: Weight of one batch in the running statistics of s(z).
+_S_STATS_MOMENTUM = 0.01
 
 
 @register_decoder("basis")
@@ -96,18 +118,16 @@ class StructuralBasis(VolumeDecoder):
     init_scale
         Standard deviation of the initial basis volumes (``V_0`` starts at 0).
     voxel_lr_scale
-        Learning rate of the voxels relative to ``--lr``.
-    basis_scale
-        ``beta``: the basis volumes are ``V_j = beta * (stored columns)``, so under Adam they move
-        ``beta`` times slower than ``V_0`` (see the module docstring).
+        Learning rate of ``V_0`` relative to ``--lr``.
+    basis_lr_scale
+        Learning rate of ``V_1 .. V_K`` relative to ``V_0``'s (see the module docstring).
     power_prior
-        Strength of the Fourier-power prior (0: off); see the module docstring.
+        Strength ``r`` of the Fourier-power prior (0: off); see the module docstring.
     solvent_mask_radius_fraction, mask_every
-        Real-space solvent mask projection of the basis maps (``None``: off).
+        Real-space solvent mask of all volumes every ``mask_every`` steps (``None``: off).
     sparse_grad
-        Give the voxel tables sparse gradients over the touched voxels, updated by
-        ``torch.optim.SparseAdam`` (lazy Adam: only touched voxels move); ``False``: dense
-        gradients and the run's Adam.
+        Sparse gradients of the voxel tables, updated by ``RowSparseAdam`` (lazy Adam), instead
+        of dense ones and the run's fused Adam.
     max_elements
         Bound on the floats gathered at once when gradients flow to the slice coordinates
         (pose refinement).
@@ -126,12 +146,12 @@ class StructuralBasis(VolumeDecoder):
         activation: str = "gelu",
         radius: float | None = None,
         init_scale: float = 1e-6,
-        voxel_lr_scale: float = 100.0,
-        basis_scale: float = 1.0,
+        voxel_lr_scale: float = 10.0,
+        basis_lr_scale: float = 0.1,
         power_prior: float = 0.0,
         solvent_mask_radius_fraction: float | None = None,
         mask_every: int = 50,
-        sparse_grad: bool = True,
+        sparse_grad: bool = False,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
     ):
         super().__init__(box_size=box_size, zdim=zdim)
@@ -144,10 +164,11 @@ class StructuralBasis(VolumeDecoder):
             raise ValueError(f"radius must be positive, got {radius}")
         if solvent_mask_radius_fraction is not None and not 0 < float(solvent_mask_radius_fraction) <= 0.5:
             raise ValueError(f"solvent_mask_radius_fraction must be in (0, 0.5], got {solvent_mask_radius_fraction}")
-        if power_prior and sparse_grad:
-            raise ValueError("power_prior needs dense voxel gradients; pass sparse_grad=False with it")
-        if not voxel_lr_scale > 0:
-            raise ValueError(f"voxel_lr_scale must be positive, got {voxel_lr_scale}")
+        for name, value in (("voxel_lr_scale", voxel_lr_scale), ("basis_lr_scale", basis_lr_scale)):
+            if not float(value) > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not float(power_prior) >= 0:
+            raise ValueError(f"power_prior must not be negative, got {power_prior}")
         self.n_basis = int(n_basis) if self.zdim > 0 else 0
         self.config.update(
             n_basis=int(n_basis),
@@ -157,7 +178,7 @@ class StructuralBasis(VolumeDecoder):
             radius=float(radius),
             init_scale=float(init_scale),
             voxel_lr_scale=float(voxel_lr_scale),
-            basis_scale=float(basis_scale),
+            basis_lr_scale=float(basis_lr_scale),
             power_prior=float(power_prior),
             solvent_mask_radius_fraction=None if solvent_mask_radius_fraction is None
             else float(solvent_mask_radius_fraction),
@@ -169,45 +190,45 @@ class StructuralBasis(VolumeDecoder):
         self.max_elements = int(max_elements)
         self.lattice = HermitianLattice(self.radius + _CORNER_REACH)
         n_vox = self.lattice.n_vox
-        K1 = self.n_basis + 1
-        re = torch.zeros(n_vox, K1)
-        im = torch.zeros(n_vox, K1)
+        self.mean_real = nn.Parameter(torch.zeros(n_vox, 1))
+        self.mean_imag = nn.Parameter(torch.zeros(n_vox, 1))
         if self.n_basis:
-            re[:, 1:] = torch.randn(n_vox, self.n_basis) * float(init_scale)
-            im[:, 1:] = torch.randn(n_vox, self.n_basis) * float(init_scale)
-        self.basis_real = nn.Parameter(re)
-        self.basis_imag = nn.Parameter(im)
-        self.mlp = (
-            ResidualMLP(self.zdim, self.n_basis, layers=int(layers), width=int(width), activation=activation)
-            if self.zdim > 0 else None
-        )
-        # per-shell amplitude (index units, shell = round |c|), set from the data by the loop
-        n_shells = self.lattice.L + 2
-        self.register_buffer("shell_amplitude", torch.ones(n_shells))
+            self.basis_real = nn.Parameter(torch.randn(n_vox, self.n_basis) * float(init_scale))
+            self.basis_imag = nn.Parameter(torch.randn(n_vox, self.n_basis) * float(init_scale))
+            self.mlp = ResidualMLP(self.zdim, self.n_basis, layers=int(layers), width=int(width),
+                                   activation=activation)
+        else:
+            self.basis_real = self.basis_imag = None
+            self.mlp = None
+        # per-shell amplitude (index units, shell = round |c|) and mean CTF^2, set from the data
+        self.register_buffer("shell_amplitude", torch.ones(self.lattice.L + 2))
         self.register_buffer("mean_ctf_squared", torch.tensor(0.5))
+        # running statistics that standardise s(z) (see mixing_weights)
         self.register_buffer("s_mean", torch.zeros(self.n_basis))
-        self.register_buffer("s_mean_started", torch.tensor(False))
+        self.register_buffer("s_var", torch.ones(self.n_basis))
+        self.register_buffer("s_stats_started", torch.tensor(False))
         shells = self.lattice.coords.double().norm(dim=-1).round().long()
         self.register_buffer("_voxel_shell", shells, persistent=False)
         self.register_buffer("_table", self.lattice.table, persistent=False)
         self.register_buffer("_coords", self.lattice.coords, persistent=False)
-        self._eval_cache: dict[tuple[int, str], torch.Tensor] = {}
+        self._origin_index = int((self.lattice.coords == 0).all(-1).nonzero()[0, 0])
+        self._eval_cache: dict[tuple[int, str], tuple] = {}
         self._amplitude_cache: tuple | None = None
         self._steps = 0
-
 
     # ------------------------------------------------------------------------------------------
     # hooks used by the training loop (generic: any decoder may define them; see train/loop.py)
     # ------------------------------------------------------------------------------------------
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
-        """Optimiser parameter groups: the voxel tables (``lr_scale = voxel_lr_scale``, sparse
-        gradients when ``sparse_grad``) and the mixing MLP (``lr_scale`` 1)."""
-        groups: list[dict[str, Any]] = [{
-            "params": [self.basis_real, self.basis_imag],
-            "lr_scale": self.config["voxel_lr_scale"],
-            "sparse": self.config["sparse_grad"],
-        }]
-        if self.mlp is not None:
+        """Parameter groups: ``V_0`` at ``voxel_lr_scale``, the basis at ``voxel_lr_scale *
+        basis_lr_scale`` (both sparse when ``sparse_grad``), the mixing MLP at ``lr_scale`` 1."""
+        c = self.config
+        groups: list[dict[str, Any]] = [
+            {"params": [self.mean_real, self.mean_imag], "lr_scale": c["voxel_lr_scale"], "sparse": c["sparse_grad"]},
+        ]
+        if self.n_basis:
+            groups.append({"params": [self.basis_real, self.basis_imag],
+                           "lr_scale": c["voxel_lr_scale"] * c["basis_lr_scale"], "sparse": c["sparse_grad"]})
             groups.append({"params": list(self.mlp.parameters()), "lr_scale": 1.0})
         return groups
 
@@ -247,18 +268,19 @@ class StructuralBasis(VolumeDecoder):
         mean accumulated CTF^2 weight of a voxel), i.e. ``r`` means what backprojection's
         regulariser means.  (Per image the loss weighs a pixel by ``1 / n_circle``, a stored voxel
         stands for two grid voxels, and ``<W> = N n_circle <c^2> / (2 n_vox)``.)  ``n_images`` is
-        not needed: both terms are per-image averages.
+        not needed: both terms are per-image averages.  The basis volumes are those that ``s``
+        (standardised, unit variance over the data) multiplies, so each gets the same prior.
         """
         lam = self.config["power_prior"]
         if not lam:
             return None
         a2 = self._voxel_amplitude().square().unsqueeze(-1)
-        total = (self.basis_real.square() * a2).sum() + (self.basis_imag.square() * a2).sum()
+        total = sum((t.square() * a2).sum() for t in self._tables())
         return total * (lam * self.mean_ctf_squared / self.lattice.n_vox)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Every ``mask_every`` steps, project the basis onto the solvent mask (when enabled)."""
+        """Every ``mask_every`` steps, apply the solvent mask (when enabled)."""
         if self.config["solvent_mask_radius_fraction"] is None:
             return
         self._steps += 1
@@ -267,7 +289,7 @@ class StructuralBasis(VolumeDecoder):
 
     @torch.no_grad()
     def apply_solvent_mask(self) -> None:
-        """Multiply every basis map by the soft sphere of ``solvent_mask_radius_fraction`` in real space."""
+        """Multiply every volume by the soft sphere of ``solvent_mask_radius_fraction`` in real space."""
         from cryoscape.fourier.masks import soft_spherical_mask_3d
 
         frac = self.config["solvent_mask_radius_fraction"]
@@ -277,32 +299,37 @@ class StructuralBasis(VolumeDecoder):
         # The odd cube holding every stored voxel: its inverse FFT samples the same D-periodic map
         # on n points per D pixels, so the sphere's radius is frac * n of those points.
         n = 2 * L + 1
-        device = self.basis_real.device
-        mask = soft_spherical_mask_3d(n, frac * n, edge_width_pixel=0.05 * n, device=device, dtype=torch.float64)
+        mask = soft_spherical_mask_3d(n, frac * n, edge_width_pixel=0.05 * n, device=self._table.device,
+                                      dtype=torch.float64)
         amp = self._voxel_amplitude().double()
         codes = self._cube_codes(L)
         c = self._coords
-        for j in range(self.basis_real.shape[1]):
-            values = torch.complex(self.basis_real[:, j].double(), self.basis_imag[:, j].double()) * amp
-            cube = self._values_from_codes(values, codes)
-            vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(cube))).real * mask
-            back = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol)))
-            back = back[c[:, 2] + L, c[:, 1] + L, c[:, 0] + L] / amp
-            self.basis_real[:, j] = back.real.to(self.basis_real.dtype)
-            self.basis_imag[:, j] = back.imag.to(self.basis_imag.dtype)
+        for re, im in ((self.mean_real, self.mean_imag), (self.basis_real, self.basis_imag)):
+            if re is None:
+                continue
+            for j in range(re.shape[1]):
+                values = torch.complex(re[:, j].double(), im[:, j].double()) * amp
+                cube = self._values_from_codes(values, codes)
+                vol = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(cube))).real * mask
+                back = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol)))
+                back = back[c[:, 2] + L, c[:, 1] + L, c[:, 0] + L] / amp
+                re[:, j] = back.real.to(re.dtype)
+                im[:, j] = back.imag.to(im.dtype)
 
     # ------------------------------------------------------------------------------------------
+    def _tables(self) -> list[torch.Tensor]:
+        return [t for t in (self.mean_real, self.mean_imag, self.basis_real, self.basis_imag) if t is not None]
+
     def _voxel_amplitude(self) -> torch.Tensor:
         """``(n_vox,)`` amplitude of every voxel, cached until ``shell_amplitude`` changes."""
         a = self.shell_amplitude
         key = (a.device, a.dtype, a._version, id(a))
         if self._amplitude_cache is None or self._amplitude_cache[0] != key:
-            voxel = a[self._voxel_shell.clamp(max=a.numel() - 1)]
-            self._amplitude_cache = (key, voxel)
+            self._amplitude_cache = (key, a[self._voxel_shell.clamp(max=a.numel() - 1)])
         return self._amplitude_cache[1]
 
     def _lattice(self) -> HermitianLattice:
-        self.lattice.table = self._table  # follows .to(device)
+        self.lattice.table = self._table  # follow .to(device)
         self.lattice.coords = self._coords
         return self.lattice
 
@@ -331,29 +358,43 @@ class StructuralBasis(VolumeDecoder):
             raise ValueError(f"z has {z.shape[0]} rows but coords has batch size {batch}")
         return z
 
-    def mixing_weights(self, z: torch.Tensor | None, batch: int = 1) -> torch.Tensor:
-        """``(B, K+1)`` weights ``[1, beta s(z)]`` of the stored columns (ones ``(B, 1)`` when homogeneous)."""
-        dtype = self.basis_real.dtype
+    @torch.no_grad()
+    def _update_s_stats(self, s: torch.Tensor) -> None:
+        """Running mean and variance of the raw mixing weights over the training batches
+        (exponential averages, weight ``_S_STATS_MOMENTUM`` per batch; the first batch sets them)."""
+        s = s.float()
+        mean = s.mean(0)
+        var = s.var(0, unbiased=False) if s.shape[0] > 1 else None
+        if not bool(self.s_stats_started):
+            self.s_mean.copy_(mean)
+            if var is not None:
+                self.s_var.copy_(var.clamp_min(1e-12))
+            self.s_stats_started.fill_(True)
+            return
+        self.s_mean.lerp_(mean, _S_STATS_MOMENTUM)
+        if var is not None:
+            self.s_var.lerp_(var, _S_STATS_MOMENTUM)
+
+    def mixing_weights(self, z: torch.Tensor | None, batch: int = 1) -> torch.Tensor | None:
+        """``(B, K)`` standardised weights ``s(z)`` of ``V_1 .. V_K`` (``None`` when homogeneous).
+
+        Batch normalisation without the affine part: in training mode (with gradients on, more
+        than one latent) ``s = (MLP(z) - batch mean) / batch std``, and the running statistics
+        are updated; otherwise ``s = (MLP(z) - running mean) / running std``.  Standardising with
+        the batch's own statistics makes every batch's mean map exactly ``V_0`` and leaves Adam no
+        scale to inflate (running statistics lag a drifting MLP output: their maps were worse).
+        """
         if self.mlp is None:
-            return torch.ones(batch, 1, dtype=dtype, device=self.basis_real.device)
+            return None
+        dtype = self.mean_real.dtype
         s = self.mlp(z.to(self.mlp.input.weight.dtype)).to(dtype)
-        if self.training and torch.is_grad_enabled():
-            self._update_s_mean(s.detach())
-        s = (s - self.s_mean.to(dtype)) * self.config["basis_scale"]
+        if self.training and torch.is_grad_enabled() and s.shape[0] > 1:
+            self._update_s_stats(s.detach())
+            return s - s.mean(0)
+        s = s - self.s_mean.to(dtype)
         if s.shape[0] == 1 and batch > 1:
             s = s.expand(batch, -1)
-        return torch.cat([torch.ones(s.shape[0], 1, dtype=dtype, device=s.device), s], dim=1)
-
-    @torch.no_grad()
-    def _update_s_mean(self, s: torch.Tensor) -> None:
-        """Running mean of the raw mixing weights over the training batches (momentum 0.99; the
-        first batch sets it)."""
-        mean = s.float().mean(0)
-        if not bool(self.s_mean_started):
-            self.s_mean.copy_(mean)
-            self.s_mean_started.fill_(True)
-        else:
-            self.s_mean.lerp_(mean, 0.01)
+        return s
 
     # ------------------------------------------------------------------------------------------
     def forward(self, coords: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -369,63 +410,124 @@ class StructuralBasis(VolumeDecoder):
         B = coords.shape[0]
         point_shape = coords.shape[1:-1]
         z = self._check_z(z, B)
-        dtype = self.basis_real.dtype
+        dtype = self.mean_real.dtype
         with torch.autocast(device_type=coords.device.type, enabled=False):
             s = self.mixing_weights(z, B)
             points = coords.reshape(B, -1, 3).to(dtype) * self.box_size
             index, imag_sign, w = corner_codes_and_weights(self._lattice(), points)
-            w = w * self._voxel_amplitude().to(dtype)[index]
+            w = w * self._voxel_amplitude().to(dtype).index_select(0, index.reshape(-1)).view_as(w)
             out = sparse_slice(
-                self.basis_real, self.basis_imag, s, index, w, imag_sign,
+                self.mean_real, self.mean_imag, self.basis_real, self.basis_imag, s, index, w, imag_sign,
                 sparse_grad=self.config["sparse_grad"], max_elements=self.max_elements,
             )
         return out.reshape(B, *point_shape)
 
     # ------------------------------------------------------------------------------------------
-    def _rfft_codes(self, n: int) -> torch.Tensor:
-        """Codes of the ``irfftn`` half-grid ``(n, n, n//2 + 1)`` (origin first on every axis),
-        ``-1`` beyond the modelled shells; cached for the last box and device."""
+    def _eval_plan(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict]:
+        """How to fill the ``irfftn`` half-grid ``(n, n, n//2 + 1)`` (origin first on every axis)
+        with one gather: cached for the last box and device.
+
+        Returns ``(index, positions, alias, buffers)``: ``index`` points every half-grid point into the
+        table ``[v, -v, conj v, -conj v, 0]`` of :meth:`eval_volume` (``4 n_vox`` is the zero:
+        beyond the modelled shells).  The sign undoes the origin-first layout of even boxes
+        (``fftshift`` of the output is a factor ``(-1)^(kx+ky+kz)`` on the spectrum); odd boxes
+        are shifted after the transform.  For even ``n``, ``positions`` and ``alias`` (indices into
+        the same table) list the points with a coordinate at Nyquist: there ``Re(ifftn)`` of the
+        full centred grid (the neural field's convention) sees the mean of the point with every
+        Nyquist coordinate at ``-n/2`` and the one with all at ``+n/2``.  ``buffers`` holds the
+        reusable table and half-grid of :meth:`eval_volume`.
+        """
         key = (n, str(self._table.device))
-        if key not in self._eval_cache:
-            device = self._table.device
-            full = torch.arange(n, device=device)
-            f = torch.where(full < n - n // 2, full, full - n)  # FFT order: 0, 1, ..., -2, -1
-            fx = torch.arange(n // 2 + 1, device=device)
-            zz, yy, xx = torch.meshgrid(f, f, fx, indexing="ij")
-            pts = torch.stack([xx, yy, zz], dim=-1)
-            codes = self._lattice().codes_at(pts)
-            shell = (xx * xx + yy * yy + zz * zz).double().sqrt().round()
-            codes = torch.where(shell <= self.radius, codes, torch.full_like(codes, -1))
-            self._eval_cache = {key: codes.to(torch.int32)}
+        if key in self._eval_cache:
+            return self._eval_cache[key]
+        device = self._table.device
+        lattice = self._lattice()
+        n_vox = lattice.n_vox
+        i = torch.arange(n, device=device)
+        f = torch.where(i < n - n // 2, i, i - n)  # FFT order: 0, 1, ..., -2, -1
+        zz, yy, xx = torch.meshgrid(f, f, torch.arange(n // 2 + 1, device=device), indexing="ij")
+        pts = torch.stack([xx, yy, zz], dim=-1).reshape(-1, 3)
+        keep = pts.double().norm(dim=-1).round() <= self.radius
+        even = n % 2 == 0
+        parity = (pts.sum(-1) % 2) if even else torch.zeros_like(pts[:, 0])
+
+        def table_index(points: torch.Tensor, par: torch.Tensor) -> torch.Tensor:
+            code = lattice.codes_at(points)
+            voxel = code.clamp(min=0) >> 2
+            conj = (code & 3) == 1
+            out = (2 * conj.long() + par) * n_vox + voxel
+            return torch.where(code >= 0, out, torch.full_like(out, 4 * n_vox))
+
+        positions = alias = None
+        grid = pts
+        if even:
+            nyquist = pts.abs() == n // 2
+            on = nyquist.any(-1) & keep
+            grid = torch.where(nyquist, torch.full_like(pts, -(n // 2)), pts)
+            positions = on.nonzero().squeeze(-1)
+            flipped = torch.where(nyquist, -grid, grid)[positions]
+            alias = table_index(flipped, parity[positions])
+        index = torch.where(keep, table_index(grid, parity), torch.full_like(pts[:, 0], 4 * n_vox))
+        self._eval_cache = {key: (index, positions, alias, {})}
         return self._eval_cache[key]
+
+    @torch.no_grad()
+    def lattice_values(self, z: torch.Tensor | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n_vox,)`` complex coefficients of the map for one latent ``(zdim,)`` at the stored
+        voxels (written into ``out``, a complex ``(n_vox,)`` tensor, when given)."""
+        re, im = self.mean_real[:, 0], self.mean_imag[:, 0]
+        dtype = re.dtype
+        if out is None:
+            out = torch.empty(re.shape[0], dtype=torch.complex128 if dtype == torch.float64 else torch.complex64,
+                              device=re.device)
+        parts = torch.view_as_real(out)
+        amp = self._voxel_amplitude().to(dtype)
+        if self.mlp is not None:
+            z = self._check_z(torch.as_tensor(z, device=re.device, dtype=torch.float32).reshape(1, -1), 1)
+            s = self.mixing_weights(z, 1)[0]
+            scratch = torch.empty_like(re)
+            for k, (mean, basis) in enumerate(((re, self.basis_real), (im, self.basis_imag))):
+                torch.addmv(mean, basis, s, out=scratch)  # contiguous output: the BLAS path
+                torch.mul(scratch, amp, out=parts[:, k])
+        else:
+            self._check_z(None if z is None else torch.as_tensor(z).reshape(1, -1), 1)
+            torch.mul(re, amp, out=parts[:, 0])
+            torch.mul(im, amp, out=parts[:, 1])
+        parts[self._origin_index, 1] = 0  # F(0) is real
+        return out
 
     @torch.no_grad()
     def eval_volume(self, z: torch.Tensor | None = None, *, box_size: int | None = None) -> torch.Tensor:
         """Real-space map ``(n, n, n)`` float32 ``[z, y, x]`` for one latent (scale: module docstring).
 
-        One weighted sum of the basis, one gather into the ``irfftn`` half-grid, one inverse
-        real FFT.  (The ``+-Nyquist`` planes of even boxes: ``irfftn`` keeps the Hermitian part
-        of its last-axis Nyquist plane, which for a lattice that is Hermitian by construction is
-        the mean of the ``+N/2`` and ``-N/2`` voxels, the same as ``Re(ifftn)`` of the full
-        centred grid.)
+        One weighted sum of the basis, one gather into the ``irfftn`` half-grid (:meth:`_eval_plan`),
+        one inverse real FFT; equal to ``Re(ifft3_center)`` of the full centred grid of lattice
+        values.  The table and half-grid buffers are kept between calls (cached with the plan):
+        allocating tens of MB afresh for every map costs more than the arithmetic.
         """
         n = int(box_size) if box_size is not None else self.box_size
         if n < 1:
             raise ValueError(f"box_size must be positive, got {box_size}")
-        device = self.basis_real.device
-        if z is not None:
-            z = torch.as_tensor(z, device=device, dtype=torch.float32).reshape(1, -1)
-        z = self._check_z(z, 1)
-        s = self.mixing_weights(z, 1)[0]
-        amp = self._voxel_amplitude().to(s.dtype)
-        re = torch.mv(self.basis_real, s) * amp
-        im = torch.mv(self.basis_imag, s) * amp
-        index, sign, valid = split_codes(self._rfft_codes(n).long(), re.dtype)
-        half = torch.complex(re[index] * valid, im[index] * (sign * valid))
-        volume = torch.fft.fftshift(torch.fft.irfftn(half, s=(n, n, n)))
+        index, positions, alias, buffers = self._eval_plan(n)
+        n_vox = self.lattice.n_vox
+        ctype = torch.complex128 if self.mean_real.dtype == torch.float64 else torch.complex64
+        if buffers.get("table") is None or buffers["table"].dtype != ctype:
+            buffers["table"] = torch.zeros(4 * n_vox + 1, dtype=ctype, device=index.device)
+            buffers["half"] = torch.empty(index.shape[0], dtype=ctype, device=index.device)
+        table, half = buffers["table"], buffers["half"]
+        values = self.lattice_values(z, out=table[:n_vox])
+        torch.neg(values, out=table[n_vox : 2 * n_vox])
+        torch.view_as_real(table[2 * n_vox : 3 * n_vox]).copy_(torch.view_as_real(values.conj().resolve_conj()))
+        torch.neg(table[2 * n_vox : 3 * n_vox], out=table[3 * n_vox : 4 * n_vox])
+        torch.index_select(table, 0, index, out=half)
+        if positions is not None and positions.numel():
+            half[positions] = 0.5 * (half[positions] + table.index_select(0, alias))
+        volume = torch.fft.irfftn(half.view(n, n, n // 2 + 1), s=(n, n, n))
+        if n % 2:
+            volume = torch.fft.fftshift(volume)
         if n != self.box_size:
             volume = volume * (n / self.box_size) ** 3
-        return volume.to(torch.float32).contiguous()
+        return volume.to(torch.float32)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -138,9 +138,9 @@ def split_codes(code: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     validity as ``dtype`` tensors."""
     valid = code >= 0
     safe = code.clamp(min=0)
-    index = safe >> 2
-    lut = torch.tensor(_IMAG_SIGN, dtype=dtype, device=code.device)
-    return index, lut[safe & 3], valid.to(dtype)
+    t = safe & 3
+    sign = 1 - 2 * (t == 1).to(dtype) - (t == 2).to(dtype)  # _IMAG_SIGN[t], without a gather
+    return safe >> 2, sign, valid.to(dtype)
 
 
 _CORNER_OFFSETS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1))
@@ -171,7 +171,8 @@ def corner_codes_and_weights(
     q = b.clamp(-L - 1, L) + (L + 1)
     flat0 = (q[..., 2] * S + q[..., 1]) * S + q[..., 0]
     delta = torch.tensor([dz * S * S + dy * S + dx for dz, dy, dx in _CORNER_OFFSETS], device=points.device)
-    code = lattice.table[flat0.unsqueeze(-1) + delta].long()
+    flat = (flat0.unsqueeze(-1) + delta).reshape(-1)
+    code = lattice.table.index_select(0, flat).view(*flat0.shape, 8).long()  # index_select: fastest gather
     code = torch.where(inside.unsqueeze(-1), code, torch.full_like(code, -1))
     index, imag_sign, valid = split_codes(code, points.dtype)
     fx, fy, fz = frac.unbind(-1)
@@ -209,82 +210,106 @@ def _gradient_rows(plan, weights: torch.Tensor, per_point: torch.Tensor) -> torc
     the transpose of the forward gather, as one more ``embedding_bag`` (each voxel a bag of the
     points that read it)."""
     _, offsets, point, perm = plan
-    return F.embedding_bag(point, per_point, offsets, per_sample_weights=weights.reshape(-1)[perm], mode="sum")
+    return F.embedding_bag(point, per_point, offsets, per_sample_weights=weights.reshape(-1).index_select(0, perm),
+                           mode="sum")
 
 
 class SparseSliceFunction(torch.autograd.Function):
-    """``out[b, p] = sum_c w[b,p,c] * (W[idx[b,p,c]] . s_b)``, imaginary parts signed; see the
+    """``out[b, p] = sum_c w[b,p,c] * (M[idx] + B[idx] . s_b)``, imaginary parts signed; see the
     module docstring.
 
-    Inputs: ``W_re, W_im (n_vox, K1)`` (real and imaginary parts of the basis), ``s (B, K1)``,
-    ``index (B, P, 8)`` int64, ``w (B, P, 8)``, ``imag_sign (B, P, 8)``, ``sparse`` (bool: return
-    ``torch.sparse_coo`` gradients of the tables, for ``torch.optim.SparseAdam``) and
-    ``max_elements`` (chunking of the rarely needed ``dL/dw``).  Output ``(B, P, 2)`` real and
-    imaginary parts.  Differentiable in ``W_re``, ``W_im``, ``s`` and ``w``.
+    Inputs: ``M_re, M_im (n_vox, 1)`` (the mean volume ``V_0``), ``B_re, B_im (n_vox, K)`` (the
+    basis, or ``None``), ``s (B, K)`` (or ``None``), ``index (B, P, 8)`` int64, ``w (B, P, 8)``,
+    ``imag_sign (B, P, 8)``, ``sparse`` (bool: ``torch.sparse_coo`` gradients of the tables, for
+    :class:`RowSparseAdam`) and ``max_elements`` (chunking of the rarely needed ``dL/dw``).
+    Output ``(B, P, 2)`` real and imaginary parts.  Differentiable in the tables, ``s`` and ``w``.
 
-    Forward: two ``embedding_bag`` calls (weighted sums of the 8 corner rows of every point,
-    ``(B*P, K1)`` each) and one batched product with ``s``.  Backward: ``dL/ds`` from the saved
-    bag sums; ``dL/dW`` from :func:`_gradient_rows` into a dense zero buffer (or a sparse tensor
-    over the touched rows).  Nothing of size ``B x P x 8 x K1`` is ever built.
+    Forward: ``embedding_bag`` calls (weighted sums of the 8 corner rows of every point, ``(B*P,
+    K)`` per table) and one batched product with ``s``.  Backward: ``dL/ds`` from the saved bag
+    sums; table gradients from :func:`_gradient_rows` (the corners sorted by voxel once, then one
+    ``embedding_bag`` per table) into a dense zero buffer, or a sparse tensor over the touched
+    rows.  Nothing of size ``B x P x 8 x K`` is built.
     """
 
     @staticmethod
-    def forward(ctx, W_re, W_im, s, index, w, imag_sign, sparse, max_elements):  # noqa: D102
-        K1 = W_re.shape[1]
-        B, P, C = index.shape
-        bags = index.reshape(B * P, C)
+    def forward(ctx, M_re, M_im, B_re, B_im, s, index, w, imag_sign, sparse, max_elements):  # noqa: D102
+        Bn, P, C = index.shape
+        bags = index.reshape(Bn * P, C)
         w_im = w * imag_sign
-        A_re = F.embedding_bag(bags, W_re, per_sample_weights=w.reshape(B * P, C), mode="sum").view(B, P, K1)
-        A_im = F.embedding_bag(bags, W_im, per_sample_weights=w_im.reshape(B * P, C), mode="sum").view(B, P, K1)
-        out = torch.stack([torch.bmm(A_re, s.unsqueeze(-1)), torch.bmm(A_im, s.unsqueeze(-1))], dim=-1)
-        ctx.save_for_backward(W_re, W_im, s, index, w, w_im, imag_sign, A_re, A_im)
+        w_flat, w_im_flat = w.reshape(Bn * P, C), w_im.reshape(Bn * P, C)
+        out_re = F.embedding_bag(bags, M_re, per_sample_weights=w_flat, mode="sum").view(Bn, P)
+        out_im = F.embedding_bag(bags, M_im, per_sample_weights=w_im_flat, mode="sum").view(Bn, P)
+        A_re = A_im = None
+        if B_re is not None:
+            K = B_re.shape[1]
+            A_re = F.embedding_bag(bags, B_re, per_sample_weights=w_flat, mode="sum").view(Bn, P, K)
+            A_im = F.embedding_bag(bags, B_im, per_sample_weights=w_im_flat, mode="sum").view(Bn, P, K)
+            out_re = out_re + torch.bmm(A_re, s.unsqueeze(-1)).squeeze(-1)
+            out_im = out_im + torch.bmm(A_im, s.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(M_re, M_im, B_re, B_im, s, index, w, w_im, imag_sign, A_re, A_im)
         ctx.sparse = bool(sparse)
         ctx.max_elements = int(max_elements)
-        return out.view(B, P, 2)
+        return torch.stack([out_re, out_im], dim=-1)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        W_re, W_im, s, index, w, w_im, imag_sign, A_re, A_im = ctx.saved_tensors
-        n_vox, K1 = W_re.shape
-        B, P, C = index.shape
-        need_re, need_im, need_s, _, need_w = ctx.needs_input_grad[:5]
-        g = grad_out.to(W_re.dtype)
+        M_re, M_im, B_re, B_im, s, index, w, w_im, imag_sign, A_re, A_im = ctx.saved_tensors
+        Bn, P, C = index.shape
+        needs = ctx.needs_input_grad
+        g = grad_out.to(M_re.dtype)
         g_re, g_im = g[..., 0].contiguous(), g[..., 1].contiguous()
-        grad_re = grad_im = grad_s = grad_w = None
-        if need_s:
-            grad_s = (torch.bmm(g_re.unsqueeze(1), A_re) + torch.bmm(g_im.unsqueeze(1), A_im)).squeeze(1)
-        if need_re or need_im:
-            plan = _transpose_plan(index.reshape(B * P, C))
-            touched = plan[0]
-            grads = []
-            for need, gp, wc in ((need_re, g_re, w), (need_im, g_im, w_im)):
-                if not need:
-                    grads.append(None)
-                    continue
-                per_point = (gp.unsqueeze(-1) * s.unsqueeze(1)).reshape(B * P, K1)
-                rows = _gradient_rows(plan, wc, per_point)
-                if ctx.sparse:
-                    grads.append(torch.sparse_coo_tensor(touched.unsqueeze(0), rows, (n_vox, K1), is_coalesced=True,
-                                                         check_invariants=False))
-                else:
-                    grads.append(torch.zeros_like(W_re).index_copy_(0, touched, rows))
-            grad_re, grad_im = grads
-        if need_w:
-            grad_w = torch.empty_like(w)
-            for a, b in _chunks(B, P * C * K1 * 2, ctx.max_elements):
-                n = b - a
-                flat = index[a:b].reshape(-1)
-                mix = s[a:b].unsqueeze(-1)
-                r_re = torch.bmm(W_re.index_select(0, flat).view(n, P * C, K1), mix).view(n, P, C)
-                r_im = torch.bmm(W_im.index_select(0, flat).view(n, P * C, K1), mix).view(n, P, C)
-                grad_w[a:b] = g_re[a:b].unsqueeze(-1) * r_re + g_im[a:b].unsqueeze(-1) * r_im * imag_sign[a:b]
-        return grad_re, grad_im, grad_s, None, grad_w, None, None, None
+        grads: list[torch.Tensor | None] = [None] * 10
+        if needs[4]:
+            grads[4] = (torch.bmm(g_re.unsqueeze(1), A_re) + torch.bmm(g_im.unsqueeze(1), A_im)).squeeze(1)
+        if any(needs[:4]):
+            plan = _transpose_plan(index.reshape(Bn * P, C))
+            jobs = [(0, M_re, g_re.reshape(-1, 1), w), (1, M_im, g_im.reshape(-1, 1), w_im)]
+            if B_re is not None:
+                jobs += [(2, B_re, (g_re.unsqueeze(-1) * s.unsqueeze(1)).reshape(Bn * P, -1), w),
+                         (3, B_im, (g_im.unsqueeze(-1) * s.unsqueeze(1)).reshape(Bn * P, -1), w_im)]
+            for slot, table, per_point, weights in jobs:
+                if needs[slot]:
+                    grads[slot] = _table_gradient(plan, weights, per_point, table, sparse=ctx.sparse)
+        if needs[6]:
+            grads[6] = _weight_gradient(M_re, M_im, B_re, B_im, s, index, g_re, g_im, imag_sign, ctx.max_elements)
+        return tuple(grads)
+
+
+def _table_gradient(plan, weights, per_point, table, *, sparse: bool) -> torch.Tensor:
+    """Gradient of one table: dense (zeros, touched rows filled) or sparse over the touched rows."""
+    touched = plan[0]
+    rows = _gradient_rows(plan, weights, per_point)
+    if sparse:
+        return torch.sparse_coo_tensor(touched.unsqueeze(0), rows, table.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return torch.zeros_like(table).index_copy_(0, touched, rows)
+
+
+def _weight_gradient(M_re, M_im, B_re, B_im, s, index, g_re, g_im, imag_sign, max_elements):
+    """``dL/dw`` (only when the slice coordinates need gradients, e.g. pose refinement): the value
+    of every corner, gathered in chunks of images."""
+    Bn, P, C = index.shape
+    K = 0 if B_re is None else B_re.shape[1]
+    grad_w = torch.empty(Bn, P, C, dtype=M_re.dtype, device=M_re.device)
+    for a, b in _chunks(Bn, P * C * (K + 1) * 2, max_elements):
+        n = b - a
+        flat = index[a:b].reshape(-1)
+        r_re = M_re.index_select(0, flat).view(n, P, C)
+        r_im = M_im.index_select(0, flat).view(n, P, C)
+        if B_re is not None:
+            mix = s[a:b].unsqueeze(-1)
+            r_re = r_re + torch.bmm(B_re.index_select(0, flat).view(n, P * C, K), mix).view(n, P, C)
+            r_im = r_im + torch.bmm(B_im.index_select(0, flat).view(n, P * C, K), mix).view(n, P, C)
+        grad_w[a:b] = g_re[a:b].unsqueeze(-1) * r_re + g_im[a:b].unsqueeze(-1) * r_im * imag_sign[a:b]
+    return grad_w
 
 
 def sparse_slice(
-    W_re: torch.Tensor,
-    W_im: torch.Tensor,
-    s: torch.Tensor,
+    mean_re: torch.Tensor,
+    mean_im: torch.Tensor,
+    basis_re: torch.Tensor | None,
+    basis_im: torch.Tensor | None,
+    s: torch.Tensor | None,
     index: torch.Tensor,
     weights: torch.Tensor,
     imag_sign: torch.Tensor,
@@ -292,16 +317,18 @@ def sparse_slice(
     sparse_grad: bool = False,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> torch.Tensor:
-    """Complex ``(B, P)`` values of the mixed basis at the points whose corners are given.
+    """Complex ``(B, P)`` values of ``V_0 + sum_j s_j V_j`` at the points whose corners are given.
 
-    ``W_re, W_im (n_vox, K1)`` basis (real, imaginary parts), ``s (B, K1)`` mixing weights,
+    ``mean_re, mean_im (n_vox, 1)`` the mean volume, ``basis_re, basis_im (n_vox, K)`` the basis
+    (``None`` for a mean volume alone), ``s (B, K)`` the mixing weights (``None`` likewise);
     corners from :func:`corner_codes_and_weights` shaped ``(B, P, 8)``.  ``sparse_grad``: the
     tables' gradients are ``torch.sparse_coo`` tensors over the touched voxels (for
-    ``torch.optim.SparseAdam``) instead of dense buffers.
+    :class:`RowSparseAdam`) instead of dense buffers.
     """
-    dtype = W_re.dtype
+    dtype = mean_re.dtype
     out = SparseSliceFunction.apply(
-        W_re, W_im, s.to(dtype), index, weights.to(dtype), imag_sign.to(dtype), bool(sparse_grad), int(max_elements)
+        mean_re, mean_im, basis_re, basis_im, None if s is None else s.to(dtype), index, weights.to(dtype),
+        imag_sign.to(dtype), bool(sparse_grad), int(max_elements),
     )
     return torch.view_as_complex(out)
 
@@ -340,6 +367,9 @@ class RowSparseAdam(torch.optim.SparseAdam):
     (``torch.sparse_coo`` with one sparse dimension, as :func:`sparse_slice` produces): the
     touched rows of the moments are gathered once, updated, and written back, and the parameter
     gets one ``index_add_``.  About 3x faster than the generic implementation on the voxel tables.
+
+    A dense gradient is taken as touching every row (so a prior's gradient may be added to the
+    sparse one).
     """
 
     @torch.no_grad()
@@ -386,13 +416,14 @@ def _gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _row_sparse_parts(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, values)`` of a sparse gradient with unique rows (coalescing only when needed).
+    """``(rows, values)`` of a sparse gradient with unique rows (coalescing only when needed);
+    every row of a dense gradient.
 
     Autograd hands a stolen gradient over without its "coalesced" flag; rows that are strictly
     increasing are unique already, which one comparison checks instead of a sort.
     """
     if not grad.is_sparse:
-        raise RuntimeError("RowSparseAdam takes sparse gradients; use Adam for dense ones")
+        return torch.arange(grad.shape[0], device=grad.device), grad
     if grad.sparse_dim() != 1:
         raise RuntimeError("RowSparseAdam takes gradients with one sparse dimension")
     if not grad.is_coalesced():

@@ -118,6 +118,14 @@ class SearchSettings:
         no for heterogeneous ones, whose per-image lattices would cost more than direct slices).
     max_elements
         Bound on the size of the error blocks (values of rotations x images x shifts).
+    latent_anchors
+        Heterogeneous decoders: the base grid and the first refinement round read each image's
+        slices from the lattice of the nearest of this many *anchor* latents (k-means centres of
+        the images' latents) instead of the image's own; later rounds evaluate every candidate at
+        the image's own latent.  The exhaustive stage is coarse (15 and 7.5 degrees, the lowest
+        band), where nearby latents give nearly the same slices, and it is the costly part of a
+        per-image search (a lattice per image: about 0.6 s per image at D = 32 on 2 CPU cores, 20
+        times less with 16 anchors per chunk).  ``None``: every image's own latent throughout.
     amp
         Evaluate the decoder under bfloat16 autocast.
     """
@@ -133,6 +141,7 @@ class SearchSettings:
     oversampling: float = 2.0
     interpolate_refinement: bool | None = None
     max_elements: int = 2**24
+    latent_anchors: int | None = 16
     amp: bool = False
     base_nside: int = DEFAULT_BASE_NSIDE
     base_n_psi: int = DEFAULT_BASE_N_PSI
@@ -276,6 +285,13 @@ class _Band:
         self.Gr, self.Gi = (Xr * wc).contiguous(), (Xi * wc).contiguous()
         self.xx = (Xr.square() + Xi.square()) @ w
         self.wsum = float(w.sum())
+
+    def subset(self, rows: torch.Tensor) -> "_Band":
+        """The same band for the images ``rows`` only."""
+        out = object.__new__(_Band)
+        out.coords, out.wsum = self.coords, self.wsum
+        out.Gr, out.Gi, out.N, out.xx = self.Gr[rows], self.Gi[rows], self.N[rows], self.xx[rows]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,9 +437,16 @@ def search_poses(
     n_rot = R0.shape[0]
     K = settings.n_keep
     K0 = min(settings.n_keep_base or K, n_rot)
+    anchors = None  # (anchor lattice, (B,) anchor of each image) for a heterogeneous decoder
     if homogeneous:
         Y0r, Y0i = lattice.slice_parts(R0, band.coords)  # (R, P), once for all images
         err0, t_idx0 = _base_shared(Y0r, Y0i, band, shifts0, D, settings.max_elements, low_precision=settings.amp)
+    elif settings.latent_anchors and B > settings.latent_anchors:
+        centres, assign = _latent_anchors(z, settings.latent_anchors)
+        anchor_lattice = evaluate_lattice(decoder, radius_index=settings.radius_at(min(1, M), D),
+                                          oversampling=settings.oversampling, z=centres, amp=settings.amp)
+        anchors = (anchor_lattice, assign)
+        err0, t_idx0 = _base_anchored(anchor_lattice, assign, band, R0, shifts0, D, settings)
     else:
         err0, t_idx0 = _base_per_image(decoder, z, band, R0, shifts0, settings, D)
     top_err, top = torch.topk(err0, K0, dim=1, largest=False)  # (B, K0)
@@ -445,22 +468,29 @@ def search_poses(
         P = band.coords.shape[0]
         T = offsets.shape[0]
         step = image_chunk or max(1, settings.max_elements // max(1, C * max(P, T) * 4))
-        errs, ts = [], []
-        for b0 in range(0, B, step):
-            rows = slice(b0, min(B, b0 + step))
-            if interpolate and homogeneous:
-                Yr, Yi = lattice.slice_parts(child_R[rows], band.coords)
-            else:
-                Y = evaluate_slices(decoder, child_R[rows], band.coords, z=None if z is None else z[rows],
-                                    amp=settings.amp)
-                Yr, Yi = Y.real.contiguous(), Y.imag.contiguous()
-            # each child starts from its parent's best shift t*
-            e, t = _candidate_errors(Yr.unflatten(1, (-1, 8)), Yi.unflatten(1, (-1, 8)), keep_t[rows], band, rows,
-                                     offsets, D)
-            errs.append(e)
-            ts.append(t)
-        err_c = torch.cat(errs)  # (B, C)
-        t_c = torch.cat(ts)  # (B, C, 2)
+        err_c = torch.empty((B, C), dtype=torch.float32, device=device)
+        t_c = torch.empty((B, C, 2), dtype=torch.float32, device=device)
+        use_anchors = anchors is not None and j == 1
+        groups = _anchor_groups(anchors[1], anchors[0].n_volumes) if use_anchors else [None]
+        for group in groups:
+            members = torch.arange(B, device=device) if group is None else group[1]
+            for b0 in range(0, len(members), step):
+                rows = members[b0 : b0 + step]
+                if interpolate and homogeneous:
+                    Yr, Yi = lattice.slice_parts(child_R[rows], band.coords)
+                elif use_anchors:
+                    one = FourierLattice(anchors[0].values[group[0] : group[0] + 1], anchors[0].oversampling,
+                                         anchors[0].radius_index)
+                    Yr, Yi = one.slice_parts(child_R[rows], band.coords)
+                else:
+                    Y = evaluate_slices(decoder, child_R[rows], band.coords, z=None if z is None else z[rows],
+                                        amp=settings.amp)
+                    Yr, Yi = Y.real.contiguous(), Y.imag.contiguous()
+                # each child starts from its parent's best shift t*
+                e, t = _candidate_errors(Yr.unflatten(1, (-1, 8)), Yi.unflatten(1, (-1, 8)), keep_t[rows], band,
+                                         rows, offsets, D)
+                err_c[rows] = e
+                t_c[rows] = t
         k_here = min(K, C)
         keep_err, top = torch.topk(err_c, k_here, dim=1, largest=False)
         keep_ids = torch.gather(child_ids, 1, top[..., None].expand(-1, -1, 2))
@@ -479,6 +509,46 @@ def search_poses(
         result.candidate_shifts_pixel = keep_t
         result.candidate_errors = keep_err / max(wsum, 1e-12)
     return result
+
+
+def _latent_anchors(z: torch.Tensor, n: int, iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` k-means centres of the latents ``z`` ``(B, zdim)`` and the centre of each row (deterministic)."""
+    zc = z.detach().float().cpu()
+    gen = torch.Generator().manual_seed(0)
+    centres = zc[torch.randperm(len(zc), generator=gen)[:n]].clone()
+    assign = torch.zeros(len(zc), dtype=torch.int64)
+    for _ in range(iterations):
+        assign = torch.cdist(zc, centres).argmin(dim=1)
+        for a in range(n):
+            members = assign == a
+            if members.any():
+                centres[a] = zc[members].mean(dim=0)
+    return centres.to(z.device, z.dtype), assign.to(z.device)
+
+
+def _anchor_groups(assign: torch.Tensor, n: int) -> list[tuple[int, torch.Tensor]]:
+    """``(anchor, rows)`` for every anchor with images."""
+    out = []
+    for a in range(n):
+        rows = (assign == a).nonzero().squeeze(-1)
+        if rows.numel():
+            out.append((a, rows))
+    return out
+
+
+def _base_anchored(lattice: FourierLattice, assign: torch.Tensor, band: _Band, R0: torch.Tensor,
+                   shifts: torch.Tensor, D: int, settings: SearchSettings):
+    """Base-grid errors with each image's slices read from its anchor's lattice (one GEMM per anchor)."""
+    B, R = band.Gr.shape[0], R0.shape[0]
+    errors = torch.empty((B, R), dtype=torch.float32, device=band.Gr.device)
+    best_t = torch.empty((B, R), dtype=torch.int64, device=band.Gr.device)
+    for a, rows in _anchor_groups(assign, lattice.n_volumes):
+        one = FourierLattice(lattice.values[a : a + 1], lattice.oversampling, lattice.radius_index)
+        Yr, Yi = one.slice_parts(R0, band.coords)
+        e, t = _base_shared(Yr, Yi, band.subset(rows), shifts, D, settings.max_elements, low_precision=settings.amp)
+        errors[rows] = e
+        best_t[rows] = t
+    return errors, best_t
 
 
 def _base_per_image(decoder, z, band: _Band, R0: torch.Tensor, shifts: torch.Tensor, settings: SearchSettings,

@@ -5,7 +5,7 @@ is created explicitly per figure (``matplotlib.figure.Figure`` + ``FigureCanvasA
 functions never touch pyplot's global state or the user's chosen backend, work without a
 display, and importing this module has no side effects.
 
-Large datasets: scatter plots draw at most ``max_points`` (100k) particles, drawn at random
+Large datasets: scatter plots draw at most ``max_points`` (50k) particles, drawn at random
 with a fixed seed (the density is shown faithfully by the hexbin plots, which use every
 particle); points are rasterised so that a PNG of 500k points stays fast to write.
 """
@@ -32,7 +32,7 @@ __all__ = [
     "plot_traversal_positions",
 ]
 
-MAX_POINTS = 100_000
+MAX_POINTS = 50_000
 
 
 def _figure(width: float, height: float):
@@ -174,7 +174,7 @@ def plot_joint(xy: np.ndarray, path: str | os.PathLike, *, xlabel: str = "", yla
 
 
 def plot_latent_marginals(z: np.ndarray, path: str | os.PathLike, *, prefix: str = "z",
-                          max_points: int = 20_000) -> Path:
+                          max_points: int = 5_000) -> Path:
     """Distribution of every latent coordinate (or PC) as one violin each, side by side.
 
     The kernel density estimates use at most ``max_points`` particles drawn at random.

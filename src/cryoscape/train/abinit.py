@@ -123,9 +123,16 @@ class AbinitConfig(TrainConfig):
     ``poses``, ``refine_poses`` and tilt pairs do not apply (the poses are what is searched).
     """
 
+    # ---- defaults that differ from cryoscape train's (what the tests and bench/abinit.py validate:
+    # a consensus map needs less capacity than a heterogeneous ensemble, and the stochastic
+    # search/train alternation needs a model that follows the poses quickly)
+    dec_dim: int = 128
+    lr: float = 1e-3
+    batch_size: int = 16
+    num_epochs: int = 16
     # ---- schedule
-    pretrain_images: int = 10000
-    search_every: int = 5
+    pretrain_images: int = 4000
+    search_every: int = 2
     final_epochs: int = 0
     reset_epochs: list[int] = field(default_factory=list)
     reset_before_final: bool = False
