@@ -24,9 +24,10 @@ is decoded by the tool's own command (``cryoscape volumes``, ``cryodrgn eval_vol
 with the ground truth of its state: AUC = mean |FSC| over shells 1..D/2 (at D = 128 the maps are
 decoded at box 64 and compared with the truth cropped to 64, the first 32 of 64 shells, for all
 three tools, as in bench/train.py).  Latents: Spearman |rho| of PC1 against the hinge angle.
-Map generation: seconds per 128^3 map, ``decoder.eval_volume`` timed in this process (best of
-``--map-repeats``, after one warm-up call) for the trained basis and neural-field decoders of the
-D = 128 runs, plus each tool's whole ``volumes``/``eval_vol`` command time per map.
+Map generation: seconds per 128^3 map, ``decoder.eval_volume`` timed in a child process with the
+same thread settings (best and median of ``--map-repeats`` maps, after one warm-up map) for the
+trained basis and neural-field decoders of the D = 128 runs, plus each tool's whole
+``volumes``/``eval_vol`` command time per map.
 
 Usage::
 
@@ -44,7 +45,6 @@ import argparse
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -96,35 +96,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--map-repeats", type=int, default=5, help="timed 128^3 basis maps (best kept) [5]")
     p.add_argument("--basis-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --decoder-opt for the basis run (repeatable)")
+    p.add_argument("--basis-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="an extra basis run with these --decoder-opt settings (repeatable), e.g. "
+                        "basis_lr_scale=0.01")
     p.add_argument("--skip", action="append", default=[], choices=[DRGN, "field", "basis"],
                    help="leave a tool out (development only; the ratios need all three)")
     return p.parse_args(argv)
 
 
-def cryoscape_train(data: Path, out: Path, args, decoder: str) -> list[str]:
+def cryoscape_train(data: Path, out: Path, args, decoder: str, options: list[str] | None = None) -> list[str]:
     extra = []
     if decoder == "basis":
-        for kv in args.basis_opt:
+        for kv in args.basis_opt if options is None else options:
             extra += ["--decoder-opt", kv]
     return [*cryoscape_command(), "train", str(data / "particles.mrcs"), "--poses", str(data / "poses.pkl"),
             "--ctf", str(data / "ctf.pkl"), "-o", str(out), "--zdim", "8", *ENCODER, *DECODER_MLP,
             "--decoder", decoder, "-n", str(args.epochs), "-b", str(args.batch_size), "--no-progress", *extra]
 
 
-def time_map_generation(run_dir: Path, z: np.ndarray, *, box: int, repeats: int) -> tuple[float, float]:
-    """``(best, median)`` seconds of ``eval_volume`` at ``box`` for a trained decoder, in this process."""
-    import torch
+_TIME_MAPS = r"""
+import json, sys, time
+import numpy as np, torch
+from cryoscape.train.volumes import load_trained_model
+run_dir, zfile, box, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+decoder, _, _ = load_trained_model(run_dir)
+z = np.load(zfile)
+latents = [torch.as_tensor(row) for row in z[: max(1, repeats)]]
+decoder.eval_volume(latents[0], box_size=box)  # warm-up: caches, allocator
+times = []
+for zi in latents:
+    t0 = time.perf_counter()
+    decoder.eval_volume(zi, box_size=box)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"times": times, "threads": torch.get_num_threads()}))
+"""
 
-    from cryoscape.train.volumes import load_trained_model
 
-    decoder, _, _ = load_trained_model(run_dir)
-    latents = [torch.as_tensor(row) for row in z[: max(1, repeats)]]
-    decoder.eval_volume(latents[0], box_size=box)  # warm-up (caches, allocator)
-    times = []
-    for zi in latents:
-        t0 = time.perf_counter()
-        decoder.eval_volume(zi, box_size=box)
-        times.append(time.perf_counter() - t0)
+def time_map_generation(run_dir: Path, z: np.ndarray, *, box: int, repeats: int, env) -> tuple[float, float]:
+    """``(best, median)`` seconds of ``decoder.eval_volume`` at ``box`` for a trained decoder, timed
+    in a child process with the tools' thread settings (after one warm-up map)."""
+    import json
+    import subprocess
+
+    zfile = run_dir / "bench_map_latents.npy"
+    np.save(zfile, z[: max(1, repeats)].astype(np.float32))
+    out = subprocess.run([sys.executable, "-c", _TIME_MAPS, str(run_dir), str(zfile), str(box), str(repeats)],
+                         capture_output=True, text=True, env=env, check=True)
+    times = json.loads(out.stdout.strip().splitlines()[-1])["times"]
     return float(min(times)), float(np.median(times))
 
 
@@ -144,6 +162,10 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
         configs[FIELD] = cryoscape_train(data, runs_dir / "neural_field", args, "neural_field")
     if "basis" not in args.skip:
         configs[BASIS] = cryoscape_train(data, runs_dir / "basis", args, "basis")
+    for i, variant in enumerate(args.basis_variant):
+        options = [kv for kv in variant.split(",") if kv]
+        configs[f"{BASIS} {' '.join(options)}"] = cryoscape_train(data, runs_dir / f"basis_variant{i}", args,
+                                                                  "basis", options)
     for name, command in configs.items():
         print_note(f"{name} command: {' '.join(command)}")
     fsc_box = box if box < 128 else min(args.fsc_box_128, box)
@@ -206,17 +228,14 @@ def main(argv=None) -> int:
     boxes = [(64, args.n_images_64)] + ([(128, args.n_images_128)] if args.box_128 else [])
     results = {box: benchmark_box(args, env, exe, box, n) for box, n in boxes}
 
-    # map generation at 128^3 (in process, 2 threads like the tools)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    # map generation at 128^3 (a child process with the tools' thread settings)
     big = max(results)
     map_times = {}
     for name in (BASIS, FIELD):
         if name in results[big]:
             r = results[big][name]
             repeats = args.map_repeats if name == BASIS else 2
-            map_times[name] = time_map_generation(r["run_dir"], r["z"], box=128, repeats=repeats)
+            map_times[name] = time_map_generation(r["run_dir"], r["z"], box=128, repeats=repeats, env=env)
             print_figure(f"{name} seconds per 128^3 map (eval_volume, trained at D={big}, best / median of "
                          f"{repeats})", f"{map_times[name][0]:.3f} / {map_times[name][1]:.3f}", "s")
     print_note("load average at end (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
@@ -239,6 +258,13 @@ def main(argv=None) -> int:
                      map_times[FIELD][0] / map_times[BASIS][0], fmt=".0f")
     if BASIS in map_times:
         print_figure("seconds per 128^3 basis map (target <= 0.1)", map_times[BASIS][0], "s", fmt=".3f")
+    for box, res in results.items():
+        for name in res:
+            if name.startswith(BASIS + " "):
+                print_figure(f"per-image FSC AUC ratio {name[len('cryoscape --decoder '):]}/cryodrgn at D={box}",
+                             auc(res, name, DRGN), fmt=".3f")
+                print_figure(f"speed ratio (training images/s) {name[len('cryoscape --decoder '):]}/neural_field "
+                             f"at D={box}", speed(res, name, FIELD))
     for box, res in results.items():
         print_figure(f"per-image FSC AUC ratio basis/cryodrgn at D={box} (target >= 1)", auc(res, BASIS, DRGN),
                      fmt=".3f")

@@ -265,7 +265,8 @@ def test_solvent_mask_projection_zeroes_the_solvent():
     before = dec.eval_volume(torch.ones(1))
     dec.apply_solvent_mask()
     after = dec.eval_volume(torch.ones(1))
-    r = torch.linalg.vector_norm(torch.stack(torch.meshgrid(*[torch.arange(D) - D // 2] * 3, indexing="ij")).float(), dim=0)
+    axes = torch.meshgrid(*[torch.arange(D) - D // 2] * 3, indexing="ij")
+    r = torch.linalg.vector_norm(torch.stack(axes).float(), dim=0)
     outside = r > 0.25 * D + 0.05 * D + 2  # beyond the soft edge (plus the lattice's band limit)
     assert after[outside].abs().max() < 0.1 * before[outside].abs().max()
     inside = r < 0.2 * D

@@ -13,7 +13,7 @@ import yaml
 
 from cryoscape.cli.main import main
 from cryoscape.errors import InputError
-from cryoscape.train.abinit import AbinitConfig, abinit_model, epoch_plan, resume_abinit, run_abinit
+from cryoscape.train.abinit import AbinitConfig, epoch_plan, resume_abinit, run_abinit
 from cryoscape.train.checkpoint import load_checkpoint
 
 from .conftest import simulate
@@ -223,16 +223,20 @@ def test_homogeneous_abinit_recovers_poses_and_map_at_snr_0_1(sim_root, tmp_path
 @pytest.mark.slow
 def test_heterogeneous_abinit_recovers_the_hinge(sim_root, tmp_path):
     """VAE ab initio (zdim 1) on 1000 hinge images of 32 px at SNR 1, no poses given: the latent
-    orders the particles along the hinge angle, |Spearman| > 0.8."""
+    orders the particles along the hinge angle, |Spearman| > 0.8.  Five searches with the VAE
+    (latents from its encoder), then the VAE is re-initialised and trained 10 epochs on the found
+    poses (with 6 final epochs and no reset the latent learnt the pose errors instead, |rho| 0.14
+    at a median pose error of 9 degrees)."""
     from scipy.stats import spearmanr
 
     from cryoscape.analysis.pose_accuracy import pose_accuracy
 
     data = simulate(sim_root, "hinge32", n=1000, D=32, snr="1", heterogeneity="hinge", seed=2)
     config = AbinitConfig(particles=str(data / "particles.star"), zdim=1, dec_layers=2, dec_dim=128, enc_layers=2,
-                          enc_dim=128, encoder="resmlp", batch_size=8, lr=1e-3, beta=0.05, num_epochs=16,
-                          search_every=2, reset_epochs=[5], final_epochs=6, pretrain_images=1000, k_min=8,
-                          k_max=16, t_extent_pixel=3, progress=False, checkpoint_every=100)
+                          enc_dim=128, encoder="resmlp", batch_size=8, lr=1e-3, beta=0.05, num_epochs=20,
+                          search_every=2, reset_epochs=[5], final_epochs=10, reset_before_final=True,
+                          pretrain_images=1000, k_min=8, k_max=16, t_extent_pixel=3, progress=False,
+                          checkpoint_every=100)
     result = run_abinit(config, tmp_path / "run")
     last = result.history[-1]["epoch"]
     summary = pose_accuracy(tmp_path / "run" / f"poses.{last}.npz", data).summary()

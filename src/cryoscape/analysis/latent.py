@@ -52,6 +52,7 @@ __all__ = [
     "pc_traversal",
     "UMAPResult",
     "compute_umap",
+    "save_umap_of_run",
 ]
 
 _Z_RE = re.compile(r"^z\.(\d+)\.npy$")
@@ -340,3 +341,19 @@ def compute_umap(z: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1,
         w /= w.sum(1, keepdims=True)
         embedding[rest] = np.einsum("nk,nkd->nd", w, fitted[idx]).astype(np.float32)
     return UMAPResult(embedding=embedding, fit_indices=fit_idx)
+
+
+def save_umap_of_run(run_dir: str | os.PathLike, epoch: int | str, result_path: str | os.PathLike,
+                     fit_max: int | str = 20_000, seed: int | str = 0) -> Path:
+    """UMAP of ``run_dir/z.EPOCH.npy`` saved as ``result_path`` (.npz: ``embedding``, ``fit_indices``).
+
+    The entry point of the background process of ``cryoscape analyze`` (arguments may be strings);
+    the file appears atomically, complete or not at all.
+    """
+    z, _ = load_latents(run_dir, int(epoch))
+    res = compute_umap(z, fit_max=int(fit_max), seed=int(seed))
+    result_path = Path(result_path)
+    tmp = result_path.with_name(result_path.name + ".tmp.npz")
+    np.savez(tmp, embedding=res.embedding, fit_indices=res.fit_indices)
+    os.replace(tmp, result_path)
+    return result_path

@@ -378,20 +378,20 @@ class StructuralBasis(VolumeDecoder):
     def mixing_weights(self, z: torch.Tensor | None, batch: int = 1) -> torch.Tensor | None:
         """``(B, K)`` standardised weights ``s(z)`` of ``V_1 .. V_K`` (``None`` when homogeneous).
 
-        Batch normalisation without the affine part: in training mode (with gradients on, more
-        than one latent) ``s = (MLP(z) - batch mean) / batch std``, and the running statistics
-        are updated; otherwise ``s = (MLP(z) - running mean) / running std``.  Standardising with
-        the batch's own statistics makes every batch's mean map exactly ``V_0`` and leaves Adam no
-        scale to inflate (running statistics lag a drifting MLP output: their maps were worse).
+        ``s = (MLP(z) - running mean) / running std``; in training mode (with gradients on) each
+        call first updates the running statistics with the batch.  (Measured alternatives: the
+        batch's own statistics, as batch normalisation, gave cleaner maps after 2 epochs, 0.68
+        against 0.66 per-image AUC, but learnt the hinge of tests/train/test_basis_training.py far
+        more slowly, |rho| 0.30 against 0.85 after 10-12 epochs; centring alone let ``s`` grow,
+        0.60 and 0.19.)
         """
         if self.mlp is None:
             return None
         dtype = self.mean_real.dtype
         s = self.mlp(z.to(self.mlp.input.weight.dtype)).to(dtype)
-        if self.training and torch.is_grad_enabled() and s.shape[0] > 1:
+        if self.training and torch.is_grad_enabled():
             self._update_s_stats(s.detach())
-            return s - s.mean(0)
-        s = s - self.s_mean.to(dtype)
+        s = (s - self.s_mean.to(dtype)) * self.s_var.to(dtype).clamp_min(1e-12).rsqrt()
         if s.shape[0] == 1 and batch > 1:
             s = s.expand(batch, -1)
         return s

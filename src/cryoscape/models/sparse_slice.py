@@ -1,11 +1,12 @@
 """Sparse central-slice extraction from a compact Hermitian voxel basis (seed 003, sec. 4.2-4.3).
 
-A *basis* is ``K1`` complex volumes stored only on the integer lattice points of a ball in the
-canonical Hermitian half-space.  For a batch of images with mixing weights ``s_b`` (``(B, K1)``)
-the value of image ``b``'s volume ``V_b = sum_j s_bj V_j`` at a slice point ``p`` is the
-trilinear interpolation of the 8 lattice corners around ``p``; only those corners are read, and
-in backward only they receive gradients.  This is what makes a voxel decoder cheap to train:
-per image the work is ``pixels x 8 x K1`` multiply-adds, independent of the volume size.
+A *basis* is a mean volume ``V_0`` and ``K`` volumes ``V_1 .. V_K``, complex, stored only on the
+integer lattice points of a ball in the canonical Hermitian half-space.  For a batch of images
+with mixing weights ``s_b`` (``(B, K)``) the value of image ``b``'s volume
+``V_b = V_0 + sum_j s_bj V_j`` at a slice point ``p`` is the trilinear interpolation of the 8
+lattice corners around ``p``; only those corners are read, and in backward only they receive
+gradients.  This is what makes a voxel decoder cheap to train: per image the work is
+``pixels x 8 x (K + 1)`` multiply-adds, independent of the volume size.
 
 The lattice (:class:`HermitianLattice`)
 ---------------------------------------
@@ -24,19 +25,21 @@ point to a *code* ``4 * index + t`` with ``t = 0`` (stored as is), ``1`` (conjug
 stored mirror) or ``2`` (origin: real), and ``-1`` outside the ball (value 0).  Points whose
 trilinear cell leaves the cube lie outside the ball and read zeros.
 
-The op (:func:`sparse_slice`)
------------------------------
-:class:`SparseSliceFunction` is a custom autograd function of the real basis tensor
-``W (n_vox, 2, K1)`` (real and imaginary parts), the mixing weights ``s (B, K1)`` and the corner
-weights ``w (B, P, 8)``; indices and conjugation signs are constants.  Forward gathers the
-corner rows (``index_select``), mixes them with ``s`` (one batched matrix product) and sums the
-weighted corners.  Backward recomputes the gather instead of keeping it (the gathered rows are
-the largest tensor), scatters ``dL/dW`` into a dense buffer with ``index_add_`` (memory
-``n_vox x 2 x K1``, independent of the batch size, as the paper's dense-gradient variant), and
-forms ``dL/ds`` and ``dL/dw`` with batched products.  Images are processed in chunks so that the
-transient gathered rows stay under ``max_elements`` floats.  The corner weights are ordinary
-autograd tensors computed from the slice points, so gradients reach the coordinates (and poses)
-as well.
+The op (:func:`sparse_slice`, :class:`SparseSliceFunction`)
+------------------------------------------------------------
+A custom autograd function of the real tables (real and imaginary parts: ``(n_vox, 1)`` for
+``V_0``, ``(n_vox, K)`` for the basis), the mixing weights ``s`` and the corner weights
+``w (B, P, 8)``; corner indices and conjugation signs are constants.  Forward is ``embedding_bag``
+(the weighted sum of every point's 8 corner rows, one optimised gather) per table and one batched
+product with ``s``: nothing of size ``B x P x 8 x K`` is built.  Backward sorts the batch's
+corners by voxel once (``int32`` sort), runs the gather backwards as one more ``embedding_bag``
+per table (each touched voxel a bag of the points that read it) and writes those rows into a
+dense zero buffer, ``n_vox x K`` however large the batch (seed 003's dense-gradient variant), or,
+with ``sparse_grad``, returns them as a ``torch.sparse_coo`` gradient for :class:`RowSparseAdam`.
+``dL/ds`` comes from the saved per-point bag sums.  The corner weights are ordinary autograd
+tensors computed from the slice points, so gradients reach the coordinates (and poses) too.
+First version, for the record: ``index_select`` of the ``(B*P*8, K+1)`` corner rows plus
+``index_add_`` was 3-7x slower on CPUs.
 
 :func:`dense_reference_slice` is the same interpolation done the slow way, through a full cube of
 values; the tests compare the two.
@@ -59,7 +62,7 @@ __all__ = [
 ]
 
 #: imaginary-part multiplier of code type t = 0 (as stored), 1 (conjugate), 2 (origin, real)
-_IMAG_SIGN = (1.0, -1.0, 0.0)
+_IMAG_SIGN = (1.0, -1.0, 0.0)  # (split_codes computes it arithmetically)
 #: default bound on the floats of one chunk's gathered rows (64 MiB in float32)
 DEFAULT_MAX_ELEMENTS = 2**24
 

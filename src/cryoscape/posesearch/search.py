@@ -40,9 +40,10 @@ goes to the image side of the cross term and into the norm term as ``c^2``.
 For a homogeneous decoder the slices do not depend on the image: the decoder is evaluated once
 per call on a lattice (:mod:`cryoscape.posesearch.lattice`, "interpolate the model output, not
 the image") and every slice of every round is read from it, so one call can search thousands of
-images for the price of one decoder evaluation.  A heterogeneous decoder (``z`` per image) gets
-a small lattice per image for the base grid and is evaluated directly at the refinement
-candidates' slices (64 per image per round with the defaults).
+images for the price of one decoder evaluation.  A heterogeneous decoder (``z`` per image) reads
+the base grid and the first refinement round from the lattices of a few *anchor* latents
+(k-means centres of the images' latents, ``latent_anchors``) and is evaluated directly at each
+image's own latent for the later rounds (64 candidate slices per image per round).
 
 Memory: the GEMM output is computed in chunks of at most ``max_elements`` values (rotations x
 images x shifts), and refinement processes images in chunks, so memory does not grow with the
@@ -426,8 +427,12 @@ def search_poses(
     if homogeneous and lattice is None:
         lattice = evaluate_lattice(decoder, radius_index=radius_final if interpolate else settings.radius_at(0, D),
                                    oversampling=settings.oversampling, amp=settings.amp)
-    if lattice is not None and lattice.values.device != device:
-        lattice = replace(lattice, values=lattice.values.to(device))
+    if lattice is not None:
+        needed = radius_final if interpolate else settings.radius_at(0, D)
+        if lattice.radius_index < needed - 1e-6:
+            raise ValueError(f"the lattice covers |k| <= {lattice.radius_index:g} but the search needs {needed:g}")
+        if lattice.values.device != device:
+            lattice = replace(lattice, values=lattice.values.to(device))
 
     # ---- base grid: exhaustive over rotations x shifts
     level = settings.base_level

@@ -141,7 +141,8 @@ class _UMAPJob:
         self.background = False
         if not background:
             return
-        code = "import sys; from cryoscape.report.analyze import _umap_child; _umap_child(sys.argv[1:])"
+        # cryoscape.analysis.latent imports only numpy at the top: the child does not load torch
+        code = "import sys; from cryoscape.analysis.latent import save_umap_of_run; save_umap_of_run(*sys.argv[1:])"
         try:
             self.result_path.unlink(missing_ok=True)
             with open(self.log_path, "wb") as log_file:
@@ -177,16 +178,6 @@ class _UMAPJob:
             return compute_umap(self.z, **self.kwargs)
         finally:
             self.cancel()
-
-
-def _umap_child(argv: list[str]) -> None:
-    """Entry point of the UMAP child process: ``RUN EPOCH RESULT.npz FIT_MAX SEED``."""
-    run, epoch, result, fit_max, seed = argv
-    z, _ = load_latents(run, int(epoch))
-    res = compute_umap(z, fit_max=int(fit_max), seed=int(seed))
-    tmp = Path(result).with_suffix(".tmp.npz")
-    np.savez(tmp, embedding=res.embedding, fit_indices=res.fit_indices)
-    os.replace(tmp, result)
 
 
 def _save_text(path: Path, array: np.ndarray, fmt: str = "%.6g") -> None:

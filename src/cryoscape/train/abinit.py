@@ -81,7 +81,6 @@ from cryoscape.posesearch.lattice import evaluate_lattice
 from cryoscape.posesearch.search import SearchSettings, grid_summary, half_plane_pixels, search_poses
 from cryoscape.train.checkpoint import (
     CHECKPOINT_NAME,
-    capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -430,6 +429,7 @@ def abinit_model(
         return dataset.get_batch(indices)
 
     run_start = time.perf_counter() - wall_offset
+    last_plot = time.perf_counter()
     last_good = None if resume_state is None else (start_epoch - 1, out / CHECKPOINT_NAME)
 
     def train_on(batch: TrainingBatch, band_pixels: FourierPixels, band_mask, epoch_float: float, generator):
@@ -559,7 +559,9 @@ def abinit_model(
             _write_map(out, epoch, model.decoder, pixel_size)
         if is_last:
             _write_star(out, table, rotations, shifts)
-        plot_losses(history, steps, out / "loss.png")
+        if is_last or kind == SEARCH or time.perf_counter() - last_plot > 60.0:
+            plot_losses(history, steps, out / "loss.png")  # ~0.3 s, so not after every short epoch
+            last_plot = time.perf_counter()
         remaining = config.num_epochs - epoch - 1
         extra = ""
         if kind == SEARCH:
