@@ -180,27 +180,6 @@ def last_map(run_dir: Path, tool: str) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def aligned_map(volume: np.ndarray, G: np.ndarray, flipped: bool, reference: np.ndarray) -> np.ndarray:
-    """The predicted map in the truth's frame: ``V_true(X) ~ V_pred(F G X)`` (geometry/align.py),
-    then the integer shift that maximises the cross-correlation with ``reference``."""
-    from scipy import ndimage
-
-    D = volume.shape[-1]
-    c = D // 2
-    M = G.copy()
-    if flipped:
-        M = np.diag([1.0, 1.0, -1.0]) @ M
-    # array axes are (z, y, x); X = (x, y, z) - c.  Output voxel X reads the input at M X.
-    P = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)  # (x, y, z) <-> (z, y, x)
-    A = P @ M @ P
-    offset = c - A @ np.full(3, c, dtype=np.float64)
-    turned = ndimage.affine_transform(volume, A, offset=offset, order=3, mode="constant")
-    cc = np.fft.ifftn(np.fft.fftn(reference) * np.conj(np.fft.fftn(turned))).real
-    shift = np.array(np.unravel_index(np.argmax(cc), cc.shape))
-    shift = np.where(shift > D // 2, shift - D, shift)
-    return np.roll(turned, tuple(shift), axis=(0, 1, 2))
-
-
 def map_quality(run_dir: Path, tool: str, row: dict, truth_map: np.ndarray, pixel: float) -> dict | None:
     found = last_map(run_dir, tool)
     if found is None:
@@ -208,7 +187,9 @@ def map_quality(run_dir: Path, tool: str, row: dict, truth_map: np.ndarray, pixe
     epoch, path = found
     volume, _ = read_map(path)
     acc = row["accuracy"]
-    aligned = aligned_map(volume, acc.global_rotation, acc.handedness_flipped, truth_map)
+    from cryoscape.analysis.pose_accuracy import map_in_reference_frame
+
+    aligned = map_in_reference_frame(volume, acc.global_rotation, acc.handedness_flipped, truth_map)
     q = compare_to_reference(aligned, truth_map, pixel_size_angstrom=pixel)
     if q["correlation"] < 0:  # an inverted map
         q = compare_to_reference(-aligned, truth_map, pixel_size_angstrom=pixel)

@@ -80,7 +80,7 @@ LOWF = "cryoscape --pe-type geom_lowf"
 
 
 def cpu_bf16() -> bool:
-    from cryoscape.train.loop import cpu_has_native_bfloat16
+    from cryoscape.models.precision import cpu_has_native_bfloat16
 
     return cpu_has_native_bfloat16()
 

@@ -118,3 +118,40 @@ def test_subset_indices_and_clear_errors(tmp_path):
     (tmp_path / "x.txt").write_text("1")
     with pytest.raises(InputError, match="unknown extension"):
         read_poses(tmp_path / "x.txt")
+
+
+def _blobs(D: int, transform: np.ndarray | None = None, shift_voxel=(0, 0, 0)) -> np.ndarray:
+    """An asymmetric map of Gaussian blobs, sampled at ``transform @ X - shift`` (X = (x, y, z) - D//2;
+    ``shift_voxel`` in array order z, y, x)."""
+    c = np.arange(D) - D // 2
+    zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
+    X = np.stack([xx, yy, zz], -1).astype(np.float64)
+    if transform is not None:
+        X = X @ np.asarray(transform).T
+    X = X - np.asarray(shift_voxel, np.float64)[::-1]
+    centres = np.array([[5.0, 0, 0], [-3, 4, 1], [0, -2, 6], [2, 3, -4]])
+    widths = [2.0, 1.5, 2.5, 1.2]
+    return sum(np.exp(-((X - m) ** 2).sum(-1) / (2 * w * w)) for m, w in zip(centres, widths)).astype(np.float32)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_map_from_an_aligned_frame_returns_to_the_truth(flip):
+    from cryoscape.analysis.pose_accuracy import map_in_reference_frame
+
+    D = 32
+    R_true, _ = truth(200, seed=3)
+    G = rotation_about_axis(torch.tensor([0.3, -1.0, 0.5], dtype=torch.float64), torch.tensor(1.1)).numpy()
+    M = (F @ G) if flip else G
+    # the map and poses of a reconstruction in another frame: V_pred(Y) = V_true(M^-1 Y), R_pred = H(R_true G^T)
+    predicted = _blobs(D, M.T, shift_voxel=(1, -2, 0))  # and off centre by whole voxels (truth frame)
+    R_pred = R_true @ G.T
+    if flip:
+        R_pred = F @ R_pred @ F
+    acc = compare_poses(R_pred, R_true)
+    assert acc.handedness_flipped == flip and np.median(acc.rotation_frobenius) < 1e-10
+    reference = _blobs(D)
+    turned = map_in_reference_frame(predicted, acc.global_rotation, acc.handedness_flipped, reference)
+    good = np.corrcoef(turned.ravel(), reference.ravel())[0, 1]
+    assert good > 0.99
+    wrong = map_in_reference_frame(predicted, acc.global_rotation, not acc.handedness_flipped, reference)
+    assert np.corrcoef(wrong.ravel(), reference.ravel())[0, 1] < 0.9  # the hand matters

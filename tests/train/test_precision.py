@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from cryoscape.train import loop
-from cryoscape.train.loop import resolve_amp
+from cryoscape.models import precision
+from cryoscape.models.precision import resolve_amp
 
 
 def test_explicit_setting_wins(monkeypatch):
-    monkeypatch.setattr(loop, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
     cpu = torch.device("cpu")
     assert resolve_amp(False, cpu) is False
     assert resolve_amp(True, cpu) is True
@@ -17,9 +17,9 @@ def test_explicit_setting_wins(monkeypatch):
 
 def test_automatic_follows_the_cpu(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(loop, "cpu_has_native_bfloat16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: True)
     assert resolve_amp(None, cpu) is True
-    monkeypatch.setattr(loop, "cpu_has_native_bfloat16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bfloat16", lambda: False)
     assert resolve_amp(None, cpu) is False
 
 
@@ -32,7 +32,7 @@ def test_cpu_flag_reader_agrees_with_proc_cpuinfo():
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:
-        assert loop.cpu_has_native_bfloat16() is False
+        assert precision.cpu_has_native_bfloat16() is False
         return
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    assert loop.cpu_has_native_bfloat16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    assert precision.cpu_has_native_bfloat16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))

@@ -556,6 +556,27 @@ def evaluate_against_truth(
     out.mkdir(parents=True, exist_ok=True)
     result = Evaluation(out_dir=out, n_particles=n_particles, rows=rows, source=source, truth=gt, z=z)
 
+    # ---- poses
+    accuracy = None
+    poses_path = Path(poses) if poses is not None else None
+    if poses_path is None and run is not None and epoch is not None:
+        from cryoscape.analysis.pose_accuracy import run_pose_files
+
+        poses_path = run_pose_files(run).get(epoch)
+    if poses_path is not None:
+        from cryoscape.analysis.pose_accuracy import compare_poses, read_poses
+
+        R, t = read_poses(poses_path, box_size=gt.box_size)
+        if len(R) == len(gt) and len(R) != n_particles:  # poses of every dataset row
+            R, t = R[rows], (None if t is None else t[rows])
+        elif len(R) != n_particles:
+            raise InputError(f"{poses_path} holds {len(R)} poses but the run has {n_particles} particles and the "
+                             f"dataset {len(gt)}; pass the poses of either.")
+        accuracy = compare_poses(R, gt.rotations[rows], t, None if t is None else gt.shifts_pixel[rows],
+                                 fit_map_shift=True)
+        result.poses = {"file": str(poses_path), **accuracy.summary()}
+        result.pose_angle_deg = accuracy.angle_deg
+
     # ---- per-image FSC
     positions = evenly_spaced_indices(n_particles, n_images)
     result.fsc_positions = positions
@@ -588,6 +609,17 @@ def evaluate_against_truth(
     if maps is not None:
         maps = [(-m if invert_maps else m) for m in maps]
         maps = [m[::-1].copy() if flip_maps else m for m in maps]
+        if accuracy is not None and (accuracy.handedness_flipped or _rotation_angle_deg(accuracy.global_rotation) > 1.0):
+            # poses learnt ab initio: their map lives in another frame (and maybe hand) than the truth
+            from cryoscape.analysis.pose_accuracy import map_in_reference_frame
+
+            maps = [map_in_reference_frame(m, accuracy.global_rotation, accuracy.handedness_flipped,
+                                           truth_map if truth_map.shape == m.shape else None)
+                    for m, truth_map in zip(maps, (gt.volume(s) for s in states))]
+            result.notes.append(
+                f"the maps were turned into the truth's frame by the pose alignment (a rotation of "
+                f"{_rotation_angle_deg(accuracy.global_rotation):.1f} deg"
+                f"{', mirrored' if accuracy.handedness_flipped else ''}) and centred on it before the FSC.")
         result.fsc = per_image_fsc(maps, [gt.volume(s) for s in states],
                                    truth_box_pixel=(gt.box_size, gt.pixel_size_angstrom))
         f = result.fsc
@@ -627,28 +659,14 @@ def evaluate_against_truth(
         if predicted is not None:
             result.clusters = {"labels": how, **cluster_agreement(predicted, true_classes)}
 
-    # ---- poses
-    poses_path = Path(poses) if poses is not None else None
-    if poses_path is None and run is not None and epoch is not None:
-        from cryoscape.analysis.pose_accuracy import run_pose_files
-
-        poses_path = run_pose_files(run).get(epoch)
-    if poses_path is not None:
-        from cryoscape.analysis.pose_accuracy import compare_poses, read_poses
-
-        R, t = read_poses(poses_path, box_size=gt.box_size)
-        if len(R) == len(gt) and len(R) != n_particles:  # poses of every dataset row
-            R, t = R[rows], (None if t is None else t[rows])
-        elif len(R) != n_particles:
-            raise InputError(f"{poses_path} holds {len(R)} poses but the run has {n_particles} particles and the "
-                             f"dataset {len(gt)}; pass the poses of either.")
-        accuracy = compare_poses(R, gt.rotations[rows], t, None if t is None else gt.shifts_pixel[rows])
-        result.poses = {"file": str(poses_path), **accuracy.summary()}
-        result.pose_angle_deg = accuracy.angle_deg
-
     with atomic_write(out / "evaluation.yaml", "w") as fh:
         yaml.safe_dump(result.to_dict(), fh, sort_keys=False)
     return result
+
+
+def _rotation_angle_deg(R: np.ndarray) -> float:
+    """Angle of a rotation matrix in degrees."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
 
 
 def load_indices_or_all(ind: PathLike | str | None, n: int) -> np.ndarray:

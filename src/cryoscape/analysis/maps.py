@@ -2,32 +2,23 @@
 
 What differs from ``cryoscape volumes`` (:func:`cryoscape.train.volumes.decode_volumes`)
 ---------------------------------------------------------------------------------------------
-The model is loaded once and every map is generated from it, and by default (``sphere=True``)
-the decoder is evaluated only at the frequencies it was trained on: the training loss covers
-the circle ``|k| < D/2`` of every image (:mod:`cryoscape.data.training`), so the decoder is fit
-inside the sphere ``|k| < 1/2`` cycles per training pixel and its values in the corners of the
-cube are untrained extrapolation.  Those are set to zero (a sharp low-pass at Nyquist, as
-cryoDRGN's map evaluation also does), and in the Fourier domain only the canonical half of
-the sphere is evaluated (the rest is ``F(-k) = conj F(k)``): 26 % of the cube's points, about
-half of what ``eval_volume`` evaluates.  Inside the sphere the values are the decoder's own,
-point for point (tests/analysis/test_maps.py checks this against ``eval_volume``).
-``sphere=False`` calls ``decoder.eval_volume`` and so gives exactly ``cryoscape volumes``'s maps.
+The model is loaded once and every map is generated from it with the decoder's own fast path,
+``decoder.eval_volume`` (the neural field evaluates only the trained sphere ``|k| <= 1/2`` in
+cache-sized chunks; the basis decoder is one weighted sum and one inverse FFT), so in float32
+(``amp=False``) the maps of an analysis are exactly those ``cryoscape volumes`` writes for the
+same latents.
 
-Mixed precision: ``amp=None`` follows the training loop's rule
-(:func:`cryoscape.train.loop.resolve_amp`): the decoder's matrix products run in bfloat16 where
-the hardware has fast bfloat16 (CPUs with AVX512-BF16/AMX, recent GPUs); the positional encoding
-and the FFT stay in float32.
+Mixed precision: ``amp=None`` follows the rule of :func:`cryoscape.models.precision.resolve_amp`:
+the decoder's matrix products run in bfloat16 where the hardware has fast bfloat16 (CPUs with
+AVX512-BF16/AMX, recent GPUs); the positional encoding and the FFT stay in float32.
 
 Scale, pixel size, ``flip`` and ``invert`` are those of :mod:`cryoscape.train.volumes`.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,8 +28,7 @@ import torch
 
 from cryoscape.errors import InputError
 
-__all__ = ["MapModel", "load_map_model", "MapGrid", "plan_map_grid", "default_chunk_points", "evaluate_map", "MapSet",
-           "generate_maps"]
+__all__ = ["MapModel", "load_map_model", "MapSet", "generate_maps"]
 
 log = logging.getLogger(__name__)
 
@@ -91,128 +81,6 @@ def load_map_model(run_dir: str | os.PathLike, *, epoch: int | None = None,
 
 
 @dataclass
-class MapGrid:
-    """Which grid points of an ``n^3`` map to evaluate and how to fill the rest.
-
-    Attributes
-    ----------
-    n, training_box
-        Output box and training box ``D``.
-    domain
-        ``"fourier"`` or ``"hartley"``.
-    coords
-        ``(P, 3)`` float32 frequencies ``(kx, ky, kz)`` in cycles per training pixel to evaluate.
-    eval_index
-        ``(P,)`` flat grid index of each evaluated point.
-    fill_index, fill_source
-        Flat indices of points set to the conjugate of the value at ``fill_source`` (Fourier).
-    """
-
-    n: int
-    training_box: int
-    domain: str
-    coords: torch.Tensor
-    eval_index: torch.Tensor
-    fill_index: torch.Tensor
-    fill_source: torch.Tensor
-
-
-@functools.lru_cache(maxsize=4)
-def plan_map_grid(n: int, *, training_box: int, domain: str = "fourier") -> MapGrid:
-    """Points of an ``n^3`` grid inside the training sphere ``|k| < 1/2`` (module docstring).
-
-    Grid index ``i`` along an axis has frequency ``(i - n//2) / D``.  In the Fourier domain only
-    points outside the Hermitian "negative" half-space (see
-    :func:`cryoscape.models.neural_field.hermitian_negative_mask`) are evaluated, plus negative
-    points whose mirror ``2*(n//2) - i`` falls off the grid (the -Nyquist planes of even boxes);
-    the other negative points are filled with the conjugate of their mirror.  Plans are cached
-    (the last 4), so the many maps of one analysis share one.
-    """
-    from cryoscape.models.neural_field import hermitian_negative_mask
-
-    if n < 1:
-        raise InputError(f"box size {n} is not positive; pass --box-size 2 or more.")
-    h = n // 2
-    i = torch.arange(n, dtype=torch.int32)
-    c = i - h
-    cz, cy, cx = torch.meshgrid(c, c, c, indexing="ij")
-    # |k| < 1/2 cycles per training pixel  <=>  4 (cx^2 + cy^2 + cz^2) < D^2, in exact integers
-    inside = 4 * (cx.long() ** 2 + cy.long() ** 2 + cz.long() ** 2) < training_box * training_box
-    flat = torch.arange(n**3, dtype=torch.int64).reshape(n, n, n)
-    if domain == "hartley":
-        evaluate = inside
-        fill = torch.zeros_like(inside)
-    elif domain == "fourier":
-        coords_int = torch.stack([cx, cy, cz], dim=-1)
-        negative = hermitian_negative_mask(coords_int)
-        mirror_ok = (2 * h - i) < n  # index 0 of an even box has no mirror on the grid
-        has_mirror = mirror_ok[:, None, None] & mirror_ok[None, :, None] & mirror_ok[None, None, :]
-        evaluate = inside & (~negative | ~has_mirror)
-        fill = inside & negative & has_mirror
-    else:
-        raise ValueError(f"unknown decoder domain {domain!r}")
-    eval_index = flat[evaluate]
-    coords = torch.stack([cx[evaluate], cy[evaluate], cz[evaluate]], dim=-1).to(torch.float32) / training_box
-    fill_index = flat[fill]
-    mz, my, mx = (2 * h - cz[fill] - h), (2 * h - cy[fill] - h), (2 * h - cx[fill] - h)
-    fill_source = (mz.long() * n + my) * n + mx
-    return MapGrid(n=n, training_box=int(training_box), domain=domain, coords=coords, eval_index=eval_index,
-                   fill_index=fill_index, fill_source=fill_source)
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type in ("cpu", "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def default_chunk_points(decoder: torch.nn.Module) -> int:
-    """Points per decoder call: small enough that a layer's activations (``points x width``
-    floats, 2 MB at width 256) stay in the CPU's caches.
-
-    Measured on a 256 x 3 decoder at D = 64 (2 cores): 2048 points per call evaluate a map 4-8x
-    faster than 131072 (whose 134 MB activations go through main memory), in float32 and bfloat16.
-    """
-    width = int(getattr(decoder, "config", {}).get("width", 256) or 256)
-    return int(min(16384, max(512, 2**19 // max(width, 1))))
-
-
-@torch.no_grad()
-def evaluate_map(decoder: torch.nn.Module, z: torch.Tensor | np.ndarray | None, grid: MapGrid, *,
-                 amp: bool = False, chunk_points: int | None = None) -> torch.Tensor:
-    """Real-space map ``(n, n, n)`` float32 ``[z, y, x]`` of ``decoder`` at latent ``z`` on ``grid``.
-
-    Same scale as ``decoder.eval_volume`` (boxes ``n != D`` are multiplied by ``(n / D)^3``).
-    ``chunk_points``: points per decoder call (default :func:`default_chunk_points`).
-    """
-    from cryoscape.fourier.fft import ifft3_center, iht3_center
-
-    device = next(decoder.parameters()).device
-    chunk_points = int(chunk_points) if chunk_points else default_chunk_points(decoder)
-    n = grid.n
-    if z is not None:
-        z = torch.as_tensor(np.asarray(z, dtype=np.float32) if not torch.is_tensor(z) else z,
-                            dtype=torch.float32, device=device).reshape(1, -1)
-    coords = grid.coords.to(device)
-    complex_out = grid.domain == "fourier"
-    values = torch.zeros(n**3, dtype=torch.complex64 if complex_out else torch.float32, device=device)
-    parts = []
-    with _autocast(device, amp):
-        for start in range(0, coords.shape[0], chunk_points):
-            out = decoder(coords[None, start : start + chunk_points], z)[0]
-            parts.append(out.to(values.dtype))
-    if parts:
-        values[grid.eval_index.to(device)] = torch.cat(parts)
-    if complex_out and grid.fill_index.numel():
-        values[grid.fill_index.to(device)] = values[grid.fill_source.to(device)].conj()
-    values = values.reshape(n, n, n)
-    volume = ifft3_center(values).real if complex_out else iht3_center(values)
-    if n != grid.training_box:
-        volume = volume * (n / grid.training_box) ** 3
-    return volume.to(torch.float32).contiguous()
-
-
-@dataclass
 class MapSet:
     """Maps written by :func:`generate_maps`.
 
@@ -244,7 +112,6 @@ def generate_maps(
     flip: bool = False,
     invert: bool = False,
     prefix: str = "vol_",
-    sphere: bool = True,
     amp: bool | None = None,
     progress: bool = True,
     write_z_values: bool = True,
@@ -262,9 +129,6 @@ def generate_maps(
         ``D / n`` training pixels).
     lowpass_angstrom, flip, invert
         Post-processing as in ``cryoscape volumes``.
-    sphere
-        Evaluate only inside the training sphere (default; module docstring), or call
-        ``eval_volume`` (``False``).
     amp
         bfloat16 matrix products (``None``: where the hardware is fast at it).
     write_z_values
@@ -276,7 +140,7 @@ def generate_maps(
 
     from cryoscape.fourier.filters import lowpass_filter
     from cryoscape.io.mrc import write_mrc
-    from cryoscape.train.loop import resolve_amp
+    from cryoscape.models.precision import autocast, resolve_amp
 
     start_time = time.perf_counter()
     decoder = model.decoder
@@ -295,21 +159,15 @@ def generate_maps(
         z = np.asarray(z, dtype=np.float32).reshape(-1, model.zdim)
         latents = list(z)
     use_amp = resolve_amp(amp, model.device)
-    grid = plan_map_grid(n, training_box=D, domain=getattr(decoder, "domain", "fourier")) if sphere else None
-    takes_chunk = "chunk_points" in inspect.signature(decoder.eval_volume).parameters
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     width = max(3, len(str(len(latents) - 1)))
     paths: list[Path] = []
     projections = np.zeros((len(latents), 3, n, n), dtype=np.float32)
     for i, zi in enumerate(tqdm(latents, desc="maps", unit="map", disable=not progress, leave=False)):
-        if grid is not None:
-            volume = evaluate_map(decoder, zi, grid, amp=use_amp)
-        else:
-            with torch.no_grad(), _autocast(model.device, use_amp):
-                zt = None if zi is None else torch.as_tensor(zi, device=model.device)
-                extra = {"chunk_points": default_chunk_points(decoder)} if takes_chunk else {}
-                volume = decoder.eval_volume(zt, box_size=n, **extra).to(torch.float32)
+        with torch.no_grad(), autocast(model.device, use_amp):
+            zt = None if zi is None else torch.as_tensor(zi, device=model.device)
+            volume = decoder.eval_volume(zt, box_size=n).to(torch.float32)
         if lowpass_angstrom is not None:
             volume = lowpass_filter(volume, float(lowpass_angstrom), pixel_out, ndim=3)
         if flip:

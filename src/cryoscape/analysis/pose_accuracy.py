@@ -41,6 +41,7 @@ __all__ = [
     "pose_accuracy",
     "pose_accuracy_per_epoch",
     "run_pose_files",
+    "map_in_reference_frame",
 ]
 
 PathLike = str | os.PathLike
@@ -219,6 +220,39 @@ def compare_poses(
         n_particles=len(frob), rotation_frobenius=frob, angle_deg=angle, translation_pixel=trans,
         handedness_flipped=bool(flipped), global_rotation=G.numpy(), map_shift_pixel=shift_norm,
     )
+
+
+def map_in_reference_frame(volume: np.ndarray, global_rotation: np.ndarray, handedness_flipped: bool,
+                           reference: np.ndarray | None = None) -> np.ndarray:
+    """A predicted map brought into the frame of the reference poses (for an FSC to the truth).
+
+    With ``G`` and the flip from :func:`compare_poses`, ``V_ref(X) ~ V_pred(F G X)``
+    (:mod:`cryoscape.geometry.align`; ``F = diag(1, 1, -1)`` only when flipped), resampled with
+    cubic splines about the box centre ``D//2``.  With ``reference`` (same box), the result is
+    then moved by the whole-voxel shift that maximises its cross-correlation with it: an ab
+    initio map may sit a few pixels off centre (all its particles' shifts then absorb the offset).
+    """
+    from scipy import ndimage
+
+    volume = np.asarray(volume, dtype=np.float32)
+    D = volume.shape[-1]
+    c = D // 2
+    M = np.asarray(global_rotation, dtype=np.float64)
+    if handedness_flipped:
+        M = np.diag([1.0, 1.0, -1.0]) @ M
+    P = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.float64)  # (x, y, z) <-> array axes (z, y, x)
+    A = P @ M @ P  # output voxel X reads the input at M X (array axis order)
+    offset = c - A @ np.full(3, c, dtype=np.float64)
+    turned = ndimage.affine_transform(volume, A, offset=offset, order=3, mode="constant").astype(np.float32)
+    if reference is None:
+        return turned
+    reference = np.asarray(reference, dtype=np.float32)
+    if reference.shape != turned.shape:
+        raise ValueError(f"reference box {reference.shape} differs from the map's {turned.shape}")
+    cc = np.fft.ifftn(np.fft.fftn(reference) * np.conj(np.fft.fftn(turned))).real
+    shift = np.array(np.unravel_index(np.argmax(cc), cc.shape))
+    shift = np.where(shift > D // 2, shift - D, shift)
+    return np.roll(turned, tuple(int(v) for v in shift), axis=(0, 1, 2))
 
 
 def pose_accuracy(

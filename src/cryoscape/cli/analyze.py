@@ -9,6 +9,8 @@ EXAMPLE = "cryoscape analyze run/ --ksample 20 --pc 2   (writes run/analysis.EPO
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cryoscape.cli.common import add_map_arguments
+
     parser.add_argument("run", help="the output folder of cryoscape train (heterogeneous, zdim >= 1)")
     parser.add_argument("--epoch", type=int, default=None,
                         help="epoch to analyse, 0-based like z.EPOCH.npy (default: the latest)")
@@ -25,19 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fit UMAP on at most N particles drawn at random and place the rest by their "
                            "nearest fitted neighbours (default 20000)")
     what.add_argument("--seed", type=int, default=0, help="seed of k-means, UMAP and subsampling (default 0)")
-    maps = parser.add_argument_group("maps")
-    maps.add_argument("--box-size", type=int, default=None, help="output box (default: the training box)")
-    maps.add_argument("--lowpass", type=float, default=None, metavar="ANGSTROM", help="low-pass filter the maps")
-    maps.add_argument("--flip", action="store_true", help="mirror the hand (reverse the z axis)")
-    maps.add_argument("--invert", action="store_true", help="negate the density")
-    maps.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda ...")
-    maps.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                      help="bfloat16 decoder arithmetic (default: on where fast, e.g. AVX512-BF16 CPUs)")
+    add_map_arguments(parser.add_argument_group("maps"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryoscape.cli.common import resolve_device
+    from cryoscape.cli.common import map_options
     from cryoscape.report.analyze import analyze_run
 
     result = analyze_run(
@@ -49,12 +44,7 @@ def run(args: argparse.Namespace) -> int:
         n_per_pc=args.n_per_pc,
         skip_umap=args.skip_umap,
         skip_vol=args.skip_vol,
-        box_size=args.box_size,
-        lowpass_angstrom=args.lowpass,
-        flip=args.flip,
-        invert=args.invert,
-        device=resolve_device(args.device),
-        amp=args.amp,
+        **map_options(args),
         umap_fit_max=args.umap_max,
         seed=args.seed,
         progress=not args.no_progress,

@@ -1,4 +1,4 @@
-"""Argument handling shared by several commands (loading particles, choosing a device)."""
+"""Argument handling shared by several commands (loading particles, choosing a device, map options)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,30 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def add_map_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, amp: bool = True) -> None:
+    """The map options of every command that writes maps of a trained run (volumes, analyze,
+    traverse): ``--box-size --lowpass --flip --invert --device`` and, with ``amp``, ``--amp/--no-amp``.
+    Read them back with :func:`map_options`."""
+    parser.add_argument("--box-size", type=int, default=None, help="output box (default: the training box)")
+    parser.add_argument("--lowpass", type=float, default=None, metavar="ANGSTROM", help="low-pass filter the maps")
+    parser.add_argument("--flip", action="store_true", help="mirror the hand (reverse the z axis)")
+    parser.add_argument("--invert", action="store_true", help="negate the density")
+    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda ...")
+    if amp:
+        parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                            help="bfloat16 decoder arithmetic (default: on where fast, e.g. AVX512-BF16 CPUs and "
+                                 "recent GPUs)")
+
+
+def map_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the map writers from :func:`add_map_arguments`'s options."""
+    options = dict(box_size=args.box_size, lowpass_angstrom=args.lowpass, flip=args.flip, invert=args.invert,
+                   device=resolve_device(args.device))
+    if hasattr(args, "amp"):
+        options["amp"] = args.amp
+    return options
 
 
 def load_table_from_args(args: argparse.Namespace):

@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
     if ev.clusters is not None:
         print(f"clusters vs true classes: ARI {ev.clusters['adjusted_rand_index']:.3f}")
     if ev.poses is not None:
-        print(f"poses: rotation error {ev.poses['angle_deg_median']:.2f} deg median")
+        p = ev.poses
+        shifts = (f"; shift error {p['translation_pixel_median']:.2f} px median" if "translation_pixel_median" in p
+                  else "")
+        print(f"poses: rotation error {p['rotation_frobenius_median']:.4f} median squared Frobenius, "
+              f"{p['angle_deg_median']:.2f} deg median{', mirrored map' if p['handedness_flipped'] else ''}{shifts}")
     for note in ev.notes:
         print(f"note: {note}")
     print(f"report: {ev.out_dir / 'report.html'}")

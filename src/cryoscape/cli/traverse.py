@@ -10,6 +10,8 @@ EXAMPLE = ("cryoscape traverse run/ --along graph --anchors 120 4031 977   "
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cryoscape.cli.common import add_map_arguments
+
     parser.add_argument("run", help="the output folder of cryoscape train (heterogeneous, zdim >= 1)")
     parser.add_argument("--along", choices=("pc", "line", "graph"), required=True,
                         help="pc: along a principal component; line: straight lines between anchors; graph: "
@@ -40,18 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     path.add_argument("--seed", type=int, default=0, help="seed of k-means anchors (default 0)")
     maps = parser.add_argument_group("maps")
     maps.add_argument("--skip-vol", action="store_true", help="latents and plots only, no maps")
-    maps.add_argument("--box-size", type=int, default=None, help="output box (default: the training box)")
-    maps.add_argument("--lowpass", type=float, default=None, metavar="ANGSTROM", help="low-pass filter the maps")
-    maps.add_argument("--flip", action="store_true", help="mirror the hand (reverse the z axis)")
-    maps.add_argument("--invert", action="store_true", help="negate the density")
-    maps.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda ...")
-    maps.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                      help="bfloat16 decoder arithmetic (default: on where fast)")
+    add_map_arguments(maps)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryoscape.cli.common import resolve_device
+    from cryoscape.cli.common import map_options
     from cryoscape.report.traverse import traverse_run
 
     result = traverse_run(
@@ -69,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
         max_neighbors=args.max_neighbors,
         max_maps=args.max_maps,
         skip_vol=args.skip_vol,
-        box_size=args.box_size,
-        lowpass_angstrom=args.lowpass,
-        flip=args.flip,
-        invert=args.invert,
-        device=resolve_device(args.device),
-        amp=args.amp,
+        **map_options(args),
         seed=args.seed,
         progress=not args.no_progress,
         arguments={k: v for k, v in vars(args).items() if not k.startswith("_")},

@@ -9,25 +9,22 @@ EXAMPLE = "cryoscape volumes run/ --z z_values.txt -o maps/   (or: --z-values 0.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from cryoscape.cli.common import add_map_arguments
+
     parser.add_argument("run", help="the output folder of cryoscape train (or one of its .pt files)")
     parser.add_argument("-o", "--outdir", required=True, help="output folder (vol_000.mrc, ...)")
     parser.add_argument("--epoch", type=int, default=None, help="saved epoch to use (default: the latest)")
     zs = parser.add_mutually_exclusive_group()
     zs.add_argument("--z", dest="z_file", help="latents: .txt (one per line), .npy or .pkl (N x zdim)")
     zs.add_argument("--z-values", type=float, nargs="+", help="latents as numbers, zdim per map")
-    parser.add_argument("--box-size", type=int, default=None, help="output box (default: the training box)")
-    parser.add_argument("--lowpass", type=float, default=None, metavar="ANGSTROM", help="low-pass filter the maps")
-    parser.add_argument("--flip", action="store_true", help="mirror the hand (reverse the z axis)")
-    parser.add_argument("--invert", action="store_true", help="negate the density")
-    parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda ...")
+    add_map_arguments(parser, amp=False)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cryoscape.cli.common import resolve_device
+    from cryoscape.cli.common import map_options
     from cryoscape.train.volumes import decode_volumes, load_trained_model, read_latents
 
-    device = resolve_device(args.device)
     decoder, _, _ = load_trained_model(args.run, epoch=args.epoch, device="cpu")
     z = read_latents(args.z_file, args.z_values, zdim=decoder.zdim) if decoder.zdim > 0 else None
     paths = decode_volumes(
@@ -35,11 +32,7 @@ def run(args: argparse.Namespace) -> int:
         z,
         args.outdir,
         epoch=args.epoch,
-        box_size=args.box_size,
-        lowpass_angstrom=args.lowpass,
-        flip=args.flip,
-        invert=args.invert,
-        device=device,
+        **map_options(args),
         progress=not args.no_progress,
     )
     print(f"wrote {len(paths)} map(s) to {args.outdir}")

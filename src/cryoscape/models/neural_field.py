@@ -171,7 +171,14 @@ class NeuralField(VolumeDecoder):
 
     # ------------------------------------------------------------------------------------------
     def _default_chunk_points(self) -> int:
-        return max(2**14, 2**25 // max(self.config["width"], 1))
+        """Points per decoder call in :meth:`eval_volume`: few enough that a layer's activations
+        (``points x width`` floats, 2 MB at width 256) stay in the CPU's caches.
+
+        Measured on a 256 x 3 decoder at D = 64 (2 cores): 2048 points per call evaluate a map
+        4-8x faster than 131072 (whose 134 MB activations go through main memory), in float32
+        and bfloat16.
+        """
+        return int(min(16384, max(512, 2**19 // max(self.config["width"], 1))))
 
     def _eval_planes(
         self, kz: torch.Tensor, ky: torch.Tensor, kx: torch.Tensor, z: torch.Tensor | None, chunk_points: int,
@@ -180,10 +187,12 @@ class NeuralField(VolumeDecoder):
         """Values on the grid ``kz x ky x kx`` (1-D frequency vectors), ``(len kz, len ky, len kx)``.
 
         ``sphere``: evaluate only points with ``|k| <= 1/2`` (the trained sphere), zero elsewhere.
+        The points are gathered a few planes at a time and sent to the network ``chunk_points``
+        at a time.
         """
         ny, nx = ky.numel(), kx.numel()
         per_plane = ny * nx
-        step = max(1, chunk_points // max(per_plane, 1))
+        step = max(1, (8 * chunk_points) // max(per_plane, 1))
         yy, xx = torch.meshgrid(ky, kx, indexing="ij")
         out = []
         for start in range(0, kz.numel(), step):
@@ -192,13 +201,15 @@ class NeuralField(VolumeDecoder):
                 [xx.expand(zs.numel(), ny, nx), yy.expand(zs.numel(), ny, nx), zs[:, None, None].expand(-1, ny, nx)],
                 dim=-1,
             ).reshape(-1, 3)
+            inside = pts.square().sum(-1) <= 0.25 if sphere else None
+            todo = pts[inside] if sphere else pts
+            values = [self(todo[None, i : i + chunk_points], z)[0] for i in range(0, todo.shape[0], chunk_points)]
+            values = torch.cat(values) if values else self(todo[None], z)[0]
             if sphere:
-                inside = pts.square().sum(-1) <= 0.25
-                values = self(pts[inside][None], z)[0]
                 block = values.new_zeros(pts.shape[0])
                 block[inside] = values
             else:
-                block = self(pts[None], z)[0]
+                block = values
             out.append(block.reshape(zs.numel(), ny, nx))
         return torch.cat(out, dim=0)
 
@@ -217,7 +228,7 @@ class NeuralField(VolumeDecoder):
             Output box ``n`` (default the training box ``D``); ``n < D`` crops frequencies like
             Fourier downsampling, ``n > D`` extrapolates beyond the training Nyquist.
         chunk_points
-            Points per decoder call (bounds memory); default ``2^25 / width``, at least ``2^14``.
+            Points per decoder call (bounds memory); default :meth:`_default_chunk_points`.
         sphere
             Evaluate only frequencies inside the sphere ``|k| <= 1/2`` cycles per training pixel
             and set the rest to zero (default).  Training covers the circle ``|k| < D/2`` of

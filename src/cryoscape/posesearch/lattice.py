@@ -32,7 +32,6 @@ conversion to slices evaluated directly, so the search code only ever sees Fouri
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from cryoscape.fourier.slicing import slice_coordinates
+from cryoscape.models.precision import autocast
 
 __all__ = ["FourierLattice", "evaluate_lattice", "evaluate_slices", "decoder_values"]
 
@@ -138,12 +138,6 @@ def decoder_values(decoder: torch.nn.Module, coords_cycles: torch.Tensor, z: tor
     return out.to(torch.complex64) if out.is_complex() else out.to(torch.complex64)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _decoder_device(decoder: torch.nn.Module) -> torch.device:
     for p in decoder.parameters():
         return p.device
@@ -205,7 +199,7 @@ def evaluate_lattice(
     per_call = max(1, int(chunk_points) // max(1, n_lat))
     half = torch.zeros((n_lat, zs.numel() * L * L), dtype=torch.complex64 if not hartley else torch.float32,
                        device=device)
-    with _autocast(device, amp):
+    with autocast(device, amp):
         for start in range(0, points.shape[0], per_call):
             pts = points[start : start + per_call]
             batch = pts.unsqueeze(0).expand(n_lat, -1, -1) if n_lat > 1 else pts.unsqueeze(0)
@@ -243,6 +237,6 @@ def evaluate_slices(
     D = int(decoder.box_size)
     coords = slice_coordinates(rotations, coords_2d_index.to(rotations.dtype)) / D  # (B, C, P, 3)
     P = coords.shape[-2]
-    with _autocast(rotations.device, amp):
+    with autocast(rotations.device, amp):
         out = decoder_values(decoder, coords.reshape(B, C * P, 3), z)
     return out.to(torch.complex64).reshape(B, C, P)

@@ -103,9 +103,9 @@ from cryoscape.train.loop import (
     load_tables,
     plot_losses,
     prepare_likelihood_pixels,
-    resolve_amp,
     resolve_device,
 )
+from cryoscape.models.precision import resolve_amp
 
 __all__ = ["AbinitConfig", "AbinitResult", "run_abinit", "resume_abinit", "abinit_model", "epoch_plan"]
 

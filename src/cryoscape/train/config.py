@@ -70,7 +70,7 @@ class TrainConfig:
     pose_representation: str = "axis_angle"
     shuffle: bool = True
     seed: int = 0
-    amp: bool | None = None  # None: automatic (see train.loop.resolve_amp)
+    amp: bool | None = None  # None: automatic (see models.precision.resolve_amp)
     device: str = "auto"
     prefetch: int = 2
     checkpoint_every: int = 5

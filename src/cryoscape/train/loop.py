@@ -38,7 +38,7 @@ the training step is then the encoder, one decoder call on ``B x P`` slice point
 loss.  At D = 64 with 256 x 3 networks about 75-90 % of the step is the decoder's matrix products
 (forward and backward).  ``amp`` runs encoder and decoder under bfloat16 autocast (about 2x faster
 on an AVX512-BF16 CPU, the same per-image FSC in bench/train.py); the loss stays in float32.  It
-is on by default where the hardware has fast bfloat16 (:func:`resolve_amp`), like cryoDRGN's
+is on by default where the hardware has fast bfloat16 (:func:`cryoscape.models.precision.resolve_amp`), like cryoDRGN's
 default mixed precision on GPUs.
 """
 
@@ -67,6 +67,7 @@ from cryoscape.data.training import (
 from cryoscape.errors import InputError
 from cryoscape.geometry.rotations import rotation_about_axis
 from cryoscape.io.writers import atomic_write
+from cryoscape.models.precision import amp_dtype, autocast, resolve_amp
 from cryoscape.models.vae import kl_divergence, reparameterize
 from cryoscape.train.checkpoint import (
     CHECKPOINT_NAME,
@@ -273,56 +274,6 @@ def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Gener
     return gen
 
 
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (x86 AVX512-BF16 or AMX-BF16, Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_amp(setting: bool | None, device: torch.device) -> bool:
-    """Whether to train in mixed precision: ``setting`` (``--amp``/``--no-amp``) or automatic.
-
-    Automatic (``None``) turns it on where low precision is both fast and safe: CUDA GPUs with
-    bfloat16 (Ampere and later) and CPUs with bfloat16 instructions.  Only the matrix products of
-    encoder and decoder run in bfloat16 (8-bit mantissa, float32 exponent range, so no loss
-    scaling); the positional encoding, the image formation model, the loss and the weights stay
-    in float32.  bench/train.py measures the same per-image FSC with and without it.
-    """
-    if device.type not in ("cuda", "cpu"):
-        return False
-    if setting is not None:
-        return bool(setting)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return cpu_has_native_bfloat16()
-
-
-def _amp_dtype(device: torch.device) -> torch.dtype:
-    """Low precision of ``--amp``: bfloat16 (float16 on GPUs without bfloat16)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def _autocast(device: torch.device, enabled: bool):
-    """Mixed precision for the encoder and decoder (matrix products in bfloat16, the loss in float32).
-
-    On GPUs this is the usual autocast; on CPUs with bfloat16 instructions (AVX512-BF16, AMX) it
-    roughly halves the time of the decoder's matrix products.  float16 needs no loss scaling
-    here because gradients of the per-pixel mean squared error are not tiny.
-    """
-    if enabled and device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, dtype=_amp_dtype(device))
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
 def _pose_param_groups(poses: PoseCorrections, pose_lr: float, box_size: int) -> list[dict[str, Any]]:
     """Rotation corrections at ``pose_lr`` (radians per step); shifts at ``pose_lr * D / 4`` pixels.
 
@@ -482,7 +433,7 @@ def batch_loss(
     target = to_domain(centre_values(batch.values, pixels.coords_index, shifts, D), domain)
     tilted = batch.tilted
     mu = logvar = z = None
-    with _autocast(device, amp):
+    with autocast(device, amp):
         if encoder is not None:
             if tilted is not None:
                 mu, logvar = encoder(batch.images, tilted.images)
@@ -658,7 +609,7 @@ def train_model(
     amp = resolve_amp(config.amp, device)
     if amp:
         log.info("mixed precision%s: encoder and decoder in %s on %s (--no-amp for float32)",
-                 "" if config.amp else " (automatic)", _amp_dtype(device), device)
+                 "" if config.amp else " (automatic)", amp_dtype(device), device)
     elif config.amp:
         log.info("--amp is not available on %s; training in float32", device)
     else:
