@@ -170,3 +170,35 @@ def test_pipeline_with_another_tools_latents_maps_and_ind(tiny_truth, tmp_path):
                                maps_dir=maps, out_dir=out, progress=False)
     with pytest.raises(InputError, match="--ind with their rows"):
         evaluate_against_truth(tiny_truth, z_path=tmp_path / "z.pkl", out_dir=out, progress=False)
+
+
+def test_poses_alone_and_maps_of_a_turned_frame(tiny_truth, tmp_path):
+    """Ab initio output: poses and maps in another frame and hand.  The poses score ~0 error after
+    the global alignment, and the maps are turned back by it before the FSC."""
+    from cryoscape.analysis.pose_accuracy import map_in_reference_frame
+    from cryoscape.geometry.rotations import rotation_about_axis
+
+    gt = load_ground_truth(tiny_truth)
+    G = rotation_about_axis(np.array([1.0, 2.0, -0.5]), 0.7)
+    F = np.diag([1.0, 1.0, -1.0])
+    R_pred = F @ (gt.rotations @ G.T) @ F  # the poses of the mirrored, turned map
+    with open(tmp_path / "poses.pkl", "wb") as f:
+        pickle.dump((R_pred.astype(np.float32), gt.shifts_pixel / gt.box_size), f)
+    ev = evaluate_against_truth(tiny_truth, poses=tmp_path / "poses.pkl", out_dir=tmp_path / "p", progress=False)
+    assert ev.fsc is None and ev.poses["handedness_flipped"] and ev.poses["rotation_frobenius_median"] < 1e-8
+    assert not ev.notes
+
+    # maps in that frame: V_pred(Y) = V_true((F G)^-1 Y); the inverse of map_in_reference_frame's turn
+    positions = evenly_spaced_indices(len(gt), 4)
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    inverse = np.linalg.inv(F @ G)
+    for j, p in enumerate(positions):
+        truth = gt.volume(gt.state_index[p])
+        write_mrc(maps / f"vol_{j:03d}.mrc", map_in_reference_frame(truth, inverse, False))
+    turned = evaluate_against_truth(tiny_truth, poses=tmp_path / "poses.pkl", maps_dir=maps, n_images=4,
+                                    out_dir=tmp_path / "m", progress=False)
+    plain = score_map_files(list_map_files(maps), gt.state_index[positions], tiny_truth)
+    assert any("turned into the truth's frame" in n for n in turned.notes)
+    assert turned.fsc.auc.mean() > plain.auc.mean() + 0.1  # the turn back mattered
+    assert turned.fsc.correlation.min() > 0.9

@@ -173,24 +173,13 @@ def test_search_on_a_model_trained_with_true_poses_recovers_the_poses(sim_root, 
 # ---------------------------------------------------------------------------------------------
 def _fsc_to_truth(run, data, epoch, pose_accuracy):
     """FSC of the run's map to the true map, the map first turned into the truth's frame."""
-    from scipy import ndimage
-
+    from cryoscape.analysis.pose_accuracy import map_in_reference_frame
     from cryoscape.fourier.fsc import fourier_shell_correlation
     from cryoscape.io.mrc import read_mrc
 
-    volume = np.asarray(read_mrc(run / f"reconstruct.{epoch}.mrc")[0], dtype=np.float64)
-    truth = np.asarray(read_mrc(data / "gt_volumes" / "vol_000.mrc")[0], dtype=np.float64)
-    D = volume.shape[-1]
-    M = pose_accuracy.global_rotation @ np.eye(3)
-    if pose_accuracy.handedness_flipped:
-        M = np.diag([1.0, 1.0, -1.0]) @ M
-    P = np.eye(3)[::-1]  # (x, y, z) <-> array axes (z, y, x)
-    A = P @ M @ P  # V_true(X) ~ V_pred(F G X) (geometry/align.py)
-    c = np.full(3, D // 2, dtype=np.float64)
-    turned = ndimage.affine_transform(volume, A, offset=c - A @ c, order=3)
-    cc = np.fft.ifftn(np.fft.fftn(truth) * np.conj(np.fft.fftn(turned))).real  # best integer shift
-    shift = np.array(np.unravel_index(np.argmax(cc), cc.shape))
-    turned = np.roll(turned, tuple(np.where(shift > D // 2, shift - D, shift)), axis=(0, 1, 2))
+    volume = np.asarray(read_mrc(run / f"reconstruct.{epoch}.mrc")[0], dtype=np.float32)
+    truth = np.asarray(read_mrc(data / "gt_volumes" / "vol_000.mrc")[0], dtype=np.float32)
+    turned = map_in_reference_frame(volume, pose_accuracy.global_rotation, pose_accuracy.handedness_flipped, truth)
     _, fsc = fourier_shell_correlation(torch.as_tensor(turned), torch.as_tensor(truth))
     return fsc.numpy()
 

@@ -518,8 +518,9 @@ def evaluate_against_truth(
 
     gt = load_ground_truth(truth)
     run = Path(run_dir) if run_dir is not None else None
-    if run is None and z_path is None and maps_dir is None:
-        raise InputError("pass a run folder, or another tool's latents (--z) and maps (--maps), to evaluate.")
+    if run is None and z_path is None and maps_dir is None and poses is None:
+        raise InputError("pass a run folder, or another tool's latents (--z), maps (--maps) or poses (--poses), "
+                         "to evaluate.")
     if n_images < 1:
         raise InputError(f"--n-images {n_images} is not positive; pass the number of images for the per-image FSC.")
     decoder = state = None
@@ -543,7 +544,7 @@ def evaluate_against_truth(
         n_particles = len(z)
     elif state is not None:
         n_particles = int(state["data"]["n_particles"])
-    else:  # maps only: the particles are the dataset rows (or --ind)
+    else:  # maps or poses only: the particles are the dataset rows (or --ind)
         n_particles = len(load_indices_or_all(ind, len(gt)))
     rows = run_particle_rows(run, n_particles, n_source=len(gt), train_ind=ind,
                              source_name=f"the dataset {gt.folder}",
@@ -603,7 +604,7 @@ def evaluate_against_truth(
             for p in tqdm(positions, desc="maps", unit="map", disable=not progress, leave=False):
                 zi = None if decoder.zdim == 0 else torch.as_tensor(z[p], device=device)
                 maps.append(decoder.eval_volume(zi, box_size=n).float().cpu().numpy())
-    else:
+    elif z is not None:
         result.notes.append(f"no maps to score: decode the latents in {out / 'eval_z.txt'} (one map per line, in "
                             "order) and pass their folder with --maps.")
     if maps is not None:

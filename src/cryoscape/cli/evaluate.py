@@ -12,7 +12,7 @@ EXAMPLE = ("cryoscape evaluate run/ --truth sim/   (another tool: cryoscape eval
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", nargs="?", default=None,
-                        help="the output folder of cryoscape train (optional with --z/--maps)")
+                        help="the output folder of cryoscape train or abinit (optional with --z/--maps/--poses)")
     parser.add_argument("--truth", "--dataset", dest="truth", required=True,
                         help="the output folder of cryoscape simulate (ground_truth.npz, gt_volumes/)")
     parser.add_argument("-o", "--outdir", default=None, help="output folder (default: RUN/evaluate.EPOCH)")
