@@ -45,6 +45,7 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--basis-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="an extra basis run with these --decoder-opt settings (repeatable), e.g. "
                         "basis_lr_scale=0.01")
+    p.add_argument("--reuse-cryodrgn", action="store_true",
+                   help="reuse a finished cryodrgn run of the same data and settings in the runs folder (its "
+                        "training time then comes from that earlier run's log, and is labelled so)")
     p.add_argument("--skip", action="append", default=[], choices=[DRGN, "field", "basis"],
                    help="leave a tool out (development only; the ratios need all three)")
     return p.parse_args(argv)
@@ -175,9 +179,17 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
     for name, command in configs.items():
         tool = DRGN if name == DRGN else "cryoscape"
         run_dir = Path(command[command.index("-o") + 1])
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run = run_timed(command, log_path=runs_dir / f"{run_dir.name}.log", env=env)
-        train_s = training_seconds(run_dir, run.log_path, tool)
+        log_path = runs_dir / f"{run_dir.name}.log"
+        reused = (name == DRGN and args.reuse_cryodrgn and (run_dir / f"z.{args.epochs}.pkl").exists()
+                  and training_seconds(run_dir, log_path, tool))
+        if reused:
+            run = None
+            print_note(f"{name} D={box}: reusing the finished run in {run_dir} (trained earlier, not in this run; "
+                       f"its training time comes from {log_path}, written {time.ctime(log_path.stat().st_mtime)})")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run = run_timed(command, log_path=log_path, env=env)
+        train_s = training_seconds(run_dir, log_path, tool)
         epoch, z = last_latents(run_dir, tool)
         states = truth["state_index"][index]
         paths, decode_s = decode_maps(tool, exe, run_dir, epoch, z[index], runs_dir / f"{run_dir.name}_maps",
@@ -186,15 +198,17 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
         negated = bool(np.mean(scores["correlation"]) < 0)
         if negated:
             scores = score_maps_negated(paths, states, data, fsc_box)
-        r = dict(run=run, train_s=train_s, scores=scores, negated=negated, epoch=epoch, run_dir=run_dir, z=z,
+        r = dict(run=run, reused=run is None, train_s=train_s, scores=scores, negated=negated, epoch=epoch, run_dir=run_dir, z=z,
                  spearman=latent_spearman(z, truth["coordinate"]), decode_s=decode_s, n_maps=len(paths))
         results[name] = r
         label = f"{name} D={box}"
         if train_s:
-            print_figure(f"{label} training images/s", n_images * args.epochs / train_s, fmt=".1f")
+            earlier = " (earlier run)" if run is None else ""
+            print_figure(f"{label} training images/s{earlier}", n_images * args.epochs / train_s, fmt=".1f")
             print_figure(f"{label} training time ({args.epochs} epochs, from its log)", train_s, "s", fmt=".1f")
-        print_figure(f"{label} whole-command wall time", run.wall_s, "s", fmt=".1f")
-        print_figure(f"{label} peak RSS", run.peak_rss_mb, "MB", fmt=".0f")
+        if run is not None:
+            print_figure(f"{label} whole-command wall time", run.wall_s, "s", fmt=".1f")
+            print_figure(f"{label} peak RSS", run.peak_rss_mb, "MB", fmt=".0f")
         s = scores
         print_figure(f"{label} per-image FSC AUC mean / median", f"{s['auc'].mean():.3f} / {np.median(s['auc']):.3f}")
         print_figure(f"{label} per-image real-space correlation to truth mean", float(s["correlation"].mean()),
@@ -250,7 +264,8 @@ def main(argv=None) -> int:
         return res[a]["scores"]["auc"].mean() / res[b]["scores"]["auc"].mean()
 
     for box, res in results.items():
-        print_figure(f"speed ratio (training images/s) basis/cryodrgn at D={box}", speed(res, BASIS, DRGN))
+        earlier = " (cryodrgn timed in an earlier run)" if res.get(DRGN, {}).get("reused") else ""
+        print_figure(f"speed ratio (training images/s) basis/cryodrgn at D={box}{earlier}", speed(res, BASIS, DRGN))
     for box, res in results.items():
         print_figure(f"per-image FSC AUC ratio neural_field/cryodrgn at D={box}", auc(res, FIELD, DRGN), fmt=".3f")
     if BASIS in map_times and FIELD in map_times:

@@ -120,3 +120,29 @@ def test_evaluate_errors(tiny_run, sim, tmp_path, capsys):
     assert "pass a run folder" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_run), "--truth", str(tmp_path)]) == 2
     assert "ground_truth.npz" in capsys.readouterr().err
+
+
+def test_evaluate_poses_against_a_reference_refinement(sim, tmp_path, capsys):
+    """Real-data mode: poses (a cryoDRGN poses.pkl of a turned map, a subset by --ind) against a
+    RELION .star refinement; the global turn is found, the errors are the ones we added."""
+    from cryoscape.geometry.rotations import rotation_about_axis
+
+    truth = np.load(sim / "ground_truth.npz")
+    rows = np.arange(0, 64, 2)
+    G = rotation_about_axis(np.array([0.0, 1.0, 1.0]), 2.0)
+    noise = rotation_about_axis(np.array([1.0, 0.0, 0.0]), np.radians(np.where(rows % 4 == 0, 2.0, 4.0)))
+    R = noise @ truth["rotations"][rows] @ G.T  # every pose off by 2 or 4 degrees, in a turned frame
+    with open(tmp_path / "poses.pkl", "wb") as f:
+        pickle.dump((R.astype(np.float32), truth["shifts_pixel"][rows] / 16), f)
+    with open(tmp_path / "ind.pkl", "wb") as f:
+        pickle.dump(rows, f)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--poses", str(tmp_path / "poses.pkl"), "--reference-poses", str(sim / "particles.star"),
+                 "--ind", str(tmp_path / "ind.pkl"), "--box-size", "16", "-o", str(out)]) == 0
+    assert "rotation error" in capsys.readouterr().out
+    poses = yaml.safe_load((out / "evaluation.yaml").read_text())["poses"]
+    assert poses["n_particles"] == 32 and not poses["handedness_flipped"]
+    assert 2.0 < poses["angle_deg_median"] < 4.1 and poses["angle_deg_mean"] == pytest.approx(3.0, abs=0.25)
+    assert poses["translation_pixel_median"] < 0.01
+    assert main(["evaluate", "--poses", str(tmp_path / "poses.pkl"), "-o", str(out)]) == 2
+    assert "--reference-poses" in capsys.readouterr().err

@@ -65,6 +65,7 @@ __all__ = [
     "read_latent_file",
     "Evaluation",
     "evaluate_against_truth",
+    "evaluate_poses_against_reference",
 ]
 
 log = logging.getLogger(__name__)
@@ -668,6 +669,34 @@ def evaluate_against_truth(
 def _rotation_angle_deg(R: np.ndarray) -> float:
     """Angle of a rotation matrix in degrees."""
     return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def evaluate_poses_against_reference(poses: PathLike, reference: PathLike, out_dir: PathLike, *,
+                                     ind: PathLike | None = None, box_size: int | None = None) -> dict[str, Any]:
+    """Pose accuracy of ``poses`` against a reference refinement (real data, no ground truth).
+
+    ``poses`` and ``reference`` are pose files (.star, .cs, poses.pkl, our poses.E.npz) or run
+    folders (:func:`cryoscape.analysis.pose_accuracy.read_poses`); ``ind`` the reference rows of
+    the predicted particles when the reference holds more.  Errors are measured after the best
+    global rotation and hand and with a global map offset removed; the summary is written to
+    ``out_dir/evaluation.yaml`` and returned.
+    """
+    import yaml
+
+    from cryoscape.analysis.pose_accuracy import pose_accuracy, read_poses
+    from cryoscape.io.writers import atomic_write
+
+    indices = None
+    if ind is not None:
+        n_reference = len(read_poses(reference, box_size=box_size)[0])
+        indices = load_indices_or_all(ind, n_reference)
+    accuracy = pose_accuracy(poses, reference, indices=indices, box_size=box_size, fit_map_shift=True)
+    summary = {"file": str(poses), "reference": str(reference), **accuracy.summary()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "evaluation.yaml", "w") as fh:
+        yaml.safe_dump({"poses": summary}, fh, sort_keys=False)
+    return summary
 
 
 def load_indices_or_all(ind: PathLike | str | None, n: int) -> np.ndarray:

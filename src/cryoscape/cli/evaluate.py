@@ -7,19 +7,24 @@ import argparse
 HELP = ("Evaluate against the ground truth of a simulated dataset: per-image FSC (100 images, AUC, FSC=0.5/0.143), "
         "latent vs true coordinate, clusters vs true classes (ARI), poses.")
 EXAMPLE = ("cryoscape evaluate run/ --truth sim/   (another tool: cryoscape evaluate --truth sim/ --z z.50.pkl "
-           "-o eval/, decode eval/eval_z.txt into maps/, then add --maps maps/)")
+           "-o eval/, decode eval/eval_z.txt into maps/, then add --maps maps/; real data: cryoscape evaluate "
+           "--poses abinit/poses.19.pkl --reference-poses refined.star -o eval/)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", nargs="?", default=None,
                         help="the output folder of cryoscape train or abinit (optional with --z/--maps/--poses)")
-    parser.add_argument("--truth", "--dataset", dest="truth", required=True,
+    parser.add_argument("--truth", "--dataset", dest="truth",
                         help="the output folder of cryoscape simulate (ground_truth.npz, gt_volumes/)")
+    parser.add_argument("--reference-poses", metavar="FILE",
+                        help="real data: score --poses (or the run's poses) against this refinement (.star, .cs, "
+                             "poses.pkl) instead of a simulated truth")
     parser.add_argument("-o", "--outdir", default=None, help="output folder (default: RUN/evaluate.EPOCH)")
     parser.add_argument("--epoch", type=int, default=None, help="weights and latents of this epoch (default: latest)")
     parser.add_argument("--n-images", type=int, default=100, help="images for the per-image FSC, evenly spaced [100]")
     parser.add_argument("--box-size", type=int, default=None,
-                        help="decode the run's maps at this box (default: the training box)")
+                        help="decode the run's maps at this box (default: the training box); with --reference-poses: "
+                             "the box of cryoDRGN poses.pkl shifts (box fractions)")
     parser.add_argument("--z", dest="z_path", metavar="FILE", help="latents of another tool (.pkl/.npy/.txt, N x zdim)")
     parser.add_argument("--maps", dest="maps_dir", metavar="DIR",
                         help="one map per evaluated image (sorted by the number in the name), e.g. from cryodrgn "
@@ -43,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cryoscape.cli.common import resolve_device
+    from cryoscape.errors import InputError
     from cryoscape.report.evaluate import run_evaluation
 
+    if args.reference_poses is not None:
+        return _against_reference(args)
+    if args.truth is None:
+        raise InputError("pass the simulated dataset with --truth (or a reference refinement with "
+                         "--reference-poses to score poses on real data).")
     ev = run_evaluation(
         args.truth, run_dir=args.run, epoch=args.epoch, z_path=args.z_path, ind=args.ind, maps_dir=args.maps_dir,
         n_images=args.n_images, box_size=args.box_size, labels=args.labels, n_clusters=args.n_clusters,
@@ -62,12 +73,33 @@ def run(args: argparse.Namespace) -> int:
     if ev.clusters is not None:
         print(f"clusters vs true classes: ARI {ev.clusters['adjusted_rand_index']:.3f}")
     if ev.poses is not None:
-        p = ev.poses
-        shifts = (f"; shift error {p['translation_pixel_median']:.2f} px median" if "translation_pixel_median" in p
-                  else "")
-        print(f"poses: rotation error {p['rotation_frobenius_median']:.4f} median squared Frobenius, "
-              f"{p['angle_deg_median']:.2f} deg median{', mirrored map' if p['handedness_flipped'] else ''}{shifts}")
+        _print_poses(ev.poses)
     for note in ev.notes:
         print(f"note: {note}")
     print(f"report: {ev.out_dir / 'report.html'}")
+    return 0
+
+
+def _print_poses(p: dict) -> None:
+    shifts = (f"; shift error {p['translation_pixel_median']:.2f} px median" if "translation_pixel_median" in p
+              else "")
+    print(f"poses: rotation error {p['rotation_frobenius_median']:.4f} median squared Frobenius, "
+          f"{p['angle_deg_median']:.2f} deg median{', mirrored map' if p['handedness_flipped'] else ''}{shifts}")
+
+
+def _against_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cryoscape.analysis.evaluate import evaluate_poses_against_reference
+    from cryoscape.errors import InputError
+
+    poses = args.poses or args.run
+    if poses is None:
+        raise InputError("pass the poses to score with --poses (or a run folder) together with --reference-poses.")
+    out = Path(args.outdir) if args.outdir else (Path(args.run) / "evaluate.poses" if args.run else None)
+    if out is None:
+        raise InputError("pass an output folder with -o.")
+    summary = evaluate_poses_against_reference(poses, args.reference_poses, out, ind=args.ind, box_size=args.box_size)
+    _print_poses(summary)
+    print(f"wrote {out / 'evaluation.yaml'}")
     return 0
