@@ -131,6 +131,10 @@ def test_command_line(tiny_dataset, tmp_path):
     assert (out / "poses.1.pkl").is_file() and (out / "reconstruct.1.mrc").is_file()
     assert main(["abinit", "--resume", str(out), "-n", "3", "--final-epochs", "1", "--no-progress"]) == 0
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    basis = tmp_path / "basis"  # any registered decoder: the voxel basis
+    assert main([*args[:5], str(basis), *args[6:], "--decoder", "basis", "--zdim", "2"]) == 0
+    state = load_checkpoint(basis / "checkpoint.pt")
+    assert state["decoder"]["name"] == "basis" and np.isfinite(np.load(basis / "z.1.npy")).all()
     assert main(["abinit", str(tiny_dataset / "particles.star"), "-o", str(tmp_path / "bad"),
                  "-n", "4", "--search-every", "2", "--reset-epochs", "2", "--no-progress"]) == 2
 
@@ -138,11 +142,12 @@ def test_command_line(tiny_dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # pose search on a trained model
 # ---------------------------------------------------------------------------------------------
-def test_search_on_a_model_trained_with_true_poses_recovers_the_poses(sim_root, tmp_path):
-    """A neural map trained for 3 epochs on 600 noiseless 32-px images with their true poses; the
-    search (15-degree base grid, 4 rounds: final grid 0.94 degrees / 0.11 px) finds the true pose of
-    48 of those images: median angle within 1.5 final grid steps, shifts within 2 final shift steps,
-    and all within 5 degrees."""
+@pytest.mark.parametrize("decoder", ["neural_field", "basis"])
+def test_search_on_a_model_trained_with_true_poses_recovers_the_poses(sim_root, tmp_path, decoder):
+    """A map (neural field or voxel basis) trained for 6 epochs on 600 noiseless 32-px images with
+    their true poses; the search (15-degree base grid, 4 rounds: final grid 0.94 degrees / 0.11 px)
+    finds the true pose of 48 of those images: median angle within 1.5 final grid steps, shifts
+    within 2 final shift steps, and all within 5 degrees."""
     from cryoscape.geometry.rotations import rotation_angle_between
     from cryoscape.io.particles import load_particles
     from cryoscape.posesearch.search import SearchSettings, search_poses
@@ -152,7 +157,7 @@ def test_search_on_a_model_trained_with_true_poses_recovers_the_poses(sim_root, 
     data = simulate(sim_root, "noiseless32", n=600, D=32, snr="inf", heterogeneity="none", seed=11,
                     extra=("--shift-max-pixel", "2"))
     config = TrainConfig(particles=str(data / "particles.star"), dec_layers=2, dec_dim=128, lr=1e-3, batch_size=8,
-                         num_epochs=6, progress=False, checkpoint_every=100)
+                         num_epochs=6, progress=False, checkpoint_every=100, decoder=decoder)
     result = run_training(config, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     dataset = build_dataset(config, load_particles(data / "particles.star"), resume_state=state)

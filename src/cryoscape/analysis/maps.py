@@ -28,7 +28,7 @@ import torch
 
 from cryoscape.errors import InputError
 
-__all__ = ["MapModel", "load_map_model", "MapSet", "generate_maps"]
+__all__ = ["MapModel", "load_map_model", "MapSet", "map_paths", "generate_maps"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,13 @@ class MapSet:
     seconds: float = 0.0
 
 
+def map_paths(out_dir: str | os.PathLike, n_maps: int, *, prefix: str = "vol_") -> list[Path]:
+    """The files :func:`generate_maps` writes for ``n_maps`` latents: ``vol_000.mrc``, ... (at least
+    three digits, more when needed)."""
+    width = max(3, len(str(max(n_maps, 1) - 1)))
+    return [Path(out_dir) / f"{prefix}{i:0{width}d}.mrc" for i in range(n_maps)]
+
+
 def generate_maps(
     model: MapModel,
     z: np.ndarray | None,
@@ -161,8 +168,8 @@ def generate_maps(
     use_amp = resolve_amp(amp, model.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    width = max(3, len(str(len(latents) - 1)))
     paths: list[Path] = []
+    names = map_paths(out, len(latents), prefix=prefix)
     projections = np.zeros((len(latents), 3, n, n), dtype=np.float32)
     for i, zi in enumerate(tqdm(latents, desc="maps", unit="map", disable=not progress, leave=False)):
         with torch.no_grad(), autocast(model.device, use_amp):
@@ -175,7 +182,7 @@ def generate_maps(
         if invert:
             volume = -volume
         array = volume.cpu().numpy()
-        path = out / f"{prefix}{i:0{width}d}.mrc"
+        path = names[i]
         write_mrc(path, array, pixel_size_angstrom=pixel_out)
         paths.append(path)
         for axis in range(3):

@@ -301,8 +301,6 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
                    seconds: dict[str, float], timed: _Timer, start: float, *, ksample: int, n_pcs: int,
                    n_per_pc: int, skip_vol: bool, box_size: int | None, lowpass_angstrom: float | None, flip: bool,
                    invert: bool, device: str, amp: bool | None, seed: int, progress: bool) -> AnalysisResult:
-    from cryoscape.analysis.maps import generate_maps, load_map_model
-
     n, zdim = z.shape
 
     # ---------------------------------------------------------------- latent space
@@ -346,24 +344,16 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
         _save_text(pdir / "z_values.txt", pc_latents[pc])
 
     # ---------------------------------------------------------------- maps
-    kmeans_maps = None
-    pc_maps: dict[int, MapSet] = {}
-    history: list[dict[str, Any]] = []
+    # generated in a thread (torch releases the interpreter lock in its kernels) while this one
+    # draws the figures; the figures of the maps wait for it
+    maps_job = None
     if not skip_vol:
-        with timed("maps"):
-            model = load_map_model(run, epoch=epoch, device=device)
-            if model.zdim != zdim:
-                raise InputError(f"{run}: the decoder of epoch {epoch} has zdim {model.zdim} but z.{epoch}.npy has "
-                                 f"{zdim} columns; pass a matching --epoch.", path=run)
-            history = model.history
-            opts = dict(box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert, amp=amp,
-                        progress=progress)
-            if kmeans is not None:
-                kmeans_maps = generate_maps(model, z[kmeans.center_indices], out / f"kmeans{ksample}", **opts)
-            for pc in pc_latents:
-                pc_maps[pc] = generate_maps(model, pc_latents[pc], out / f"pc{pc}", **opts)
-    if not history:
-        history = read_training_history(run)
+        maps_job = _MapsJob(run, epoch, zdim, seconds, timed,
+                            [(out / f"kmeans{ksample}", z[kmeans.center_indices])] if kmeans is not None else [],
+                            [(pc, out / f"pc{pc}", pc_latents[pc]) for pc in pc_latents],
+                            dict(box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert,
+                                 amp=amp, progress=progress), device=device)
+    history = read_training_history(run)
 
     got: dict[str, UMAPResult] = {}
 
@@ -381,33 +371,43 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
         return got["umap"]
 
     # ---------------------------------------------------------------- plots and report
-    # UMAP's figures are drawn last, so the others are drawn while the background UMAP finishes
-    with timed("plots"):
-        sections = _plot_and_describe(out, figures, run=run, z=z, epoch=epoch, pca=pca, kmeans=kmeans,
-                                      ksample=ksample, get_umap=get_umap if umap_job is not None else None,
-                                      umap_fit_max=umap_job.kwargs["fit_max"] if umap_job is not None else 0,
-                                      pc_coords=pc_coords, kmeans_maps=kmeans_maps, pc_maps=pc_maps, history=history)
-        report = write_html_report(out / "report.html", title=f"cryoscape analyze: {run.name}, epoch {epoch}",
-                                   subtitle=f"{n} particles, zdim {zdim}", sections=sections)
-    seconds["plots"] -= seconds.get("umap", 0.0)  # the wait is counted as "umap"
+    # the figures of UMAP and of the maps are drawn last, so the others are drawn while the
+    # background UMAP and the map thread finish
+    try:
+        with timed("plots"):
+            sections = _plot_and_describe(out, figures, run=run, z=z, epoch=epoch, pca=pca, kmeans=kmeans,
+                                          ksample=ksample, get_umap=get_umap if umap_job is not None else None,
+                                          umap_fit_max=umap_job.kwargs["fit_max"] if umap_job is not None else 0,
+                                          pc_coords=pc_coords, get_maps=maps_job.result if maps_job else None,
+                                          history=history)
+            report = write_html_report(out / "report.html", title=f"cryoscape analyze: {run.name}, epoch {epoch}",
+                                       subtitle=f"{n} particles, zdim {zdim}", sections=sections)
+        kmeans_maps, pc_maps = maps_job.result() if maps_job else (None, {})
+    finally:
+        if maps_job is not None:
+            maps_job.join()
+    # waits are counted as "umap" and "maps"
+    seconds["plots"] -= seconds.get("umap", 0.0) + seconds.pop("maps wait", 0.0)
     umap_result = got.get("umap")
     seconds["total"] = time.perf_counter() - start
     n_maps = (len(kmeans_maps.paths) if kmeans_maps else 0) + sum(len(m.paths) for m in pc_maps.values())
-    log.info("analysis done in %.1f s (%s); %d map(s); report: %s", seconds["total"],
-             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total"), n_maps, report)
+    log.info("analysis done in %.1f s (%s; maps in a thread alongside the plots); %d map(s); report: %s",
+             seconds["total"], ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total"), n_maps,
+             report)
     return AnalysisResult(outdir=out, report=report, epoch=epoch, z=z, pca=pca, kmeans=kmeans, umap=umap_result,
                           kmeans_maps=kmeans_maps, pc_maps=pc_maps, pc_coordinates=pc_coords, seconds=seconds)
 
 
 def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, epoch: int, pca: PCAResult,
                        kmeans: KMeansResult | None, ksample: int, get_umap, umap_fit_max: int,
-                       pc_coords: dict[int, np.ndarray], kmeans_maps: MapSet | None, pc_maps: dict[int, MapSet],
-                       history: list[dict[str, Any]]) -> list[Section]:
+                       pc_coords: dict[int, np.ndarray], get_maps, history: list[dict[str, Any]]) -> list[Section]:
     """Draw every plot into ``figures`` and return the report's sections.
 
-    ``get_umap`` (or ``None``: no UMAP) returns the UMAP result; figures that need it are
+    ``get_umap`` (or ``None``: no UMAP) returns the UMAP result, ``get_maps`` (or ``None``: no
+    maps) the ``(k-means MapSet, {pc: MapSet})`` of the map thread; figures that need them are
     placeholders (callables) filled in after all the others are drawn.
     """
+    from cryoscape.analysis.maps import map_paths
     from cryoscape.report import plots
 
     n, zdim = z.shape
@@ -491,15 +491,16 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
                     title=f"k-means clusters (k = {kmeans.k}) on UMAP"), "Clusters on the UMAP embedding"))
         kfigs.append(Figure(plots.plot_cluster_sizes(kmeans.counts, figures / "kmeans_sizes.png"),
                             "Particles per cluster"))
-        if kmeans_maps is not None:
-            kfigs.append(Figure(plots.plot_map_projections(
-                kmeans_maps.projections, figures / "kmeans_maps.png",
+        kmeans_paths = map_paths(kdir, kmeans.k) if get_maps is not None else None
+        if get_maps is not None:
+            kfigs.append(lambda: Figure(plots.plot_map_projections(
+                get_maps()[0].projections, figures / "kmeans_maps.png",
                 titles=[f"cluster {i}" for i in range(kmeans.k)]),
                 "Projections along z of the maps at the on-data centres (each scaled to its own range)"))
         rows = []
         for c in range(kmeans.k):
             row: list[Any] = [c, int(kmeans.counts[c]), f"{100.0 * kmeans.counts[c] / n:.1f}", int(centers_idx[c])]
-            row.append(Link(kmeans_maps.paths[c], kmeans_maps.paths[c].name) if kmeans_maps is not None else "-")
+            row.append(Link(kmeans_paths[c], kmeans_paths[c].name) if kmeans_paths is not None else "-")
             rows.append(row)
         table = Table(["cluster", "particles", "%", "on-data particle", "map"], rows,
                       caption="k-means clusters: the map of each is made at its on-data centre, the particle "
@@ -522,11 +523,12 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
             f"Histogram of the particles' PC{pc} coordinate; dashed lines: the traversal's points")]
         links: list[tuple[str | os.PathLike, str]] = [(pdir / "z_values.txt", "latents (z_values.txt)"),
                                                       (pdir / "pc_coordinates.txt", "PC coordinates")]
-        if pc in pc_maps:
-            figs.append(Figure(plots.plot_map_projections(pc_maps[pc].projections, figures / f"pc{pc}_maps.png",
-                                                          titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)]),
-                               f"Projections along z of the maps along PC{pc} (title: map, PC{pc} coordinate)"))
-            links += [(p, p.name) for p in pc_maps[pc].paths]
+        if get_maps is not None:
+            figs.append(lambda pc=pc, coords=coords: Figure(
+                plots.plot_map_projections(get_maps()[1][pc].projections, figures / f"pc{pc}_maps.png",
+                                           titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)]),
+                f"Projections along z of the maps along PC{pc} (title: map, PC{pc} coordinate)"))
+            links += [(p, p.name) for p in map_paths(pdir, len(coords))]
         label = "the latent" if zdim == 1 else f"principal component {pc}"
         sections.append(Section(
             f"Traversal along PC{pc}",
@@ -540,6 +542,52 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
             "Training", paragraphs=[f"{len(history)} epoch(s) recorded in the run's checkpoint."],
             figures=[Figure(plots.plot_learning_curve(history, figures / "learning_curve.png", mark_epoch=epoch),
                             "Learning curve: loss per epoch (mean over the epoch's batches)")]))
-    for section in sections:  # now the figures that wait for UMAP
+    for section in sections:  # now the figures that wait for UMAP and the maps
         section.figures = [f() if callable(f) else f for f in section.figures]
     return sections
+
+
+class _MapsJob:
+    """The analysis's maps, generated in a thread: ``result()`` waits and returns ``(k-means
+    MapSet or None, {pc: MapSet})`` (or raises what the thread raised)."""
+
+    def __init__(self, run: Path, epoch: int, zdim: int, seconds: dict[str, float], timed: "_Timer",
+                 kmeans_job: list[tuple[Path, np.ndarray]], pc_jobs: list[tuple[int, Path, np.ndarray]],
+                 options: dict[str, Any], *, device: str):
+        import threading
+
+        self._result: tuple[MapSet | None, dict[int, MapSet]] | None = None
+        self._error: BaseException | None = None
+        self._timed = timed
+
+        def work():
+            from cryoscape.analysis.maps import generate_maps, load_map_model
+
+            try:
+                start = time.perf_counter()
+                model = load_map_model(run, epoch=epoch, device=device)
+                if model.zdim != zdim:
+                    raise InputError(f"{run}: the decoder of epoch {epoch} has zdim {model.zdim} but z.{epoch}.npy "
+                                     f"has {zdim} columns; pass a matching --epoch.", path=run)
+                kmeans_maps = None
+                for folder, latents in kmeans_job:
+                    kmeans_maps = generate_maps(model, latents, folder, **options)
+                pc_maps = {pc: generate_maps(model, latents, folder, **options) for pc, folder, latents in pc_jobs}
+                self._result = (kmeans_maps, pc_maps)
+                seconds["maps"] = time.perf_counter() - start
+            except BaseException as err:  # re-raised in the caller's thread by result()
+                self._error = err
+
+        self._thread = threading.Thread(target=work, name="cryoscape-maps", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> tuple[MapSet | None, dict[int, MapSet]]:
+        if self._thread.is_alive():
+            with self._timed("maps wait"):
+                self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
