@@ -391,7 +391,7 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
     umap_result = got.get("umap")
     seconds["total"] = time.perf_counter() - start
     n_maps = (len(kmeans_maps.paths) if kmeans_maps else 0) + sum(len(m.paths) for m in pc_maps.values())
-    log.info("analysis done in %.1f s (%s; maps in a thread alongside the plots); %d map(s); report: %s",
+    log.info("analysis done in %.1f s (%s); maps made in a thread alongside the plots; %d map(s); report: %s",
              seconds["total"], ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total"), n_maps,
              report)
     return AnalysisResult(outdir=out, report=report, epoch=epoch, z=z, pca=pca, kmeans=kmeans, umap=umap_result,
