@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt = parser.add_argument_group("training")
     opt.add_argument("-n", "--num-epochs", type=int, default=None, help="number of epochs [20]")
     opt.add_argument("-b", "--batch-size", type=int, default=8, help="images per batch [8]")
-    opt.add_argument("--lr", type=float, default=None, help="learning rate of Adam [1e-4]")
+    opt.add_argument("--lr", type=float, default=None,
+                     help="learning rate of Adam [4e-4 for the neural field, 1e-4 for the basis decoder]")
     opt.add_argument("--wd", type=float, default=None, dest="weight_decay", help="weight decay [0]")
     opt.add_argument("--beta", type=_beta, default=None,
                      help="KL weight: a number, or 'anneal' (0 -> 1 over --beta-anneal-epochs) [1/zdim]")
@@ -160,7 +161,7 @@ def _config_from_args(args: argparse.Namespace):
         noise_model=args.noise_model,
         num_epochs=pick(args.num_epochs, defaults.num_epochs),
         batch_size=args.batch_size,
-        lr=pick(args.lr, defaults.lr),
+        lr=args.lr,  # None: the decoder's default
         weight_decay=pick(args.weight_decay, defaults.weight_decay),
         beta=args.beta,
         beta_anneal_epochs=args.beta_anneal_epochs,
