@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cryoscape.errors import InputError
+from cryoscape.train.volumes import map_paths
 
 __all__ = ["MapModel", "load_map_model", "MapSet", "map_paths", "generate_maps"]
 
@@ -102,13 +103,6 @@ class MapSet:
     seconds: float = 0.0
 
 
-def map_paths(out_dir: str | os.PathLike, n_maps: int, *, prefix: str = "vol_") -> list[Path]:
-    """The files :func:`generate_maps` writes for ``n_maps`` latents: ``vol_000.mrc``, ... (at least
-    three digits, more when needed)."""
-    width = max(3, len(str(max(n_maps, 1) - 1)))
-    return [Path(out_dir) / f"{prefix}{i:0{width}d}.mrc" for i in range(n_maps)]
-
-
 def generate_maps(
     model: MapModel,
     z: np.ndarray | None,
@@ -145,9 +139,8 @@ def generate_maps(
 
     from tqdm.auto import tqdm
 
-    from cryoscape.fourier.filters import lowpass_filter
-    from cryoscape.io.mrc import write_mrc
     from cryoscape.models.precision import autocast, resolve_amp
+    from cryoscape.train.volumes import write_map
 
     start_time = time.perf_counter()
     decoder = model.decoder
@@ -175,16 +168,9 @@ def generate_maps(
         with torch.no_grad(), autocast(model.device, use_amp):
             zt = None if zi is None else torch.as_tensor(zi, device=model.device)
             volume = decoder.eval_volume(zt, box_size=n).to(torch.float32)
-        if lowpass_angstrom is not None:
-            volume = lowpass_filter(volume, float(lowpass_angstrom), pixel_out, ndim=3)
-        if flip:
-            volume = volume.flip(0)
-        if invert:
-            volume = -volume
-        array = volume.cpu().numpy()
-        path = names[i]
-        write_mrc(path, array, pixel_size_angstrom=pixel_out)
-        paths.append(path)
+        array = write_map(volume, names[i], pixel_size_angstrom=pixel_out, lowpass_angstrom=lowpass_angstrom,
+                          flip=flip, invert=invert)
+        paths.append(names[i])
         for axis in range(3):
             projections[i, axis] = array.sum(axis=axis)
     if write_z_values and model.zdim > 0:

@@ -23,7 +23,7 @@ import torch
 from cryoscape.errors import InputError
 from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
 
-__all__ = ["load_trained_model", "read_latents", "decode_volumes"]
+__all__ = ["load_trained_model", "read_latents", "map_paths", "write_map", "decode_volumes"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,34 @@ def read_latents(path: str | os.PathLike | None = None, values: list[float] | No
     return arr.astype(np.float32)
 
 
+def map_paths(out_dir: str | os.PathLike, n_maps: int, *, prefix: str = "vol_") -> list[Path]:
+    """The files written for ``n_maps`` latents: ``vol_000.mrc``, ... (at least three digits, more
+    when needed)."""
+    width = max(3, len(str(max(n_maps, 1) - 1)))
+    return [Path(out_dir) / f"{prefix}{i:0{width}d}.mrc" for i in range(n_maps)]
+
+
+def write_map(volume: torch.Tensor, path: str | os.PathLike, *, pixel_size_angstrom: float,
+              lowpass_angstrom: float | None = None, flip: bool = False, invert: bool = False) -> np.ndarray:
+    """Post-process a decoded map (low-pass, hand flip, inversion) and write it; returns the array.
+
+    The one place ``cryoscape volumes`` and the analysis commands turn ``eval_volume`` output into
+    a file, so their maps agree.
+    """
+    from cryoscape.fourier.filters import lowpass_filter
+    from cryoscape.io.mrc import write_mrc
+
+    if lowpass_angstrom is not None:
+        volume = lowpass_filter(volume, float(lowpass_angstrom), pixel_size_angstrom, ndim=3)
+    if flip:
+        volume = volume.flip(0)
+    if invert:
+        volume = -volume
+    array = volume.cpu().numpy()
+    write_mrc(path, array, pixel_size_angstrom=pixel_size_angstrom)
+    return array
+
+
 def decode_volumes(
     run_dir: str | os.PathLike,
     z: np.ndarray | None,
@@ -131,9 +159,6 @@ def decode_volumes(
     """
     from tqdm.auto import tqdm
 
-    from cryoscape.fourier.filters import lowpass_filter
-    from cryoscape.io.mrc import write_mrc
-
     decoder, _, state = load_trained_model(run_dir, epoch=epoch, device=device)
     D = int(state["data"]["box_size"])
     n = int(box_size) if box_size else D
@@ -155,19 +180,11 @@ def decode_volumes(
         raise InputError(f"--lowpass {lowpass_angstrom} is not positive; pass a resolution in angstroms.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    width = max(3, len(str(len(latents) - 1)))
-    for i, zi in enumerate(tqdm(latents, desc="volumes", unit="map", disable=not progress, leave=False)):
+    paths = map_paths(out, len(latents), prefix=prefix)
+    for zi, path in zip(tqdm(latents, desc="volumes", unit="map", disable=not progress, leave=False), paths):
         volume = decoder.eval_volume(zi, box_size=n).to(torch.float32)
-        if lowpass_angstrom is not None:
-            volume = lowpass_filter(volume, float(lowpass_angstrom), pixel_out, ndim=3)
-        if flip:
-            volume = volume.flip(0)
-        if invert:
-            volume = -volume
-        path = out / f"{prefix}{i:0{width}d}.mrc"
-        write_mrc(path, volume.cpu().numpy(), pixel_size_angstrom=pixel_out)
-        paths.append(path)
+        write_map(volume, path, pixel_size_angstrom=pixel_out, lowpass_angstrom=lowpass_angstrom, flip=flip,
+                  invert=invert)
     if decoder.zdim > 0:
         np.savetxt(out / "z_values.txt", z, fmt="%.6g")
     log.info("wrote %d map(s) of %d^3 voxels at %.4g A/pixel (epoch %d) to %s",
