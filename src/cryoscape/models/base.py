@@ -52,6 +52,21 @@ class VolumeDecoder(nn.Module, abc.ABC):
         self.zdim = int(zdim)
         self.config: dict[str, Any] = {"box_size": self.box_size, "zdim": self.zdim}
 
+    def check_latent(self, z: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """``z`` checked against ``zdim`` and a batch of ``batch`` (``(B, zdim)`` or ``(1, zdim)``);
+        ``None`` for a homogeneous decoder.  Raises ``ValueError`` on a mismatch."""
+        if self.zdim == 0:
+            if z is not None and z.numel() > 0:
+                raise ValueError("this decoder has zdim=0 (homogeneous) but a latent z was given")
+            return None
+        if z is None:
+            raise ValueError(f"this decoder needs a latent z of dimension {self.zdim}")
+        if z.dim() != 2 or z.shape[-1] != self.zdim:
+            raise ValueError(f"z must have shape (B, {self.zdim}), got {tuple(z.shape)}")
+        if z.shape[0] not in (1, batch) and batch != 1:
+            raise ValueError(f"z has {z.shape[0]} rows but coords has batch size {batch}")
+        return z
+
     @abc.abstractmethod
     def forward(self, coords: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Map values at 3-D frequencies.

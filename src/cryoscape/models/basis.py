@@ -345,18 +345,6 @@ class StructuralBasis(VolumeDecoder):
         v = values[index]
         return torch.complex(v.real * valid, v.imag * (sign * valid))
 
-    def _check_z(self, z: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        if self.zdim == 0:
-            if z is not None and z.numel() > 0:
-                raise ValueError("this decoder has zdim=0 (homogeneous) but a latent z was given")
-            return None
-        if z is None:
-            raise ValueError(f"this decoder needs a latent z of dimension {self.zdim}")
-        if z.dim() != 2 or z.shape[-1] != self.zdim:
-            raise ValueError(f"z must have shape (B, {self.zdim}), got {tuple(z.shape)}")
-        if z.shape[0] not in (1, batch) and batch != 1:
-            raise ValueError(f"z has {z.shape[0]} rows but coords has batch size {batch}")
-        return z
 
     @torch.no_grad()
     def _update_s_stats(self, s: torch.Tensor) -> None:
@@ -409,7 +397,7 @@ class StructuralBasis(VolumeDecoder):
             raise ValueError(f"coords must have shape (B, P, 3), got {tuple(coords.shape)}")
         B = coords.shape[0]
         point_shape = coords.shape[1:-1]
-        z = self._check_z(z, B)
+        z = self.check_latent(z, B)
         dtype = self.mean_real.dtype
         with torch.autocast(device_type=coords.device.type, enabled=False):
             s = self.mixing_weights(z, B)
@@ -483,14 +471,14 @@ class StructuralBasis(VolumeDecoder):
         parts = torch.view_as_real(out)
         amp = self._voxel_amplitude().to(dtype)
         if self.mlp is not None:
-            z = self._check_z(torch.as_tensor(z, device=re.device, dtype=torch.float32).reshape(1, -1), 1)
+            z = self.check_latent(torch.as_tensor(z, device=re.device, dtype=torch.float32).reshape(1, -1), 1)
             s = self.mixing_weights(z, 1)[0]
             scratch = torch.empty_like(re)
             for k, (mean, basis) in enumerate(((re, self.basis_real), (im, self.basis_imag))):
                 torch.addmv(mean, basis, s, out=scratch)  # contiguous output: the BLAS path
                 torch.mul(scratch, amp, out=parts[:, k])
         else:
-            self._check_z(None if z is None else torch.as_tensor(z).reshape(1, -1), 1)
+            self.check_latent(None if z is None else torch.as_tensor(z).reshape(1, -1), 1)
             torch.mul(re, amp, out=parts[:, 0])
             torch.mul(im, amp, out=parts[:, 1])
         parts[self._origin_index, 1] = 0  # F(0) is real

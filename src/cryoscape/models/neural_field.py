@@ -130,19 +130,6 @@ class NeuralField(VolumeDecoder):
         )
 
     # ------------------------------------------------------------------------------------------
-    def _check_z(self, z: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        if self.zdim == 0:
-            if z is not None and z.numel() > 0:
-                raise ValueError("this decoder has zdim=0 (homogeneous) but a latent z was given")
-            return None
-        if z is None:
-            raise ValueError(f"this decoder needs a latent z of dimension {self.zdim}")
-        if z.dim() != 2 or z.shape[-1] != self.zdim:
-            raise ValueError(f"z must have shape (B, {self.zdim}), got {tuple(z.shape)}")
-        if z.shape[0] not in (1, batch) and batch != 1:
-            raise ValueError(f"z has {z.shape[0]} rows but coords has batch size {batch}")
-        return z.to(self.mlp.input.weight.dtype)
-
     def _mlp(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         features = self.encoding(coords).to(self.mlp.input.weight.dtype)
         return self.mlp(features, z)
@@ -156,7 +143,8 @@ class NeuralField(VolumeDecoder):
         """
         if coords.shape[-1] != 3 or coords.dim() < 2:
             raise ValueError(f"coords must have shape (B, P, 3), got {tuple(coords.shape)}")
-        z = self._check_z(z, coords.shape[0])
+        z = self.check_latent(z, coords.shape[0])
+        z = None if z is None else z.to(self.mlp.input.weight.dtype)
         if self.domain == "hartley":
             out = self._mlp(coords, z)[..., 0]
             return out.to(torch.promote_types(out.dtype, torch.float32))

@@ -81,7 +81,6 @@ from cryoscape.posesearch.lattice import evaluate_lattice
 from cryoscape.posesearch.search import SearchSettings, grid_summary, half_plane_pixels, search_poses
 from cryoscape.train.checkpoint import (
     CHECKPOINT_NAME,
-    load_checkpoint,
     restore_rng_state,
     save_checkpoint,
     weights_path,
@@ -99,7 +98,9 @@ from cryoscape.train.loop import (
     build_decoder_for,
     build_encoder_for,
     build_optimizers,
+    check_particle_count,
     checkpoint_state,
+    load_resume_state,
     load_tables,
     plot_losses,
     prepare_likelihood_pixels,
@@ -684,23 +685,12 @@ def resume_abinit(run_dir: str | Path, *, arguments: dict[str, Any] | None = Non
     from cryoscape.io.run_folder import attach_log_file, detach_log_file
 
     run = Path(run_dir)
-    if not (run / CHECKPOINT_NAME).is_file():
-        raise InputError(f"{run} holds no {CHECKPOINT_NAME}; pass the output folder of a cryoscape abinit run "
-                         "that finished at least one epoch.")
-    state = load_checkpoint(run / CHECKPOINT_NAME)
-    config = AbinitConfig.from_dict(state["config"])
-    for key, value in overrides.items():
-        if key not in _RESUME_OVERRIDES:
-            raise ValueError(f"{key} cannot be changed when resuming")
-        if value is not None:
-            setattr(config, key, value)
+    state, config = load_resume_state(run, AbinitConfig, overrides, _RESUME_OVERRIDES, command="abinit")
     handler = attach_log_file(run / "run.log")
     try:
         log.info("resuming %s after epoch %d", run, state["epoch"])
         table, _ = load_tables(config)
-        if len(table) != state["data"]["n_particles"]:
-            raise InputError(f"{config.particles} now gives {len(table)} particles but the run used "
-                             f"{state['data']['n_particles']}; restore the original particle files.")
+        check_particle_count(config, table, state)
         return abinit_model(config, table, run, resume_state=state, arguments=arguments)
     finally:
         detach_log_file(handler)

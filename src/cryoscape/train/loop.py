@@ -887,6 +887,30 @@ _RESUME_OVERRIDES = ("num_epochs", "lr", "weight_decay", "pose_lr", "device", "p
                      "prefetch", "datadir", "amp", "lazy")
 
 
+def load_resume_state(run: Path, config_class: type, overrides: dict[str, Any], allowed: tuple[str, ...], *,
+                      command: str) -> tuple[dict[str, Any], Any]:
+    """``(checkpoint state, config)`` of the run folder ``run`` to resume, with ``overrides`` (only
+    the ``allowed`` keys; ``None`` values are ignored) applied to the saved config."""
+    if not (run / CHECKPOINT_NAME).is_file():
+        raise InputError(f"{run} holds no {CHECKPOINT_NAME}; pass the output folder of a cryoscape {command} run "
+                         "that finished at least one epoch.")
+    state = load_checkpoint(run / CHECKPOINT_NAME)
+    config = config_class.from_dict(state["config"])
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise ValueError(f"{key} cannot be changed when resuming")
+        if value is not None:
+            setattr(config, key, value)
+    return state, config
+
+
+def check_particle_count(config: TrainConfig, table, state: dict[str, Any]) -> None:
+    """Refuse to resume when the particle files now give another number of particles."""
+    if len(table) != state["data"]["n_particles"]:
+        raise InputError(f"{config.particles} now gives {len(table)} particles but the run was trained on "
+                         f"{state['data']['n_particles']}; restore the original particle files.")
+
+
 def resume_training(
     run_dir: str | Path,
     *,
@@ -902,25 +926,12 @@ def resume_training(
     from cryoscape.io.run_folder import attach_log_file, detach_log_file
 
     run = Path(run_dir)
-    if not (run / CHECKPOINT_NAME).is_file():
-        raise InputError(f"{run} holds no {CHECKPOINT_NAME}; pass the output folder of a cryoscape train run "
-                         "that finished at least one epoch.")
-    state = load_checkpoint(run / CHECKPOINT_NAME)
-    config = TrainConfig.from_dict(state["config"])
-    for key, value in overrides.items():
-        if key not in _RESUME_OVERRIDES:
-            raise ValueError(f"{key} cannot be changed when resuming")
-        if value is not None:
-            setattr(config, key, value)
+    state, config = load_resume_state(run, TrainConfig, overrides, _RESUME_OVERRIDES, command="train")
     handler = attach_log_file(run / "run.log")
     try:
         log.info("resuming %s after epoch %d", run, state["epoch"])
         table, tilted = load_tables(config)
-        if len(table) != state["data"]["n_particles"]:
-            raise InputError(
-                f"{config.particles} now gives {len(table)} particles but the run was trained on "
-                f"{state['data']['n_particles']}; restore the original particle files."
-            )
+        check_particle_count(config, table, state)
         return train_model(config, table, run, tilted_table=tilted, resume_state=state, continue_run=True,
                            arguments=arguments)
     finally:
