@@ -19,6 +19,7 @@ from cryoscape.models.neural_field import hermitian_negative_mask
 from cryoscape.models.sparse_slice import (
     HermitianLattice,
     RowSparseAdam,
+    backproject_to_lattice,
     corner_codes_and_weights,
     dense_reference_slice,
     sparse_slice,
@@ -132,6 +133,68 @@ def test_sparse_slice_gradients_pass_gradcheck_in_float64():
         return torch.view_as_real(sparse_slice(m_re, m_im, b_re, b_im, s_, index, w, sign, max_elements=40))
 
     assert torch.autograd.gradcheck(f, (*tables, s, pts), eps=1e-6, atol=1e-7)
+
+
+def test_backprojection_is_the_adjoint_of_the_slice():
+    """<slice(V), y> = <V, backproject(y)> (real inner products, stored voxels counted once), and
+    the weight sum is the backprojection of the weights onto the real part."""
+    gen = torch.Generator().manual_seed(11)
+    lat = HermitianLattice(6.0 + math.sqrt(3))
+    D = 12
+    pts = _half_slice_points(D, 3, gen) + 0.3
+    m_re, m_im = (torch.randn(lat.n_vox, 1, generator=gen, dtype=torch.float64) for _ in range(2))
+    m_im[(lat.coords == 0).all(-1)] = 0  # the origin is real
+    y = torch.randn(*pts.shape[:2], generator=gen, dtype=torch.complex128)
+    index, sign, w = corner_codes_and_weights(lat, pts)
+    sliced = sparse_slice(m_re, m_im, None, None, None, index, w, sign)
+    num = torch.zeros(lat.n_vox, dtype=torch.complex128)
+    wsum = torch.zeros(lat.n_vox, dtype=torch.float64)
+    c2 = torch.rand(*pts.shape[:2], generator=gen, dtype=torch.float64)
+    backproject_to_lattice(lat, pts, y, c2, numerator=num, weight_sum=wsum)
+    lhs = (sliced.conj() * y).real.sum()
+    rhs = (m_re[:, 0] * num.real + m_im[:, 0] * num.imag).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
+    ones = sparse_slice(torch.ones_like(m_re), torch.zeros_like(m_im), None, None, None, index, w, sign)
+    torch.testing.assert_close((ones.real * c2).sum(), wsum.sum(), rtol=1e-10, atol=1e-10)
+    assert wsum.min() >= 0 and int((wsum > 0).sum()) < lat.n_vox  # only the touched voxels
+
+
+def test_warm_start_recovers_a_map_from_its_noiseless_slices():
+    """Slices of a smooth map (CTF 1) at many poses -> warm_start puts a V_0 whose map matches
+    the original (FSC > 0.93 at every shell inside 0.8 Nyquist; measured 0.95-0.99: the gridding
+    estimate blurs a little, training corrects it), with a half-map FSC near 1."""
+    from cryoscape.fourier.fsc import fourier_shell_correlation
+
+    D = 16
+    g = torch.arange(D, dtype=torch.float64) - D // 2
+    zz, yy, xx = torch.meshgrid(g, g, g, indexing="ij")
+    vol = torch.exp(-((xx - 1) ** 2 + yy**2 + (zz + 2) ** 2) / 6.0) + 0.5 * torch.exp(
+        -((xx + 2) ** 2 + (yy - 2) ** 2 + zz**2) / 4.0)
+    truth = StructuralBasis(box_size=D, zdim=0).double()
+    c = truth.lattice.coords
+    inside = (c.abs() <= D // 2 - 1).all(-1)
+    ft = fft3_center(vol)
+    with torch.no_grad():
+        truth.mean_real[inside, 0] = ft[c[inside, 2] + D // 2, c[inside, 1] + D // 2, c[inside, 0] + D // 2].real
+        truth.mean_imag[inside, 0] = ft[c[inside, 2] + D // 2, c[inside, 1] + D // 2, c[inside, 0] + D // 2].imag
+    gen = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(10):
+        pts = _half_slice_points(D, 40, gen) / D
+        with torch.no_grad():
+            target = truth(pts)
+        batches.append((pts.float(), target.to(torch.complex64), None, torch.full((pts.shape[1],), 2.0)))
+    dec = StructuralBasis(box_size=D, zdim=2)
+    summary = dec.warm_start(iter(batches))
+    assert summary["n_images"] == 400
+    assert float(summary["fsc_half"][1 : D // 2 - 1].min()) > 0.99
+    freqs, fsc = fourier_shell_correlation(dec.eval_volume(torch.zeros(2)).double(), truth.eval_volume().double())
+    assert float(fsc[1 : int(0.8 * D / 2)].min()) > 0.93
+    # the amplitude is now the signal's: the stored V_0 is about 1 in every modelled shell
+    shells = dec._voxel_shell
+    stored = torch.complex(dec.mean_real[:, 0], dec.mean_imag[:, 0]).abs()
+    for k in range(1, D // 2 - 1):
+        assert 0.3 < float(stored[shells == k].square().mean().sqrt()) < 3.0
 
 
 def test_sparse_gradients_equal_dense_gradients():

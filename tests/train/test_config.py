@@ -1,19 +1,27 @@
-"""Training options: the learning rate defaults per decoder and survives the config round trip."""
+"""Training options: learning rate and batch size default per decoder and survive the config round trip."""
 
 from __future__ import annotations
 
 from cryoscape.train.abinit import AbinitConfig
-from cryoscape.train.config import DEFAULT_LEARNING_RATES, TrainConfig
+from cryoscape.train.config import DEFAULT_BATCH_SIZES, DEFAULT_LEARNING_RATES, TrainConfig
 
 
 def test_default_learning_rate_depends_on_the_decoder():
     assert TrainConfig().lr == DEFAULT_LEARNING_RATES["neural_field"] == 4e-4
-    assert TrainConfig(decoder="basis").lr == 1e-4  # its voxels learn at voxel_lr_scale times this
+    assert TrainConfig(decoder="basis").lr == 1e-3  # its voxels learn at voxel_lr_scale times this
     assert TrainConfig(lr=2e-3).lr == 2e-3  # an explicit --lr wins
     assert AbinitConfig().lr == 1e-3  # ab initio keeps its own default
 
 
-def test_resolved_learning_rate_round_trips():
+def test_default_batch_size_depends_on_the_decoder():
+    assert TrainConfig().batch_size == 8  # cryoDRGN's
+    assert TrainConfig(decoder="basis").batch_size == DEFAULT_BATCH_SIZES["basis"] == 64
+    assert TrainConfig(decoder="basis", batch_size=8).batch_size == 8  # an explicit --batch-size wins
+    assert AbinitConfig().batch_size == 16 and AbinitConfig(decoder="basis").batch_size == 16
+
+
+def test_resolved_defaults_round_trip():
     config = TrainConfig(decoder="basis")
     again = TrainConfig.from_dict(config.to_dict())
-    assert again.lr == config.lr == 1e-4 and again.decoder == "basis"
+    assert again.lr == config.lr == 1e-3 and again.batch_size == config.batch_size == 64
+    assert again.decoder == "basis" and again.warm_start_images == 20000

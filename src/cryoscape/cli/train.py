@@ -85,9 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     opt = parser.add_argument_group("training")
     opt.add_argument("-n", "--num-epochs", type=int, default=None, help="number of epochs [20]")
-    opt.add_argument("-b", "--batch-size", type=int, default=8, help="images per batch [8]")
+    opt.add_argument("-b", "--batch-size", type=int, default=None,
+                     help="images per batch [8; 64 for --decoder basis]")
     opt.add_argument("--lr", type=float, default=None,
-                     help="learning rate of Adam [4e-4 for the neural field, 1e-4 for the basis decoder]")
+                     help="learning rate of Adam [4e-4 for the neural field, 1e-3 for the basis decoder]")
     opt.add_argument("--wd", type=float, default=None, dest="weight_decay", help="weight decay [0]")
     opt.add_argument("--beta", type=_beta, default=None,
                      help="KL weight: a number, or 'anneal' (0 -> 1 over --beta-anneal-epochs) [1/zdim]")
@@ -109,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--device", default=None, help="auto (cuda when present), cpu, cuda, cuda:1 ... [auto]")
     opt.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead in a background thread [2]")
     opt.add_argument("--checkpoint-every", type=int, default=None, help="keep weights.EPOCH.pt every N epochs [5]")
+    opt.add_argument("--warm-start-images", type=int, default=None, metavar="N",
+                     help="decoders with a mean volume (basis): start it from the Wiener-filtered backprojection "
+                          "of up to N images (0: start from zero) [20000]")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     run = parser.add_argument_group("continuing")
@@ -176,6 +180,7 @@ def _config_from_args(args: argparse.Namespace):
         device=pick(args.device, defaults.device),
         prefetch=pick(args.prefetch, defaults.prefetch),
         checkpoint_every=pick(args.checkpoint_every, defaults.checkpoint_every),
+        warm_start_images=pick(args.warm_start_images, defaults.warm_start_images),
         progress=not args.no_progress,
     )
 

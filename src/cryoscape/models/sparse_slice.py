@@ -58,6 +58,7 @@ __all__ = [
     "sparse_slice",
     "corner_codes_and_weights",
     "dense_reference_slice",
+    "backproject_to_lattice",
     "RowSparseAdam",
 ]
 
@@ -334,6 +335,41 @@ def sparse_slice(
         imag_sign.to(dtype), bool(sparse_grad), int(max_elements),
     )
     return torch.view_as_complex(out)
+
+
+def backproject_to_lattice(
+    lattice: HermitianLattice,
+    points: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    numerator: torch.Tensor,
+    weight_sum: torch.Tensor,
+) -> None:
+    """Add slices to a backprojection on ``lattice``: the transpose of the trilinear gather.
+
+    ``points (..., 3)`` index units, ``values (...)`` complex data (e.g. ``c X`` per pixel) and
+    ``weights (...)`` real (e.g. ``c^2``).  Every point spreads ``w_corner * value`` and
+    ``w_corner * weight`` onto its 8 corners; a corner that stands for the conjugate of a stored
+    voxel adds the conjugate value, the (real) origin the real part.  ``numerator (n_vox,)``
+    complex and ``weight_sum (n_vox,)`` real are accumulated in place; ``numerator / weight_sum``
+    is then the gridding estimate of the lattice function whose slices the values are.
+    """
+    dtype = torch.float32 if weight_sum.dtype == torch.float32 or points.dtype != torch.float64 else torch.float64
+    index, imag_sign, w = corner_codes_and_weights(lattice, points.to(dtype))
+    C = index.shape[-1]
+    index, w, imag_sign = index.reshape(-1, C), w.reshape(-1, C), imag_sign.reshape(-1, C)
+    v = values.reshape(-1)
+    # the transpose of the gather as in SparseSliceFunction.backward: corners sorted by voxel
+    # once, then embedding_bag (much faster on CPUs than index_add_ of every corner)
+    plan = _transpose_plan(index)
+    touched = plan[0]
+    real_rows = _gradient_rows(plan, w, torch.stack([v.real.to(dtype), weights.reshape(-1).to(dtype)], dim=-1))
+    imag_rows = _gradient_rows(plan, w * imag_sign, v.imag.to(dtype).unsqueeze(-1))
+    parts = torch.view_as_real(numerator)
+    parts[:, 0].index_add_(0, touched, real_rows[:, 0].to(parts.dtype))
+    parts[:, 1].index_add_(0, touched, imag_rows[:, 0].to(parts.dtype))
+    weight_sum.index_add_(0, touched, real_rows[:, 1].to(weight_sum.dtype))
 
 
 def dense_reference_slice(lattice: HermitianLattice, values: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

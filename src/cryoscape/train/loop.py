@@ -79,6 +79,7 @@ from cryoscape.train.checkpoint import (
     weights_path,
 )
 from cryoscape.train.config import TrainConfig
+from cryoscape.train.warm_start import warm_start_decoder
 from cryoscape.train.likelihood import centre_values, predict_values, squared_error, to_domain
 from cryoscape.train.poses import PoseCorrections
 
@@ -669,12 +670,20 @@ def train_model(
         log.info("the run already finished %d epochs; pass a larger --num-epochs to train more", start_epoch)
 
     # Generic decoder hooks (all optional): set_data_spectrum (see prepare_likelihood_pixels);
+    # warm_start(slices) before the first epoch of a new run (train/warm_start.py);
     # regularization_loss(n_images=N) -> scalar or None, added to every batch's loss (a prior,
     # per image); after_optimizer_step() after every step.
     pixels = prepare_likelihood_pixels(config, dataset, decoder, fresh=resume_state is None)
     regularization = getattr(decoder, "regularization_loss", None)
     after_step = getattr(decoder, "after_optimizer_step", None)
     pixels = pixels.to(device)
+    warm_seconds = 0.0
+    if resume_state is None and config.warm_start_images:
+        # decoders with a warm_start hook start from the consensus map (train/warm_start.py);
+        # its time is counted in the first epoch's
+        summary = warm_start_decoder(decoder, dataset, pixels, max_images=config.warm_start_images,
+                                     seed=config.seed, domain=config.domain, device=device)
+        warm_seconds = 0.0 if summary is None else summary["seconds"]
 
     def get_batch(indices: np.ndarray) -> TrainingBatch:
         batch = dataset.get_batch(indices)
@@ -765,7 +774,8 @@ def train_model(
         totals = (sums / max(seen, 1)).tolist()
         if not all(math.isfinite(v) for v in totals):
             _raise_diverged(config, out, epoch, n_batches - 1, totals[0], last_good)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + warm_seconds
+        warm_seconds = 0.0
         record = {
             "epoch": epoch, "loss": totals[0], "error": totals[1], "kl": totals[2],
             "beta": config.beta_at(epoch + 1), "seconds": seconds, "images_per_second": seen / max(seconds, 1e-9),

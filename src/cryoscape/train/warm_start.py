@@ -1,0 +1,75 @@
+"""Warm start: a first estimate of a decoder's mean map from the data, before the first epoch.
+
+With known poses the consensus map is one pass of backprojection away, and a voxel decoder
+trained by Adam from zero needs many epochs to get there (Adam moves every voxel by about its
+learning rate per step, however strong its gradient).  A decoder that defines the hook
+``warm_start(slices)`` (today the structural basis, :meth:`cryoscape.models.basis.StructuralBasis.
+warm_start`) receives an iterator over the data, in batches, as exactly what the loss compares the
+model with: the slice frequencies ``R^T k`` (cycles per pixel), the observed coefficients with
+the particle shift undone (the loss's units), the CTF and the likelihood's pixel weights
+(:mod:`cryoscape.train.likelihood`).  The training loop calls :func:`warm_start_decoder` in new
+runs (not resumed or loaded ones) unless ``--no-warm-start``; pose refinement starts from the
+same poses.  The images used are a random subset of at most ``warm_start_images``; the time it
+takes is logged and counted in the first epoch's time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryoscape.data.training import ParticleDataset, iterate_batches
+from cryoscape.train.likelihood import centre_values, slice_points, to_domain
+
+__all__ = ["warm_start_decoder"]
+
+log = logging.getLogger(__name__)
+
+
+def warm_start_decoder(
+    decoder,
+    dataset: ParticleDataset,
+    pixels,
+    *,
+    max_images: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    domain: str = "fourier",
+    device: torch.device | str = "cpu",
+) -> dict[str, Any] | None:
+    """Call ``decoder.warm_start`` with up to ``max_images`` images of ``dataset`` (a random
+    subset, fixed by ``seed``); ``None`` when the decoder has no such hook or ``max_images < 2``.
+
+    Returns the hook's summary plus ``seconds``.
+    """
+    hook = getattr(decoder, "warm_start", None)
+    if hook is None or max_images < 2:
+        return None
+    t0 = time.perf_counter()
+    n = len(dataset)
+    rng = np.random.default_rng(seed)
+    order = np.sort(rng.permutation(n)[: min(n, int(max_images))]) if max_images < n else np.arange(n)
+    D = pixels.box_size
+    freqs = pixels.freqs_cycles_per_pixel
+
+    def slices():
+        for batch in iterate_batches(dataset.get_batch, order, batch_size):
+            batch = batch.to(device)
+            target = to_domain(centre_values(batch.values, pixels.coords_index, batch.shifts_pixel, D), domain)
+            yield slice_points(batch.rotations, freqs), target, batch.ctf, pixels.weights
+
+    summary = dict(hook(slices()))
+    summary["seconds"] = time.perf_counter() - t0
+    fsc = summary.get("fsc_half")
+    where = ""
+    if fsc is not None:
+        below = (torch.as_tensor(fsc)[1:] < 0.5).nonzero()
+        shell = int(below[0, 0]) + 1 if below.numel() else len(fsc) - 1
+        where = f"; half-map FSC falls below 0.5 at shell {shell} of {D // 2}"
+    log.info("warm start: the decoder's mean map from the backprojection of %d images in %.1f s%s",
+             summary.get("n_images", len(order)), summary["seconds"], where)
+    return summary
