@@ -677,13 +677,11 @@ def train_model(
     regularization = getattr(decoder, "regularization_loss", None)
     after_step = getattr(decoder, "after_optimizer_step", None)
     pixels = pixels.to(device)
-    warm_seconds = 0.0
     if resume_state is None and config.warm_start_images:
-        # decoders with a warm_start hook start from the consensus map (train/warm_start.py);
-        # its time is counted in the first epoch's
-        summary = warm_start_decoder(decoder, dataset, pixels, max_images=config.warm_start_images,
-                                     seed=config.seed, domain=config.domain, device=device)
-        warm_seconds = 0.0 if summary is None else summary["seconds"]
+        # decoders with a warm_start hook start from the consensus map (train/warm_start.py; set-up
+        # like the noise spectrum above: logged with its own time, not in the first epoch's)
+        warm_start_decoder(decoder, dataset, pixels, max_images=config.warm_start_images, seed=config.seed,
+                           domain=config.domain, device=device)
 
     def get_batch(indices: np.ndarray) -> TrainingBatch:
         batch = dataset.get_batch(indices)
@@ -774,8 +772,7 @@ def train_model(
         totals = (sums / max(seen, 1)).tolist()
         if not all(math.isfinite(v) for v in totals):
             _raise_diverged(config, out, epoch, n_batches - 1, totals[0], last_good)
-        seconds = time.perf_counter() - t0 + warm_seconds
-        warm_seconds = 0.0
+        seconds = time.perf_counter() - t0
         record = {
             "epoch": epoch, "loss": totals[0], "error": totals[1], "kl": totals[2],
             "beta": config.beta_at(epoch + 1), "seconds": seconds, "images_per_second": seen / max(seconds, 1e-9),

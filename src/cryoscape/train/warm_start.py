@@ -9,8 +9,10 @@ model with: the slice frequencies ``R^T k`` (cycles per pixel), the observed coe
 the particle shift undone (the loss's units), the CTF and the likelihood's pixel weights
 (:mod:`cryoscape.train.likelihood`).  The training loop calls :func:`warm_start_decoder` in new
 runs (not resumed or loaded ones) unless ``--no-warm-start``; pose refinement starts from the
-same poses.  The images used are a random subset of at most ``warm_start_images``; the time it
-takes is logged and counted in the first epoch's time.
+same poses.  The images used are a random subset of at most ``warm_start_images``.  Like the
+noise-spectrum estimate before it, this is set-up: logged with its own time ("warm start: ... in
+X s"), not counted in the first epoch's time (bench/decoders.py reports it and the throughput
+with it included).
 """
 
 from __future__ import annotations
