@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "keeping the poses")
     sched.add_argument("--reset-before-final", action="store_true",
                        help="re-initialise model and optimiser before the final epochs")
+    sched.add_argument("--vae-start-epoch", type=int, default=None, metavar="EPOCH",
+                       help="with --zdim: a homogeneous model searches the poses until this (0-based, non-search) "
+                            "epoch, then a new VAE takes over with those poses [0: the VAE from the start]")
     sched.add_argument("--search-chunk", type=int, default=None, metavar="N_IMAGES",
                        help="images searched with one model before it trains on them, at the band --k-min; the "
                             "chunk grows as (band / k-min)^3 [64]")
@@ -136,6 +139,7 @@ def _config_from_args(args: argparse.Namespace):
         pretrain_images=pick(args.pretrain_images, d.pretrain_images),
         search_every=pick(args.search_every, d.search_every), final_epochs=pick(args.final_epochs, d.final_epochs),
         reset_epochs=list(args.reset_epochs or []), reset_before_final=args.reset_before_final,
+        vae_start_epoch=pick(args.vae_start_epoch, d.vae_start_epoch),
         search_chunk=pick(args.search_chunk, d.search_chunk), band_limit_training=not args.no_band_limit,
         base_level=_GRID_LEVELS[args.base_grid], n_refine=pick(args.n_refine, d.n_refine),
         n_keep=pick(args.n_keep, d.n_keep), n_keep_base=pick(args.n_keep_base, d.n_keep_base), k_min=pick(args.k_min, d.k_min),

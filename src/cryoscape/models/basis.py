@@ -415,6 +415,20 @@ class StructuralBasis(VolumeDecoder):
             self._amplitude_cache = (key, a[self._voxel_shell.clamp(max=a.numel() - 1)])
         return self._amplitude_cache[1]
 
+    def _corner_amplitude(self, dtype: torch.dtype) -> torch.Tensor:
+        """The lattice's cube table of validity times voxel amplitude and the imaginary sign
+        (``corner_factors`` of :func:`corner_codes_and_weights`), cached until the amplitude changes."""
+        a = self.shell_amplitude
+        key = (a.device, a.dtype, a._version, id(a), dtype, id(self._table))
+        cached = getattr(self, "_corner_amplitude_cache", None)
+        if cached is None or cached[0] != key:
+            index, factors = self._lattice().lookups()
+            scaled = factors.clone()
+            scaled[:, 0] *= self._voxel_amplitude().float().index_select(0, index)
+            cached = (key, scaled.to(dtype))
+            self._corner_amplitude_cache = cached
+        return cached[1]
+
     def _lattice(self) -> HermitianLattice:
         self.lattice.table = self._table  # follow .to(device)
         self.lattice.coords = self._coords
@@ -489,8 +503,8 @@ class StructuralBasis(VolumeDecoder):
         with torch.autocast(device_type=coords.device.type, enabled=False):
             s = self.mixing_weights(z, B)
             points = coords.reshape(B, -1, 3).to(dtype) * self.box_size
-            index, imag_sign, w = corner_codes_and_weights(self._lattice(), points)
-            w = w * self._voxel_amplitude().to(dtype).index_select(0, index.reshape(-1)).view_as(w)
+            index, imag_sign, w = corner_codes_and_weights(self._lattice(), points,
+                                                           corner_factors=self._corner_amplitude(dtype))
             out = sparse_slice(
                 self.mean_real, self.mean_imag, self.basis_real, self.basis_imag, s, index, w, imag_sign,
                 sparse_grad=self.config["sparse_grad"], max_elements=self.max_elements,

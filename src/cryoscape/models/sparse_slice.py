@@ -130,15 +130,16 @@ class HermitianLattice:
         flat = (q[..., 2] * S + q[..., 1]) * S + q[..., 0]
         return torch.where(in_cube, self.table[flat].long(), torch.full_like(flat, -1))
 
-    def lookups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(index int32, imag_sign, valid)`` over the cube (float32 sign and 0/1 validity): the
-        codes of :attr:`table` split once (cached while :attr:`table` stays the same tensor), so
-        that finding a point's corners is three gathers."""
+    def lookups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, factors)`` over the cube: ``index`` int32 and ``factors (S^3, 2)`` float32
+        holding the 0/1 validity and the imaginary-part sign side by side (one gather reads both):
+        the codes of :attr:`table` split once, cached while :attr:`table` stays the same tensor,
+        so that finding a point's corners is two gathers."""
         key = (id(self.table), self.table.device, self.table._version)
         cached = getattr(self, "_lookups", None)
         if cached is None or cached[0] != key:
             index, sign, valid = split_codes(self.table.long(), torch.float32)
-            cached = (key, (index.to(torch.int32), sign, valid))
+            cached = (key, (index.to(torch.int32), torch.stack([valid, sign], dim=-1)))
             self._lookups = cached
         return cached[1]
 
@@ -163,7 +164,7 @@ _CORNER_OFFSETS = ((0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0,
 
 
 def corner_codes_and_weights(
-    lattice: HermitianLattice, points: torch.Tensor
+    lattice: HermitianLattice, points: torch.Tensor, *, corner_factors: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Trilinear corners of ``points (..., 3)`` (index units, ``(x, y, z)``) on ``lattice``.
 
@@ -176,9 +177,15 @@ def corner_codes_and_weights(
     weights
         ``(..., 8)`` trilinear weights times validity (0 outside the ball); differentiable in
         ``points`` (corner order ``(dz, dy, dx)`` in binary, the same as the others).
+
+    ``corner_factors``: a cube table like ``lattice.lookups()[1]`` whose first column replaces the
+    0/1 validity, e.g. validity times a per-voxel amplitude, so the weights come out scaled at no
+    extra cost.
     """
     L, S = lattice.L, lattice.S
-    index_table, sign_table, valid_table = lattice.lookups()
+    index_table, factor_table = lattice.lookups()
+    if corner_factors is not None:
+        factor_table = corner_factors
     base = torch.floor(points.detach())
     frac = points - base
     b = base.to(torch.int32)
@@ -193,8 +200,9 @@ def corner_codes_and_weights(
     shape = (*flat0.shape, 8)
     # index_select: the fastest gather; int32 positions (S^3 < 2^31)
     index = index_table.index_select(0, flat).view(shape)
-    imag_sign = sign_table.index_select(0, flat).view(shape).to(points.dtype)
-    valid = valid_table.index_select(0, flat).view(shape).to(points.dtype) * inside.unsqueeze(-1).to(points.dtype)
+    factors = factor_table.index_select(0, flat).to(points.dtype)
+    imag_sign = factors[:, 1].view(shape)
+    valid = factors[:, 0].view(shape) * inside.unsqueeze(-1).to(points.dtype)
     # products written out in corner order (dz, dy, dx): 4x faster than a broadcast outer product
     fx, fy, fz = frac.unbind(-1)
     gx, gy, gz = 1 - fx, 1 - fy, 1 - fz
@@ -217,7 +225,7 @@ def _transpose_plan(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     run of corners starts, ``point`` the point (bag) of every sorted corner, ``perm`` the sort.
     """
     C = index.shape[-1]
-    sorted_idx, perm = torch.sort(index.reshape(-1).to(torch.int32))
+    sorted_idx, perm = torch.sort(index.reshape(-1).to(torch.int32), stable=True)  # stable: the radix path, faster
     touched, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
     offsets = torch.zeros_like(counts, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)[:-1]
@@ -293,11 +301,13 @@ class SparseSliceFunction(torch.autograd.Function):
                 want_mean, want_basis = needs[part], basis is not None and needs[2 + part]
                 if not (want_mean or want_basis):
                     continue
-                factors = [g_part.reshape(-1, 1)] if want_mean else []
+                width = int(want_mean) + (basis.shape[1] if want_basis else 0)
+                per_point = torch.empty(Bn, P, width, dtype=g_part.dtype, device=g_part.device)
+                if want_mean:
+                    per_point[..., 0] = g_part
                 if want_basis:
-                    factors.append((g_part.unsqueeze(-1) * s.unsqueeze(1)).reshape(Bn * P, -1))
-                per_point = factors[0] if len(factors) == 1 else torch.cat(factors, dim=1)
-                rows = _gradient_rows(plan, _sorted_weights(plan, weights), per_point)
+                    torch.mul(g_part.unsqueeze(-1), s.unsqueeze(1), out=per_point[..., int(want_mean):])
+                rows = _gradient_rows(plan, _sorted_weights(plan, weights), per_point.view(Bn * P, width))
                 if want_mean:
                     grads[part] = _table_gradient(plan[0], rows[:, :1], mean, sparse=ctx.sparse)
                 if want_basis:
@@ -310,9 +320,8 @@ class SparseSliceFunction(torch.autograd.Function):
 def _table_gradient(touched, rows, table, *, sparse: bool) -> torch.Tensor:
     """Gradient of one table from its ``rows`` at the ``touched`` voxels: dense (zeros, touched rows
     filled) or sparse over the touched rows."""
-    rows = rows.contiguous()
     if sparse:
-        return torch.sparse_coo_tensor(touched.unsqueeze(0), rows, table.shape, is_coalesced=True,
+        return torch.sparse_coo_tensor(touched.unsqueeze(0), rows.contiguous(), table.shape, is_coalesced=True,
                                        check_invariants=False)
     return torch.zeros_like(table).index_copy_(0, touched, rows)
 

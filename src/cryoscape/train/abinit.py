@@ -136,6 +136,7 @@ class AbinitConfig(TrainConfig):
     final_epochs: int = 0
     reset_epochs: list[int] = field(default_factory=list)
     reset_before_final: bool = False
+    vae_start_epoch: int = 0
     search_chunk: int = 64
     band_limit_training: bool = True
     # ---- pose search
@@ -166,6 +167,15 @@ class AbinitConfig(TrainConfig):
         if self.pretrain_images < 0 or self.search_chunk < 1:
             raise ValueError("--pretrain must be >= 0 and --search-chunk >= 1")
         plan = epoch_plan(self)
+        if not 0 <= self.vae_start_epoch < self.num_epochs:
+            raise ValueError(f"--vae-start-epoch must be between 0 and --num-epochs - 1 ({self.num_epochs - 1}), "
+                             f"got {self.vae_start_epoch}")
+        if self.vae_start_epoch and self.zdim <= 0:
+            raise ValueError("--vae-start-epoch needs --zdim > 0 (it is when the VAE takes over from the "
+                             "homogeneous model)")
+        if self.vae_start_epoch and plan[self.vae_start_epoch] == SEARCH:
+            raise ValueError(f"--vae-start-epoch {self.vae_start_epoch} is a search epoch; the new VAE must first "
+                             "train on the poses (choose an epoch that is not a multiple of --search-every)")
         for e in self.reset_epochs:
             if not 0 < e < self.num_epochs:
                 raise ValueError(f"--reset-epochs {e} is outside epochs 1..{self.num_epochs - 1}")
@@ -175,6 +185,13 @@ class AbinitConfig(TrainConfig):
         self.search_settings(64).validate()
 
     # ---- derived values
+    def phase_config(self, epoch: int) -> "AbinitConfig":
+        """The options of the model trained at ``epoch``: homogeneous (``zdim`` 0) before
+        ``vae_start_epoch``, else these."""
+        if self.zdim > 0 and epoch < self.vae_start_epoch:
+            return dataclasses.replace(self, zdim=0)
+        return self
+
     def search_epochs(self) -> list[int]:
         """The epochs that search poses."""
         return [e for e, kind in enumerate(epoch_plan(self)) if kind == SEARCH]
@@ -381,7 +398,8 @@ def abinit_model(
     dataset = build_dataset(config, table, resume_state=resume_state)
     D = dataset.box_size
     normalization = dataset.normalization
-    model = _Model(config, D, device)
+    first_epoch = 0 if resume_state is None else int(resume_state["epoch"]) + 1
+    model = _Model(config.phase_config(first_epoch), D, device)
     amp = resolve_amp(config.amp, device)
     plan = epoch_plan(config)
 
@@ -420,7 +438,9 @@ def abinit_model(
         search_coords, search_weights = pixels.coords_index, pixels.weights
 
     log.info("ab initio %s: %d particles, box %d, %s domain, zdim %d, %d parameters, batch %d, lr %g, on %s%s",
-             "VAE" if model.encoder is not None else "homogeneous reconstruction", N, D, config.domain,
+             "VAE" if model.encoder is not None else (
+                 f"homogeneous reconstruction, then from epoch {config.vae_start_epoch + 1} a VAE"
+                 if config.vae_start_epoch else "homogeneous reconstruction"), N, D, config.domain,
              config.zdim, model.n_parameters(), config.batch_size, config.lr, device,
              ", mixed precision" if amp else "")
     log.info("schedule: %s", ", ".join(f"{e}:{k}" for e, k in enumerate(plan)))
@@ -466,11 +486,21 @@ def abinit_model(
         log.info("warm-up: %d images with random poses, loss %.5g, %.1f s", seen, total / max(seen, 1),
                  time.perf_counter() - t0)
 
-    zdim = config.zdim
     z_mean = z_logvar = None
     for epoch in range(start_epoch, config.num_epochs):
         t0 = time.perf_counter()
         kind = plan[epoch]
+        if model.config.zdim != config.phase_config(epoch).zdim:
+            # the homogeneous phase is over: a new VAE (decoder and encoder) trains on its poses
+            model = _Model(config.phase_config(epoch), D, device)
+            model.reset(config.seed + 2000 + epoch)
+            prepare_likelihood_pixels(config, dataset, model.decoder, fresh=True)
+            _write_run_config(out, config, arguments, decoder=model.decoder, encoder=model.encoder,
+                              normalization=normalization, box_size=D, pixel_size=pixel_size, n_particles=N,
+                              resumed_from=None, command="abinit")
+            log.info("epoch %d: the VAE (zdim %d) takes over from the homogeneous model (poses kept)", epoch + 1,
+                     config.zdim)
+        zdim = model.config.zdim
         if epoch in config.reset_epochs or (kind == FINAL and config.reset_before_final and
                                             epoch == config.num_epochs - config.final_epochs):
             model.reset(config.seed + 1000 + epoch)
