@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="re-initialise model and optimiser before the final epochs")
     sched.add_argument("--vae-start-epoch", type=int, default=None, metavar="EPOCH",
                        help="with --zdim: a homogeneous model searches the poses until this (0-based, non-search) "
-                            "epoch, then a new VAE takes over with those poses [0: the VAE from the start]")
+                            "epoch, then a new VAE takes over with those poses; 0: the VAE searches from the start "
+                            "[the first final epoch with --final-epochs, else 0]")
     sched.add_argument("--search-chunk", type=int, default=None, metavar="N_IMAGES",
                        help="images searched with one model before it trains on them, at the band --k-min; the "
                             "chunk grows as (band / k-min)^3 [64]")

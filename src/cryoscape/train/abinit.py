@@ -136,7 +136,7 @@ class AbinitConfig(TrainConfig):
     final_epochs: int = 0
     reset_epochs: list[int] = field(default_factory=list)
     reset_before_final: bool = False
-    vae_start_epoch: int = 0
+    vae_start_epoch: int | None = None  # None: the first final epoch with --zdim and --final-epochs, else 0
     search_chunk: int = 64
     band_limit_training: bool = True
     # ---- pose search
@@ -167,14 +167,16 @@ class AbinitConfig(TrainConfig):
         if self.pretrain_images < 0 or self.search_chunk < 1:
             raise ValueError("--pretrain must be >= 0 and --search-chunk >= 1")
         plan = epoch_plan(self)
-        if not 0 <= self.vae_start_epoch < self.num_epochs:
-            raise ValueError(f"--vae-start-epoch must be between 0 and --num-epochs - 1 ({self.num_epochs - 1}), "
-                             f"got {self.vae_start_epoch}")
-        if self.vae_start_epoch and self.zdim <= 0:
-            raise ValueError("--vae-start-epoch needs --zdim > 0 (it is when the VAE takes over from the "
-                             "homogeneous model)")
-        if self.vae_start_epoch and plan[self.vae_start_epoch] == SEARCH:
-            raise ValueError(f"--vae-start-epoch {self.vae_start_epoch} is a search epoch; the new VAE must first "
+        if self.vae_start_epoch is not None:
+            if not 0 <= self.vae_start_epoch < self.num_epochs:
+                raise ValueError(f"--vae-start-epoch must be between 0 and --num-epochs - 1 ({self.num_epochs - 1}), "
+                                 f"got {self.vae_start_epoch}")
+            if self.vae_start_epoch and self.zdim <= 0:
+                raise ValueError("--vae-start-epoch needs --zdim > 0 (it is when the VAE takes over from the "
+                                 "homogeneous model)")
+        start = self.vae_start()
+        if start and plan[start] == SEARCH:
+            raise ValueError(f"--vae-start-epoch {start} is a search epoch; the new VAE must first "
                              "train on the poses (choose an epoch that is not a multiple of --search-every)")
         for e in self.reset_epochs:
             if not 0 < e < self.num_epochs:
@@ -185,10 +187,21 @@ class AbinitConfig(TrainConfig):
         self.search_settings(64).validate()
 
     # ---- derived values
+    def vae_start(self) -> int:
+        """The epoch at which the VAE takes over from the homogeneous model (0: no homogeneous
+        phase): ``vae_start_epoch``, or by default, with ``zdim > 0`` and final epochs, the first
+        final epoch (the homogeneous model searches the poses, the VAE learns the heterogeneity
+        on them), else 0 (the thesis's schedule: the VAE searches from the start)."""
+        if self.zdim <= 0:
+            return 0
+        if self.vae_start_epoch is not None:
+            return int(self.vae_start_epoch)
+        return self.num_epochs - self.final_epochs if self.final_epochs > 0 else 0
+
     def phase_config(self, epoch: int) -> "AbinitConfig":
         """The options of the model trained at ``epoch``: homogeneous (``zdim`` 0) before
-        ``vae_start_epoch``, else these."""
-        if self.zdim > 0 and epoch < self.vae_start_epoch:
+        :meth:`vae_start`, else these."""
+        if self.zdim > 0 and epoch < self.vae_start():
             return dataclasses.replace(self, zdim=0)
         return self
 
@@ -439,8 +452,8 @@ def abinit_model(
 
     log.info("ab initio %s: %d particles, box %d, %s domain, zdim %d, %d parameters, batch %d, lr %g, on %s%s",
              "VAE" if model.encoder is not None else (
-                 f"homogeneous reconstruction, then from epoch {config.vae_start_epoch + 1} a VAE"
-                 if config.vae_start_epoch else "homogeneous reconstruction"), N, D, config.domain,
+                 f"homogeneous reconstruction, then from epoch {config.vae_start() + 1} a VAE"
+                 if config.vae_start() else "homogeneous reconstruction"), N, D, config.domain,
              config.zdim, model.n_parameters(), config.batch_size, config.lr, device,
              ", mixed precision" if amp else "")
     log.info("schedule: %s", ", ".join(f"{e}:{k}" for e, k in enumerate(plan)))
