@@ -147,8 +147,12 @@ def test_homogeneous_phase_then_vae(tiny_dataset, tmp_path):
     assert load_checkpoint(out / "weights.3.pt")["decoder"]["config"]["zdim"] == 2
     log = (out / "run.log").read_text()
     assert "epoch 3: the VAE (zdim 2) takes over from the homogeneous model" in log
-    resumed = resume_abinit(out, num_epochs=5, final_epochs=3)
+    # the switch was fixed at the start: resuming with other final epochs keeps it (the default
+    # would now be epoch 1), and the VAE continues
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["vae_start_epoch"] == 2
+    resumed = resume_abinit(out, num_epochs=5, final_epochs=4)
     assert resumed.history[-1]["epoch"] == 4 and (out / "z.4.npy").exists()
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["vae_start_epoch"] == 2
 
 
 def test_command_line(tiny_dataset, tmp_path):

@@ -407,6 +407,8 @@ def abinit_model(
         config = dataclasses.replace(config, beta_anneal_epochs=max(1, math.ceil(config.num_epochs / 4)))
     if config.k_ramp_epochs is None:
         config = dataclasses.replace(config, k_ramp_epochs=(config.search_epochs() or [0])[-1])
+    if config.vae_start_epoch is None and config.zdim > 0:
+        config = dataclasses.replace(config, vae_start_epoch=config.vae_start())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -518,7 +520,7 @@ def abinit_model(
             prepare_likelihood_pixels(config, dataset, model.decoder, fresh=True)
             _write_run_config(out, config, arguments, decoder=model.decoder, encoder=model.encoder,
                               normalization=normalization, box_size=D, pixel_size=pixel_size, n_particles=N,
-                              resumed_from=None, command="abinit")
+                              resumed_from=None if resume_state is None else start_epoch - 1, command="abinit")
             log.info("epoch %d: the VAE (zdim %d) takes over from the homogeneous model (poses kept)", epoch + 1,
                      config.zdim)
         zdim = model.config.zdim
