@@ -229,6 +229,7 @@ class StructuralBasis(VolumeDecoder):
         self._origin_index = int((self.lattice.coords == 0).all(-1).nonzero()[0, 0])
         self._eval_cache: dict[tuple[int, str], tuple] = {}
         self._amplitude_cache: tuple | None = None
+        self._corner_amplitude_cache: tuple | None = None
         self._steps = 0
 
     # ------------------------------------------------------------------------------------------
@@ -333,10 +334,7 @@ class StructuralBasis(VolumeDecoder):
         rms = (per_shell(volume.abs().square()) / counts).sqrt()
         last = min(int(math.floor(self.radius)), n_shells - 1)
         rms[last + 1:] = rms[last]
-        rms = rms.clamp_min(1e-3 * float(rms[1:].max()) if n_shells > 1 else 1e-30)
-        n = self.shell_amplitude.numel()
-        full = torch.cat([rms, rms[-1:].expand(max(0, n - rms.numel()))])[:n]
-        self.shell_amplitude.copy_(full.to(self.shell_amplitude))
+        self.set_data_spectrum(rms.clamp_min(1e-3 * float(rms[1:].max()) if n_shells > 1 else 1e-30))
         if self.basis_real is not None:  # fresh basis at init_scale in the new units
             self.basis_real.normal_().mul_(self.config["init_scale"])
             self.basis_imag.normal_().mul_(self.config["init_scale"])
@@ -420,7 +418,7 @@ class StructuralBasis(VolumeDecoder):
         (``corner_factors`` of :func:`corner_codes_and_weights`), cached until the amplitude changes."""
         a = self.shell_amplitude
         key = (a.device, a.dtype, a._version, id(a), dtype, id(self._table))
-        cached = getattr(self, "_corner_amplitude_cache", None)
+        cached = self._corner_amplitude_cache
         if cached is None or cached[0] != key:
             index, factors = self._lattice().lookups()
             scaled = factors.clone()

@@ -32,14 +32,18 @@ A custom autograd function of the real tables (real and imaginary parts: ``(n_vo
 ``w (B, P, 8)``; corner indices and conjugation signs are constants.  Forward is ``embedding_bag``
 (the weighted sum of every point's 8 corner rows, one optimised gather) per table and one batched
 product with ``s``: nothing of size ``B x P x 8 x K`` is built.  Backward sorts the batch's
-corners by voxel once (``int32`` sort), runs the gather backwards as one more ``embedding_bag``
-per table (each touched voxel a bag of the points that read it) and writes those rows into a
+corners by voxel once (``int32`` radix sort), runs the gather backwards as one more
+``embedding_bag`` per part (real, imaginary: ``V_0`` and the basis side by side; each touched
+voxel a bag of the points that read it) and writes those rows into a
 dense zero buffer, ``n_vox x K`` however large the batch (seed 003's dense-gradient variant), or,
 with ``sparse_grad``, returns them as a ``torch.sparse_coo`` gradient for :class:`RowSparseAdam`.
 ``dL/ds`` comes from the saved per-point bag sums.  The corner weights are ordinary autograd
 tensors computed from the slice points, so gradients reach the coordinates (and poses) too.
 First version, for the record: ``index_select`` of the ``(B*P*8, K+1)`` corner rows plus
-``index_add_`` was 3-7x slower on CPUs.
+``index_add_`` was 3-7x slower on CPUs.  Finding the corners is two gathers from cube tables
+(:meth:`HermitianLattice.lookups`: the compact index, and validity and sign side by side, into
+which a decoder may fold a per-voxel amplitude) and trilinear weights written out as products.
+:func:`backproject_to_lattice` is the transpose for data (the warm start's backprojection).
 
 :func:`dense_reference_slice` is the same interpolation done the slow way, through a full cube of
 values; the tests compare the two.
@@ -120,6 +124,7 @@ class HermitianLattice:
         table[1:-1, 1:-1, 1:-1] = code.to(torch.int32)
         self.S = S
         self.table = table.reshape(-1)
+        self._lookups: tuple | None = None
 
     def codes_at(self, points: torch.Tensor) -> torch.Tensor:
         """Codes ``(...)`` of integer points ``(..., 3)`` (``(x, y, z)``); ``-1`` outside the ball."""
@@ -136,7 +141,7 @@ class HermitianLattice:
         the codes of :attr:`table` split once, cached while :attr:`table` stays the same tensor,
         so that finding a point's corners is two gathers."""
         key = (id(self.table), self.table.device, self.table._version)
-        cached = getattr(self, "_lookups", None)
+        cached = self._lookups
         if cached is None or cached[0] != key:
             index, sign, valid = split_codes(self.table.long(), torch.float32)
             cached = (key, (index.to(torch.int32), torch.stack([valid, sign], dim=-1)))
@@ -251,7 +256,7 @@ class SparseSliceFunction(torch.autograd.Function):
     module docstring.
 
     Inputs: ``M_re, M_im (n_vox, 1)`` (the mean volume ``V_0``), ``B_re, B_im (n_vox, K)`` (the
-    basis, or ``None``), ``s (B, K)`` (or ``None``), ``index (B, P, 8)`` int64, ``w (B, P, 8)``,
+    basis, or ``None``), ``s (B, K)`` (or ``None``), ``index (B, P, 8)`` int32 or int64, ``w (B, P, 8)``,
     ``imag_sign (B, P, 8)``, ``sparse`` (bool: ``torch.sparse_coo`` gradients of the tables, for
     :class:`RowSparseAdam`) and ``max_elements`` (chunking of the rarely needed ``dL/dw``).
     Output ``(B, P, 2)`` real and imaginary parts.  Differentiable in the tables, ``s`` and ``w``.
@@ -259,7 +264,7 @@ class SparseSliceFunction(torch.autograd.Function):
     Forward: ``embedding_bag`` calls (weighted sums of the 8 corner rows of every point, ``(B*P,
     K)`` per table) and one batched product with ``s``.  Backward: ``dL/ds`` from the saved bag
     sums; table gradients from :func:`_gradient_rows` (the corners sorted by voxel once, then one
-    ``embedding_bag`` per table) into a dense zero buffer, or a sparse tensor over the touched
+    ``embedding_bag`` per part for ``V_0`` and the basis together) into a dense zero buffer, or a sparse tensor over the touched
     rows.  Nothing of size ``B x P x 8 x K`` is built.
     """
 

@@ -128,7 +128,8 @@ class AbinitConfig(TrainConfig):
     """Options of ``cryoscape abinit``: those of :class:`TrainConfig` (data, model, optimiser) plus
     the schedule and the pose search grid (see the module docstring and ``cryoscape abinit --help``).
 
-    ``poses``, ``refine_poses`` and tilt pairs do not apply (the poses are what is searched).
+    ``poses``, ``refine_poses``, ``warm_start_images`` and tilt pairs do not apply (the poses are
+    what is searched).
     """
 
     # ---- defaults that differ from cryoscape train's (what the tests and bench/abinit.py validate:
@@ -300,9 +301,12 @@ def _with_poses(batch: TrainingBatch, rotations: torch.Tensor, shifts: torch.Ten
 class _Model:
     """Decoder, encoder and their optimisers (rebuilt from scratch by :meth:`reset`)."""
 
-    def __init__(self, config: AbinitConfig, box_size: int, device: torch.device):
+    def __init__(self, config: AbinitConfig, box_size: int, device: torch.device, *, seed: int | None = None):
         self.config, self.box_size, self.device = config, box_size, device
-        self.build()
+        if seed is None:
+            self.build()
+        else:
+            self.reset(seed)
 
     def build(self) -> None:
         self.decoder = build_decoder_for(self.config, self.box_size).to(self.device)
@@ -515,8 +519,7 @@ def abinit_model(
         kind = plan[epoch]
         if model.config.zdim != config.phase_config(epoch).zdim:
             # the homogeneous phase is over: a new VAE (decoder and encoder) trains on its poses
-            model = _Model(config.phase_config(epoch), D, device)
-            model.reset(config.seed + 2000 + epoch)
+            model = _Model(config.phase_config(epoch), D, device, seed=config.seed + 2000 + epoch)
             prepare_likelihood_pixels(config, dataset, model.decoder, fresh=True)
             _write_run_config(out, config, arguments, decoder=model.decoder, encoder=model.encoder,
                               normalization=normalization, box_size=D, pixel_size=pixel_size, n_particles=N,
