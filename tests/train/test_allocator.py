@@ -1,4 +1,4 @@
-"""The command entry point's process set-up: glibc keeps large freed blocks for reuse."""
+"""The process set-up the command entry point does: glibc keeps large freed blocks for reuse."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cryoscape.cli.main import keep_large_allocations
+from cryoscape.train.allocator import keep_large_allocations
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
