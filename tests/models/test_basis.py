@@ -15,6 +15,7 @@ from cryoscape.fourier.fft import fft3_center, ifft3_center
 from cryoscape.fourier.resample import downsample_volume
 from cryoscape.models.base import build_decoder, decoder_names
 from cryoscape.models.basis import StructuralBasis
+from cryoscape.models import sparse_kernels
 from cryoscape.models.neural_field import hermitian_negative_mask
 from cryoscape.models.sparse_slice import (
     HermitianLattice,
@@ -24,6 +25,15 @@ from cryoscape.models.sparse_slice import (
     dense_reference_slice,
     sparse_slice,
 )
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def backend(request, monkeypatch):
+    """Run a test on the compiled CPU kernels (models/sparse_kernels.py) and on the pure-PyTorch path."""
+    monkeypatch.setenv("CRYOSCAPE_SPARSE_KERNELS", "1" if request.param == "kernels" else "0")
+    if request.param == "kernels" and not sparse_kernels.usable(torch.zeros(1)):
+        pytest.skip("numba is not installed")
+    return request.param
 
 
 def _random_rotations(n: int, gen: torch.Generator, dtype=torch.float64) -> torch.Tensor:
@@ -82,7 +92,7 @@ def test_lattice_stores_one_point_per_friedel_pair_inside_the_ball(radius):
 # the sparse op
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("D", [12, 13])
-def test_sparse_slice_equals_dense_full_volume_interpolation(D):
+def test_sparse_slice_equals_dense_full_volume_interpolation(D, backend):
     gen = torch.Generator().manual_seed(D)
     lat = HermitianLattice(D / 2 + math.sqrt(3) + 1e-3)
     K, B = 3, 3
@@ -105,7 +115,7 @@ def test_sparse_slice_equals_dense_full_volume_interpolation(D):
     torch.testing.assert_close(alone[0], ref, rtol=0, atol=1e-12)
 
 
-def test_sparse_slice_is_hermitian_and_the_origin_real():
+def test_sparse_slice_is_hermitian_and_the_origin_real(backend):
     gen = torch.Generator().manual_seed(3)
     lat = HermitianLattice(8.0)
     tables = _tables(lat, 3, gen)
@@ -120,7 +130,7 @@ def test_sparse_slice_is_hermitian_and_the_origin_real():
     assert a[:, 0].imag.abs().max() == 0
 
 
-def test_sparse_slice_gradients_pass_gradcheck_in_float64():
+def test_sparse_slice_gradients_pass_gradcheck_in_float64(backend):
     gen = torch.Generator().manual_seed(5)
     lat = HermitianLattice(3.0 + math.sqrt(3))
     tables = [t.requires_grad_() for t in _tables(lat, 2, gen)]
@@ -135,7 +145,7 @@ def test_sparse_slice_gradients_pass_gradcheck_in_float64():
     assert torch.autograd.gradcheck(f, (*tables, s, pts), eps=1e-6, atol=1e-7)
 
 
-def test_backprojection_is_the_adjoint_of_the_slice():
+def test_backprojection_is_the_adjoint_of_the_slice(backend):
     """<slice(V), y> = <V, backproject(y)> (real inner products, stored voxels counted once), and
     the weight sum is the backprojection of the weights onto the real part."""
     gen = torch.Generator().manual_seed(11)
@@ -159,7 +169,7 @@ def test_backprojection_is_the_adjoint_of_the_slice():
     assert wsum.min() >= 0 and int((wsum > 0).sum()) < lat.n_vox  # only the touched voxels
 
 
-def test_warm_start_recovers_a_map_from_its_noiseless_slices():
+def test_warm_start_recovers_a_map_from_its_noiseless_slices(backend):
     """Slices of a smooth map (CTF 1) at many poses -> warm_start puts a V_0 whose map matches
     the original (FSC > 0.93 at every shell inside 0.8 Nyquist; measured 0.95-0.99: the gridding
     estimate blurs a little, training corrects it), with a half-map FSC near 1."""
@@ -197,7 +207,7 @@ def test_warm_start_recovers_a_map_from_its_noiseless_slices():
         assert 0.3 < float(stored[shells == k].square().mean().sqrt()) < 3.0
 
 
-def test_sparse_gradients_equal_dense_gradients():
+def test_sparse_gradients_equal_dense_gradients(backend):
     gen = torch.Generator().manual_seed(7)
     lat = HermitianLattice(6.0)
     tables = _tables(lat, 4, gen, dtype=torch.float32)

@@ -56,6 +56,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cryoscape.models import sparse_kernels
+
 __all__ = [
     "HermitianLattice",
     "SparseSliceFunction",
@@ -191,6 +193,8 @@ def corner_codes_and_weights(
     index_table, factor_table = lattice.lookups()
     if corner_factors is not None:
         factor_table = corner_factors
+    if not (points.requires_grad and torch.is_grad_enabled()) and sparse_kernels.usable(points, index_table):
+        return sparse_kernels.corners(points, index_table, factor_table, L, S)  # one compiled pass
     base = torch.floor(points.detach())
     frac = points - base
     b = base.to(torch.int32)
@@ -298,7 +302,12 @@ class SparseSliceFunction(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * 10
         if needs[4]:
             grads[4] = (torch.bmm(g_re.unsqueeze(1), A_re) + torch.bmm(g_im.unsqueeze(1), A_im)).squeeze(1)
-        if any(needs[:4]):
+        if any(needs[:4]) and not ctx.sparse and sparse_kernels.usable(M_re, M_im, B_re, B_im, s, w, g):
+            # compiled transpose (sparse_kernels): no sort
+            tables = sparse_kernels.table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im)
+            for i in range(4):
+                grads[i] = tables[i] if needs[i] else None
+        elif any(needs[:4]):
             # per part (real, imaginary): one transpose for V_0 and the basis together, their
             # per-point factors side by side (g, and g * s for the basis)
             plan = _transpose_plan(index.reshape(Bn * P, C))
@@ -399,6 +408,9 @@ def backproject_to_lattice(
     """
     dtype = torch.float32 if weight_sum.dtype == torch.float32 or points.dtype != torch.float64 else torch.float64
     index, imag_sign, w = corner_codes_and_weights(lattice, points.to(dtype))
+    if sparse_kernels.usable(w, weight_sum, numerator.real) and weight_sum.dtype == dtype:
+        sparse_kernels.backproject(index, w, imag_sign, values, weights, numerator=numerator, weight_sum=weight_sum)
+        return
     C = index.shape[-1]
     index, w, imag_sign = index.reshape(-1, C), w.reshape(-1, C), imag_sign.reshape(-1, C)
     v = values.reshape(-1)
