@@ -408,7 +408,8 @@ def backproject_to_lattice(
     """
     dtype = torch.float32 if weight_sum.dtype == torch.float32 or points.dtype != torch.float64 else torch.float64
     index, imag_sign, w = corner_codes_and_weights(lattice, points.to(dtype))
-    if sparse_kernels.usable(w, weight_sum, numerator.real) and weight_sum.dtype == dtype:
+    if (w.device.type == "cpu" and numerator.is_contiguous() and weight_sum.is_contiguous()
+            and sparse_kernels.usable(weight_sum, torch.view_as_real(numerator))):  # in the sums' precision
         sparse_kernels.backproject(index, w, imag_sign, values, weights, numerator=numerator, weight_sum=weight_sum)
         return
     C = index.shape[-1]
