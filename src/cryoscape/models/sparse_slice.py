@@ -44,6 +44,10 @@ First version, for the record: ``index_select`` of the ``(B*P*8, K+1)`` corner r
 (:meth:`HermitianLattice.lookups`: the compact index, and validity and sign side by side, into
 which a decoder may fold a per-voxel amplitude) and trilinear weights written out as products.
 :func:`backproject_to_lattice` is the transpose for data (the warm start's backprojection).
+On CPUs, finding the corners (when the points need no gradient), the tables' dense gradients and
+the backprojection run as compiled loops instead (:mod:`cryoscape.models.sparse_kernels`: the
+same arithmetic without the sort); the code here is the reference, the GPU path and the path of
+``sparse_grad``.
 
 :func:`dense_reference_slice` is the same interpolation done the slow way, through a full cube of
 values; the tests compare the two.
