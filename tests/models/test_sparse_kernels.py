@@ -125,3 +125,27 @@ def test_usable_only_for_cpu_tensors_of_one_float_precision(monkeypatch):
     assert not sparse_kernels.usable(torch.zeros(2, device="meta"))
     monkeypatch.setenv("CRYOSCAPE_SPARSE_KERNELS", "0")
     assert not sparse_kernels.usable(f32)
+
+
+def test_a_numba_failure_falls_back_to_the_pytorch_path_with_one_warning(monkeypatch, caplog):
+    import numba
+
+    monkeypatch.setattr(sparse_kernels, "_failure", None)
+
+    def broken(*args):
+        raise numba.core.errors.TypingError("cannot compile here")
+
+    monkeypatch.setattr(sparse_kernels, "_corners_kernel", broken)
+    gen = torch.Generator().manual_seed(2)
+    lat = HermitianLattice(8.0)
+    pts = _slices(16, 2, gen, torch.float32)[:, :-1]
+    with caplog.at_level("WARNING", logger="cryoscape.models.sparse_kernels"):
+        got = corner_codes_and_weights(lat, pts)
+        again = corner_codes_and_weights(lat, pts)
+    assert "TypingError: cannot compile here" in caplog.text and caplog.text.count("PyTorch path") == 1
+    assert not sparse_kernels.usable(torch.zeros(1))
+    monkeypatch.setattr(sparse_kernels, "_failure", None)
+    monkeypatch.setenv("CRYOSCAPE_SPARSE_KERNELS", "0")
+    ref = corner_codes_and_weights(lat, pts)
+    for a, b, r in zip(got, again, ref):
+        assert torch.equal(a, r) and torch.equal(b, r)

@@ -22,12 +22,15 @@ The forward gather stays ``embedding_bag`` (its optimised kernel was faster than
 Results equal the PyTorch path's to float rounding (tests/models/test_sparse_kernels.py).
 :func:`usable` decides: CPU tensors of one float dtype (float32 or float64), numba importable,
 and ``CRYOSCAPE_SPARSE_KERNELS`` not ``0``.  Threads: ``torch.get_num_threads()`` (so
-``OMP_NUM_THREADS`` bounds both).  The kernels compile on first use (about a second each, cached
+``OMP_NUM_THREADS`` bounds both).  Should numba fail (say, it cannot compile on a platform), one
+warning is logged and the PyTorch path runs from then on.  The kernels compile on first use (about a second each, cached
 on disk by numba next to this file when that is writable).  GPUs use the PyTorch path.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import numpy as np
@@ -38,17 +41,25 @@ __all__ = ["usable", "corners", "table_gradients", "backproject"]
 #: LLVM may reorder and fuse float operations (vectorised sums), but not assume finite values
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 
+#: at most this many row ranges (threads) in the transposes: every one reads all the corners
+_MAX_PARTS = 16
+
+log = logging.getLogger(__name__)
+
 try:  # numba comes with umap-learn; without it everything runs the PyTorch path
     import numba
     from numba import njit, prange
 except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
+#: why the kernels were switched off after a numba error (None while they work)
+_failure: str | None = None
+
 
 def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can run on ``tensors``: all on the CPU, the floating ones of one dtype
     (float32 or float64), numba present and ``CRYOSCAPE_SPARSE_KERNELS`` not ``0``."""
-    if numba is None or os.environ.get("CRYOSCAPE_SPARSE_KERNELS", "1") == "0":
+    if numba is None or _failure is not None or os.environ.get("CRYOSCAPE_SPARSE_KERNELS", "1") == "0":
         return False
     dtype = None
     for t in tensors:
@@ -71,6 +82,24 @@ def _threads() -> int:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
+
+
+def _fallback_on_numba_error(fn):
+    """A kernel entry point that, should numba fail (it cannot compile on this platform, say),
+    logs one warning, switches the kernels off for the process and returns ``None``, so that the
+    caller runs the PyTorch path."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        global _failure
+        try:
+            return fn(*args, **kwargs)
+        except numba.core.errors.NumbaError as err:
+            _failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+            log.warning("the compiled sparse-slice kernels failed (%s); using the PyTorch path from now on", _failure)
+            return None
+
+    return run
 
 
 if numba is not None:
@@ -171,6 +200,7 @@ def _row_bounds(index: torch.Tensor, n_rows: int, n_parts: int) -> np.ndarray:
     return bounds
 
 
+@_fallback_on_numba_error
 def corners(points: torch.Tensor, index_table: torch.Tensor, factor_table: torch.Tensor, L: int, S: int):
     """``(index int32, imag_sign, weights)``, each ``(..., 8)``, of ``points (..., 3)``: the same as
     :func:`cryoscape.models.sparse_slice.corner_codes_and_weights` (without gradients)."""
@@ -186,10 +216,11 @@ def corners(points: torch.Tensor, index_table: torch.Tensor, factor_table: torch
     return index.view(shape), sign.view(shape), w.view(shape)
 
 
+@_fallback_on_numba_error
 def table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im, *, n_parts: int | None = None):
     """Dense gradients ``(dM_re, dM_im, dB_re, dB_im)`` of the tables (shapes of ``M_re`` and
     ``B_re``; the basis ones ``None`` without a basis) for output gradients ``g_re, g_im (B, P)``.
-    ``n_parts``: row ranges (default one per thread)."""
+    ``n_parts``: row ranges (default one per thread, at most 16)."""
     Bn, P, C = index.shape
     N = Bn * P
     n_vox = M_re.shape[0]
@@ -202,7 +233,7 @@ def table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im, *, n_parts: 
     s_np = _np(s) if K else np.zeros((Bn, 0), dtype=gm_re.numpy().dtype)
     flat = index.reshape(N, C)
     threads = _threads()
-    bounds = _row_bounds(flat, n_vox, threads if n_parts is None else n_parts)
+    bounds = _row_bounds(flat, n_vox, min(threads, _MAX_PARTS) if n_parts is None else n_parts)
     _gradient_kernel(_np(flat), _np(w.reshape(N, C)), _np(imag_sign.reshape(N, C)),
                      _np(g_re.reshape(N)), _np(g_im.reshape(N)), s_np, P, gm_re.numpy().reshape(-1),
                      gm_im.numpy().reshape(-1), gb_re.numpy(), gb_im.numpy(), bounds)
@@ -211,11 +242,12 @@ def table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im, *, n_parts: 
     return gm_re, gm_im, gb_re, gb_im
 
 
+@_fallback_on_numba_error
 def backproject(index, w, imag_sign, values: torch.Tensor, weights: torch.Tensor, *, numerator: torch.Tensor,
                 weight_sum: torch.Tensor) -> None:
     """Add ``w * values`` (imaginary parts signed) and ``w * weights`` of every corner to
     ``numerator (n_vox,)`` complex and ``weight_sum (n_vox,)`` real, in place (the transpose of
-    the gather; corners ``(N, 8)``)."""
+    the gather; corners ``(N, 8)``).  Returns ``True`` (``None`` after a numba error: nothing added)."""
     C = index.shape[-1]
     index, w, imag_sign = index.reshape(-1, C), w.reshape(-1, C), imag_sign.reshape(-1, C)
     dtype = weight_sum.dtype
@@ -223,7 +255,8 @@ def backproject(index, w, imag_sign, values: torch.Tensor, weights: torch.Tensor
     parts = torch.view_as_real(numerator)
     if parts.dtype != dtype or not parts.is_contiguous() or not weight_sum.is_contiguous():
         raise ValueError("backproject: numerator and weight_sum must be contiguous and of one precision")
-    bounds = _row_bounds(index, weight_sum.shape[0], _threads())
+    bounds = _row_bounds(index, weight_sum.shape[0], min(_threads(), _MAX_PARTS))
     _backproject_kernel(_np(index), _np(w.to(dtype)), _np(imag_sign.to(dtype)), _np(v.real.to(dtype)),
                         _np(v.imag.to(dtype)), _np(weights.reshape(-1).to(dtype)), parts[:, 0].numpy(),
                         parts[:, 1].numpy(), weight_sum.numpy(), bounds)
+    return True

@@ -198,7 +198,9 @@ def corner_codes_and_weights(
     if corner_factors is not None:
         factor_table = corner_factors
     if not (points.requires_grad and torch.is_grad_enabled()) and sparse_kernels.usable(points, index_table):
-        return sparse_kernels.corners(points, index_table, factor_table, L, S)  # one compiled pass
+        found = sparse_kernels.corners(points, index_table, factor_table, L, S)  # one compiled pass
+        if found is not None:
+            return found
     base = torch.floor(points.detach())
     frac = points - base
     b = base.to(torch.int32)
@@ -306,9 +308,11 @@ class SparseSliceFunction(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * 10
         if needs[4]:
             grads[4] = (torch.bmm(g_re.unsqueeze(1), A_re) + torch.bmm(g_im.unsqueeze(1), A_im)).squeeze(1)
+        tables = None
         if any(needs[:4]) and not ctx.sparse and sparse_kernels.usable(M_re, M_im, B_re, B_im, s, w, g):
             # compiled transpose (sparse_kernels): no sort
             tables = sparse_kernels.table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im)
+        if tables is not None:
             for i in range(4):
                 grads[i] = tables[i] if needs[i] else None
         elif any(needs[:4]):
@@ -413,8 +417,9 @@ def backproject_to_lattice(
     dtype = torch.float32 if weight_sum.dtype == torch.float32 or points.dtype != torch.float64 else torch.float64
     index, imag_sign, w = corner_codes_and_weights(lattice, points.to(dtype))
     if (w.device.type == "cpu" and numerator.is_contiguous() and weight_sum.is_contiguous()
-            and sparse_kernels.usable(weight_sum, torch.view_as_real(numerator))):  # in the sums' precision
-        sparse_kernels.backproject(index, w, imag_sign, values, weights, numerator=numerator, weight_sum=weight_sum)
+            and sparse_kernels.usable(weight_sum, torch.view_as_real(numerator))  # in the sums' precision
+            and sparse_kernels.backproject(index, w, imag_sign, values, weights, numerator=numerator,
+                                           weight_sum=weight_sum)):
         return
     C = index.shape[-1]
     index, w, imag_sign = index.reshape(-1, C), w.reshape(-1, C), imag_sign.reshape(-1, C)
