@@ -70,7 +70,7 @@ def test_particle_list_input(tmp_path, monkeypatch):
     module.load_particles = fake_load_particles
     monkeypatch.setitem(sys.modules, "cryoscape.io.particles", module)
     out = tmp_path / "p.mrcs"
-    star = tmp_path / "particles.star"
+    star = tmp_path / "particles.cs"  # (a .star input also writes a .star: see the test below)
     assert main(["downsample", str(star), "-D", "6", "-o", str(out), "--datadir", str(tmp_path),
                  "--no-progress"]) == 0
     assert seen["args"] == (str(star), str(tmp_path))
@@ -109,3 +109,44 @@ def test_txt_stack_list_with_the_real_particle_loader(tmp_path):
     expected = downsample_images(torch.from_numpy(np.concatenate([a, b])), 5).numpy()
     np.testing.assert_allclose(data, expected, atol=1e-6)
     assert pixel == pytest.approx(4.0)
+
+
+def test_star_input_also_writes_a_star_of_the_new_stack(tmp_path, monkeypatch):
+    """A RELION user's round trip: the new .star names the new stack, has the new box and pixel
+    size in its optics table, the same shifts in angstroms, poses, CTF and any other column."""
+    import starfile
+
+    from cryoscape.io.star import read_star
+
+    sim = tmp_path / "sim"
+    assert main(["simulate", "-o", str(sim), "-n", "12", "-D", "24", "--hinge-states", "3", "--snr", "1",
+                 "--seed", "3", "--shift-max-pixel", "2"]) == 0
+    blocks = starfile.read(sim / "particles.star", always_dict=True)
+    blocks["particles"]["rlnRandomSubset"] = np.arange(12) % 2 + 1  # a column we do not interpret
+    starfile.write(blocks, sim / "particles.star", overwrite=True)
+    before = read_star(sim / "particles.star")
+    monkeypatch.chdir(tmp_path)  # names are written relative to the working directory, like RELION's
+    assert main(["downsample", "sim/particles.star", "-D", "16", "-o", "small/p16.mrcs", "--no-progress"]) == 2
+    (tmp_path / "small").mkdir()
+    assert main(["downsample", "sim/particles.star", "-D", "16", "-o", "small/p16.mrcs", "--no-progress"]) == 0
+    after = read_star(tmp_path / "small" / "p16.star")
+    images, _ = read_mrc(tmp_path / "small" / "p16.mrcs")
+    expected = downsample_images(torch.from_numpy(read_mrc(sim / "particles.mrcs")[0]), 16).numpy()
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    assert after.box_size == 16 and np.allclose(after.pixel_size_angstrom, before.pixel_size_angstrom * 24 / 16)
+    assert list(after.image_paths) == [str(tmp_path / "small" / "p16.mrcs")] * 12
+    assert list(after.image_indices) == list(range(12))
+    np.testing.assert_allclose(after.shifts_pixel * after.pixel_size_angstrom[:, None],
+                               before.shifts_pixel * before.pixel_size_angstrom[:, None], atol=1e-5)
+    assert np.abs(before.shifts_pixel).max() > 0.5
+    np.testing.assert_allclose(after.rotations, before.rotations, atol=1e-5)
+    np.testing.assert_allclose(after.ctf.defocus_u_angstrom, before.ctf.defocus_u_angstrom)
+    written = starfile.read(tmp_path / "small" / "p16.star", always_dict=True)
+    assert list(written["particles"]["rlnRandomSubset"]) == list(np.arange(12) % 2 + 1)
+    assert written["particles"]["rlnImageName"].iloc[0] == "000001@small/p16.mrcs"
+    assert int(written["optics"]["rlnImageSize"].iloc[0]) == 16
+    # neither the .star that -o would write nor the stack may be an input
+    assert main(["downsample", "sim/particles.star", "-D", "16", "-o", "sim/particles.mrcs", "--no-progress"]) == 2
+    (tmp_path / "small" / "other.star").write_text((tmp_path / "small" / "p16.star").read_text())
+    assert main(["downsample", "small/other.star", "-D", "8", "-o", "small/p16.mrcs", "--no-progress"]) == 2
+    assert read_mrc(tmp_path / "small" / "p16.mrcs")[0].shape == (12, 16, 16)

@@ -8,7 +8,7 @@ import os
 from cryoscape.errors import InputError
 
 HELP = "Downsample particle images or a volume by Fourier cropping (pixel size grows by D/D_new)."
-EXAMPLE = "cryoscape downsample particles.star -D 128 -o particles.128.mrcs --datadir extract/"
+EXAMPLE = "cryoscape downsample particles.star -D 128 -o particles.128.mrcs --datadir extract/  # + particles.128.star"
 
 _PARTICLE_LIST_SUFFIXES = (".star", ".cs", ".txt")
 _MRC_SUFFIXES = (".mrc", ".mrcs", ".map", ".st")
@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-D", "--box-size", type=int, required=True,
                         help="new box size in pixels (at most the current one; odd or even)")
     parser.add_argument("-o", "--output", required=True,
-                        help="output .mrcs stack (or .mrc for a volume)")
+                        help="output .mrcs stack (or .mrc for a volume); from a .star file also a .star "
+                        "of the same name describing the new stack")
     parser.add_argument("-b", "--batch-size", type=int, default=1000,
                         help="images processed at a time; bounds memory (default: 1000)")
     parser.add_argument("--datadir", default=None,
@@ -71,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
                          path=out)
 
     suffix = os.path.splitext(source)[1].lower()
-    pixel_size = None
+    pixel_size = table = None
+    star_out = os.path.splitext(out)[0] + ".star" if suffix == ".star" else None
+    if star_out is not None and os.path.exists(star_out) and os.path.samefile(star_out, source):
+        raise InputError(f"{star_out}, the STAR file written with -o {out}, would overwrite the input; "
+                         "choose a different -o name.", path=out)
     if suffix in _PARTICLE_LIST_SUFFIXES:
         if args.volume:
             raise InputError(f"{source} is a particle list, not a volume; drop --volume.",
@@ -83,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
                                 box_size=getattr(table, "box_size", None), in_memory=False,
                                 table_path=source)
         pixel_size = _table_pixel_size(table)
+        if os.path.exists(out) and any(os.path.samefile(p, out) for p in set(table.image_paths.tolist())
+                                       if os.path.exists(p)):
+            raise InputError(f"{out} holds images that {source} names; choose a different -o file.", path=out)
     else:
         header = read_mrc_header(source)
         is_volume = args.volume or (
@@ -108,6 +116,14 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(reader)} images of {args.box_size}x{args.box_size} at "
           f"{pixel_out:.4f} A/pixel to {out}")
+    if star_out is not None:
+        from cryoscape.io.star import write_star
+
+        if table.box_size is None:
+            table.box_size = D
+        write_star(star_out, table.resampled(out, args.box_size))
+        print(f"wrote {star_out}: the same particles (poses, CTF, every other column) in the new "
+              "stack, pixel sizes and pixel shifts rescaled")
     return 0
 
 

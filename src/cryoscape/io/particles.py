@@ -236,6 +236,38 @@ class ParticleTable:
             source_path=self.source_path,
         )
 
+    def resampled(self, stack_path: PathLike, box_size: int) -> "ParticleTable":
+        """The same particles as images ``0 .. N-1`` of a new stack ``stack_path`` whose box is
+        ``box_size`` pixels (e.g. Fourier-cropped from :attr:`box_size`).
+
+        Pixel sizes grow by ``D / box_size`` and shifts in pixels shrink by ``box_size / D`` (the
+        same in angstroms); poses, CTF, the optics table (its image size and pixel size are
+        rewritten by :func:`cryoscape.io.star.write_star`) and every other STAR column are kept.
+        The STAR image names become ``NNNNNN@stack_path`` as given (RELION reads relative names
+        from the project folder, the working directory).  cryoSPARC records are dropped.
+        """
+        if self.box_size is None:
+            raise InputError(f"{self.source_path or 'the particle file'} does not give the box size; "
+                             "open its stacks (check_stacks) before resampling it.")
+        n = len(self)
+        factor = self.box_size / int(box_size)
+        rows = None
+        if self.star_rows is not None:
+            rows = self.star_rows.copy()
+            rows["rlnImageName"] = pd.Series([f"{i + 1:06d}@{os.fspath(stack_path)}" for i in range(n)], dtype=object)
+        return ParticleTable(
+            image_paths=np.full(n, os.path.abspath(stack_path), dtype=object),
+            image_indices=np.arange(n),
+            box_size=int(box_size),
+            pixel_size_angstrom=self.pixel_size_angstrom * factor,
+            rotations=self.rotations,
+            shifts_pixel=None if self.shifts_pixel is None else self.shifts_pixel / factor,
+            ctf=self.ctf,
+            optics=self.optics,
+            star_rows=rows,
+            source_path=self.source_path,
+        )
+
     def require_poses(self) -> None:
         """Raise :class:`InputError` naming the source file when the table has no rotations."""
         if self.rotations is not None:
