@@ -84,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --zdim: a homogeneous model searches the poses until this (0-based, non-search) "
                             "epoch, then a new VAE takes over with those poses; 0: the VAE searches from the start "
                             "[the first final epoch with --final-epochs, else 0]")
+    sched.add_argument("--search-decoder", default=None, metavar="NAME",
+                       help="decoder of the homogeneous model that searches the poses until the first final epoch "
+                            "(or --vae-start-epoch), when a new --decoder model takes over [the decoder itself; "
+                            "neural_field for --decoder basis, which does not align from random poses]")
+    sched.add_argument("--warm-start-images", type=int, default=None, metavar="N",
+                       help="when the model is rebuilt after poses were found (the switch above, a reset), a "
+                            "decoder with a warm start (the basis) starts from the backprojection of up to N images "
+                            "with the current poses; 0: from zero [20000]")
     sched.add_argument("--search-chunk", type=int, default=None, metavar="N_IMAGES",
                        help="images searched with one model before it trains on them, at the band --k-min; the "
                             "chunk grows as (band / k-min)^3 [64]")
@@ -140,7 +148,8 @@ def _config_from_args(args: argparse.Namespace):
         pretrain_images=pick(args.pretrain_images, d.pretrain_images),
         search_every=pick(args.search_every, d.search_every), final_epochs=pick(args.final_epochs, d.final_epochs),
         reset_epochs=list(args.reset_epochs or []), reset_before_final=args.reset_before_final,
-        vae_start_epoch=pick(args.vae_start_epoch, d.vae_start_epoch),
+        vae_start_epoch=pick(args.vae_start_epoch, d.vae_start_epoch), search_decoder=args.search_decoder,
+        warm_start_images=pick(args.warm_start_images, d.warm_start_images),
         search_chunk=pick(args.search_chunk, d.search_chunk), band_limit_training=not args.no_band_limit,
         base_level=_GRID_LEVELS[args.base_grid], n_refine=pick(args.n_refine, d.n_refine),
         n_keep=pick(args.n_keep, d.n_keep), n_keep_base=pick(args.n_keep_base, d.n_keep_base), k_min=pick(args.k_min, d.k_min),

@@ -36,6 +36,13 @@ searching from the start with latents from its encoder).  On the 1000-image, 32-
 VAE-from-the-start schedule reached 8.9 degrees and a latent that followed the pose errors
 (|Spearman| 0.18); the two-phase one 7.1 degrees and |Spearman| 0.878 to the hinge angle.
 
+A decoder that does not align from random poses (the voxel basis: a voxel map has no smoothness
+of its own) trains in the second phase only: the search model is another decoder
+(:meth:`AbinitConfig.pose_search_decoder`, the neural field by default for the basis), and the
+switch happens at the first final epoch also when ``zdim`` is 0.  Whenever a model is rebuilt
+after poses were found (the switch, a reset), a decoder with a warm-start hook starts from the
+backprojection with the current poses (:mod:`cryoscape.train.warm_start`).
+
 Frequency marching
 ------------------
 Each search runs from the band ``|k| < k_min`` (base grid) to ``k_top(epoch)`` (last round), and
@@ -115,6 +122,7 @@ from cryoscape.train.loop import (
     resolve_device,
 )
 from cryoscape.models.precision import resolve_amp
+from cryoscape.train.warm_start import warm_start_decoder
 
 __all__ = ["AbinitConfig", "AbinitResult", "run_abinit", "resume_abinit", "abinit_model", "epoch_plan"]
 
@@ -128,8 +136,10 @@ class AbinitConfig(TrainConfig):
     """Options of ``cryoscape abinit``: those of :class:`TrainConfig` (data, model, optimiser) plus
     the schedule and the pose search grid (see the module docstring and ``cryoscape abinit --help``).
 
-    ``poses``, ``refine_poses``, ``warm_start_images`` and tilt pairs do not apply (the poses are
-    what is searched).
+    ``poses``, ``refine_poses`` and tilt pairs do not apply (the poses are what is searched);
+    ``warm_start_images`` applies when the model is rebuilt after poses were found (the VAE
+    switch, a reset): a decoder with a warm-start hook (the basis) then starts from the
+    backprojection with the current poses instead of from zero.
     """
 
     # ---- defaults that differ from cryoscape train's (what the tests and bench/abinit.py validate:
@@ -146,6 +156,7 @@ class AbinitConfig(TrainConfig):
     reset_epochs: list[int] = field(default_factory=list)
     reset_before_final: bool = False
     vae_start_epoch: int | None = None  # None: the first final epoch with --zdim and --final-epochs, else 0
+    search_decoder: str | None = None  # None: the decoder itself, the neural field for the voxel basis
     search_chunk: int = 64
     band_limit_training: bool = True
     # ---- pose search
@@ -180,9 +191,19 @@ class AbinitConfig(TrainConfig):
             if not 0 <= self.vae_start_epoch < self.num_epochs:
                 raise ValueError(f"--vae-start-epoch must be between 0 and --num-epochs - 1 ({self.num_epochs - 1}), "
                                  f"got {self.vae_start_epoch}")
-            if self.vae_start_epoch and self.zdim <= 0:
+            if self.vae_start_epoch and self.zdim <= 0 and not self.switches_decoder():
                 raise ValueError("--vae-start-epoch needs --zdim > 0 (it is when the VAE takes over from the "
                                  "homogeneous model)")
+        if self.search_decoder is not None:
+            from cryoscape.models.base import decoder_names
+
+            if self.search_decoder not in decoder_names():
+                raise ValueError(f"--search-decoder {self.search_decoder} is not a known decoder; choose one of "
+                                 f"{', '.join(decoder_names())}")
+        if self.switches_decoder() and not self.vae_start():
+            raise ValueError(f"--decoder {self.decoder} trains after the {self.pose_search_decoder()} has searched "
+                             f"the poses, which needs --final-epochs N (or --vae-start-epoch with --zdim); or pass "
+                             f"--search-decoder {self.decoder} to search with it from the start")
         start = self.vae_start()
         if start and plan[start] == SEARCH:
             raise ValueError(f"--vae-start-epoch {start} is a search epoch; the new VAE must first "
@@ -196,21 +217,38 @@ class AbinitConfig(TrainConfig):
         self.search_settings(64).validate()
 
     # ---- derived values
+    def pose_search_decoder(self) -> str:
+        """The decoder of the model that searches the poses: ``search_decoder``, or by default the
+        decoder itself, except for the voxel basis, which does not align from random poses (on the
+        32-px hinge its searches stalled at 62-74 degrees, with or without a Wiener backprojection
+        after every search: a voxel map has no smoothness of its own), so the neural field
+        searches and the basis takes over at the first final epoch."""
+        if self.search_decoder is not None:
+            return self.search_decoder
+        return "neural_field" if self.decoder == "basis" else self.decoder
+
+    def switches_decoder(self) -> bool:
+        """Whether the poses are searched with another decoder than the one trained at the end."""
+        return self.pose_search_decoder() != self.decoder
+
     def vae_start(self) -> int:
-        """The epoch at which the VAE takes over from the homogeneous model (0: no homogeneous
-        phase): ``vae_start_epoch``, or by default, with ``zdim > 0`` and final epochs, the first
-        final epoch (the homogeneous model searches the poses, the VAE learns the heterogeneity
-        on them), else 0 (the thesis's schedule: the VAE searches from the start)."""
-        if self.zdim <= 0:
+        """The epoch at which the final model (the VAE, or the ``--decoder`` when another decoder
+        searched the poses) takes over from the homogeneous search model (0: no such phase):
+        ``vae_start_epoch``, or by default, with ``zdim > 0`` or a search decoder of its own and
+        final epochs, the first final epoch (the homogeneous model searches the poses, the final
+        model learns on them), else 0 (the thesis's schedule: the VAE searches from the start)."""
+        if self.zdim <= 0 and not self.switches_decoder():
             return 0
         if self.vae_start_epoch is not None:
             return int(self.vae_start_epoch)
         return self.num_epochs - self.final_epochs if self.final_epochs > 0 else 0
 
     def phase_config(self, epoch: int) -> "AbinitConfig":
-        """The options of the model trained at ``epoch``: homogeneous (``zdim`` 0) before
-        :meth:`vae_start`, else these."""
-        if self.zdim > 0 and epoch < self.vae_start():
+        """The options of the model trained at ``epoch``: the homogeneous search model (``zdim`` 0,
+        :meth:`pose_search_decoder`) before :meth:`vae_start`, else these."""
+        if epoch < self.vae_start():
+            if self.switches_decoder():  # the final decoder's options are not the search decoder's
+                return dataclasses.replace(self, zdim=0, decoder=self.pose_search_decoder(), decoder_options={})
             return dataclasses.replace(self, zdim=0)
         return self
 
@@ -341,6 +379,19 @@ class _Model:
         return sum(p.numel() for p in params)
 
 
+class _PosedDataset:
+    """The training set with the current poses in its batches (what the warm start reads)."""
+
+    def __init__(self, dataset, rotations: torch.Tensor, shifts: torch.Tensor):
+        self.dataset, self.rotations, self.shifts = dataset, rotations, shifts
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get_batch(self, indices: np.ndarray) -> TrainingBatch:
+        return _with_poses(self.dataset.get_batch(indices), self.rotations, self.shifts)
+
+
 def _concat_batches(batches: list[TrainingBatch]) -> TrainingBatch:
     def cat(name):
         parts = [getattr(b, name) for b in batches]
@@ -411,7 +462,10 @@ def abinit_model(
         config = dataclasses.replace(config, beta_anneal_epochs=max(1, math.ceil(config.num_epochs / 4)))
     if config.k_ramp_epochs is None:
         config = dataclasses.replace(config, k_ramp_epochs=(config.search_epochs() or [0])[-1])
-    if config.vae_start_epoch is None and config.zdim > 0:
+    # the phases are fixed at the start of a run (a resume with other final epochs keeps them)
+    if config.search_decoder is None:
+        config = dataclasses.replace(config, search_decoder=config.pose_search_decoder())
+    if config.vae_start_epoch is None and (config.zdim > 0 or config.switches_decoder()):
         config = dataclasses.replace(config, vae_start_epoch=config.vae_start())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -453,7 +507,8 @@ def abinit_model(
     pixel_size = dataset.pixel_size_angstrom
     _write_run_config(out, config, arguments, decoder=model.decoder, encoder=model.encoder,
                       normalization=normalization, box_size=D, pixel_size=pixel_size, n_particles=N,
-                      resumed_from=None if resume_state is None else start_epoch - 1, command="abinit")
+                      resumed_from=None if resume_state is None else start_epoch - 1, command="abinit",
+                      decoder_name=model.config.decoder)
     pixels = prepare_likelihood_pixels(config, dataset, model.decoder, fresh=resume_state is None).to(device)
     # the search scores poses with the same likelihood, on the half-plane (Hartley sets hold the whole circle)
     if config.domain == "hartley":
@@ -466,7 +521,8 @@ def abinit_model(
 
     log.info("ab initio %s: %d particles, box %d, %s domain, zdim %d, %d parameters, batch %d, lr %g, on %s%s",
              "VAE" if model.encoder is not None else (
-                 f"homogeneous reconstruction, then from epoch {config.vae_start() + 1} a VAE"
+                 f"homogeneous reconstruction ({config.pose_search_decoder()}), then from epoch "
+                 f"{config.vae_start() + 1} the {config.decoder} {'VAE' if config.zdim > 0 else 'model'}"
                  if config.vae_start() else "homogeneous reconstruction"), N, D, config.domain,
              config.zdim, model.n_parameters(), config.batch_size, config.lr, device,
              ", mixed precision" if amp else "")
@@ -514,18 +570,27 @@ def abinit_model(
                  time.perf_counter() - t0)
 
     z_mean = z_logvar = None
+    rebuilt = False
     for epoch in range(start_epoch, config.num_epochs):
         t0 = time.perf_counter()
         kind = plan[epoch]
-        if model.config.zdim != config.phase_config(epoch).zdim:
-            # the homogeneous phase is over: a new VAE (decoder and encoder) trains on its poses
-            model = _Model(config.phase_config(epoch), D, device, seed=config.seed + 2000 + epoch)
+        phase = config.phase_config(epoch)
+        if (model.config.zdim, model.config.decoder) != (phase.zdim, phase.decoder):
+            # the search phase is over: a new model (the VAE, or the final decoder) trains on its poses
+            model = _Model(phase, D, device, seed=config.seed + 2000 + epoch)
             prepare_likelihood_pixels(config, dataset, model.decoder, fresh=True)
             _write_run_config(out, config, arguments, decoder=model.decoder, encoder=model.encoder,
                               normalization=normalization, box_size=D, pixel_size=pixel_size, n_particles=N,
-                              resumed_from=None if resume_state is None else start_epoch - 1, command="abinit")
-            log.info("epoch %d: the VAE (zdim %d) takes over from the homogeneous model (poses kept)", epoch + 1,
-                     config.zdim)
+                              resumed_from=None if resume_state is None else start_epoch - 1, command="abinit",
+                              decoder_name=model.config.decoder)
+            if config.switches_decoder():
+                log.info("epoch %d: the %s %s (zdim %d) takes over from the homogeneous %s model (poses kept)",
+                         epoch + 1, config.decoder, "VAE" if config.zdim > 0 else "model", config.zdim,
+                         config.pose_search_decoder())
+            else:
+                log.info("epoch %d: the VAE (zdim %d) takes over from the homogeneous model (poses kept)", epoch + 1,
+                         config.zdim)
+            rebuilt = True
         zdim = model.config.zdim
         if epoch in config.reset_epochs or (kind == FINAL and config.reset_before_final and
                                             epoch == config.num_epochs - config.final_epochs):
@@ -534,6 +599,14 @@ def abinit_model(
             if pixels_hook is not None:
                 prepare_likelihood_pixels(config, dataset, model.decoder, fresh=True)
             log.info("epoch %d: model and optimiser reset (poses kept)", epoch + 1)
+            rebuilt = True
+        if rebuilt and config.warm_start_images and bool((searched_epoch >= 0).any()):
+            # a decoder with a warm-start hook (the basis) starts from the backprojection with the
+            # poses found, not from zero (train/warm_start.py)
+            warm_start_decoder(model.decoder, _PosedDataset(dataset, rotations, shifts), pixels,
+                               max_images=config.warm_start_images, seed=config.seed + epoch, domain=config.domain,
+                               device=device)
+        rebuilt = False
         k_top = config.band_at(epoch, D)
         band = k_top if (config.band_limit_training and kind != FINAL) else D
         band_pixels, band_mask = _band_pixels(pixels, band)
@@ -601,7 +674,7 @@ def abinit_model(
         state = checkpoint_state(
             epoch=epoch, config=config, decoder=model.decoder, encoder=model.encoder, optimizer=model.optimizer,
             sparse_optimizer=model.sparse_optimizer, normalization=normalization, history=history, steps=steps,
-            box_size=D, pixel_size=pixel_size, n_particles=N,
+            box_size=D, pixel_size=pixel_size, n_particles=N, decoder_name=model.config.decoder,
         )
         state["abinit"] = {
             "rotations": rotations.clone(), "shifts_pixel": shifts.clone(), "search_error": search_errors.clone(),
@@ -742,6 +815,8 @@ def resume_abinit(run_dir: str | Path, *, arguments: dict[str, Any] | None = Non
 
     run = Path(run_dir)
     state, config = load_resume_state(run, AbinitConfig, overrides, _RESUME_OVERRIDES, command="abinit")
+    if "search_decoder" not in state.get("config", {}):  # written before search decoders: one decoder throughout
+        config = dataclasses.replace(config, search_decoder=config.decoder)
     handler = attach_log_file(run / "run.log")
     try:
         log.info("resuming %s after epoch %d", run, state["epoch"])

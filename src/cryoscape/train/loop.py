@@ -383,11 +383,14 @@ def prepare_likelihood_pixels(config: TrainConfig, dataset: ParticleDataset, dec
 
 def checkpoint_state(*, epoch: int, config: TrainConfig, decoder, encoder, optimizer, sparse_optimizer,
                      normalization: DataNormalization, history, steps, box_size: int, pixel_size: float,
-                     n_particles: int, poses: PoseCorrections | None = None, pose_optimizer=None) -> dict[str, Any]:
-    """The checkpoint dict of :mod:`cryoscape.train.checkpoint` after ``epoch`` (generator states included)."""
+                     n_particles: int, poses: PoseCorrections | None = None, pose_optimizer=None,
+                     decoder_name: str | None = None) -> dict[str, Any]:
+    """The checkpoint dict of :mod:`cryoscape.train.checkpoint` after ``epoch`` (generator states
+    included); ``decoder_name`` (default ``config.decoder``) names the registered decoder class."""
     return {
         "epoch": epoch,
-        "decoder": {"name": config.decoder, "config": dict(decoder.config), "state": decoder.state_dict()},
+        "decoder": {"name": decoder_name or config.decoder, "config": dict(decoder.config),
+                    "state": decoder.state_dict()},
         "encoder": None if encoder is None else {"config": dict(encoder.config), "state": encoder.state_dict()},
         "poses": None if poses is None else {
             "representation": poses.representation, "refine_shifts": poses.refine_shifts,
@@ -500,7 +503,8 @@ def plot_losses(history: list[dict[str, Any]], steps: list[tuple[float, float]],
 
 def _write_run_config(out: Path, config: TrainConfig, arguments: dict | None, *, decoder, encoder,
                       normalization: DataNormalization, box_size: int, pixel_size: float,
-                      n_particles: int, resumed_from: int | None, command: str = "train") -> None:
+                      n_particles: int, resumed_from: int | None, command: str = "train",
+                      decoder_name: str | None = None) -> None:
     from cryoscape.io.run_folder import write_config
 
     write_config(
@@ -509,9 +513,9 @@ def _write_run_config(out: Path, config: TrainConfig, arguments: dict | None, *,
         arguments if arguments is not None else config.to_dict(),
         training=config.to_dict(),
         model={
-            "decoder": {"name": config.decoder, "config": dict(decoder.config)},
+            "decoder": {"name": decoder_name or config.decoder, "config": dict(decoder.config)},
             "encoder": None if encoder is None else dict(encoder.config),
-            "zdim": config.zdim,
+            "zdim": int(decoder.config.get("zdim", config.zdim)) if decoder_name else config.zdim,
             "domain": config.domain,
         },
         data={
