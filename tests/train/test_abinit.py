@@ -293,31 +293,41 @@ def test_homogeneous_abinit_recovers_poses_and_map_at_snr_0_1(sim_root, tmp_path
     assert float(fsc[: 64 // 4 + 1].min()) > 0.5
 
 
+def _hinge_abinit(sim_root, tmp_path, **overrides):
+    """The heterogeneous ab initio of the 1000-image, 32-px hinge (SNR 1, no poses, --zdim 1, 48
+    epochs: 12 searches, a reset after the third, 24 final epochs): ``(run folder, config, median
+    pose error in degrees, |Spearman| of the latent against the hinge angle)``."""
+    from scipy.stats import spearmanr
+
+    from cryoscape.analysis.pose_accuracy import pose_accuracy
+
+    data = simulate(sim_root, "hinge32", n=1000, D=32, snr="1", heterogeneity="hinge", seed=2)
+    options = dict(particles=str(data / "particles.star"), zdim=1, dec_layers=2, dec_dim=128, enc_layers=2,
+                   enc_dim=128, encoder="resmlp", batch_size=8, lr=1e-3, beta=0.05, num_epochs=48, search_every=2,
+                   reset_epochs=[5], final_epochs=24, pretrain_images=1000, k_min=8, k_max=16, t_extent_pixel=3,
+                   progress=False, checkpoint_every=100)
+    config = AbinitConfig(**{**options, **overrides})
+    run = tmp_path / "run"
+    result = run_abinit(config, run)
+    last = result.history[-1]["epoch"]
+    summary = pose_accuracy(run / f"poses.{last}.npz", data).summary()
+    z = np.load(run / f"z.{last}.npy")
+    rho = abs(spearmanr(z[:, 0], np.load(data / "ground_truth.npz")["coordinate"]).statistic)
+    print("pose accuracy", summary, "spearman", rho)
+    return run, config, summary["angle_deg_median"], rho
+
+
 @pytest.mark.slow
 def test_heterogeneous_abinit_recovers_the_hinge(sim_root, tmp_path):
     """Ab initio with --zdim 1 on 1000 hinge images of 32 px at SNR 1, no poses given: the latent
     orders the particles along the hinge angle, |Spearman| > 0.8.  The default heterogeneous
     schedule: a homogeneous model searches the poses (12 searches, reset after the third), then a
     new VAE trains 24 final epochs on them (measured: poses 7.1 degrees median, |rho| 0.878; 0.79
-    after 16 VAE epochs, 0.80 after 17; about 2.5 minutes).  With the VAE searching from the start (the thesis's schedule) the latent learnt
-    the pose errors instead: 8.9 degrees, |rho| 0.18."""
-    from scipy.stats import spearmanr
-
-    from cryoscape.analysis.pose_accuracy import pose_accuracy
-
-    data = simulate(sim_root, "hinge32", n=1000, D=32, snr="1", heterogeneity="hinge", seed=2)
-    config = AbinitConfig(particles=str(data / "particles.star"), zdim=1, dec_layers=2, dec_dim=128, enc_layers=2,
-                          enc_dim=128, encoder="resmlp", batch_size=8, lr=1e-3, beta=0.05, num_epochs=48,
-                          search_every=2, reset_epochs=[5], final_epochs=24, pretrain_images=1000, k_min=8,
-                          k_max=16, t_extent_pixel=3, progress=False, checkpoint_every=100)
+    after 16 VAE epochs, 0.80 after 17; about 2.5 minutes).  With the VAE searching from the start
+    (the thesis's schedule) the latent learnt the pose errors instead: 8.9 degrees, |rho| 0.18."""
+    run, config, angle, rho = _hinge_abinit(sim_root, tmp_path)
     assert config.vae_start() == 24
-    result = run_abinit(config, tmp_path / "run")
-    last = result.history[-1]["epoch"]
-    summary = pose_accuracy(tmp_path / "run" / f"poses.{last}.npz", data).summary()
-    z = np.load(tmp_path / "run" / f"z.{last}.npy")
-    rho = abs(spearmanr(z[:, 0], np.load(data / "ground_truth.npz")["coordinate"]).statistic)
-    print("pose accuracy", summary, "spearman", rho)
-    assert summary["angle_deg_median"] < 10.0
+    assert angle < 10.0
     assert rho > 0.8
 
 
@@ -327,22 +337,8 @@ def test_basis_abinit_searches_with_the_neural_field_and_learns_the_hinge(sim_ro
     error < 10 degrees; the basis searching itself stalled at 62-74), then the basis VAE, warm-started
     from the backprojection with those poses, orders the latent, |Spearman| > 0.4 after 24 final
     epochs (measured 7.1 degrees and 0.54, rising: 0.73 after 40).  About 2 minutes."""
-    from scipy.stats import spearmanr
-
-    from cryoscape.analysis.pose_accuracy import pose_accuracy
-
-    data = simulate(sim_root, "hinge32", n=1000, D=32, snr="1", heterogeneity="hinge", seed=2)
-    config = AbinitConfig(particles=str(data / "particles.star"), zdim=1, decoder="basis", dec_layers=2, dec_dim=128,
-                          enc_layers=2, enc_dim=128, encoder="resmlp", batch_size=8, lr=1e-3, beta=0.05, num_epochs=48,
-                          search_every=2, reset_epochs=[5], final_epochs=24, pretrain_images=1000, k_min=8,
-                          k_max=16, t_extent_pixel=3, progress=False, checkpoint_every=100)
-    result = run_abinit(config, tmp_path / "run")
-    last = result.history[-1]["epoch"]
-    summary = pose_accuracy(tmp_path / "run" / f"poses.{last}.npz", data).summary()
-    z = np.load(tmp_path / "run" / f"z.{last}.npy")
-    rho = abs(spearmanr(z[:, 0], np.load(data / "ground_truth.npz")["coordinate"]).statistic)
-    print("pose accuracy", summary, "spearman", rho)
-    assert "warm start" in (tmp_path / "run" / "run.log").read_text()
-    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["decoder"]["name"] == "basis"
-    assert summary["angle_deg_median"] < 10.0
+    run, _, angle, rho = _hinge_abinit(sim_root, tmp_path, decoder="basis")
+    assert "warm start" in (run / "run.log").read_text()
+    assert load_checkpoint(run / "checkpoint.pt")["decoder"]["name"] == "basis"
+    assert angle < 10.0
     assert rho > 0.4
