@@ -22,9 +22,10 @@ The forward gather stays ``embedding_bag`` (its optimised kernel was faster than
 Results equal the PyTorch path's to float rounding (tests/models/test_sparse_kernels.py).
 :func:`usable` decides: CPU tensors of one float dtype (float32 or float64), numba importable,
 and ``CRYOSCAPE_SPARSE_KERNELS`` not ``0``.  Threads: ``torch.get_num_threads()`` (so
-``OMP_NUM_THREADS`` bounds both).  Should numba fail (say, it cannot compile on a platform), one
-warning is logged and the PyTorch path runs from then on.  The kernels compile on first use (about a second each, cached
-on disk by numba next to this file when that is writable).  GPUs use the PyTorch path.
+``OMP_NUM_THREADS`` bounds both).  The kernels compile on first use (about a second each, cached
+on disk by numba next to this file when that is writable); should numba fail (say, it cannot
+compile on some platform), one warning is logged and the PyTorch path runs from then on.  GPUs
+use the PyTorch path.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ _failure: str | None = None
 
 def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can run on ``tensors``: all on the CPU, the floating ones of one dtype
-    (float32 or float64), numba present and ``CRYOSCAPE_SPARSE_KERNELS`` not ``0``."""
+    (float32 or float64), numba present and working, and ``CRYOSCAPE_SPARSE_KERNELS`` not ``0``."""
     if numba is None or _failure is not None or os.environ.get("CRYOSCAPE_SPARSE_KERNELS", "1") == "0":
         return False
     dtype = None
@@ -235,7 +236,7 @@ def table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im, *, n_parts: 
     threads = _threads()
     bounds = _row_bounds(flat, n_vox, min(threads, _MAX_PARTS) if n_parts is None else n_parts)
     _gradient_kernel(_np(flat), _np(w.reshape(N, C)), _np(imag_sign.reshape(N, C)),
-                     _np(g_re.reshape(N)), _np(g_im.reshape(N)), s_np, P, gm_re.numpy().reshape(-1),
+                     _np(g_re.reshape(N)), _np(g_im.reshape(N)), s_np, max(P, 1), gm_re.numpy().reshape(-1),
                      gm_im.numpy().reshape(-1), gb_re.numpy(), gb_im.numpy(), bounds)
     if not K:
         return gm_re, gm_im, None, None
@@ -244,7 +245,7 @@ def table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im, *, n_parts: 
 
 @_fallback_on_numba_error
 def backproject(index, w, imag_sign, values: torch.Tensor, weights: torch.Tensor, *, numerator: torch.Tensor,
-                weight_sum: torch.Tensor) -> None:
+                weight_sum: torch.Tensor) -> bool:
     """Add ``w * values`` (imaginary parts signed) and ``w * weights`` of every corner to
     ``numerator (n_vox,)`` complex and ``weight_sum (n_vox,)`` real, in place (the transpose of
     the gather; corners ``(N, 8)``).  Returns ``True`` (``None`` after a numba error: nothing added)."""

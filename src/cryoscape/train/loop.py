@@ -515,7 +515,7 @@ def _write_run_config(out: Path, config: TrainConfig, arguments: dict | None, *,
         model={
             "decoder": {"name": decoder_name or config.decoder, "config": dict(decoder.config)},
             "encoder": None if encoder is None else dict(encoder.config),
-            "zdim": int(decoder.config.get("zdim", config.zdim)) if decoder_name else config.zdim,
+            "zdim": int(decoder.config.get("zdim", config.zdim)),  # the model's (abinit's search phase: 0)
             "domain": config.domain,
         },
         data={
