@@ -135,7 +135,9 @@ def test_a_numba_failure_falls_back_to_the_pytorch_path_with_one_warning(monkeyp
     def broken(*args):
         raise numba.core.errors.TypingError("cannot compile here")
 
-    monkeypatch.setattr(sparse_kernels, "_corners_kernel", broken)
+    from cryoscape.models import _sparse_numba
+
+    monkeypatch.setattr(_sparse_numba, "corners_kernel", broken)
     gen = torch.Generator().manual_seed(2)
     lat = HermitianLattice(8.0)
     pts = _slices(16, 2, gen, torch.float32)[:, :-1]

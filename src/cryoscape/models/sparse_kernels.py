@@ -22,15 +22,17 @@ The forward gather stays ``embedding_bag`` (its optimised kernel was faster than
 Results equal the PyTorch path's to float rounding (tests/models/test_sparse_kernels.py).
 :func:`usable` decides: CPU tensors of one float dtype (float32 or float64), numba importable,
 and ``CRYOSCAPE_SPARSE_KERNELS`` not ``0``.  Threads: ``torch.get_num_threads()`` (so
-``OMP_NUM_THREADS`` bounds both).  The kernels compile on first use (about a second each, cached
-on disk by numba next to this file when that is writable); should numba fail (say, it cannot
-compile on some platform), one warning is logged and the PyTorch path runs from then on.  GPUs
-use the PyTorch path.
+``OMP_NUM_THREADS`` bounds both).  The loops live in ``_sparse_numba.py``, imported (with numba)
+when a kernel first runs; they compile on first use (about a second each, cached on disk by numba
+next to that file when it is writable).  Should numba fail (say, it cannot compile on some
+platform), one warning is logged and the PyTorch path runs from then on.  GPUs use the PyTorch
+path.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 
@@ -39,28 +41,29 @@ import torch
 
 __all__ = ["usable", "corners", "table_gradients", "backproject"]
 
-#: LLVM may reorder and fuse float operations (vectorised sums), but not assume finite values
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
-
 #: at most this many row ranges (threads) in the transposes: every one reads all the corners
 _MAX_PARTS = 16
 
 log = logging.getLogger(__name__)
 
-try:  # numba comes with umap-learn; without it everything runs the PyTorch path
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - numba is a dependency
-    numba = None
-
+#: numba is installed (it comes with umap-learn; without it everything runs the PyTorch path); it
+#: is imported with the loops (models/_sparse_numba.py) when a kernel first runs
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 #: why the kernels were switched off after a numba error (None while they work)
 _failure: str | None = None
+
+
+def _loops():
+    """The compiled loops (imports numba on first use)."""
+    from cryoscape.models import _sparse_numba
+
+    return _sparse_numba
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
     """Whether the kernels can run on ``tensors``: all on the CPU, the floating ones of one dtype
     (float32 or float64), numba present and working, and ``CRYOSCAPE_SPARSE_KERNELS`` not ``0``."""
-    if numba is None or _failure is not None or os.environ.get("CRYOSCAPE_SPARSE_KERNELS", "1") == "0":
+    if _failure is not None or os.environ.get("CRYOSCAPE_SPARSE_KERNELS", "1") == "0" or not _HAVE_NUMBA:
         return False
     dtype = None
     for t in tensors:
@@ -76,9 +79,7 @@ def usable(*tensors: torch.Tensor | None) -> bool:
 
 
 def _threads() -> int:
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
+    return _loops().set_threads(torch.get_num_threads())
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -95,96 +96,14 @@ def _fallback_on_numba_error(fn):
         global _failure
         try:
             return fn(*args, **kwargs)
-        except numba.core.errors.NumbaError as err:
+        except Exception as err:
+            if not isinstance(err, _loops().NumbaError):
+                raise
             _failure = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
             log.warning("the compiled sparse-slice kernels failed (%s); using the PyTorch path from now on", _failure)
             return None
 
     return run
-
-
-if numba is not None:
-
-    @njit(parallel=True, cache=True)
-    def _corners_kernel(points, index_table, factors, L, S, index, sign, w):  # pragma: no cover - compiled
-        N = points.shape[0]
-        for p in prange(N):
-            px, py, pz = points[p, 0], points[p, 1], points[p, 2]
-            finite = abs(px) < 1e9 and abs(py) < 1e9 and abs(pz) < 1e9  # also False for NaN
-            if not finite:
-                px = py = pz = 0.0
-            bx, by, bz = np.floor(px), np.floor(py), np.floor(pz)
-            fx, fy, fz = px - bx, py - by, pz - bz
-            ix, iy, iz = int(bx), int(by), int(bz)
-            inside = finite and -L - 1 <= ix <= L and -L - 1 <= iy <= L and -L - 1 <= iz <= L
-            qx = min(max(ix, -L - 1), L) + L + 1
-            qy = min(max(iy, -L - 1), L) + L + 1
-            qz = min(max(iz, -L - 1), L) + L + 1
-            flat0 = (qz * S + qy) * S + qx
-            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-            for c in range(8):  # corner order (dz, dy, dx) in binary, as corner_codes_and_weights
-                dz, dy, dx = c >> 2, (c >> 1) & 1, c & 1
-                flat = flat0 + dz * S * S + dy * S + dx
-                index[p, c] = index_table[flat]
-                sign[p, c] = factors[flat, 1]
-                f = factors[flat, 0] if inside else 0.0
-                wz = fz if dz else gz
-                wy = fy if dy else gy
-                wx = fx if dx else gx
-                w[p, c] = wz * wy * wx * f
-
-    @njit(parallel=True, cache=True, fastmath=_FAST)
-    def _gradient_kernel(index, w, sign, g_re, g_im, s, per_image, gm_re, gm_im, gb_re, gb_im, bounds):  # pragma: no cover
-        K = gb_re.shape[1]
-        N = index.shape[0]  # a multiple of per_image
-        for t in prange(bounds.shape[0] - 1):
-            lo, hi = bounds[t], bounds[t + 1]
-            for i in range(lo, hi):
-                gm_re[i] = 0.0
-                gm_im[i] = 0.0
-                for k in range(K):
-                    gb_re[i, k] = 0.0
-                    gb_im[i, k] = 0.0
-            gs_re = np.empty(K, dtype=gb_re.dtype)
-            gs_im = np.empty(K, dtype=gb_im.dtype)
-            for b in range(N // per_image):  # image by image: no division per point
-                for p in range(b * per_image, (b + 1) * per_image):
-                    gr = g_re[p]
-                    gi = g_im[p]
-                    ready = False
-                    for c in range(8):
-                        i = index[p, c]
-                        if i < lo or i >= hi:
-                            continue
-                        wr = w[p, c]
-                        if wr == 0.0:
-                            continue
-                        if not ready:
-                            for k in range(K):
-                                gs_re[k] = gr * s[b, k]
-                                gs_im[k] = gi * s[b, k]
-                            ready = True
-                        wi = wr * sign[p, c]
-                        gm_re[i] += wr * gr
-                        gm_im[i] += wi * gi
-                        for k in range(K):
-                            gb_re[i, k] += wr * gs_re[k]
-                            gb_im[i, k] += wi * gs_im[k]
-
-    @njit(parallel=True, cache=True, fastmath=_FAST)
-    def _backproject_kernel(index, w, sign, v_re, v_im, weight, num_re, num_im, wsum, bounds):  # pragma: no cover
-        N = index.shape[0]
-        for t in prange(bounds.shape[0] - 1):
-            lo, hi = bounds[t], bounds[t + 1]
-            for p in range(N):
-                for c in range(8):
-                    i = index[p, c]
-                    if i < lo or i >= hi:
-                        continue
-                    wr = w[p, c]
-                    num_re[i] += wr * v_re[p]
-                    num_im[i] += wr * sign[p, c] * v_im[p]
-                    wsum[i] += wr * weight[p]
 
 
 def _row_bounds(index: torch.Tensor, n_rows: int, n_parts: int) -> np.ndarray:
@@ -212,8 +131,8 @@ def corners(points: torch.Tensor, index_table: torch.Tensor, factor_table: torch
     sign = torch.empty(n, 8, dtype=points.dtype)
     w = torch.empty(n, 8, dtype=points.dtype)
     _threads()
-    _corners_kernel(flat, _np(index_table), _np(factor_table.to(points.dtype)), int(L), int(S), index.numpy(),
-                    sign.numpy(), w.numpy())
+    _loops().corners_kernel(flat, _np(index_table), _np(factor_table.to(points.dtype)), int(L), int(S),
+                            index.numpy(), sign.numpy(), w.numpy())
     return index.view(shape), sign.view(shape), w.view(shape)
 
 
@@ -235,9 +154,10 @@ def table_gradients(M_re, B_re, s, index, w, imag_sign, g_re, g_im, *, n_parts: 
     flat = index.reshape(N, C)
     threads = _threads()
     bounds = _row_bounds(flat, n_vox, min(threads, _MAX_PARTS) if n_parts is None else n_parts)
-    _gradient_kernel(_np(flat), _np(w.reshape(N, C)), _np(imag_sign.reshape(N, C)),
-                     _np(g_re.reshape(N)), _np(g_im.reshape(N)), s_np, max(P, 1), gm_re.numpy().reshape(-1),
-                     gm_im.numpy().reshape(-1), gb_re.numpy(), gb_im.numpy(), bounds)
+    _loops().gradient_kernel(_np(flat), _np(w.reshape(N, C)), _np(imag_sign.reshape(N, C)),
+                             _np(g_re.reshape(N)), _np(g_im.reshape(N)), s_np, max(P, 1),
+                             gm_re.numpy().reshape(-1), gm_im.numpy().reshape(-1), gb_re.numpy(), gb_im.numpy(),
+                             bounds)
     if not K:
         return gm_re, gm_im, None, None
     return gm_re, gm_im, gb_re, gb_im
@@ -257,7 +177,7 @@ def backproject(index, w, imag_sign, values: torch.Tensor, weights: torch.Tensor
     if parts.dtype != dtype or not parts.is_contiguous() or not weight_sum.is_contiguous():
         raise ValueError("backproject: numerator and weight_sum must be contiguous and of one precision")
     bounds = _row_bounds(index, weight_sum.shape[0], min(_threads(), _MAX_PARTS))
-    _backproject_kernel(_np(index), _np(w.to(dtype)), _np(imag_sign.to(dtype)), _np(v.real.to(dtype)),
-                        _np(v.imag.to(dtype)), _np(weights.reshape(-1).to(dtype)), parts[:, 0].numpy(),
-                        parts[:, 1].numpy(), weight_sum.numpy(), bounds)
+    _loops().backproject_kernel(_np(index), _np(w.to(dtype)), _np(imag_sign.to(dtype)), _np(v.real.to(dtype)),
+                                _np(v.imag.to(dtype)), _np(weights.reshape(-1).to(dtype)), parts[:, 0].numpy(),
+                                parts[:, 1].numpy(), weight_sum.numpy(), bounds)
     return True

@@ -570,10 +570,10 @@ def abinit_model(
                  time.perf_counter() - t0)
 
     z_mean = z_logvar = None
-    rebuilt = False
     for epoch in range(start_epoch, config.num_epochs):
         t0 = time.perf_counter()
         kind = plan[epoch]
+        rebuilt = False
         phase = config.phase_config(epoch)
         if (model.config.zdim, model.config.decoder) != (phase.zdim, phase.decoder):
             # the search phase is over: a new model (the VAE, or the final decoder) trains on its poses
@@ -606,7 +606,6 @@ def abinit_model(
             warm_start_decoder(model.decoder, _PosedDataset(dataset, rotations, shifts), pixels,
                                max_images=config.warm_start_images, seed=config.seed + epoch, domain=config.domain,
                                device=device)
-        rebuilt = False
         k_top = config.band_at(epoch, D)
         band = k_top if (config.band_limit_training and kind != FINAL) else D
         band_pixels, band_mask = _band_pixels(pixels, band)
