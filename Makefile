@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 DEMO   := demo_out
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup testdeps demo test test-slow bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ setup: $(VENV)/.installed
 demo: setup
 	bash scripts/demo.sh $(DEMO)
 
-test: setup
+# System packages some tests need (a browser, RELION): each scripts/testdeps/*.sh is idempotent and
+# exits 0 with a printed reason when it cannot install; the tests that need it then skip.
+testdeps: setup
+	@for f in scripts/testdeps/*.sh; do [ -e "$$f" ] && BIN=$(BIN) bash "$$f" || true; done
+
+test: setup testdeps
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
