@@ -58,6 +58,6 @@ def three_class_run(three_class_dataset) -> Path:
 @pytest.fixture(scope="session")
 def three_class_analysis(three_class_run):
     """``cryoscape analyze`` with k = 3, 2 PCs of 3 maps each, UMAP on."""
-    from cryoscape.report.analyze import analyze_run
+    from cryoscape.report.analyze import AnalyzeOptions, analyze_run
 
-    return analyze_run(three_class_run, ksample=3, n_pcs=2, n_per_pc=3, progress=False, device="cpu")
+    return analyze_run(three_class_run, AnalyzeOptions(ksample=3, n_pcs=2, n_per_pc=3), progress=False)

@@ -14,7 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from cryoscape.errors import InputError
 from cryoscape.io.mrc import read_mrc
-from cryoscape.report.analyze import analyze_run
+from cryoscape.report.analyze import AnalyzeOptions, analyze_run
 
 
 def test_kmeans_finds_the_three_classes(three_class_dataset, three_class_analysis):
@@ -123,7 +123,7 @@ def test_zdim_1_uses_histograms_and_recovers_clusters(tmp_path):
     run.mkdir()
     np.save(run / "z.0.npy", z + 5)
     np.save(run / "z.1.npy", z)
-    res = analyze_run(run, ksample=3, n_pcs=2, skip_vol=True, progress=False)
+    res = analyze_run(run, AnalyzeOptions(ksample=3, n_pcs=2, skip_vol=True), progress=False)
     assert res.epoch == 1 and res.outdir == run / "analysis.1"
     assert adjusted_rand_score(truth, res.kmeans.labels) > 0.95
     assert res.umap is None and not (res.outdir / "umap.npy").exists()
@@ -139,7 +139,7 @@ def test_bad_inputs_are_one_sentence(tmp_path):
         analyze_run(tmp_path, progress=False)
     np.save(tmp_path / "z.0.npy", np.zeros((10, 2), np.float32))
     with pytest.raises(InputError, match="no latents for epoch 3"):
-        analyze_run(tmp_path, epoch=3, progress=False)
+        analyze_run(tmp_path, AnalyzeOptions(epoch=3), progress=False)
     bad = np.zeros((10, 2), np.float32)
     bad[4, 1] = np.nan
     np.save(tmp_path / "z.1.npy", bad)
@@ -162,7 +162,7 @@ def test_finishes_on_500k_particles(tmp_path):
     run.mkdir()
     np.save(run / "z.0.npy", z)
     start = time.perf_counter()
-    res = analyze_run(run, ksample=10, skip_vol=True, progress=False)
+    res = analyze_run(run, AnalyzeOptions(ksample=10, skip_vol=True), progress=False)
     seconds = time.perf_counter() - start
     assert adjusted_rand_score(truth, res.kmeans.labels) > 0.95
     umap = np.load(res.outdir / "umap.npy")

@@ -52,10 +52,10 @@ def chromium() -> Path:
 def test_reports_render_in_headless_chromium(chromium, three_class_analysis, three_class_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from cryoscape.report.traverse import traverse_run
+    from cryoscape.report.traverse import TraverseOptions, traverse_run
 
     # (the three classes are separate islands of latent space, so no graph path joins them: a line does)
-    traversal = traverse_run(three_class_run, along="line", kmeans_anchors=3, n_points=3, outdir=tmp_path / "line",
+    traversal = traverse_run(three_class_run, TraverseOptions(along="line", kmeans_anchors=3, n_points=3), outdir=tmp_path / "line",
                              progress=False)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), args=ARGS, headless=True)

@@ -29,9 +29,34 @@ import torch
 from cryoscape.errors import InputError
 from cryoscape.train.volumes import map_paths
 
-__all__ = ["MapModel", "load_map_model", "MapSet", "map_paths", "generate_maps"]
+__all__ = ["MapOptions", "MapModel", "load_map_model", "MapSet", "map_paths", "generate_maps", "read_map_set"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class MapOptions:
+    """How an analysis makes its maps (the ``--box-size --lowpass --flip --invert --device --amp`` options).
+
+    One object instead of six keyword arguments threaded through every analysis command
+    (analyze, traverse, the dashboard); :meth:`generate_kwargs` gives :func:`generate_maps`'s.
+    """
+
+    box_size: int | None = None
+    lowpass_angstrom: float | None = None
+    flip: bool = False
+    invert: bool = False
+    device: Any = "cpu"
+    amp: bool | None = None
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`generate_maps` (all but ``device``, which the model holds)."""
+        return dict(box_size=self.box_size, lowpass_angstrom=self.lowpass_angstrom, flip=self.flip,
+                    invert=self.invert, amp=self.amp)
+
+    def record(self) -> dict[str, Any]:
+        """Plain values for ``config.yaml``."""
+        return dict(self.generate_kwargs(), device=str(self.device))
 
 
 @dataclass
@@ -179,3 +204,10 @@ def generate_maps(
     log.info("wrote %d map(s) of %d^3 voxels at %.4g A/pixel (epoch %d%s) to %s in %.1f s",
              len(paths), n, pixel_out, model.epoch, ", bfloat16" if use_amp else "", out, seconds)
     return MapSet(paths=paths, projections=projections, pixel_size_angstrom=pixel_out, seconds=seconds)
+
+
+def read_map_set(paths: list[Path]) -> np.ndarray:
+    """``(M, n, n, n)`` float32 stack of the maps at ``paths`` (one map set of an analysis)."""
+    from cryoscape.io.mrc import read_mrc
+
+    return np.stack([np.asarray(read_mrc(p)[0], dtype=np.float32) for p in paths])

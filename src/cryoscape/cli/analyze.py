@@ -27,28 +27,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="fit UMAP on at most N particles drawn at random and place the rest by their "
                            "nearest fitted neighbours (default 20000)")
     what.add_argument("--seed", type=int, default=0, help="seed of k-means, UMAP and subsampling (default 0)")
+    what.add_argument("--no-map-views", action="store_true",
+                      help="no isosurface/central-slice pictures of the maps in the report and no ChimeraX .cxc files")
     add_map_arguments(parser.add_argument_group("maps"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cryoscape.analysis.maps import MapOptions
     from cryoscape.cli.common import map_options
-    from cryoscape.report.analyze import analyze_run
+    from cryoscape.report.analyze import AnalyzeOptions, analyze_run
 
-    result = analyze_run(
-        args.run,
-        epoch=args.epoch,
-        outdir=args.outdir,
-        ksample=args.ksample,
-        n_pcs=args.pc,
-        n_per_pc=args.n_per_pc,
-        skip_umap=args.skip_umap,
-        skip_vol=args.skip_vol,
-        **map_options(args),
-        umap_fit_max=args.umap_max,
-        seed=args.seed,
-        progress=not args.no_progress,
-        arguments={k: v for k, v in vars(args).items() if not k.startswith("_")},
-    )
+    options = AnalyzeOptions(epoch=args.epoch, ksample=args.ksample, n_pcs=args.pc, n_per_pc=args.n_per_pc,
+                             skip_umap=args.skip_umap, skip_vol=args.skip_vol, umap_fit_max=args.umap_max,
+                             seed=args.seed, maps=MapOptions(**map_options(args)), map_views=not args.no_map_views)
+    result = analyze_run(args.run, options, outdir=args.outdir, progress=not args.no_progress,
+                         arguments={k: v for k, v in vars(args).items() if not k.startswith("_")})
     print(f"wrote {result.n_maps} map(s) and {result.report}")
     return 0

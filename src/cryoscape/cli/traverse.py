@@ -42,34 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     path.add_argument("--seed", type=int, default=0, help="seed of k-means anchors (default 0)")
     maps = parser.add_argument_group("maps")
     maps.add_argument("--skip-vol", action="store_true", help="latents and plots only, no maps")
+    maps.add_argument("--no-map-views", action="store_true",
+                      help="no isosurface/central-slice pictures of the maps and no ChimeraX maps.cxc")
     add_map_arguments(maps)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from cryoscape.analysis.maps import MapOptions
     from cryoscape.cli.common import map_options
-    from cryoscape.report.traverse import traverse_run
+    from cryoscape.report.traverse import TraverseOptions, traverse_run
 
-    result = traverse_run(
-        args.run,
-        along=args.along,
-        epoch=args.epoch,
-        outdir=args.outdir,
-        pc=args.pc,
-        n_points=args.n_points,
-        percentiles=tuple(args.percentiles),
-        anchors=args.anchors,
-        anchor_file=args.anchor_z,
-        kmeans_anchors=args.kmeans_anchors,
-        avg_neighbors=args.avg_neighbors,
-        max_neighbors=args.max_neighbors,
-        max_maps=args.max_maps,
-        skip_vol=args.skip_vol,
-        **map_options(args),
-        seed=args.seed,
-        progress=not args.no_progress,
-        arguments={k: v for k, v in vars(args).items() if not k.startswith("_")},
-    )
+    options = TraverseOptions(
+        along=args.along, epoch=args.epoch, pc=args.pc, n_points=args.n_points, percentiles=tuple(args.percentiles),
+        anchors=args.anchors, anchor_file=args.anchor_z, kmeans_anchors=args.kmeans_anchors,
+        avg_neighbors=args.avg_neighbors, max_neighbors=args.max_neighbors, max_maps=args.max_maps,
+        skip_vol=args.skip_vol, seed=args.seed, maps=MapOptions(**map_options(args)),
+        map_views=not args.no_map_views)
+    result = traverse_run(args.run, options, outdir=args.outdir, progress=not args.no_progress,
+                          arguments={k: v for k, v in vars(args).items() if not k.startswith("_")})
     n_maps = len(result.maps.paths) if result.maps else 0
     print(f"{result.latents.shape[0]} latents, {n_maps} map(s) in {result.outdir}")
     return 0

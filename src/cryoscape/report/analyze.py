@@ -60,11 +60,11 @@ from cryoscape.analysis.latent import (
     load_latents,
     pc_traversal,
 )
-from cryoscape.analysis.maps import MapSet
+from cryoscape.analysis.maps import MapOptions, MapSet
 from cryoscape.errors import InputError
 from cryoscape.report.html import Figure, Link, Section, Table, write_html_report
 
-__all__ = ["AnalysisResult", "analyze_run", "read_training_history"]
+__all__ = ["AnalyzeOptions", "AnalysisResult", "analyze_run", "read_training_history"]
 
 log = logging.getLogger(__name__)
 
@@ -194,24 +194,57 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+@dataclass
+class AnalyzeOptions:
+    """What ``cryoscape analyze`` computes (one object, as :class:`~cryoscape.analysis.landscape.LandscapeOptions`).
+
+    Attributes
+    ----------
+    epoch
+        0-based epoch (``None``: the latest with latents).
+    ksample
+        Number of k-means clusters, i.e. of maps at on-data centres (0: no k-means).
+    n_pcs, n_per_pc
+        Traverse the top ``n_pcs`` PCs with ``n_per_pc`` maps each (5th to 95th percentile).
+    skip_umap, skip_vol
+        Leave out UMAP / map generation.
+    umap_fit_max
+        Fit UMAP on at most this many particles (the rest are interpolated).
+    seed
+        Seed of k-means, UMAP and subsampling.
+    maps
+        Box, low-pass, hand, device and precision of the maps (:class:`MapOptions`).
+    map_views
+        Draw each map set's isosurfaces and central slices into the report (and write its ``.cxc``).
+    """
+
+    epoch: int | None = None
+    ksample: int = 20
+    n_pcs: int = 2
+    n_per_pc: int = 10
+    skip_umap: bool = False
+    skip_vol: bool = False
+    umap_fit_max: int = 20_000
+    seed: int = 0
+    maps: MapOptions = field(default_factory=MapOptions)
+    map_views: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`InputError` (one sentence) for impossible settings."""
+        if self.ksample < 0 or self.n_pcs < 0 or self.n_per_pc < 1:
+            raise InputError(f"--ksample {self.ksample}, --pc {self.n_pcs} and --n-per-pc {self.n_per_pc} must be "
+                             ">= 0, >= 0 and >= 1; pass e.g. --ksample 20 --pc 2 --n-per-pc 10.")
+
+    def record(self) -> dict[str, Any]:
+        """Plain values for ``config.yaml``."""
+        return {**{k: v for k, v in vars(self).items() if k != "maps"}, **self.maps.record()}
+
+
 def analyze_run(
     run_dir: str | os.PathLike,
+    options: AnalyzeOptions | None = None,
     *,
-    epoch: int | None = None,
     outdir: str | os.PathLike | None = None,
-    ksample: int = 20,
-    n_pcs: int = 2,
-    n_per_pc: int = 10,
-    skip_umap: bool = False,
-    skip_vol: bool = False,
-    box_size: int | None = None,
-    lowpass_angstrom: float | None = None,
-    flip: bool = False,
-    invert: bool = False,
-    device: str = "cpu",
-    amp: bool | None = None,
-    umap_fit_max: int = 20_000,
-    seed: int = 0,
     progress: bool = True,
     background_umap: bool = True,
     arguments: dict[str, Any] | None = None,
@@ -222,28 +255,14 @@ def analyze_run(
     ----------
     run_dir
         The training run folder.
-    epoch
-        0-based epoch (default: the latest with latents).
+    options
+        What to compute (:class:`AnalyzeOptions`; default: its defaults).
     outdir
         Output folder (default ``run_dir/analysis.EPOCH``).
-    ksample
-        Number of k-means clusters, i.e. of maps at on-data centres (0: no k-means).
-    n_pcs, n_per_pc
-        Traverse the top ``n_pcs`` PCs with ``n_per_pc`` maps each (5th to 95th percentile).
-    skip_umap, skip_vol
-        Leave out UMAP / map generation.
-    box_size, lowpass_angstrom, flip, invert
-        Map post-processing (as ``cryoscape volumes``).
-    device, amp
-        Where and in which precision maps are generated (``amp=None``: bfloat16 where fast).
-    umap_fit_max
-        Fit UMAP on at most this many particles (the rest are interpolated).
-    seed
-        Seed of k-means, UMAP and subsampling.
     background_umap
         Compute UMAP in a child process alongside the maps (module docstring).
     arguments
-        What to record in ``config.yaml`` (the CLI passes its arguments).
+        What to record in ``config.yaml`` (the CLI passes its arguments; default: the options).
 
     Returns
     -------
@@ -251,32 +270,23 @@ def analyze_run(
     """
     from cryoscape.io.run_folder import attach_log_file, detach_log_file, write_config
 
+    opts = options or AnalyzeOptions()
     run = Path(os.path.abspath(run_dir))  # absolute: the report's links are made relative to it
-    z, epoch = load_latents(run, epoch)
+    z, epoch = load_latents(run, opts.epoch)
     out = Path(os.path.abspath(outdir)) if outdir is not None else run / f"analysis.{epoch}"
-    if ksample < 0 or n_pcs < 0 or n_per_pc < 1:
-        raise InputError(f"--ksample {ksample}, --pc {n_pcs} and --n-per-pc {n_per_pc} must be >= 0, >= 0 "
-                         "and >= 1; pass e.g. --ksample 20 --pc 2 --n-per-pc 10.")
+    opts.validate()
     out.mkdir(parents=True, exist_ok=True)
-    record = dict(arguments) if arguments is not None else dict(
-        run=str(run), epoch=epoch, ksample=ksample, n_pcs=n_pcs, n_per_pc=n_per_pc, skip_umap=skip_umap,
-        skip_vol=skip_vol, box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert,
-        device=str(device), amp=amp, umap_fit_max=umap_fit_max, seed=seed)
+    record = dict(arguments) if arguments is not None else dict(run=str(run), **opts.record())
     write_config(out, "analyze", record, analysed_epoch=epoch, n_particles=int(z.shape[0]), zdim=int(z.shape[1]))
     handler = attach_log_file(out / "analyze.log")
     try:
-        return _analyze(run, out, z, epoch, ksample=ksample, n_pcs=n_pcs, n_per_pc=n_per_pc, skip_umap=skip_umap,
-                        skip_vol=skip_vol, box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip,
-                        invert=invert, device=device, amp=amp, umap_fit_max=umap_fit_max, seed=seed,
-                        progress=progress, background_umap=background_umap)
+        return _analyze(run, out, z, epoch, opts, progress=progress, background_umap=background_umap)
     finally:
         detach_log_file(handler)
 
 
-def _analyze(run: Path, out: Path, z: np.ndarray, epoch: int, *, ksample: int, n_pcs: int, n_per_pc: int,
-             skip_umap: bool, skip_vol: bool, box_size: int | None, lowpass_angstrom: float | None, flip: bool,
-             invert: bool, device: str, amp: bool | None, umap_fit_max: int, seed: int,
-             progress: bool, background_umap: bool) -> AnalysisResult:
+def _analyze(run: Path, out: Path, z: np.ndarray, epoch: int, opts: AnalyzeOptions, *, progress: bool,
+             background_umap: bool) -> AnalysisResult:
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     timed = _Timer(seconds)
@@ -284,23 +294,19 @@ def _analyze(run: Path, out: Path, z: np.ndarray, epoch: int, *, ksample: int, n
     log.info("analysing %s epoch %d: %d particles, zdim %d -> %s", run, epoch, n, zdim, out)
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
-    want_umap = zdim >= 2 and not skip_umap
-    umap_job = (_UMAPJob(run, epoch, z, out, fit_max=umap_fit_max, seed=seed, background=background_umap)
+    want_umap = zdim >= 2 and not opts.skip_umap
+    umap_job = (_UMAPJob(run, epoch, z, out, fit_max=opts.umap_fit_max, seed=opts.seed, background=background_umap)
                 if want_umap else None)
     try:
-        return _analyze_steps(run, out, z, epoch, figures, umap_job, seconds, timed, start, ksample=ksample,
-                              n_pcs=n_pcs, n_per_pc=n_per_pc, skip_vol=skip_vol, box_size=box_size,
-                              lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert, device=device, amp=amp,
-                              seed=seed, progress=progress)
+        return _analyze_steps(run, out, z, epoch, figures, umap_job, seconds, timed, start, opts, progress=progress)
     finally:
         if umap_job is not None:
             umap_job.cancel()  # a no-op once its result was taken; stops the child after an error
 
 
 def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Path, umap_job: "_UMAPJob | None",
-                   seconds: dict[str, float], timed: _Timer, start: float, *, ksample: int, n_pcs: int,
-                   n_per_pc: int, skip_vol: bool, box_size: int | None, lowpass_angstrom: float | None, flip: bool,
-                   invert: bool, device: str, amp: bool | None, seed: int, progress: bool) -> AnalysisResult:
+                   seconds: dict[str, float], timed: _Timer, start: float, opts: AnalyzeOptions, *,
+                   progress: bool) -> AnalysisResult:
     n, zdim = z.shape
 
     # ---------------------------------------------------------------- latent space
@@ -313,12 +319,13 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
     log.info("PCA explained variance ratio: %s", np.array2string(pca.explained_variance_ratio, precision=3))
 
     kmeans = None
+    ksample, n_pcs, n_per_pc = opts.ksample, opts.n_pcs, opts.n_per_pc
     if ksample > 0:
         with timed("kmeans"):
             k = min(ksample, n)
             if k < ksample:
                 log.info("only %d particles: k-means with k = %d instead of %d", n, k, ksample)
-            kmeans = kmeans_on_data(z, k, seed=seed)
+            kmeans = kmeans_on_data(z, k, seed=opts.seed)
             kdir = out / f"kmeans{ksample}"
             kdir.mkdir(exist_ok=True)
             _save_npy(kdir / "labels.npy", kmeans.labels)
@@ -347,12 +354,11 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
     # generated in a thread (torch releases the interpreter lock in its kernels) while this one
     # draws the figures; the figures of the maps wait for it
     maps_job = None
-    if not skip_vol:
+    if not opts.skip_vol:
         maps_job = _MapsJob(run, epoch, zdim, seconds, timed,
                             [(out / f"kmeans{ksample}", z[kmeans.center_indices])] if kmeans is not None else [],
                             [(pc, out / f"pc{pc}", pc_latents[pc]) for pc in pc_latents],
-                            dict(box_size=box_size, lowpass_angstrom=lowpass_angstrom, flip=flip, invert=invert,
-                                 amp=amp, progress=progress), device=device)
+                            dict(opts.maps.generate_kwargs(), progress=progress), device=opts.maps.device)
     history = read_training_history(run)
 
     got: dict[str, UMAPResult] = {}
@@ -379,7 +385,7 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
                                           ksample=ksample, get_umap=get_umap if umap_job is not None else None,
                                           umap_fit_max=umap_job.kwargs["fit_max"] if umap_job is not None else 0,
                                           pc_coords=pc_coords, get_maps=maps_job.result if maps_job else None,
-                                          history=history)
+                                          history=history, map_views=opts.map_views)
             report = write_html_report(out / "report.html", title=f"cryoscape analyze: {run.name}, epoch {epoch}",
                                        subtitle=f"{n} particles, zdim {zdim}", sections=sections)
         kmeans_maps, pc_maps = maps_job.result() if maps_job else (None, {})
@@ -400,7 +406,8 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
 
 def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, epoch: int, pca: PCAResult,
                        kmeans: KMeansResult | None, ksample: int, get_umap, umap_fit_max: int,
-                       pc_coords: dict[int, np.ndarray], get_maps, history: list[dict[str, Any]]) -> list[Section]:
+                       pc_coords: dict[int, np.ndarray], get_maps, history: list[dict[str, Any]],
+                       map_views: bool = True) -> list[Section]:
     """Draw every plot into ``figures`` and return the report's sections.
 
     ``get_umap`` (or ``None``: no UMAP) returns the UMAP result, ``get_maps`` (or ``None``: no
@@ -492,11 +499,18 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
         kfigs.append(Figure(plots.plot_cluster_sizes(kmeans.counts, figures / "kmeans_sizes.png"),
                             "Particles per cluster"))
         kmeans_paths = map_paths(kdir, kmeans.k) if get_maps is not None else None
+        links: list[tuple[str | os.PathLike, str]] = []
         if get_maps is not None:
             kfigs.append(lambda: Figure(plots.plot_map_projections(
                 get_maps()[0].projections, figures / "kmeans_maps.png",
                 titles=[f"cluster {i}" for i in range(kmeans.k)]),
                 "Projections along z of the maps at the on-data centres (each scaled to its own range)"))
+            if map_views:
+                kfigs.append(lambda: map_set_views(get_maps()[0].paths, figures / "kmeans_map_views.png",
+                                                   kdir / "maps.cxc", titles=[f"cluster {i}" for i in range(kmeans.k)],
+                                                   what=f"maps at the k-means on-data centres (k = {kmeans.k})"))
+        if get_maps is not None and map_views:
+            links.append((kdir / "maps.cxc", "ChimeraX: the maps as a volume series (maps.cxc)"))
         rows = []
         for c in range(kmeans.k):
             row: list[Any] = [c, int(kmeans.counts[c]), f"{100.0 * kmeans.counts[c] / n:.1f}", int(centers_idx[c])]
@@ -505,7 +519,7 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
         table = Table(["cluster", "particles", "%", "on-data particle", "map"], rows,
                       caption="k-means clusters: the map of each is made at its on-data centre, the particle "
                               "latent nearest to the cluster's mean")
-        links = [(kdir / "labels.pkl", "cluster labels (labels.pkl / labels.npy)"),
+        links += [(kdir / "labels.pkl", "cluster labels (labels.pkl / labels.npy)"),
                  (kdir / "centers_ind.txt", "on-data centre particle indices"),
                  (kdir / "z_values.txt", "on-data centre latents"), (kdir / "centers.txt", "k-means centres")]
         sections.append(Section(
@@ -521,13 +535,17 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
             pca.projections[:, pc - 1], coords, figures / f"pc{pc}_positions.png", xlabel=f"PC{pc}",
             title=f"PC{pc}: {len(coords)} points, 5th-95th percentile"),
             f"Histogram of the particles' PC{pc} coordinate; dashed lines: the traversal's points")]
-        links: list[tuple[str | os.PathLike, str]] = [(pdir / "z_values.txt", "latents (z_values.txt)"),
-                                                      (pdir / "pc_coordinates.txt", "PC coordinates")]
+        links = [(pdir / "z_values.txt", "latents (z_values.txt)"), (pdir / "pc_coordinates.txt", "PC coordinates")]
         if get_maps is not None:
             figs.append(lambda pc=pc, coords=coords: Figure(
                 plots.plot_map_projections(get_maps()[1][pc].projections, figures / f"pc{pc}_maps.png",
                                            titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)]),
                 f"Projections along z of the maps along PC{pc} (title: map, PC{pc} coordinate)"))
+            if map_views:
+                figs.append(lambda pc=pc, coords=coords, pdir=pdir: map_set_views(
+                    get_maps()[1][pc].paths, figures / f"pc{pc}_map_views.png", pdir / "maps.cxc",
+                    titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)], what=f"maps along PC{pc}"))
+                links.append((pdir / "maps.cxc", "ChimeraX: the maps as a volume series (maps.cxc)"))
             links += [(p, p.name) for p in map_paths(pdir, len(coords))]
         label = "the latent" if zdim == 1 else f"principal component {pc}"
         sections.append(Section(
@@ -545,6 +563,15 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
     for section in sections:  # now the figures that wait for UMAP and the maps
         section.figures = [f() if callable(f) else f for f in section.figures]
     return sections
+
+
+def map_set_views(paths: list[Path], figure: Path, chimerax: Path, *, titles: list[str], what: str) -> Figure:
+    """Isosurfaces and central slices of one map set (one level for all) and its ChimeraX ``.cxc``."""
+    from cryoscape.report.mapviews import write_map_set_views
+
+    path, level = write_map_set_views(paths, figure, chimerax, titles=titles, what=what)
+    return Figure(path, f"The {what}: isosurface at {level:.3g} (Otsu's level of the set, also in {chimerax.name}) "
+                        "and the central slices through the origin voxel")
 
 
 class _MapsJob:

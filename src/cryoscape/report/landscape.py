@@ -166,6 +166,25 @@ def plot_landscape(result: LandscapeResult, folder: str | os.PathLike) -> dict[s
             ax.set_title(f"cluster {i}: {result.cluster_particle_counts[i]}", fontsize="x-small",
                          color=colours[i])
         out["cluster_maps"] = _save(fig, folder / "cluster_maps.png")
+    out.update(_map_views(result, folder))
+    return out
+
+
+def _map_views(result: LandscapeResult, folder: Path) -> dict[str, Path]:
+    """Isosurfaces and central slices of the cluster maps and of each PC's maps, with their ChimeraX files."""
+    from cryoscape.report.mapviews import write_map_set_views
+
+    out: dict[str, Path] = {}
+    maps = result.paths.get("cluster_maps", [])
+    if maps:
+        out["cluster_map_views"], _ = write_map_set_views(
+            maps, folder / "cluster_map_views.png", Path(maps[0]).parent / "maps.cxc",
+            titles=[f"cluster {i}" for i in range(len(maps))], what="cluster mean maps")
+    for i, paths in sorted(result.paths.get("traversals", {}).items()):
+        if paths:
+            out[f"pc{i + 1}_map_views"], _ = write_map_set_views(
+                paths, folder / f"pc{i + 1}_map_views.png", Path(paths[0]).parent / "maps.cxc",
+                titles=[str(j) for j in range(len(paths))], what=f"maps along volume PC{i + 1}")
     return out
 
 
@@ -220,13 +239,17 @@ def write_landscape_report(result: LandscapeResult, *, figures: dict[str, Path] 
             "Principal components of the masked sketch maps. The maps along each PC are the mean map plus the "
             "eigenvolume times the 5th to 95th percentile of the sketch's scores."],
             figures=fig("explained_variance", "explained variance") + fig("sketch_pcs", "sketch maps by cluster")
-            + fig("pc_traversals", "maps along the PCs"),
+            + fig("pc_traversals", "maps along the PCs")
+            + sum((fig(f"pc{i + 1}_map_views", f"maps along PC{i + 1}: isosurfaces at one level (pca/pc{i + 1}/maps.cxc "
+                       "opens them in ChimeraX) and central slices") for i in range(L)), []),
             tables=[variance], links=pc_links),
         Section("Clusters", [
             "Agglomerative clustering of the masked sketch maps; each particle belongs to the cluster of its "
             "sketch map. Clusters are numbered by particle count. Select a cluster's original particles with "
             "cryoscape select RUN --labels cluster_labels.pkl --cluster C -o cluster_C.star."],
-            figures=fig("cluster_counts", "cluster sizes") + fig("cluster_maps", "cluster mean maps (projections)"),
+            figures=fig("cluster_counts", "cluster sizes") + fig("cluster_maps", "cluster mean maps (projections)")
+            + fig("cluster_map_views", "cluster mean maps: isosurfaces at one level (clusters/maps.cxc opens them in "
+                                       "ChimeraX) and central slices"),
             tables=[Table(["cluster", "sketch maps", "particles", "share"], cluster_rows)],
             links=[("cluster_labels.pkl", "cluster of every particle")] + links),
         Section("Conformational landscape", [
