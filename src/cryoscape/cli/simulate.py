@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 
-HELP = "Simulate particle images (poses, CTF, noise) of a heterogeneous molecule, with ground truth."
-EXAMPLE = "cryoscape simulate -o sim_hinge -n 10000 -D 64 --snr 0.1 --shift-max-pixel 4"
+HELP = ("Simulate particle images (poses, CTF, noise) of a heterogeneous molecule, with ground truth; "
+        "'simulate micrographs' makes whole micrographs.")
+EXAMPLE = ("cryoscape simulate -o sim_hinge -n 10000 -D 64 --snr 0.1 --shift-max-pixel 4\n"
+           "  cryoscape simulate micrographs -o sim_mics --n-micrographs 20 --micrograph-size 1024 -D 64 --snr 0.1")
 
 
 def _snr(text: str) -> float | None:
@@ -20,6 +22,8 @@ def _snr(text: str) -> float | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
+    parser.add_argument("mode", nargs="?", choices=("particles", "micrographs"), default="particles",
+                        help="particles (a particle stack, the default) or micrographs (whole micrographs)")
     out = parser.add_argument_group("output")
     out.add_argument("-o", "--outdir", required=True, help="output folder (created)")
     out.add_argument("-n", "--n-images", type=int, default=1000, help="number of images (default 1000)")
@@ -67,10 +71,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     img.add_argument("--oversampling", type=int, default=2,
                      help="zero-padding factor of the projector (default 2; 3 is more exact, ~1.5x slower)")
 
+    mic = parser.add_argument_group("micrographs mode")
+    mic.add_argument("--n-micrographs", type=int, default=10, help="number of micrographs (default 10)")
+    mic.add_argument("--micrograph-size", type=int, nargs="+", default=[1024], metavar="PIXELS",
+                     help="micrograph size: one number (square) or HEIGHT WIDTH (default 1024)")
+    mic.add_argument("--particles-per-micrograph", type=int, default=20, help="default 20")
+    mic.add_argument("--placement", choices=("separated", "arbitrary"), default="separated",
+                     help="separated: box centres at least 2 D apart along x or y, so a D x D patch cuts at most "
+                          "one particle (default); arbitrary: boxes only kept disjoint (D apart)")
+    mic.add_argument("--min-distance-pixel", type=float, default=None,
+                     help="Chebyshev distance between centres (overrides --placement; below D projections overlap)")
+    mic.add_argument("--hinge-angle-deg", type=float, default=None,
+                     help="built-in molecule at this one hinge angle (micrographs default: 0)")
+
     run_ = parser.add_argument_group("run")
     run_.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     run_.add_argument("--batch-size", type=int, default=None, help="images per batch (default: by box size)")
     run_.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'...")
+
+
+def _run_micrographs(args: argparse.Namespace, ensemble, device) -> int:
+    from cryoscape.errors import InputError
+    from cryoscape.simulate.micrographs import simulate_micrographs
+
+    size = args.micrograph_size
+    if len(size) not in (1, 2) or min(size) < 2 * ensemble.box_size:
+        raise InputError(f"--micrograph-size {' '.join(map(str, size))} must be one or two sizes of at least 2 D "
+                         f"({2 * ensemble.box_size} pixels).")
+    if args.n_micrographs < 1 or args.particles_per_micrograph < 0:
+        raise InputError("--n-micrographs must be positive and --particles-per-micrograph not negative.")
+    shape = (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
+    spacing = args.min_distance_pixel
+    if spacing is None:
+        spacing = (2 if args.placement == "separated" else 1) * ensemble.box_size
+    arguments = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    out = simulate_micrographs(
+        args.outdir, ensemble=ensemble, n_micrographs=args.n_micrographs,
+        particles_per_micrograph=args.particles_per_micrograph, shape=shape, min_distance_pixel=spacing,
+        snr=args.snr, seed=args.seed, device=device, progress=True, arguments=arguments,
+        defocus_range_angstrom=args.defocus_range_angstrom, astigmatism_angstrom=args.astigmatism_angstrom,
+        voltage_kv=args.voltage_kv, cs_mm=args.cs_mm, amplitude_contrast=args.amplitude_contrast,
+        b_factor_angstrom2=args.b_factor,
+    )
+    print(f"wrote {args.n_micrographs} micrographs of {shape[1]}x{shape[0]} pixels with "
+          f"{args.particles_per_micrograph} particles each (box {ensemble.box_size}, "
+          f"{ensemble.pixel_size_angstrom:g} A/pixel) to {out}/")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,19 +144,28 @@ def run(args: argparse.Namespace) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    micrographs = args.mode == "micrographs"
+    hinge_range = args.hinge_range_deg
+    heterogeneity = args.heterogeneity
+    if micrographs and heterogeneity is None and not (args.classes or args.trajectory):
+        heterogeneity = "none"
+    if args.hinge_angle_deg is not None:
+        hinge_range, heterogeneity = (args.hinge_angle_deg, args.hinge_angle_deg + 1.0), heterogeneity or "none"
     ensemble = build_ensemble(
         molecule=args.molecule,
-        heterogeneity=args.heterogeneity,
+        heterogeneity=heterogeneity,
         classes=args.classes,
         populations=args.populations,
         trajectory=args.trajectory,
         n_classes=args.n_classes,
-        hinge_range_deg=args.hinge_range_deg,
+        hinge_range_deg=hinge_range,
         hinge_states=args.hinge_states,
         box_size=args.box_size,
         pixel_size_angstrom=args.pixel_size,
         resolution_angstrom=args.resolution_angstrom,
     )
+    if micrographs:
+        return _run_micrographs(args, ensemble, device)
     arguments = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     out = simulate_dataset(
         args.outdir,
