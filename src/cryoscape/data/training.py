@@ -30,10 +30,15 @@ their mirror images in the ``rfft2`` half).
 Loading
 -------
 :class:`ParticleDataset` reads images through :class:`cryoscape.data.images.ParticleImages`
-(memory maps, so any dataset size streams with bounded memory; small sets are loaded once).
-:func:`iterate_batches` walks an epoch's particle order in batches, preparing the next batches
-in a background thread while the current one trains; :func:`epoch_order` derives that order
-from ``(seed, epoch)`` only, so an interrupted and resumed run sees the same batches.
+(positional reads sorted by file offset, so any dataset size streams with bounded resident
+memory; small sets are loaded once).  :func:`iterate_batches` walks an epoch's particle order in
+batches, preparing the next batches in a background thread while the current one trains;
+:func:`epoch_order` derives that order from ``(seed, epoch)`` only, so an interrupted and resumed
+run sees the same batches.  For datasets read from disk two options make reading cheaper:
+``shuffle_chunk`` (a chunked shuffle whose batches are read as a few sequential blocks, see
+:func:`epoch_order`) and ``cache_dir`` (a float16 copy of the preprocessed images, written once,
+see :func:`cryoscape.data.cache.open_training_cache`).  Neither changes which batches a run
+without them sees.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ __all__ = [
     "ParticleDataset",
     "epoch_order",
     "iterate_batches",
+    "CHUNK_WINDOW_BLOCKS",
 ]
 
 log = logging.getLogger(__name__)
@@ -263,6 +269,16 @@ class ParticleDataset:
         Passed to :class:`ParticleImages`: ``None`` loads small sets, ``False`` reads lazily.
     rotation_override
         ``(N, 3, 3)`` rotations to use instead of the table's (tilt pairs).
+    shuffle_chunk
+        ``0`` (default): :meth:`epoch_order` is the uniform shuffle.  ``K > 0``: the chunked
+        shuffle of blocks of ``K`` particles, and lazy reads fetch whole blocks (memory: about
+        ``2 * CHUNK_WINDOW_BLOCKS * K`` images).
+    cache_dir
+        A folder for the float16 cache of the preprocessed images, used when the images are
+        read lazily; written by :meth:`prepare_cache` (or at the first batch) and reused by
+        later runs with the same data and normalisation.  ``None`` (default): no cache.
+    progress
+        Show a progress bar while the cache is written.
     """
 
     table: Any
@@ -271,6 +287,9 @@ class ParticleDataset:
     use_ctf: bool = True
     in_memory: bool | None = None
     rotation_override: np.ndarray | None = None
+    shuffle_chunk: int = 0
+    cache_dir: str | None = None
+    progress: bool = True
     images: ParticleImages = field(init=False)
     pixels: FourierPixels = field(init=False)
 
@@ -280,13 +299,20 @@ class ParticleDataset:
         if self.use_ctf:
             table.require_ctf()
             table.require_pixel_size()
+        self.shuffle_chunk = max(0, int(self.shuffle_chunk or 0))
         self.images = ParticleImages(
             table.image_paths,
             table.image_indices,
             box_size=table.box_size,
             in_memory=self.in_memory,
             table_path=table.source_path,
+            block_size=self.shuffle_chunk,
+            cached_blocks=2 * CHUNK_WINDOW_BLOCKS,
         )
+        self._cache: tuple[dict, ParticleImages] | None = None
+        self._cache_lock = threading.Lock()
+        if self.cache_dir is not None and self.images.in_memory:
+            log.info("the images are in memory, so the cache in %s is not used", self.cache_dir)
         D = self.images.box_size
         self.pixels = fourier_pixels(D, domain=self.domain)
         rotations = table.rotations if self.rotation_override is None else self.rotation_override
@@ -399,6 +425,54 @@ class ParticleDataset:
         offset = -norm.mean if norm.invert else norm.mean  # (-x - m) = -(x + m)
         return (x - offset) * self._window_scaled()
 
+    # ------------------------------------------------------------------ cache
+    @property
+    def uses_cache(self) -> bool:
+        """True when batches are read from the float16 cache (``cache_dir`` set, images lazy)."""
+        return self.cache_dir is not None and not self.images.in_memory
+
+    def prepare_cache(self) -> ParticleImages | None:
+        """The cache for the current normalisation, written now if missing (``None`` without one).
+
+        Called by the first batch anyway; call it explicitly to write the cache at a chosen time
+        (e.g. on one process of a distributed run before the others start reading it).
+        """
+        if not self.uses_cache:
+            return None
+        if self.normalization is None:
+            raise RuntimeError("call fit_normalization() (or pass a normalization) before the cache")
+        key = self.normalization.to_dict()
+        with self._cache_lock:
+            if self._cache is None or self._cache[0] != key:
+                from cryoscape.data.cache import open_training_cache
+
+                reader = open_training_cache(
+                    self.images, self._preprocessor(), self.cache_dir, block_size=self.shuffle_chunk,
+                    cached_blocks=2 * CHUNK_WINDOW_BLOCKS, progress=self.progress,
+                )
+                self._cache = (key, reader)
+            return self._cache[1]
+
+    def _preprocessor(self) -> Preprocessor:
+        """The :class:`Preprocessor` equal to :meth:`preprocess` (what the cache holds)."""
+        norm = self.normalization
+        return Preprocessor(
+            invert=norm.invert, mean=norm.mean, std=norm.std, window=norm.window,
+            window_inner_radius_fraction=norm.window_inner_radius_fraction,
+            window_outer_radius_fraction=norm.window_outer_radius_fraction,
+        )
+
+    def read_preprocessed(self, indices: np.ndarray) -> torch.Tensor:
+        """``(B, D, D)`` preprocessed images of particles ``indices`` (from the cache when used)."""
+        cache = self.prepare_cache()
+        if cache is not None:
+            return torch.from_numpy(cache.read(indices))
+        return self.preprocess(self.images.read(indices))
+
+    def epoch_order(self, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+        """:func:`epoch_order` of this dataset with its ``shuffle_chunk``."""
+        return epoch_order(len(self), seed=seed, epoch=epoch, shuffle=shuffle, shuffle_chunk=self.shuffle_chunk)
+
     # ------------------------------------------------------------------ batches
     def ctf_at_pixels(self, indices: np.ndarray) -> torch.Tensor | None:
         """``(B, P)`` CTF of particles ``indices`` at the training pixels (``None`` without CTF)."""
@@ -409,7 +483,7 @@ class ParticleDataset:
     def get_batch(self, indices: np.ndarray) -> TrainingBatch:
         """Read, preprocess and transform the particles ``indices`` (an int array)."""
         indices = np.asarray(indices, dtype=np.int64)
-        images = self.preprocess(self.images.read(indices))
+        images = self.read_preprocessed(indices)
         values = transform_at_pixels(images, self.pixels)
         values = values / self.normalization.fourier_scale
         idx_t = torch.from_numpy(indices)
@@ -446,11 +520,38 @@ class _CtfColumns:
 # --------------------------------------------------------------------------------------------
 # epochs
 # --------------------------------------------------------------------------------------------
-def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The particle order of ``epoch``: a permutation of ``range(n)`` that depends only on ``(seed, epoch)``."""
+#: Blocks per shuffle window of the chunked order (:func:`epoch_order` with ``shuffle_chunk``).
+CHUNK_WINDOW_BLOCKS = 4
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True, shuffle_chunk: int = 0) -> np.ndarray:
+    """The particle order of ``epoch``: a permutation of ``range(n)`` that depends only on ``(seed, epoch)``.
+
+    ``shuffle_chunk=0`` (default): a uniform permutation (the order of every run so far, kept
+    bit for bit so that old checkpoints resume identically).  ``shuffle_chunk=K``: the chunked
+    order for datasets read from disk: the particles are cut into aligned blocks
+    ``[b K, (b + 1) K)``, the blocks are permuted, and the particles of each window of
+    :data:`CHUNK_WINDOW_BLOCKS` consecutive blocks (of the permuted list) are shuffled among
+    themselves.  A batch then holds particles of at most a few blocks (for ``K`` at least the
+    batch size), so :class:`cryoscape.data.images.ParticleImages` with ``block_size=K`` reads each
+    block once, sequentially.  Neighbouring particles (often one micrograph) meet in the same
+    window more often than under a uniform shuffle; larger ``K`` means longer sequential reads
+    and less mixing.
+    """
     if not shuffle:
         return np.arange(n, dtype=np.int64)
-    return np.random.default_rng([int(seed), int(epoch), 0x7261]).permutation(n).astype(np.int64)
+    if shuffle_chunk <= 0:
+        return np.random.default_rng([int(seed), int(epoch), 0x7261]).permutation(n).astype(np.int64)
+    K = int(shuffle_chunk)
+    rng = np.random.default_rng([int(seed), int(epoch), 0x7261, K])
+    n_blocks = -(-n // K)
+    blocks = rng.permutation(n_blocks)
+    members = (blocks[:, None] * K + np.arange(K)[None, :]).reshape(-1)
+    window = np.repeat(np.arange(n_blocks) // CHUNK_WINDOW_BLOCKS, K)
+    keep = members < n  # the last block may be short
+    members, window = members[keep], window[keep]
+    # within each window, a random order: sort by (window, random key)
+    return members[np.lexsort((rng.random(members.size), window))].astype(np.int64)
 
 
 def iterate_batches(

@@ -471,7 +471,8 @@ def write_mrc(
 
 
 class MrcStackWriter:
-    """Write a float32 image stack batch by batch with bounded memory, atomically.
+    """Write a float32 (or, with ``dtype="float16"``, mode 12) image stack batch by batch with
+    bounded memory, atomically.
 
     The header is written first (by ``mrcfile``) to a temporary file next to ``path``; batches
     are then appended with plain sequential writes (no memory map, so resident memory stays at
@@ -487,7 +488,10 @@ class MrcStackWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, n_images: int, box_size: int,
-                 pixel_size_angstrom: float = 1.0):
+                 pixel_size_angstrom: float = 1.0, dtype: str = "float32"):
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' (mode 2) or 'float16' (mode 12), got {dtype!r}")
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self.path = _name(path)
         self.n_images = int(n_images)
         self.box_size = int(box_size)
@@ -501,7 +505,8 @@ class MrcStackWriter:
         self._max = -np.inf
         shape = (self.n_images, self.box_size, self.box_size)
         # A full-size (sparse) file with a correct header; the data is filled in by write().
-        with mrcfile.new_mmap(self._tmp, shape=shape, mrc_mode=2, overwrite=True) as mrc:
+        mode = 12 if self.dtype.itemsize == 2 else 2
+        with mrcfile.new_mmap(self._tmp, shape=shape, mrc_mode=mode, overwrite=True) as mrc:
             mrc.set_image_stack()
             mrc.voxel_size = self.pixel_size_angstrom
             self._data_offset = HEADER_BYTES + int(mrc.header.nsymbt)
@@ -512,9 +517,13 @@ class MrcStackWriter:
         """Append ``(n, D, D)`` images (numpy or torch) after those already written."""
         if self._file is None:
             raise ValueError(f"{self.path}: the writer is closed")
-        block = np.ascontiguousarray(_as_numpy(images), dtype="<f4")
+        with np.errstate(over="ignore"):  # out-of-range float16 values are refused below
+            block = np.ascontiguousarray(_as_numpy(images), dtype=self.dtype)
         if block.ndim == 2:
             block = block[None]
+        if self.dtype.itemsize == 2 and not np.isfinite(block).all():
+            raise ValueError(f"{self.path}: values beyond the float16 range (+-65504); "
+                             "normalise the images first or write float32")
         n = block.shape[0]
         if block.shape[1:] != (self.box_size, self.box_size):
             raise ValueError(f"expected images of {self.box_size}x{self.box_size}, "
