@@ -85,7 +85,7 @@ def test_errors_are_one_sentence(dataset, tmp_path, capsys):
 
 
 def test_nan_loss_exits_with_a_learning_rate_hint(dataset, tmp_path, capsys, monkeypatch):
-    from cryoscape.train import loop
+    from cryoscape.train import objective as loop
 
     real = loop.squared_error
     monkeypatch.setattr(loop, "squared_error", lambda p, t, px: real(p, t, px) * float("inf"))

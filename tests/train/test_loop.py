@@ -12,7 +12,7 @@ import yaml
 
 from cryoscape.fourier.fsc import fourier_shell_correlation
 from cryoscape.io.mrc import read_mrc
-from cryoscape.train import loop as loop_module
+from cryoscape.train import objective as loop_module
 from cryoscape.train.checkpoint import load_checkpoint
 from cryoscape.train.config import TrainConfig
 from cryoscape.train.loop import TrainingDiverged, resume_training, run_training

@@ -1,12 +1,18 @@
 """The decoder interface every volume representation implements, and the decoder registry.
 
-A decoder is a (possibly latent-conditioned) 3-D map.  The training loop only ever asks two
-questions of it, so a new representation (neural field, voxel basis, transformer, atomic model)
-is one file in models/ registered by name, with no change to training or analysis:
+A decoder is a (possibly latent-conditioned) 3-D map.  Every decoder answers two questions, so a
+new representation (neural field, voxel basis, transformer, atomic model) is one file in models/
+registered by name, with no change to training or analysis:
 
 1. ``decoder(coords, z)``: the map's transform at 3-D frequencies ``coords`` for latents ``z``
    (the central-slice points of a batch of images), in the decoder's ``domain``;
 2. ``decoder.eval_volume(z, box_size=...)``: the real-space map for one latent.
+
+Optional training hooks are declared here with no-op defaults (the training engine calls them on
+every decoder and never asks ``getattr``): :meth:`VolumeDecoder.optimizer_param_groups`,
+:meth:`~VolumeDecoder.set_data_spectrum` (with :attr:`~VolumeDecoder.wants_data_spectrum`),
+:meth:`~VolumeDecoder.warm_start` (with :attr:`~VolumeDecoder.wants_warm_start`),
+:meth:`~VolumeDecoder.regularization_loss` and :meth:`~VolumeDecoder.after_optimizer_step`.
 
 Units and conventions
 ---------------------
@@ -32,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["VolumeDecoder", "register_decoder", "build_decoder", "decoder_names"]
+__all__ = ["VolumeDecoder", "register_decoder", "build_decoder", "decoder_class", "decoder_names"]
 
 
 class VolumeDecoder(nn.Module, abc.ABC):
@@ -45,6 +51,10 @@ class VolumeDecoder(nn.Module, abc.ABC):
 
     name: str = ""
     domain: str = "fourier"
+    #: whether :meth:`set_data_spectrum` uses the data's spectrum (the engine estimates it only then)
+    wants_data_spectrum: bool = False
+    #: whether :meth:`warm_start` uses the data (the engine then streams it once before training)
+    wants_warm_start: bool = False
 
     def __init__(self, *, box_size: int, zdim: int = 0):
         super().__init__()
@@ -66,6 +76,33 @@ class VolumeDecoder(nn.Module, abc.ABC):
         if z.shape[0] not in (1, batch) and batch != 1:
             raise ValueError(f"z has {z.shape[0]} rows but coords has batch size {batch}")
         return z
+
+    # ---- optional training hooks (no-op defaults; see train/model.py and train/trainer.py)
+    def optimizer_param_groups(self) -> list[dict[str, Any]] | None:
+        """Parameter groups for the optimisers, or ``None`` (default): all parameters in one group.
+
+        Each group is a dict with ``params`` and optionally ``lr_scale`` (the group trains at
+        ``lr_scale * --lr``) and ``sparse`` (``True``: sparse gradients, a row-sparse Adam).
+        """
+        return None
+
+    def set_data_spectrum(self, shell_rms: torch.Tensor, *, mean_ctf_squared: float | None = None) -> None:
+        """Receive the data's per-shell RMS amplitude before a new run (when :attr:`wants_data_spectrum`)."""
+
+    def warm_start(self, slices) -> dict[str, Any] | None:
+        """Start from the data with known poses before a new run (when :attr:`wants_warm_start`).
+
+        ``slices`` yields ``(coords, target, ctf, pixel_weights)`` per batch (train/warm_start.py).
+        Returns a summary dict for the log, or ``None``.
+        """
+        return None
+
+    def regularization_loss(self, *, n_images: int) -> torch.Tensor | None:
+        """A prior per image added to every batch's loss, or ``None`` (default: no prior)."""
+        return None
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step (e.g. to project parameters onto a constraint)."""
 
     @abc.abstractmethod
     def forward(self, coords: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,6 +147,14 @@ def decoder_names() -> list[str]:
     """Names of the registered decoders."""
     _load_builtin_decoders()
     return sorted(_REGISTRY)
+
+
+def decoder_class(name: str) -> Callable[..., VolumeDecoder]:
+    """The registered class of decoder ``name`` (``ValueError`` when unknown)."""
+    _load_builtin_decoders()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown decoder {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def build_decoder(name: str, **config: Any) -> VolumeDecoder:

@@ -233,8 +233,11 @@ class StructuralBasis(VolumeDecoder):
         self._steps = 0
 
     # ------------------------------------------------------------------------------------------
-    # hooks used by the training loop (generic: any decoder may define them; see train/loop.py)
+    # training hooks (declared on VolumeDecoder; called by train/model.py and train/trainer.py)
     # ------------------------------------------------------------------------------------------
+    wants_data_spectrum = True
+    wants_warm_start = True
+
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         """Parameter groups: ``V_0`` at ``voxel_lr_scale``, the basis at ``voxel_lr_scale *
         basis_lr_scale`` (both sparse when ``sparse_grad``), the mixing MLP at ``lr_scale`` 1."""

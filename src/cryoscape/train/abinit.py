@@ -79,7 +79,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,44 +86,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryoscape.data.training import FourierPixels, TrainingBatch, epoch_order, iterate_batches
 from cryoscape.errors import InputError
-from cryoscape.geometry.rotations import random_rotations, rotation_angle_between
 from cryoscape.geometry.so3_grid import base_grid_spacing_deg
-from cryoscape.io.writers import atomic_write
-from cryoscape.posesearch.lattice import evaluate_lattice
-from cryoscape.posesearch.search import SearchSettings, grid_summary, half_plane_pixels, search_poses
-from cryoscape.train.checkpoint import (
-    CHECKPOINT_NAME,
-    restore_rng_state,
-    save_checkpoint,
-    weights_path,
-)
+from cryoscape.posesearch.search import SearchSettings, grid_summary
 from cryoscape.train.config import TrainConfig
-from cryoscape.train.loop import (
-    TrainResult,
-    _epoch_generator,
-    _format_seconds,
-    _raise_diverged,
-    _write_latents,
-    _write_run_config,
-    batch_loss,
-    build_dataset,
-    build_decoder_for,
-    build_encoder_for,
-    build_optimizers,
-    check_particle_count,
-    checkpoint_state,
-    load_resume_state,
-    load_tables,
-    plot_losses,
-    prepare_likelihood_pixels,
-    resolve_device,
-)
-from cryoscape.models.precision import resolve_amp
-from cryoscape.train.warm_start import warm_start_decoder
+from cryoscape.train.distributed import Distributed
+from cryoscape.train.inputs import build_training_data, load_tables
+from cryoscape.train.loop import check_particle_count, load_resume_state
+from cryoscape.train.pose_sources import SearchedPoses
+from cryoscape.train.schedule import EpochPlan, Schedule
+from cryoscape.train.trainer import RunContext, Trainer, TrainResult
 
-__all__ = ["AbinitConfig", "AbinitResult", "run_abinit", "resume_abinit", "abinit_model", "epoch_plan"]
+__all__ = ["AbinitConfig", "AbinitResult", "AbinitSchedule", "run_abinit", "resume_abinit", "abinit_model", "epoch_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -298,529 +271,127 @@ def epoch_plan(config: AbinitConfig) -> list[str]:
             for e in range(config.num_epochs)]
 
 
-@dataclass
-class AbinitResult(TrainResult):
-    """:class:`TrainResult` plus the final poses (also in the run folder)."""
-
-    rotations: np.ndarray | None = None  # (N, 3, 3)
-    shifts_pixel: np.ndarray | None = None  # (N, 2)
+#: what :func:`abinit_model` returns: a :class:`~cryoscape.train.trainer.TrainResult` with the poses found
+AbinitResult = TrainResult
 
 
-# --------------------------------------------------------------------------------------------
-# pieces
-# --------------------------------------------------------------------------------------------
-def _band_pixels(pixels: FourierPixels, radius: float) -> tuple[FourierPixels, torch.Tensor | None]:
-    """The training pixels with ``|k| < radius`` and the mask that selects them (``None``: all)."""
-    r2 = pixels.coords_index.square().sum(-1)
-    if radius >= pixels.box_size / 2.0:
-        return pixels, None
-    mask = r2 < radius * radius
-    sub = FourierPixels(
-        box_size=pixels.box_size, domain=pixels.domain, coords_index=pixels.coords_index[mask],
-        rfft_index=pixels.rfft_index[mask], conjugate=pixels.conjugate[mask], weights=pixels.weights[mask],
-        # the error is the mean over the band, and the KL is weighed against the band's pixels
-        n_circle=max(1, int(round(float(pixels.weights[mask].sum())))),
-    )
-    return sub, mask
+class AbinitSchedule(Schedule):
+    """Ab initio's epochs (module docstring): warm-up, search and reuse epochs with a widening band,
+    resets, the switch from the homogeneous search model to the final model, and final epochs."""
+
+    def __init__(self, config: AbinitConfig):
+        self.config = config
+        self.num_epochs = int(config.num_epochs)
+        self.kinds = epoch_plan(config)
+
+    def fixed(self, config: AbinitConfig) -> AbinitConfig:
+        """Lengths that default to "the whole run" and the phases are fixed at the start of a run
+        (a resume with another ``--num-epochs`` or other final epochs keeps them)."""
+        if config.beta == "anneal" and config.beta_anneal_epochs is None:
+            config = dataclasses.replace(config, beta_anneal_epochs=max(1, math.ceil(config.num_epochs / 4)))
+        if config.k_ramp_epochs is None:
+            config = dataclasses.replace(config, k_ramp_epochs=(config.search_epochs() or [0])[-1])
+        if config.search_decoder is None:
+            config = dataclasses.replace(config, search_decoder=config.pose_search_decoder())
+        if config.vae_start_epoch is None and (config.zdim > 0 or config.switches_decoder()):
+            config = dataclasses.replace(config, vae_start_epoch=config.vae_start())
+        return config
+
+    def warmup(self, box_size: int) -> tuple[int, float | None]:
+        c = self.config
+        return c.pretrain_images, (c.band_at(0, box_size) if c.band_limit_training else None)
+
+    def plan(self, epoch: int, box_size: int) -> EpochPlan:
+        c, kind = self.config, self.kinds[epoch]
+        k_top = c.band_at(epoch, box_size)
+        band = k_top if (c.band_limit_training and kind != FINAL) else None
+        reset = epoch in c.reset_epochs or (kind == FINAL and c.reset_before_final and
+                                            epoch == c.num_epochs - c.final_epochs)
+        return EpochPlan(
+            kind=kind, model_config=c.phase_config(epoch), batch_size=int(c.batch_size),
+            model_seed=c.seed + 2000 + epoch, reset_seed=c.seed + 1000 + epoch if reset else None,
+            band_pixel=band, search=c.search_settings(box_size, k_top=k_top, amp=self.amp) if kind == SEARCH else None,
+            search_images=c.chunk_at(k_top, box_size) if kind == SEARCH else 0, write_map=True,
+            record={"kind": kind, "band_pixel": float(band if band is not None else box_size),
+                    "search_band_pixel": float(k_top), "note": self._switch_note()},
+        )
+
+    amp: bool = False  # mixed precision of the searches (set by abinit_model from the device)
+
+    def _switch_note(self) -> str:
+        c = self.config
+        if c.switches_decoder():
+            return (f"the {c.decoder} {'VAE' if c.zdim > 0 else 'model'} (zdim {c.zdim}) takes over from the "
+                    f"homogeneous {c.pose_search_decoder()} model (poses kept)")
+        return f"the VAE (zdim {c.zdim}) takes over from the homogeneous model (poses kept)"
+
+    def describe(self) -> str:
+        c = self.config
+        if c.vae_start():
+            return (f"(homogeneous reconstruction with the {c.pose_search_decoder()}, then from epoch "
+                    f"{c.vae_start() + 1} the {c.decoder} {'VAE' if c.zdim > 0 else 'model'})")
+        return "(VAE)" if c.zdim > 0 else "(homogeneous reconstruction)"
 
 
-def _restrict(batch: TrainingBatch, mask: torch.Tensor | None) -> TrainingBatch:
-    if mask is None:
-        return batch
-    return dataclasses.replace(batch, values=batch.values[:, mask], ctf=None if batch.ctf is None else batch.ctf[:, mask])
-
-
-def _with_poses(batch: TrainingBatch, rotations: torch.Tensor, shifts: torch.Tensor) -> TrainingBatch:
-    idx = batch.indices
-    dev = batch.values.device
-    return dataclasses.replace(batch, rotations=rotations[idx].to(dev), shifts_pixel=shifts[idx].to(dev))
-
-
-class _Model:
-    """Decoder, encoder and their optimisers (rebuilt from scratch by :meth:`reset`)."""
-
-    def __init__(self, config: AbinitConfig, box_size: int, device: torch.device, *, seed: int | None = None):
-        self.config, self.box_size, self.device = config, box_size, device
-        if seed is None:
-            self.build()
-        else:
-            self.reset(seed)
-
-    def build(self) -> None:
-        self.decoder = build_decoder_for(self.config, self.box_size).to(self.device)
-        encoder = build_encoder_for(self.config, self.box_size)
-        self.encoder = None if encoder is None else encoder.to(self.device)
-        self.optimizer, self.sparse_optimizer = build_optimizers(self.config, self.decoder, self.encoder)
-        self.regularization = getattr(self.decoder, "regularization_loss", None)
-        self.after_step = getattr(self.decoder, "after_optimizer_step", None)
-
-    def reset(self, seed: int) -> None:
-        """New weights (from ``seed``) and fresh optimiser states; the data spectrum hook is re-applied by the caller."""
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            self.build()
-        finally:
-            torch.random.set_rng_state(state)
-
-    def step(self, loss: torch.Tensor) -> None:
-        for opt in (self.optimizer, self.sparse_optimizer):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in (self.optimizer, self.sparse_optimizer):
-            if opt is not None:
-                opt.step()
-        if self.after_step is not None:
-            self.after_step()
-
-    def n_parameters(self) -> int:
-        params = list(self.decoder.parameters()) + ([] if self.encoder is None else list(self.encoder.parameters()))
-        return sum(p.numel() for p in params)
-
-
-class _PosedDataset:
-    """The training set with the current poses in its batches (what the warm start reads)."""
-
-    def __init__(self, dataset, rotations: torch.Tensor, shifts: torch.Tensor):
-        self.dataset, self.rotations, self.shifts = dataset, rotations, shifts
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def get_batch(self, indices: np.ndarray) -> TrainingBatch:
-        return _with_poses(self.dataset.get_batch(indices), self.rotations, self.shifts)
-
-
-def _concat_batches(batches: list[TrainingBatch]) -> TrainingBatch:
-    def cat(name):
-        parts = [getattr(b, name) for b in batches]
-        return None if parts[0] is None else torch.cat(parts)
-
-    return TrainingBatch(indices=cat("indices"), images=cat("images"), values=cat("values"),
-                         rotations=cat("rotations"), shifts_pixel=cat("shifts_pixel"), ctf=cat("ctf"))
-
-
-def _write_poses(out: Path, epoch: int, rotations: torch.Tensor, shifts: torch.Tensor, errors: torch.Tensor,
-                 searched: torch.Tensor, box_size: int, wall_seconds: float) -> None:
-    from cryoscape.io.cryodrgn import write_poses_pkl
-
-    R = rotations.double().numpy()
-    t = shifts.double().numpy()
-    with atomic_write(out / f"poses.{epoch}.npz", "wb") as f:
-        np.savez(f, rotations=R, shifts_pixel=t, search_error=errors.numpy().astype(np.float32),
-                 searched_epoch=searched.numpy().astype(np.int32), wall_seconds=np.float64(wall_seconds),
-                 box_size=np.int64(box_size))
-    write_poses_pkl(out / f"poses.{epoch}.pkl", R, t, box_size=box_size)
-
-
-def _write_star(out: Path, table, rotations: torch.Tensor, shifts: torch.Tensor) -> None:
-    from cryoscape.io.star import write_star
-
-    bad = ~(np.isfinite(table.pixel_size_angstrom) & (table.pixel_size_angstrom > 0))
-    if bad.any():
-        log.info("particles.star not written: %d particles have no pixel size (pass --pixel-size)", int(bad.sum()))
-        return
-    posed = dataclasses.replace(table, rotations=rotations.double().numpy(), shifts_pixel=shifts.double().numpy())
-    write_star(out / "particles.star", posed)
-
-
-# --------------------------------------------------------------------------------------------
-# the schedule
-# --------------------------------------------------------------------------------------------
-def abinit_model(
-    config: AbinitConfig,
-    table,
-    out_dir: str | Path,
-    *,
-    resume_state: dict[str, Any] | None = None,
-    arguments: dict[str, Any] | None = None,
-) -> AbinitResult:
+def abinit_model(config: AbinitConfig, table, out_dir: str | Path, *, resume_state: dict[str, Any] | None = None,
+                 arguments: dict[str, Any] | None = None, dist: Distributed | None = None) -> AbinitResult:
     """Ab initio reconstruction of ``table``'s particles into the run folder ``out_dir``.
 
-    Parameters
-    ----------
-    config
-        :class:`AbinitConfig`.
-    table
-        The particles (:class:`cryoscape.io.particles.ParticleTable`, poses not needed; any
-        poses it holds are ignored).
-    out_dir
-        Run folder (created).
-    resume_state
-        A checkpoint of an ab initio run in ``out_dir`` to continue.
-    arguments
-        Command-line arguments, recorded in config.yaml.
+    ``table``: the particles (:class:`cryoscape.io.particles.ParticleTable`; poses not needed, any
+    it holds are ignored); ``resume_state``: a checkpoint of an ab initio run in ``out_dir`` to
+    continue; ``arguments``: the command line, recorded in config.yaml.
     """
     try:
         config.validate()
     except ValueError as err:
         raise InputError(f"{err}.") from None
-    # schedule lengths that default to "the whole run" are fixed now, so that resuming with another
-    # --num-epochs keeps them
-    if config.beta == "anneal" and config.beta_anneal_epochs is None:
-        config = dataclasses.replace(config, beta_anneal_epochs=max(1, math.ceil(config.num_epochs / 4)))
-    if config.k_ramp_epochs is None:
-        config = dataclasses.replace(config, k_ramp_epochs=(config.search_epochs() or [0])[-1])
-    # the phases are fixed at the start of a run (a resume with other final epochs keeps them)
-    if config.search_decoder is None:
-        config = dataclasses.replace(config, search_decoder=config.pose_search_decoder())
-    if config.vae_start_epoch is None and (config.zdim > 0 or config.switches_decoder()):
-        config = dataclasses.replace(config, vae_start_epoch=config.vae_start())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    config = AbinitSchedule(config).fixed(config)
+    schedule = AbinitSchedule(config)
+    dist = dist or Distributed()
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     N = len(table)
     # the poses are unknown: placeholders satisfy the dataset, the search fills them in
     table = dataclasses.replace(table, rotations=np.broadcast_to(np.eye(3), (N, 3, 3)).copy(),
                                 shifts_pixel=np.zeros((N, 2)))
-    dataset = build_dataset(config, table, resume_state=resume_state)
-    D = dataset.box_size
-    normalization = dataset.normalization
-    first_epoch = 0 if resume_state is None else int(resume_state["epoch"]) + 1
-    model = _Model(config.phase_config(first_epoch), D, device)
-    amp = resolve_amp(config.amp, device)
-    plan = epoch_plan(config)
-
-    rotations = random_rotations(N, generator=torch.Generator().manual_seed(config.seed + 17))
-    shifts = torch.zeros(N, 2)
-    search_errors = torch.full((N,), float("nan"))
-    searched_epoch = torch.full((N,), -1, dtype=torch.int64)
-    start_epoch = 0
-    history: list[dict[str, Any]] = []
-    steps: list[tuple[float, float]] = []
-    wall_offset = 0.0
-    if resume_state is not None:
-        start_epoch = _restore(resume_state, model, config)
-        saved = resume_state["abinit"]
-        rotations = torch.as_tensor(saved["rotations"], dtype=torch.float32)
-        shifts = torch.as_tensor(saved["shifts_pixel"], dtype=torch.float32)
-        search_errors = torch.as_tensor(saved["search_error"], dtype=torch.float32)
-        searched_epoch = torch.as_tensor(saved["searched_epoch"], dtype=torch.int64)
-        wall_offset = float(saved.get("wall_seconds", 0.0))
-        history = list(resume_state.get("history", []))
-        steps = [tuple(s) for s in resume_state.get("steps", [])]
-        restore_rng_state(resume_state.get("rng"))
-
-    pixel_size = dataset.pixel_size_angstrom
-    _write_run_config(out, config, arguments, decoder=model.decoder, encoder=model.encoder,
-                      normalization=normalization, box_size=D, pixel_size=pixel_size, n_particles=N,
-                      resumed_from=None if resume_state is None else start_epoch - 1, command="abinit",
-                      decoder_name=model.config.decoder)
-    pixels = prepare_likelihood_pixels(config, dataset, model.decoder, fresh=resume_state is None).to(device)
-    # the search scores poses with the same likelihood, on the half-plane (Hartley sets hold the whole circle)
-    if config.domain == "hartley":
-        half_mask, half_w = half_plane_pixels(pixels.coords_index)
-        search_coords = pixels.coords_index[half_mask]
-        search_weights = pixels.weights[half_mask] * half_w.to(device)
-    else:
-        half_mask = None
-        search_coords, search_weights = pixels.coords_index, pixels.weights
-
-    log.info("ab initio %s: %d particles, box %d, %s domain, zdim %d, %d parameters, batch %d, lr %g, on %s%s",
-             "VAE" if model.encoder is not None else (
-                 f"homogeneous reconstruction ({config.pose_search_decoder()}), then from epoch "
-                 f"{config.vae_start() + 1} the {config.decoder} {'VAE' if config.zdim > 0 else 'model'}"
-                 if config.vae_start() else "homogeneous reconstruction"), N, D, config.domain,
-             config.zdim, model.n_parameters(), config.batch_size, config.lr, device,
-             ", mixed precision" if amp else "")
-    log.info("schedule: %s", ", ".join(f"{e}:{k}" for e, k in enumerate(plan)))
-    log.info("pose search: %s", grid_summary(config.search_settings(D), D))
-
-    def get_batch(indices: np.ndarray) -> TrainingBatch:
-        return dataset.get_batch(indices)
-
-    run_start = time.perf_counter() - wall_offset
-    last_plot = time.perf_counter()
-    last_good = None if resume_state is None else (start_epoch - 1, out / CHECKPOINT_NAME)
-
-    def train_on(batch: TrainingBatch, band_pixels: FourierPixels, band_mask, epoch_float: float, generator):
-        parts = batch_loss(_restrict(batch, band_mask), decoder=model.decoder, encoder=model.encoder, poses=None,
-                           pixels=band_pixels, domain=config.domain, beta=config.beta_at(epoch_float),
-                           generator=generator, amp=amp)
-        if model.regularization is not None:
-            prior = model.regularization(n_images=N)
-            if prior is not None:
-                parts["loss"] = parts["loss"] + prior
-        model.step(parts["loss"])
-        return parts
-
-    # ---- warm-up with random poses (only when starting afresh)
-    if resume_state is None and config.pretrain_images > 0:
-        t0 = time.perf_counter()
-        band_pixels, band_mask = _band_pixels(pixels, config.band_at(0, D) if config.band_limit_training else D)
-        gen = torch.Generator().manual_seed(config.seed + 29)
-        seen, total = 0, 0.0
-        rounds = math.ceil(config.pretrain_images / N)
-        for r in range(rounds):
-            order = epoch_order(N, seed=config.seed + 1, epoch=r, shuffle=True)[: config.pretrain_images - seen]
-            for batch in iterate_batches(get_batch, order, config.batch_size, prefetch=config.prefetch):
-                B = len(batch.indices)
-                batch = dataclasses.replace(batch, rotations=random_rotations(B, generator=gen),
-                                            shifts_pixel=torch.zeros(B, 2)).to(device)
-                parts = train_on(batch, band_pixels, band_mask, 0.0, None)
-                value = float(parts["loss"].detach())
-                if not math.isfinite(value):
-                    _raise_diverged(config, out, -1, seen // config.batch_size, value, None)
-                total += value * B
-                seen += B
-        log.info("warm-up: %d images with random poses, loss %.5g, %.1f s", seen, total / max(seen, 1),
-                 time.perf_counter() - t0)
-
-    z_mean = z_logvar = None
-    for epoch in range(start_epoch, config.num_epochs):
-        t0 = time.perf_counter()
-        kind = plan[epoch]
-        rebuilt = False
-        phase = config.phase_config(epoch)
-        if (model.config.zdim, model.config.decoder) != (phase.zdim, phase.decoder):
-            # the search phase is over: a new model (the VAE, or the final decoder) trains on its poses
-            model = _Model(phase, D, device, seed=config.seed + 2000 + epoch)
-            prepare_likelihood_pixels(config, dataset, model.decoder, fresh=True)
-            _write_run_config(out, config, arguments, decoder=model.decoder, encoder=model.encoder,
-                              normalization=normalization, box_size=D, pixel_size=pixel_size, n_particles=N,
-                              resumed_from=None if resume_state is None else start_epoch - 1, command="abinit",
-                              decoder_name=model.config.decoder)
-            if config.switches_decoder():
-                log.info("epoch %d: the %s %s (zdim %d) takes over from the homogeneous %s model (poses kept)",
-                         epoch + 1, config.decoder, "VAE" if config.zdim > 0 else "model", config.zdim,
-                         config.pose_search_decoder())
-            else:
-                log.info("epoch %d: the VAE (zdim %d) takes over from the homogeneous model (poses kept)", epoch + 1,
-                         config.zdim)
-            rebuilt = True
-        zdim = model.config.zdim
-        if epoch in config.reset_epochs or (kind == FINAL and config.reset_before_final and
-                                            epoch == config.num_epochs - config.final_epochs):
-            model.reset(config.seed + 1000 + epoch)
-            pixels_hook = getattr(model.decoder, "set_data_spectrum", None)
-            if pixels_hook is not None:
-                prepare_likelihood_pixels(config, dataset, model.decoder, fresh=True)
-            log.info("epoch %d: model and optimiser reset (poses kept)", epoch + 1)
-            rebuilt = True
-        if rebuilt and config.warm_start_images and bool((searched_epoch >= 0).any()):
-            # a decoder with a warm-start hook (the basis) starts from the backprojection with the
-            # poses found, not from zero (train/warm_start.py)
-            warm_start_decoder(model.decoder, _PosedDataset(dataset, rotations, shifts), pixels,
-                               max_images=config.warm_start_images, seed=config.seed + epoch, domain=config.domain,
-                               device=device)
-        k_top = config.band_at(epoch, D)
-        band = k_top if (config.band_limit_training and kind != FINAL) else D
-        band_pixels, band_mask = _band_pixels(pixels, band)
-        settings = config.search_settings(D, k_top=k_top, amp=amp)
-        order = epoch_order(N, seed=config.seed, epoch=epoch, shuffle=config.shuffle)
-        generator = _epoch_generator(config.seed, epoch, device) if model.encoder is not None else None
-        if zdim > 0:
-            z_mean = np.zeros((N, zdim), dtype=np.float32)
-            z_logvar = np.zeros((N, zdim), dtype=np.float32)
-        sums = torch.zeros(3, dtype=torch.float64)
-        seen = 0
-        search_seconds = 0.0
-        previous = rotations.clone() if kind == SEARCH else None
-        n_batches = math.ceil(N / config.batch_size)
-        per_chunk = max(1, config.chunk_at(k_top, D) // config.batch_size) if kind == SEARCH else 1
-        pending: list[TrainingBatch] = []
-        batch_iter = iterate_batches(get_batch, order, config.batch_size, prefetch=config.prefetch)
-        b = 0
-        for raw in batch_iter:
-            pending.append(raw)
-            if len(pending) < per_chunk and seen + sum(len(p.indices) for p in pending) < N:
-                continue
-            chunk, pending = pending, []
-            if kind == SEARCH:
-                ts = time.perf_counter()
-                _search_chunk(chunk, model, config, settings, search_coords, search_weights, half_mask, device,
-                              rotations, shifts, search_errors, searched_epoch, epoch)
-                search_seconds += time.perf_counter() - ts
-            for batch in chunk:
-                batch = _with_poses(batch, rotations, shifts).to(device)
-                B = len(batch.indices)
-                parts = train_on(batch, band_pixels, band_mask, epoch + b / n_batches, generator)
-                loss = float(parts["loss"].detach())
-                if not math.isfinite(loss):
-                    _raise_diverged(config, out, epoch, b, loss, last_good)
-                sums += torch.tensor([loss, float(parts["error"].detach()), float(parts["kl"].detach())],
-                                     dtype=torch.float64) * B
-                if parts["mu"] is not None:
-                    idx = batch.indices.numpy()
-                    z_mean[idx] = parts["mu"].detach().cpu().numpy()
-                    z_logvar[idx] = parts["logvar"].detach().cpu().numpy()
-                seen += B
-                b += 1
-                if b % max(1, n_batches // 50) == 0 or seen == N:
-                    steps.append((epoch + seen / N, float(sums[0]) / max(seen, 1)))
-        totals = (sums / max(seen, 1)).tolist()
-        seconds = time.perf_counter() - t0
-        wall = time.perf_counter() - run_start
-        record = {
-            "epoch": epoch, "kind": kind, "loss": totals[0], "error": totals[1], "kl": totals[2],
-            "beta": config.beta_at(epoch + 1), "band_pixel": float(band), "search_band_pixel": float(k_top),
-            "seconds": seconds, "search_seconds": search_seconds, "wall_seconds": wall,
-            "images_per_second": seen / max(seconds, 1e-9),
-        }
-        if previous is not None:
-            moved = torch.rad2deg(rotation_angle_between(previous.double(), rotations.double()))
-            record["median_pose_change_deg"] = float(moved.median())
-            record["mean_search_error"] = float(search_errors.mean())
-        history.append(record)
-
-        # ---- outputs of the epoch
-        if zdim > 0:
-            _write_latents(out, epoch, z_mean, z_logvar)
-        _write_poses(out, epoch, rotations, shifts, search_errors, searched_epoch, D, wall)
-        state = checkpoint_state(
-            epoch=epoch, config=config, decoder=model.decoder, encoder=model.encoder, optimizer=model.optimizer,
-            sparse_optimizer=model.sparse_optimizer, normalization=normalization, history=history, steps=steps,
-            box_size=D, pixel_size=pixel_size, n_particles=N, decoder_name=model.config.decoder,
-        )
-        state["abinit"] = {
-            "rotations": rotations.clone(), "shifts_pixel": shifts.clone(), "search_error": search_errors.clone(),
-            "searched_epoch": searched_epoch.clone(), "wall_seconds": wall,
-        }
-        save_checkpoint(out / CHECKPOINT_NAME, state)
-        last_good = (epoch, out / CHECKPOINT_NAME)
-        is_last = epoch == config.num_epochs - 1
-        if is_last or (epoch + 1) % config.checkpoint_every == 0:
-            save_checkpoint(weights_path(out, epoch), state)
-        if zdim == 0:
-            _write_map(out, epoch, model.decoder, pixel_size)
-        if is_last:
-            _write_star(out, table, rotations, shifts)
-        if is_last or kind == SEARCH or time.perf_counter() - last_plot > 60.0:
-            plot_losses(history, steps, out / "loss.png")  # ~0.3 s, so not after every short epoch
-            last_plot = time.perf_counter()
-        remaining = config.num_epochs - epoch - 1
-        extra = ""
-        if kind == SEARCH:
-            extra = (f"; search {search_seconds:.1f} s (band {settings.k_min:g}-{settings.k_max:g} px), "
-                     f"median pose change {record['median_pose_change_deg']:.1f} deg")
-        log.info("epoch %d/%d (%s, band %.0f px): loss %.5g (KL %.4g) in %.1f s%s%s", epoch + 1, config.num_epochs,
-                 kind, band, totals[0], totals[2], seconds, extra,
-                 f"; about {_format_seconds(seconds * remaining)} left" if remaining else "")
-
-    return AbinitResult(
-        out_dir=out, epochs_done=len(history), history=history, decoder=model.decoder, encoder=model.encoder,
-        normalization=normalization, z_mean=z_mean, z_logvar=z_logvar,
-        rotations=rotations.double().numpy(), shifts_pixel=shifts.double().numpy(),
-    )
+    data = build_training_data(config, table, resume_state=resume_state)
+    poses = SearchedPoses(table, n_particles=N, box_size=data.box_size, seed=config.seed, dist=dist)
+    trainer = Trainer(config, data, poses, schedule, out_dir, command="abinit", arguments=arguments,
+                      resume_state=resume_state, continue_run=True, dist=dist)
+    schedule.amp = trainer.amp
+    log.info("schedule: %s", ", ".join(f"{e}:{k}" for e, k in enumerate(schedule.kinds)))
+    log.info("pose search: %s", grid_summary(config.search_settings(data.box_size), data.box_size))
+    return trainer.fit()
 
 
-def _search_chunk(chunk: list[TrainingBatch], model: _Model, config: AbinitConfig, settings: SearchSettings,
-                  coords: torch.Tensor, weights: torch.Tensor, half_mask, device: torch.device,
-                  rotations: torch.Tensor, shifts: torch.Tensor, errors: torch.Tensor, searched: torch.Tensor,
-                  epoch: int) -> None:
-    """Search the poses of the images in ``chunk`` with the current model; store them in place."""
-    batch = _concat_batches(chunk)
-    values = batch.values.to(device)
-    ctf = None if batch.ctf is None else batch.ctf.to(device)
-    if half_mask is not None:
-        values = values[:, half_mask]
-        ctf = None if ctf is None else ctf[:, half_mask]
-    z = None
-    lattice = None
-    was_training = model.decoder.training
-    model.decoder.eval()
-    try:
-        with torch.no_grad():
-            if model.encoder is not None:
-                model.encoder.eval()
-                mu, _ = model.encoder(batch.images.to(device))
-                z = mu.float()
-                model.encoder.train(was_training)
-            else:
-                lattice = evaluate_lattice(model.decoder, radius_index=settings.radius_at(settings.n_refine,
-                                                                                          model.box_size),
-                                           oversampling=settings.oversampling, amp=settings.amp)
-            result = search_poses(model.decoder, values, coords_index=coords, weights=weights, ctf=ctf, z=z,
-                                  settings=settings, lattice=lattice)
-    finally:
-        model.decoder.train(was_training)
-    idx = batch.indices
-    rotations[idx] = result.rotations.float().cpu()
-    shifts[idx] = result.shifts_pixel.float().cpu()
-    errors[idx] = result.errors.float().cpu()
-    searched[idx] = epoch
-
-
-def _write_map(out: Path, epoch: int, decoder, pixel_size: float) -> None:
-    from cryoscape.io.mrc import write_mrc
-
-    was_training = decoder.training
-    decoder.eval()
-    volume = decoder.eval_volume(None)
-    decoder.train(was_training)
-    write_mrc(out / f"reconstruct.{epoch}.mrc", volume.cpu().numpy(),
-              pixel_size_angstrom=pixel_size if math.isfinite(pixel_size) else 1.0)
-
-
-def _restore(state: dict[str, Any], model: _Model, config: AbinitConfig) -> int:
-    """Load weights and optimiser states of a checkpoint; returns the epoch to start at."""
-    if state.get("abinit") is None:
-        raise InputError("the checkpoint was not written by cryoscape abinit (it holds no poses); "
-                         "continue it with cryoscape train --resume instead.")
-    try:
-        model.decoder.load_state_dict(state["decoder"]["state"])
-        if model.encoder is not None:
-            model.encoder.load_state_dict(state["encoder"]["state"])
-        if model.optimizer is not None and state.get("optimizer") is not None:
-            model.optimizer.load_state_dict(state["optimizer"])
-        if model.sparse_optimizer is not None and state.get("sparse_optimizer") is not None:
-            model.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as err:
-        raise InputError(f"the checkpoint does not fit this model ({type(err).__name__}: {str(err)[:200]}); "
-                         "resume with the options of the run that wrote it.") from None
-    for opt in (model.optimizer, model.sparse_optimizer):
-        if opt is not None:
-            for group in opt.param_groups:
-                group["lr"] = config.lr * float(group.get("lr_scale", 1.0))
-    return int(state["epoch"]) + 1
-
-
-# --------------------------------------------------------------------------------------------
-# entry points
-# --------------------------------------------------------------------------------------------
 def run_abinit(config: AbinitConfig, out_dir: str | Path, *, arguments: dict[str, Any] | None = None) -> AbinitResult:
     """Load the particles of ``config``, set up the run folder and its log, and run :func:`abinit_model`."""
-    from cryoscape.io.run_folder import attach_log_file, detach_log_file
-
     try:
         config.validate()
     except ValueError as err:
         raise InputError(f"{err}.") from None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    handler = attach_log_file(out / "run.log")
-    try:
+    with RunContext(out_dir) as dist:
         table, _ = load_tables(config)
-        return abinit_model(config, table, out, arguments=arguments)
-    finally:
-        detach_log_file(handler)
+        return abinit_model(config, table, out_dir, arguments=arguments, dist=dist)
 
 
-_RESUME_OVERRIDES = ("num_epochs", "final_epochs", "lr", "device", "progress", "checkpoint_every", "prefetch",
-                     "datadir", "amp", "lazy", "search_chunk")
+_RESUME_OVERRIDES = ("num_epochs", "final_epochs", "lr", "device", "progress", "checkpoint_every",
+                     "checkpoint_minutes", "prefetch", "datadir", "amp", "lazy", "search_chunk")
 
 
 def resume_abinit(run_dir: str | Path, *, arguments: dict[str, Any] | None = None, **overrides: Any) -> AbinitResult:
-    """Continue the ab initio run in ``run_dir`` from its ``checkpoint.pt`` (same folder).
+    """Continue the ab initio run in ``run_dir`` from its latest checkpoint (same folder).
 
     ``overrides`` may change ``num_epochs`` (to run longer), ``final_epochs``, ``lr``, ``device``,
-    ``progress``, ``checkpoint_every``, ``prefetch``, ``datadir``, ``amp``, ``lazy`` and
-    ``search_chunk``; everything else comes from the checkpoint.
+    ``progress``, ``checkpoint_every``, ``checkpoint_minutes``, ``prefetch``, ``datadir``, ``amp``,
+    ``lazy`` and ``search_chunk``; everything else comes from the checkpoint.
     """
-    from cryoscape.io.run_folder import attach_log_file, detach_log_file
-
     run = Path(run_dir)
     state, config = load_resume_state(run, AbinitConfig, overrides, _RESUME_OVERRIDES, command="abinit")
     if "search_decoder" not in state.get("config", {}):  # written before search decoders: one decoder throughout
         config = dataclasses.replace(config, search_decoder=config.decoder)
-    handler = attach_log_file(run / "run.log")
-    try:
+    with RunContext(run) as dist:
         log.info("resuming %s after epoch %d", run, state["epoch"])
         table, _ = load_tables(config)
         check_particle_count(config, table, state)
-        return abinit_model(config, table, run, resume_state=state, arguments=arguments)
-    finally:
-        detach_log_file(handler)
+        return abinit_model(config, table, run, resume_state=state, arguments=arguments, dist=dist)

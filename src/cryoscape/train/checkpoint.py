@@ -24,6 +24,12 @@ A checkpoint is one ``torch.save`` file holding a dict:
     The run's :class:`cryoscape.train.config.TrainConfig` as a dict.
 ``data``
     ``box_size``, ``pixel_size_angstrom``, ``n_particles``.
+``partial``
+    Only in a mid-epoch checkpoint (``checkpoint.partial.pt``, ``--checkpoint-minutes``): the
+    epoch in progress (``epoch`` is then the last completed one), how many of its batches and
+    images are done, its loss sums, latents so far and noise generator state
+    (:class:`cryoscape.train.trainer.EpochProgress`).  It is removed when the epoch ends;
+    :func:`load_latest_checkpoint` takes it only when it is newer than ``checkpoint.pt``.
 
 The file is written to a temporary name beside its target and moved into place with
 ``os.replace``, so a run killed while saving keeps the previous checkpoint intact.
@@ -45,6 +51,8 @@ from cryoscape.io.writers import atomic_write
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "PARTIAL_CHECKPOINT_NAME",
+    "load_latest_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "weights_path",
@@ -55,6 +63,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PARTIAL_CHECKPOINT_NAME = "checkpoint.partial.pt"
 FORMAT = "cryoscape-train"
 VERSION = 1
 _WEIGHTS_RE = re.compile(r"^weights\.(\d+)\.pt$")
@@ -87,6 +96,25 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"{path} is not a cryoscape training checkpoint; pass a checkpoint.pt or "
                          "weights.EPOCH.pt written by cryoscape train.")
+    return state
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike, *, command: str = "train") -> dict[str, Any]:
+    """The newest state of the run in ``run_dir``: its mid-epoch checkpoint when that is ahead of
+    ``checkpoint.pt`` (a run stopped inside an epoch), else ``checkpoint.pt``."""
+    run = Path(run_dir)
+    full = run / CHECKPOINT_NAME
+    partial = run / PARTIAL_CHECKPOINT_NAME
+    state = load_checkpoint(full) if full.is_file() else None
+    if partial.is_file():
+        candidate = load_checkpoint(partial)
+        done = -1 if state is None else int(state["epoch"])
+        if int(candidate["partial"]["epoch"]) > done:
+            return candidate
+    if state is None:
+        raise InputError(f"{run} holds no {CHECKPOINT_NAME}; pass the output folder of a cryoscape {command} run "
+                         "that has written a checkpoint (after its first epoch, or within it with "
+                         "--checkpoint-minutes).")
     return state
 
 

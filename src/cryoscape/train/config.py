@@ -52,6 +52,8 @@ class TrainConfig:
     window_inner_radius_fraction: float = 0.85
     window_outer_radius_fraction: float = 0.99
     lazy: bool = False
+    shuffle_chunk: int = 0  # > 0: chunked shuffle of blocks of this many particles (data/training.py epoch_order)
+    cache_dir: str | None = None  # float16 cache of the preprocessed images, for lazily read data (data/cache.py)
     n_normalization_images: int = 1000
     # tilt pairs
     tilt: str | None = None
@@ -93,6 +95,7 @@ class TrainConfig:
     device: str = "auto"
     prefetch: int = 2
     checkpoint_every: int = 5
+    checkpoint_minutes: float = 0.0  # > 0: also a mid-epoch checkpoint at most every this many minutes
     warm_start_images: int = 20000  # 0: off; decoders with a warm_start hook (train/warm_start.py)
     progress: bool = True
 
@@ -158,5 +161,9 @@ class TrainConfig:
             raise ValueError(f"--pose-representation must be axis_angle or 6d, got {self.pose_representation!r}")
         if self.warm_start_images < 0:
             raise ValueError(f"--warm-start-images must be 0 (off) or positive, got {self.warm_start_images}")
+        if self.shuffle_chunk < 0:
+            raise ValueError(f"--shuffle-chunk must be 0 (uniform shuffle) or positive, got {self.shuffle_chunk}")
+        if not self.checkpoint_minutes >= 0:
+            raise ValueError(f"--checkpoint-minutes must be 0 (off) or positive, got {self.checkpoint_minutes}")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")

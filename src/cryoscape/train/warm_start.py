@@ -2,8 +2,8 @@
 
 With known poses the consensus map is one pass of backprojection away, and a voxel decoder
 trained by Adam from zero needs many epochs to get there (Adam moves every voxel by about its
-learning rate per step, however strong its gradient).  A decoder that defines the hook
-``warm_start(slices)`` (today the structural basis, :meth:`cryoscape.models.basis.StructuralBasis.
+learning rate per step, however strong its gradient).  A decoder that wants it
+(``wants_warm_start``) implements the hook ``warm_start(slices)`` (today the structural basis, :meth:`cryoscape.models.basis.StructuralBasis.
 warm_start`) receives an iterator over the data, in batches, as exactly what the loss compares the
 model with: the slice frequencies ``R^T k`` (cycles per pixel), the observed coefficients with
 the particle shift undone (the loss's units), the CTF and the likelihood's pixel weights
@@ -44,12 +44,11 @@ def warm_start_decoder(
     device: torch.device | str = "cpu",
 ) -> dict[str, Any] | None:
     """Call ``decoder.warm_start`` with up to ``max_images`` images of ``dataset`` (a random
-    subset, fixed by ``seed``); ``None`` when the decoder has no such hook or ``max_images < 2``.
+    subset, fixed by ``seed``); ``None`` when the decoder does not want it or ``max_images < 2``.
 
     Returns the hook's summary plus ``seconds``.
     """
-    hook = getattr(decoder, "warm_start", None)
-    if hook is None or max_images < 2:
+    if not decoder.wants_warm_start or max_images < 2:
         return None
     t0 = time.perf_counter()
     n = len(dataset)
@@ -64,7 +63,7 @@ def warm_start_decoder(
             target = to_domain(centre_values(batch.values, pixels.coords_index, batch.shifts_pixel, D), domain)
             yield slice_points(batch.rotations, freqs), target, batch.ctf, pixels.weights
 
-    summary = dict(hook(slices()))
+    summary = dict(decoder.warm_start(slices()) or {})
     summary["seconds"] = time.perf_counter() - t0
     fsc = summary.get("fsc_half")
     where = ""
