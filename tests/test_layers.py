@@ -21,10 +21,11 @@ RANK = {
     "models": 4,
     "reconstruct": 4,
     "posesearch": 5,
-    "train": 6,
-    "analysis": 7,
-    "report": 8,
-    "cli": 9,
+    "classical": 6,  # EM refinement/classification: reads posesearch's lattices, below train
+    "train": 7,
+    "analysis": 8,
+    "report": 9,
+    "cli": 10,
 }
 ROOT = Path(__file__).resolve().parents[1] / "src" / "cryoscape"
 

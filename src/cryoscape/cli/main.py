@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "landscape": "landscape",
     "evaluate": "evaluate",
     "abinit": "abinit",
+    "refine": "refine",
+    "dashboard": "dashboard",
 }
 
 

@@ -27,8 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["isosurface_level", "render_isosurface", "central_slices", "plot_map_views", "write_chimerax_script",
-           "write_map_set_views"]
+__all__ = ["isosurface_level", "isosurface_mesh", "render_isosurface", "central_slices", "plot_map_views",
+           "write_chimerax_script", "write_map_set_views"]
 
 # ChimeraX's default map colour (light lavender), used for the shaded surfaces
 SURFACE_RGB = np.array([0.70, 0.70, 1.00])
@@ -54,6 +54,22 @@ def isosurface_level(volumes: np.ndarray, *, max_voxels: int = 2_000_000, bins: 
     m1 = (s0[-1] - s0) / np.maximum(w1, 1)
     between = w0 * w1 * (m0 - m1) ** 2
     return float(edges[int(np.argmax(between[:-1])) + 1])
+
+
+def isosurface_mesh(volume: np.ndarray, level: float, *, step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Triangles of the surface ``volume == level`` (marching cubes, scikit-image).
+
+    Returns ``(vertices (V, 3) as (x, y, z) voxel coordinates, faces (F, 3) vertex indices)``; both
+    empty when the level lies outside the map's range.  ``step`` > 1 samples every step-th voxel
+    (coarser and faster for large boxes).
+    """
+    from skimage.measure import marching_cubes
+
+    v = np.asarray(volume, dtype=np.float32)
+    if not float(v.min()) < level < float(v.max()):
+        return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int32)
+    verts, faces, _, _ = marching_cubes(v, level=level, step_size=max(1, int(step)), allow_degenerate=False)
+    return verts[:, ::-1].astype(np.float32), faces.astype(np.int32)
 
 
 def _rotated(volume: np.ndarray, elevation_deg: float, azimuth_deg: float) -> np.ndarray:

@@ -41,7 +41,7 @@ from cryoscape.analysis.trajectories import GraphPath, graph_traversal, linear_t
 from cryoscape.errors import InputError
 from cryoscape.report.html import Figure, Section, write_html_report
 
-__all__ = ["TraverseOptions", "TraversalResult", "traverse_run", "ALONG"]
+__all__ = ["TraverseOptions", "TraversalResult", "traverse_run", "thin_path", "ALONG"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _read_anchor_latents(path: str | os.PathLike, zdim: int) -> np.ndarray:
     return read_latents(path, zdim=zdim)
 
 
-def _thin(path: GraphPath, max_maps: int | None) -> np.ndarray:
+def thin_path(path: GraphPath, max_maps: int | None) -> np.ndarray:
     """Positions along ``path.indices`` to make maps at: all, or ~``max_maps`` evenly spaced plus the anchors."""
     L = path.indices.size
     if max_maps is None or L <= max_maps:
@@ -264,7 +264,7 @@ def _traverse(run: Path, out: Path, z: np.ndarray, epoch: int, opts: TraverseOpt
                     path_particles=int(path.indices.size), path_length=float(path.lengths[-1]))
         np.savetxt(out / "path_indices.txt", path.indices, fmt="%d")
         np.savetxt(out / "z_path.txt", z[path.indices], fmt="%.6g")
-        map_indices = path.indices[_thin(path, opts.max_maps)]
+        map_indices = path.indices[thin_path(path, opts.max_maps)]
         np.savetxt(out / "map_indices.txt", map_indices, fmt="%d")
         latents = z[map_indices]
     np.savetxt(out / "z_values.txt", latents, fmt="%.6g")
