@@ -162,8 +162,9 @@ class FourierAccumulator:
         *,
         ctf: torch.Tensor | None = None,
         sets: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
-        """Insert the slices of a batch of images.
+        """Insert the slices of a batch of images (weighted insertion for EM: see ``weights``).
 
         Parameters
         ----------
@@ -175,6 +176,9 @@ class FourierAccumulator:
             ``(B, P)`` CTF at :attr:`frequencies_cycles_per_pixel`, or ``None`` for perfect images.
         sets
             ``(B,)`` index of the half-set of each image (default all in set 0).
+        weights
+            ``(B,)`` or ``(B, P)`` factors on both sums (default 1): the EM M-step inserts each
+            image at each of its poses with weight ``posterior / sigma^2(|k|)``.
         """
         B = values.shape[0]
         if ctf is None:
@@ -182,6 +186,9 @@ class FourierAccumulator:
         else:
             c = ctf.to(values.real.dtype)
             stacked = torch.stack([c * values.real, c * values.imag, c * c], dim=-1)
+        if weights is not None:
+            w = weights.to(stacked.dtype)
+            stacked = stacked * (w[:, None, None] if w.dim() == 1 else w[..., None])
         coords = slice_coordinates(rotations.to(self.dtype), self._coords)  # (B, P, 3)
         if sets is None:
             sets = torch.zeros(B, dtype=torch.long)
@@ -307,11 +314,14 @@ def reconstruct_from_accumulator(
     sphere_mask_radius_fraction: float | None = 0.45,
     pixel_size_angstrom: float | None = None,
     fsc_mask: torch.Tensor | None = None,
+    tau2_fudge: float = 1.0,
 ) -> BackprojectionResult:
     """Solve for the full map and (with two non-empty sets) the half-maps and their FSC.
 
     See the module docstring for the regulariser, the gridding correction and the sphere mask.
     Without two non-empty half-sets, ``"fsc"`` falls back to the constant regulariser 1.
+    ``tau2_fudge`` is RELION's ``T`` (``--tau2_fudge``): the ``"fsc"`` prior's signal power is
+    multiplied by it, i.e. ``lambda(k)`` divided (1 for refinement; larger trusts the data more).
     """
     D = acc.box_size
     num, weight = acc.symmetrized(slice(None))
@@ -342,8 +352,10 @@ def reconstruct_from_accumulator(
         curve = fsc_of(provisional)["fsc"].to(torch.float64).clamp(-0.999, 0.999)
         ssnr_half = (curve / (1 - curve)).clamp(min=0)
         ssnr_full = 2 * ssnr_half
-        halves = torch.stack([solve(num[h], weight[h], fsc_regularizer(weight[h], ssnr_half)) for h in range(2)])
-        volume = solve(num_all, weight_all, fsc_regularizer(weight_all, ssnr_full))
+        halves = torch.stack(
+            [solve(num[h], weight[h], fsc_regularizer(weight[h], ssnr_half) / tau2_fudge) for h in range(2)]
+        )
+        volume = solve(num_all, weight_all, fsc_regularizer(weight_all, ssnr_full) / tau2_fudge)
         label = "fsc"
     else:
         r = float(regularization)

@@ -1,0 +1,303 @@
+"""3-D auto-refinement by expectation-maximisation with gold-standard half-sets (RELION's scheme).
+
+One iteration (lecture seed 000; /work/shared/notes/classical_em.md):
+
+1. **E-step** per half-set against its own half-map (:mod:`cryoscape.reconstruct.em`): posterior
+   of every image over the pose grid, global search at first, local around the previous pose
+   from ``local_from_level`` on, band-limited to the current resolution plus ``band_margin_shells``.
+2. **M-step**: each image is inserted at its significant poses with weight
+   ``posterior / sigma^2(|k|)`` (:class:`cryoscape.reconstruct.backproject.FourierAccumulator`);
+   the half-maps are MAP estimates with the per-shell prior ``tau^2`` from their FSC times ``T``
+   (``tau2_fudge``).  The per-shell noise power ``sigma^2`` is the mean residual power at each
+   image's best pose.
+3. **Schedule**: the half-map FSC (0.143) sets the next band; when the resolution stops
+   improving by ``min_improvement_shells`` the angular grid is refined by one level (and the shift
+   step halves); at ``max_level`` two iterations without improvement end the run.
+
+The state after each iteration is written atomically (``checkpoint.pt``), so a run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cryoscape.fourier.filters import lowpass_filter
+from cryoscape.fourier.shift import phase_shift_coords
+from cryoscape.geometry.rotations import rotation_angle_between
+from cryoscape.geometry.so3_grid import base_grid_spacing_deg, locate_in_so3_grid
+from cryoscape.reconstruct.backproject import (
+    FourierAccumulator,
+    reconstruct_from_accumulator,
+    split_halves,
+)
+from cryoscape.classical.em import Reference, SearchSchedule, estimate_scale, search_batch
+
+__all__ = ["RefineSettings", "ImageSource", "RefineState", "refine", "noise_spectrum_from_images"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RefineSettings:
+    """Options of :func:`refine` (defaults follow RELION's 3D auto-refine where they apply)."""
+
+    initial_lowpass_angstrom: float = 40.0
+    max_iterations: int = 20
+    tau2_fudge: float = 1.0
+    start_level: int = 2
+    coarse_level: int = 1
+    max_level: int = 5
+    local_from_level: int = 3
+    offset_range_pixel: float = 3.0
+    offset_step_pixel: float = 1.0
+    band_margin_shells: float = 3.0
+    min_improvement_shells: float = 0.5
+    coarse_radius: float = 12.0
+    sphere_mask_fraction: float = 0.45
+    batch_size: int = 64
+    seed: int = 0
+
+
+class ImageSource:
+    """Images and CTFs of a particle set as half-plane Fourier coefficients (oversampling 1).
+
+    ``read(indices) -> (B, D, D)`` float32 images; ``ctf(indices, freqs) -> (B, P)`` or ``None``.
+    """
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], box_size: int, *, ctf=None,
+                 invert_contrast: bool = True, device: torch.device | str = "cpu"):
+        self.read, self.box_size, self._ctf, self.invert = read, int(box_size), ctf, invert_contrast
+        self.device = torch.device(device)
+        probe = FourierAccumulator(self.box_size, n_sets=1, device="cpu")
+        self.coords = probe.coordinates  # (P, 2)
+        self._rfft_index = probe._rfft_index
+        radius = self.coords.norm(dim=-1)
+        self.shell = radius.round().long().clamp(max=self.box_size // 2)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images_ft (B, P) complex64, ctf (B, P) float32)`` of the given particles."""
+        images = torch.as_tensor(self.read(indices), dtype=torch.float32)
+        if self.invert:
+            images = -images
+        from cryoscape.reconstruct.backproject import origin_first_padded
+
+        spectrum = torch.fft.rfft2(origin_first_padded(images, self.box_size))
+        values = spectrum.reshape(len(indices), -1)[:, self._rfft_index]
+        if self._ctf is None:
+            ctf = torch.ones(values.shape, dtype=torch.float32)
+        else:
+            ctf = self._ctf(indices, self.coords / self.box_size).to(torch.float32)
+        return values, ctf
+
+
+def noise_spectrum_from_images(source: ImageSource, indices: np.ndarray, *, batch_size: int = 256) -> torch.Tensor:
+    """Initial ``sigma^2`` per shell: the images' mean power per shell (mostly noise at low SNR)."""
+    n = source.box_size // 2 + 1
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    for start in range(0, len(indices), batch_size):
+        x, _ = source.batch(indices[start : start + batch_size])
+        power = (x.real.square() + x.imag.square()).to(torch.float64).sum(0)
+        total.index_add_(0, source.shell, power)
+        count.index_add_(0, source.shell, torch.full_like(power, len(x[:, 0])))
+    return (total / count.clamp_min(1)).clamp_min(1e-12).to(torch.float32)
+
+
+@dataclass
+class RefineState:
+    """Everything a run needs to continue (saved in ``checkpoint.pt``)."""
+
+    iteration: int
+    level: int
+    local: bool
+    half_maps: torch.Tensor  # (2, D, D, D) float32
+    sigma2: torch.Tensor  # (D//2 + 1,)
+    rotations: torch.Tensor  # (N, 3, 3)
+    shifts_pixel: torch.Tensor  # (N, 2)
+    best_ids: torch.Tensor  # (N, 2) at ``ids_level``
+    ids_level: int
+    max_probability: torch.Tensor  # (N,)
+    sets: np.ndarray  # (N,) half-set
+    band_radius: float
+    best_resolution_shell: float = 0.0
+    stalls: int = 0
+    history: list = field(default_factory=list)
+    converged: bool = False
+    final_map: torch.Tensor | None = None
+    fsc: dict | None = None
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temporary file, then rename)."""
+        tmp = path.with_suffix(".tmp")
+        torch.save(asdict(self), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "RefineState":
+        return cls(**torch.load(path, weights_only=False))
+
+
+def _estep_half(source, ref, indices, state, schedule, sigma2, acc, half, residual, pixels_inv_sigma2, bs):
+    """E-step of one half-set and its insertion into ``acc``; updates the state's poses in place."""
+    band = source.coords.norm(dim=-1) < state.band_radius
+    coords_b = source.coords[band]
+    for start in range(0, len(indices), bs):
+        idx = indices[start : start + bs]
+        x, ctf = source.batch(idx)
+        post = search_batch(
+            ref, x[:, band], ctf[:, band], pixels_inv_sigma2[band], coords_b, schedule,
+            prior_shifts_pixel=state.shifts_pixel[idx], prior_rotations=state.rotations[idx],
+        )
+        _insert(acc, source, x, ctf, post, pixels_inv_sigma2, half)
+        _accumulate_residual(residual, source, ref, x, ctf, post)
+        t = torch.as_tensor(idx)
+        mean_rotation, mean_shift = post.mean_pose()
+        state.rotations[t] = mean_rotation.to(state.rotations.dtype)
+        state.shifts_pixel[t] = mean_shift.to(state.shifts_pixel.dtype)
+        state.best_ids[t] = post.best_ids
+        state.max_probability[t] = post.weights[:, 0]
+
+
+def _insert(acc, source, x, ctf, post, inv_sigma2, half) -> None:
+    """Weighted insertion of every (image, significant pose) pair."""
+    B, M = post.weights.shape
+    img, pose = (post.weights > 0).nonzero(as_tuple=True)
+    values = phase_shift_coords(x[img], source.coords, post.shifts_pixel[img, pose], source.box_size)
+    weights = post.weights[img, pose][:, None] * inv_sigma2[None, :]
+    acc.add(values, post.rotations[img, pose], ctf=ctf[img], sets=torch.full((len(img),), half), weights=weights)
+
+
+def _accumulate_residual(residual, source, ref, x, ctf, post) -> None:
+    """Add ``|X_t - c S|^2`` at each image's best pose to the per-shell sums ``residual (2, S)``."""
+    s = ref.slices(post.rotations[:, 0], source.coords)
+    xt = phase_shift_coords(x, source.coords, post.shifts_pixel[:, 0], source.box_size)
+    diff = xt - ctf * s
+    power = (diff.real.square() + diff.imag.square()).to(torch.float64).sum(0)
+    residual[0].index_add_(0, source.shell, power)
+    residual[1].index_add_(0, source.shell, torch.full_like(power, x.shape[0]))
+
+
+def _schedule_for(state: RefineState, settings: RefineSettings) -> SearchSchedule:
+    return SearchSchedule(
+        level=state.level, local=state.local, coarse_level=settings.coarse_level,
+        offset_range_pixel=settings.offset_range_pixel, offset_step_pixel=settings.offset_step_pixel,
+        coarse_radius=min(settings.coarse_radius, state.band_radius),
+    )
+
+
+def initial_state(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_angstrom: float,
+                  settings: RefineSettings, *, initial_shifts_pixel: np.ndarray | None = None) -> RefineState:
+    """Low-pass the initial map, put it on the data's grey scale, split the halves, estimate sigma^2."""
+    D = source.box_size
+    volume = lowpass_filter(initial_map.to(torch.float32), settings.initial_lowpass_angstrom, pixel_size_angstrom,
+                            ndim=3)
+    rng = np.random.default_rng(settings.seed)
+    sample = np.sort(rng.choice(n, size=min(n, 1000), replace=False))
+    sigma2 = noise_spectrum_from_images(source, sample)
+    x, ctf = source.batch(sample[:200])
+    radius = D * pixel_size_angstrom / settings.initial_lowpass_angstrom
+    scale = estimate_scale(Reference.from_volume(volume), x, ctf, source.coords, radius=max(radius, 4.0),
+                           offset_range_pixel=settings.offset_range_pixel)
+    log.info("initial map scaled by %.4g to the data's grey scale", scale)
+    volume = volume * scale
+    shifts = torch.zeros(n, 2) if initial_shifts_pixel is None else torch.as_tensor(initial_shifts_pixel,
+                                                                                    dtype=torch.float32)
+    return RefineState(
+        iteration=0, level=settings.start_level, local=False, half_maps=torch.stack([volume, volume]),
+        sigma2=sigma2, rotations=torch.eye(3).repeat(n, 1, 1), shifts_pixel=shifts.clone(),
+        best_ids=torch.zeros(n, 2, dtype=torch.long), ids_level=settings.start_level,
+        max_probability=torch.zeros(n), sets=split_halves(n, seed=settings.seed),
+        band_radius=min(D / 2, radius + settings.band_margin_shells),
+    )
+
+
+def run_iteration(source: ImageSource, state: RefineState, settings: RefineSettings, pixel_size_angstrom: float,
+                  *, progress: Callable[[int], None] | None = None) -> dict:
+    """One E- and M-step; updates ``state`` and returns the iteration's summary."""
+    started = time.perf_counter()
+    D = source.box_size
+    previous = state.rotations.clone()
+    schedule = _schedule_for(state, settings)
+    acc = FourierAccumulator(D, n_sets=2)
+    residual = torch.zeros(2, D // 2 + 1, dtype=torch.float64)
+    inv_sigma2 = (1.0 / state.sigma2)[source.shell]
+    for half in range(2):
+        ref = Reference.from_volume(state.half_maps[half])
+        indices = np.flatnonzero(state.sets == half)
+        _estep_half(source, ref, indices, state, schedule, state.sigma2, acc, half, residual, inv_sigma2,
+                    settings.batch_size)
+        if progress:
+            progress(len(indices))
+    state.ids_level = state.level
+    result = reconstruct_from_accumulator(acc, regularization="fsc", tau2_fudge=settings.tau2_fudge,
+                                          sphere_mask_radius_fraction=settings.sphere_mask_fraction,
+                                          pixel_size_angstrom=pixel_size_angstrom)
+    state.half_maps = result.half_maps
+    state.final_map, state.fsc = result.volume, result.fsc
+    state.sigma2 = (residual[0] / residual[1].clamp_min(1)).clamp_min(1e-12).to(torch.float32)
+    res_shell = float(result.fsc["res_0.143"]) * D
+    change = rotation_angle_between(previous.double(), state.rotations.double())
+    summary = {
+        "iteration": state.iteration + 1, "level": state.level, "local": state.local,
+        "spacing_deg": base_grid_spacing_deg(state.level), "band_radius": state.band_radius,
+        "resolution_angstrom": float(result.fsc["res_0.143_angstrom"]), "resolution_shell": res_shell,
+        "median_pose_change_deg": float(torch.rad2deg(change).median()),
+        "mean_max_probability": float(state.max_probability.mean()),
+        "seconds": time.perf_counter() - started,
+    }
+    _advance(state, settings, res_shell, D)
+    state.iteration += 1
+    state.history.append(summary)
+    return summary
+
+
+def _advance(state: RefineState, settings: RefineSettings, res_shell: float, D: int) -> None:
+    """The schedule: next band, finer grid when the resolution stalls, convergence."""
+    improved = res_shell > state.best_resolution_shell + settings.min_improvement_shells
+    state.best_resolution_shell = max(state.best_resolution_shell, res_shell)
+    state.band_radius = min(D / 2, state.best_resolution_shell + settings.band_margin_shells)
+    if improved:
+        state.stalls = 0
+        return
+    if state.level < settings.max_level:
+        state.level += 1
+        state.local = state.level >= settings.local_from_level
+        state.stalls = 0
+    else:
+        state.stalls += 1
+        state.converged = state.stalls >= 2
+
+
+def refine(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_angstrom: float,
+           settings: RefineSettings, *, checkpoint: Path | None = None, resume: bool = False,
+           initial_shifts_pixel: np.ndarray | None = None, on_iteration=None) -> RefineState:
+    """Run (or resume) a refinement to convergence or ``max_iterations``; see the module docstring."""
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = RefineState.load(checkpoint)
+        log.info("resuming after iteration %d", state.iteration)
+    else:
+        state = initial_state(source, n, initial_map, pixel_size_angstrom, settings,
+                              initial_shifts_pixel=initial_shifts_pixel)
+    while not state.converged and state.iteration < settings.max_iterations:
+        summary = run_iteration(source, state, settings, pixel_size_angstrom)
+        log.info("iteration %d: %s", summary["iteration"],
+                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+        if checkpoint is not None:
+            state.save(checkpoint)
+        if on_iteration is not None:
+            on_iteration(state, summary)
+    return state
+
+
+def ids_from_rotations(rotations: torch.Tensor, level: int) -> torch.Tensor:
+    """Grid ids at ``level`` of given poses (to start a local search from input poses)."""
+    return locate_in_so3_grid(rotations, level)

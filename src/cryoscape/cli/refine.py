@@ -1,0 +1,54 @@
+"""``cryoscape refine``: 3-D auto-refinement (EM over poses, gold-standard half-sets, MAP prior)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Refine poses and a map by expectation-maximisation with gold-standard half-sets (RELION's 3D auto-refine)."
+EXAMPLE = "cryoscape refine particles.star --initial-map init.mrc -o refine/  (add --resume to continue)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("particles", help="particles: .star, .cs, .txt stack list or .mrcs stack")
+    parser.add_argument("--initial-map", required=True, help="initial map .mrc (same box as the particles)")
+    parser.add_argument("-o", "--outdir", required=True,
+                        help="output folder (map.mrc, half1/2.mrc, fsc.txt, particles.star, poses.pkl, iterations.tsv)")
+    parser.add_argument("--poses", help="cryoDRGN poses.pkl (its shifts centre the first search)")
+    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
+    parser.add_argument("--datadir", help="folder to resolve relative stack paths against")
+    parser.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
+    parser.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+    parser.add_argument("--ini-high", type=float, default=40.0, metavar="ANGSTROM",
+                        help="low-pass the initial map to this resolution (default 40, RELION's --ini_high)")
+    parser.add_argument("--tau2-fudge", type=float, default=1.0, help="regularisation parameter T (default 1)")
+    parser.add_argument("--max-iterations", type=int, default=20, help="default 20")
+    parser.add_argument("--max-level", type=int, default=5,
+                        help="finest SO(3) grid level (3 = 3.75, 4 = 1.9, 5 = 0.94 degrees; default 5)")
+    parser.add_argument("--offset-range", type=float, default=3.0, metavar="PIXELS", help="shift search range (default 3)")
+    parser.add_argument("--offset-step", type=float, default=1.0, metavar="PIXELS", help="shift step (default 1)")
+    parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
+    parser.add_argument("--uninvert-data", action="store_true", help="do not negate the images")
+    parser.add_argument("-b", "--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the half-set split")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cryoscape.classical.refine import RefineSettings
+    from cryoscape.classical.runs import refine_particles
+    from cryoscape.cli.common import load_table_from_args
+    from cryoscape.io.run_folder import detach_log_file, prepare_run_folder
+
+    out, handler = prepare_run_folder(args.outdir, "refine", vars(args))
+    try:
+        table = load_table_from_args(args)
+        settings = RefineSettings(
+            initial_lowpass_angstrom=args.ini_high, tau2_fudge=args.tau2_fudge, max_iterations=args.max_iterations,
+            max_level=args.max_level, offset_range_pixel=args.offset_range, offset_step_pixel=args.offset_step,
+            batch_size=args.batch_size, seed=args.seed,
+        )
+        refine_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
+                         invert_contrast=not args.uninvert_data)
+    finally:
+        detach_log_file(handler)
+    return 0
