@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--window-r", type=float, default=0.85, help="window inner radius, fraction of D/2 [0.85]")
     data.add_argument("--window-r-outer", type=float, default=0.99, help="window outer radius fraction [0.99]")
     data.add_argument("--lazy", action="store_true", help="always read images from disk (default: load sets under 2 GiB)")
+    data.add_argument("--shuffle-chunk", type=int, default=0, metavar="N",
+                      help="for data read from disk: shuffle blocks of N consecutive particles (4 blocks mixed at a "
+                           "time) so that every block is read once, sequentially; e.g. 1024 [0: uniform shuffle]")
+    data.add_argument("--cache-dir", metavar="DIR",
+                      help="for data read from disk: write a float16 copy of the preprocessed images in DIR once "
+                           "(N x D x D x 2 bytes) and train from it; later runs of the same data reuse it")
     data.add_argument("--norm-images", type=int, default=1000, help="images sampled for the data normalisation [1000]")
 
     model = parser.add_argument_group("model (as cryoscape train)")
@@ -66,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ... [auto]")
     opt.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead [2]")
     opt.add_argument("--checkpoint-every", type=int, default=None, help="keep weights.EPOCH.pt every N epochs [5]")
+    opt.add_argument("--checkpoint-minutes", type=float, default=None, metavar="M",
+                     help="also checkpoint inside an epoch at most every M minutes (checkpoint.partial.pt; --resume "
+                          "continues the epoch where it stopped) [0: only after each epoch]")
     opt.add_argument("--no-progress", action="store_true", help="no progress output")
 
     sched = parser.add_argument_group("schedule (thesis 5.3.3)")
@@ -136,6 +145,7 @@ def _config_from_args(args: argparse.Namespace):
         pixel_size_angstrom=args.pixel_size_angstrom, use_ctf=not args.no_ctf, invert_data=not args.uninvert_data,
         window=not args.no_window, window_inner_radius_fraction=args.window_r,
         window_outer_radius_fraction=args.window_r_outer, lazy=args.lazy, n_normalization_images=args.norm_images,
+        shuffle_chunk=args.shuffle_chunk, cache_dir=args.cache_dir,
         zdim=args.zdim, decoder=args.decoder, decoder_options=dict(args.decoder_opt), dec_layers=args.dec_layers,
         dec_dim=pick(args.dec_dim, d.dec_dim), domain=args.domain, pe_type=args.pe_type, pe_dim=args.pe_dim,
         gaussian_scale=args.gaussian_scale, encoder=args.encoder, enc_layers=args.enc_layers,
@@ -144,7 +154,8 @@ def _config_from_args(args: argparse.Namespace):
         lr=pick(args.lr, d.lr), weight_decay=pick(args.weight_decay, d.weight_decay), beta=args.beta,
         beta_anneal_epochs=args.beta_anneal_epochs, shuffle=not args.no_shuffle, seed=args.seed, amp=args.amp,
         device=pick(args.device, d.device), prefetch=pick(args.prefetch, d.prefetch),
-        checkpoint_every=pick(args.checkpoint_every, d.checkpoint_every), progress=not args.no_progress,
+        checkpoint_every=pick(args.checkpoint_every, d.checkpoint_every),
+        checkpoint_minutes=pick(args.checkpoint_minutes, d.checkpoint_minutes), progress=not args.no_progress,
         pretrain_images=pick(args.pretrain_images, d.pretrain_images),
         search_every=pick(args.search_every, d.search_every), final_epochs=pick(args.final_epochs, d.final_epochs),
         reset_epochs=list(args.reset_epochs or []), reset_before_final=args.reset_before_final,
@@ -169,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         result = resume_abinit(
             args.resume, arguments=arguments, num_epochs=args.num_epochs, final_epochs=args.final_epochs,
             lr=args.lr, device=args.device, progress=False if args.no_progress else None,
-            checkpoint_every=args.checkpoint_every, prefetch=args.prefetch, datadir=args.datadir, amp=args.amp,
+            checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes, prefetch=args.prefetch,
+            datadir=args.datadir, amp=args.amp,
             lazy=True if args.lazy else None, search_chunk=args.search_chunk,
         )
     else:

@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="window: inner radius as a fraction of D/2, the edge falls to 0 at --window-r-outer [0.85]")
     data.add_argument("--window-r-outer", type=float, default=0.99, help="window: outer radius fraction [0.99]")
     data.add_argument("--lazy", action="store_true", help="always read images from disk (default: load sets under 2 GiB)")
+    data.add_argument("--shuffle-chunk", type=int, default=0, metavar="N",
+                      help="for data read from disk: shuffle blocks of N consecutive particles (4 blocks mixed at a "
+                           "time) so that every block is read once, sequentially; e.g. 1024 [0: uniform shuffle]")
+    data.add_argument("--cache-dir", metavar="DIR",
+                      help="for data read from disk: write a float16 copy of the preprocessed images in DIR once "
+                           "(N x D x D x 2 bytes) and train from it; later runs of the same data reuse it")
     data.add_argument("--norm-images", type=int, default=1000,
                       help="images sampled to estimate the data normalisation [1000]")
 
@@ -110,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--device", default=None, help="auto (cuda when present), cpu, cuda, cuda:1 ... [auto]")
     opt.add_argument("--prefetch", type=int, default=None, help="batches prepared ahead in a background thread [2]")
     opt.add_argument("--checkpoint-every", type=int, default=None, help="keep weights.EPOCH.pt every N epochs [5]")
+    opt.add_argument("--checkpoint-minutes", type=float, default=None, metavar="M",
+                     help="also checkpoint inside an epoch at most every M minutes (checkpoint.partial.pt; --resume "
+                          "continues the epoch where it stopped) [0: only after each epoch]")
     opt.add_argument("--warm-start-images", type=int, default=None, metavar="N",
                      help="decoders with a mean volume (basis): start it from the Wiener-filtered backprojection "
                           "of up to N images (0: start from zero) [20000]")
@@ -144,6 +153,8 @@ def _config_from_args(args: argparse.Namespace):
         window_inner_radius_fraction=args.window_r,
         window_outer_radius_fraction=args.window_r_outer,
         lazy=args.lazy,
+        shuffle_chunk=args.shuffle_chunk,
+        cache_dir=args.cache_dir,
         n_normalization_images=args.norm_images,
         tilt=args.tilt,
         tilt_poses=args.tilt_poses,
@@ -180,6 +191,7 @@ def _config_from_args(args: argparse.Namespace):
         device=pick(args.device, defaults.device),
         prefetch=pick(args.prefetch, defaults.prefetch),
         checkpoint_every=pick(args.checkpoint_every, defaults.checkpoint_every),
+        checkpoint_minutes=pick(args.checkpoint_minutes, defaults.checkpoint_minutes),
         warm_start_images=pick(args.warm_start_images, defaults.warm_start_images),
         progress=not args.no_progress,
     )
@@ -200,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             pose_lr=args.pose_lr,
             device=args.device,
             progress=False if args.no_progress else None,
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
             prefetch=args.prefetch,
             datadir=args.datadir,
             amp=args.amp,

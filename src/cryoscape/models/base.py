@@ -55,6 +55,9 @@ class VolumeDecoder(nn.Module, abc.ABC):
     wants_data_spectrum: bool = False
     #: whether :meth:`warm_start` uses the data (the engine then streams it once before training)
     wants_warm_start: bool = False
+    #: set by the training engine in data-parallel runs: sums a tensor over the processes, for
+    #: statistics of a whole batch (``None``: one process holds the whole batch)
+    process_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, *, box_size: int, zdim: int = 0):
         super().__init__()

@@ -453,8 +453,14 @@ class StructuralBasis(VolumeDecoder):
         """Running mean and variance of the raw mixing weights over the training batches
         (exponential averages, weight ``_S_STATS_MOMENTUM`` per batch; the first batch sets them)."""
         s = s.float()
-        mean = s.mean(0)
-        var = s.var(0, unbiased=False) if s.shape[0] > 1 else None
+        if self.process_sum is not None:  # data-parallel: the statistics of the whole batch
+            K = s.shape[1]
+            sums = self.process_sum(torch.cat([s.new_tensor([s.shape[0]]), s.sum(0), s.square().sum(0)]))
+            mean = sums[1:1 + K] / sums[0]
+            var = (sums[1 + K:] / sums[0] - mean.square()).clamp_min(0) if float(sums[0]) > 1 else None
+        else:
+            mean = s.mean(0)
+            var = s.var(0, unbiased=False) if s.shape[0] > 1 else None
         if not bool(self.s_stats_started):
             self.s_mean.copy_(mean)
             if var is not None:

@@ -75,7 +75,8 @@ def _prepare_tilted_table(table, tilted, tilt_deg: float):
 def build_dataset(config: TrainConfig, table, *, resume_state: dict[str, Any] | None = None) -> ParticleDataset:
     """``table`` as training data, its normalisation fitted (or taken from ``resume_state``)."""
     dataset = ParticleDataset(table, domain=config.domain, use_ctf=config.use_ctf,
-                              in_memory=False if config.lazy else None)
+                              in_memory=False if config.lazy else None, shuffle_chunk=config.shuffle_chunk,
+                              cache_dir=config.cache_dir)
     if resume_state is not None:
         dataset.normalization = DataNormalization.from_dict(resume_state["normalization"])
     else:

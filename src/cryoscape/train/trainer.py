@@ -212,6 +212,7 @@ class Trainer:
         self.fresh = resume_state is None
         model_epoch = 0 if resume_state is None else self._model_epoch(resume_state)
         self.model = Model(schedule.plan(model_epoch, self.D).model_config, self.D, self.device)
+        self._share_statistics()
         self.poses.setup(self.device)
         self._log_precision()
         if resume_state is not None:
@@ -234,6 +235,11 @@ class Trainer:
         """The epoch whose model a checkpoint holds (the one in progress for a mid-epoch checkpoint)."""
         partial = state.get("partial")
         return int(partial["epoch"]) if partial is not None else max(0, int(state["epoch"]))
+
+    def _share_statistics(self) -> None:
+        """Batch statistics of the decoder (the basis's running ``s(z)`` moments) over all processes."""
+        if self.dist.enabled:
+            self.model.decoder.process_sum = self.dist.sum_
 
     def _log_precision(self) -> None:
         config, device = self.config, self.device
@@ -314,8 +320,10 @@ class Trainer:
             order = epoch_order(self.N, seed=self.config.seed + 1, epoch=r, shuffle=True)[: images - seen]
             for batch, shard in iterate_batches(self._local_batch, order, self.config.batch_size,
                                                 prefetch=self.config.prefetch):
+                if batch is None:  # fewer images than processes: skipped by all
+                    continue
                 parts = self._step(batch, shard, source, loss, mask, epoch=-1, beta=0.0, generator=None)
-                value = float(parts["objective"].detach()) if parts is not None else 0.0
+                value = float(parts["objective"].detach())
                 if not math.isfinite(value):
                     self._diverged(-1, seen // self.config.batch_size, value)
                 total += value * shard.size
@@ -343,6 +351,7 @@ class Trainer:
         phase, rebuilt = plan.model_config, False
         if (self.model.zdim, self.model.name) != (phase.zdim, phase.decoder):
             self.model = Model(phase, self.D, self.device, seed=plan.model_seed)
+            self._share_statistics()
             likelihood_pixels(self.config, self.data.dataset, self.model.decoder, fresh=True)
             self.resumed_from = None if self.fresh else self.resumed_from
             self._write_config()
@@ -350,6 +359,7 @@ class Trainer:
             rebuilt = True
         if plan.reset_seed is not None:
             self.model.reset(plan.reset_seed)
+            self._share_statistics()
             if self.model.decoder.wants_data_spectrum:
                 likelihood_pixels(self.config, self.data.dataset, self.model.decoder, fresh=True)
             log.info("epoch %d: model and optimiser reset (poses kept)", epoch + 1)
@@ -360,7 +370,7 @@ class Trainer:
     def _local_batch(self, indices: np.ndarray) -> tuple[TrainingBatch | None, Shard]:
         """This process's share of the global batch ``indices`` (``None`` when it holds no image)."""
         rows = self.dist.shard(len(indices))
-        batch = self.data.get_batch(indices[rows]) if len(rows) else None
+        batch = self.data.get_batch(indices[rows]) if len(indices) >= self.dist.world_size else None
         return batch, Shard(len(indices), torch.as_tensor(rows))
 
     def _run_epoch(self, plan: EpochPlan, progress: EpochProgress) -> None:
@@ -369,7 +379,7 @@ class Trainer:
         epoch, B = progress.epoch, plan.batch_size
         pixels, mask = band_pixels(self.pixels, plan.band_pixel)
         loss = self.loss.with_pixels(pixels) if mask is not None else self.loss
-        order = epoch_order(self.N, seed=self.config.seed, epoch=epoch, shuffle=self.config.shuffle)
+        order = self.data.dataset.epoch_order(seed=self.config.seed, epoch=epoch, shuffle=self.config.shuffle)
         n_batches = math.ceil(self.N / B)
         per_chunk = self.poses.batches_per_chunk(plan)
         bar = tqdm(total=self.N, initial=progress.images_done, unit="img", leave=False, dynamic_ncols=True,
@@ -384,6 +394,10 @@ class Trainer:
                 continue
             self.poses.prepare([b for b, _ in chunk], self.model, plan, epoch)
             for batch, shard in chunk:
+                if batch is None:  # fewer images than processes (the tail of an epoch): skipped by all
+                    progress.batches_done += 1
+                    progress.images_done += shard.size
+                    continue
                 self._train_batch(batch, shard, loss, mask, progress, n_batches)
                 bar.update(shard.size)
             chunk = []
@@ -393,26 +407,22 @@ class Trainer:
                 last_checkpoint = time.perf_counter()
         bar.close()
 
-    def _step(self, batch, shard: Shard, source: PoseSource, loss: ImageLoss, mask, *, epoch: int, beta: float,
-              generator) -> dict[str, torch.Tensor] | None:
+    def _step(self, batch: TrainingBatch, shard: Shard, source: PoseSource, loss: ImageLoss, mask, *, epoch: int,
+              beta: float, generator) -> dict[str, torch.Tensor]:
         """One optimiser step on this process's share of a batch (all processes step together)."""
-        parts = None
         extra = source.optimizers(epoch)
         self.model.zero_grad(extra=source.all_optimizers())
-        if batch is not None:
-            batch = batch.to(self.device, non_blocking=True)
-            rotations, shifts = source.poses(batch, shard)
-            noise_rows = (shard.size, shard.rows) if self.dist.enabled else None
-            parts = loss(_restrict(batch, mask), decoder=self.model.decoder, encoder=self.model.encoder,
-                         rotations=rotations, shifts=shifts, beta=beta, generator=generator, share=shard.share,
-                         noise_rows=noise_rows)
-            prior = self.model.decoder.regularization_loss(n_images=self.N)
-            if prior is not None:
-                parts["loss"] = parts["loss"] + (prior if not self.dist.enabled else prior / self.dist.world_size)
-                parts["objective"] = parts["objective"] + prior
-            parts["loss"].backward()
-        elif generator is not None:  # draw the global batch's noise like the other processes
-            torch.randn((shard.size, self.model.zdim), generator=generator, device=self.device)
+        batch = batch.to(self.device, non_blocking=True)
+        rotations, shifts = source.poses(batch, shard)
+        noise_rows = (shard.size, shard.rows) if self.dist.enabled else None
+        parts = loss(_restrict(batch, mask), decoder=self.model.decoder, encoder=self.model.encoder,
+                     rotations=rotations, shifts=shifts, beta=beta, generator=generator, share=shard.share,
+                     noise_rows=noise_rows)
+        prior = self.model.decoder.regularization_loss(n_images=self.N)
+        if prior is not None:
+            parts["loss"] = parts["loss"] + (prior if not self.dist.enabled else prior / self.dist.world_size)
+            parts["objective"] = parts["objective"] + prior
+        parts["loss"].backward()
         self.dist.sync_gradients(self.model.parameters() + source.parameters())
         self.model.step()
         for opt in extra:
@@ -426,21 +436,20 @@ class Trainer:
         parts = self._step(batch, shard, self.poses, loss, mask, epoch=epoch, beta=beta, generator=progress.generator)
         progress.batches_done += 1
         progress.images_done += shard.size
-        if parts is not None:
-            n = len(shard.rows)
-            with torch.no_grad():
-                detached = torch.stack([parts["objective"].detach(), parts["error"].detach(),
-                                        parts["kl"].detach()]).double()
-                progress.sums += detached * n
-                progress.window += detached[0] * n
-                progress.window_n += n
-            if parts["mu"] is not None:
-                idx = batch.indices.numpy()
-                progress.z_mean[idx] = parts["mu"].detach().cpu().numpy()
-                progress.z_logvar[idx] = parts["logvar"].detach().cpu().numpy()
-            progress.seen += n
+        n = len(shard.rows)
+        with torch.no_grad():
+            detached = torch.stack([parts["objective"].detach(), parts["error"].detach(),
+                                    parts["kl"].detach()]).double()
+            progress.sums += detached * n
+            progress.window += detached[0] * n
+            progress.window_n += n
+        if parts["mu"] is not None:
+            idx = batch.indices.numpy()
+            progress.z_mean[idx] = parts["mu"].detach().cpu().numpy()
+            progress.z_logvar[idx] = parts["logvar"].detach().cpu().numpy()
+        progress.seen += n
         check_every = 1 if self.device.type == "cpu" else 16
-        if parts is not None and (progress.batches_done % check_every == 0 or progress.batches_done == n_batches):
+        if (progress.batches_done % check_every == 0 or progress.batches_done == n_batches):
             value = (float(parts["objective"].detach()) if check_every == 1 else
                      float(progress.sums[0] / max(progress.seen, 1)))
             if not math.isfinite(value):
