@@ -178,7 +178,7 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
     if not state:
         return
     if "torch" in state:
-        torch.set_rng_state(state["torch"].cpu() if hasattr(state["torch"], "cpu") else state["torch"])
+        torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
     if "numpy" in state:
         np.random.set_state(state["numpy"])
     if "python" in state:

@@ -348,9 +348,10 @@ class SearchedPoses(PoseSource):
 
 def concat_batches(batches: list[TrainingBatch]) -> TrainingBatch:
     """One batch of the images of several (CTF ``None`` stays ``None``)."""
-    def cat(name):
-        parts = [getattr(b, name) for b in batches]
+    def cat(parts):
+        parts = list(parts)
         return None if parts[0] is None else torch.cat(parts)
 
-    return TrainingBatch(indices=cat("indices"), images=cat("images"), values=cat("values"),
-                         rotations=cat("rotations"), shifts_pixel=cat("shifts_pixel"), ctf=cat("ctf"))
+    return TrainingBatch(indices=cat(b.indices for b in batches), images=cat(b.images for b in batches),
+                         values=cat(b.values for b in batches), rotations=cat(b.rotations for b in batches),
+                         shifts_pixel=cat(b.shifts_pixel for b in batches), ctf=cat(b.ctf for b in batches))
