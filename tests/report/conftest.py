@@ -9,11 +9,17 @@ tests/train/test_heterogeneity.py), too slow for the default suite.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+CHROMIUM = Path(os.environ.get("CRYOSCAPE_CHROMIUM", "/usr/bin/chromium"))
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
 N_IMAGES = 400
 BOX = 16
 
@@ -61,3 +67,29 @@ def three_class_analysis(three_class_run):
     from cryoscape.report.analyze import AnalyzeOptions, analyze_run
 
     return analyze_run(three_class_run, AnalyzeOptions(ksample=3, n_pcs=2, n_per_pc=3), progress=False)
+
+
+def _skip(reason: str) -> None:
+    warnings.warn(f"browser test skipped: {reason}", UserWarning, stacklevel=2)
+    print(f"browser test skipped: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Chromium's path; skips (before the trained-model fixtures are built) where it cannot run.
+
+    ``make test`` installs both (scripts/testdeps/browser.sh); the skip says what is missing.
+    """
+    if importlib.util.find_spec("playwright") is None:
+        _skip("the python package playwright is not installed (make test installs it: scripts/testdeps/browser.sh)")
+    if not CHROMIUM.is_file():
+        _skip(f"no Chromium at {CHROMIUM} (make test installs Debian's chromium: scripts/testdeps/browser.sh; "
+              "or set CRYOSCAPE_CHROMIUM)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def chromium_args() -> list[str]:
+    """Chromium's command-line options: headless, no sandbox (containers), no network of its own."""
+    return list(ARGS)

@@ -1,28 +1,13 @@
 """The analysis reports render in headless Chromium: every image loads, no console errors.
 
-Needs the python ``playwright`` package and Debian's Chromium at /usr/bin/chromium (the
-``browser`` extra of pyproject.toml); where either is missing the test is skipped and says why
-(in the warnings summary as well as the skip reason).
+Needs the python ``playwright`` package and Debian's Chromium at /usr/bin/chromium, which
+``make test`` installs (scripts/testdeps/browser.sh); where either is missing the test is skipped
+and says why (the ``chromium`` fixture of conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import warnings
 from pathlib import Path
-
-import pytest
-
-CHROMIUM = Path(os.environ.get("CRYOSCAPE_CHROMIUM", "/usr/bin/chromium"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def _skip(reason: str) -> None:
-    warnings.warn(f"browser test skipped: {reason}", UserWarning, stacklevel=2)
-    print(f"browser test skipped: {reason}")
-    pytest.skip(reason)
 
 
 def _render(page, report: Path) -> dict:
@@ -39,28 +24,19 @@ def _render(page, report: Path) -> dict:
     return {"errors": errors, "failed": failed, "images": images, "title": page.title()}
 
 
-@pytest.fixture(scope="session")
-def chromium() -> Path:
-    """Chromium's path; skips (before the trained-model fixtures are built) where it cannot run."""
-    if importlib.util.find_spec("playwright") is None:
-        _skip("the python package playwright is not installed (pip install playwright)")
-    if not CHROMIUM.is_file():
-        _skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CRYOSCAPE_CHROMIUM)")
-    return CHROMIUM
-
-
-def test_reports_render_in_headless_chromium(chromium, three_class_analysis, three_class_run, tmp_path):
+def test_reports_render_in_headless_chromium(chromium, chromium_args, three_class_analysis, three_class_run, tmp_path):
     from playwright.sync_api import sync_playwright
 
     from cryoscape.report.traverse import TraverseOptions, traverse_run
 
     # (the three classes are separate islands of latent space, so no graph path joins them: a line does)
-    traversal = traverse_run(three_class_run, TraverseOptions(along="line", kmeans_anchors=3, n_points=3), outdir=tmp_path / "line",
-                             progress=False)
+    traversal = traverse_run(three_class_run, TraverseOptions(along="line", kmeans_anchors=3, n_points=3),
+                             outdir=tmp_path / "line", progress=False)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), args=ARGS, headless=True)
+        browser = p.chromium.launch(executable_path=str(chromium), args=chromium_args, headless=True)
         try:
-            for report, n_min in ((three_class_analysis.report, 12), (traversal.report, 2)):
+            # analyze: 12 plots and 3 pictures of map sets (k-means centres, PC1, PC2); traverse: 3
+            for report, n_min in ((three_class_analysis.report, 15), (traversal.report, 3)):
                 page = browser.new_page()
                 seen = _render(page, report)
                 page.close()

@@ -21,8 +21,8 @@ def test_graph_path_within_a_class_thinned_with_anchors_kept(three_class_run, th
     i, j = np.unravel_index(d.argmax(), d.shape)
     middle = main[np.argmin(np.abs(d[i] - d[i, j] / 2) + np.abs(d[j] - d[i, j] / 2))]
     anchors = [int(main[i]), int(middle), int(main[j])]
-    res = traverse_run(three_class_run, TraverseOptions(along="graph", anchors=anchors, max_maps=5), outdir=tmp_path / "g",
-                       progress=False)
+    res = traverse_run(three_class_run, TraverseOptions(along="graph", anchors=anchors, max_maps=5),
+                       outdir=tmp_path / "g", progress=False)
     full = np.loadtxt(tmp_path / "g" / "path_indices.txt", dtype=np.int64)
     assert full[0] == anchors[0] and full[-1] == anchors[-1] and anchors[1] in full
     assert all(res.path.graph.has_edge(int(a), int(b)) for a, b in zip(full[:-1], full[1:]))
