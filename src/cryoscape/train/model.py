@@ -218,8 +218,9 @@ class Model:
             if self.sparse_optimizer is not None and state.get("sparse_optimizer") is not None:
                 self.sparse_optimizer.load_state_dict(state["sparse_optimizer"])
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            detail = " ".join(line.strip() for line in str(err).splitlines())[:240]
             raise InputError(
-                f"the checkpoint does not fit this model ({type(err).__name__}: {str(err)[:200]}); "
+                f"the checkpoint does not fit this model ({type(err).__name__}: {detail}); "
                 "use the same --zdim, --decoder and --enc/--dec sizes as the run that wrote it."
             ) from None
 
