@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = ("Ab initio reconstruction without poses: hierarchical pose search alternating with training of a "
         "homogeneous map (--zdim 0) or a heterogeneous VAE (--zdim N).")
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise InputError(f"{err}.") from None
         result = run_abinit(config, args.outdir, arguments=arguments)
-    if result.history:
+    if result.history and os.environ.get("RANK", "0") == "0":  # torchrun: process 0 reports
         last = result.history[-1]
         print(f"ran {result.epochs_done} epochs; final loss {last['loss']:.5g}; poses and maps in {result.out_dir}")
     return 0

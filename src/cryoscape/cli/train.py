@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 HELP = "Train a neural map (homogeneous, --zdim 0) or a heterogeneous VAE (--zdim N) on particles with poses and CTF."
 EXAMPLE = ("cryoscape train particles.star --zdim 8 -n 20 -o run/   "
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise InputError(f"{err}.") from None
         result = run_training(config, args.outdir, arguments=arguments, init_from=args.load)
-    if result.history:
+    if result.history and os.environ.get("RANK", "0") == "0":  # torchrun: process 0 reports
         last = result.history[-1]
         print(f"trained {result.epochs_done} epochs; final loss {last['loss']:.5g}; run folder {result.out_dir}")
     return 0
