@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--decoder", default="neural_field", help="decoder name (a registered decoder) [neural_field]")
     model.add_argument("--decoder-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="extra decoder option (repeatable), passed to the decoder as it is")
+    model.add_argument("--reference", metavar="PDB",
+                       help="--decoder atomic: the reference atomic model (.pdb/.cif) whose residues become the model's "
+                            "Gaussian centres (centred on its centroid, as cryoscape simulate centres models)")
     model.add_argument("--dec-layers", type=int, default=3, help="decoder hidden layers [3]")
     model.add_argument("--dec-dim", type=int, default=256, help="decoder width [256]")
     model.add_argument("--domain", choices=("fourier", "hartley"), default="fourier",
@@ -198,6 +201,26 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def _atomic_options(args: argparse.Namespace, config) -> None:
+    """``--reference`` as the atomic decoder's options, with the data's pixel size (its centres are in angstroms)."""
+    from cryoscape.errors import InputError
+
+    if not args.reference:
+        if args.decoder == "atomic" and "reference" not in config.decoder_options:
+            raise InputError("--decoder atomic needs a reference atomic model; pass --reference MODEL.pdb.")
+        return
+    if args.decoder != "atomic":
+        raise InputError("--reference is the reference model of the atomic decoder; pass --decoder atomic with it.")
+    config.decoder_options.setdefault("reference", args.reference)
+    if "pixel_size_angstrom" not in config.decoder_options:
+        import numpy as np
+
+        from cryoscape.train.inputs import load_tables
+
+        table, _ = load_tables(config)
+        config.decoder_options["pixel_size_angstrom"] = float(np.median(table.pixel_size_angstrom))
+
+
 def run(args: argparse.Namespace) -> int:
     from cryoscape.errors import InputError
     from cryoscape.train.loop import resume_training, run_training
@@ -225,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.outdir:
             raise InputError("no output folder was given; pass -o RUN_FOLDER.")
         config = _config_from_args(args)
+        _atomic_options(args, config)
         try:
             config.validate()
         except ValueError as err:

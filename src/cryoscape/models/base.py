@@ -107,6 +107,11 @@ class VolumeDecoder(nn.Module, abc.ABC):
     def after_optimizer_step(self) -> None:
         """Called after every optimiser step (e.g. to project parameters onto a constraint)."""
 
+    def write_atomic_model(self, path, z: torch.Tensor | None = None):
+        """Write the atomic model the decoder represents at latent ``z`` to ``path`` (.pdb/.cif) and
+        return the path, or return ``None`` (default: a decoder of maps only)."""
+        return None
+
     @abc.abstractmethod
     def forward(self, coords: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Map values at 3-D frequencies.
@@ -172,7 +177,7 @@ def _load_builtin_decoders() -> None:
     """Import the decoder modules shipped with cryoscape so they register themselves."""
     import importlib
 
-    for module in ("cryoscape.models.neural_field", "cryoscape.models.basis"):
+    for module in ("cryoscape.models.neural_field", "cryoscape.models.basis", "cryoscape.models.atomic"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
