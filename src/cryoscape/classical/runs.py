@@ -19,7 +19,7 @@ import torch
 from cryoscape.classical.refine import ImageSource, RefineSettings, RefineState, refine
 from cryoscape.errors import InputError
 
-__all__ = ["source_from_table", "read_initial_map", "refine_particles", "write_iterations"]
+__all__ = ["source_from_table", "read_initial_map", "refine_particles", "classify_particles", "write_iterations"]
 
 log = logging.getLogger(__name__)
 
@@ -102,4 +102,48 @@ def refine_particles(table, initial_map_path, out_dir, settings: RefineSettings,
     _write_particles(out, table, state)
     log.info("refinement %s after %d iterations: %.2f A", "converged" if state.converged else "stopped",
              state.iteration, summary.get("res_0.143_angstrom", float("nan")))
+    return state
+
+
+def classify_particles(table, initial_map_path, out_dir, settings, *, resume: bool = False, use_ctf: bool = True,
+                       invert_contrast: bool = True):
+    """Classify ``table`` and write ``classNNN.mrc``, ``classNNN.star`` (subsets of the input rows),
+    ``particles.star`` (all, with ``rlnClassNumber`` and ``rlnMaxValueProbDistribution``),
+    ``model.tsv`` (population and resolution of each class), ``iterations.tsv``, ``checkpoint.pt``."""
+    from cryoscape.classical.classify import classify
+    from cryoscape.io.mrc import write_mrc
+    from cryoscape.io.star import write_star
+
+    out = Path(out_dir)
+    table.require_poses()
+    source = source_from_table(table, use_ctf=use_ctf, invert_contrast=invert_contrast)
+    pixel = float(np.nanmedian(table.pixel_size_angstrom)) if use_ctf else 1.0
+    initial = read_initial_map(initial_map_path, source.box_size)
+    checkpoint = out / "checkpoint.pt"
+    if resume and not checkpoint.exists():
+        raise InputError(f"{out} has no checkpoint.pt to resume from; run without --resume.")
+    if not resume and checkpoint.exists():
+        raise InputError(f"{out} already holds a classification (checkpoint.pt); pass --resume or another -o.")
+    shifts = table.shifts_pixel if table.shifts_pixel is not None else np.zeros((len(table), 2))
+    state = classify(source, len(table), initial, pixel, settings, rotations=table.rotations, shifts_pixel=shifts,
+                     checkpoint=checkpoint, resume=resume,
+                     on_iteration=lambda s, _: write_iterations(out / "iterations.tsv", s.history))
+    labels = state.probabilities.argmax(1).numpy()
+    rows = []
+    for k in range(settings.n_classes):
+        write_mrc(out / f"class{k + 1:03d}.mrc", state.maps[k].numpy(), pixel_size_angstrom=pixel)
+        members = np.flatnonzero(labels == k)
+        if len(members):
+            write_star(out / f"class{k + 1:03d}.star", table, indices=members)
+        rows.append({"class": k + 1, "population": float(state.populations[k]), "n_particles": len(members),
+                     "resolution_angstrom": float(state.fsc[k]["res_0.143_angstrom"])})
+    write_iterations(out / "model.tsv", rows)
+    labelled = table.subset(np.arange(len(table)))
+    if settings.align:
+        labelled.rotations = state.rotations.double().numpy()
+    if labelled.star_rows is not None:
+        labelled.star_rows["rlnClassNumber"] = labels + 1
+        labelled.star_rows["rlnMaxValueProbDistribution"] = state.probabilities.max(1).values.double().numpy()
+    write_star(out / "particles.star", labelled)
+    log.info("classes: %s", rows)
     return state

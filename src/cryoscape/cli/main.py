@@ -31,7 +31,10 @@ COMMANDS: dict[str, str] = {
     "landscape": "landscape",
     "evaluate": "evaluate",
     "abinit": "abinit",
+    "micrograph-em": "micrograph_em",
     "refine": "refine",
+    "classify": "classify",
+    "postprocess": "postprocess",
     "dashboard": "dashboard",
 }
 

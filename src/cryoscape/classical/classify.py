@@ -1,0 +1,311 @@
+"""3-D classification by EM: K maps, class posteriors times pose posteriors (RELION's --K).
+
+* **E-step**: for every image and class ``k``, the evidence ``log sum_pose p(X | V_k, pose)``:
+  with ``align=False`` the pose is the input one (classes only, RELION's ``--skip_align``);
+  otherwise a local search around the input pose (:func:`cryoscape.classical.em.search_batch`).
+  The class posterior is ``softmax_k(log pi_k + evidence_k)``.
+* **M-step**: each image goes into every class with weight ``gamma_k x pose posterior /
+  sigma^2``; each class map is a MAP estimate with the prior ``tau_k^2 = T x`` the power spectrum
+  of the previous class map (``T`` = ``tau2_fudge``, 4 by default as in RELION's classification);
+  ``pi_k`` is the mean class posterior; ``sigma^2`` is the residual power at the best class and pose.
+* **Band**: the evidence uses frequencies up to ``highres_limit_angstrom`` (12 A by default, like
+  RELION's ``--strict_highres_exp``): beyond it each class map is mostly its own noise, which
+  draws images to whichever class overfitted most and empties others; the M-step uses all.
+* **Start**: the first iteration assigns images to classes at random (RELION's way of breaking the
+  symmetry between identical starting references); the consensus map only sets the first prior.
+  Each class is split into two random halves so every class map comes with an FSC.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryoscape.classical.em import Reference, SearchSchedule, estimate_scale, log_likelihoods, search_batch
+from cryoscape.classical.refine import ImageSource, noise_spectrum_from_images
+from cryoscape.fourier.fft import fft3_center
+from cryoscape.fourier.filters import lowpass_filter, radial_average, radial_profile_to_grid
+from cryoscape.fourier.fsc import gold_standard_fsc
+from cryoscape.fourier.masks import soft_spherical_mask_3d
+from cryoscape.fourier.shift import phase_shift_coords
+from cryoscape.reconstruct.backproject import FourierAccumulator, solve_wiener
+
+__all__ = ["ClassifySettings", "ClassifyState", "classify"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClassifySettings:
+    """Options of :func:`classify`."""
+
+    n_classes: int = 4
+    max_iterations: int = 25
+    tau2_fudge: float = 4.0
+    align: bool = False
+    level: int = 3
+    offset_step_pixel: float = 1.0
+    initial_lowpass_angstrom: float = 40.0
+    sphere_mask_fraction: float = 0.45
+    batch_size: int = 128
+    seed: int = 0
+    min_change: float = 0.002
+    highres_limit_angstrom: float | None = 12.0
+    anneal_temperature: float = 8.0
+    anneal_iterations: int = 8
+    n_starts: int = 3
+
+
+@dataclass
+class ClassifyState:
+    """Run state (saved atomically in ``checkpoint.pt``)."""
+
+    iteration: int
+    maps: torch.Tensor  # (K, D, D, D)
+    populations: torch.Tensor  # (K,)
+    sigma2: torch.Tensor
+    probabilities: torch.Tensor  # (N, K) class posteriors
+    rotations: torch.Tensor  # (N, 3, 3)
+    shifts_pixel: torch.Tensor  # (N, 2)
+    halves: np.ndarray  # (N,) 0/1 within each class, for the per-class FSC
+    history: list = field(default_factory=list)
+    fsc: list = field(default_factory=list)
+    converged: bool = False
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        torch.save(asdict(self), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ClassifyState":
+        return cls(**torch.load(path, weights_only=False))
+
+
+def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band):
+    """``(B, K)`` log evidence of each class and, with alignment, each class's pose posterior
+    (on the pixels ``band``: frequencies up to the E-step's resolution limit)."""
+    coords, D = source.coords[band], source.box_size
+    x, ctf, inv_sigma2 = x[:, band], ctf[:, band], inv_sigma2[band]
+    evidence, posts = [], []
+    for ref in refs:
+        if settings.align:
+            schedule = SearchSchedule(level=settings.level, local=True, offset_step_pixel=settings.offset_step_pixel)
+            post = search_batch(ref, x, ctf, inv_sigma2, coords, schedule, prior_shifts_pixel=state.shifts_pixel[idx],
+                                prior_rotations=state.rotations[idx])
+            evidence.append(post.log_evidence)
+            posts.append(post)
+        else:
+            s = ref.slices(state.rotations[idx], coords)[:, None, :]  # (B, 1, P)
+            xc = phase_shift_coords(x, coords, state.shifts_pixel[idx].float(), D)
+            evidence.append(log_likelihoods(xc, ctf, inv_sigma2, s, torch.zeros(1, 2), coords, D)[:, 0, 0])
+            posts.append(None)
+    return torch.stack(evidence, dim=1), posts
+
+
+def _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2) -> None:
+    """Insert each image into each class with weight gamma_k (x pose posterior with alignment)."""
+    halves = torch.as_tensor(state.halves[idx])
+    for k in range(gamma.shape[1]):
+        use = gamma[:, k] > 1e-4
+        if not use.any():
+            continue
+        if posts[k] is None:
+            rot = state.rotations[idx][use]
+            shifts = state.shifts_pixel[idx][use].float()
+            weights = gamma[use, k]
+            rows = use.nonzero()[:, 0]
+        else:
+            p = posts[k]
+            img, pose = ((p.weights > 0) & use[:, None]).nonzero(as_tuple=True)
+            rot, shifts = p.rotations[img, pose], p.shifts_pixel[img, pose]
+            weights = gamma[img, k] * p.weights[img, pose]
+            rows = img
+        values = phase_shift_coords(x[rows], source.coords, shifts, source.box_size)
+        acc.add(values, rot, ctf=ctf[rows], sets=2 * k + halves[rows],
+                weights=weights[:, None] * inv_sigma2[None, :])
+
+
+def _m_step(acc, state, settings, pixel_size_angstrom):
+    """Class maps (MAP with tau^2 from the previous maps' power), per-class half-map FSC."""
+    K, D = settings.n_classes, acc.box_size
+    sphere = soft_spherical_mask_3d(D, settings.sphere_mask_fraction * D, edge_width_pixel=0.05 * D,
+                                    dtype=torch.float64)
+    maps, fscs = [], []
+    for k in range(K):
+        power = radial_average(fft3_center(state.maps[k].double()).abs().square(), ndim=3)
+        tau2 = radial_profile_to_grid(power.clamp_min(power.max() * 1e-8), D, ndim=3)
+        num, weight = acc.symmetrized(slice(2 * k, 2 * k + 2))
+        reg = 1.0 / (settings.tau2_fudge * tau2)
+        maps.append(solve_wiener(num.sum(0), weight.sum(0), reg, box_size=D, correct_gridding=False) * sphere)
+        halves = [solve_wiener(num[h], weight[h], reg / 2, box_size=D, correct_gridding=False) * sphere
+                  for h in range(2)]
+        fscs.append(gold_standard_fsc(halves[0], halves[1], pixel_size_angstrom=pixel_size_angstrom))
+    return torch.stack(maps).float(), fscs
+
+
+def initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel):
+    """Random first assignment, sigma^2 from the images, the consensus map on the data's scale."""
+    rng = np.random.default_rng(settings.seed)
+    sample = np.sort(rng.choice(n, size=min(n, 1000), replace=False))
+    sigma2 = noise_spectrum_from_images(source, sample)
+    volume = lowpass_filter(initial_map.float(), settings.initial_lowpass_angstrom, pixel_size_angstrom, ndim=3)
+    x, ctf = source.batch(sample[:200])
+    volume = volume * estimate_scale(Reference.from_volume(volume), x, ctf, source.coords)
+    assignment = rng.integers(0, settings.n_classes, n)
+    probabilities = torch.nn.functional.one_hot(torch.as_tensor(assignment), settings.n_classes).float()
+    return ClassifyState(
+        iteration=0, maps=volume[None].repeat(settings.n_classes, 1, 1, 1),
+        populations=torch.full((settings.n_classes,), 1.0 / settings.n_classes), sigma2=sigma2,
+        probabilities=probabilities, rotations=torch.as_tensor(rotations, dtype=torch.float32),
+        shifts_pixel=torch.as_tensor(shifts_pixel, dtype=torch.float32), halves=rng.integers(0, 2, n),
+    )
+
+
+def classify_iteration(source, state, settings, pixel_size_angstrom) -> dict:
+    """One E- and M-step (the first uses the random assignment as its E-step)."""
+    started = time.perf_counter()
+    K, D, n = settings.n_classes, source.box_size, len(state.halves)
+    refs = [Reference.from_volume(m) for m in state.maps]
+    acc = FourierAccumulator(D, n_sets=2 * K)
+    inv_sigma2 = (1.0 / state.sigma2)[source.shell]
+    residual = torch.zeros(2, D // 2 + 1, dtype=torch.float64)
+    previous = state.probabilities.argmax(1)
+    radius = D / 2 if not settings.highres_limit_angstrom else D * pixel_size_angstrom / settings.highres_limit_angstrom
+    band = source.coords.norm(dim=-1) < radius
+    new_prob = torch.empty_like(state.probabilities)
+    total_log_likelihood = 0.0
+    for start in range(0, n, settings.batch_size):
+        idx = np.arange(start, min(start + settings.batch_size, n))
+        x, ctf = source.batch(idx)
+        evidence, posts = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
+        if state.iteration == 0:
+            gamma = state.probabilities[idx]
+        else:
+            gamma = torch.softmax((evidence + state.populations.log()[None]) / _temperature(state.iteration, settings), 1)
+        new_prob[idx] = gamma
+        total_log_likelihood += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
+        _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2)
+        _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts)
+    if state.iteration < settings.max_iterations // 2 and _reseed_empty_classes(new_prob, settings, state.iteration):
+        acc = _accumulate_hard(source, new_prob, state, settings, inv_sigma2)
+    state.maps, state.fsc = _m_step(acc, state, settings, pixel_size_angstrom)
+    state.probabilities = new_prob
+    state.populations = new_prob.mean(0).clamp_min(1e-6)
+    state.sigma2 = (residual[0] / residual[1].clamp_min(1)).clamp_min(1e-12).float()
+    changed = float((new_prob.argmax(1) != previous).float().mean())
+    state.iteration += 1
+    state.converged = state.iteration > max(2, settings.anneal_iterations) and changed < settings.min_change
+    summary = {"iteration": state.iteration, "changed_fraction": changed, "log_likelihood": total_log_likelihood,
+               "populations": " ".join(f"{p:.3f}" for p in state.populations.tolist()),
+               "resolutions_angstrom": " ".join(f"{f['res_0.143_angstrom']:.1f}" for f in state.fsc),
+               "seconds": time.perf_counter() - started}
+    state.history.append(summary)
+    return summary
+
+
+def _temperature(iteration: int, settings: ClassifySettings) -> float:
+    """Deterministic annealing: class posteriors are tempered by ``1 / temperature``, falling
+    linearly from ``anneal_temperature`` at the first E-step to 1 after ``anneal_iterations``.
+    Started from near-identical maps, untempered EM commits images to classes after one
+    iteration and often merges two true classes for good; soft early assignments let the maps
+    drift apart along the data's main differences first."""
+    if settings.anneal_iterations <= 1:
+        return 1.0
+    fraction = min(1.0, (iteration - 1) / (settings.anneal_iterations - 1))
+    return settings.anneal_temperature + (1.0 - settings.anneal_temperature) * max(0.0, fraction)
+
+
+def _reseed_empty_classes(prob: torch.Tensor, settings: ClassifySettings, iteration: int) -> bool:
+    """Give a class that emptied (population below ``0.2 / K``) a random half of the images of the
+    most populated class (in place, hard assignment).  EM from random subsets often merges two
+    classes and lets another die; splitting the largest one lets the next iterations separate it
+    (cryoSPARC re-seeds empty classes similarly).  Returns whether any class was re-seeded."""
+    K = settings.n_classes
+    reseeded = False
+    gen = torch.Generator().manual_seed(settings.seed + 1000 * (iteration + 1))
+    for k in range(K):
+        population = prob.mean(0)
+        if population[k] >= 0.2 / K:
+            continue
+        largest = int(population.argmax())
+        members = (prob.argmax(1) == largest).nonzero()[:, 0]
+        moved = members[torch.randperm(len(members), generator=gen)[: len(members) // 2]]
+        prob[moved] = torch.nn.functional.one_hot(torch.tensor(k), K).float()
+        log.info("class %d emptied: re-seeded with half of class %d (%d images)", k + 1, largest + 1, len(moved))
+        reseeded = True
+    return reseeded
+
+
+def _accumulate_hard(source, prob, state, settings, inv_sigma2):
+    """Insert every image with the given class probabilities at its current pose (after a re-seed)."""
+    K, D, n = settings.n_classes, source.box_size, len(state.halves)
+    acc = FourierAccumulator(D, n_sets=2 * K)
+    for start in range(0, n, settings.batch_size):
+        idx = np.arange(start, min(start + settings.batch_size, n))
+        x, ctf = source.batch(idx)
+        _insert(acc, source, x, ctf, prob[idx], [None] * K, state, idx, inv_sigma2)
+    return acc
+
+
+def _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts) -> None:
+    best = gamma.argmax(1)
+    rot = state.rotations[idx].clone()
+    shifts = state.shifts_pixel[idx].clone().float()
+    s = torch.empty(x.shape, dtype=torch.complex64)
+    for k, ref in enumerate(refs):
+        rows = best == k
+        if rows.any():
+            if posts[k] is not None:
+                rot[rows] = posts[k].rotations[rows, 0].to(rot.dtype)
+                shifts[rows] = posts[k].shifts_pixel[rows, 0]
+            s[rows] = ref.slices(rot[rows], source.coords)
+    diff = phase_shift_coords(x, source.coords, shifts, source.box_size) - ctf * s
+    power = (diff.real.square() + diff.imag.square()).double().sum(0)
+    residual[0].index_add_(0, source.shell, power)
+    residual[1].index_add_(0, source.shell, torch.full_like(power, x.shape[0]))
+
+
+def _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel) -> ClassifyState:
+    """Run ``n_starts`` random starts through the annealing iterations; keep the most likely.
+
+    EM from random subsets ends in different local optima (two true classes merged, another
+    split); the data log-likelihood after annealing picks the best of a few starts."""
+    best, best_ll = None, -math.inf
+    for start in range(max(1, settings.n_starts)):
+        trial = replace(settings, seed=settings.seed + start)
+        state = initial_classify_state(source, n, initial_map, pixel_size_angstrom, trial, rotations, shifts_pixel)
+        if settings.n_starts <= 1:
+            return state
+        for _ in range(min(settings.anneal_iterations + 1, settings.max_iterations)):
+            summary = classify_iteration(source, state, trial, pixel_size_angstrom)
+        log.info("start %d: log-likelihood %.1f after %d iterations", start + 1, summary["log_likelihood"],
+                 state.iteration)
+        if summary["log_likelihood"] > best_ll:
+            best, best_ll = state, summary["log_likelihood"]
+    return best
+
+
+def classify(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_angstrom: float,
+             settings: ClassifySettings, *, rotations, shifts_pixel, checkpoint: Path | None = None,
+             resume: bool = False, on_iteration=None) -> ClassifyState:
+    """Run (or resume) a classification; see the module docstring."""
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = ClassifyState.load(checkpoint)
+    else:
+        state = _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel)
+    while not state.converged and state.iteration < settings.max_iterations:
+        summary = classify_iteration(source, state, settings, pixel_size_angstrom)
+        log.info("iteration %d: %s", summary["iteration"], summary)
+        if checkpoint is not None:
+            state.save(checkpoint)
+        if on_iteration is not None:
+            on_iteration(state, summary)
+    return state
