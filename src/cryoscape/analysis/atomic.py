@@ -1,0 +1,99 @@
+"""Atomic-model metrics (thesis Table 7.1): C-alpha RMSE, % within 3 A, volume NMSE.
+
+C-alpha coordinates are compared as they are (no superposition): the models of a run and the
+truth of a simulated dataset share the box frame, and a rigid shift is an error the images
+would show.  Residues are matched by chain and number when both sides have them, else by order.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from cryoscape.errors import InputError
+
+__all__ = ["ca_rmse_angstrom", "percent_within", "volume_nmse", "read_ca_models", "score_models",
+           "atomic_metrics_along_path"]
+
+
+def ca_rmse_angstrom(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Root-mean-square distance between matching C-alpha ``(K, 3)`` arrays, in angstroms."""
+    p, t = np.asarray(predicted, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    if p.shape != t.shape:
+        raise ValueError(f"C-alpha arrays differ in shape: {p.shape} and {t.shape}")
+    return float(np.sqrt(np.square(p - t).sum(-1).mean()))
+
+
+def percent_within(predicted: np.ndarray, truth: np.ndarray, *, cutoff_angstrom: float = 3.0) -> float:
+    """Percentage of C-alpha atoms within ``cutoff_angstrom`` of their true position."""
+    d = np.linalg.norm(np.asarray(predicted, dtype=np.float64) - np.asarray(truth, dtype=np.float64), axis=-1)
+    return float(100.0 * (d <= cutoff_angstrom).mean())
+
+
+def volume_nmse(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """``|v - t|^2 / |t|^2`` after scaling ``v`` by the least-squares factor onto ``t`` (maps are in
+    arbitrary units: the normalised training data's), over the whole box."""
+    v, t = np.asarray(predicted, dtype=np.float64).ravel(), np.asarray(truth, dtype=np.float64).ravel()
+    scale = float(v @ t / max(v @ v, 1e-300))
+    return float(np.square(scale * v - t).sum() / max(t @ t, 1e-300))
+
+
+def read_ca_models(path: str | os.PathLike) -> tuple[list[tuple[str, int]], np.ndarray]:
+    """``(residue keys (chain, number), (M, K, 3) C-alpha angstroms)`` of every model of a PDB/mmCIF."""
+    from cryoscape.simulate.atomic_structures import read_residue_tables
+
+    tables = read_residue_tables(path)
+    keys = list(zip(tables[0].chain, (int(n) for n in tables[0].residue_number)))
+    return keys, np.stack([t.ca_angstrom for t in tables])
+
+
+def _matched(pred_keys, pred: np.ndarray, true_keys, true: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """C-alphas of the residues both sides have (by chain and number), else by order when counts agree."""
+    index = {k: i for i, k in enumerate(true_keys)}
+    both = [(i, index[k]) for i, k in enumerate(pred_keys) if k in index]
+    if len(both) >= 0.9 * min(len(pred_keys), len(true_keys)) and both:
+        a, b = np.array(both).T
+        return pred[..., a, :], true[..., b, :]
+    if pred.shape[-2] == true.shape[-2]:
+        return pred, true
+    raise InputError(f"the models in {where} share no residue numbers with the truth and have a different number "
+                     "of residues; compare models of the same protein.")
+
+
+def score_models(predicted: str | os.PathLike, truth: str | os.PathLike, *, cutoff_angstrom: float = 3.0) -> dict:
+    """C-alpha RMSE and % within the cutoff of each model of ``predicted`` against the matching
+    model of ``truth`` (model ``m`` against ``m``; a single true model against every model)."""
+    pk, p = read_ca_models(predicted)
+    tk, t = read_ca_models(truth)
+    if len(t) not in (1, len(p)):
+        raise InputError(f"{truth} holds {len(t)} models and {predicted} {len(p)}; give one true model or one per "
+                         "predicted model.")
+    p, t = _matched(pk, p, tk, t, os.fspath(predicted))
+    t = np.broadcast_to(t, p.shape)
+    rmse = [ca_rmse_angstrom(a, b) for a, b in zip(p, t)]
+    within = [percent_within(a, b, cutoff_angstrom=cutoff_angstrom) for a, b in zip(p, t)]
+    return {"ca_rmse_angstrom": rmse, "percent_within": within, "cutoff_angstrom": cutoff_angstrom,
+            "mean_ca_rmse_angstrom": float(np.mean(rmse)), "mean_percent_within": float(np.mean(within)),
+            "n_residues": int(p.shape[-2])}
+
+
+def atomic_metrics_along_path(decoder, z_per_state: np.ndarray, true_ca_angstrom: np.ndarray, *,
+                              cutoff_angstrom: float = 3.0) -> dict:
+    """C-alpha RMSE and % within of ``decoder``'s model at ``z_per_state[m]`` against state ``m``'s
+    true C-alphas ``(M, K, 3)`` in the box frame (e.g. the median latent of each state's images)."""
+    K = true_ca_angstrom.shape[1]
+    origin = decoder.origin_angstrom.double().cpu().numpy()
+    rmse, within = [], []
+    for m, z in enumerate(z_per_state):
+        ca = decoder.model_angstrom(None if z is None else np.asarray(z))[:K] - origin
+        rmse.append(ca_rmse_angstrom(ca, true_ca_angstrom[m]))
+        within.append(percent_within(ca, true_ca_angstrom[m], cutoff_angstrom=cutoff_angstrom))
+    return {"ca_rmse_angstrom": rmse, "percent_within": within, "mean_ca_rmse_angstrom": float(np.mean(rmse)),
+            "max_ca_rmse_angstrom": float(np.max(rmse)), "mean_percent_within": float(np.mean(within))}
+
+
+def model_path_for(map_path: str | os.PathLike, suffix: str = ".pdb") -> Path:
+    """The atomic-model file written next to a map: ``vol_000.mrc`` -> ``vol_000.pdb``."""
+    return Path(map_path).with_suffix(suffix)
