@@ -12,7 +12,9 @@ Optional training hooks are declared here with no-op defaults (the training engi
 every decoder and never asks ``getattr``): :meth:`VolumeDecoder.optimizer_param_groups`,
 :meth:`~VolumeDecoder.set_data_spectrum` (with :attr:`~VolumeDecoder.wants_data_spectrum`),
 :meth:`~VolumeDecoder.warm_start` (with :attr:`~VolumeDecoder.wants_warm_start`),
-:meth:`~VolumeDecoder.regularization_loss` and :meth:`~VolumeDecoder.after_optimizer_step`.
+:meth:`~VolumeDecoder.regularization_loss`, :meth:`~VolumeDecoder.after_optimizer_step`,
+:meth:`~VolumeDecoder.predict_images` (a real-space image formation) and
+:meth:`~VolumeDecoder.attention_volumes` (maps for analysis).
 
 Units and conventions
 ---------------------
@@ -112,6 +114,24 @@ class VolumeDecoder(nn.Module, abc.ABC):
         return the path, or return ``None`` (default: a decoder of maps only)."""
         return None
 
+    def predict_images(self, rotations: torch.Tensor, pixels, z: torch.Tensor | None,
+                       ctf: torch.Tensor | None) -> torch.Tensor | None:
+        """The model's images at the training pixels, for a decoder whose image formation is not a
+        central slice (e.g. a real-space density rendered by projection), or ``None`` (default).
+
+        ``rotations`` ``(B, 3, 3)``, ``pixels`` the training pixels (``FourierPixels``), ``z``
+        ``(B, zdim)`` or ``None``, ``ctf`` ``(B, P)`` or ``None``.  Returns ``(B, P)`` values in the
+        decoder's domain, the CTF applied, like the slice path it replaces; the image shifts are
+        undone on the data (train/likelihood.py).  ``None`` keeps the slice path
+        ``c(k) * decoder(R^T k, z)`` (train/likelihood.py ``predict_values``).
+        """
+        return None
+
+    def attention_volumes(self, z: torch.Tensor | None = None, *, box_size: int | None = None) -> torch.Tensor | None:
+        """``(N, n, n, n)`` maps of what parts of the map a decoder's N attention queries look at, or
+        ``None`` (default: the decoder has none).  ``analyze`` writes them as .mrc files."""
+        return None
+
     @abc.abstractmethod
     def forward(self, coords: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Map values at 3-D frequencies.
@@ -177,7 +197,8 @@ def _load_builtin_decoders() -> None:
     """Import the decoder modules shipped with cryoscape so they register themselves."""
     import importlib
 
-    for module in ("cryoscape.models.neural_field", "cryoscape.models.basis", "cryoscape.models.atomic"):
+    for module in ("cryoscape.models.neural_field", "cryoscape.models.basis", "cryoscape.models.cryoformer",
+                   "cryoscape.models.atomic"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:

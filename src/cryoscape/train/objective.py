@@ -81,7 +81,9 @@ class ImageLoss:
                z: torch.Tensor | None) -> torch.Tensor:
         """``(B,)`` squared errors of the images (prediction under ``rotations`` vs ``target``)."""
         with autocast(target.device, self.amp):
-            pred = predict_values(decoder, rotations, self.pixels, z, batch.ctf)
+            pred = decoder.predict_images(rotations, self.pixels, z, batch.ctf)  # None: the slice path
+            if pred is None:
+                pred = predict_values(decoder, rotations, self.pixels, z, batch.ctf)
         pred = pred.to(torch.complex64) if pred.is_complex() else pred.float()
         return squared_error(pred, target, self.pixels)
 

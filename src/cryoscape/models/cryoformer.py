@@ -1,0 +1,284 @@
+"""CryoFormer: a real-space density from a hash-grid feature volume and a query transformer (seed 002).
+
+Model (notes/cryoformer.md; names are the constructor's options)
+----------------------------------------------------------------
+* **Spatial features**: a multi-resolution hash grid (:class:`~cryoscape.models.hash_grid.HashGrid`,
+  ``n_levels`` x ``features_per_level``, table ``2^log2_table_size``, ``base_resolution`` up to
+  one cell per training pixel) and a 1-layer MLP of width ``spatial_width``, queried at the world
+  point ``X`` (training pixels, origin at the box centre) mapped to ``X / D + 1/2``.
+* **Deformation feature**: the latent ``z`` of the engine's image encoder (the VAE, so ``analyze``
+  and ``volumes`` work as for every decoder) is mapped by an MLP to ``n_queries`` tokens of width
+  ``query_dim`` (the paper's F_D, N x C).  A homogeneous decoder (``zdim = 0``) learns the tokens.
+* **Deformation transformer**: ``n_queries`` learnable queries go through ``n_blocks`` blocks of
+  [self-attention over the queries, cross-attention with the tokens, FFN] (pre-norm, ``n_heads``
+  heads).  These run **once per image**.
+* **Per point**: the spatial feature, projected to ``query_dim``, attends over the image's queries
+  (one head, so each point has one weight per query: the attention maps of
+  :meth:`CryoFormer.attention_volumes`), and an FFN gives a density, made non-negative by a
+  softplus.  This is the only part that runs per point.
+
+Forward models (``space``)
+--------------------------
+``"real"`` (default): the density is queried at ``R^T x`` on a lattice of ``render_size^3``
+points inside the sphere of ``radius_fraction`` of the box, integrated along z, and the image's
+transform taken by FFT (:mod:`cryoscape.models.realspace`, which states the cost budget and the
+band it predicts); the CTF multiplies it at the training pixels.  This is the
+:meth:`~cryoscape.models.base.VolumeDecoder.predict_images` hook; ``forward(coords, z)`` (the
+Fourier-slice interface, used by searches) evaluates the map, takes its 3-D FFT and interpolates.
+``"fourier"`` (the paper's ablation): the same network takes the frequency ``k + 1/2`` instead of
+the position and returns a complex value (Hermitian by construction, as the neural field), trained
+through the ordinary slice path.
+
+Scale: the density is in the units of :meth:`eval_volume` of every decoder (a map whose centred
+FFT is the data's normalised transform), i.e. one training voxel's value.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import nn
+
+from cryoscape.fourier.fft import fft3_center, ifft3_center, iht3_center
+from cryoscape.models.base import VolumeDecoder, register_decoder
+from cryoscape.models.hash_grid import HashGrid
+from cryoscape.models.neural_field import hermitian_negative_mask
+from cryoscape.models.realspace import column_points, render_values
+
+__all__ = ["CryoFormer"]
+
+SPACES = ("real", "fourier")
+
+
+class QueryTransformer(nn.Module):
+    """``n_blocks`` of [self-attention, cross-attention with the tokens, FFN] over learnt queries."""
+
+    def __init__(self, *, n_queries: int, dim: int, n_blocks: int, n_heads: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_queries, dim) * 0.5)
+        self.blocks = nn.ModuleList(
+            nn.TransformerDecoderLayer(d_model=dim, nhead=n_heads, dim_feedforward=2 * dim, dropout=0.0,
+                                       batch_first=True, norm_first=True) for _ in range(n_blocks))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C)`` tokens -> ``(B, N, C)`` image-specific queries."""
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        for block in self.blocks:
+            q = block(q, tokens)
+        return self.norm(q)
+
+
+@register_decoder("cryoformer")
+class CryoFormer(VolumeDecoder):
+    """Real-space (or Fourier-domain) density from a hash grid and a deformation transformer.
+
+    See the module docstring for the model; every option is a constructor keyword (also
+    ``--decoder-opt KEY=VALUE``).  ``domain`` is the training loss's domain ("fourier" or
+    "hartley"); ``space`` where the network lives ("real" or "fourier").
+    """
+
+    def __init__(self, *, box_size: int, zdim: int = 0, domain: str = "fourier", space: str = "real",
+                 n_levels: int = 16, features_per_level: int = 2, log2_table_size: int = 15,
+                 base_resolution: int = 16, spatial_width: int = 16, n_queries: int = 64, query_dim: int = 64,
+                 n_blocks: int = 3, n_heads: int = 4, deform_width: int = 128, deform_layers: int = 2,
+                 render_size: int | None = None, radius_fraction: float = 0.9, jitter: bool = True,
+                 chunk_points: int = 1 << 16):
+        super().__init__(box_size=box_size, zdim=zdim)
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        if domain not in ("fourier", "hartley"):
+            raise ValueError(f"domain must be fourier or hartley, got {domain!r}")
+        D = self.box_size
+        render_size = int(render_size) if render_size is not None else min(D, 32)
+        self.domain, self.space = domain, space
+        self.render_size, self.radius_fraction, self.jitter = render_size, float(radius_fraction), bool(jitter)
+        self.chunk_points = int(chunk_points)
+        self.config.update(domain=domain, space=space, n_levels=n_levels, features_per_level=features_per_level,
+                           log2_table_size=log2_table_size, base_resolution=base_resolution,
+                           spatial_width=spatial_width, n_queries=n_queries, query_dim=query_dim, n_blocks=n_blocks,
+                           n_heads=n_heads, deform_width=deform_width, deform_layers=deform_layers,
+                           render_size=render_size, radius_fraction=radius_fraction, jitter=jitter,
+                           chunk_points=chunk_points)
+        max_res = max(2, D)
+        self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
+                             base_resolution=min(base_resolution, max_res), max_resolution=max_res)
+        self.spatial = nn.Sequential(nn.Linear(self.grid.out_features, spatial_width), nn.ReLU(),
+                                     nn.Linear(spatial_width, query_dim))
+        self.n_queries, self.query_dim = int(n_queries), int(query_dim)
+        self.deform = self._deformation_mlp(zdim, deform_width, deform_layers)
+        self.transformer = QueryTransformer(n_queries=n_queries, dim=query_dim, n_blocks=n_blocks, n_heads=n_heads)
+        self.key = nn.Linear(query_dim, query_dim)
+        self.value = nn.Linear(query_dim, query_dim)
+        n_out = 1 if space == "real" else 2
+        self.ffn = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, query_dim), nn.ReLU(),
+                                 nn.Linear(query_dim, n_out))
+        if space == "real":
+            nn.init.constant_(self.ffn[-1].bias, -4.0)  # start near an empty box
+        # one training voxel's value is ~1/D^2 of a unit-RMS normalised transform (see module docstring)
+        self.register_buffer("output_scale", torch.tensor(4.0 / D ** 2 if space == "real" else 1.0),
+                             persistent=False)
+        self._columns = None
+
+    def _deformation_mlp(self, zdim: int, width: int, layers: int) -> nn.Module | None:
+        if zdim == 0:
+            self.tokens = nn.Parameter(torch.randn(self.n_queries, self.query_dim) * 0.5)
+            return None
+        mods: list[nn.Module] = [nn.Linear(zdim, width), nn.ReLU()]
+        for _ in range(max(0, layers - 1)):
+            mods += [nn.Linear(width, width), nn.ReLU()]
+        mods.append(nn.Linear(width, self.n_queries * self.query_dim))
+        return nn.Sequential(*mods)
+
+    # ---- per image
+    def image_context(self, z: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``(B or 1, N, C)`` of the image-specific queries (run once per image)."""
+        z = self.check_latent(z, batch)
+        if z is None:
+            tokens = self.tokens.unsqueeze(0)
+        else:
+            tokens = self.deform(z).reshape(z.shape[0], self.n_queries, self.query_dim)
+        q = self.transformer(tokens)
+        return self.key(q), self.value(q)
+
+    # ---- per point
+    def point_values(self, u: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor], *,
+                     attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Network output ``(B, M, n_out)`` at points ``u`` ``(B, M, 3)`` of the unit cube.
+
+        ``attention``: also return the ``(B, M, N)`` attention weights of the points over the queries.
+        """
+        keys, values = context
+        feat = self.grid(u)
+        q = self.spatial(feat.to(self.spatial[0].weight.dtype))
+        logits = q @ keys.transpose(1, 2).to(q.dtype) / math.sqrt(self.query_dim)
+        weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        h = q + weights @ values.to(q.dtype)
+        out = self.ffn(h)
+        return (out, weights) if attention else out
+
+    def density(self, world: torch.Tensor, context) -> torch.Tensor:
+        """Non-negative density ``(B, M)`` at world points ``(B, M, 3)`` (training pixels)."""
+        u = world / self.box_size + 0.5
+        raw = self.point_values(u, context)[..., 0].float()
+        inside = world.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
+        return nn.functional.softplus(raw) * self.output_scale * inside
+
+    def columns(self, device: torch.device):
+        if self._columns is None or self._columns.positions.device != device:
+            self._columns = column_points(self.box_size, self.render_size, radius_fraction=self.radius_fraction,
+                                          device=device)
+        return self._columns
+
+    # ---- the training hook
+    def predict_images(self, rotations: torch.Tensor, pixels, z: torch.Tensor | None,
+                       ctf: torch.Tensor | None) -> torch.Tensor | None:
+        """Real space: render the images and return ``c(k) * FFT`` at the training pixels; Fourier: ``None``."""
+        if self.space != "real":
+            return None
+        B = rotations.shape[0]
+        context = self.image_context(z, B)
+        if context[0].shape[0] != B:
+            context = (context[0].expand(B, -1, -1), context[1].expand(B, -1, -1))
+        columns = self.columns(rotations.device)
+        offsets = None
+        if self.training and self.jitter and columns.step > 1:
+            offsets = (torch.rand(B, 3, device=rotations.device) - 0.5) * columns.step
+        values = render_values(lambda world: self.density(world, context), rotations, columns, pixels.coords_index,
+                               box_size=self.box_size, offsets=offsets)
+        if pixels.domain == "hartley":
+            values = values.real - values.imag
+        if ctf is not None:
+            values = values * ctf.to(values.real.dtype)
+        return values
+
+    # ---- the Fourier-slice interface
+    def forward(self, coords: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        B = coords.shape[0]
+        if self.space == "fourier":
+            return self._fourier_values(coords, z)
+        out = []
+        for b in range(B):
+            zb = None if z is None else z[min(b, z.shape[0] - 1)].unsqueeze(0)
+            ft = fft3_center(self.eval_volume(zb, grad=True))
+            out.append(_interpolate_grid(ft, coords[b], self.box_size))
+        values = torch.stack(out)
+        return values.real - values.imag if self.domain == "hartley" else values
+
+    def _fourier_values(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        B = coords.shape[0]
+        context = self.image_context(z, B)
+        if context[0].shape[0] != B:
+            context = (context[0].expand(B, -1, -1), context[1].expand(B, -1, -1))
+        if self.domain == "hartley":
+            out = self.point_values(coords + 0.5, context).float() * self.output_scale
+            return out[..., 0] - out[..., 1]
+        negative = hermitian_negative_mask(coords)
+        canon = torch.where(negative.unsqueeze(-1), -coords, coords)
+        out = self.point_values(canon + 0.5, context).float() * self.output_scale
+        imag = torch.where(negative, -out[..., 1], out[..., 1])
+        imag = torch.where((coords == 0).all(-1), torch.zeros_like(imag), imag)
+        return torch.complex(out[..., 0], imag)
+
+    # ---- maps
+    def _grid_points(self, n: int, device) -> torch.Tensor:
+        axis = (torch.arange(n, device=device, dtype=torch.float32) - n // 2) * (self.box_size / n)
+        zz, yy, xx = torch.meshgrid(axis, axis, axis, indexing="ij")
+        return torch.stack([xx, yy, zz], -1).reshape(1, -1, 3)
+
+    def eval_volume(self, z: torch.Tensor | None = None, *, box_size: int | None = None,
+                    grad: bool = False) -> torch.Tensor:
+        """Real-space map ``(n, n, n)`` ``[z, y, x]``: the density sampled every ``D / n`` training pixels
+        (real space) or the inverse FFT of the cropped frequencies times ``(n / D)^3`` (Fourier space)."""
+        n = int(box_size) if box_size is not None else self.box_size
+        device = self.tokens.device if self.zdim == 0 else self.deform[0].weight.device
+        if z is not None:
+            z = torch.as_tensor(z, device=device, dtype=torch.float32).reshape(1, -1)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if self.space == "fourier":
+                freq = (torch.arange(n, device=device, dtype=torch.float32) - n // 2) / self.box_size
+                zz, yy, xx = torch.meshgrid(freq, freq, freq, indexing="ij")
+                k = torch.stack([xx, yy, zz], -1).reshape(1, -1, 3)
+                values = torch.cat([self._fourier_values(c, z) for c in k.split(self.chunk_points, 1)], 1)
+                values = values.reshape(n, n, n)
+                if self.domain == "hartley":
+                    return iht3_center(values) * (n / self.box_size) ** 3
+                return ifft3_center(values).real * (n / self.box_size) ** 3
+            context = self.image_context(z, 1)
+            world = self._grid_points(n, device)
+            dens = torch.cat([self.density(w, context) for w in world.split(self.chunk_points, 1)], 1)
+            return dens.reshape(n, n, n)
+
+    def attention_volumes(self, z: torch.Tensor | None = None, *, box_size: int | None = None) -> torch.Tensor:
+        """``(N, n, n, n)``: per query, its attention weight at every voxel (real space only).
+
+        Voxels outside the rendered sphere are 0.  A query whose weight changes with ``z`` in a
+        region marks where the structure moves (notes/cryoformer.md).
+        """
+        if self.space != "real":
+            raise ValueError("attention maps exist for the real-space model only")
+        n = int(box_size) if box_size is not None else self.box_size
+        device = self.grid.tables.device
+        if z is not None:
+            z = torch.as_tensor(z, device=device, dtype=torch.float32).reshape(1, -1)
+        with torch.no_grad():
+            context = self.image_context(z, 1)
+            world = self._grid_points(n, device)
+            parts = []
+            for w in world.split(self.chunk_points, 1):
+                _, att = self.point_values(w / self.box_size + 0.5, context, attention=True)
+                inside = w.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
+                parts.append(att.float() * inside.unsqueeze(-1))
+            att = torch.cat(parts, 1)[0]
+        return att.T.reshape(-1, n, n, n)
+
+
+def _interpolate_grid(ft: torch.Tensor, coords: torch.Tensor, box_size: int) -> torch.Tensor:
+    """Trilinear interpolation of a centred ``(D, D, D)`` transform at ``(P, 3)`` frequencies (cycles/pixel)."""
+    D = ft.shape[-1]
+    idx = coords * box_size + D // 2  # (P, 3) x, y, z in grid index units
+    grid = (idx / (D - 1) * 2 - 1).reshape(1, 1, 1, -1, 3).to(torch.float32)
+    parts = torch.stack([ft.real, ft.imag]).unsqueeze(0).float()  # (1, 2, D, D, D)
+    out = nn.functional.grid_sample(parts, grid, mode="bilinear", align_corners=True, padding_mode="zeros")
+    out = out.reshape(2, -1)
+    return torch.complex(out[0], out[1])

@@ -1,0 +1,66 @@
+"""The hash-grid encoding: exact at lattice corners, continuous across cells, dense and hashed levels."""
+
+from __future__ import annotations
+
+import torch
+
+from cryoscape.models.hash_grid import HashGrid, corner_rows, level_resolutions
+
+
+def _grid(**kw) -> HashGrid:
+    torch.manual_seed(0)
+    g = HashGrid(**kw)
+    with torch.no_grad():
+        g.tables.uniform_(-1, 1)  # large entries, so interpolation errors would show
+    return g
+
+
+def test_level_resolutions_are_geometric_from_base_to_max():
+    res = level_resolutions(16, 16, 512)
+    assert res[0] == 16 and res[-1] == 512 and res == sorted(res)
+    assert level_resolutions(1, 8, 8) == [8]
+
+
+def test_values_at_lattice_corners_are_the_table_rows_exactly():
+    """At a corner of level l's lattice, level l's feature equals that corner's row (dense and hashed levels)."""
+    for log2_t, res in ((15, 12), (6, 12)):  # 13^3 corners fit 2^15 rows (dense); 2^6 rows force hashing
+        g = _grid(n_levels=1, features_per_level=3, log2_table_size=log2_t, base_resolution=res, max_resolution=res)
+        corners = torch.tensor([[0, 0, 0], [12, 12, 12], [3, 7, 11], [11, 0, 5], [5, 5, 12]])
+        out = g(corners.float() / res)
+        rows = corner_rows(corners, res, g.table_size)
+        torch.testing.assert_close(out, g.tables[0][rows], rtol=0, atol=1e-6)
+
+
+def test_hashed_rows_differ_from_dense_rows_only_when_the_table_is_too_small():
+    corners = torch.randint(0, 9, (100, 3))
+    dense = corner_rows(corners, 8, 1 << 10)  # 9^3 = 729 <= 1024
+    assert (dense == corners[:, 0] + 9 * (corners[:, 1] + 9 * corners[:, 2])).all()
+    hashed = corner_rows(corners, 8, 1 << 6)
+    assert hashed.min() >= 0 and hashed.max() < 64
+
+
+def test_interpolation_is_continuous_across_cell_faces_and_linear_along_an_edge():
+    g = _grid(n_levels=4, features_per_level=2, log2_table_size=8, base_resolution=4, max_resolution=32)
+    torch.manual_seed(1)
+    u = torch.rand(500, 3) * 0.98 + 0.01
+    eps = 1e-5
+    for axis in range(3):
+        step = torch.zeros(3)
+        step[axis] = eps
+        jump = (g(u + step) - g(u - step)).abs().max()
+        # features are Lipschitz with a constant ~ 2 * max|row| * max resolution: no jumps at faces
+        assert jump < 2 * 2 * 32 * 2 * eps + 1e-6, float(jump)
+    # along a lattice edge of one level the feature is the linear blend of the two corner rows
+    g1 = _grid(n_levels=1, features_per_level=2, log2_table_size=15, base_resolution=8, max_resolution=8)
+    t = torch.linspace(0, 1, 11)
+    pts = torch.stack([(2 + t) / 8, torch.full_like(t, 3 / 8), torch.full_like(t, 5 / 8)], -1)
+    a, b = g1(pts[:1]), g1(pts[-1:])
+    torch.testing.assert_close(g1(pts), a + t[:, None] * (b - a), rtol=0, atol=1e-6)
+
+
+def test_gradients_reach_the_rows_of_the_cell_and_the_points():
+    g = _grid(n_levels=2, features_per_level=2, log2_table_size=10, base_resolution=4, max_resolution=8)
+    u = torch.tensor([[0.3, 0.6, 0.2]], requires_grad=True)
+    g(u).sum().backward()
+    touched = (g.tables.grad.abs().sum(-1) > 0).sum(-1)
+    assert touched.tolist() == [8, 8] and u.grad.abs().sum() > 0
