@@ -46,6 +46,8 @@ cat <<TXT
 
 Done. Look at:
   $OUT/train/analysis.$LAST/report.html   the analysis report (open in a browser)
+  cryoscape dashboard $OUT/train          explore the run in the browser: latents, maps at clicked
+                                      particles, selections exported as .star (http://127.0.0.1:8050/)
   $OUT/train/evaluate.$LAST/report.html   the comparison with the ground truth
   $OUT/backproject/map.mrc            reconstructed map (open in ChimeraX)
   $OUT/backproject/fsc.png            half-map gold-standard FSC

@@ -109,3 +109,17 @@ def test_other_latents_with_z(latent_run, tmp_path):
     np.testing.assert_array_equal(session.z, z[:, ::-1])
     with pytest.raises(InputError, match="not found"):
         DashboardSession(latent_run, DashboardOptions(z_path=tmp_path / "missing.npy"))
+
+
+def test_one_dimensional_latents_are_drawn_on_a_line(latent_run, tmp_path):
+    import pickle
+
+    z1 = np.load(latent_run / "z.2.npy")[:, :1]
+    with open(tmp_path / "z.pkl", "wb") as f:
+        pickle.dump(z1, f)  # cryoDRGN writes its latents so
+    session = DashboardSession(latent_run, DashboardOptions(z_path=tmp_path / "z.pkl"))
+    xy = session.embedding("pc")
+    assert xy.shape == (300, 2) and np.all(xy[:, 1] == 0)
+    assert session.summary()["embeddings"] == ["pc", "z"]  # no UMAP of a line
+    left = session.select(np.array([[-100, -1], [-3, -1], [-3, 1], [-100, 1]]), "z")
+    assert left.tolist() == np.flatnonzero(z1[:, 0] < -3).tolist()

@@ -132,30 +132,37 @@ class DashboardSession:
         self._history_stamp: tuple[float, list[dict[str, Any]]] | None = None
 
     # ------------------------------------------------------------------ reading
-    def _read_z_file(self, path: str | os.PathLike) -> np.ndarray:
-        from cryoscape.train.volumes import read_latents
+    @staticmethod
+    def _read_z_file(path: str | os.PathLike) -> np.ndarray:
+        """``(N, zdim)`` float32 latents from a .npy, .pkl (cryoDRGN's z.pkl) or .txt file."""
+        import pickle
 
         p = Path(path)
         if not p.is_file():
             raise InputError(f"--z {p} was not found; pass a .npy, .pkl or .txt file of per-particle latents.")
-        probe = np.load(p) if p.suffix == ".npy" else None
-        zdim = probe.shape[1] if probe is not None and probe.ndim == 2 else None
-        if zdim is None:
-            import pickle
-
-            if p.suffix == ".pkl":
+        try:
+            if p.suffix == ".npy":
+                arr = np.load(p, allow_pickle=False)
+            elif p.suffix == ".pkl":
                 with open(p, "rb") as f:
-                    arr = np.asarray(pickle.load(f))
+                    arr = pickle.load(f)
             else:
                 arr = np.loadtxt(p, ndmin=2)
-            zdim = arr.shape[1] if arr.ndim == 2 else 1
-        return read_latents(p, zdim=zdim)
+            arr = np.asarray(arr, dtype=np.float32)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is one user error
+            raise InputError(f"--z {p} could not be read as latents ({type(err).__name__}); pass a .npy, .pkl or "
+                             ".txt array with one row per particle.") from None
+        arr = arr[:, None] if arr.ndim == 1 else arr
+        if arr.ndim != 2 or not np.isfinite(arr).all():
+            raise InputError(f"--z {p} holds an array of shape {arr.shape} or non-finite values; pass finite "
+                             "(particles, zdim) latents.")
+        return arr
 
     def summary(self) -> dict[str, Any]:
         """What the page needs first: counts, dimensions, the choices it offers."""
         n, zdim = self.z.shape
         model = self._try_model()
-        embeddings = ["pc", "umap"] + (["z"] if zdim <= 2 else [])
+        embeddings = ["pc"] + (["umap"] if zdim >= 2 else []) + (["z"] if zdim <= 2 else [])
         return dict(run=self.run.name, n_particles=int(n), zdim=int(zdim), epoch=self.epoch,
                     embeddings=embeddings, maps=model is not None,
                     maps_unavailable=self._model_error, box_size=model.box_size if model else None,
