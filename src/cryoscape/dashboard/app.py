@@ -83,10 +83,32 @@ def _map_reply(volume: np.ndarray, level: float | None = None, **extra: Any) -> 
 
 def create_app(session: DashboardSession, *, token: str | None = None):
     """The Flask application serving ``session`` (module docstring); ``token`` None: loopback only."""
-    from flask import Flask, abort, jsonify, request, send_file
+    from flask import Flask
 
     app = Flask("cryoscape.dashboard", static_folder=str(STATIC), static_url_path="/static")
-    app.config["JSON_SORT_KEYS"] = False
+    _add_guards(app, token)
+    _add_page_routes(app, session)
+    _add_latent_routes(app, session)
+    _add_map_routes(app, session)
+    _add_path_routes(app, session)
+    return app
+
+
+def _json_body() -> dict[str, Any]:
+    """The request's JSON object (415 for anything else: no form can post it from another site)."""
+    from flask import abort, request
+
+    if not request.is_json:
+        abort(415)
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise InputError("the request body must be a JSON object.")
+    return data
+
+
+def _add_guards(app, token: str | None) -> None:
+    """Token or loopback ``Host`` on every request; errors as JSON with one sentence."""
+    from flask import abort, jsonify, request
 
     @app.before_request
     def _guard():
@@ -115,13 +137,10 @@ def create_app(session: DashboardSession, *, token: str | None = None):
     def _permission_error(err):
         return jsonify(error=f"refused: {err}"), 403
 
-    def body() -> dict[str, Any]:
-        if not request.is_json:
-            abort(415)
-        data = request.get_json(silent=True)
-        if not isinstance(data, dict):
-            raise InputError("the request body must be a JSON object.")
-        return data
+
+def _add_page_routes(app, session: DashboardSession) -> None:
+    """The page, plotly.js, the run's files (confined to its folder) and the training history."""
+    from flask import abort, jsonify, send_file
 
     @app.get("/")
     def index():
@@ -134,6 +153,25 @@ def create_app(session: DashboardSession, *, token: str | None = None):
     @app.get("/api/summary")
     def summary():
         return jsonify(session.summary())
+
+    @app.get("/api/history")
+    def history():
+        return jsonify(session.history())
+
+    @app.get("/files/<path:relative>")
+    def files(relative: str):
+        try:
+            target = session.confined(relative)
+        except PermissionError:
+            abort(403)
+        except InputError:
+            abort(404)
+        return send_file(target, max_age=0)
+
+
+def _add_latent_routes(app, session: DashboardSession) -> None:
+    """Embeddings, colourings, selections and exports."""
+    from flask import jsonify, request
 
     @app.get("/api/points")
     def points():
@@ -150,13 +188,13 @@ def create_app(session: DashboardSession, *, token: str | None = None):
 
     @app.post("/api/select")
     def select():
-        data = body()
+        data = _json_body()
         positions = session.select(np.asarray(data.get("polygon"), dtype=np.float64), str(data.get("embedding", "pc")))
         return jsonify(count=int(positions.size), n_particles=len(session.z), positions=_packed(positions, "int32"))
 
     @app.post("/api/export")
     def export():
-        data = body()
+        data = _json_body()
         polygon = np.asarray(data.get("polygon"), dtype=np.float64)
         embedding = str(data.get("embedding", "pc"))
         positions = session.select(polygon, embedding)
@@ -165,23 +203,29 @@ def create_app(session: DashboardSession, *, token: str | None = None):
         return jsonify(count=int(positions.size),
                        files={k: p.relative_to(session.run).as_posix() for k, p in paths.items()})
 
+
+def _add_map_routes(app, session: DashboardSession) -> None:
+    """A map at a particle or latent (at a given level), and the k-means centre maps as pictures."""
+    from flask import jsonify, request
+
     @app.post("/api/map")
     def map_at():
-        data = body()
+        data = _json_body()
         latent = session.latent_of(data.get("index"), data.get("latent"))
         volume, seconds, cached = session.decode(latent)
         try:
             level = None if data.get("level") is None else float(data["level"])
         except (TypeError, ValueError):
             raise InputError("level must be a number.") from None
-        return jsonify(_map_reply(volume, level, decode_seconds=seconds,
-                                  cached=cached, index=data.get("index"), latent=[float(v) for v in latent]))
+        return jsonify(_map_reply(volume, level, decode_seconds=seconds, cached=cached, index=data.get("index"),
+                                  latent=[float(v) for v in latent]))
 
     @app.get("/api/centres")
     def centres():
         from cryoscape.report.mapviews import central_slices, isosurface_level, render_isosurface
 
-        k = int(request.args.get("k", "5")) if request.args.get("k", "5").isdigit() else 0
+        k = request.args.get("k", "5")
+        k = int(k) if k.isdigit() else 0
         if not 1 <= k <= 50:
             raise InputError("k-means centre maps need k from 1 to 50.")
         indices, volumes = session.centre_maps(k)
@@ -194,37 +238,26 @@ def create_app(session: DashboardSession, *, token: str | None = None):
             pictures.append(dict(surface=_png(render_isosurface(v, level)), slice=_png(grey)))
         return jsonify(k=k, indices=[int(i) for i in indices], level=level, pictures=pictures)
 
+
+def _add_path_routes(app, session: DashboardSession) -> None:
+    """traverse's graph path through anchors, and saving it as traverse does."""
+    from flask import jsonify
+
     @app.post("/api/path")
     def path():
-        data = body()
+        data = _json_body()
         result = session.graph_path(list(data.get("anchors") or []), **_path_options(data))
         return jsonify(indices=result["indices"].tolist(), map_indices=result["map_indices"].tolist(),
                        length=result["length"])
 
     @app.post("/api/path/save")
     def save_path():
-        data = body()
+        data = _json_body()
         result = session.save_path(list(data.get("anchors") or []), str(data.get("name", "")), **_path_options(data))
         files = [p.relative_to(session.run).as_posix() for p in (result.maps.paths if result.maps else [])]
         return jsonify(folder=result.outdir.relative_to(session.run).as_posix(), maps=files,
                        report=result.report.relative_to(session.run).as_posix(),
                        map_indices=[int(i) for i in result.map_indices])
-
-    @app.get("/api/history")
-    def history():
-        return jsonify(session.history())
-
-    @app.get("/files/<path:relative>")
-    def files(relative: str):
-        try:
-            target = session.confined(relative)
-        except PermissionError:
-            abort(403)
-        except InputError:
-            abort(404)
-        return send_file(target, max_age=0)
-
-    return app
 
 
 def _path_options(data: dict[str, Any]) -> dict[str, Any]:
