@@ -252,15 +252,17 @@ class ParticleImages:
     def __getitem__(self, indices: Any) -> np.ndarray:
         return self.read(indices)
 
-    def _read_lazy(self, idx: np.ndarray) -> np.ndarray:
+    def _read_lazy(self, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Images ``idx`` as float32, into ``out`` (a C-contiguous ``(n, D, D)`` array) if given."""
         D = self._box_size
         if idx.size == 0:
-            return np.empty((0, D, D), dtype=np.float32)
+            return np.empty((0, D, D), dtype=np.float32) if out is None else out
         fids = self._file_ids[idx]
         local = self._image_indices[idx]
-        if np.all(fids == fids[0]):  # one stack: its read already returns a fresh array
-            return self._stack(int(fids[0])).read(local)
-        out = np.empty((idx.size, D, D), dtype=np.float32)
+        if np.all(fids == fids[0]):  # one stack: read straight into the output
+            return self._stack(int(fids[0])).read(local, out=out)
+        if out is None:
+            out = np.empty((idx.size, D, D), dtype=np.float32)
         order = np.argsort(fids, kind="stable")
         sorted_fids = fids[order]
         cuts = np.flatnonzero(np.diff(sorted_fids)) + 1
@@ -269,17 +271,25 @@ class ParticleImages:
         return out
 
     def _read_blocks(self, idx: np.ndarray) -> np.ndarray:
-        """Images ``idx`` gathered from whole blocks of ``block_size`` particles (read once each)."""
+        """Images ``idx`` gathered from whole blocks of ``block_size`` particles (read once each).
+
+        The buffer of the least recently used block is reused for the next one, so the blocks
+        cost ``cached_blocks`` fixed buffers however many are read (a fresh array per block
+        would leave freed blocks in the heap of the reading thread).
+        """
         K, D = self.block_size, self._box_size
         out = np.empty((idx.size, D, D), dtype=np.float32)
         blocks = idx // K
         for b in np.unique(blocks).tolist():
             block = self._blocks.get(b)
             if block is None:
-                block = self._read_lazy(np.arange(b * K, min(len(self), (b + 1) * K), dtype=np.int64))
+                members = np.arange(b * K, min(len(self), (b + 1) * K), dtype=np.int64)
+                if len(self._blocks) >= self.cached_blocks:
+                    buffer = self._blocks.popitem(last=False)[1].base
+                else:
+                    buffer = np.empty((K, D, D), dtype=np.float32)
+                block = self._read_lazy(members, out=buffer[: members.size])
                 self._blocks[b] = block
-                while len(self._blocks) > self.cached_blocks:
-                    self._blocks.popitem(last=False)
             else:
                 self._blocks.move_to_end(b)
             here = blocks == b
@@ -420,19 +430,36 @@ class _StackFile:
             self._fd = os.open(self.header.path, os.O_RDONLY)
         return self._fd
 
-    def read(self, local: np.ndarray) -> np.ndarray:
-        """Images ``local`` (indices in this file, any order, repeats allowed) as float32."""
+    def read(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Images ``local`` (indices in this file, any order, repeats allowed) as float32.
+
+        ``out``: a C-contiguous float32 ``(n, D, D)`` array to fill (float32 files are read
+        straight into it).
+        """
         if local.size > 1 and np.any(local[1:] <= local[:-1]):
             # read each image once, in file order, then put them in the order asked for
             unique, inverse = np.unique(local, return_inverse=True)
-            return self.read(unique)[inverse.reshape(-1)]
+            images = self.read(unique)[inverse.reshape(-1)]
+            if out is None:
+                return images
+            out[...] = images
+            return out
         h = self.header
-        raw = np.empty((local.size, h.ny, h.nx), dtype=h.dtype)
+        direct = h.dtype.isnative and h.dtype == np.float32
+        if direct:
+            raw = out if out is not None else np.empty((local.size, h.ny, h.nx), dtype=np.float32)
+        else:
+            raw = np.empty((local.size, h.ny, h.nx), dtype=h.dtype)
         rows = raw.reshape(local.size, -1).view(np.uint8)
         cuts = (np.flatnonzero(np.diff(local) != 1) + 1).tolist()
         for a, b in zip([0, *cuts], [*cuts, local.size]):
             self._read_into(rows[a:b], h.image_offset_bytes(int(local[a])))
-        out = raw if (raw.dtype.isnative and raw.dtype == np.float32) else raw.astype(np.float32)
+        if direct:
+            out = raw
+        elif out is None:
+            out = raw.astype(np.float32)
+        else:
+            out[...] = raw  # converts while copying
         if out.size and not np.isfinite(np.sum(out, dtype=np.float64)):
             bad = int(np.flatnonzero(~np.isfinite(out.reshape(out.shape[0], -1)).all(axis=1))[0])
             raise InputError(

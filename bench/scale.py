@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""Benchmark: training on datasets larger than memory (issue 14, "Scaling up").
+
+What it compares
+----------------
+(a) **Lazy reading against images in memory.**  ``cryoscape train`` with the voxel basis decoder
+    (``--decoder basis --zdim 8``, its defaults otherwise: batch 64, lr 1e-3) trains one epoch on
+    the same stack twice or more, in the same run: once with every image loaded into memory, once
+    read lazily from disk (``--lazy``), and optionally lazily with the chunked shuffle
+    (``--shuffle-chunk``) and from the float16 cache (``--cache-dir``).  The stack is at least
+    ``4 x --budget-gb`` (default 1 GiB: 266,240 images of 64 x 64 float32 in 8 stacks, 4.06 GiB),
+    and the lazy runs must stay within the budget: their peak resident memory (``ru_maxrss`` of
+    the child, which counts memory-mapped file pages too) is printed beside it.  Before every run
+    the stacks (and the cache) are dropped from the kernel's page cache
+    (``posix_fadvise(DONTNEED)`` after ``fdatasync``), so each run starts cold as on a dataset
+    larger than the machine's memory; ``--warm`` leaves them cached.  Speed: training images/s of
+    the epoch as ``cryoscape train`` logs it ("epoch 1/1: ... in S s, R img/s", reading and
+    training overlapped by the background prefetch; start-up, the normalisation, the noise
+    spectrum, the warm start and writing the cache are left out and printed separately as wall
+    times).  The goal is lazy / in memory >= 0.8.
+(b) **500,000 particles.**  A simulated set of 500,000 images of 64 x 64 in float16 (MRC mode 12),
+    written in 10 stacks of 50,000 (4.1 GB) with a ``.txt`` stack list, ``poses.pkl`` and
+    ``ctf.pkl``, trained one epoch with the basis decoder (``--lazy``, zdim 8); printed: images/s
+    and the peak resident memory (goal: under 4 GB), with the anonymous / file-backed peaks.
+(c) **1 and 2 processes** (torch.distributed): not in this script yet; :func:`part_c_processes`
+    is where the distributed-training work adds it.
+
+Data
+----
+``cryoscape simulate -D 64 -n 4000 --snr 0.1`` (the built-in hinge, CTF, known poses) is made
+once; the large sets tile its images (particle ``i`` is image ``i mod 4000`` plus fresh Gaussian
+noise of half the image standard deviation, so that no two images are equal) with that image's
+pose and CTF.  Simulating 500,000 projections would take 20 minutes here; the reading and
+training costs do not depend on what the pixels show.  The sets live under ``--workdir``
+(default ``/tmp/cryoscape-scale``) and are deleted at the end unless ``--keep-data``.
+
+Forcing the data mode
+---------------------
+``cryoscape train`` loads sets under 2 GiB into memory and reads larger ones lazily; it has no
+flag to force a 4 GiB set into memory, so the in-memory run calls the same command line through a
+small wrapper that sets ``ParticleDataset(in_memory=True)`` (as bench/backproject.py does for its
+lazy run).  The same wrapper passes ``--shuffle-chunk`` / ``--cache-dir`` to the data layer in case
+the training engine does not forward them yet (it never overrides a value the engine passed).
+
+Usage::
+
+    flock /tmp/cryoscape-heavy.lock .venv/bin/python bench/scale.py --part a         # ~12 min
+    flock /tmp/cryoscape-heavy.lock .venv/bin/python bench/scale.py --part a --runs chunk cache
+    flock /tmp/cryoscape-heavy.lock .venv/bin/python bench/scale.py --part b         # ~12 min
+    .venv/bin/python bench/scale.py --part a --quick    # 40,000 images, a pipeline check (~3 min)
+
+The ratios (lazy / in memory) are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    cryoscape_command,
+    print_figure,
+    print_note,
+    run_timed,
+    simulate_dataset,
+    thread_env,
+    tool_version,
+)
+
+# Runs the `cryoscape` command line with data-layer options set (see "Forcing the data mode").
+DATA_WRAPPER = r"""
+import json, sys
+options = json.loads(sys.argv[1])
+from cryoscape.cli.main import main
+from cryoscape.data import training
+original = training.ParticleDataset.__post_init__
+def post_init(self):
+    if options.get("in_memory") is not None:
+        self.in_memory = options["in_memory"]
+    for name in ("shuffle_chunk", "cache_dir"):
+        if options.get(name) and not getattr(self, name):
+            setattr(self, name, options[name])
+    self.progress = False
+    original(self)
+training.ParticleDataset.__post_init__ = post_init
+sys.exit(main(sys.argv[2:]))
+"""
+
+RUNS = {
+    # name: (extra command-line flags, data-layer options)
+    "memory": ([], {"in_memory": True}),
+    "lazy": (["--lazy"], {"in_memory": False}),
+    "chunk": (["--lazy", "--shuffle-chunk", "1024"], {"in_memory": False, "shuffle_chunk": 1024}),
+    "cache": (["--lazy", "--cache-dir", "{cache}"], {"in_memory": False, "cache_dir": "{cache}"}),
+}
+LABELS = {"memory": "in memory", "lazy": "lazy", "chunk": "lazy --shuffle-chunk 1024",
+          "cache": "lazy --cache-dir (float16 cache)"}
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .*? in ([\d.]+) s, ([\d.]+) img/s")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", nargs="+", choices=["a", "b", "c"], default=["a", "b"],
+                   help="which parts to run [a b]")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=["memory", "lazy", "chunk", "cache"],
+                   help="part (a): which runs [all four]")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/cryoscape-scale"))
+    p.add_argument("--budget-gb", type=float, default=1.0,
+                   help="part (a): resident memory the lazy runs may use, GiB; the stack is 4x it or more [1]")
+    p.add_argument("--n-images-b", type=int, default=500_000, help="part (b): particles [500000]")
+    p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads [2]")
+    p.add_argument("--warm-start-images", type=int, default=2000,
+                   help="passed to every run (the warm start is set-up, not training) [2000]")
+    p.add_argument("--warm", action="store_true", help="do not drop the stacks from the page cache before a run")
+    p.add_argument("--quick", action="store_true",
+                   help="pipeline check: (a) on 40,000 images (no 4x claim), (b) on 50,000")
+    p.add_argument("--keep-data", action="store_true", help="keep the generated stacks in --workdir")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- data
+def write_tiled_dataset(out: Path, base: Path, *, n_images: int, n_stacks: int, dtype: str,
+                        seed: int = 1) -> list[Path]:
+    """``n_images`` particles tiled from the simulated ``base`` set (see "Data"), in ``n_stacks`` stacks.
+
+    Writes ``stack_NNN.mrcs``, ``particles.txt``, ``poses.pkl`` and ``ctf.pkl``; returns the stacks.
+    Reused when a finished set with the same parameters is there.
+    """
+    from cryoscape.io.cryodrgn import write_ctf_pkl, write_poses_pkl
+    from cryoscape.io.mrc import MrcStackWriter, read_mrc
+    from cryoscape.io.particles import load_particles
+
+    params = {"n_images": n_images, "n_stacks": n_stacks, "dtype": dtype, "seed": seed, "base": str(base)}
+    stamp = out / "bench_params.json"
+    stacks = [out / f"stack_{i:03d}.mrcs" for i in range(n_stacks)]
+    if stamp.exists() and json.loads(stamp.read_text()) == params and all(s.exists() for s in stacks):
+        return stacks
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    table = load_particles(base / "particles.star")
+    images, pixel = read_mrc(base / "particles.mrcs")
+    n_base, D = images.shape[0], images.shape[-1]
+    sigma = 0.5 * float(images.std())
+    rng = np.random.default_rng(seed)
+    bounds = np.linspace(0, n_images, n_stacks + 1).astype(np.int64)
+    for path, start, stop in zip(stacks, bounds[:-1], bounds[1:]):
+        with MrcStackWriter(path, n_images=int(stop - start), box_size=D, pixel_size_angstrom=pixel,
+                            dtype=dtype) as writer:
+            for s in range(int(start), int(stop), 4096):
+                e = min(int(stop), s + 4096)
+                noise = rng.standard_normal((e - s, D, D), dtype=np.float32) * np.float32(sigma)
+                writer.write(images[np.arange(s, e) % n_base] + noise)
+    tile = np.arange(n_images) % n_base
+    shifts = None if table.shifts_pixel is None else table.shifts_pixel[tile]
+    write_poses_pkl(out / "poses.pkl", table.rotations[tile], shifts, box_size=D)
+    write_ctf_pkl(out / "ctf.pkl", table.ctf.to_cryodrgn_array(D, table.pixel_size_angstrom)[tile])
+    (out / "particles.txt").write_text("".join(f"{s.name}\n" for s in stacks))
+    stamp.write_text(json.dumps(params))
+    return stacks
+
+
+def drop_from_page_cache(paths) -> None:
+    """Write back and drop the files' pages from the kernel's page cache (a cold start)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- runs
+def train_command(data: Path, out: Path, args, flags: list[str], options: dict) -> list[str]:
+    """``cryoscape train`` (through :data:`DATA_WRAPPER`) on the tiled set in ``data``."""
+    return [sys.executable, "-c", DATA_WRAPPER, json.dumps(options), "train", str(data / "particles.txt"),
+            "--poses", str(data / "poses.pkl"), "--ctf", str(data / "ctf.pkl"), "-o", str(out),
+            "--decoder", "basis", "--zdim", "8", "-n", "1", "--no-progress",
+            "--warm-start-images", str(args.warm_start_images), *flags]
+
+
+def train_once(name: str, data: Path, stacks: list[Path], args, env, *, flags, options) -> dict:
+    """One ``cryoscape train`` epoch; its speed from run.log, its wall time and memory peaks."""
+    out = args.workdir / "runs" / name
+    if out.exists():
+        shutil.rmtree(out)
+    cache = args.workdir / "cache"
+    flags = [f.replace("{cache}", str(cache)) for f in flags]
+    options = {k: (v.replace("{cache}", str(cache)) if isinstance(v, str) else v) for k, v in options.items()}
+    if not args.warm:
+        drop_from_page_cache([*stacks, *sorted(cache.glob("*.mrcs"))])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = run_timed(train_command(data, out, args, flags, options), log_path=out.parent / f"{name}.log",
+                       env=env, poll_memory=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    text = (out / "run.log").read_text(errors="replace")
+    hit = EPOCH_LINE.findall(text)
+    loss = re.findall(r"epoch 1/1: loss ([-\d.e+]+)", text)
+    cache_s = re.findall(r"caching \(float16\).*?(\d+:\d+)", result.log_path.read_text(errors="replace"))
+    return {
+        "epoch_s": float(hit[-1][2]) if hit else float("nan"),
+        "img_s": float(hit[-1][3]) if hit else float("nan"),
+        "loss": loss[-1] if loss else "?",
+        "wall_s": result.wall_s,
+        "cpu_s": cpu_s,
+        "rss_mb": result.peak_rss_mb,
+        "anon_mb": result.peak_anon_mb,
+        "file_mb": result.peak_file_mb,
+        "cache_write": cache_s[-1] if cache_s else None,
+    }
+
+
+def report_run(prefix: str, label: str, r: dict) -> None:
+    print_figure(f"{prefix} {label}: training images/s", r["img_s"], "img/s", fmt=".1f")
+    print_figure(f"{prefix} {label}: epoch", r["epoch_s"], "s", fmt=".1f")
+    print_figure(f"{prefix} {label}: whole command", r["wall_s"], "s", fmt=".1f")
+    print_figure(f"{prefix} {label}: CPU time of the whole command (user + sys)", r["cpu_s"], "s", fmt=".1f")
+    print_figure(f"{prefix} {label}: peak RSS (ru_maxrss)", r["rss_mb"], "MB", fmt=".0f")
+    print_figure(f"{prefix} {label}: peak RssAnon / RssFile", f"{r['anon_mb']:.0f} / {r['file_mb']:.0f}", "MB")
+    print_figure(f"{prefix} {label}: epoch loss", r["loss"])
+    if r["cache_write"]:
+        print_figure(f"{prefix} {label}: writing the cache (tqdm)", r["cache_write"], "min:s")
+
+
+def part_a(args, env, base: Path) -> dict:
+    """Lazy (and chunked, cached) against in memory on a stack of at least 4x the budget."""
+    budget_mb = args.budget_gb * 1024
+    n = 40_000 if args.quick else int(np.ceil(4 * args.budget_gb * 1024**3 / (64 * 64 * 4) / 1024) * 1024 + 4096)
+    data = args.workdir / f"a_{n}"
+    stacks = write_tiled_dataset(data, base, n_images=n, n_stacks=8, dtype="float32")
+    size_mb = sum(s.stat().st_size for s in stacks) / 1024**2
+    print_note(f"(a) {n} images of 64x64 float32 in {len(stacks)} stacks: {size_mb:.0f} MB = "
+               f"{size_mb / budget_mb:.2f}x the budget of {budget_mb:.0f} MB"
+               + (" (--quick: below 4x, not the benchmark)" if size_mb < 4 * budget_mb else ""))
+    print_note("(a) each run starts with the stacks " + ("in the page cache (--warm)" if args.warm else
+                                                          "dropped from the page cache (cold)"))
+    results = {}
+    for name in args.runs:
+        flags, options = RUNS[name]
+        results[name] = train_once(f"a_{name}", data, stacks, args, env, flags=flags, options=options)
+        report_run("(a)", LABELS[name], results[name])
+        if name != "memory":
+            within = results[name]["rss_mb"] <= budget_mb
+            print_figure(f"(a) {LABELS[name]}: peak RSS within the budget of {budget_mb:.0f} MB",
+                         "yes" if within else "NO")
+    return results
+
+
+def part_b(args, env, base: Path) -> dict:
+    """One epoch of the basis decoder on 500,000 float16 particles, read lazily."""
+    n = 50_000 if args.quick else args.n_images_b
+    data = args.workdir / f"b_{n}"
+    stacks = write_tiled_dataset(data, base, n_images=n, n_stacks=10, dtype="float16")
+    size_gb = sum(s.stat().st_size for s in stacks) / 1e9
+    print_note(f"(b) {n} images of 64x64 float16 (MRC mode 12) in {len(stacks)} stacks, {size_gb:.2f} GB")
+    result = train_once("b_lazy", data, stacks, args, env, flags=["--lazy"], options={"in_memory": False})
+    report_run("(b)", f"{n} particles, lazy", result)
+    print_figure(f"(b) peak RSS under 4 GB (4000 MB)", "yes" if result["rss_mb"] < 4000 else "NO")
+    return result
+
+
+def part_c_processes(args, env) -> dict:
+    """(c) images/s with 1 and 2 processes (gloo on this machine; 1 GPU where one is lent).
+
+    Placeholder for the distributed-training work: run ``torchrun --nproc-per-node 1`` and
+    ``--nproc-per-node 2`` of ``cryoscape train`` on one data set and print both images/s and
+    their ratio (last).
+    """
+    print_note("(c) 1 vs 2 processes: not implemented in this script yet (distributed training)")
+    return {}
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (from /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = thread_env(args.threads)
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print_note("scale: cryoscape train --decoder basis --zdim 8, one epoch, data read lazily vs in memory")
+    print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}; threads {args.threads}; CUDA hidden")
+    print_note(f"CPU: {cpu_model()}, {os.cpu_count()} cores; memory {memory_gb():.0f} GiB")
+    print_note("load average at start (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
+    base, _ = simulate_dataset(args.workdir / "base_D64_n4000", box_size=64, n_images=4000, snr=0.1,
+                               heterogeneity="hinge", env=env)
+    try:
+        a = part_a(args, env, base) if "a" in args.part else {}
+        if "b" in args.part:
+            part_b(args, env, base)
+        if "c" in args.part:
+            part_c_processes(args, env)
+    finally:
+        if not args.keep_data:
+            for path in sorted(args.workdir.glob("[ab]_*")) + [args.workdir / "cache"]:
+                shutil.rmtree(path, ignore_errors=True)
+    print_note("load average at end (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
+    if "memory" in a:
+        for name in [r for r in a if r != "memory"]:
+            print_figure(f"(a) speed ratio {LABELS[name]} / in memory (training images/s; goal >= 0.8)",
+                         a[name]["img_s"] / a["memory"]["img_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
