@@ -414,13 +414,11 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
     maps) the ``(k-means MapSet, {pc: MapSet})`` of the map thread; figures that need them are
     placeholders (callables) filled in after all the others are drawn.
     """
-    from cryoscape.analysis.maps import map_paths
     from cryoscape.report import plots
 
     n, zdim = z.shape
     want_umap = get_umap is not None and zdim >= 2
     sections: list[Section] = []
-    labels = kmeans.labels if kmeans is not None else None
 
     # -- overview
     overview = [
@@ -475,84 +473,12 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
             ]
     sections.append(Section("Latent space", paragraphs=paragraphs, figures=latent_figs))
 
-    # -- k-means
     if kmeans is not None:
-        kdir = out / f"kmeans{ksample}"
-        kfigs: list[Figure] = []
-        centers_idx = kmeans.center_indices
-        if zdim == 1:
-            kfigs.append(Figure(plots.plot_latent_histogram(
-                z[:, 0], figures / "kmeans_histogram.png", labels=labels, marks=z[centers_idx, 0],
-                mark_labels=[str(i) for i in range(kmeans.k)], xlabel="z", title=f"k-means, k = {kmeans.k}"),
-                "Latent histogram stacked by cluster; dashed lines: on-data centres"))
-        else:
-            kfigs.append(Figure(plots.plot_scatter(
-                pca.projections[:, :2], figures / "kmeans_pca.png", labels=labels,
-                centers=pca.projections[centers_idx, :2], xlabel="PC1", ylabel="PC2",
-                title=f"k-means clusters (k = {kmeans.k}) on PC1-PC2"),
-                "Particles coloured by cluster; crosses: on-data centres (numbered)"))
-            if want_umap:
-                kfigs.append(lambda: Figure(plots.plot_scatter(
-                    get_umap().embedding, figures / "kmeans_umap.png", labels=labels,
-                    centers=get_umap().embedding[centers_idx], xlabel="UMAP1", ylabel="UMAP2",
-                    title=f"k-means clusters (k = {kmeans.k}) on UMAP"), "Clusters on the UMAP embedding"))
-        kfigs.append(Figure(plots.plot_cluster_sizes(kmeans.counts, figures / "kmeans_sizes.png"),
-                            "Particles per cluster"))
-        kmeans_paths = map_paths(kdir, kmeans.k) if get_maps is not None else None
-        links: list[tuple[str | os.PathLike, str]] = []
-        if get_maps is not None:
-            kfigs.append(lambda: Figure(plots.plot_map_projections(
-                get_maps()[0].projections, figures / "kmeans_maps.png",
-                titles=[f"cluster {i}" for i in range(kmeans.k)]),
-                "Projections along z of the maps at the on-data centres (each scaled to its own range)"))
-            if map_views:
-                kfigs.append(lambda: map_set_views(get_maps()[0].paths, figures / "kmeans_map_views.png",
-                                                   kdir / "maps.cxc", titles=[f"cluster {i}" for i in range(kmeans.k)],
-                                                   what=f"maps at the k-means on-data centres (k = {kmeans.k})"))
-        if get_maps is not None and map_views:
-            links.append((kdir / "maps.cxc", "ChimeraX: the maps as a volume series (maps.cxc)"))
-        rows = []
-        for c in range(kmeans.k):
-            row: list[Any] = [c, int(kmeans.counts[c]), f"{100.0 * kmeans.counts[c] / n:.1f}", int(centers_idx[c])]
-            row.append(Link(kmeans_paths[c], kmeans_paths[c].name) if kmeans_paths is not None else "-")
-            rows.append(row)
-        table = Table(["cluster", "particles", "%", "on-data particle", "map"], rows,
-                      caption="k-means clusters: the map of each is made at its on-data centre, the particle "
-                              "latent nearest to the cluster's mean")
-        links += [(kdir / "labels.pkl", "cluster labels (labels.pkl / labels.npy)"),
-                 (kdir / "centers_ind.txt", "on-data centre particle indices"),
-                 (kdir / "z_values.txt", "on-data centre latents"), (kdir / "centers.txt", "k-means centres")]
-        sections.append(Section(
-            f"k-means clustering (k = {kmeans.k})",
-            paragraphs=["k-means partitions the latent space into regions; each region is represented by the map at "
-                        "its on-data centre (thesis 4.4.5). Cluster labels can select particles for other tools."],
-            figures=kfigs, tables=[table], links=links))
-
-    # -- PC traversals
-    for pc, coords in pc_coords.items():
-        pdir = out / f"pc{pc}"
-        figs = [Figure(plots.plot_traversal_positions(
-            pca.projections[:, pc - 1], coords, figures / f"pc{pc}_positions.png", xlabel=f"PC{pc}",
-            title=f"PC{pc}: {len(coords)} points, 5th-95th percentile"),
-            f"Histogram of the particles' PC{pc} coordinate; dashed lines: the traversal's points")]
-        links = [(pdir / "z_values.txt", "latents (z_values.txt)"), (pdir / "pc_coordinates.txt", "PC coordinates")]
-        if get_maps is not None:
-            figs.append(lambda pc=pc, coords=coords: Figure(
-                plots.plot_map_projections(get_maps()[1][pc].projections, figures / f"pc{pc}_maps.png",
-                                           titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)]),
-                f"Projections along z of the maps along PC{pc} (title: map, PC{pc} coordinate)"))
-            if map_views:
-                figs.append(lambda pc=pc, coords=coords, pdir=pdir: map_set_views(
-                    get_maps()[1][pc].paths, figures / f"pc{pc}_map_views.png", pdir / "maps.cxc",
-                    titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)], what=f"maps along PC{pc}"))
-                links.append((pdir / "maps.cxc", "ChimeraX: the maps as a volume series (maps.cxc)"))
-            links += [(p, p.name) for p in map_paths(pdir, len(coords))]
-        label = "the latent" if zdim == 1 else f"principal component {pc}"
-        sections.append(Section(
-            f"Traversal along PC{pc}",
-            paragraphs=[f"Maps at {len(coords)} equally spaced points along {label}, from the 5th to the 95th "
-                        "percentile of the particles' coordinates, other PCs at the mean (thesis 4.4.11)."],
-            figures=figs, links=links))
+        sections.append(_kmeans_section(out, figures, z=z, pca=pca, kmeans=kmeans, ksample=ksample,
+                                        want_umap=want_umap, get_umap=get_umap, get_maps=get_maps,
+                                        map_views=map_views))
+    sections += [_pc_section(out, figures, pc=pc, coords=coords, pca=pca, zdim=zdim, get_maps=get_maps,
+                             map_views=map_views) for pc, coords in pc_coords.items()]
 
     # -- training
     if history:
@@ -563,6 +489,97 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
     for section in sections:  # now the figures that wait for UMAP and the maps
         section.figures = [f() if callable(f) else f for f in section.figures]
     return sections
+
+
+def _kmeans_section(out: Path, figures: Path, *, z: np.ndarray, pca: PCAResult, kmeans: KMeansResult, ksample: int,
+                    want_umap: bool, get_umap, get_maps, map_views: bool) -> Section:
+    """The k-means section: clusters on PC1-PC2 (and UMAP), sizes, the centres' maps, the cluster table."""
+    from cryoscape.analysis.maps import map_paths
+    from cryoscape.report import plots
+
+    n, zdim = z.shape
+    labels = kmeans.labels
+    kdir = out / f"kmeans{ksample}"
+    kfigs: list[Figure] = []
+    centers_idx = kmeans.center_indices
+    if zdim == 1:
+        kfigs.append(Figure(plots.plot_latent_histogram(
+            z[:, 0], figures / "kmeans_histogram.png", labels=labels, marks=z[centers_idx, 0],
+            mark_labels=[str(i) for i in range(kmeans.k)], xlabel="z", title=f"k-means, k = {kmeans.k}"),
+            "Latent histogram stacked by cluster; dashed lines: on-data centres"))
+    else:
+        kfigs.append(Figure(plots.plot_scatter(
+            pca.projections[:, :2], figures / "kmeans_pca.png", labels=labels,
+            centers=pca.projections[centers_idx, :2], xlabel="PC1", ylabel="PC2",
+            title=f"k-means clusters (k = {kmeans.k}) on PC1-PC2"),
+            "Particles coloured by cluster; crosses: on-data centres (numbered)"))
+        if want_umap:
+            kfigs.append(lambda: Figure(plots.plot_scatter(
+                get_umap().embedding, figures / "kmeans_umap.png", labels=labels,
+                centers=get_umap().embedding[centers_idx], xlabel="UMAP1", ylabel="UMAP2",
+                title=f"k-means clusters (k = {kmeans.k}) on UMAP"), "Clusters on the UMAP embedding"))
+    kfigs.append(Figure(plots.plot_cluster_sizes(kmeans.counts, figures / "kmeans_sizes.png"),
+                        "Particles per cluster"))
+    kmeans_paths = map_paths(kdir, kmeans.k) if get_maps is not None else None
+    links: list[tuple[str | os.PathLike, str]] = []
+    if get_maps is not None:
+        kfigs.append(lambda: Figure(plots.plot_map_projections(
+            get_maps()[0].projections, figures / "kmeans_maps.png",
+            titles=[f"cluster {i}" for i in range(kmeans.k)]),
+            "Projections along z of the maps at the on-data centres (each scaled to its own range)"))
+        if map_views:
+            kfigs.append(lambda: map_set_views(get_maps()[0].paths, figures / "kmeans_map_views.png",
+                                               kdir / "maps.cxc", titles=[f"cluster {i}" for i in range(kmeans.k)],
+                                               what=f"maps at the k-means on-data centres (k = {kmeans.k})"))
+    if get_maps is not None and map_views:
+        links.append((kdir / "maps.cxc", "ChimeraX: the maps as a volume series (maps.cxc)"))
+    rows = []
+    for c in range(kmeans.k):
+        row: list[Any] = [c, int(kmeans.counts[c]), f"{100.0 * kmeans.counts[c] / n:.1f}", int(centers_idx[c])]
+        row.append(Link(kmeans_paths[c], kmeans_paths[c].name) if kmeans_paths is not None else "-")
+        rows.append(row)
+    table = Table(["cluster", "particles", "%", "on-data particle", "map"], rows,
+                  caption="k-means clusters: the map of each is made at its on-data centre, the particle "
+                          "latent nearest to the cluster's mean")
+    links += [(kdir / "labels.pkl", "cluster labels (labels.pkl / labels.npy)"),
+             (kdir / "centers_ind.txt", "on-data centre particle indices"),
+             (kdir / "z_values.txt", "on-data centre latents"), (kdir / "centers.txt", "k-means centres")]
+    return Section(
+        f"k-means clustering (k = {kmeans.k})",
+        paragraphs=["k-means partitions the latent space into regions; each region is represented by the map at "
+                    "its on-data centre (thesis 4.4.5). Cluster labels can select particles for other tools."],
+        figures=kfigs, tables=[table], links=links)
+
+
+def _pc_section(out: Path, figures: Path, *, pc: int, coords: np.ndarray, pca: PCAResult, zdim: int, get_maps,
+                map_views: bool) -> Section:
+    """The section of the traversal along one PC: positions, the maps' projections and pictures, links."""
+    from cryoscape.analysis.maps import map_paths
+    from cryoscape.report import plots
+
+    pdir = out / f"pc{pc}"
+    figs = [Figure(plots.plot_traversal_positions(
+        pca.projections[:, pc - 1], coords, figures / f"pc{pc}_positions.png", xlabel=f"PC{pc}",
+        title=f"PC{pc}: {len(coords)} points, 5th-95th percentile"),
+        f"Histogram of the particles' PC{pc} coordinate; dashed lines: the traversal's points")]
+    links = [(pdir / "z_values.txt", "latents (z_values.txt)"), (pdir / "pc_coordinates.txt", "PC coordinates")]
+    if get_maps is not None:
+        figs.append(lambda pc=pc, coords=coords: Figure(
+            plots.plot_map_projections(get_maps()[1][pc].projections, figures / f"pc{pc}_maps.png",
+                                       titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)]),
+            f"Projections along z of the maps along PC{pc} (title: map, PC{pc} coordinate)"))
+        if map_views:
+            figs.append(lambda pc=pc, coords=coords, pdir=pdir: map_set_views(
+                get_maps()[1][pc].paths, figures / f"pc{pc}_map_views.png", pdir / "maps.cxc",
+                titles=[f"{i}: {c:.3g}" for i, c in enumerate(coords)], what=f"maps along PC{pc}"))
+            links.append((pdir / "maps.cxc", "ChimeraX: the maps as a volume series (maps.cxc)"))
+        links += [(p, p.name) for p in map_paths(pdir, len(coords))]
+    label = "the latent" if zdim == 1 else f"principal component {pc}"
+    return Section(
+        f"Traversal along PC{pc}",
+        paragraphs=[f"Maps at {len(coords)} equally spaced points along {label}, from the 5th to the 95th "
+                    "percentile of the particles' coordinates, other PCs at the mean (thesis 4.4.11)."],
+        figures=figs, links=links)
 
 
 def map_set_views(paths: list[Path], figure: Path, chimerax: Path, *, titles: list[str], what: str) -> Figure:
