@@ -104,7 +104,7 @@ RUNS = {
 }
 LABELS = {"memory": "in memory", "lazy": "lazy", "chunk": "lazy --shuffle-chunk 1024",
           "cache": "lazy --cache-dir (float16 cache)"}
-EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+): .*? in ([\d.]+) s, ([\d.]+) img/s")
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+)[^:]*: .*? in ([\d.]+) s, ([\d.]+) img/s")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -207,7 +207,7 @@ def train_once(name: str, data: Path, stacks: list[Path], args, env, *, flags, o
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     text = (out / "run.log").read_text(errors="replace")
     hit = EPOCH_LINE.findall(text)
-    loss = re.findall(r"epoch 1/1: loss ([-\d.e+]+)", text)
+    loss = re.findall(r"epoch 1/1[^:]*: loss ([-\d.e+]+)", text)
     cache_s = re.findall(r"caching \(float16\).*?(\d+:\d+)", result.log_path.read_text(errors="replace"))
     return {
         "epoch_s": float(hit[-1][2]) if hit else float("nan"),
