@@ -120,8 +120,11 @@ class SearchSchedule:
         the step halves with every level after ``coarse_level``.
     coarse_radius
         Band (Fourier pixels) of the global pass; later passes use the full band.
-    significance, max_significant, max_poses
-        Posterior mass kept when pruning, and caps on rotations refined / poses returned.
+    significance, max_significant, max_poses, min_pose_weight
+        Posterior mass kept when pruning, caps on rotations refined / poses returned, and the
+        smallest weight a returned pose may have (lighter ones are dropped and the rest
+        renormalised: inserting them costs as much as a heavy pose and changes the map by less
+        than the noise).
     """
 
     level: int = 2
@@ -131,8 +134,9 @@ class SearchSchedule:
     offset_step_pixel: float = 1.0
     coarse_radius: float = 12.0
     significance: float = 0.999
-    max_significant: int = 8
-    max_poses: int = 16
+    max_significant: int = 6
+    max_poses: int = 8
+    min_pose_weight: float = 0.01
 
     def offset_step_at(self, level: int) -> float:
         """Shift step of a pass at ``level`` (pixels)."""
@@ -357,6 +361,9 @@ def _posterior(ll, rotations, offsets, centres, ids, schedule) -> BatchPosterior
     flat = ll.reshape(B, C * T)
     index, keep = significant(flat, significance=schedule.significance, max_count=schedule.max_poses)
     weights = torch.softmax(flat.gather(1, index).masked_fill(~keep, -math.inf), dim=1)
+    weights = torch.where(weights >= schedule.min_pose_weight, weights, torch.zeros_like(weights))
+    weights[:, 0] = weights[:, 0].clamp_min(1e-12)  # the best pose always stays
+    weights = weights / weights.sum(1, keepdim=True)
     ci, ti = index // T, index % T
     rot = rotations.gather(1, ci[:, :, None, None].expand(-1, -1, 3, 3))
     shifts = centres[:, None, :] + offsets[ti]
