@@ -1,0 +1,483 @@
+"""Reconstruction directly from micrographs: approximate EM over patches (seed 004).
+
+What one iteration does (kernels in reconstruct/patch_em.py)
+------------------------------------------------------------
+1. Project the current volume (box ``L`` of the current stage) at the ``K`` rotations of an SO(3)
+   grid (geometry/so3_grid.py); per micrograph, multiply by its CTF to get ``K`` templates.
+2. E-step: every ``L x L`` patch of the (downsampled) micrograph against every template at every
+   one of the ``(2L-1)^2`` shifts by FFT cross-correlation on the ``2L`` grid, plus the "empty"
+   state of probability ``rho0``; posteriors in the log domain.
+3. M-step: the posterior-weighted data of each rotation brought back into template coordinates
+   (``b_k``), its CTF-weighted Fourier slice and the visible-fraction-weighted ``CTF^2`` are inserted
+   into a 3-D Fourier grid (2x oversampled, trilinear, reconstruct/backproject.py's accumulator)
+   and the weighted least-squares volume is the Wiener-regularised ratio.  The basis is the voxel
+   grid of the stage's box (its Fourier coefficients up to the stage's Nyquist frequency), not the
+   paper's spherical-Bessel basis; the visibility weights are replaced by their mean (exact over
+   the pieces of one particle; see patch_em.py).  ``rho0`` becomes the mean posterior mass on
+   "empty", and ``sigma^2`` the expected squared residual per pixel.
+
+Frequency marching: stages of increasing box ``L`` (the micrographs are Fourier-cropped by
+``D / L``, so the band limit is ``2 * pixel * D / L`` angstroms) and finer rotation grids; each
+stage starts from the last stage's map, zero-padded in Fourier space.  Stochastic variant: a
+stage's ``fraction`` of the patches, drawn anew each iteration, enters each E- and M-step.
+
+Cost: an iteration does two batched FFTs of ``2L x 2L`` per (patch, rotation) pair, i.e. about
+``4 K`` times the number of pixels of the downsampled micrographs (whole-micrograph correlation
+costs the same; patches keep memory bounded and need no masking).  M-step FFTs are skipped for
+rotations with no posterior mass in a batch.  Downsampled micrographs are cached on disk per stage
+(``cache/``) and read one micrograph at a time, so memory is one micrograph's patches times a batch
+of rotations.
+
+Scale: the initial map's amplitude is fitted first (maximum likelihood over powers of two on a
+few micrographs), since a template far too strong or too weak makes every patch look empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from cryoscape.errors import InputError
+from cryoscape.fourier.ctf import ctf_images_from_table
+from cryoscape.fourier.fft import ifft2_center
+from cryoscape.fourier.fsc import fourier_shell_correlation, frequency_to_angstrom, fsc_auc, resolution_at_threshold
+from cryoscape.fourier.resample import upsample_volume
+from cryoscape.fourier.slicing import prepare_projection_volume, project_prepared, scatter_trilinear, slice_coordinates
+from cryoscape.geometry.so3_grid import so3_grid
+from cryoscape.io.micrographs import MicrographTable, micrograph_shape, read_micrograph
+from cryoscape.reconstruct.backproject import FourierAccumulator, reconstruct_from_accumulator
+from cryoscape.reconstruct.patch_em import backprojection_sums, patch_posteriors, template_terms
+
+__all__ = [
+    "Stage",
+    "default_schedule",
+    "MicrographPatches",
+    "downsample_micrograph",
+    "EMState",
+    "stage_rotations",
+    "em_iteration",
+    "fit_initial_scale",
+    "compare_to_reference",
+    "run_micrograph_em",
+]
+
+log = logging.getLogger("cryoscape.micrograph_em")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One frequency-marching stage: box ``L``, SO(3) grid level, iterations, patch fraction.
+
+    Levels are those of geometry/so3_grid.py (0: 576 rotations, 30 degrees; 1: 4608, 15 degrees);
+    level -1 is a 72-rotation, 60-degree grid (HEALPix nside 1, 6 in-plane angles) for boxes of a
+    few pixels.
+    """
+
+    box_size: int
+    so3_level: int
+    iterations: int
+    fraction: float = 1.0
+
+
+def default_schedule(box_size: int, iterations: int = 20) -> list[Stage]:
+    """The seed's 5 / 5 / 10 split of iterations over three band limits, scaled to ``iterations``.
+
+    Boxes ``D/4``, ``D/2``, ``D/2`` (even, at least 8) with SO(3) levels 0, 0, 1 (30, 30, 15 degrees)
+    and patch fractions 1, 0.5, 0.25, so that the costly last stage sees fresh patches each iteration.
+    """
+    def even(x: float) -> int:
+        return max(8, int(round(x / 2)) * 2)
+
+    n1 = max(1, round(iterations / 4))
+    n2 = max(1, round(iterations / 4))
+    n3 = max(1, iterations - n1 - n2)
+    return [
+        Stage(min(box_size, even(box_size / 4)), 0, n1, 1.0),
+        Stage(min(box_size, even(box_size / 2)), 0, n2, 0.5),
+        Stage(min(box_size, even(box_size / 2)), 1, n3, 0.25),
+    ]
+
+
+def downsample_micrograph(micrograph: torch.Tensor, out_shape: tuple[int, int]) -> torch.Tensor:
+    """Fourier-crop a real ``(H, W)`` micrograph to ``out_shape`` (pixel values kept, as fourier/resample.py)."""
+    H, W = micrograph.shape
+    Hs, Ws = out_shape
+    if (Hs, Ws) == (H, W):
+        return micrograph.clone()
+    spec = torch.fft.rfft2(micrograph)
+    rows = torch.cat([spec[: Hs // 2], spec[H - (Hs - Hs // 2) :]], dim=0)[:, : Ws // 2 + 1]
+    return torch.fft.irfft2(rows, s=(Hs, Ws)) * (Hs * Ws / (H * W))
+
+
+class MicrographPatches:
+    """The micrographs of a :class:`MicrographTable` cut into ``D x D`` patches, per stage box ``L``.
+
+    The top-left ``(H // D) D x (W // D) D`` pixels of each micrograph are used (the remainder is
+    less than a patch).  Micrographs are mean-subtracted, Fourier-cropped to ``L / D`` and cached
+    as ``cache_dir/L{L}/{g}.npy``; :meth:`patches` reads one micrograph's ``(n, L, L)`` patches.
+    """
+
+    def __init__(self, table: MicrographTable, box_size: int, cache_dir: str | os.PathLike, *, use_ctf: bool = True):
+        self.table, self.box_size, self.cache_dir, self.use_ctf = table, int(box_size), Path(cache_dir), use_ctf
+        self._ctf = None
+        if use_ctf:
+            ctf = table.require_ctf()
+            fields = {f.name: getattr(ctf, f.name) for f in dataclasses.fields(ctf)}
+            self._ctf = SimpleNamespace(**fields, b_factor_angstrom2=np.asarray(table.b_factor_angstrom2, np.float64))
+        pixels = np.asarray(table.pixel_size_angstrom, dtype=np.float64)
+        if np.ptp(pixels) > 1e-3 * pixels.max():
+            raise InputError("holds micrographs of different pixel sizes; process one pixel size at a time.",
+                             path=table.source_path)
+        self.pixel_size_angstrom = float(pixels[0])
+        self.grids = []
+        for path in table.paths:
+            H, W = micrograph_shape(path)
+            if H < box_size or W < box_size:
+                raise InputError(f"is {W}x{H} pixels, smaller than the box of {box_size}; pass a smaller --box-size.", path=path)
+            self.grids.append((H // box_size, W // box_size))
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def n_patches(self, g: int) -> int:
+        return self.grids[g][0] * self.grids[g][1]
+
+    def patches(self, g: int, L: int) -> torch.Tensor:
+        """``(n, L, L)`` float32 patches of micrograph ``g`` at stage box ``L`` (row-major patch order)."""
+        ny, nx = self.grids[g]
+        path = self.cache_dir / f"L{L}" / f"{g}.npy"
+        if path.is_file():
+            small = torch.from_numpy(np.load(path))
+        else:
+            D = self.box_size
+            mic = torch.from_numpy(read_micrograph(self.table.paths[g])[: ny * D, : nx * D].astype(np.float32))
+            mic = mic - mic.median()  # background level (particles are a minority of the pixels)
+            small = downsample_micrograph(mic.double(), (ny * L, nx * L)).float()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+            np.save(tmp, small.numpy())
+            os.replace(tmp, path)
+        return small.reshape(ny, L, nx, L).permute(0, 2, 1, 3).reshape(ny * nx, L, L)
+
+    def pixel_size_at(self, L: int) -> float:
+        return self.pixel_size_angstrom * self.box_size / L
+
+    def ctf_image(self, g: int, L: int, *, device=None) -> torch.Tensor:
+        """``(L, L)`` centred CTF of micrograph ``g`` at the stage's pixel size (ones without CTF)."""
+        if not self.use_ctf:
+            return torch.ones(L, L, device=device)
+        return ctf_images_from_table(self._ctf, self.pixel_size_at(L), L, np.array([g]), device=device)[0]
+
+    def ctf_at(self, g: int, freqs_cycles_per_pixel: torch.Tensor, L: int) -> torch.Tensor:
+        """CTF of micrograph ``g`` at ``(P, 2)`` frequencies (cycles per stage pixel)."""
+        if not self.use_ctf:
+            return torch.ones(freqs_cycles_per_pixel.shape[0], device=freqs_cycles_per_pixel.device)
+        return ctf_images_from_table(self._ctf, self.pixel_size_at(L), L, np.array([g]),
+                                     device=freqs_cycles_per_pixel.device,
+                                     freqs_cycles_per_pixel=freqs_cycles_per_pixel)[0]
+
+
+@dataclass
+class EMState:
+    """Everything needed to continue a run: the map of the current stage and the parameters."""
+
+    volume: torch.Tensor
+    stage_index: int = 0
+    iteration_in_stage: int = 0
+    rho0: float = 0.5
+    sigma2: float = 1.0
+    history: list = field(default_factory=list)
+    rng_state: dict | None = None
+
+
+def stage_rotations(level: int, *, device=None) -> torch.Tensor:
+    """``(K, 3, 3)`` rotations of an SO(3) grid level (see :class:`Stage`)."""
+    if level < 0:
+        return so3_grid(0, base_nside=1, base_n_psi=6, device=device)[0]
+    return so3_grid(level, device=device)[0]
+
+
+def _templates_ft(volume: torch.Tensor, rotations: torch.Tensor, L: int, batch: int = 512) -> torch.Tensor:
+    prepared = prepare_projection_volume(volume, oversampling=2)
+    parts = [project_prepared(prepared, rotations[i : i + batch], box_size=L, return_fourier=True)
+             for i in range(0, len(rotations), batch)]
+    return torch.cat(parts)
+
+
+def _patch_batch(K: int, L: int, memory_bytes: int) -> int:
+    per_patch = K * 4 * L * L * 4 * 6  # cross, log weights, posterior, FFTs (float32)
+    return max(1, int(memory_bytes // per_patch))
+
+
+@dataclass
+class _Sums:
+    p_empty: float = 0.0
+    log_likelihood: float = 0.0
+    residual: float = 0.0
+    n_patches: int = 0
+
+
+def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums, m_step: bool = True):
+    """E-step (and M-step sums) for one micrograph's patches; returns ``(B (K, L, L), wbar (K,))``."""
+    K, L = t_ft.shape[0], patches.shape[-1]
+    B = patches.new_zeros(K, L, L)
+    W = patches.new_zeros(K)
+    for start in range(0, len(patches), batch):
+        chunk = patches[start : start + batch]
+        res = patch_posteriors(chunk, t_ft, energy, sigma2=sigma2, rho0=rho0)
+        sums.p_empty += float(res.p_empty.sum())
+        sums.log_likelihood += float(res.log_likelihood.double().sum())
+        sums.residual += float(res.expected_residual.double().sum())
+        sums.n_patches += len(chunk)
+        if m_step:
+            b, w = backprojection_sums(chunk, res.posterior)
+            B += b
+            W += w
+    return B, W
+
+
+def _choose(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    if fraction >= 1.0:
+        return np.arange(n)
+    k = max(1, int(round(fraction * n)))
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def em_iteration(
+    volume: torch.Tensor,
+    source: MicrographPatches,
+    stage: Stage,
+    *,
+    rho0: float,
+    sigma2: float,
+    rng: np.random.Generator,
+    regularization: float = 0.1,
+    memory_bytes: int = 512 * 1024**2,
+    micrographs: np.ndarray | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, float, float, dict]:
+    """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``."""
+    from tqdm.auto import tqdm
+
+    device, L = volume.device, stage.box_size
+    rotations = stage_rotations(stage.so3_level, device=device)
+    K = len(rotations)
+    proj_ft = _templates_ft(volume, rotations, L)
+    acc = FourierAccumulator(L, n_sets=1, oversampling=2, device=device)
+    freqs = acc.frequencies_cycles_per_pixel
+    num = torch.zeros(K, freqs.shape[0], dtype=torch.complex64, device=device)
+    den = torch.zeros(K, freqs.shape[0], device=device)
+    sums, batch = _Sums(), _patch_batch(K, L, memory_bytes)
+    order = np.arange(len(source)) if micrographs is None else micrographs
+    for g in tqdm(order, desc=f"E-step L={L} K={K}", disable=not progress, leave=False, dynamic_ncols=True):
+        patches = source.patches(int(g), L)
+        patches = patches[torch.from_numpy(_choose(len(patches), stage.fraction, rng))].to(device)
+        templates = ifft2_center(proj_ft * source.ctf_image(int(g), L, device=device)).real
+        t_ft, energy = template_terms(templates)
+        B, W = _estep_micrograph(patches, t_ft, energy, sigma2=sigma2, rho0=rho0, batch=batch, sums=sums)
+        c = source.ctf_at(int(g), freqs, L)
+        num += acc.transform(B) * c
+        den += W[:, None] * (c * c)[None]
+    keep = torch.nonzero(den.sum(1) > 0).reshape(-1)
+    if len(keep) == 0:
+        raise InputError("every patch was judged empty; check the initial map matches the micrographs "
+                         "(box, pixel size, contrast) or lower --rho0.")
+    stacked = torch.stack([num.real[keep], num.imag[keep], den[keep]], dim=-1)
+    scatter_trilinear(acc.sums, slice_coordinates(rotations[keep], acc.coordinates), stacked)
+    acc.count += 1
+    result = reconstruct_from_accumulator(acc, regularization=regularization, gridding_correction=True)
+    n = max(sums.n_patches, 1)
+    stats = {"n_patches": sums.n_patches, "n_rotations": K,
+             "log_likelihood_per_patch": sums.log_likelihood / n}
+    new_rho0 = float(np.clip(sums.p_empty / n, 1e-4, 1 - 1e-4))
+    new_sigma2 = max(sums.residual / (n * L * L), 1e-12 * sigma2)
+    return result.volume.to(volume.dtype), new_rho0, new_sigma2, stats
+
+
+def fit_initial_scale(
+    volume: torch.Tensor, source: MicrographPatches, stage: Stage, *, rho0: float, sigma2: float,
+    n_patches: int = 128, memory_bytes: int = 512 * 1024**2,
+) -> float:
+    """The power of two ``a`` maximising the likelihood of the first ``n_patches`` patches under ``a * volume``."""
+    L = stage.box_size
+    rotations = stage_rotations(stage.so3_level, device=volume.device)
+    proj_ft = _templates_ft(volume, rotations, L)
+    batch = _patch_batch(len(rotations), L, memory_bytes)
+    scores: dict[int, float] = {}
+    for exponent in [*range(-12, 13, 2), None, None]:
+        if exponent is None:  # refine around the best even exponent
+            best = max(scores, key=scores.get)
+            exponent = next((e for e in (best - 1, best + 1) if e not in scores), best)
+        if exponent in scores:
+            continue
+        a = 2.0**exponent
+        sums, left, g = _Sums(), n_patches, 0
+        while left > 0 and g < len(source):
+            templates = a * ifft2_center(proj_ft * source.ctf_image(g, L, device=volume.device)).real
+            t_ft, energy = template_terms(templates)
+            patches = source.patches(g, L)[:left].to(volume.device)
+            _estep_micrograph(patches, t_ft, energy, sigma2=sigma2, rho0=rho0, batch=batch, sums=sums, m_step=False)
+            left, g = left - len(patches), g + 1
+        scores[exponent] = sums.log_likelihood
+    return 2.0 ** max(scores, key=scores.get)
+
+
+def compare_to_reference(volume: torch.Tensor, reference: torch.Tensor, pixel_size_angstrom: float) -> dict:
+    """FSC of ``volume`` (upsampled to the reference's box) to ``reference``: curve, 0.5 resolution, AUC."""
+    D = reference.shape[-1]
+    v = volume if volume.shape[-1] == D else upsample_volume(volume, D)
+    freqs, curve = fourier_shell_correlation(v.double().cpu(), reference.double().cpu())
+    res = resolution_at_threshold(freqs, curve, 0.5)
+    return {"freqs": freqs, "fsc": curve, "fsc_auc": float(fsc_auc(curve)),
+            "res_0.5_angstrom": float(frequency_to_angstrom(res, pixel_size_angstrom))}
+
+
+# ----------------------------------------------------------------------------------------------
+# the run: stages, per-iteration log, checkpoints
+# ----------------------------------------------------------------------------------------------
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_COLUMNS = ("iteration", "stage", "box", "band_limit_angstrom", "n_rotations", "n_patches", "rho0", "sigma",
+               "log_likelihood_per_patch", "fsc_0.5_angstrom", "fsc_auc", "wall_s")
+
+
+def save_checkpoint(path: Path, state: EMState, schedule: list[Stage]) -> None:
+    """Write the state atomically (temporary file, then ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    payload = dataclasses.asdict(state) | {"volume": state.volume.cpu(), "schedule": [dataclasses.asdict(s) for s in schedule]}
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, schedule: list[Stage], device) -> EMState:
+    """The state saved by :func:`save_checkpoint`; the schedule must be the same."""
+    if not path.is_file():
+        raise InputError(f"{path} was not found; run without --resume first (or pass the output folder of a run).")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("schedule") != [dataclasses.asdict(s) for s in schedule]:
+        raise InputError(f"{path} was written with another stage schedule; resume with the same options.")
+    payload.pop("schedule")
+    payload["volume"] = payload["volume"].to(device)
+    return EMState(**payload)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    lines = ["\t".join(LOG_COLUMNS)]
+    for row in history:
+        lines.append("\t".join(f"{row.get(c, float('nan')):.6g}" if isinstance(row.get(c), float) else str(row.get(c, "nan"))
+                               for c in LOG_COLUMNS))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _start_stage(state: EMState, old: Stage | None, new: Stage) -> None:
+    """Carry the map and the noise level from one stage's box to the next."""
+    if old is None or old.box_size == new.box_size:
+        return
+    # a projection sums L voxels of size D / L: keep the templates' values when L grows
+    state.volume = upsample_volume(state.volume, new.box_size) * (old.box_size / new.box_size)
+    state.sigma2 *= (new.box_size / old.box_size) ** 2  # white noise after Fourier cropping
+
+
+def _record(state: EMState, stage: Stage, source, stats: dict, reference, started: float) -> dict:
+    pixel = source.pixel_size_at(stage.box_size)
+    row = {"iteration": len(state.history) + 1, "stage": state.stage_index + 1, "box": stage.box_size,
+           "band_limit_angstrom": 2 * pixel, "n_rotations": stats["n_rotations"], "n_patches": stats["n_patches"],
+           "rho0": state.rho0, "sigma": math.sqrt(state.sigma2),
+           "log_likelihood_per_patch": stats["log_likelihood_per_patch"], "wall_s": time.perf_counter() - started}
+    if reference is not None:
+        cmp = compare_to_reference(state.volume, reference, source.pixel_size_angstrom)
+        row["fsc_0.5_angstrom"], row["fsc_auc"] = cmp["res_0.5_angstrom"], cmp["fsc_auc"]
+    log.info("iteration %d (stage %d, box %d, %.1f A, K=%d, %d patches): rho0 %.3f, sigma %.4g, log-lik/patch %.6g%s, %.1f s",
+             row["iteration"], row["stage"], stage.box_size, row["band_limit_angstrom"], row["n_rotations"],
+             row["n_patches"], state.rho0, row["sigma"], row["log_likelihood_per_patch"],
+             f", FSC=0.5 at {row['fsc_0.5_angstrom']:.1f} A (AUC {row['fsc_auc']:.3f})" if reference is not None else "",
+             row["wall_s"])
+    return row
+
+
+def _initial_state(initial: torch.Tensor, source: MicrographPatches, schedule: list[Stage], *, rho0: float,
+                   sigma: float | None, memory_bytes: int) -> EMState:
+    from cryoscape.fourier.resample import downsample_volume
+
+    first = schedule[0]
+    L = first.box_size
+    volume = initial if L == initial.shape[-1] else downsample_volume(initial, L)
+    sample = torch.cat([source.patches(g, L) for g in range(min(4, len(source)))])
+    sigma2 = float(sample.var()) if sigma is None else (sigma * L / source.box_size) ** 2
+    scale = fit_initial_scale(volume, source, first, rho0=rho0, sigma2=sigma2, memory_bytes=memory_bytes)
+    log.info("initial map scaled by %g (maximum likelihood over powers of two); sigma %.4g at box %d", scale,
+             math.sqrt(sigma2), L)
+    return EMState(volume=volume * scale, rho0=rho0, sigma2=sigma2)
+
+
+def run_micrograph_em(
+    table: MicrographTable,
+    initial_map: torch.Tensor,
+    *,
+    box_size: int,
+    out_dir: str | os.PathLike,
+    schedule: list[Stage] | None = None,
+    reference: torch.Tensor | None = None,
+    rho0: float = 0.5,
+    sigma: float | None = None,
+    regularization: float = 0.1,
+    use_ctf: bool = True,
+    seed: int = 0,
+    resume: bool = False,
+    device: torch.device | str = "cpu",
+    memory_bytes: int = 512 * 1024**2,
+    progress: bool = False,
+) -> EMState:
+    """Run the micrograph EM and write ``map.mrc``, ``iterations.tsv``, ``fsc.txt`` and ``checkpoint.pt``.
+
+    ``initial_map`` and ``reference`` are ``(D, D, D)`` at the micrographs' pixel size; ``sigma``
+    fixes the noise level of the full-size micrographs' pixels (estimated when None).
+    """
+    from cryoscape.fourier.fsc import write_fsc_txt
+    from cryoscape.io.mrc import write_mrc
+
+    out = Path(out_dir)
+    schedule = schedule or default_schedule(box_size)
+    source = MicrographPatches(table, box_size, out / "cache", use_ctf=use_ctf)
+    device = torch.device(device)
+    initial_map = initial_map.to(device=device, dtype=torch.float32)
+    if resume:
+        state = load_checkpoint(out / CHECKPOINT_NAME, schedule, device)
+    else:
+        state = _initial_state(initial_map, source, schedule, rho0=rho0, sigma=sigma, memory_bytes=memory_bytes)
+    rng = np.random.default_rng(seed)
+    if state.rng_state is not None:
+        rng.bit_generator.state = state.rng_state
+    started = time.perf_counter() - (state.history[-1]["wall_s"] if state.history else 0.0)
+    while state.stage_index < len(schedule):
+        stage = schedule[state.stage_index]
+        while state.iteration_in_stage < stage.iterations:
+            state.volume, state.rho0, state.sigma2, stats = em_iteration(
+                state.volume, source, stage, rho0=state.rho0, sigma2=state.sigma2, rng=rng,
+                regularization=regularization, memory_bytes=memory_bytes, progress=progress)
+            state.iteration_in_stage += 1
+            state.history.append(_record(state, stage, source, stats, reference, started))
+            state.rng_state = rng.bit_generator.state
+            save_checkpoint(out / CHECKPOINT_NAME, state, schedule)
+            _write_log(out / "iterations.tsv", state.history)
+        state.stage_index += 1
+        state.iteration_in_stage = 0
+        if state.stage_index < len(schedule):
+            _start_stage(state, stage, schedule[state.stage_index])
+        save_checkpoint(out / CHECKPOINT_NAME, state, schedule)
+    final = state.volume if state.volume.shape[-1] == box_size else upsample_volume(state.volume, box_size)
+    write_mrc(out / "map.mrc", final.cpu().numpy(), pixel_size_angstrom=source.pixel_size_angstrom)
+    if reference is not None:
+        cmp = compare_to_reference(final, reference, source.pixel_size_angstrom)
+        write_fsc_txt(out / "fsc.txt", cmp["freqs"], cmp["fsc"], source.pixel_size_angstrom)
+    return state
