@@ -15,7 +15,7 @@ import numpy as np
 from cryoscape.errors import InputError
 
 __all__ = ["ca_rmse_angstrom", "percent_within", "volume_nmse", "read_ca_models", "score_models",
-           "atomic_metrics_along_path"]
+           "atomic_metrics_along_path", "median_latent_per_state", "atomic_evaluation"]
 
 
 def ca_rmse_angstrom(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -97,3 +97,61 @@ def atomic_metrics_along_path(decoder, z_per_state: np.ndarray, true_ca_angstrom
 def model_path_for(map_path: str | os.PathLike, suffix: str = ".pdb") -> Path:
     """The atomic-model file written next to a map: ``vol_000.mrc`` -> ``vol_000.pdb``."""
     return Path(map_path).with_suffix(suffix)
+
+
+def median_latent_per_state(z: np.ndarray, state_index: np.ndarray, n_states: int) -> list[np.ndarray | None]:
+    """The median latent of each state's images (thesis Fig. 7-5), ``None`` for a state with no image."""
+    return [np.median(z[state_index == m], axis=0) if (state_index == m).any() else None for m in range(n_states)]
+
+
+def atomic_evaluation(decoder, truth, rows: np.ndarray, z: np.ndarray | None, out_dir: str | os.PathLike, *,
+                      true_model: str | os.PathLike | None = None, cutoff_angstrom: float = 3.0) -> dict | None:
+    """C-alpha RMSE, % within and volume NMSE of a run's atomic models against the true models.
+
+    The true models are ``true_model`` (one model, or one per state of the dataset) or the
+    dataset's ``gt_models.pdb`` (``cryoscape simulate --atomic-trajectory/--bond-rotation-deg``).
+    The run's model of state ``m`` is its decoder's at the median latent of the state's images
+    (its only model for a homogeneous run), written to ``out_dir/atomic/state_XXX.pdb`` through
+    the decoder's :meth:`~cryoscape.models.base.VolumeDecoder.write_atomic_model` hook; ``None``
+    when the decoder has no atomic model or there is no true model.  Models are compared in the
+    file frame of the reference and truth (the same frame when the reference is one of the
+    true models or fitted to the same map).
+    """
+    import torch
+
+    from cryoscape.simulate.atomic_trajectory import GT_MODELS_NAME
+
+    path = Path(true_model) if true_model is not None else Path(truth.folder) / GT_MODELS_NAME
+    if not path.is_file():
+        return None
+    true_keys, true_ca = read_ca_models(path)
+    states = truth.state_index[rows]
+    n = len(true_ca)
+    if n not in (1, truth.n_states):
+        raise InputError(f"{path} holds {n} models but the dataset has {truth.n_states} states; pass one model or one "
+                         "per state.")
+    latents = ([None] * n if z is None or decoder.zdim == 0 else
+               (median_latent_per_state(z, states, n) if n > 1 else [np.median(z, axis=0)]))
+    folder = Path(out_dir) / "atomic"
+    rmse, within, nmse, scored = [], [], [], []
+    for m, zm in enumerate(latents):
+        if zm is None and decoder.zdim > 0:
+            continue
+        zt = None if zm is None else torch.as_tensor(np.asarray(zm, dtype=np.float32))
+        written = decoder.write_atomic_model(folder / f"state_{m:03d}.pdb", zt)
+        if written is None:
+            return None
+        keys, ca = read_ca_models(written)
+        p, t = _matched(keys, ca[0], true_keys, true_ca[m], os.fspath(written))
+        rmse.append(ca_rmse_angstrom(p, t))
+        within.append(percent_within(p, t, cutoff_angstrom=cutoff_angstrom))
+        with torch.no_grad():
+            volume = decoder.eval_volume(zt).float().cpu().numpy()
+        state = m if n > 1 else int(np.bincount(states).argmax())
+        nmse.append(volume_nmse(volume, truth.volume(state)) if volume.shape == truth.volume(state).shape
+                    else float("nan"))
+        scored.append(m)
+    return {"true_models": str(path), "states": scored, "ca_rmse_angstrom": rmse, "percent_within": within,
+            "volume_nmse": nmse, "cutoff_angstrom": cutoff_angstrom,
+            "mean_ca_rmse_angstrom": float(np.mean(rmse)), "max_ca_rmse_angstrom": float(np.max(rmse)),
+            "mean_percent_within": float(np.mean(within)), "mean_volume_nmse": float(np.nanmean(nmse))}

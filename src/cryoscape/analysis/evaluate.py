@@ -436,6 +436,7 @@ class Evaluation:
     clusters: dict[str, Any] | None = None
     poses: dict[str, Any] | None = None
     pose_angle_deg: np.ndarray | None = None
+    atomic: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -444,7 +445,7 @@ class Evaluation:
                                "n_particles": int(self.n_particles)}
         if self.fsc is not None:
             out["per_image_fsc"] = self.fsc.summary()
-        for name in ("latent", "clusters", "poses"):
+        for name in ("latent", "clusters", "poses", "atomic"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -479,6 +480,7 @@ def evaluate_against_truth(
     device: Any = "cpu",
     seed: int = 0,
     progress: bool = True,
+    true_model: PathLike | None = None,
 ) -> Evaluation:
     """Evaluate a run (or another tool's latents and maps) against a simulated dataset's truth.
 
@@ -511,6 +513,9 @@ def evaluate_against_truth(
         Negate / mirror the maps before the FSC.
     out_dir
         Output folder (default ``RUN/evaluate.EPOCH``; required without a run).
+    true_model
+        True atomic model(s) for a run of an atomic decoder (default: the dataset's
+        ``gt_models.pdb``): C-alpha RMSE, % within 3 A, volume NMSE (:mod:`cryoscape.analysis.atomic`).
     """
     import yaml
 
@@ -660,6 +665,12 @@ def evaluate_against_truth(
             how = f"k-means of the latents, k={k} (seed {seed})"
         if predicted is not None:
             result.clusters = {"labels": how, **cluster_agreement(predicted, true_classes)}
+
+    # ---- atomic models (an atomic decoder against the true models: analysis/atomic.py)
+    if decoder is not None:
+        from cryoscape.analysis.atomic import atomic_evaluation
+
+        result.atomic = atomic_evaluation(decoder, gt, rows, z, out, true_model=true_model)
 
     with atomic_write(out / "evaluation.yaml", "w") as fh:
         yaml.safe_dump(result.to_dict(), fh, sort_keys=False)

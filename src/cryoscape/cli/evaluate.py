@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poses", metavar="FILE",
                         help="predicted poses (poses.pkl, .npz, .star, .cs) to score (default: the run's poses.EPOCH file, "
                              "if any)")
+    parser.add_argument("--true-model", metavar="PDB",
+                        help="atomic decoder runs: the true atomic model(s) (.pdb/.cif, one model or one per state) for "
+                             "C-alpha RMSE, %% within 3 A and volume NMSE (default: the dataset's gt_models.pdb)")
     parser.add_argument("--invert-maps", action="store_true", help="negate the maps before the FSC")
     parser.add_argument("--flip-maps", action="store_true", help="mirror the maps (reverse z) before the FSC")
     parser.add_argument("--seed", type=int, default=0, help="seed of the k-means [0]")
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         args.truth, run_dir=args.run, epoch=args.epoch, z_path=args.z_path, ind=args.ind, maps_dir=args.maps_dir,
         n_images=args.n_images, box_size=args.box_size, labels=args.labels, n_clusters=args.n_clusters,
         poses=args.poses, invert_maps=args.invert_maps, flip_maps=args.flip_maps, out_dir=args.outdir,
-        device=resolve_device(args.device), seed=args.seed, progress=not args.no_progress,
+        device=resolve_device(args.device), seed=args.seed, progress=not args.no_progress, true_model=args.true_model,
     )
     if ev.fsc is not None:
         f = ev.fsc
@@ -74,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"clusters vs true classes: ARI {ev.clusters['adjusted_rand_index']:.3f}")
     if ev.poses is not None:
         _print_poses(ev.poses)
+    if ev.atomic is not None:
+        a = ev.atomic
+        print(f"atomic model ({len(a['states'])} state(s)): C-alpha RMSE {a['mean_ca_rmse_angstrom']:.2f} A mean / "
+              f"{a['max_ca_rmse_angstrom']:.2f} A max, {a['mean_percent_within']:.1f}% within "
+              f"{a['cutoff_angstrom']:g} A, volume NMSE {a['mean_volume_nmse']:.3f}")
     for note in ev.notes:
         print(f"note: {note}")
     print(f"report: {ev.out_dir / 'report.html'}")

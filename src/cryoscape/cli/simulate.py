@@ -51,6 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="range of hinge angles in degrees (default 0 60)")
     mol.add_argument("--hinge-states", type=int, default=40,
                      help="number of ground-truth volumes rendered over the hinge range (default 40)")
+    mol.add_argument("--atomic-trajectory", metavar="FILE", default=None,
+                     help="a multi-model PDB/mmCIF, one state per model along a 1-D path (ground-truth coordinates "
+                          "in gt_atomic.npz and gt_models.pdb)")
+    mol.add_argument("--bond-rotation-deg", nargs=2, type=float, default=None, metavar=("MIN", "MAX"),
+                     help="with --molecule MODEL.pdb: states turning the CA-C bond of --bond-residue from MIN to MAX "
+                          "degrees (thesis ch. 7's 1-D motion)")
+    mol.add_argument("--bond-residue", type=int, default=None,
+                     help="0-based residue of the first chain whose CA-C bond turns (default: the middle one)")
+    mol.add_argument("--atomic-states", type=int, default=20,
+                     help="number of bond-rotation states (default 20)")
     mol.add_argument("--resolution-angstrom", type=float, default=None,
                      help="atoms are Gaussians of sigma = 0.225 * resolution (default 3 pixels)")
 
@@ -119,6 +129,24 @@ def _run_micrographs(args: argparse.Namespace, ensemble, device) -> int:
     return 0
 
 
+def _atomic_trajectory(args: argparse.Namespace):
+    """``(AtomicTrajectory, Ensemble)`` for --atomic-trajectory / --bond-rotation-deg, else ``None``."""
+    if args.atomic_trajectory is None and args.bond_rotation_deg is None:
+        return None
+    from cryoscape.errors import InputError
+    from cryoscape.simulate.atomic_trajectory import atomic_trajectory, atomic_trajectory_ensemble
+
+    path = args.atomic_trajectory or (None if args.molecule == "hinge" else args.molecule)
+    if path is None:
+        raise InputError("--bond-rotation-deg turns a bond of an atomic model; pass --molecule MODEL.pdb with it.")
+    if args.pixel_size is None:
+        raise InputError("an atomic trajectory needs the pixel size; pass --pixel-size ANGSTROM.")
+    traj = atomic_trajectory(path, bond_rotation_deg=args.bond_rotation_deg, n_states=args.atomic_states,
+                             bond_residue=args.bond_residue)
+    return traj, atomic_trajectory_ensemble(traj, box_size=args.box_size or 64, pixel_size_angstrom=args.pixel_size,
+                                            resolution_angstrom=args.resolution_angstrom)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the ensemble, simulate, write the dataset."""
     import torch
@@ -151,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
         heterogeneity = "none"
     if args.hinge_angle_deg is not None:
         hinge_range, heterogeneity = (args.hinge_angle_deg, args.hinge_angle_deg + 1.0), heterogeneity or "none"
-    ensemble = build_ensemble(
+    atomic = _atomic_trajectory(args)
+    ensemble = atomic[1] if atomic else build_ensemble(
         molecule=args.molecule,
         heterogeneity=heterogeneity,
         classes=args.classes,
@@ -186,6 +215,10 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         arguments=arguments,
     )
+    if atomic:
+        from cryoscape.simulate.atomic_trajectory import write_atomic_truth
+
+        write_atomic_truth(out, atomic[0])
     snr = "inf" if args.snr is None or not math.isfinite(args.snr) else f"{args.snr:g}"
     print(
         f"wrote {args.n_images} images ({ensemble.box_size}x{ensemble.box_size}, "

@@ -202,6 +202,9 @@ def bond_rotation_models(structure, *, residue_index: int | None = None, angles_
     models = []
     for angle in np.atleast_1d(np.asarray(angles_deg, dtype=np.float64)):
         model = structure[0].clone()
+        models.append(model)
+        if angle == 0:
+            continue  # the reference exactly (no rounding from an identity rotation)
         R = Rotation.from_rotvec(np.deg2rad(angle) * axis).as_matrix()
         mchain = model[0]
         for j in range(amino[k], len(mchain)):
@@ -210,7 +213,6 @@ def bond_rotation_models(structure, *, residue_index: int | None = None, angles_
                     continue
                 p = R @ (np.array([atom.pos.x, atom.pos.y, atom.pos.z]) - origin) + origin
                 atom.pos = type(atom.pos)(*p)
-        models.append(model)
     return models
 
 
