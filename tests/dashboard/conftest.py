@@ -8,6 +8,9 @@ test_time_to_first_map.py).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +36,28 @@ def latent_run(tmp_path_factory) -> Path:
     np.save(run / "z.2.npy", z.astype(np.float32))
     np.save(run / "blob.npy", blob)
     return run
+
+
+CHROMIUM = Path(os.environ.get("CRYOSCAPE_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Chromium's path (``make test`` installs it with scripts/testdeps/browser.sh); skips saying what is missing."""
+    reason = None
+    if importlib.util.find_spec("playwright") is None:
+        reason = "the python package playwright is not installed (make test installs it: scripts/testdeps/browser.sh)"
+    elif not CHROMIUM.is_file():
+        reason = f"no Chromium at {CHROMIUM} (make test installs Debian's chromium: scripts/testdeps/browser.sh)"
+    if reason:
+        warnings.warn(f"browser test skipped: {reason}", UserWarning, stacklevel=2)
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def chromium_args() -> list[str]:
+    """Chromium's command-line options: headless, no sandbox (containers), no network of its own."""
+    return list(CHROMIUM_ARGS)
