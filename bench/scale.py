@@ -18,6 +18,9 @@ What it compares
     training overlapped by the background prefetch; start-up, the normalisation, the noise
     spectrum, the warm start and writing the cache are left out and printed separately as wall
     times).  The goal is lazy / in memory >= 0.8.
+    First, ``--read-check``: one random pass over the whole stack reading alone (batches of 64, cold),
+    through memory maps as cryoscape read before (``io.mrc.MrcStack``, grouped by file) and through
+    ``ParticleImages`` (positional reads), each in a child process with its peak RSS.
 (b) **500,000 particles.**  A simulated set of 500,000 images of 64 x 64 in float16 (MRC mode 12),
     written in 10 stacks of 50,000 (4.1 GB) with a ``.txt`` stack list, ``poses.pkl`` and
     ``ctf.pkl``, trained one epoch with the basis decoder (``--lazy``, zdim 8); printed: images/s
@@ -95,6 +98,30 @@ training.ParticleDataset.__post_init__ = post_init
 sys.exit(main(sys.argv[2:]))
 """
 
+# One random pass over a stack list, reading batches of 64 the old way (memory maps, io.mrc.MrcStack,
+# grouped by file) or through data.images.ParticleImages (positional reads); prints images/s.
+READ_CHECK = r"""
+import sys, time, numpy as np
+from cryoscape.io.particles import load_particles
+from cryoscape.io.mrc import open_stack
+from cryoscape.data.images import ParticleImages
+mode, listing = sys.argv[1], sys.argv[2]
+table = load_particles(listing)
+reader = ParticleImages(table.image_paths, table.image_indices, in_memory=False)
+order = np.random.default_rng(0).permutation(len(reader))
+stacks = {}
+def read_mapped(idx):
+    paths, local = table.image_paths[idx], table.image_indices[idx]
+    for path in np.unique(paths):
+        here = paths == path
+        stacks.setdefault(path, open_stack(path)).read(local[here])
+t0 = time.perf_counter()
+for start in range(0, len(order), 64):
+    idx = order[start:start + 64]
+    read_mapped(idx) if mode == "memmap" else reader.read(idx)
+print(len(order) / (time.perf_counter() - t0))
+"""
+
 RUNS = {
     # name: (extra command-line flags, data-layer options)
     "memory": ([], {"in_memory": True}),
@@ -125,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="pipeline check: (a) on 40,000 images (no 4x claim), (b) on 50,000")
     p.add_argument("--keep-data", action="store_true", help="keep the generated stacks in --workdir")
+    p.add_argument("--read-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="part (a): first time one random pass of reading alone through memory maps and "
+                        "through ParticleImages, with their peak RSS [on]")
     return p.parse_args(argv)
 
 
@@ -246,6 +276,8 @@ def part_a(args, env, base: Path) -> dict:
                + (" (--quick: below 4x, not the benchmark)" if size_mb < 4 * budget_mb else ""))
     print_note("(a) each run starts with the stacks " + ("in the page cache (--warm)" if args.warm else
                                                           "dropped from the page cache (cold)"))
+    if args.read_check:
+        read_check(data, stacks, args, env)
     results = {}
     for name in args.runs:
         flags, options = RUNS[name]
@@ -256,6 +288,23 @@ def part_a(args, env, base: Path) -> dict:
             print_figure(f"(a) {LABELS[name]}: peak RSS within the budget of {budget_mb:.0f} MB",
                          "yes" if within else "NO")
     return results
+
+
+def read_check(data: Path, stacks: list[Path], args, env) -> None:
+    """Reading alone, one random pass over the stack, cold: memory maps against positional reads."""
+    for mode, label in (("memmap", "memory maps (io.mrc.MrcStack)"), ("positional", "ParticleImages (preadv)")):
+        if not args.warm:
+            drop_from_page_cache(stacks)
+        log = args.workdir / "runs" / f"read_{mode}.log"
+        result = run_timed([sys.executable, "-c", READ_CHECK, mode, str(data / "particles.txt")], log_path=log,
+                           env=env, poll_memory=True)
+        lines = log.read_text().split()
+        print_figure(f"(a) reading only, random pass, {label}: images/s", float(lines[-1]) if lines else float("nan"),
+                     "img/s", fmt=".0f")
+        print_figure(f"(a) reading only, random pass, {label}: peak RSS (ru_maxrss)", result.peak_rss_mb, "MB",
+                     fmt=".0f")
+        print_figure(f"(a) reading only, random pass, {label}: peak RssAnon / RssFile",
+                     f"{result.peak_anon_mb:.0f} / {result.peak_file_mb:.0f}", "MB")
 
 
 def part_b(args, env, base: Path) -> dict:
