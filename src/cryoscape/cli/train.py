@@ -111,6 +111,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="first epoch (0-based) that updates the poses; earlier ones fit the map to the input poses [1]")
     opt.add_argument("--pose-representation", choices=("axis_angle", "6d"), default="axis_angle",
                      help="rotation correction: axis-angle delta or 6-D rotation [axis_angle]")
+    opt.add_argument("--pose-source", choices=("table", "encoder"), default="table",
+                     help="table: the particles' poses (with --refine-poses: corrected); encoder: an orientation "
+                          "encoder pre-trained on them, then refined end to end (CryoFormer) [table]")
+    opt.add_argument("--pose-encoder-layers", type=int, default=10, help="orientation encoder MLP layers [10]")
+    opt.add_argument("--pose-encoder-dim", type=int, default=128, help="orientation encoder MLP width [128]")
+    opt.add_argument("--pose-pretrain-epochs", type=int, default=200,
+                     help="passes over the images fitting the orientation encoder to the table's poses [200]")
+    opt.add_argument("--pose-encoder-lr", type=float, default=1e-4,
+                     help="learning rate refining the orientation encoder (0: frozen after pre-training) [1e-4]")
     opt.add_argument("--no-shuffle", action="store_true", help="visit particles in file order")
     opt.add_argument("--seed", type=int, default=0, help="random seed (initialisation, order, noise) [0]")
     opt.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -189,6 +198,11 @@ def _config_from_args(args: argparse.Namespace):
         pose_lr=pick(args.pose_lr, defaults.pose_lr),
         pose_representation=args.pose_representation,
         pose_start_epoch=args.pose_start_epoch,
+        pose_source=args.pose_source,
+        pose_encoder_layers=args.pose_encoder_layers,
+        pose_encoder_dim=args.pose_encoder_dim,
+        pose_pretrain_epochs=args.pose_pretrain_epochs,
+        pose_encoder_lr=args.pose_encoder_lr,
         shuffle=not args.no_shuffle,
         seed=args.seed,
         amp=args.amp,

@@ -24,7 +24,10 @@ __all__ = ["TrainConfig", "DEFAULT_LEARNING_RATES", "DEFAULT_BATCH_SIZES"]
 #: it): D=64 AUC 0.763 / 0.756 / 0.751 at 4e-4 / 1e-3 / 2e-3, and on the 1000-image hinge of
 #: tests/train/test_basis_training.py |Spearman| after 14 epochs 0.20 / 0.97 / 0.96: 1e-3 learns
 #: the heterogeneity of a small set and keeps the maps clean.
-DEFAULT_LEARNING_RATES = {"neural_field": 4e-4, "basis": 1e-3}
+#: CryoFormer's (the paper gives none; Adam as for the others): on 600 images of 24 px, SNR 1, 2-3 epochs,
+#: 1e-4 left the loss at 0.997 after 2 epochs while 1e-3 reached 0.342 after 3 (FSC to the truth 0.95 up
+#: to shell 10 of 12); README "Choosing a decoder" has the measurement.
+DEFAULT_LEARNING_RATES = {"neural_field": 4e-4, "basis": 1e-3, "cryoformer": 1e-3}
 #: Images per batch when ``--batch-size`` is not given, by decoder (others: 8, cryoDRGN's).  A
 #: basis step costs little per image and much per step (an optimiser pass over every voxel), so
 #: it trains on batches of 64 (seed 003 trains its voxel model on larger batches than cryoDRGN's
@@ -89,6 +92,13 @@ class TrainConfig:
     pose_lr: float = 3e-3
     pose_start_epoch: int = 1
     pose_representation: str = "axis_angle"
+    # where poses come from: "table" (the particle table's, refined with refine_poses) or "encoder"
+    # (an orientation encoder pre-trained on the table's poses, then refined end to end: CryoFormer)
+    pose_source: str = "table"
+    pose_encoder_layers: int = 10
+    pose_encoder_dim: int = 128
+    pose_pretrain_epochs: int = 200
+    pose_encoder_lr: float = 1e-4  # 0: the pre-trained encoder is frozen
     shuffle: bool = True
     seed: int = 0
     amp: bool | None = None  # None: automatic (see models.precision.resolve_amp)
@@ -159,6 +169,11 @@ class TrainConfig:
             raise ValueError("--tilt pairs train the encoder, so they need --zdim > 0")
         if self.pose_representation not in ("axis_angle", "6d"):
             raise ValueError(f"--pose-representation must be axis_angle or 6d, got {self.pose_representation!r}")
+        if self.pose_source not in ("table", "encoder"):
+            raise ValueError(f"--pose-source must be table or encoder, got {self.pose_source!r}")
+        if self.pose_source == "encoder" and self.refine_poses:
+            raise ValueError("--refine-poses corrects the table's poses; with --pose-source encoder the encoder "
+                             "refines them, so leave --refine-poses out")
         if self.warm_start_images < 0:
             raise ValueError(f"--warm-start-images must be 0 (off) or positive, got {self.warm_start_images}")
         if self.shuffle_chunk < 0:

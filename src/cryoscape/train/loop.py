@@ -55,7 +55,7 @@ from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_dataset, build_training_data, load_tables
 from cryoscape.train.objective import batch_loss, tilt_rotation
-from cryoscape.train.pose_sources import KnownPoses
+from cryoscape.train.pose_sources import KnownPoses, PoseSource
 from cryoscape.train.schedule import ConstantSchedule
 from cryoscape.train.trainer import RunContext, Trainer, TrainingDiverged, TrainResult
 
@@ -71,6 +71,7 @@ __all__ = [
     "tilt_rotation",
     "load_resume_state",
     "check_particle_count",
+    "pose_source_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,23 @@ def train_model(config: TrainConfig, table, out_dir: str | Path, *, tilted_table
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     data = build_training_data(config, table, tilted_table, resume_state=resume_state)
-    poses = KnownPoses(data.dataset, refine=config.refine_poses, representation=config.pose_representation,
-                       refine_shifts=config.refine_shifts, lr=config.pose_lr, start_epoch=config.pose_start_epoch)
+    poses = pose_source_for(config, data.dataset, table)
     trainer = Trainer(config, data, poses, schedule, out_dir, command="train", arguments=arguments,
                       resume_state=resume_state, continue_run=continue_run, dist=dist)
     return trainer.fit()
+
+
+def pose_source_for(config: TrainConfig, dataset, table) -> PoseSource:
+    """The :class:`~cryoscape.train.pose_sources.PoseSource` of ``config.pose_source``: the table's poses
+    (optionally refined) or an orientation encoder's (:mod:`cryoscape.train.predicted_poses`)."""
+    if config.pose_source == "encoder":
+        from cryoscape.train.predicted_poses import PredictedPoses
+
+        return PredictedPoses(dataset, table, layers=config.pose_encoder_layers, width=config.pose_encoder_dim,
+                              pretrain_epochs=config.pose_pretrain_epochs, lr=config.pose_encoder_lr,
+                              start_epoch=config.pose_start_epoch, seed=config.seed)
+    return KnownPoses(dataset, refine=config.refine_poses, representation=config.pose_representation,
+                      refine_shifts=config.refine_shifts, lr=config.pose_lr, start_epoch=config.pose_start_epoch)
 
 
 def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[str, Any] | None = None,

@@ -1,0 +1,46 @@
+"""CryoFormer's orientation encoder: an image -> a rotation (6-D, Gram-Schmidt) and an in-plane shift.
+
+An MLP (``layers`` x ``width``, ReLU; the paper's 10 x 128) reads the preprocessed image (the
+encoder's input, ``(B, D, D)``) and returns 8 numbers: two 3-vectors, the first two rows of the
+rotation (:func:`cryoscape.geometry.rotations.sixd_to_matrix`, continuous and differentiable), and
+the shift in pixels (RELION's sign, as the particle table).  :func:`pose_pretraining_loss` is the
+paper's pre-training loss against consensus poses; the training engine then refines the encoder by
+the image loss (train/predicted_poses.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cryoscape.geometry.rotations import sixd_to_matrix
+
+__all__ = ["OrientationEncoder", "pose_pretraining_loss"]
+
+
+class OrientationEncoder(nn.Module):
+    """``(B, D, D)`` images -> ``(B, 3, 3)`` rotations and ``(B, 2)`` shifts in pixels."""
+
+    def __init__(self, *, box_size: int, layers: int = 10, width: int = 128):
+        super().__init__()
+        self.config = {"box_size": int(box_size), "layers": int(layers), "width": int(width)}
+        mods: list[nn.Module] = [nn.Flatten(), nn.Linear(box_size * box_size, width), nn.ReLU()]
+        for _ in range(max(0, layers - 2)):
+            mods += [nn.Linear(width, width), nn.ReLU()]
+        mods.append(nn.Linear(width, 8))
+        self.mlp = nn.Sequential(*mods)
+        with torch.no_grad():  # start at the identity rotation and no shift
+            self.mlp[-1].weight.mul_(0.1)
+            self.mlp[-1].bias.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0]))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.mlp(images.to(self.mlp[1].weight.dtype)).float()
+        return sixd_to_matrix(out[:, :6]), out[:, 6:]
+
+
+def pose_pretraining_loss(rotations: torch.Tensor, shifts: torch.Tensor, target_rotations: torch.Tensor,
+                          target_shifts: torch.Tensor) -> torch.Tensor:
+    """The paper's ``(1/9) ||R - R0||_F^2 + (1/2) ||t - t0||_1``, averaged over the batch."""
+    rot = (rotations - target_rotations.to(rotations)).square().sum((-2, -1)) / 9.0
+    shift = (shifts - target_shifts.to(shifts)).abs().sum(-1) / 2.0
+    return (rot + shift).mean()
