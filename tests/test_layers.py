@@ -25,6 +25,7 @@ RANK = {
     "train": 7,
     "analysis": 8,
     "report": 9,
+    "dashboard": 9.5,  # the web app of cryoscape dashboard: uses report, analysis, train; only cli imports it
     "cli": 10,
 }
 ROOT = Path(__file__).resolve().parents[1] / "src" / "cryoscape"
