@@ -155,3 +155,29 @@ def atomic_evaluation(decoder, truth, rows: np.ndarray, z: np.ndarray | None, ou
             "volume_nmse": nmse, "cutoff_angstrom": cutoff_angstrom,
             "mean_ca_rmse_angstrom": float(np.mean(rmse)), "max_ca_rmse_angstrom": float(np.max(rmse)),
             "mean_percent_within": float(np.mean(within)), "mean_volume_nmse": float(np.nanmean(nmse))}
+
+
+def write_atomic_models(decoder, latents: list, map_files: list, *, trajectory_name: str = "models.pdb") -> list[Path]:
+    """Next to each map ``vol_XXX.mrc`` the decoder's atomic model at its latent (``vol_XXX.pdb``),
+    and for several latents (a traversal, sampled centres) all of them as one multi-model
+    ``trajectory_name`` in the same folder, in order.  Nothing for a decoder of maps only."""
+    import torch
+
+    written = []
+    for zi, name in zip(latents, map_files):
+        zt = None if zi is None else torch.as_tensor(np.asarray(zi, dtype=np.float32))
+        path = decoder.write_atomic_model(Path(name).with_suffix(".pdb"), zt)
+        if path is None:
+            return []
+        written.append(Path(path))
+    if len(written) > 1:
+        _concatenate_models(written, written[0].parent / trajectory_name)
+    return written
+
+
+def _concatenate_models(paths: list[Path], out: Path) -> Path:
+    """One multi-model PDB of the first model of each file."""
+    from cryoscape.simulate.atomic_structures import read_structure, write_structure_models
+
+    structures = [read_structure(p) for p in paths]
+    return write_structure_models(out, [s[0] for s in structures], template=structures[0])

@@ -200,6 +200,9 @@ def generate_maps(
             projections[i, axis] = array.sum(axis=axis)
     if write_z_values and model.zdim > 0:
         np.savetxt(out / "z_values.txt", z, fmt="%.6g")
+    from cryoscape.analysis.atomic import write_atomic_models
+
+    write_atomic_models(decoder, latents, names)  # an atomic decoder's models next to its maps
     seconds = time.perf_counter() - start_time
     log.info("wrote %d map(s) of %d^3 voxels at %.4g A/pixel (epoch %d%s) to %s in %.1f s",
              len(paths), n, pixel_out, model.epoch, ", bfloat16" if use_amp else "", out, seconds)

@@ -497,6 +497,9 @@ class Trainer:
             save_checkpoint(weights_path(out, epoch), state)
         if self.model.zdim == 0 and (keep or plan.write_map):
             write_epoch_map(out, epoch, self.model.decoder, self.pixel_size)
+        if keep:  # an atomic decoder's model (at the median latent of the epoch): model.E.pdb
+            z_mid = None if progress.z_mean is None else torch.as_tensor(np.median(progress.z_mean, axis=0))
+            self.model.decoder.write_atomic_model(out / f"model.{epoch}.pdb", z_mid)
         if keep or plan.search is not None or time.perf_counter() - self.last_plot > _PLOT_INTERVAL_SECONDS:
             plot_losses(self.history, self.steps, out / "loss.png")  # ~0.3 s, so not after every short epoch
             self.last_plot = time.perf_counter()

@@ -185,6 +185,8 @@ def decode_volumes(
         volume = decoder.eval_volume(zi, box_size=n).to(torch.float32)
         write_map(volume, path, pixel_size_angstrom=pixel_out, lowpass_angstrom=lowpass_angstrom, flip=flip,
                   invert=invert)
+    for zi, path in zip(latents, paths):  # an atomic decoder's model next to each map (vol_XXX.pdb)
+        decoder.write_atomic_model(path.with_suffix(".pdb"), zi)
     if decoder.zdim > 0:
         np.savetxt(out / "z_values.txt", z, fmt="%.6g")
     log.info("wrote %d map(s) of %d^3 voxels at %.4g A/pixel (epoch %d) to %s",
