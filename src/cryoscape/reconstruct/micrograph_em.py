@@ -19,7 +19,10 @@ What one iteration does (kernels in reconstruct/patch_em.py)
 Frequency marching: stages of increasing box ``L`` (the micrographs are Fourier-cropped by
 ``D / L``, so the band limit is ``2 * pixel * D / L`` angstroms) and finer rotation grids; each
 stage starts from the last stage's map, zero-padded in Fourier space.  Stochastic variant: a
-stage's ``fraction`` of the patches, drawn anew each iteration, enters each E- and M-step.
+stage's ``fraction`` of the patches, drawn anew each iteration, enters each E-step, and the M-step's
+Fourier sums are a running average over about ``1 / fraction`` iterations (see :func:`em_iteration`).
+After each M-step the map is moved by the whole-voxel shift that aligns it with the previous map
+(:func:`recentre`), since the likelihood cannot tell a shifted map from shifted particles.
 
 Cost: an iteration does two batched FFTs of ``2L x 2L`` per (patch, rotation) pair, i.e. about
 ``4 K`` times the number of pixels of the downsampled micrographs (whole-micrograph correlation
@@ -67,6 +70,7 @@ __all__ = [
     "em_iteration",
     "fit_initial_scale",
     "compare_to_reference",
+    "recentre",
     "run_micrograph_em",
 ]
 
@@ -197,6 +201,7 @@ class EMState:
     sigma2: float = 1.0
     history: list = field(default_factory=list)
     rng_state: dict | None = None
+    sums: torch.Tensor | None = None
 
 
 def stage_rotations(level: int, *, device=None) -> torch.Tensor:
@@ -263,9 +268,16 @@ def em_iteration(
     regularization: float = 0.1,
     memory_bytes: int = 512 * 1024**2,
     micrographs: np.ndarray | None = None,
+    previous_sums: torch.Tensor | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, float, float, dict]:
-    """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``."""
+    """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``.
+
+    With a patch fraction ``f < 1`` the M-step's Fourier sums are a running average (stochastic
+    approximation, step ``f``) of ``previous_sums`` and this iteration's sums scaled by ``1 / f``, so
+    that the map rests on about the last ``1 / f`` iterations' patches rather than on one minibatch;
+    ``statistics["sums"]`` holds the new average for the next iteration.
+    """
     from tqdm.auto import tqdm
 
     device, L = volume.device, stage.box_size
@@ -294,18 +306,35 @@ def em_iteration(
     stacked = torch.stack([num.real[keep], num.imag[keep], den[keep]], dim=-1)
     scatter_trilinear(acc.sums, slice_coordinates(rotations[keep], acc.coordinates), stacked)
     acc.count += 1
+    if stage.fraction < 1:
+        acc.sums /= stage.fraction
+        if previous_sums is not None and previous_sums.shape == acc.sums.shape:
+            acc.sums.mul_(stage.fraction).add_(previous_sums.to(acc.sums.device), alpha=1 - stage.fraction)
     result = reconstruct_from_accumulator(acc, regularization=regularization, gridding_correction=True)
     n = max(sums.n_patches, 1)
     stats = {"n_patches": sums.n_patches, "n_rotations": K,
-             "log_likelihood_per_patch": sums.log_likelihood / n}
+             "log_likelihood_per_patch": sums.log_likelihood / n, "sums": acc.sums.clone()}
     new_rho0 = float(np.clip(sums.p_empty / n, 1e-4, 1 - 1e-4))
     new_sigma2 = max(sums.residual / (n * L * L), 1e-12 * sigma2)
-    return result.volume.to(volume.dtype), new_rho0, new_sigma2, stats
+    return recentre(result.volume.to(volume.dtype), volume), new_rho0, new_sigma2, stats
+
+
+def recentre(volume: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``volume`` moved by the whole-voxel shift that best aligns it to ``previous`` (cross-correlation peak).
+
+    Shifting the map and every particle's shift together leaves the likelihood unchanged, so only
+    this keeps the map in the frame of the initial map (and inside the M-step's spherical mask).
+    """
+    L = volume.shape[-1]
+    xcorr = torch.fft.irfftn(torch.fft.rfftn(volume) * torch.fft.rfftn(previous).conj(), s=volume.shape)
+    shift = np.unravel_index(int(torch.argmax(xcorr)), xcorr.shape)
+    shift = tuple(int(a) if a < L // 2 else int(a) - L for a in shift)
+    return torch.roll(volume, shifts=tuple(-a for a in shift), dims=(0, 1, 2)) if any(shift) else volume
 
 
 def fit_initial_scale(
     volume: torch.Tensor, source: MicrographPatches, stage: Stage, *, rho0: float, sigma2: float,
-    n_patches: int = 128, memory_bytes: int = 512 * 1024**2,
+    n_patches: int = 64, memory_bytes: int = 512 * 1024**2,
 ) -> float:
     """The power of two ``a`` maximising the likelihood of the first ``n_patches`` patches under ``a * volume``."""
     L = stage.box_size
@@ -352,7 +381,8 @@ LOG_COLUMNS = ("iteration", "stage", "box", "band_limit_angstrom", "n_rotations"
 def save_checkpoint(path: Path, state: EMState, schedule: list[Stage]) -> None:
     """Write the state atomically (temporary file, then ``os.replace``)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    payload = dataclasses.asdict(state) | {"volume": state.volume.cpu(), "schedule": [dataclasses.asdict(s) for s in schedule]}
+    payload = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    payload |= {"volume": state.volume.cpu(), "schedule": [dataclasses.asdict(s) for s in schedule]}
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
@@ -464,14 +494,16 @@ def run_micrograph_em(
         while state.iteration_in_stage < stage.iterations:
             state.volume, state.rho0, state.sigma2, stats = em_iteration(
                 state.volume, source, stage, rho0=state.rho0, sigma2=state.sigma2, rng=rng,
-                regularization=regularization, memory_bytes=memory_bytes, progress=progress)
+                regularization=regularization, memory_bytes=memory_bytes, previous_sums=state.sums,
+                progress=progress)
+            state.sums = stats.pop("sums").cpu()
             state.iteration_in_stage += 1
             state.history.append(_record(state, stage, source, stats, reference, started))
             state.rng_state = rng.bit_generator.state
             save_checkpoint(out / CHECKPOINT_NAME, state, schedule)
             _write_log(out / "iterations.tsv", state.history)
         state.stage_index += 1
-        state.iteration_in_stage = 0
+        state.iteration_in_stage, state.sums = 0, None
         if state.stage_index < len(schedule):
             _start_stage(state, stage, schedule[state.stage_index])
         save_checkpoint(out / CHECKPOINT_NAME, state, schedule)

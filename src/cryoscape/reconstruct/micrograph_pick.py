@@ -32,7 +32,7 @@ from cryoscape.fourier.fft import ifft2_center
 from cryoscape.fourier.resample import downsample_volume
 from cryoscape.fourier.slicing import prepare_projection_volume, project_prepared
 from cryoscape.geometry.so3_grid import so3_grid
-from cryoscape.io.micrographs import MicrographTable
+from cryoscape.io.micrographs import MicrographTable, write_coordinates_star
 from cryoscape.reconstruct.backproject import backproject_images, reconstruct_from_accumulator
 from cryoscape.reconstruct.micrograph_em import (
     MicrographPatches,
@@ -113,7 +113,7 @@ def _extract(path: str, centres_yx: np.ndarray, D: int) -> np.ndarray:
     from cryoscape.io.micrographs import read_micrograph
 
     mic = read_micrograph(path)
-    mic = mic - mic.median()
+    mic = mic - np.median(mic)
     H, W = mic.shape
     boxes = []
     for y, x in centres_yx:
@@ -134,13 +134,15 @@ def _pick_all(volume, source, *, count, threshold, device, progress):
     prepared = prepare_projection_volume(downsample_volume(volume, L), oversampling=2)
     proj_ft = torch.cat([project_prepared(prepared, rotations[i : i + 256], box_size=L, return_fourier=True)
                          for i in range(0, len(rotations), 256)])
-    boxes, poses, owners = [], [], []
+    boxes, poses, owners, centres = [], [], [], []
     for g in tqdm(range(len(source)), desc="picking", disable=not progress, leave=False):
         peaks, index = pick_micrograph(source, g, proj_ft, L, count=count, threshold=threshold)
         boxes.append(_extract(source.table.paths[g], peaks, D))
         poses.append(rotations[torch.as_tensor(index, dtype=torch.long, device=device)].cpu().numpy())
         owners.append(np.full(len(peaks), g))
-    return np.concatenate(boxes), np.concatenate(poses).reshape(-1, 3, 3), np.concatenate(owners)
+        centres.append(peaks)
+    return (np.concatenate(boxes), np.concatenate(poses).reshape(-1, 3, 3), np.concatenate(owners),
+            np.concatenate(centres).reshape(-1, 2))
 
 
 def _backproject(boxes, poses, owners, source, device) -> torch.Tensor:
@@ -161,7 +163,8 @@ def run_pick_baseline(
     picks_per_micrograph: int | None = None, threshold: float = 4.0, reference: torch.Tensor | None = None,
     use_ctf: bool = True, device="cpu", progress: bool = False,
 ) -> torch.Tensor:
-    """Pick-then-reconstruct for ``iterations`` rounds; writes ``map.mrc``, ``iterations.tsv``, ``picks.npz``."""
+    """Pick-then-reconstruct for ``iterations`` rounds; writes ``map.mrc``, ``iterations.tsv``, ``picks.npz``
+    (the last round's picks: micrograph index, ``(x, y)`` centre in pixels, rotation) and ``picks.star``."""
     from cryoscape.io.mrc import write_mrc
 
     out = Path(out_dir)
@@ -169,8 +172,8 @@ def run_pick_baseline(
     volume = initial_map.to(device=device, dtype=torch.float32)
     history, started = [], time.perf_counter()
     for it in range(iterations):
-        boxes, poses, owners = _pick_all(volume, source, count=picks_per_micrograph, threshold=threshold,
-                                         device=device, progress=progress)
+        boxes, poses, owners, centres = _pick_all(volume, source, count=picks_per_micrograph, threshold=threshold,
+                                                  device=device, progress=progress)
         if len(boxes) == 0:
             log.info("iteration %d: no picks above the threshold; the map is unchanged", it + 1)
         else:
@@ -185,7 +188,10 @@ def run_pick_baseline(
                  f", FSC=0.5 at {row['fsc_0.5_angstrom']:.1f} A (AUC {row['fsc_auc']:.3f})" if reference is not None else "",
                  row["wall_s"])
         _write_log(out / "iterations.tsv", history)
-    np.savez(out / f".picks.{os.getpid()}.npz", owners=owners, rotations=poses)
+    # the last round's picks: micrograph, centre (x, y) in pixels, pose
+    np.savez(out / f".picks.{os.getpid()}.npz", micrograph_index=owners, positions_pixel=centres[:, ::-1],
+             rotations=poses)
     os.replace(out / f".picks.{os.getpid()}.npz", out / "picks.npz")
+    write_coordinates_star(out / "picks.star", table.names[owners], centres[:, ::-1], rotations=poses)
     write_mrc(out / "map.mrc", volume.cpu().numpy(), pixel_size_angstrom=source.pixel_size_angstrom)
     return volume

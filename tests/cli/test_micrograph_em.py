@@ -1,0 +1,77 @@
+"""`cryoscape micrograph-em` (and `simulate micrographs`) end to end on tiny micrographs."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from cryoscape.cli.main import main
+from cryoscape.io.mrc import read_mrc
+
+
+@pytest.fixture(scope="module")
+def mics(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mics") / "sim"
+    assert main(["simulate", "micrographs", "-o", str(out), "--n-micrographs", "2", "--micrograph-size", "256",
+                 "-D", "32", "--particles-per-micrograph", "6", "--snr", "inf", "--seed", "3",
+                 "--hinge-angle-deg", "0"]) == 0
+    return out
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_em_writes_map_log_and_resumes_after_an_interruption(mics, tmp_path, monkeypatch):
+    import cryoscape.reconstruct.micrograph_em as mem
+
+    args = ["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"),
+            "--box-size", "32", "-o", str(tmp_path / "run"), "--schedule", "8:-1:2:0.5", "--reference",
+            str(mics / "gt_volumes/vol_000.mrc"), "--no-progress"]
+    original, calls = mem.em_iteration, []
+
+    def interrupted(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(mem, "em_iteration", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert len(_rows(tmp_path / "run" / "iterations.tsv")) == 1
+    monkeypatch.setattr(mem, "em_iteration", original)
+    assert main(args + ["--resume"]) == 0
+    rows = _rows(tmp_path / "run" / "iterations.tsv")
+    assert [int(r["iteration"]) for r in rows] == [1, 2]
+    assert all(0 < float(r["rho0"]) < 1 and float(r["n_patches"]) == 64 for r in rows)  # half of 2 x 8 x 8 patches
+    assert float(rows[-1]["fsc_auc"]) > 0.2
+    volume, pixel = read_mrc(tmp_path / "run" / "map.mrc")
+    assert volume.shape == (32, 32, 32) and np.isfinite(volume).all()
+
+
+def test_pick_baseline_finds_the_particles_of_noiseless_micrographs(mics, tmp_path):
+    out = tmp_path / "pick"
+    assert main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"),
+                 "--box-size", "32", "-o", str(out), "--baseline", "pick", "--iterations", "1",
+                 "--picks-per-micrograph", "6", "--no-progress"]) == 0
+    picks, truth = np.load(out / "picks.npz"), np.load(mics / "ground_truth.npz")
+    assert len(picks["micrograph_index"]) == 12
+    hits = 0
+    for g, pos in zip(picks["micrograph_index"], picks["positions_pixel"]):
+        mine = truth["positions_pixel"][truth["micrograph_index"] == g]
+        hits += np.abs(mine - pos).max(1).min() <= 2
+    assert hits >= 10
+
+
+def test_bad_input_is_one_sentence(mics, tmp_path, capsys):
+    star = tmp_path / "noctf.star"
+    star.write_text(f"data_\nloop_\n_rlnMicrographName #1\n_rlnMicrographPixelSize #2\n{mics}/micrographs/mic_0000.mrc 7.8\n")
+    code = main(["micrograph-em", str(star), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"), "--box-size", "32",
+                 "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "CTF" in err and "Traceback" not in err
+    code = main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"),
+                 "--box-size", "33", "-o", str(tmp_path / "y")])
+    assert code == 2 and "--box-size 33" in capsys.readouterr().err
