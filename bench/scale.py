@@ -152,6 +152,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="pipeline check: (a) on 40,000 images (no 4x claim), (b) on 50,000")
     p.add_argument("--keep-data", action="store_true", help="keep the generated stacks in --workdir")
+    p.add_argument("--subset-a", type=int, default=0, metavar="N",
+                   help="part (a): train on N particles drawn at random from the whole stack (--ind), for a "
+                        "busy machine [0: all]")
+    p.add_argument("--batch-size", type=int, default=None, help="-b of every run [the basis default, 64]")
     p.add_argument("--read-check", action=argparse.BooleanOptionalAction, default=True,
                    help="part (a): first time one random pass of reading alone through memory maps and "
                         "through ParticleImages, with their peak RSS [on]")
@@ -214,10 +218,11 @@ def drop_from_page_cache(paths) -> None:
 # --------------------------------------------------------------------------- runs
 def train_command(data: Path, out: Path, args, flags: list[str], options: dict) -> list[str]:
     """``cryoscape train`` (through :data:`DATA_WRAPPER`) on the tiled set in ``data``."""
+    extra = ["-b", str(args.batch_size)] if args.batch_size else []
     return [sys.executable, "-c", DATA_WRAPPER, json.dumps(options), "train", str(data / "particles.txt"),
             "--poses", str(data / "poses.pkl"), "--ctf", str(data / "ctf.pkl"), "-o", str(out),
             "--decoder", "basis", "--zdim", "8", "-n", "1", "--no-progress",
-            "--warm-start-images", str(args.warm_start_images), *flags]
+            "--warm-start-images", str(args.warm_start_images), *extra, *flags]
 
 
 def train_once(name: str, data: Path, stacks: list[Path], args, env, *, flags, options) -> dict:
@@ -278,9 +283,17 @@ def part_a(args, env, base: Path) -> dict:
                                                           "dropped from the page cache (cold)"))
     if args.read_check:
         read_check(data, stacks, args, env)
+    subset = []
+    if args.subset_a:
+        chosen = np.sort(np.random.default_rng(0).choice(n, size=min(n, args.subset_a), replace=False))
+        np.save(data / "subset.npy", chosen)
+        subset = ["--ind", str(data / "subset.npy")]
+        print_note(f"(a) the runs train on {chosen.size} particles drawn at random from the whole stack "
+                   f"(--ind), read from all {len(stacks)} stacks")
     results = {}
     for name in args.runs:
         flags, options = RUNS[name]
+        flags = [*subset, *flags]
         results[name] = train_once(f"a_{name}", data, stacks, args, env, flags=flags, options=options)
         report_run("(a)", LABELS[name], results[name])
         if name != "memory":
