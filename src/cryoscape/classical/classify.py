@@ -35,6 +35,7 @@ from cryoscape.fourier.filters import lowpass_filter, radial_average, radial_pro
 from cryoscape.fourier.fsc import gold_standard_fsc
 from cryoscape.fourier.masks import soft_spherical_mask_3d
 from cryoscape.fourier.shift import phase_shift_coords
+from cryoscape.geometry.symmetry import symmetry_group
 from cryoscape.reconstruct.backproject import FourierAccumulator, solve_wiener
 
 __all__ = ["ClassifySettings", "ClassifyState", "classify"]
@@ -61,6 +62,7 @@ class ClassifySettings:
     anneal_temperature: float = 8.0
     anneal_iterations: int = 8
     n_starts: int = 3
+    symmetry: str = "C1"
 
 
 @dataclass
@@ -196,6 +198,8 @@ def classify_iteration(source, state, settings, pixel_size_angstrom) -> dict:
         _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts)
     if state.iteration < settings.max_iterations // 2 and _reseed_empty_classes(new_prob, settings, state.iteration):
         acc = _accumulate_hard(source, new_prob, state, settings, inv_sigma2)
+    if settings.symmetry.upper() != "C1":
+        acc.apply_symmetry_(symmetry_group(settings.symmetry))
     state.maps, state.fsc = _m_step(acc, state, settings, pixel_size_angstrom)
     state.probabilities = new_prob
     state.populations = new_prob.mean(0).clamp_min(1e-6)
@@ -277,20 +281,38 @@ def _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations
     """Run ``n_starts`` random starts through the annealing iterations; keep the most likely.
 
     EM from random subsets ends in different local optima (two true classes merged, another
-    split); the data log-likelihood after annealing picks the best of a few starts."""
-    best, best_ll = None, -math.inf
-    for start in range(max(1, settings.n_starts)):
+    split).  The starts are compared by the data log-likelihood of their maps and populations
+    under one common noise spectrum (each start's own sigma^2 would favour the start that
+    over-estimated it)."""
+    if settings.n_starts <= 1:
+        return initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel)
+    states = []
+    for start in range(settings.n_starts):
         trial = replace(settings, seed=settings.seed + start)
         state = initial_classify_state(source, n, initial_map, pixel_size_angstrom, trial, rotations, shifts_pixel)
-        if settings.n_starts <= 1:
-            return state
         for _ in range(min(settings.anneal_iterations + 1, settings.max_iterations)):
-            summary = classify_iteration(source, state, trial, pixel_size_angstrom)
-        log.info("start %d: log-likelihood %.1f after %d iterations", start + 1, summary["log_likelihood"],
-                 state.iteration)
-        if summary["log_likelihood"] > best_ll:
-            best, best_ll = state, summary["log_likelihood"]
-    return best
+            classify_iteration(source, state, trial, pixel_size_angstrom)
+        states.append(state)
+    sigma2 = torch.stack([s.sigma2 for s in states]).mean(0)
+    scores = [_log_likelihood(source, s, settings, sigma2, pixel_size_angstrom) for s in states]
+    log.info("starts' log-likelihoods under a common noise spectrum: %s", " ".join(f"{v:.1f}" for v in scores))
+    return states[int(np.argmax(scores))]
+
+
+def _log_likelihood(source, state, settings, sigma2, pixel_size_angstrom) -> float:
+    """``sum_i log sum_k pi_k p(X_i | V_k)`` under the noise spectrum ``sigma2``."""
+    D, n = source.box_size, len(state.halves)
+    refs = [Reference.from_volume(m) for m in state.maps]
+    inv_sigma2 = (1.0 / sigma2)[source.shell]
+    radius = D / 2 if not settings.highres_limit_angstrom else D * pixel_size_angstrom / settings.highres_limit_angstrom
+    band = source.coords.norm(dim=-1) < radius
+    total = 0.0
+    for start in range(0, n, settings.batch_size):
+        idx = np.arange(start, min(start + settings.batch_size, n))
+        x, ctf = source.batch(idx)
+        evidence, _ = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
+        total += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
+    return total
 
 
 def classify(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_angstrom: float,

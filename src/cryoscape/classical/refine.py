@@ -33,6 +33,7 @@ import torch
 from cryoscape.fourier.filters import lowpass_filter
 from cryoscape.fourier.shift import phase_shift_coords
 from cryoscape.geometry.rotations import rotation_angle_between
+from cryoscape.geometry.symmetry import symmetry_group
 from cryoscape.geometry.so3_grid import base_grid_spacing_deg, locate_in_so3_grid
 from cryoscape.reconstruct.backproject import (
     FourierAccumulator,
@@ -65,6 +66,7 @@ class RefineSettings:
     sphere_mask_fraction: float = 0.45
     batch_size: int = 64
     seed: int = 0
+    symmetry: str = "C1"
 
 
 class ImageSource:
@@ -238,6 +240,8 @@ def run_iteration(source: ImageSource, state: RefineState, settings: RefineSetti
         if progress:
             progress(len(indices))
     state.ids_level = state.level
+    if settings.symmetry.upper() != "C1":  # the E-step searched all of SO(3); the M-step symmetrises
+        acc.apply_symmetry_(symmetry_group(settings.symmetry))
     result = reconstruct_from_accumulator(acc, regularization="fsc", tau2_fudge=settings.tau2_fudge,
                                           sphere_mask_radius_fraction=settings.sphere_mask_fraction,
                                           pixel_size_angstrom=pixel_size_angstrom)

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uninvert-data", action="store_true",
                         help="do not invert the contrast (by default images are negated, as extracted particles are white)")
     parser.add_argument("--mask", help="mask .mrc applied to the half-maps for the FSC")
+    parser.add_argument("--sym", default="C1",
+                        help="point group of the map: C1 (none), Cn, Dn, T, O, I (= I2), I1-I4, RELION's conventions")
+    parser.add_argument("--expand-symmetry", metavar="STAR",
+                        help="also write the symmetry-expanded particles (one row per particle and group element, "
+                             "poses R g) to this .star, as relion_particle_symmetry_expand does")
     parser.add_argument("-b", "--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random half-set split")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
@@ -49,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from cryoscape.io.run_folder import detach_log_file, prepare_run_folder
     from cryoscape.reconstruct.backproject import backproject_particles, write_backprojection
 
+    from cryoscape.errors import InputError
+    from cryoscape.geometry.symmetry import parse_symmetry
+
+    try:
+        parse_symmetry(args.sym)
+    except ValueError as err:
+        raise InputError(f"--sym: {err}.") from None
     out, handler = prepare_run_folder(args.outdir, "backproject", vars(args))
     try:
         table = load_table_from_args(args)
@@ -71,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
             fsc_mask=None if mask is None else mask.to(device),
             device=device,
             progress=not args.no_progress,
+            symmetry=args.sym,
         )
+        if args.expand_symmetry:
+            from cryoscape.io.star import write_star
+            from cryoscape.reconstruct.backproject import expand_symmetry
+
+            write_star(args.expand_symmetry, expand_symmetry(table, args.sym))
         pixel = float(np.nanmedian(table.pixel_size_angstrom)) if np.isfinite(table.pixel_size_angstrom).any() else None
         write_backprojection(out, result, pixel_size_angstrom=pixel)
     finally:

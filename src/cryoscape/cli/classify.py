@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uninvert-data", action="store_true", help="do not negate the images")
     parser.add_argument("-b", "--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0, help="seed of the random first assignment")
+    parser.add_argument("--sym", default="C1",
+                        help="point group: C1 (none), Cn, Dn, T, O, I (= I2), I1-I4, RELION's conventions")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
 
@@ -45,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n_classes < 1:
         raise InputError(f"-K {args.n_classes} is not a number of classes; pass -K 1 or more.")
+    from cryoscape.geometry.symmetry import parse_symmetry
+
+    try:
+        parse_symmetry(args.sym)
+    except ValueError as err:
+        raise InputError(f"--sym: {err}.") from None
     out, handler = prepare_run_folder(args.outdir, "classify", vars(args))
     try:
         table = load_table_from_args(args)
@@ -52,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             n_classes=args.n_classes, max_iterations=args.max_iterations, tau2_fudge=args.tau2_fudge,
             align=not args.no_align, level=args.level, initial_lowpass_angstrom=args.ini_high,
             highres_limit_angstrom=args.highres_limit or None,
-            batch_size=args.batch_size, seed=args.seed,
+            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym,
         )
         classify_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                            invert_contrast=not args.uninvert_data)

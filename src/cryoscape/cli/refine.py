@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uninvert-data", action="store_true", help="do not negate the images")
     parser.add_argument("-b", "--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="seed of the half-set split")
+    parser.add_argument("--sym", default="C1",
+                        help="point group: C1 (none), Cn, Dn, T, O, I (= I2), I1-I4, RELION's conventions")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
 
 
@@ -39,13 +41,20 @@ def run(args: argparse.Namespace) -> int:
     from cryoscape.cli.common import load_table_from_args
     from cryoscape.io.run_folder import detach_log_file, prepare_run_folder
 
+    from cryoscape.errors import InputError
+    from cryoscape.geometry.symmetry import parse_symmetry
+
+    try:
+        parse_symmetry(args.sym)
+    except ValueError as err:
+        raise InputError(f"--sym: {err}.") from None
     out, handler = prepare_run_folder(args.outdir, "refine", vars(args))
     try:
         table = load_table_from_args(args)
         settings = RefineSettings(
             initial_lowpass_angstrom=args.ini_high, tau2_fudge=args.tau2_fudge, max_iterations=args.max_iterations,
             max_level=args.max_level, offset_range_pixel=args.offset_range, offset_step_pixel=args.offset_step,
-            batch_size=args.batch_size, seed=args.seed,
+            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym,
         )
         refine_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                          invert_contrast=not args.uninvert_data)

@@ -66,6 +66,7 @@ __all__ = [
     "backproject_images",
     "origin_first_padded",
     "gridding_correction",
+    "expand_symmetry",
 ]
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,27 @@ class FourierAccumulator:
         """Add another accumulator's sums (e.g. from another process) into this one."""
         self.sums += other.sums.to(self.sums.device)
         self.count += other.count
+
+    def apply_symmetry_(self, group: torch.Tensor | np.ndarray) -> None:
+        """Symmetrise the sums in place: ``S(k) <- sum_g S(g k)`` for the ``(G, 3, 3)`` point group
+        (geometry/symmetry.py), sampled trilinearly.  A map with ``V(g X) = V(X)`` has
+        ``V(g k) = V(k)`` in Fourier space, so this is every image inserted at all its symmetry
+        mates ``R g`` at the cost of one resampling per group element (RELION symmetrises its
+        Fourier sums the same way)."""
+        from cryoscape.fourier.grids import grid_3d_index
+        from cryoscape.fourier.slicing import sample_trilinear
+
+        G = torch.as_tensor(np.asarray(group), dtype=self.dtype, device=self.sums.device)
+        if len(G) == 1:
+            return
+        Dp = self.padded_size
+        k = grid_3d_index(Dp, device=self.sums.device, dtype=self.dtype)  # (Dp, Dp, Dp, 3) as (x, y, z)
+        out = torch.zeros_like(self.sums)
+        for g in G:
+            coords = k @ g.T  # g k
+            for s in range(self.n_sets):
+                out[s] += sample_trilinear(self.sums[s], coords)
+        self.sums = out
 
     def symmetrized(self, index: int | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """Numerator (complex) and weight of set(s) ``index`` with Friedel symmetry applied.
@@ -490,12 +512,14 @@ def backproject_particles(
     fsc_mask: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    symmetry: str | None = None,
 ) -> BackprojectionResult:
     """Reconstruct a voxel map (and half-maps) from a particle table with poses and CTF.
 
     Images are read lazily in batches (memory bounded by the batch and the ``(2 D)^3`` grids).
     ``table`` is a :class:`cryoscape.io.particles.ParticleTable`; see :func:`choose_half_sets`
-    for ``split`` and the module docstring for ``regularization``.
+    for ``split`` and the module docstring for ``regularization``.  ``symmetry`` (e.g. ``"C4"``,
+    ``"I"``) symmetrises the sums with that point group (:meth:`FourierAccumulator.apply_symmetry_`).
     """
     from cryoscape.data.images import ParticleImages
     from cryoscape.fourier.ctf import ctf_images_from_table
@@ -530,6 +554,10 @@ def backproject_particles(
         invert_contrast=invert_contrast,
         progress=progress,
     )
+    if symmetry:
+        from cryoscape.geometry.symmetry import symmetry_group
+
+        acc.apply_symmetry_(symmetry_group(symmetry))
     pixel = float(np.nanmedian(table.pixel_size_angstrom)) if use_ctf else None
     return reconstruct_from_accumulator(
         acc,
@@ -567,3 +595,17 @@ def write_backprojection(out_dir, result: BackprojectionResult, *, pixel_size_an
                 summary[key] = float(result.fsc[key])
     log.info("backprojection summary: %s", summary)
     return summary
+
+
+def expand_symmetry(table, symmetry: str):
+    """The particles of ``table`` repeated once per element ``g`` of the point group, with poses
+    ``R g`` (RELION's ``relion_particle_symmetry_expand``): particle ``i`` copy ``j`` is row
+    ``i * |G| + j``; every other column is repeated."""
+    from cryoscape.geometry.symmetry import symmetry_group
+
+    table.require_poses()
+    group = symmetry_group(symmetry)
+    rows = np.repeat(np.arange(len(table)), len(group))
+    expanded = table.subset(rows)
+    expanded.rotations = (table.rotations[:, None] @ group[None]).reshape(-1, 3, 3)
+    return expanded
