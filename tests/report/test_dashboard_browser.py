@@ -127,7 +127,7 @@ def test_a_clicked_particle_shows_its_map_and_the_threshold_changes_the_surface(
     shown = page.evaluate("window.cryoscape.mapShown")  # the clicked particle, or one drawn on top of it
     assert np.hypot(*np.subtract(_to_page(page, *session.embedding("pc")[shown]), clicked)) < 6
     triangles = page.evaluate("document.getElementById('iso').data[0].i.length")
-    assert triangles > 0 and page.evaluate("document.getElementById('slice-xy').data[0].z.length") == 16
+    assert triangles > 0 and page.evaluate("document.getElementById('slice-xy').naturalWidth") == 16
     high = page.evaluate("(() => { const s = document.getElementById('level'); "
                          "return Number(s.min) + 0.9 * (Number(s.max) - Number(s.min)); })()")
     page.evaluate("(v) => { const s = document.getElementById('level'); s.value = v; "

@@ -76,9 +76,15 @@ def _map_reply(volume: np.ndarray, level: float | None = None, **extra: Any) -> 
 
     level = isosurface_level(volume) if level is None else float(level)
     vertices, faces = isosurface_mesh(volume, level, step=1 if volume.shape[0] <= 96 else 2)
-    return dict(box=int(volume.shape[0]), level=level, min=float(volume.min()), max=float(volume.max()),
-                vertices=_packed(vertices), faces=_packed(faces, "int32"),
-                slices=[_packed(s) for s in central_slices(volume)], **extra)
+    lo, hi = float(volume.min()), float(volume.max())
+    return dict(box=int(volume.shape[0]), level=level, min=lo, max=hi, vertices=_packed(vertices),
+                faces=_packed(faces, "int32"), slices=[_grey_png(s, lo, hi) for s in central_slices(volume)], **extra)
+
+
+def _grey_png(plane: np.ndarray, lo: float, hi: float) -> str:
+    """A slice as a grey PNG (white: dense), scaled to the map's range; an image draws faster than a heatmap."""
+    scaled = np.clip((plane - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+    return _png(np.repeat(scaled[..., None], 3, axis=-1))
 
 
 def create_app(session: DashboardSession, *, token: str | None = None):
@@ -232,10 +238,8 @@ def _add_map_routes(app, session: DashboardSession) -> None:
         level = isosurface_level(np.stack(volumes))
         pictures = []
         for v in volumes:
-            xy = central_slices(v)[0]
-            lo, hi = float(v.min()), float(v.max())
-            grey = np.repeat(((xy - lo) / (hi - lo if hi > lo else 1.0))[..., None], 3, axis=-1)
-            pictures.append(dict(surface=_png(render_isosurface(v, level)), slice=_png(grey)))
+            pictures.append(dict(surface=_png(render_isosurface(v, level)),
+                                 slice=_grey_png(central_slices(v)[0], float(v.min()), float(v.max()))))
         return jsonify(k=k, indices=[int(i) for i in indices], level=level, pictures=pictures)
 
 
