@@ -196,6 +196,18 @@ def test_float16_cache_gives_the_uncached_batches(tmp_path, caplog):
     assert len(list(cache_dir.glob("*.mrcs"))) == 2
 
 
+def test_datasets_with_a_cache_travel_to_other_processes(tmp_path):
+    import pickle
+
+    table, _ = _table(tmp_path, n=40, n_files=2)
+    ds = ParticleDataset(table, in_memory=False, cache_dir=str(tmp_path / "cache"), shuffle_chunk=8, progress=False)
+    ds.fit_normalization()
+    first = ds.get_batch(np.arange(10))
+    copy = pickle.loads(pickle.dumps(ds))
+    _assert_same_batches(first, copy.get_batch(np.arange(10)))
+    assert copy.uses_cache and len(list((tmp_path / "cache").glob("*.mrcs"))) == 1
+
+
 def test_cache_key_follows_the_input(tmp_path):
     table, stack = _table(tmp_path, n=30, n_files=2)
     reader = ParticleImages(table.image_paths, table.image_indices, in_memory=False)

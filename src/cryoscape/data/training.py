@@ -469,6 +469,17 @@ class ParticleDataset:
             return torch.from_numpy(cache.read(indices))
         return self.preprocess(self.images.read(indices))
 
+    def __getstate__(self) -> dict:
+        # the lock and the open cache do not travel to other processes; they reopen it
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        del state["_cache_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
+
     def epoch_order(self, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
         """:func:`epoch_order` of this dataset with its ``shuffle_chunk``."""
         return epoch_order(len(self), seed=seed, epoch=epoch, shuffle=shuffle, shuffle_chunk=self.shuffle_chunk)
