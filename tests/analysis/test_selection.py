@@ -237,10 +237,18 @@ def test_star_subset_rows_are_exactly_the_selected_particles_with_optics_intact(
     with open(out.with_suffix(".ind.pkl"), "rb") as f:
         np.testing.assert_array_equal(pickle.load(f), sel.rows)
 
-    # written elsewhere, the image names become absolute paths to the same stack; all else is equal
+    # written elsewhere, the image names stay exactly as the input had them (RELION resolves them
+    # from its project folder, issue 13); write_selection's absolute_paths makes them absolute
     elsewhere = tmp_path / "out" / "sel.star"
     select_from_run(run, elsewhere, kmeans=3, clusters=[1], seed=0)
-    moved = read_star_blocks(elsewhere)["particles"]
+    kept = read_star_blocks(elsewhere)["particles"]
+    pd.testing.assert_frame_equal(kept, want)
+    from cryoscape.analysis.selection import write_selection
+    from cryoscape.io.particles import load_particles
+
+    absolute = tmp_path / "out" / "abs.star"
+    write_selection(absolute, load_particles(star), sel.rows, absolute_paths=True)
+    moved = read_star_blocks(absolute)["particles"]
     names = moved["rlnImageName"].str.split("@", expand=True)
     assert (names[0] == want["rlnImageName"].str.split("@").str[0]).all()
     assert all(Path(p) == (tmp_path / "data" / "stack.mrcs").resolve() for p in names[1])

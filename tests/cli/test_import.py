@@ -55,7 +55,10 @@ def test_import_subset_to_every_format(tmp_path):
                  "--out-poses", str(out / "poses.pkl"), "--out-ctf", str(out / "ctf.pkl")])
     assert code == 0
 
-    sub = load_particles(out / "sub.star")
+    # rlnImageName is kept as the input had it (relative to the RELION project): read it from there
+    sub = load_particles(out / "sub.star", datadir=tmp_path / "data")
+    original = full.star_rows["rlnImageName"].to_numpy()[ind].tolist()
+    assert sub.star_rows["rlnImageName"].tolist() == original
     assert sub.star_rows["rlnCustomTag"].tolist() == ["tag4", "tag1", "tag5"]
     assert sub.star_rows["rlnRandomSubset"].tolist() == [44, 11, 55]
     np.testing.assert_array_equal(sub.image_indices, ind)
@@ -120,3 +123,31 @@ def test_import_requires_poses_or_ctf(tmp_path, capsys, missing):
         m.set_data(np.zeros((2, 8, 8), np.float32))
     assert main(["import", str(tmp_path / "s.mrcs"), missing, str(tmp_path / "o.pkl")]) == 2
     assert "s.mrcs" in capsys.readouterr().err and not (tmp_path / "o.pkl").exists()
+
+
+def test_import_absolute_paths_option(tmp_path):
+    star = make_dataset(tmp_path / "data")
+    out = tmp_path / "elsewhere" / "abs.star"
+    assert main(["import", str(star), "--out-star", str(out), "--absolute-paths"]) == 0
+    names = load_particles(out).star_rows["rlnImageName"]  # readable from anywhere
+    assert all(n.split("@")[1].startswith("/") for n in names)
+
+
+def test_relion_30_star_without_amplitude_contrast_reads_with_a_warning(tmp_path, caplog):
+    """A RELION 3.0 export without rlnAmplitudeContrast: read with --amp-contrast's value and a
+    warning; dropping a CTF column names only that column."""
+    import logging
+
+    star = make_dataset(tmp_path / "data")
+    text = star.read_text().replace("_rlnAmplitudeContrast #7\n", "").replace(" 2.700000 0.100000", " 2.700000")
+    no_amp = tmp_path / "data" / "no_amp.star"
+    no_amp.write_text(text)
+    with caplog.at_level(logging.WARNING):
+        table = load_particles(no_amp, amplitude_contrast=0.07)
+    assert "no rlnAmplitudeContrast" in caplog.text
+    assert np.allclose(table.ctf.amplitude_contrast, 0.07)
+    no_voltage = tmp_path / "data" / "no_voltage.star"
+    no_voltage.write_text(text.replace("_rlnVoltage #5\n", "").replace(" 300.000000", ""))
+    with pytest.raises(Exception) as err:
+        load_particles(no_voltage).require_ctf()
+    assert "has no CTF column rlnVoltage;" in str(err.value)

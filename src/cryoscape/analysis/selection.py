@@ -513,8 +513,11 @@ def _write_indices(path: Path, rows: np.ndarray) -> None:
             f.write("\n".join(str(int(r)) for r in rows) + ("\n" if len(rows) else ""))
 
 
-def write_selection(out: PathLike, table, rows: np.ndarray) -> dict[str, Path]:
+def write_selection(out: PathLike, table, rows: np.ndarray, *, absolute_paths: bool = False) -> dict[str, Path]:
     """Write the particles ``rows`` of ``table`` as indices and as a .star / .cs subset.
+
+    A .star subset keeps ``rlnImageName`` exactly as the input had it (RELION resolves names from
+    its project folder), or with ``absolute_paths`` gets absolute stack paths.
 
     Parameters
     ----------
@@ -541,7 +544,7 @@ def write_selection(out: PathLike, table, rows: np.ndarray) -> dict[str, Path]:
     if paths["subset"].suffix.lower() == ".cs":
         write_cs(paths["subset"], table, indices=rows)
     else:
-        write_star(paths["subset"], table, indices=rows)
+        write_star(paths["subset"], table, indices=rows, image_names="absolute" if absolute_paths else "keep")
     _write_indices(paths["indices"], rows)
     return paths
 

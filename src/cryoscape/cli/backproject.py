@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poses", help="cryoDRGN poses.pkl (overrides poses in the metadata)")
     parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
     parser.add_argument("--datadir", help="folder to resolve relative stack paths against")
+    parser.add_argument("--amp-contrast", type=float, default=0.1,
+                        help="amplitude contrast for a .star without rlnAmplitudeContrast (RELION 3.0 exports) [0.1]")
     parser.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
     parser.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
     parser.add_argument("--split", default="random",

@@ -47,5 +47,6 @@ def load_table_from_args(args: argparse.Namespace):
         datadir=getattr(args, "datadir", None),
         poses_path=getattr(args, "poses", None),
         ctf_path=getattr(args, "ctf", None),
+        amplitude_contrast=getattr(args, "amp_contrast", 0.1),
     )
     return select_particles(table, ind=getattr(args, "ind", None), first=getattr(args, "first", None))

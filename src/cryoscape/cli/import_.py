@@ -17,7 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ind", help="write only these particles: 0-based indices in .pkl, .npy or .txt")
     parser.add_argument("--no-stack-check", action="store_true",
                         help="do not open the stacks (metadata-only conversion of .star/.cs)")
-    parser.add_argument("--out-star", help="write a RELION 3.1 STAR file")
+    parser.add_argument("--out-star", help="write a RELION 3.1 STAR file (image names kept as the input had them)")
+    parser.add_argument("--absolute-paths", action="store_true",
+                        help="write rlnImageName with absolute stack paths instead of the input's names")
+    parser.add_argument("--amp-contrast", type=float, default=0.1,
+                        help="amplitude contrast for a .star without rlnAmplitudeContrast (RELION 3.0 exports) [0.1]")
     parser.add_argument("--out-cs", help="write a cryoSPARC .cs file")
     parser.add_argument("--out-poses", help="write a cryoDRGN poses.pkl")
     parser.add_argument("--out-ctf", help="write a cryoDRGN ctf.pkl")
@@ -38,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         ctf_path=args.ctf,
         pixel_size_angstrom=args.pixel_size,
         check_stacks=not args.no_stack_check,
+        amplitude_contrast=args.amp_contrast,
     )
     indices = None if args.ind is None else load_indices(args.ind, n_particles=len(table))
     written = write_particles(
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         poses_path=args.out_poses,
         ctf_path=args.out_ctf,
         indices=indices,
+        image_names="absolute" if args.absolute_paths else "keep",
     )
     n = len(table) if indices is None else len(indices)
     for kind, path in written.items():

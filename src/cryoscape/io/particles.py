@@ -283,14 +283,19 @@ class ParticleTable:
         raise InputError(f"{name} {what}; pass --poses poses.pkl or run a 3-D refinement first.")
 
     def require_ctf(self) -> None:
-        """Raise :class:`InputError` naming the source file when the table has no CTF parameters."""
+        """Raise :class:`InputError` naming the source file (and, for a STAR file, only the CTF
+        columns it lacks) when the table has no CTF parameters."""
         if self.ctf is not None:
             return
         name = self.source_path or "the particle file"
         suffix = Path(self.source_path).suffix.lower()
         if suffix == ".star":
-            what = ("has no CTF columns (rlnDefocusU/V, rlnDefocusAngle, rlnVoltage, "
-                    "rlnSphericalAberration, rlnAmplitudeContrast)")
+            needed = ("rlnDefocusU", "rlnVoltage", "rlnSphericalAberration")  # amplitude contrast defaults
+            have = set() if self.star_rows is None else set(self.star_rows.columns)
+            if self.optics is not None:
+                have |= set(self.optics.columns)
+            missing = [c for c in needed if c not in have] or list(needed)
+            what = f"has no CTF column{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
         elif suffix == ".cs":
             what = "has no CTF fields (ctf/df1_A, ctf/df2_A, ctf/accel_kv, ...)"
         else:
@@ -532,6 +537,7 @@ def load_particles(
     ctf_path: PathLike | None = None,
     pixel_size_angstrom: float | None = None,
     check_stacks: bool = True,
+    amplitude_contrast: float = 0.1,
 ) -> ParticleTable:
     """Read particles from ``.star``, ``.cs``, ``.txt`` (stack list) or ``.mrcs``/``.mrc`` (one stack).
 
@@ -566,7 +572,7 @@ def load_particles(
     if suffix == ".star":
         from cryoscape.io.star import read_star
 
-        table = read_star(path, datadir=datadir, check_stacks=check_stacks)
+        table = read_star(path, datadir=datadir, check_stacks=check_stacks, amplitude_contrast=amplitude_contrast)
     elif suffix == ".cs":
         from cryoscape.io.cryosparc import read_cs
 

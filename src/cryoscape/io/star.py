@@ -26,6 +26,7 @@ voltage, Cs and amplitude contrast) and its shifts move to ``rlnOriginXAngst/YAn
 from __future__ import annotations
 
 import linecache
+import logging
 import os
 from pathlib import Path
 
@@ -36,6 +37,8 @@ import starfile
 from cryoscape.errors import InputError
 from cryoscape.io.particles import CtfParameters, ParticleTable, _fill_pixel_size, resolve_stacks
 from cryoscape.io.writers import atomic_write
+
+log = logging.getLogger(__name__)
 
 __all__ = ["read_star", "write_star", "read_star_blocks"]
 
@@ -158,7 +161,8 @@ def _parse_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, np.nda
     return stacks.astype(object), index
 
 
-def read_star(path: PathLike, *, datadir: PathLike | None = None, check_stacks: bool = True) -> ParticleTable:
+def read_star(path: PathLike, *, datadir: PathLike | None = None, check_stacks: bool = True,
+              amplitude_contrast: float = 0.1) -> ParticleTable:
     """Read a RELION particle STAR file (3.0 or 3.1+) into a :class:`ParticleTable`.
 
     Parameters
@@ -170,6 +174,9 @@ def read_star(path: PathLike, *, datadir: PathLike | None = None, check_stacks: 
     check_stacks
         Open each stack header to check indices and read the box size (see
         :func:`cryoscape.io.particles.resolve_stacks`).
+    amplitude_contrast
+        Used, with a warning, when the file has every other CTF column but no
+        ``rlnAmplitudeContrast`` (common in RELION 3.0 exports); the commands' ``--amp-contrast``.
 
     Raises
     ------
@@ -228,6 +235,10 @@ def read_star(path: PathLike, *, datadir: PathLike | None = None, check_stacks: 
     ctf = None
     defocus_u = column("rlnDefocusU")
     voltage, cs, amp = column("rlnVoltage"), column("rlnSphericalAberration"), column("rlnAmplitudeContrast")
+    if amp is None and defocus_u is not None and voltage is not None and cs is not None:
+        log.warning("%s has no rlnAmplitudeContrast column; using %g (pass --amp-contrast to change it)",
+                    path, amplitude_contrast)
+        amp = np.full(len(rows), float(amplitude_contrast))
     if defocus_u is not None and voltage is not None and cs is not None and amp is not None:
         defocus_v = column("rlnDefocusV")
         angle = column("rlnDefocusAngle")
@@ -444,7 +455,8 @@ def _image_names_for(out_path: Path, names: pd.Series, resolved: np.ndarray) -> 
     return pd.Series(out, dtype=object)
 
 
-def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | None = None) -> None:
+def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | None = None,
+               image_names: str = "auto") -> None:
     """Write ``table`` (or its particles ``indices``) as a RELION 3.1 particle STAR file, atomically.
 
     Parameters
@@ -457,6 +469,12 @@ def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | No
         (``rlnImageName`` with absolute stack paths) and a fresh optics table.
     indices
         0-based particles to write, in that order; all when None.
+    image_names
+        For rows read from a STAR file: ``"keep"`` writes ``rlnImageName`` exactly as the input
+        had it (RELION resolves relative names from its project folder; what subsets sent back
+        to RELION need), ``"absolute"`` makes every stack path absolute, ``"auto"`` (default)
+        keeps names that still reach their stack from the new file's folder or the working
+        directory and makes the others absolute.
 
     Raises
     ------
@@ -468,7 +486,11 @@ def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | No
     n = len(sub)
     if sub.star_rows is not None:
         rows = sub.star_rows.copy()
-        rows["rlnImageName"] = _image_names_for(Path(path), rows["rlnImageName"], sub.image_paths)
+        if image_names == "absolute":
+            rows["rlnImageName"] = pd.Series([f"{i + 1:06d}@{p}" for i, p in zip(sub.image_indices.tolist(),
+                                                                                 sub.image_paths.tolist())], dtype=object)
+        elif image_names != "keep":
+            rows["rlnImageName"] = _image_names_for(Path(path), rows["rlnImageName"], sub.image_paths)
     else:
         names = [f"{i + 1:06d}@{p}" for i, p in zip(sub.image_indices.tolist(), sub.image_paths.tolist())]
         rows = pd.DataFrame({"rlnImageName": pd.Series(names, dtype=object)})

@@ -61,8 +61,11 @@ def write_particles(
     poses_path: str | os.PathLike | None = None,
     ctf_path: str | os.PathLike | None = None,
     indices: np.ndarray | None = None,
+    image_names: str = "auto",
 ) -> dict[str, str]:
     """Write ``table`` (or its particles ``indices``) to each requested format.
+
+    ``image_names`` ("keep", "absolute" or "auto") is passed to :func:`cryoscape.io.star.write_star`.
 
     Parameters
     ----------
@@ -99,7 +102,7 @@ def write_particles(
             "make the stacks reachable (--datadir) so their headers can be read."
         )
     if star_path is not None:
-        write_star(star_path, table, indices=indices)
+        write_star(star_path, table, indices=indices, image_names=image_names)
         written["star"] = os.fspath(star_path)
     if cs_path is not None:
         write_cs(cs_path, table, indices=indices)
