@@ -87,13 +87,18 @@ def serve(run_dir, *, host: str = "127.0.0.1", port: int = 8050, token: str | No
     running = start_server(session, host=host, port=port, token=token)
     print(f"cryoscape dashboard: {summary['n_particles']} particles of {session.run} (zdim {summary['zdim']}"
           f"{', maps by ' + summary['decoder'] if summary['maps'] else ', no maps: ' + str(summary['maps_unavailable'])})")
-    print(f"open {running.url_with_token}")
+    shown = running.url_with_token
+    if host in ("0.0.0.0", "::"):  # every interface: name the machine
+        import socket
+
+        shown = shown.replace(host if host == "0.0.0.0" else "[::]", socket.gethostname(), 1)
+    print(f"open {shown}")
     if is_loopback(host):
         print(f"from another machine: ssh -N -L {running.server.server_port}:127.0.0.1:{running.server.server_port} "
               f"THIS_HOST, then open http://127.0.0.1:{running.server.server_port}/")
     else:
         print("anyone who can reach this address needs the token; prefer an SSH tunnel to 127.0.0.1")
-    print("Ctrl-C stops the server")
+    print("Ctrl-C stops the server", flush=True)
     try:
         running.server.serve_forever()
     except KeyboardInterrupt:
