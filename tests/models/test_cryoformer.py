@@ -127,3 +127,14 @@ def test_heterogeneous_training_writes_latents_and_its_loss_falls(sim_root, tmp_
     z = np.load(tmp_path / "run" / "z.2.npy")
     assert z.shape == (64, 1) and np.isfinite(z).all()
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+    # analyze's attention section: per-query maps that sum to 1 in the sphere, and their change map
+    from cryoscape.report.attention import attention_section
+
+    (tmp_path / "figs").mkdir()
+    section = attention_section(tmp_path / "run", tmp_path / "an", tmp_path / "figs", z=z, epoch=2)
+    assert section is not None and (tmp_path / "figs" / "attention_change.png").stat().st_size > 1000
+    maps = np.stack([read_mrc(tmp_path / "an" / "attention" / f"query_{j:02d}.mrc")[0] for j in range(8)])
+    total = maps.sum(0)
+    np.testing.assert_allclose(total[total > 0], 1.0, atol=1e-4)
+    change, _ = read_mrc(tmp_path / "an" / "attention" / "change.mrc")
+    assert change.shape == (16, 16, 16) and float(change.max()) > 0
