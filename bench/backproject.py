@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark: ``cryoscape backproject`` against cryoDRGN's ``cryodrgn backproject_voxel``.
+"""Benchmark: ``cryoscape backproject`` against cryoDRGN's ``cryodrgn backproject_voxel`` and
+RELION's ``relion_reconstruct`` (a second peer when RELION is installed: scripts/testdeps/relion.sh).
 
 What it compares
 ----------------
@@ -105,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- runs
+RELION = "relion_reconstruct"
+
+
 def cryodrgn_backproject(exe: Path, data: Path, out: Path, *, poses: Path | None = None,
                          ctf: Path | None = None, extra: list[str] = ()) -> list[str]:
     """The cryoDRGN command used throughout (its defaults, contrast inversion included)."""
@@ -189,6 +193,16 @@ def benchmark_box(args, env, exe: Path, box: int, n_images: int) -> dict:
     maps = {"cryodrgn": runs_dir / "cryodrgn" / "backproject.mrc",
             "cryoscape": runs_dir / "cryoscape" / "map.mrc",
             EXACT: runs_dir / "cryoscape_exact" / "map.mrc"}
+    if shutil.which("relion_reconstruct"):
+        # RELION resolves image names from its working directory: give it absolute ones
+        absolute = runs_dir / "relion_input.star"
+        run_timed([*cryoscape_command(), "import", data / "particles.star", "--out-star", absolute,
+                   "--absolute-paths"], log_path=runs_dir / "relion_import.log", env=env)
+        out = runs_dir / "relion" / "map.mrc"
+        configs[RELION] = ["sh", "-c", f"mkdir -p '{out.parent}' && exec relion_reconstruct --i '{absolute}' "
+                                        f"--o '{out}' --ctf"]
+        maps[RELION] = out
+        print_note(f"RELION command: relion_reconstruct --i {absolute} --o {out} --ctf")
     print_note(f"cryoDRGN command: {' '.join(configs['cryodrgn'])}")
     print_note(f"cryoscape command: {' '.join(configs['cryoscape'])}")
     logs = {name: runs_dir / f"{name.replace(' ', '_').replace('--', '')}.log" for name in configs}
@@ -356,6 +370,10 @@ def main(argv=None) -> int:
     for box, res in results.items():
         drgn = res["runs"]["cryodrgn"].wall_s
         print_figure(f"speed ratio {EXACT}/cryodrgn at D={box}", drgn / res["runs"][EXACT].wall_s)
+    for box, res in results.items():
+        if RELION in res["runs"]:
+            print_figure(f"speed ratio cryoscape/relion_reconstruct at D={box}",
+                         res["runs"][RELION].wall_s / res["runs"]["cryoscape"].wall_s)
     for box, res in results.items():
         print_figure(f"speed ratio cryoscape/cryodrgn at D={box}",
                      res["runs"]["cryodrgn"].wall_s / res["runs"]["cryoscape"].wall_s)

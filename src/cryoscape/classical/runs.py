@@ -134,7 +134,7 @@ def classify_particles(table, initial_map_path, out_dir, settings, *, resume: bo
         write_mrc(out / f"class{k + 1:03d}.mrc", state.maps[k].numpy(), pixel_size_angstrom=pixel)
         members = np.flatnonzero(labels == k)
         if len(members):
-            write_star(out / f"class{k + 1:03d}.star", table, indices=members)
+            write_star(out / f"class{k + 1:03d}.star", table, indices=members, image_names="keep")
         rows.append({"class": k + 1, "population": float(state.populations[k]), "n_particles": len(members),
                      "resolution_angstrom": float(state.fsc[k]["res_0.143_angstrom"])})
     write_iterations(out / "model.tsv", rows)
