@@ -5,7 +5,8 @@ change the cost of decoding): the voxel basis decoder and the neural field, each
 architecture.  The figure is the page's own clock (``performance.now()``) from the click handler to
 the end of drawing the mesh and the slices; it includes the request, the decoding, the marching cubes
 and the transfer.  The floors (issue 18): basis under 2 s, neural field under 5 s, on 2 CPU cores; the
-viewer's default box (64, same field of view) is asserted.  With CRYOSCAPE_FULL_BOX_TIMING=1 the full
+viewer's default box (64, same field of view) is asserted, unless the machine is busy with other work
+(load average above twice its cores: then the figures are printed and the test skips saying so).  With CRYOSCAPE_FULL_BOX_TIMING=1 the full
 128^3 box is measured and printed too (about 10 s more: the neural field decodes 128^3 in ~4 s).
 """
 
@@ -77,5 +78,8 @@ def test_first_map_within_the_floors_at_d128(chromium, chromium_args, runs_d128,
                   f"{t['draw_ms'] / 1000:.2f} s; {t['triangles']} triangles)")
     for (decoder, box), t in results.items():
         assert t["box"] == box and t["triangles"] > 0 and not t["cached"]
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 2 * cores:  # a shared machine busy with other work: the figures are printed, not judged
+        pytest.skip(f"load average {load:.1f} on {cores} cores: times printed above, floors not asserted")
     for decoder, limit in LIMIT_S.items():
         assert results[decoder, 64]["ms"] / 1000 < limit, results[decoder, 64]

@@ -217,7 +217,7 @@ def _add_map_routes(app, session: DashboardSession) -> None:
     @app.post("/api/map")
     def map_at():
         data = _json_body()
-        latent = session.latent_of(data.get("index"), data.get("latent"))
+        latent = session.latent_of(data.get("index"), data.get("latent"), data.get("pc"))
         volume, seconds, cached = session.decode(latent)
         try:
             level = None if data.get("level") is None else float(data["level"])

@@ -340,10 +340,17 @@ class DashboardSession:
         model = self._try_model()
         return min(int(self.options.view_box), model.box_size) if model else int(self.options.view_box)
 
-    def latent_of(self, index: int | None = None, latent: list[float] | None = None) -> np.ndarray:
-        """The latent of particle ``index`` or the given ``latent``, checked."""
-        if (index is None) == (latent is None):
-            raise InputError("ask for a map at a particle index or at a latent, not both or neither.")
+    def latent_of(self, index: int | None = None, latent: list[float] | None = None,
+                  pc: list[float] | None = None) -> np.ndarray:
+        """The latent of particle ``index``, the given ``latent``, or the point ``pc`` of the PC1-PC2 plane
+        (the other PCs at the mean, as analyze's PC traversals), checked."""
+        if sum(x is not None for x in (index, latent, pc)) != 1:
+            raise InputError("ask for a map at one of a particle index, a latent or a PC1-PC2 point.")
+        if pc is not None:
+            point = np.asarray(pc, dtype=np.float64).ravel()
+            if point.shape != (2,) or not np.isfinite(point).all():
+                raise InputError("a PC1-PC2 point needs 2 finite numbers.")
+            return self.pca.to_latent(point[None, : min(2, self.z.shape[1])])[0]
         if index is not None:
             if not 0 <= int(index) < len(self.z):
                 raise InputError(f"particle {index} is not in the run (0 to {len(self.z) - 1}).")

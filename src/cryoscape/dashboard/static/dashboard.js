@@ -195,12 +195,12 @@ function onLevel(value) {
   }, 60);
 }
 
-async function showMap(index, label) {
+async function showMap(index, label, where) {
   if (!state.summary.maps) { setStatus(`no maps: ${state.summary.maps_unavailable}`, true); return; }
   const t0 = performance.now();
   state.mapRequests += 1;
-  setStatus(`decoding the map of particle ${index}...`);
-  const reply = await api("api/map", {index});
+  setStatus(`decoding the map of ${label || `particle ${index}`}...`);
+  const reply = await api("api/map", where || {index});
   const t1 = performance.now();
   await drawMap(reply, label || `particle ${index}`);
   const ms = performance.now() - t0;
@@ -211,7 +211,18 @@ async function showMap(index, label) {
   setStatus(`map of particle ${index} shown ${(ms / 1000).toFixed(2)} s after the click`);
 }
 
+async function onFreeClick(event) {
+  if (!$("free-point").checked || state.embedding !== "pc") return;
+  const gd = $("scatter"), L = gd._fullLayout, box = gd.getBoundingClientRect();
+  const px = event.clientX - box.left - L._size.l, py = event.clientY - box.top - L._size.t;
+  if (px < 0 || py < 0 || px > L._size.w || py > L._size.h) return;
+  const pc = [L.xaxis.p2d(px), L.yaxis.p2d(py)];
+  state.freePoint = pc;
+  await showMap(null, `PC1 ${pc[0].toPrecision(3)}, PC2 ${pc[1].toPrecision(3)}`, {pc});
+}
+
 async function onClick(event) {
+  if ($("free-point").checked && state.embedding === "pc") return;  // the click decodes the point itself
   if (!event || !event.points || !event.points.length) return;
   const point = event.points[0];
   const index = Number(point.customdata);
@@ -327,6 +338,7 @@ async function start() {
   const gd = $("scatter");
   gd.on("plotly_selected", (e) => onSelected(e).catch(fail));
   gd.on("plotly_click", (e) => onClick(e).catch(fail));
+  gd.addEventListener("click", (e) => onFreeClick(e).catch(fail));
   state.ready = true;
   refreshHistory().catch(fail);
 }
