@@ -105,3 +105,21 @@ def test_refine_matches_true_pose_backprojection_on_5000_images(tmp_path):
     truth = load_particles(star)
     errors = pose_errors(refined.rotations, truth.rotations, flip=False)
     assert errors["angle_deg_median"] < 4.5, errors
+
+
+@pytest.mark.parametrize("command", ["refine", "classify", "postprocess", "backproject"])
+def test_an_existing_file_as_output_folder_is_one_sentence(command, tmp_path, capsys):
+    existing = tmp_path / "taken"
+    existing.write_text("x")
+    args = {"refine": ["refine", "p.star", "--initial-map", "m.mrc"],
+            "classify": ["classify", "p.star", "--initial-map", "m.mrc"],
+            "postprocess": ["postprocess", "h1.mrc", "h2.mrc"],
+            "backproject": ["backproject", "p.star"]}[command]
+    if command == "postprocess":
+        from cryoscape.io.mrc import write_mrc
+
+        for name in ("h1.mrc", "h2.mrc"):
+            write_mrc(tmp_path / name, np.zeros((8, 8, 8), np.float32), pixel_size_angstrom=1.0)
+        args = ["postprocess", str(tmp_path / "h1.mrc"), str(tmp_path / "h2.mrc")]
+    assert main(args + ["-o", str(existing)]) == 2
+    assert "is an existing file" in capsys.readouterr().err

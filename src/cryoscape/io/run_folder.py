@@ -72,8 +72,15 @@ def detach_log_file(handler: logging.Handler, *, logger_name: str = "cryoscape")
 
 
 def prepare_run_folder(out_dir: str | os.PathLike, command: str, arguments: dict[str, Any]) -> tuple[Path, logging.Handler]:
-    """Create ``out_dir``, write its config.yaml, and attach ``out_dir/run.log``."""
+    """Create ``out_dir``, write its config.yaml, and attach ``out_dir/run.log``.
+
+    An existing *file* named as the output folder is refused with one sentence (not a traceback).
+    """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        from cryoscape.errors import InputError
+
+        raise InputError(f"-o {out} is an existing file, not a folder; pass a new folder name for the outputs.")
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, command, arguments)
     return out, attach_log_file(out / "run.log")
