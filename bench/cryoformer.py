@@ -107,7 +107,7 @@ def commands(args, exe: Path, data: Path, poses: Path, runs: Path) -> dict[str, 
         "basis": [*ours, "--decoder", "basis", "-o", str(runs / "basis")],
         "cryoformer": [*ours, "--decoder", "cryoformer", *cf, "-o", str(runs / "cryoformer")],
         "cryoformer_encoder": [*ours, "--decoder", "cryoformer", *cf, "--pose-source", "encoder",
-                               "--pose-pretrain-epochs", str(args.pretrain_epochs),
+                               "--pose-pretrain-epochs", str(args.pretrain_epochs), "--pose-start-epoch", "0",
                                "-o", str(runs / "cryoformer_encoder")],
     }
     return {k: v for k, v in cmds.items() if k not in args.skip}
