@@ -4,7 +4,7 @@
 
 const state = {
   summary: null, embedding: "pc", x: null, y: null, colour: null, polygon: null, selectionCount: 0,
-  anchors: [], path: null, playing: false, volume: null, mapShown: null, grid: null, timings: [],
+  anchors: [], path: null, playing: false, volume: null, mapShown: null, timings: [],
   mapRequests: 0, mapsShown: 0,
 };
 window.cryoscape = state;  // for the browser tests and the curious
