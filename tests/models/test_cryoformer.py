@@ -138,3 +138,21 @@ def test_heterogeneous_training_writes_latents_and_its_loss_falls(sim_root, tmp_
     np.testing.assert_allclose(total[total > 0], 1.0, atol=1e-4)
     change, _ = read_mrc(tmp_path / "an" / "attention" / "change.mrc")
     assert change.shape == (16, 16, 16) and float(change.max()) > 0
+
+
+def test_abinit_final_epochs_train_cryoformer_on_the_searched_poses(sim_root, tmp_path):
+    """``abinit --decoder cryoformer --search-decoder neural_field``: the neural field searches, the
+    CryoFormer takes over in the final epochs (its checkpoint) and its loss falls there."""
+    from cryoscape.cli.main import main
+    from cryoscape.train.checkpoint import load_checkpoint
+
+    data = _simulate(sim_root, "tiny_hom", n=64, D=16, heterogeneity="none")
+    opts = [x for kv in ("render_size=8", "n_levels=4", "n_queries=8", "query_dim=16", "n_blocks=1")
+            for x in ("--decoder-opt", kv)]
+    out = tmp_path / "ab"
+    assert main(["abinit", str(data / "particles.star"), "-o", str(out), "-n", "5", "--final-epochs", "3",
+                 "--decoder", "cryoformer", "--search-decoder", "neural_field", *opts, "--no-progress"]) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["decoder"]["name"] == "cryoformer"
+    losses = [h["loss"] for h in state["history"][2:]]
+    assert losses[-1] < losses[0], losses
