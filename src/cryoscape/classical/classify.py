@@ -12,14 +12,16 @@
   RELION's ``--strict_highres_exp``): beyond it each class map is mostly its own noise, which
   draws images to whichever class overfitted most and empties others; the M-step uses all.
 * **Start**: the first iteration assigns images to classes at random (RELION's way of breaking the
-  symmetry between identical starting references); the consensus map only sets the first prior.
-  Each class is split into two random halves so every class map comes with an FSC.
+  symmetry between identical starting references); the consensus map sets the first prior and
+  the grey scale.  Class posteriors are tempered during the first ``anneal_iterations``;
+  ``n_starts`` random starts run through them and the most likely continues; a class that
+  empties is re-seeded with half of the largest.  Each class is split into two random halves so
+  every class map comes with an FSC.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace

@@ -33,9 +33,10 @@ Search (adaptive oversampling, RELION's scheme)
   rotations holding ``significance`` (99.9 %) of each image's posterior mass (at most
   ``max_significant``) are kept, and their 8 children on the grid twice as fine are scored with a
   3 x 3 shift grid of half the step, level by level down to the current ``level``.
-* **Local**: the previous iteration's best pose, moved to ``level - 1``, and its 8 HEALPix
-  neighbours times 3 in-plane angles (27 rotations, uniform prior inside that window) replace the
-  global pass; then children at ``level`` as above.
+* **Local**: the grid cells at ``level - 1`` holding the previous pose and that pose turned by
+  one grid step about 26 axes (at most 27 cells, uniform prior inside that window; see
+  :func:`local_candidates`) replace the global pass, with a 3 x 3 shift grid around the previous
+  shift; then children at ``level`` as above.
 * The posterior of the last pass, over (rotation, shift), is what the M-step inserts: the poses
   holding ``significance`` of the mass (at most ``max_poses``), renormalised.
 """
@@ -45,8 +46,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import healpy
-import numpy as np
 import torch
 
 from cryoscape.fourier.shift import phase_shift_coords

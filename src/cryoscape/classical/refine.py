@@ -20,7 +20,6 @@ The state after each iteration is written atomically (``checkpoint.pt``), so a r
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from cryoscape.fourier.filters import lowpass_filter
 from cryoscape.fourier.shift import phase_shift_coords
 from cryoscape.geometry.rotations import rotation_angle_between
 from cryoscape.geometry.symmetry import symmetry_group
-from cryoscape.geometry.so3_grid import base_grid_spacing_deg, locate_in_so3_grid
+from cryoscape.geometry.so3_grid import base_grid_spacing_deg
 from cryoscape.reconstruct.backproject import (
     FourierAccumulator,
     reconstruct_from_accumulator,
@@ -148,7 +147,7 @@ class RefineState:
         return cls(**torch.load(path, weights_only=False))
 
 
-def _estep_half(source, ref, indices, state, schedule, sigma2, acc, half, residual, pixels_inv_sigma2, bs):
+def _estep_half(source, ref, indices, state, schedule, acc, half, residual, pixels_inv_sigma2, bs):
     """E-step of one half-set and its insertion into ``acc``; updates the state's poses in place."""
     band = source.coords.norm(dim=-1) < state.band_radius
     coords_b = source.coords[band]
@@ -235,8 +234,7 @@ def run_iteration(source: ImageSource, state: RefineState, settings: RefineSetti
     for half in range(2):
         ref = Reference.from_volume(state.half_maps[half])
         indices = np.flatnonzero(state.sets == half)
-        _estep_half(source, ref, indices, state, schedule, state.sigma2, acc, half, residual, inv_sigma2,
-                    settings.batch_size)
+        _estep_half(source, ref, indices, state, schedule, acc, half, residual, inv_sigma2, settings.batch_size)
         if progress:
             progress(len(indices))
     state.ids_level = state.level
@@ -301,7 +299,3 @@ def refine(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_an
             on_iteration(state, summary)
     return state
 
-
-def ids_from_rotations(rotations: torch.Tensor, level: int) -> torch.Tensor:
-    """Grid ids at ``level`` of given poses (to start a local search from input poses)."""
-    return locate_in_so3_grid(rotations, level)
