@@ -57,7 +57,17 @@ def test_uniform_six_angstrom_noise_improves_by_a_third(dataset, tmp_path):
     assert within > 35.0
 
 
-def test_atomic_without_reference_is_one_clear_error(dataset, tmp_path, capsys):
-    code = main(["train", str(dataset / "particles.star"), "--decoder", "atomic", "-o", str(tmp_path / "x")])
+def test_reference_without_the_atomic_decoder_is_one_clear_error(dataset, tmp_path, capsys):
+    code = main(["train", str(dataset / "particles.star"), "--reference", str(PDB), "-o", str(tmp_path / "x")])
     assert code == 2
-    assert "--reference" in capsys.readouterr().err
+    assert "--decoder atomic" in capsys.readouterr().err
+
+
+def test_default_reference_is_the_builtin_hinge_molecule():
+    from cryoscape.models.base import build_decoder
+    from cryoscape.simulate.molecule import default_pixel_size_angstrom, hinge_molecule
+
+    decoder = build_decoder("atomic", box_size=64)
+    coords, _ = hinge_molecule(0.0)
+    assert decoder.pixel_size_angstrom == default_pixel_size_angstrom(64)
+    assert np.abs(decoder.model_angstrom()[: len(coords)] - coords).max() < 1e-3

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="extra decoder option (repeatable), passed to the decoder as it is")
     model.add_argument("--reference", metavar="PDB",
                        help="--decoder atomic: the reference atomic model (.pdb/.cif) whose residues become the model's "
-                            "Gaussian centres (centred on its centroid, as cryoscape simulate centres models)")
+                            "Gaussian centres (centred on its centroid, as cryoscape simulate centres models); "
+                            "default: the built-in hinge molecule")
     model.add_argument("--dec-layers", type=int, default=3, help="decoder hidden layers [3]")
     model.add_argument("--dec-dim", type=int, default=256, help="decoder width [256]")
     model.add_argument("--domain", choices=("fourier", "hartley"), default="fourier",
@@ -220,13 +221,12 @@ def _atomic_options(args: argparse.Namespace, config) -> None:
     """``--reference`` as the atomic decoder's options, with the data's pixel size (its centres are in angstroms)."""
     from cryoscape.errors import InputError
 
-    if not args.reference:
-        if args.decoder == "atomic" and "reference" not in config.decoder_options:
-            raise InputError("--decoder atomic needs a reference atomic model; pass --reference MODEL.pdb.")
-        return
-    if args.decoder != "atomic":
+    if args.reference and args.decoder != "atomic":
         raise InputError("--reference is the reference model of the atomic decoder; pass --decoder atomic with it.")
-    config.decoder_options.setdefault("reference", args.reference)
+    if args.decoder != "atomic":
+        return
+    if args.reference:  # without one: the built-in hinge molecule (cryoscape simulate's default)
+        config.decoder_options.setdefault("reference", args.reference)
     if "pixel_size_angstrom" not in config.decoder_options:
         import numpy as np
 

@@ -71,6 +71,8 @@ def load_reference(reference: str | os.PathLike | dict, *, centering: str = "cen
     """
     if isinstance(reference, dict):
         return reference
+    if reference is None or os.fspath(reference) == "hinge":
+        return _hinge_reference()
     from cryoscape.simulate.atomic_structures import heavy_atoms, read_structure, residue_table
 
     if centering not in CENTERING_CHOICES:
@@ -87,6 +89,20 @@ def load_reference(reference: str | os.PathLike | dict, *, centering: str = "cen
     return {**table.to_dict(), "origin_angstrom": [float(v) for v in origin], "source": os.fspath(reference)}
 
 
+def _hinge_reference() -> dict[str, Any]:
+    """The built-in hinge molecule at 0 degrees (simulate/molecule.py) as a reference: one
+    pseudo-atom per residue, its C-alpha, of weight 1 and no side chain (residue name ``UNK``), in
+    the box frame that ``cryoscape simulate`` renders it in."""
+    from cryoscape.simulate.molecule import hinge_molecule
+
+    coords, weights = hinge_molecule(0.0)
+    n = len(coords)
+    return {"chain": ["A"] * n, "residue_name": ["UNK"] * n, "residue_number": list(range(1, n + 1)),
+            "ca_angstrom": np.round(coords, 4).tolist(), "sidechain_angstrom": np.round(coords, 4).tolist(),
+            "backbone_electrons": [float(w) for w in weights], "sidechain_electrons": [0.0] * n,
+            "origin_angstrom": [0.0, 0.0, 0.0], "source": "hinge"}
+
+
 @register_decoder("atomic")
 class AtomicDecoder(VolumeDecoder):
     """Two Gaussian RBFs per residue of a reference structure (module docstring).
@@ -96,9 +112,11 @@ class AtomicDecoder(VolumeDecoder):
     box_size, zdim
         Training box ``D`` and latent dimension (0: one structure).
     reference
-        PDB/mmCIF path (read with gemmi) or the dict :func:`load_reference` made of one.
+        PDB/mmCIF path (read with gemmi), the dict :func:`load_reference` made of one, or
+        ``None``/``"hinge"``: the built-in hinge molecule (C-alpha pseudo-atoms only).
     pixel_size_angstrom
-        Training pixel size (the reference is in angstroms).
+        Training pixel size (the reference is in angstroms); default: the built-in molecule's
+        at this box (``cryoscape simulate``'s default).
     reference_centering
         See :func:`load_reference`.
     sigma_angstrom, a0
@@ -114,16 +132,20 @@ class AtomicDecoder(VolumeDecoder):
         Learning-rate multipliers of the centres and of ``sigma, a0``.
     """
 
-    def __init__(self, *, box_size: int, zdim: int = 0, reference: str | os.PathLike | dict,
-                 pixel_size_angstrom: float, reference_centering: str = "centroid", sigma_angstrom: float = 3.71,
+    def __init__(self, *, box_size: int, zdim: int = 0, reference: str | os.PathLike | dict | None = None,
+                 pixel_size_angstrom: float | None = None, reference_centering: str = "centroid", sigma_angstrom: float = 3.71,
                  a0: float = 0.1, bond_strength: float = 0.1, sidechain_strength: float = 0.1,
                  bond_length_angstrom: float = 3.8, perturb_angstrom: float = 0.0, layers: int = 3, width: int = 256,
                  domain: str = "fourier", centre_lr_scale: float = 200.0, global_lr_scale: float = 100.0, seed: int = 0):
         super().__init__(box_size=box_size, zdim=zdim)
         if domain not in ("fourier", "hartley"):
             raise ValueError(f"unknown domain {domain!r}; choose fourier or hartley")
-        if not pixel_size_angstrom or not pixel_size_angstrom > 0:
-            raise ValueError("the atomic decoder needs the pixel size (decoder option pixel_size_angstrom)")
+        if pixel_size_angstrom is None:  # the built-in molecule's pixel size at this box (cryoscape simulate's)
+            from cryoscape.simulate.molecule import default_pixel_size_angstrom
+
+            pixel_size_angstrom = default_pixel_size_angstrom(int(box_size))
+        if not pixel_size_angstrom > 0:
+            raise ValueError("the atomic decoder needs a positive pixel size (decoder option pixel_size_angstrom)")
         ref = load_reference(reference, centering=reference_centering, box_size=box_size,
                              pixel_size_angstrom=pixel_size_angstrom)
         self.domain, self.pixel_size_angstrom = domain, float(pixel_size_angstrom)
