@@ -85,7 +85,7 @@ class CryoFormer(VolumeDecoder):
                  base_resolution: int = 16, spatial_width: int = 16, n_queries: int = 64, query_dim: int = 64,
                  n_blocks: int = 3, n_heads: int = 4, deform_width: int = 128, deform_layers: int = 2,
                  render_size: int | None = None, radius_fraction: float = 0.9, jitter: bool = True,
-                 chunk_points: int = 1 << 16):
+                 chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -101,10 +101,11 @@ class CryoFormer(VolumeDecoder):
                            spatial_width=spatial_width, n_queries=n_queries, query_dim=query_dim, n_blocks=n_blocks,
                            n_heads=n_heads, deform_width=deform_width, deform_layers=deform_layers,
                            render_size=render_size, radius_fraction=radius_fraction, jitter=jitter,
-                           chunk_points=chunk_points)
+                           chunk_points=chunk_points, grid_init_scale=grid_init_scale)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
-                             base_resolution=min(base_resolution, max_res), max_resolution=max_res)
+                             base_resolution=min(base_resolution, max_res), max_resolution=max_res,
+                             init_scale=grid_init_scale)
         self.spatial = nn.Sequential(nn.Linear(self.grid.out_features, spatial_width), nn.ReLU(),
                                      nn.Linear(spatial_width, query_dim))
         self.n_queries, self.query_dim = int(n_queries), int(query_dim)
