@@ -497,6 +497,8 @@ def run_micrograph_em(
                 regularization=regularization, memory_bytes=memory_bytes, previous_sums=state.sums,
                 progress=progress)
             state.sums = stats.pop("sums").cpu()
+            if sigma is not None:  # a given noise level stays fixed (in the stage's pixels)
+                state.sigma2 = (sigma * stage.box_size / box_size) ** 2
             state.iteration_in_stage += 1
             state.history.append(_record(state, stage, source, stats, reference, started))
             state.rng_state = rng.bit_generator.state
