@@ -87,3 +87,23 @@ def test_engine_writes_the_encoder_poses_each_epoch_and_evaluate_scores_them(tin
     assert 0 <= result.history[0]["pretrain_rotation_error_deg"] < 180
     assert main(["evaluate", str(run), "--truth", str(tiny_dataset), "--poses", str(run / "poses.1.pkl"),
                  "--no-progress", "-o", str(tmp_path / "eval")]) == 0
+
+
+def test_resumed_run_keeps_the_encoder_and_equals_the_uninterrupted_run(tiny_dataset, tmp_path):
+    """Stopped after epoch 0 and resumed (no second pre-training), the poses of epoch 1 equal those of
+    a run that never stopped."""
+    from cryoscape.io.cryodrgn import read_poses_pkl
+    from cryoscape.train.loop import resume_training, run_training
+
+    options = dict(render_size=8, n_levels=2, log2_table_size=10, base_resolution=4, n_queries=4, query_dim=8,
+                   n_blocks=1, n_heads=2)
+    common = dict(particles=str(tiny_dataset / "particles.star"), decoder="cryoformer", decoder_options=options,
+                  pose_source="encoder", pose_pretrain_epochs=10, batch_size=16, progress=False,
+                  checkpoint_every=100, pose_start_epoch=0, amp=False)
+    run_training(TrainConfig(num_epochs=2, **common), tmp_path / "whole")
+    run_training(TrainConfig(num_epochs=1, **common), tmp_path / "part")
+    resume_training(tmp_path / "part", num_epochs=2)
+    assert "pre-trained" not in (tmp_path / "part" / "run.log").read_text().split("resuming")[-1]
+    whole, _ = read_poses_pkl(tmp_path / "whole" / "poses.1.pkl", box_size=16)
+    part, _ = read_poses_pkl(tmp_path / "part" / "poses.1.pkl", box_size=16)
+    np.testing.assert_allclose(part, whole, atol=1e-6)
