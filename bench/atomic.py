@@ -1,0 +1,164 @@
+"""Benchmark: Cryofold (``--decoder atomic``) vs our neural field vs cryoDRGN 4.3.1 on a 1-D atomic motion.
+
+Data: ``cryoscape simulate --molecule tests/data/1A8O.pdb --bond-rotation-deg 0 60`` (the CA-C
+bond of the middle residue of 1A8O turned over 20 states, C-alphas move 7.0 A RMS end to end),
+D = 40, 1.5 A pixels, SNR 0.1, true poses and CTF (poses.pkl, ctf.pkl) for every tool, zdim 1,
+the same epochs and batch (8) for all; encoders and decoders 256 x 3 (Cryofold's offset MLP too).
+
+Figures (one per line):
+
+* per-image FSC AUC over the **moving region** for each tool: for 100 images evenly spaced in the
+  particle order, the map at the image's latent (``cryoscape volumes`` / ``cryodrgn eval_vol``)
+  and the true map of its state, both multiplied by a mask of the voxels within 5 A of any
+  moving centre (C-alpha or side-chain centroid of a residue whose C-alpha moves more than 1 A)
+  in any state; AUC = mean |FSC| over shells 1..D/2;
+* Cryofold's C-alpha RMSE per state (its model at the median latent of each state's images,
+  against the state's true C-alphas) and % within 3 A;
+* training images per second of each tool (the sum of its per-epoch training times), and the
+  ratios against cryoDRGN last.
+
+Run (under the shared lock; about 10-15 minutes on 2 cores)::
+
+    flock /tmp/cryoscape-heavy.lock .venv/bin/python bench/atomic.py | tee bench/results/atomic_DATE.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cryoscape_command, ensure_cryodrgn, print_figure, print_note, run_timed, thread_env, tool_version  # noqa: E402
+from train import decode_maps, last_latents, training_seconds  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PDB = ROOT / "tests" / "data" / "1A8O.pdb"
+ATOMIC, NF, DRGN = "cryofold", "neural_field", "cryodrgn"
+ARCH = ["--enc-layers", "3", "--enc-dim", "256", "--dec-layers", "3", "--dec-dim", "256"]
+CRYOFOLD_OPTIONS = ["--lr", "5e-4", "--decoder-opt", "centre_lr_scale=40", "--decoder-opt", "global_lr_scale=20"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/cryoscape-bench-atomic"))
+    p.add_argument("-n", "--n-images", type=int, default=2000)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--beta", type=float, default=0.1, help="KL weight of every VAE [0.1]")
+    p.add_argument("--snr", type=float, default=0.1)
+    p.add_argument("--fsc-images", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cryodrgn", default="/tmp/venv-cryodrgn", help="cryodrgn executable or its venv")
+    return p.parse_args(argv)
+
+
+def simulate(args, env) -> Path:
+    data = args.workdir / f"sim_1a8o_n{args.n_images}"
+    if not (data / "gt_atomic.npz").exists():
+        run_timed([*cryoscape_command(), "simulate", "--molecule", str(PDB), "--bond-rotation-deg", "0", "60",
+                   "-n", str(args.n_images), "-D", "40", "--pixel-size", "1.5", "--snr", str(args.snr),
+                   "-o", str(data)], log_path=args.workdir / "simulate.log", env=env)
+    return data
+
+
+def commands(args, data: Path, exe: Path) -> dict[str, list[str]]:
+    """The three trainings: same particles, poses, CTF, zdim, epochs, batch, beta."""
+    runs = args.workdir / "runs"
+    common = ["--poses", str(data / "poses.pkl"), "--ctf", str(data / "ctf.pkl"), "--zdim", "1",
+              "-n", str(args.epochs), "-b", "8", "--beta", str(args.beta)]
+    ours = [*cryoscape_command(), "train", str(data / "particles.mrcs"), *common, *ARCH, "--no-progress", "--no-amp"]
+    return {
+        ATOMIC: [*ours, "-o", str(runs / ATOMIC), "--decoder", "atomic", "--reference", str(PDB), *CRYOFOLD_OPTIONS],
+        NF: [*ours, "-o", str(runs / NF)],
+        DRGN: [str(exe), "train_vae", str(data / "particles.mrcs"), *common, *ARCH, "-o", str(runs / DRGN),
+               "--seed", "0", "--no-analysis"],
+    }
+
+
+def moving_mask(data: Path, box: int, pixel: float) -> np.ndarray:
+    """Voxels within 5 A of a moving centre in any state (module docstring)."""
+    gt = np.load(data / "gt_atomic.npz")
+    ca, side = gt["ca_angstrom"], gt["sidechain_angstrom"]
+    moving = np.linalg.norm(ca[-1] - ca[0], axis=-1) > 1.0
+    points = np.concatenate([ca[:, moving], side[:, moving]], axis=1).reshape(-1, 3) / pixel + box // 2
+    idx = np.arange(box)
+    grid = np.stack(np.meshgrid(idx, idx, idx, indexing="ij"), -1).reshape(-1, 3)[:, ::-1]  # (x, y, z) of [z, y, x]
+    from scipy.spatial import cKDTree
+
+    near = cKDTree(points).query(grid, distance_upper_bound=5.0 / pixel)[0] < np.inf
+    return near.reshape(box, box, box).astype(np.float32)
+
+
+def masked_auc(paths: list[Path], states: np.ndarray, data: Path, mask: np.ndarray) -> np.ndarray:
+    from cryoscape.analysis.evaluate import load_ground_truth, per_image_fsc
+    from cryoscape.io.mrc import read_mrc
+
+    gt = load_ground_truth(data)
+    maps = [read_mrc(p)[0] * mask for p in paths]
+    truths = [gt.volume(s) * mask for s in states]
+    return per_image_fsc(maps, truths, truth_box_pixel=(gt.box_size, gt.pixel_size_angstrom)).auc
+
+
+def cryofold_rmse(run: Path, data: Path) -> dict:
+    from cryoscape.analysis.atomic import atomic_metrics_along_path, median_latent_per_state
+    from cryoscape.train.volumes import load_trained_model
+
+    decoder, _, _ = load_trained_model(run)
+    _, z = last_latents(run, ATOMIC)
+    gt = np.load(data / "gt_atomic.npz")
+    states = np.load(data / "ground_truth.npz")["state_index"]
+    return atomic_metrics_along_path(decoder, median_latent_per_state(z, states, len(gt["ca_angstrom"])),
+                                     gt["ca_angstrom"])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    env = thread_env(args.threads)
+    exe = ensure_cryodrgn(args.cryodrgn)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    print_note(next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "cpu ?")
+               + f", {args.threads} threads, float32 throughout (--no-amp; cryoDRGN's CPU default is float32)")
+    print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}; cryodrgn: {tool_version([exe], env)}")
+    data = simulate(args, env)
+    truth = np.load(data / "ground_truth.npz")
+    n, box, pixel = len(truth["state_index"]), int(truth["box_size"]), float(truth["pixel_size_angstrom"])
+    print_note(f"1A8O bond rotation 0-60 deg, 20 states, {n} images, D={box}, {pixel} A/pixel, SNR {args.snr}, "
+               f"zdim 1, {args.epochs} epochs, batch 8, beta {args.beta}")
+    from cryoscape.analysis.evaluate import evenly_spaced_indices
+
+    positions = evenly_spaced_indices(n, args.fsc_images)
+    states = truth["state_index"][positions]
+    mask = moving_mask(data, box, pixel)
+    print_note(f"moving-region mask: {int(mask.sum())} voxels of {box ** 3}")
+    speed, auc = {}, {}
+    runs = commands(args, data, exe)
+    for tool, command in runs.items():
+        run_dir = Path(command[command.index("-o") + 1])
+        result = run_timed(command, log_path=args.workdir / f"{tool}.log", env=env)
+        seconds = training_seconds(run_dir, args.workdir / f"{tool}.log", DRGN if tool == DRGN else tool)
+        speed[tool] = args.epochs * n / seconds if seconds else float("nan")
+        epoch, z = last_latents(run_dir, DRGN if tool == DRGN else tool)
+        paths, _ = decode_maps(DRGN if tool == DRGN else tool, exe, run_dir, epoch, z[positions],
+                               args.workdir / f"maps_{tool}", box=box, train_box=box, env=env)
+        auc[tool] = masked_auc(paths, states, data, mask)
+        print_figure(f"{tool}: masked per-image FSC AUC (mean of {len(positions)})", float(auc[tool].mean()), fmt=".3f")
+        print_figure(f"{tool}: training images/s", speed[tool], fmt=".0f")
+        print_note(f"{tool} wall {result.wall_s:.0f} s")
+    rmse = cryofold_rmse(Path(runs[ATOMIC][runs[ATOMIC].index("-o") + 1]), data)
+    print_figure("cryofold: C-alpha RMSE per state (A)", " ".join(f"{v:.2f}" for v in rmse["ca_rmse_angstrom"]))
+    print_figure("cryofold: C-alpha RMSE mean over states", rmse["mean_ca_rmse_angstrom"], "A")
+    print_figure("cryofold: C-alpha RMSE max over states", rmse["max_ca_rmse_angstrom"], "A")
+    print_figure("cryofold: % C-alphas within 3 A (mean over states)", rmse["mean_percent_within"], "%", fmt=".1f")
+    for tool in (ATOMIC, NF):
+        print_figure(f"masked AUC ratio {tool}/cryodrgn", float(auc[tool].mean() / auc[DRGN].mean()), fmt=".3f")
+    for tool in (ATOMIC, NF):
+        print_figure(f"speed ratio (training images/s) {tool}/cryodrgn", speed[tool] / speed[DRGN], fmt=".2f")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
