@@ -71,3 +71,15 @@ def test_default_reference_is_the_builtin_hinge_molecule():
     coords, _ = hinge_molecule(0.0)
     assert decoder.pixel_size_angstrom == default_pixel_size_angstrom(64)
     assert np.abs(decoder.model_angstrom()[: len(coords)] - coords).max() < 1e-3
+
+
+def test_resumed_run_equals_the_uninterrupted_one(dataset, tmp_path):
+    common = [str(dataset / "particles.star"), "--decoder", "atomic", "--reference", str(PDB), "--no-progress",
+              "--first", "200"]
+    assert main(["train", *common, "-n", "2", "-o", str(tmp_path / "straight")]) == 0
+    assert main(["train", *common, "-n", "1", "-o", str(tmp_path / "split")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "split"), "-n", "2", "--no-progress"]) == 0
+    a, _, _ = load_trained_model(tmp_path / "straight")
+    b, _, _ = load_trained_model(tmp_path / "split")
+    assert np.array_equal(a.model_angstrom(), b.model_angstrom())
+    assert (tmp_path / "split" / "model.1.pdb").read_text() == (tmp_path / "straight" / "model.1.pdb").read_text()
