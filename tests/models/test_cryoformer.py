@@ -138,6 +138,14 @@ def test_heterogeneous_training_writes_latents_and_its_loss_falls(sim_root, tmp_
     np.testing.assert_allclose(total[total > 0], 1.0, atol=1e-4)
     change, _ = read_mrc(tmp_path / "an" / "attention" / "change.mrc")
     assert change.shape == (16, 16, 16) and float(change.max()) > 0
+    # cryoscape analyze adds the section to its report and writes the same maps
+    from cryoscape.cli.main import main
+
+    assert main(["analyze", str(tmp_path / "run"), "-o", str(tmp_path / "analyze"), "--ksample", "2", "--pc", "1",
+                 "--n-per-pc", "2", "--no-progress"]) == 0
+    assert "Attention maps" in (tmp_path / "analyze" / "report.html").read_text()
+    again, _ = read_mrc(tmp_path / "analyze" / "attention" / "change.mrc")
+    np.testing.assert_allclose(again, change, atol=1e-6)
 
 
 def test_abinit_final_epochs_train_cryoformer_on_the_searched_poses(sim_root, tmp_path):

@@ -255,14 +255,15 @@ class CryoFormer(VolumeDecoder):
             dens = torch.cat([self.density(w, context) for w in world.split(self.chunk_points, 1)], 1)
             return dens.reshape(n, n, n)
 
-    def attention_volumes(self, z: torch.Tensor | None = None, *, box_size: int | None = None) -> torch.Tensor:
-        """``(N, n, n, n)``: per query, its attention weight at every voxel (real space only).
+    def attention_volumes(self, z: torch.Tensor | None = None, *, box_size: int | None = None) -> torch.Tensor | None:
+        """``(N, n, n, n)``: per query, its attention weight at every voxel (real space; ``None`` for the
+        Fourier-domain variant).
 
         Voxels outside the rendered sphere are 0.  A query whose weight changes with ``z`` in a
         region marks where the structure moves (notes/cryoformer.md).
         """
         if self.space != "real":
-            raise ValueError("attention maps exist for the real-space model only")
+            return None  # the Fourier-domain variant's queries attend over frequencies, not voxels
         n = int(box_size) if box_size is not None else self.box_size
         device = self.grid.tables.device
         if z is not None:

@@ -386,6 +386,11 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
                                           umap_fit_max=umap_job.kwargs["fit_max"] if umap_job is not None else 0,
                                           pc_coords=pc_coords, get_maps=maps_job.result if maps_job else None,
                                           history=history, map_views=opts.map_views)
+            if not opts.skip_vol:  # decoders with attention queries (CryoFormer): their maps and a section
+                from cryoscape.report.attention import attention_section
+
+                attention = attention_section(run, out, figures, z=z, epoch=epoch)
+                sections = list(sections) + ([attention] if attention is not None else [])
             report = write_html_report(out / "report.html", title=f"cryoscape analyze: {run.name}, epoch {epoch}",
                                        subtitle=f"{n} particles, zdim {zdim}", sections=sections)
         kmeans_maps, pc_maps = maps_job.result() if maps_job else (None, {})

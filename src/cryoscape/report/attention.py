@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cryoscape.report.html import Figure, Section
 
@@ -20,18 +21,24 @@ __all__ = ["attention_section"]
 log = logging.getLogger(__name__)
 
 
+#: attention maps are written at most at this box (N maps of n^3 voxels: 64 x 128^3 floats would be 0.5 GB)
+MAX_BOX = 64
+
+
 def attention_section(run: Path, out: Path, figures: Path, *, z: np.ndarray, epoch: int,
                       device: str = "cpu") -> Section | None:
-    """Write ``out/attention/`` and return its report section (``None``: the decoder has no attention maps)."""
-    from cryoscape.analysis.attention import attention_maps, default_latents, write_attention_maps
+    """Write ``out/attention/`` (at box ``min(D, MAX_BOX)``) and return its report section (``None``:
+    the decoder has no attention maps)."""
+    from cryoscape.analysis.attention import default_latents, write_attention_maps
     from cryoscape.train.volumes import load_trained_model
 
     decoder, _, state = load_trained_model(run, epoch=epoch, device=device)
     latents = default_latents(z) if decoder.zdim > 0 else None
-    if attention_maps(decoder, None if latents is None else latents[:1]) is None:
+    if decoder.attention_volumes(None if latents is None else torch.as_tensor(latents[0]), box_size=2) is None:
         return None
-    pixel = float(state.get("data", {}).get("pixel_size_angstrom", 1.0) or 1.0)
-    summary = write_attention_maps(decoder, out, latents=latents, pixel_size_angstrom=pixel)
+    box = min(decoder.box_size, MAX_BOX)
+    pixel = float(state.get("data", {}).get("pixel_size_angstrom", 1.0) or 1.0) * decoder.box_size / box
+    summary = write_attention_maps(decoder, out, latents=latents, pixel_size_angstrom=pixel, box_size=box)
     change = _read(out / "attention" / "change.mrc")
     path = figures / "attention_change.png"
     _plot_slices(change, path, title="attention change over the latent (sum over queries)")
