@@ -164,3 +164,21 @@ def test_abinit_final_epochs_train_cryoformer_on_the_searched_poses(sim_root, tm
     assert state["decoder"]["name"] == "cryoformer"
     losses = [h["loss"] for h in state["history"][2:]]
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_hash_grid_and_rendering_agree_on_cuda_and_cpu():
+    """The same decoder renders the same images (and gradients reach the tables) on CUDA as on the CPU."""
+    dec = _decoder(12, zdim=1, render_size=12)
+    pixels = fourier_pixels(12)
+    R = torch.linalg.qr(torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(0)))[0]
+    R = R * torch.det(R).sign()[:, None, None]
+    z = torch.randn(3, 1)
+    with torch.no_grad():
+        cpu = dec.predict_images(R, pixels, z, None)
+    gpu_dec = dec.to("cuda")
+    out = gpu_dec.predict_images(R.cuda(), pixels.to("cuda"), z.cuda(), None)
+    out.abs().square().sum().backward()
+    torch.testing.assert_close(out.detach().cpu(), cpu, rtol=1e-3, atol=1e-3 * float(cpu.abs().max()))
+    assert float(gpu_dec.grid.tables.grad.abs().sum()) > 0
