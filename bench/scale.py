@@ -25,8 +25,11 @@ What it compares
     written in 10 stacks of 50,000 (4.1 GB) with a ``.txt`` stack list, ``poses.pkl`` and
     ``ctf.pkl``, trained one epoch with the basis decoder (``--lazy``, zdim 8); printed: images/s
     and the peak resident memory (goal: under 4 GB), with the anonymous / file-backed peaks.
-(c) **1 and 2 processes** (torch.distributed): not in this script yet; :func:`part_c_processes`
-    is where the distributed-training work adds it.
+(c) **1 and 2 processes** (torch.distributed, gloo): ``cryoscape train`` for one epoch of the
+    base set (4,000 images, in memory, float32) as one process with 2 threads and under
+    ``torchrun --nproc-per-node 2`` with one thread each, at the same global batch: the neural
+    field VAE and the basis VAE, whose voxel-table gradients are summed either as one dense
+    all-reduce (the default) or by gathering the touched rows (``--decoder-opt sparse_grad=true``).
 
 Data
 ----
@@ -350,15 +353,41 @@ def part_b(args, env, base: Path) -> dict:
     return result
 
 
-def part_c_processes(args, env) -> dict:
-    """(c) images/s with 1 and 2 processes (gloo on this machine; 1 GPU where one is lent).
+#: (c)'s runs: label, decoder options; the global batch is the same for 1 and 2 processes
+PROCESS_RUNS = [
+    ("neural field VAE, batch 16", ["--zdim", "8", "-b", "16"]),
+    ("basis VAE, batch 64, dense gradient all-reduce", ["--decoder", "basis", "--zdim", "8"]),
+    ("basis VAE, batch 64, touched rows gathered", ["--decoder", "basis", "--zdim", "8",
+                                                     "--decoder-opt", "sparse_grad=true"]),
+]
 
-    Placeholder for the distributed-training work: run ``torchrun --nproc-per-node 1`` and
-    ``--nproc-per-node 2`` of ``cryoscape train`` on one data set and print both images/s and
-    their ratio (last).
+
+def part_c_processes(args, env, base: Path) -> dict:
+    """(c) images/s with 1 process and with 2 (``torchrun --nproc-per-node 2``, gloo), same data
+    (the base set, in memory), same global batch, float32, one epoch each; ratios printed last.
+
+    One process uses both cores (2 threads); each of two processes uses one.  On a GPU machine
+    ``--nproc-per-node`` is the number of GPUs (NCCL); none was lent to this session.
     """
-    print_note("(c) 1 vs 2 processes: not implemented in this script yet (distributed training)")
-    return {}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    results = {}
+    for label, options in PROCESS_RUNS:
+        for procs in (1, 2):
+            out = args.workdir / "runs" / f"c_{len(results)}"
+            shutil.rmtree(out, ignore_errors=True)
+            run_env = dict(env, OMP_NUM_THREADS=str(2 // procs))
+            launch = [str(torchrun), "--nproc-per-node", str(procs), "--master-addr", "127.0.0.1",
+                      "--master-port", str(29400 + len(results))] if procs > 1 else []
+            command = [*launch, *cryoscape_command(), "train", str(base / "particles.star"), "-o", str(out), "-n", "1",
+                       "--no-amp", "--no-progress", "--warm-start-images", "0", *options]
+            run_timed(command, log_path=out.parent / f"c_{len(results)}.log", env=run_env)
+            hit = EPOCH_LINE.findall((out / "run.log").read_text(errors="replace"))
+            results[(label, procs)] = float(hit[-1][3]) if hit else float("nan")
+            print_figure(f"(c) {label}: {procs} process{'es' if procs > 1 else ''}", results[(label, procs)],
+                         "img/s", fmt=".1f")
+    for label, _ in PROCESS_RUNS:
+        print_figure(f"(c) speed-up {label}: 2 processes / 1 process", results[(label, 2)] / results[(label, 1)])
+    return results
 
 
 def cpu_model() -> str:
@@ -392,7 +421,7 @@ def main(argv=None) -> int:
         if "b" in args.part:
             part_b(args, env, base)
         if "c" in args.part:
-            part_c_processes(args, env)
+            part_c_processes(args, env, base)
     finally:
         if not args.keep_data:
             for path in sorted(args.workdir.glob("[ab]_*")) + [args.workdir / "cache"]:

@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr, device=args.device, progress=False if args.no_progress else None,
             checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes, prefetch=args.prefetch,
             datadir=args.datadir, amp=args.amp,
-            lazy=True if args.lazy else None, search_chunk=args.search_chunk,
+            lazy=True if args.lazy else None, cache_dir=args.cache_dir, search_chunk=args.search_chunk,
         )
     else:
         if not args.particles:

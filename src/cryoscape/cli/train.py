@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             datadir=args.datadir,
             amp=args.amp,
-            lazy=True if args.lazy else None,
+            lazy=True if args.lazy else None, cache_dir=args.cache_dir,
         )
     else:
         if not args.particles:

@@ -376,7 +376,7 @@ def run_abinit(config: AbinitConfig, out_dir: str | Path, *, arguments: dict[str
 
 
 _RESUME_OVERRIDES = ("num_epochs", "final_epochs", "lr", "device", "progress", "checkpoint_every",
-                     "checkpoint_minutes", "prefetch", "datadir", "amp", "lazy", "search_chunk")
+                     "checkpoint_minutes", "prefetch", "datadir", "amp", "lazy", "cache_dir", "search_chunk")
 
 
 def resume_abinit(run_dir: str | Path, *, arguments: dict[str, Any] | None = None, **overrides: Any) -> AbinitResult:

@@ -108,6 +108,12 @@ class TrainingData:
     def normalization(self) -> DataNormalization:
         return self.dataset.normalization
 
+    def prepare_cache(self) -> None:
+        """Write the float16 caches now (``--cache-dir``; nothing without one)."""
+        for dataset in (self.dataset, self.tilted):
+            if dataset is not None:
+                dataset.prepare_cache()
+
     def get_batch(self, indices: np.ndarray) -> TrainingBatch:
         batch = self.dataset.get_batch(indices)
         if self.tilted is not None:

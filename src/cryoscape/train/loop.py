@@ -141,7 +141,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
 
 
 _RESUME_OVERRIDES = ("num_epochs", "lr", "weight_decay", "pose_lr", "device", "progress", "checkpoint_every",
-                     "checkpoint_minutes", "prefetch", "datadir", "amp", "lazy")
+                     "checkpoint_minutes", "prefetch", "datadir", "amp", "lazy", "cache_dir")
 
 
 def load_resume_state(run: Path, config_class: type, overrides: dict[str, Any], allowed: tuple[str, ...], *,
@@ -171,7 +171,7 @@ def resume_training(run_dir: str | Path, *, arguments: dict[str, Any] | None = N
 
     ``overrides`` may change ``num_epochs`` (to train longer), ``lr``, ``weight_decay``,
     ``pose_lr``, ``device``, ``progress``, ``checkpoint_every``, ``checkpoint_minutes``,
-    ``prefetch``, ``datadir``, ``amp`` and ``lazy``; everything else comes from the checkpoint.
+    ``prefetch``, ``datadir``, ``amp``, ``lazy`` and ``cache_dir``; everything else comes from the checkpoint.
     """
     run = Path(run_dir)
     state, config = load_resume_state(run, TrainConfig, overrides, _RESUME_OVERRIDES, command="train")

@@ -202,6 +202,10 @@ class Trainer:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.dist = dist or Distributed()
+        if self.dist.enabled:  # one process writes the float16 cache, the others then read it
+            if self.dist.is_main:
+                data.prepare_cache()
+            self.dist.barrier()
         self.device = self.dist.device(config.device) or resolve_device(config.device)
         self.command, self.arguments = command, arguments
         self.N, self.D = len(data), data.box_size
