@@ -167,6 +167,10 @@ class Distributed:
         idx, values = self.gather_rows(g.indices().T.contiguous(), g.values())
         p.grad = torch.sparse_coo_tensor(idx.T, values, g.shape).coalesce()
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
+        """Leave the group; with ``wait`` (a run that ended normally) every process first waits
+        for the others, so none tears down a connection another still uses."""
         if self.enabled and dist.is_initialized():
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()

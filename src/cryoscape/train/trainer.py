@@ -610,4 +610,4 @@ class RunContext:
 
         if self.handler is not None:
             detach_log_file(self.handler)
-        self.dist.close()
+        self.dist.close(wait=exc[0] is None)
