@@ -8,6 +8,7 @@ import starfile
 from sklearn.metrics import adjusted_rand_score
 
 from cryoscape.cli.main import main
+from cryoscape.io.mrc import read_mrc
 
 
 def _classes(root, n, D, k, lo, hi, seed=3):
@@ -34,7 +35,9 @@ def test_two_classes_without_alignment_and_the_outputs(tmp_path):
     assert set(subsets[0]["rlnImageName"]) | set(subsets[1]["rlnImageName"]) == set(original["rlnImageName"])
     model = np.genfromtxt(out / "model.tsv", names=True, delimiter="\t")
     assert np.isclose(model["population"].sum(), 1.0, atol=1e-3)
-    assert (out / "class001.mrc").exists() and (out / "checkpoint.pt").exists()
+    for k in (1, 2):  # every class map is a real map of the box
+        volume = read_mrc(out / f"class{k:03d}.mrc")[0]
+        assert volume.shape == (32, 32, 32) and np.isfinite(volume).all() and volume.std() > 0
 
 
 def test_bad_k_is_one_sentence(tmp_path, capsys):
