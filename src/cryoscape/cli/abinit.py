@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from cryoscape.cli.common import parse_beta, parse_key_value
+
 HELP = ("Ab initio reconstruction without poses: hierarchical pose search alternating with training of a "
         "homogeneous map (--zdim 0) or a heterogeneous VAE (--zdim N).")
 EXAMPLE = ("cryoscape abinit particles.star -n 20 --search-every 4 --final-epochs 4 -o abinit/   "
@@ -14,7 +16,13 @@ _GRID_LEVELS = {"30": 0, "15": 1, "7.5": 2, "3.75": 3}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cryoscape.cli.train import _beta, _key_value
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    _add_schedule_arguments(parser)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The particles, metadata, preprocessing and reading options."""
 
     data = parser.add_argument_group("data")
     data.add_argument("particles", nargs="?", help="particles: .star, .cs, .txt stack list or .mrcs stack (poses not needed)")
@@ -40,10 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(N x D x D x 2 bytes) and train from it; later runs of the same data reuse it")
     data.add_argument("--norm-images", type=int, default=1000, help="images sampled for the data normalisation [1000]")
 
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options (as cryoscape train's) and the optimisation options."""
     model = parser.add_argument_group("model (as cryoscape train)")
     model.add_argument("--zdim", type=int, default=0, help="latent dimension; 0 reconstructs one homogeneous map [0]")
     model.add_argument("--decoder", default="neural_field", help="decoder name (a registered decoder) [neural_field]")
-    model.add_argument("--decoder-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    model.add_argument("--decoder-opt", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="extra decoder option (repeatable)")
     model.add_argument("--dec-layers", type=int, default=3, help="decoder hidden layers [3]")
     model.add_argument("--dec-dim", type=int, default=None, help="decoder width [128]")
@@ -63,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("-b", "--batch-size", type=int, default=None, help="images per gradient step [16]")
     opt.add_argument("--lr", type=float, default=None, help="learning rate of Adam [1e-3]")
     opt.add_argument("--wd", type=float, default=None, dest="weight_decay", help="weight decay [0]")
-    opt.add_argument("--beta", type=_beta, default=None, help="KL weight of the VAE: a number or 'anneal' [1/zdim]")
+    opt.add_argument("--beta", type=parse_beta, default=None, help="KL weight of the VAE: a number or 'anneal' [1/zdim]")
     opt.add_argument("--beta-anneal-epochs", type=int, default=None, help="epochs of the beta ramp")
     opt.add_argument("--no-shuffle", action="store_true", help="visit particles in file order")
     opt.add_argument("--seed", type=int, default=0, help="random seed [0]")
@@ -78,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "continues the epoch where it stopped) [0: only after each epoch]")
     opt.add_argument("--no-progress", action="store_true", help="no progress output")
 
+
+def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """The schedule, the pose-search grid and --resume."""
     sched = parser.add_argument_group("schedule (thesis 5.3.3)")
     sched.add_argument("--pretrain", type=int, default=None, dest="pretrain_images", metavar="N_IMAGES",
                        help="warm-up: images fitted with random poses before the first search [4000]")
@@ -131,7 +145,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("continuing")
     run.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN (-n sets the total)")
-
 
 def _config_from_args(args: argparse.Namespace):
     from cryoscape.train.abinit import AbinitConfig

@@ -50,3 +50,26 @@ def load_table_from_args(args: argparse.Namespace):
         amplitude_contrast=getattr(args, "amp_contrast", 0.1),
     )
     return select_particles(table, ind=getattr(args, "ind", None), first=getattr(args, "first", None))
+
+
+def parse_beta(text: str) -> float | str:
+    """``--beta``: a non-negative number or ``anneal`` (train and abinit)."""
+    if text == "anneal":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta must be a number or 'anneal', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--beta must not be negative, got {text}")
+    return value
+
+
+def parse_key_value(text: str) -> tuple[str, object]:
+    """``--decoder-opt KEY=VALUE``: the value read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--decoder-opt takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)

@@ -5,33 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 
+from cryoscape.cli.common import parse_beta, parse_key_value
+
 HELP = "Train a neural map (homogeneous, --zdim 0) or a heterogeneous VAE (--zdim N) on particles with poses and CTF."
 EXAMPLE = ("cryoscape train particles.star --zdim 8 -n 20 -o run/   "
            "(or: particles.mrcs --poses poses.pkl --ctf ctf.pkl; continue: cryoscape train --resume run/ -n 30)")
 
 
-def _beta(text: str) -> float | str:
-    if text == "anneal":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--beta must be a number or 'anneal', got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--beta must not be negative, got {text}")
-    return value
-
-
-def _key_value(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--decoder-opt takes KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    import yaml
-
-    return key.strip(), yaml.safe_load(value)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    _add_training_arguments(parser)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The particles, metadata, preprocessing and reading options."""
     data = parser.add_argument_group("data")
     data.add_argument("particles", nargs="?", help="particles: .star, .cs, .txt stack list or .mrcs stack")
     data.add_argument("-o", "--outdir", help="output folder (the run folder)")
@@ -67,10 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tilt.add_argument("--tilt-deg", type=float, default=45.0,
                       help="stage tilt in degrees, right-handed about the image x axis: tilted pose = T(x, deg) @ pose [45]")
 
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoder, encoder and likelihood options."""
     model = parser.add_argument_group("model")
     model.add_argument("--zdim", type=int, default=0, help="latent dimension; 0 trains one homogeneous map [0]")
     model.add_argument("--decoder", default="neural_field", help="decoder name (a registered decoder) [neural_field]")
-    model.add_argument("--decoder-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+    model.add_argument("--decoder-opt", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="extra decoder option (repeatable), passed to the decoder as it is")
     model.add_argument("--reference", metavar="PDB",
                        help="--decoder atomic: the reference atomic model (.pdb/.cif) whose residues become the model's "
@@ -94,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--enc-mask", type=float, default=None, dest="enc_mask_radius_fraction", metavar="FRACTION",
                        help="encoder reads pixels within this fraction of D/2 [1.0]")
 
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The optimisation, schedule, checkpoints and device options, and --resume."""
     opt = parser.add_argument_group("training")
     opt.add_argument("-n", "--num-epochs", type=int, default=None, help="number of epochs [20]")
     opt.add_argument("-b", "--batch-size", type=int, default=None,
@@ -101,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=float, default=None,
                      help="learning rate of Adam [4e-4 for the neural field, 1e-3 for the basis decoder]")
     opt.add_argument("--wd", type=float, default=None, dest="weight_decay", help="weight decay [0]")
-    opt.add_argument("--beta", type=_beta, default=None,
+    opt.add_argument("--beta", type=parse_beta, default=None,
                      help="KL weight: a number, or 'anneal' (0 -> 1 over --beta-anneal-epochs) [1/zdim]")
     opt.add_argument("--beta-anneal-epochs", type=int, default=None, help="epochs of the beta ramp [num_epochs/4]")
     opt.add_argument("--refine-poses", action="store_true",
@@ -144,7 +138,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--load", metavar="WEIGHTS",
                      help="start from a checkpoint.pt / weights.EPOCH.pt (its epoch, weights, optimiser, "
                           "normalisation) and write a new run to -o")
-
 
 def _config_from_args(args: argparse.Namespace):
     from cryoscape.train.config import TrainConfig
