@@ -135,23 +135,10 @@ class DashboardSession:
     @staticmethod
     def _read_z_file(path: str | os.PathLike) -> np.ndarray:
         """``(N, zdim)`` float32 latents from a .npy, .pkl (cryoDRGN's z.pkl) or .txt file."""
-        import pickle
+        from cryoscape.train.volumes import load_latent_file
 
         p = Path(path)
-        if not p.is_file():
-            raise InputError(f"--z {p} was not found; pass a .npy, .pkl or .txt file of per-particle latents.")
-        try:
-            if p.suffix == ".npy":
-                arr = np.load(p, allow_pickle=False)
-            elif p.suffix == ".pkl":
-                with open(p, "rb") as f:
-                    arr = pickle.load(f)
-            else:
-                arr = np.loadtxt(p, ndmin=2)
-            arr = np.asarray(arr, dtype=np.float32)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is one user error
-            raise InputError(f"--z {p} could not be read as latents ({type(err).__name__}); pass a .npy, .pkl or "
-                             ".txt array with one row per particle.") from None
+        arr = load_latent_file(p, option="--z ")
         arr = arr[:, None] if arr.ndim == 1 else arr
         if arr.ndim != 2 or not np.isfinite(arr).all():
             raise InputError(f"--z {p} holds an array of shape {arr.shape} or non-finite values; pass finite "

@@ -23,7 +23,7 @@ import torch
 from cryoscape.errors import InputError
 from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
 
-__all__ = ["load_trained_model", "read_latents", "map_paths", "write_map", "decode_volumes"]
+__all__ = ["load_trained_model", "load_latent_file", "read_latents", "map_paths", "write_map", "decode_volumes"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,29 @@ def load_trained_model(
     return decoder, encoder, state
 
 
+def load_latent_file(path: str | os.PathLike, *, option: str = "") -> np.ndarray:
+    """The float32 array in a latent file: ``.npy``, ``.pkl`` (cryoDRGN's ``z.pkl``) or text.
+
+    ``option`` (e.g. ``"--z "``) prefixes the file in the one-sentence errors for a missing or
+    unreadable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{option}{p} was not found; pass a .npy, .pkl or .txt file of latents.")
+    try:
+        if p.suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        elif p.suffix == ".pkl":
+            with open(p, "rb") as f:
+                arr = pickle.load(f)
+        else:
+            arr = np.loadtxt(p, ndmin=2)
+        return np.asarray(arr, dtype=np.float32)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one user error
+        raise InputError(f"{option}{p} could not be read as latents ({type(err).__name__}); pass a .npy, .pkl or "
+                         ".txt array (one latent per row).") from None
+
+
 def read_latents(path: str | os.PathLike | None = None, values: list[float] | None = None, *,
                  zdim: int) -> np.ndarray:
     """Latents ``(M, zdim)`` float32 from a .txt/.npy/.pkl file or a flat list of numbers.
@@ -63,20 +86,7 @@ def read_latents(path: str | os.PathLike | None = None, values: list[float] | No
         raise InputError("pass either a latent file (--z) or latent values (--z-values), not both or neither.")
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise InputError(f"{p} was not found; pass a .txt, .npy or .pkl file of latents.")
-        try:
-            if p.suffix == ".npy":
-                arr = np.load(p, allow_pickle=False)
-            elif p.suffix == ".pkl":
-                with open(p, "rb") as f:
-                    arr = pickle.load(f)
-            else:
-                arr = np.loadtxt(p, ndmin=2)
-            arr = np.asarray(arr, dtype=np.float64)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is one user error
-            raise InputError(f"{p} could not be read as latents ({type(err).__name__}); "
-                             "pass a .txt (one latent per line), .npy or .pkl array.") from None
+        arr = load_latent_file(p).astype(np.float64)
         where = str(p)
     else:
         arr = np.asarray(values, dtype=np.float64)
