@@ -443,12 +443,8 @@ def _positive_int(text: str, what: str) -> int:
 
 def _post_process(volume, pixel_size_angstrom: float, opts: MapOptions) -> np.ndarray:
     """Low-pass, hand flip and inversion as ``cryoscape volumes`` writes them (without writing a file)."""
-    from cryoscape.fourier.filters import lowpass_filter
+    from cryoscape.train.volumes import postprocess_map
 
-    if opts.lowpass_angstrom is not None:
-        volume = lowpass_filter(volume, float(opts.lowpass_angstrom), pixel_size_angstrom, ndim=3)
-    if opts.flip:
-        volume = volume.flip(0)
-    if opts.invert:
-        volume = -volume
+    volume = postprocess_map(volume, pixel_size_angstrom=pixel_size_angstrom, lowpass_angstrom=opts.lowpass_angstrom,
+                             flip=opts.flip, invert=opts.invert)
     return volume.cpu().numpy().astype(np.float32)

@@ -23,7 +23,8 @@ import torch
 from cryoscape.errors import InputError
 from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
 
-__all__ = ["load_trained_model", "load_latent_file", "read_latents", "map_paths", "write_map", "decode_volumes"]
+__all__ = ["load_trained_model", "load_latent_file", "read_latents", "map_paths", "postprocess_map", "write_map",
+           "decode_volumes"]
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +112,10 @@ def map_paths(out_dir: str | os.PathLike, n_maps: int, *, prefix: str = "vol_") 
     return [Path(out_dir) / f"{prefix}{i:0{width}d}.mrc" for i in range(n_maps)]
 
 
-def write_map(volume: torch.Tensor, path: str | os.PathLike, *, pixel_size_angstrom: float,
-              lowpass_angstrom: float | None = None, flip: bool = False, invert: bool = False) -> np.ndarray:
-    """Post-process a decoded map (low-pass, hand flip, inversion) and write it; returns the array.
-
-    The one place ``cryoscape volumes`` and the analysis commands turn ``eval_volume`` output into
-    a file, so their maps agree.
-    """
+def postprocess_map(volume: torch.Tensor, *, pixel_size_angstrom: float, lowpass_angstrom: float | None = None,
+                    flip: bool = False, invert: bool = False) -> torch.Tensor:
+    """A decoded map low-passed, hand-flipped and inverted as asked (what every written map gets)."""
     from cryoscape.fourier.filters import lowpass_filter
-    from cryoscape.io.mrc import write_mrc
 
     if lowpass_angstrom is not None:
         volume = lowpass_filter(volume, float(lowpass_angstrom), pixel_size_angstrom, ndim=3)
@@ -127,6 +123,20 @@ def write_map(volume: torch.Tensor, path: str | os.PathLike, *, pixel_size_angst
         volume = volume.flip(0)
     if invert:
         volume = -volume
+    return volume
+
+
+def write_map(volume: torch.Tensor, path: str | os.PathLike, *, pixel_size_angstrom: float,
+              lowpass_angstrom: float | None = None, flip: bool = False, invert: bool = False) -> np.ndarray:
+    """Post-process a decoded map (:func:`postprocess_map`) and write it; returns the array.
+
+    The one place ``cryoscape volumes`` and the analysis commands turn ``eval_volume`` output into
+    a file, so their maps agree.
+    """
+    from cryoscape.io.mrc import write_mrc
+
+    volume = postprocess_map(volume, pixel_size_angstrom=pixel_size_angstrom, lowpass_angstrom=lowpass_angstrom,
+                             flip=flip, invert=invert)
     array = volume.cpu().numpy()
     write_mrc(path, array, pixel_size_angstrom=pixel_size_angstrom)
     return array
