@@ -313,7 +313,7 @@ class AbinitSchedule(Schedule):
             band_pixel=band, search=c.search_settings(box_size, k_top=k_top, amp=self.amp) if kind == SEARCH else None,
             search_images=c.chunk_at(k_top, box_size) if kind == SEARCH else 0, write_map=True,
             record={"kind": kind, "band_pixel": float(band if band is not None else box_size),
-                    "search_band_pixel": float(k_top), "note": self._switch_note()},
+                    "search_band_pixel": float(k_top)}, switch_note=self._switch_note(),
         )
 
     amp: bool = False  # mixed precision of the searches (set by abinit_model from the device)

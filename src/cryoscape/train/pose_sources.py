@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -268,8 +269,6 @@ class SearchedPoses(PoseSource):
     def prepare(self, chunk: list[TrainingBatch], model, plan, epoch: int) -> None:
         if plan.search is None:
             return
-        import time
-
         t0 = time.perf_counter()
         local = [b for b in chunk if b is not None]
         if local:

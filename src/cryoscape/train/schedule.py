@@ -44,6 +44,8 @@ class EpochPlan:
         Write the homogeneous map after this epoch even when no weights are kept.
     record
         Extra figures for the epoch's history record.
+    switch_note
+        What the log says when this epoch's model replaces the current one.
     """
 
     kind: str
@@ -56,6 +58,7 @@ class EpochPlan:
     search_images: int = 0
     write_map: bool = False
     record: dict[str, Any] = field(default_factory=dict)
+    switch_note: str = ""
 
 
 class Schedule:

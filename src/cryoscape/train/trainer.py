@@ -31,6 +31,7 @@ per-process state, so a run resumes with any number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -106,8 +107,6 @@ def band_pixels(pixels: FourierPixels, radius: float | None) -> tuple[FourierPix
 def _restrict(batch: TrainingBatch, mask: torch.Tensor | None) -> TrainingBatch:
     if mask is None:
         return batch
-    import dataclasses
-
     return dataclasses.replace(batch, values=batch.values[:, mask], ctf=None if batch.ctf is None else batch.ctf[:, mask])
 
 
@@ -359,7 +358,7 @@ class Trainer:
             likelihood_pixels(self.config, self.data.dataset, self.model.decoder, fresh=True)
             self.resumed_from = None if self.fresh else self.resumed_from
             self._write_config()
-            log.info("epoch %d: %s", epoch + 1, plan.record.get("note", "a new model takes over"))
+            log.info("epoch %d: %s", epoch + 1, plan.switch_note or "a new model takes over")
             rebuilt = True
         if plan.reset_seed is not None:
             self.model.reset(plan.reset_seed)
@@ -427,7 +426,8 @@ class Trainer:
             parts["loss"] = parts["loss"] + (prior if not self.dist.enabled else prior / self.dist.world_size)
             parts["objective"] = parts["objective"] + prior
         parts["loss"].backward()
-        self.dist.sync_gradients(self.model.parameters() + source.parameters())
+        if self.dist.enabled:
+            self.dist.sync_gradients(self.model.parameters() + source.parameters())
         self.model.step()
         for opt in extra:
             opt.step()
@@ -473,7 +473,7 @@ class Trainer:
         if not all(math.isfinite(v) for v in totals):
             self._diverged(epoch, progress.batches_done - 1, totals[0])
         seconds = progress.seconds
-        record = {"epoch": epoch, **{k: v for k, v in plan.record.items() if k != "note"},
+        record = {"epoch": epoch, **plan.record,
                   "loss": totals[0], "error": totals[1], "kl": totals[2], "beta": self.config.beta_at(epoch + 1),
                   "seconds": seconds, "wall_seconds": time.perf_counter() - self.run_start,
                   "images_per_second": seen / max(seconds, 1e-9), **self.poses.epoch_record()}
