@@ -315,14 +315,11 @@ def simulate_micrographs(
     :func:`sample_micrograph_truth`.  Returns the output folder.
     """
     import datetime
-    import shutil
     from pathlib import Path
 
     import yaml
 
     from cryoscape import __version__
-    from cryoscape.io.micrographs import MicrographTable, write_coordinates_star, write_micrographs_star
-    from cryoscape.io.mrc import write_mrc
     from cryoscape.io.writers import atomic_write
 
     out = Path(out_dir)
@@ -330,46 +327,12 @@ def simulate_micrographs(
     started = datetime.datetime.now().astimezone()
     truth = sample_micrograph_truth(n_micrographs, particles_per_micrograph, ensemble, shape=shape,
                                     min_distance_pixel=min_distance_pixel, seed=seed, **ctf_options)
-    clean_dir = out / f".clean.{os.getpid()}"
-    clean_dir.mkdir(exist_ok=True)
-    try:
-        signal_variance = _clean_pass(ensemble, truth, clean_dir, device, progress)
-        noise_std = noise_std_for_snr(signal_variance, snr)
-        rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(5)[4])
-        names = np.array([f"micrographs/mic_{g:04d}.mrc" for g in range(n_micrographs)], dtype=object)
-        for g, name in enumerate(names):
-            mic = np.load(clean_dir / f"{g}.npy")
-            if noise_std > 0:
-                mic = mic + np.float32(noise_std) * rng.standard_normal(mic.shape, dtype=np.float32)
-            write_mrc(out / name, mic, pixel_size_angstrom=truth.pixel_size_angstrom, is_stack=False)
-    finally:
-        shutil.rmtree(clean_dir, ignore_errors=True)
-
+    names, signal_variance, noise_std = _write_noisy_micrographs(out, ensemble, truth, snr=snr, seed=seed,
+                                                                 device=device, progress=progress)
     G = n_micrographs
-    table = MicrographTable(
-        paths=np.array([str((out / n).resolve()) for n in names], dtype=object),
-        pixel_size_angstrom=np.full(G, truth.pixel_size_angstrom), ctf=truth.ctf,
-        b_factor_angstrom2=np.full(G, truth.b_factor_angstrom2), names=names,
-    )
-    write_micrographs_star(out / "micrographs.star", table)
-    write_coordinates_star(out / "particles.star", names[truth.micrograph_index], truth.positions_pixel,
-                           rotations=truth.rotations, extra={"rlnClassNumber": truth.state_index + 1})
-    (out / "gt_volumes").mkdir(exist_ok=True)
-    volume_files = [f"gt_volumes/vol_{m:03d}.mrc" for m in range(ensemble.n_states)]
-    for m, name in enumerate(volume_files):
-        write_mrc(out / name, ensemble.volumes[m], pixel_size_angstrom=truth.pixel_size_angstrom, is_stack=False)
     snr_value = math.inf if noise_std == 0 else float(snr)
-    with atomic_write(out / "ground_truth.npz") as f:
-        np.savez(
-            f, kind=np.array("micrographs"), micrograph_index=truth.micrograph_index,
-            positions_pixel=truth.positions_pixel, rotations=truth.rotations, state_index=truth.state_index,
-            defocus_u_angstrom=truth.ctf.defocus_u_angstrom, defocus_v_angstrom=truth.ctf.defocus_v_angstrom,
-            defocus_angle_deg=truth.ctf.defocus_angle_deg, volume_files=np.array(volume_files),
-            micrograph_shape=np.array(truth.shape), box_size=np.int64(truth.box_size),
-            pixel_size_angstrom=np.float64(truth.pixel_size_angstrom), snr=np.float64(snr_value),
-            noise_std=np.float64(noise_std), signal_variance=np.float64(signal_variance), seed=np.int64(seed),
-            state_labels=np.array(ensemble.labels),
-        )
+    _write_tables_and_truth(out, ensemble, truth, names, snr_value=snr_value, noise_std=noise_std,
+                            signal_variance=signal_variance, seed=seed)
     summary = {
         "n_micrographs": G, "micrograph_shape": list(truth.shape), "particles_per_micrograph": particles_per_micrograph,
         "box_size": truth.box_size, "pixel_size_angstrom": truth.pixel_size_angstrom,
@@ -388,6 +351,63 @@ def simulate_micrographs(
                 f"{signal_variance:.6g} over the particle boxes, snr {snr_value:g}, noise std {noise_std:.6g}, "
                 f"{elapsed:.1f} s\n")
     return out
+
+
+def _write_noisy_micrographs(out, ensemble, truth, *, snr, seed, device, progress):
+    """The clean micrographs (set aside to measure the signal), then with noise at ``snr`` as .mrc;
+    returns ``(names, signal variance, noise standard deviation)``."""
+    import shutil
+
+    from cryoscape.io.mrc import write_mrc
+
+    clean_dir = out / f".clean.{os.getpid()}"
+    clean_dir.mkdir(exist_ok=True)
+    try:
+        signal_variance = _clean_pass(ensemble, truth, clean_dir, device, progress)
+        noise_std = noise_std_for_snr(signal_variance, snr)
+        rng = np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(5)[4])
+        names = np.array([f"micrographs/mic_{g:04d}.mrc" for g in range(truth.n_micrographs)], dtype=object)
+        for g, name in enumerate(names):
+            mic = np.load(clean_dir / f"{g}.npy")
+            if noise_std > 0:
+                mic = mic + np.float32(noise_std) * rng.standard_normal(mic.shape, dtype=np.float32)
+            write_mrc(out / name, mic, pixel_size_angstrom=truth.pixel_size_angstrom, is_stack=False)
+    finally:
+        shutil.rmtree(clean_dir, ignore_errors=True)
+
+    return names, signal_variance, noise_std
+
+
+def _write_tables_and_truth(out, ensemble, truth, names, *, snr_value, noise_std, signal_variance, seed):
+    """``micrographs.star``, the true particles' ``particles.star``, ``gt_volumes/`` and ``ground_truth.npz``."""
+    from cryoscape.io.micrographs import MicrographTable, write_coordinates_star, write_micrographs_star
+    from cryoscape.io.mrc import write_mrc
+    from cryoscape.io.writers import atomic_write
+
+    G = len(names)
+    table = MicrographTable(
+        paths=np.array([str((out / n).resolve()) for n in names], dtype=object),
+        pixel_size_angstrom=np.full(G, truth.pixel_size_angstrom), ctf=truth.ctf,
+        b_factor_angstrom2=np.full(G, truth.b_factor_angstrom2), names=names,
+    )
+    write_micrographs_star(out / "micrographs.star", table)
+    write_coordinates_star(out / "particles.star", names[truth.micrograph_index], truth.positions_pixel,
+                           rotations=truth.rotations, extra={"rlnClassNumber": truth.state_index + 1})
+    (out / "gt_volumes").mkdir(exist_ok=True)
+    volume_files = [f"gt_volumes/vol_{m:03d}.mrc" for m in range(ensemble.n_states)]
+    for m, name in enumerate(volume_files):
+        write_mrc(out / name, ensemble.volumes[m], pixel_size_angstrom=truth.pixel_size_angstrom, is_stack=False)
+    with atomic_write(out / "ground_truth.npz") as f:
+        np.savez(
+            f, kind=np.array("micrographs"), micrograph_index=truth.micrograph_index,
+            positions_pixel=truth.positions_pixel, rotations=truth.rotations, state_index=truth.state_index,
+            defocus_u_angstrom=truth.ctf.defocus_u_angstrom, defocus_v_angstrom=truth.ctf.defocus_v_angstrom,
+            defocus_angle_deg=truth.ctf.defocus_angle_deg, volume_files=np.array(volume_files),
+            micrograph_shape=np.array(truth.shape), box_size=np.int64(truth.box_size),
+            pixel_size_angstrom=np.float64(truth.pixel_size_angstrom), snr=np.float64(snr_value),
+            noise_std=np.float64(noise_std), signal_variance=np.float64(signal_variance), seed=np.int64(seed),
+            state_labels=np.array(ensemble.labels),
+        )
 
 
 def _plain(value):
