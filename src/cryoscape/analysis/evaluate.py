@@ -58,6 +58,7 @@ __all__ = [
     "evenly_spaced_indices",
     "PerImageFsc",
     "per_image_fsc",
+    "masked_per_image_fsc",
     "score_map_files",
     "list_map_files",
     "latent_correlation",
@@ -282,6 +283,21 @@ def per_image_fsc(maps: Sequence[np.ndarray], truths: Sequence[np.ndarray], *,
     return PerImageFsc(freqs=freqs.numpy(), curves=np.stack(curves), auc=np.array(auc), res_0_5=np.array(r05),
                        res_0_143=np.array(r0143), correlation=np.array(corr), auc_mirror=np.array(mirror),
                        box_size=int(box), pixel_size_angstrom=float(pixel_size_angstrom))
+
+
+def masked_per_image_fsc(maps: Sequence[np.ndarray], truths: Sequence[np.ndarray], mask: np.ndarray | torch.Tensor,
+                         **kwargs) -> PerImageFsc:
+    """:func:`per_image_fsc` of ``maps[i] * mask`` against ``truths[i] * mask``: the FSC of one region.
+
+    With the mask of the region where the true maps vary (:func:`cryoscape.fourier.masks.variability_mask`)
+    this scores how well the moving part is recovered, which the rigid part would otherwise dominate.
+    Maps, truths and mask must share one box (``kwargs`` go to :func:`per_image_fsc`).
+    """
+    m = np.asarray(mask, dtype=np.float32)
+    for v in (*maps, *truths):
+        if np.shape(v) != m.shape:
+            raise ValueError(f"a map of shape {np.shape(v)} does not match the mask's {m.shape}")
+    return per_image_fsc([np.asarray(v) * m for v in maps], [np.asarray(g) * m for g in truths], **kwargs)
 
 
 def list_map_files(folder: PathLike) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Real-space masks: hard and soft circles/spheres and soft threshold masks of a map.
+"""Real-space masks: hard and soft circles/spheres, soft threshold masks of a map, and the mask of
+the region where a set of maps varies (:func:`variability_mask`).
 
 Radii are measured in pixels from the origin at index ``D // 2`` (fourier/fft.py).  Soft edges are
 raised cosines: with ``r0`` where the edge starts and ``width`` its extent, the mask is
@@ -21,6 +22,7 @@ __all__ = [
     "spherical_mask_3d",
     "soft_spherical_mask_3d",
     "threshold_mask",
+    "variability_mask",
     "raised_cosine_edge",
 ]
 
@@ -122,3 +124,48 @@ def threshold_mask(
     mask = raised_cosine_edge(torch.from_numpy(distance), start=dilate_pixel, width=edge_width_pixel)
     dtype = volume.dtype if volume.is_floating_point() else torch.float32
     return mask.to(device=volume.device, dtype=dtype)
+
+
+def variability_mask(
+    volumes: torch.Tensor | np.ndarray,
+    *,
+    threshold_fraction: float = 0.1,
+    dilate_pixel: float = 2.0,
+    edge_width_pixel: float = 3.0,
+) -> torch.Tensor:
+    """Soft mask of the region where a set of maps differ (the moving part of a flexible molecule).
+
+    The voxel-wise standard deviation over the ``M`` maps is thresholded at ``threshold_fraction``
+    of its maximum, and the region is dilated and softened as in :func:`threshold_mask`.  Scoring
+    maps inside it (a masked FSC) measures how well the *heterogeneity* is recovered, which a
+    consensus map of the rigid part would otherwise dominate.
+
+    Parameters
+    ----------
+    volumes
+        ``(M, D, D, D)`` maps on one grid (e.g. the ground-truth maps of the states of a dataset).
+    threshold_fraction
+        Fraction of the largest standard deviation a voxel must reach to belong to the core.
+    dilate_pixel, edge_width_pixel
+        Dilation of the core and width of its raised-cosine edge, in voxels.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(D, D, D)`` float32 mask in ``[0, 1]``.
+
+    Raises
+    ------
+    ValueError
+        With fewer than two maps, or maps that do not vary at all.
+    """
+    v = torch.as_tensor(np.asarray(volumes), dtype=torch.float64)
+    if v.ndim != 4 or v.shape[0] < 2:
+        raise ValueError(f"variability_mask needs (M >= 2, D, D, D) maps, got shape {tuple(v.shape)}")
+    std = v.std(dim=0, unbiased=False)
+    top = float(std.max())
+    if top <= 0:
+        raise ValueError("the maps are identical everywhere: there is no variable region to mask")
+    mask = threshold_mask(std, threshold=threshold_fraction * top, dilate_pixel=dilate_pixel,
+                          edge_width_pixel=edge_width_pixel)
+    return mask.to(torch.float32)
