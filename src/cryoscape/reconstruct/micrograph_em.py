@@ -58,7 +58,7 @@ from cryoscape.fourier.slicing import prepare_projection_volume, project_prepare
 from cryoscape.geometry.so3_grid import so3_grid
 from cryoscape.io.micrographs import MicrographTable, micrograph_shape, read_micrograph
 from cryoscape.reconstruct.backproject import FourierAccumulator, reconstruct_from_accumulator
-from cryoscape.reconstruct.patch_em import backprojection_sums, patch_posteriors, template_terms
+from cryoscape.reconstruct.patch_em import PatchEStep, backprojection_sums_ft, template_terms
 
 __all__ = [
     "Stage",
@@ -219,8 +219,10 @@ def _templates_ft(volume: torch.Tensor, rotations: torch.Tensor, L: int, batch: 
 
 
 def _patch_batch(K: int, L: int, memory_bytes: int) -> int:
-    per_patch = K * 4 * L * L * 4 * 6  # cross, log weights, posterior, FFTs (float32)
-    return max(1, int(memory_bytes // per_patch))
+    """Patches per E-step batch: the three ``(n, K, 2L, 2L)`` buffers within ``memory_bytes``, and
+    at most about 16 MiB each, where small-FFT batches run fastest (measured on CPU)."""
+    per_patch = K * 4 * L * L * 4 * 3  # FFT product, log weights, posterior (float32)
+    return max(1, min(int(memory_bytes // per_patch), int(3 * 16 * 1024**2 // per_patch)))
 
 
 @dataclass
@@ -234,20 +236,21 @@ class _Sums:
 def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums, m_step: bool = True):
     """E-step (and M-step sums) for one micrograph's patches; returns ``(B (K, L, L), wbar (K,))``."""
     K, L = t_ft.shape[0], patches.shape[-1]
-    B = patches.new_zeros(K, L, L)
-    W = patches.new_zeros(K)
+    estep = PatchEStep(t_ft, energy, sigma2=sigma2, rho0=rho0)
+    b_ft, W = None, patches.new_zeros(K)
     for start in range(0, len(patches), batch):
         chunk = patches[start : start + batch]
-        res = patch_posteriors(chunk, t_ft, energy, sigma2=sigma2, rho0=rho0)
+        res = estep(chunk)
         sums.p_empty += float(res.p_empty.sum())
         sums.log_likelihood += float(res.log_likelihood.double().sum())
         sums.residual += float(res.expected_residual.double().sum())
         sums.n_patches += len(chunk)
         if m_step:
-            b, w = backprojection_sums(chunk, res.posterior)
-            B += b
+            b_ft, w = backprojection_sums_ft(chunk, res.posterior, out=b_ft)
             W += w
-    return B, W
+    if b_ft is None:
+        return patches.new_zeros(K, L, L), W
+    return torch.fft.irfft2(b_ft, s=(2 * L, 2 * L))[:, :L, :L], W
 
 
 def _choose(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
