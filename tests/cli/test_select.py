@@ -92,3 +92,17 @@ def test_select_errors_are_one_sentence(run, tmp_path, capsys, monkeypatch):
     assert "epochs with z.EPOCH.npy: 4" in capsys.readouterr().err
     assert main(["select", str(run), "--outliers", "--norm-percentile", "100", "-o", str(tmp_path / "a.star")]) == 2
     assert "selection is empty" in capsys.readouterr().err
+
+
+def test_select_absolute_paths_points_at_the_stacks(run, tmp_path):
+    """--absolute-paths writes rlnImageName with the stack's absolute path; the default keeps the input's name."""
+    np.savetxt(tmp_path / "pos.txt", [1, 2], fmt="%d")
+    kept, absolute = tmp_path / "elsewhere" / "kept.star", tmp_path / "elsewhere" / "abs.star"
+    common = ["select", str(run), "--ind", str(tmp_path / "pos.txt"), "--no-plot"]
+    assert main(common + ["-o", str(kept)]) == 0
+    assert main(common + ["-o", str(absolute), "--absolute-paths"]) == 0
+    stack = (tmp_path / "data" / "stack.mrcs").resolve()
+    names = read_star_blocks(absolute)["particles"]["rlnImageName"].tolist()
+    parsed = [(int(n.split("@")[0]), n.split("@")[1]) for n in names]
+    assert parsed == [(3, str(stack)), (5, str(stack))]  # rows 2 and 4 of the file, 1-based slices
+    assert read_star_blocks(kept)["particles"]["rlnImageName"].tolist() != names

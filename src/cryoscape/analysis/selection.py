@@ -629,57 +629,77 @@ def choose_particles(
         raise InputError("--zscore and --norm-percentile go with --outliers; add --outliers or drop them.")
     if mode not in ("kmeans", "gmm", "labels") and clusters:
         raise InputError("--cluster/--component go with --kmeans, --gmm or --labels; add one of those or drop them.")
-    result_labels = None
-    points = None
-    points_label = ""
-    poly = None
-    if mode in ("kmeans", "gmm", "labels"):
-        if mode == "kmeans":
-            result_labels, _ = kmeans_labels(z, int(kmeans), seed=seed)
-            what, flag, name = "k-means cluster", "--cluster", f"k-means (k={kmeans}, seed {seed})"
-        elif mode == "gmm":
-            result_labels, _ = gmm_labels(z, int(gmm), seed=seed)
-            what, flag, name = "GMM component", "--component", f"Gaussian mixture ({gmm} components, seed {seed})"
-        else:
-            result_labels = labels if isinstance(labels, np.ndarray) else read_labels(labels, n_particles=n)
-            origin = "an array" if isinstance(labels, np.ndarray) else str(labels)
-            what, flag, name = "label", "--cluster", f"labels from {origin}"
-        if not clusters:
-            raise InputError(f"pass {flag} with one or more {what}s to select (of {name}: "
-                             f"{_cluster_table(result_labels, z)}).")
-        positions = indices_in_clusters(result_labels, clusters, what=what)
-        description = f"{what}s {' '.join(str(c) for c in clusters)} of {name}"
-    elif mode == "outliers":
-        if zscore is None and norm_percentile is None:
-            zscore = 3.0
-        if zscore is not None and norm_percentile is not None:
-            raise InputError("pass either --zscore or --norm-percentile with --outliers, not both.")
-        positions, _ = latent_norm_outliers(z, zscore=zscore, percentile=norm_percentile)
-        rule = f"z-score > {zscore:g}" if zscore is not None else f"above the {norm_percentile:g}th percentile"
-        description = f"latent-norm outliers (|z - mean z| {rule})"
-    elif mode == "ind":
-        from cryoscape.io.particles import load_indices
-
-        positions = np.unique(load_indices(ind, n_particles=n))
-        description = f"the run's particles listed in {ind}"
-    else:
-        poly = read_polygon(polygon) if not isinstance(polygon, np.ndarray) else np.asarray(polygon, float)
-        if isinstance(embedding, np.ndarray):
-            points, points_label = np.asarray(embedding, dtype=np.float64), "embedding"
-            if points.shape != (n, 2):
-                raise InputError(f"the embedding has shape {points.shape}, not ({n}, 2).")
-        else:
-            points, points_label = load_embedding(embedding, z, seed=seed)
-        positions = points_in_polygon(points, poly)
-        source = "drawn" if isinstance(polygon, np.ndarray) else str(polygon)
-        description = f"inside the polygon {source} in the {points_label} embedding"
+    chosen_by = {"kmeans": _by_labels, "gmm": _by_labels, "labels": _by_labels, "outliers": _by_outliers,
+                 "ind": _by_index_file, "polygon": _by_polygon}[mode]
+    selection = chosen_by(z, mode=mode, kmeans=kmeans, gmm=gmm, labels=labels, clusters=clusters, zscore=zscore,
+                          norm_percentile=norm_percentile, ind=ind, polygon=polygon, embedding=embedding, seed=seed)
+    positions, description = selection.positions, selection.description
     if invert:
         positions = complement(positions, n)
         description = f"all trained particles except those {description}" if mode != "outliers" else \
             f"all trained particles except {description}"
-    return Selection(positions=positions, rows=np.empty(0, dtype=np.int64), description=description,
-                     n_particles=n, labels=result_labels, embedding=points, embedding_label=points_label,
-                     polygon=poly)
+    selection.positions, selection.description = positions, description
+    return selection
+
+
+def _selection(z: np.ndarray, positions: np.ndarray, description: str, **extra: Any) -> Selection:
+    return Selection(positions=np.asarray(positions), rows=np.empty(0, dtype=np.int64), description=description,
+                     n_particles=len(z), **extra)
+
+
+def _by_labels(z: np.ndarray, *, mode: str, kmeans, gmm, labels, clusters, seed: int, **_: Any) -> Selection:
+    """k-means clusters, GMM components or labels read from a file: the ``clusters`` named."""
+    if mode == "kmeans":
+        result_labels, _ = kmeans_labels(z, int(kmeans), seed=seed)
+        what, flag, name = "k-means cluster", "--cluster", f"k-means (k={kmeans}, seed {seed})"
+    elif mode == "gmm":
+        result_labels, _ = gmm_labels(z, int(gmm), seed=seed)
+        what, flag, name = "GMM component", "--component", f"Gaussian mixture ({gmm} components, seed {seed})"
+    else:
+        result_labels = labels if isinstance(labels, np.ndarray) else read_labels(labels, n_particles=len(z))
+        origin = "an array" if isinstance(labels, np.ndarray) else str(labels)
+        what, flag, name = "label", "--cluster", f"labels from {origin}"
+    if not clusters:
+        raise InputError(f"pass {flag} with one or more {what}s to select (of {name}: "
+                         f"{_cluster_table(result_labels, z)}).")
+    positions = indices_in_clusters(result_labels, clusters, what=what)
+    description = f"{what}s {' '.join(str(c) for c in clusters)} of {name}"
+    return _selection(z, positions, description, labels=result_labels)
+
+
+def _by_outliers(z: np.ndarray, *, zscore: float | None, norm_percentile: float | None, **_: Any) -> Selection:
+    """Latent-norm outliers by z-score (default 3) or percentile."""
+    if zscore is None and norm_percentile is None:
+        zscore = 3.0
+    if zscore is not None and norm_percentile is not None:
+        raise InputError("pass either --zscore or --norm-percentile with --outliers, not both.")
+    positions, _ = latent_norm_outliers(z, zscore=zscore, percentile=norm_percentile)
+    rule = f"z-score > {zscore:g}" if zscore is not None else f"above the {norm_percentile:g}th percentile"
+    return _selection(z, positions, f"latent-norm outliers (|z - mean z| {rule})")
+
+
+def _by_index_file(z: np.ndarray, *, ind: PathLike, **_: Any) -> Selection:
+    """Positions in the run's particle order listed in an index file."""
+    from cryoscape.io.particles import load_indices
+
+    positions = np.unique(load_indices(ind, n_particles=len(z)))
+    return _selection(z, positions, f"the run's particles listed in {ind}")
+
+
+def _by_polygon(z: np.ndarray, *, polygon, embedding, seed: int, **_: Any) -> Selection:
+    """Particles inside a polygon (file or drawn vertices) in a 2-D embedding of the latents."""
+    n = len(z)
+    poly = read_polygon(polygon) if not isinstance(polygon, np.ndarray) else np.asarray(polygon, float)
+    if isinstance(embedding, np.ndarray):
+        points, points_label = np.asarray(embedding, dtype=np.float64), "embedding"
+        if points.shape != (n, 2):
+            raise InputError(f"the embedding has shape {points.shape}, not ({n}, 2).")
+    else:
+        points, points_label = load_embedding(embedding, z, seed=seed)
+    positions = points_in_polygon(points, poly)
+    source = "drawn" if isinstance(polygon, np.ndarray) else str(polygon)
+    return _selection(z, positions, f"inside the polygon {source} in the {points_label} embedding",
+                      embedding=points, embedding_label=points_label, polygon=poly)
 
 
 def select_from_run(
@@ -690,6 +710,7 @@ def select_from_run(
     particles: PathLike | None = None,
     datadir: PathLike | None = None,
     train_ind: PathLike | str | None = None,
+    absolute_paths: bool = False,
     **criteria: Any,
 ) -> Selection:
     """Choose particles of a run (see :func:`choose_particles`) and write them (:func:`write_selection`).
@@ -710,6 +731,9 @@ def select_from_run(
     train_ind
         Override of the run's recorded ``--ind`` (``"none"``: the particle file holds exactly the
         trained particles).
+    absolute_paths
+        Write the .star subset's ``rlnImageName`` with absolute stack paths (for use outside the
+        RELION project folder the input's relative names refer to).
     criteria
         Keyword arguments of :func:`choose_particles`.
     """
@@ -719,7 +743,7 @@ def select_from_run(
                                  source_name=str(table.source_path))
     selection = choose_particles(latents.z, **criteria)
     selection.rows = all_rows[selection.positions]
-    selection.paths = write_selection(out, table, selection.rows)
+    selection.paths = write_selection(out, table, selection.rows, absolute_paths=absolute_paths)
     log.info("selected %d of %d particles (%s) from %s (epoch %d); wrote %s and %s", len(selection.rows),
              len(latents.z), selection.description, run_dir, latents.epoch, selection.paths["subset"],
              selection.paths["indices"])

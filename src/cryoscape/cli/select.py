@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="the index file the run was trained with, if config.yaml's path moved; 'none' when the "
                            "particle file holds exactly the trained particles")
     data.add_argument("--datadir", help="folder of the stacks (only for .txt stack lists and .mrcs inputs)")
+    data.add_argument("--absolute-paths", action="store_true",
+                      help="write the .star subset's rlnImageName with absolute stack paths (default: as the input "
+                           "had them, relative to the RELION project folder)")
     data.add_argument("--no-plot", action="store_true", help="do not write the PNG of the selection")
 
 
@@ -68,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         particles=args.particles,
         datadir=args.datadir,
         train_ind=args.train_ind,
+        absolute_paths=args.absolute_paths,
         kmeans=args.kmeans,
         gmm=args.gmm,
         labels=args.labels,
