@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cryoscape.cli.common import parse_beta, parse_key_value
+from cryoscape.cli.common import add_particle_arguments, parse_beta, parse_key_value
 
 HELP = ("Ab initio reconstruction without poses: hierarchical pose search alternating with training of a "
         "homogeneous map (--zdim 0) or a heterogeneous VAE (--zdim N).")
@@ -27,10 +27,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("particles", nargs="?", help="particles: .star, .cs, .txt stack list or .mrcs stack (poses not needed)")
     data.add_argument("-o", "--outdir", help="output folder (a run folder, like cryoscape train's)")
-    data.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
-    data.add_argument("--datadir", help="folder to resolve relative stack paths against")
-    data.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
-    data.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+    add_particle_arguments(data, poses_help=None, amp_contrast=False)
     data.add_argument("--pixel-size", type=float, dest="pixel_size_angstrom", metavar="ANGSTROM",
                       help="override the pixel size (angstroms)")
     data.add_argument("--no-ctf", action="store_true", help="ignore the CTF (phase-flipped or CTF-free data)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryoscape.cli.common import add_particle_arguments
+
 HELP = "Reconstruct a voxel map, half-maps and their gold-standard FSC from particles with poses and CTF."
 EXAMPLE = "cryoscape backproject particles.star -o bp/  (or: particles.mrcs --poses poses.pkl --ctf ctf.pkl)"
 
@@ -11,13 +13,7 @@ EXAMPLE = "cryoscape backproject particles.star -o bp/  (or: particles.mrcs --po
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("particles", help="particles: .star, .cs, .txt stack list or .mrcs stack")
     parser.add_argument("-o", "--outdir", required=True, help="output folder (map.mrc, half1/2.mrc, fsc.txt, fsc.png)")
-    parser.add_argument("--poses", help="cryoDRGN poses.pkl (overrides poses in the metadata)")
-    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
-    parser.add_argument("--datadir", help="folder to resolve relative stack paths against")
-    parser.add_argument("--amp-contrast", type=float, default=0.1,
-                        help="amplitude contrast for a .star without rlnAmplitudeContrast (RELION 3.0 exports) [0.1]")
-    parser.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
-    parser.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+    add_particle_arguments(parser)
     parser.add_argument("--split", default="random",
                         help="half-sets: random (default), star (rlnRandomSubset / alignments3D/split), "
                              "or an index file listing half-set 1")

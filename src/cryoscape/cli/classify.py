@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryoscape.cli.common import add_particle_arguments
+
 HELP = "Classify particles into K 3-D classes by EM (class x pose posteriors), with --no-align or local alignment."
 EXAMPLE = "cryoscape classify refine/particles.star -K 4 --initial-map refine/map.mrc -o classes/ --no-align"
 
@@ -14,13 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-map", required=True, help="consensus map .mrc (same box as the particles)")
     parser.add_argument("-o", "--outdir", required=True,
                         help="output folder (classNNN.mrc/.star, particles.star, model.tsv, iterations.tsv)")
-    parser.add_argument("--poses", help="cryoDRGN poses.pkl (overrides poses in the metadata)")
-    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
-    parser.add_argument("--datadir", help="folder to resolve relative stack paths against")
-    parser.add_argument("--amp-contrast", type=float, default=0.1,
-                        help="amplitude contrast for a .star without rlnAmplitudeContrast (RELION 3.0 exports) [0.1]")
-    parser.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
-    parser.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+    add_particle_arguments(parser)
     parser.add_argument("--no-align", action="store_true",
                         help="keep the input poses, sample classes only (RELION's --skip_align)")
     parser.add_argument("--level", type=int, default=3,

@@ -38,18 +38,32 @@ def map_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def add_particle_arguments(group, *, poses_help: str | None = "cryoDRGN poses.pkl (overrides poses in the metadata)",
+                           amp_contrast: bool = True) -> None:
+    """The options that say which particles to read and how: ``--poses``, ``--ctf``, ``--datadir``,
+    ``--amp-contrast``, ``--ind``, ``--first`` (written once for every command that reads particles).
+
+    ``poses_help=None`` leaves out ``--poses`` (commands that find poses themselves); ``amp_contrast``
+    False leaves out ``--amp-contrast`` (commands whose config records the file's own value).
+    """
+    if poses_help is not None:
+        group.add_argument("--poses", help=poses_help)
+    group.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
+    group.add_argument("--datadir", help="folder to resolve relative stack paths against")
+    if amp_contrast:
+        group.add_argument("--amp-contrast", type=float, default=0.1,
+                           help="amplitude contrast for a .star without rlnAmplitudeContrast (RELION 3.0 exports) [0.1]")
+    group.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
+    group.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+
+
 def load_table_from_args(args: argparse.Namespace):
-    """Particle table from ``args.particles`` with ``--datadir``, ``--poses``, ``--ctf``, ``--ind``, ``--first``."""
+    """Particle table from ``args.particles`` and the options of :func:`add_particle_arguments` (all of them)."""
     from cryoscape.io.particles import load_particles, select_particles
 
-    table = load_particles(
-        args.particles,
-        datadir=getattr(args, "datadir", None),
-        poses_path=getattr(args, "poses", None),
-        ctf_path=getattr(args, "ctf", None),
-        amplitude_contrast=getattr(args, "amp_contrast", 0.1),
-    )
-    return select_particles(table, ind=getattr(args, "ind", None), first=getattr(args, "first", None))
+    table = load_particles(args.particles, datadir=args.datadir, poses_path=args.poses, ctf_path=args.ctf,
+                           amplitude_contrast=args.amp_contrast)
+    return select_particles(table, ind=args.ind, first=args.first)
 
 
 def parse_beta(text: str) -> float | str:

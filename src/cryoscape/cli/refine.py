@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cryoscape.cli.common import add_particle_arguments
+
 HELP = "Refine poses and a map by expectation-maximisation with gold-standard half-sets (RELION's 3D auto-refine)."
 EXAMPLE = "cryoscape refine particles.star --initial-map init.mrc -o refine/  (add --resume to continue)"
 
@@ -13,13 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--initial-map", required=True, help="initial map .mrc (same box as the particles)")
     parser.add_argument("-o", "--outdir", required=True,
                         help="output folder (map.mrc, half1/2.mrc, fsc.txt, particles.star, poses.pkl, iterations.tsv)")
-    parser.add_argument("--poses", help="cryoDRGN poses.pkl (its shifts centre the first search)")
-    parser.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
-    parser.add_argument("--datadir", help="folder to resolve relative stack paths against")
-    parser.add_argument("--amp-contrast", type=float, default=0.1,
-                        help="amplitude contrast for a .star without rlnAmplitudeContrast (RELION 3.0 exports) [0.1]")
-    parser.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
-    parser.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+    add_particle_arguments(parser, poses_help="cryoDRGN poses.pkl (its shifts centre the first search)")
     parser.add_argument("--ini-high", type=float, default=40.0, metavar="ANGSTROM",
                         help="low-pass the initial map to this resolution (default 40, RELION's --ini_high)")
     parser.add_argument("--tau2-fudge", type=float, default=1.0, help="regularisation parameter T (default 1)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from cryoscape.cli.common import parse_beta, parse_key_value
+from cryoscape.cli.common import add_particle_arguments, parse_beta, parse_key_value
 
 HELP = "Train a neural map (homogeneous, --zdim 0) or a heterogeneous VAE (--zdim N) on particles with poses and CTF."
 EXAMPLE = ("cryoscape train particles.star --zdim 8 -n 20 -o run/   "
@@ -23,11 +23,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("particles", nargs="?", help="particles: .star, .cs, .txt stack list or .mrcs stack")
     data.add_argument("-o", "--outdir", help="output folder (the run folder)")
-    data.add_argument("--poses", help="cryoDRGN poses.pkl (overrides poses in the metadata)")
-    data.add_argument("--ctf", help="cryoDRGN ctf.pkl (overrides CTF in the metadata)")
-    data.add_argument("--datadir", help="folder to resolve relative stack paths against")
-    data.add_argument("--ind", help="index file (.npy/.pkl/.txt) of the particles to use")
-    data.add_argument("--first", type=int, help="use only the first N particles (after --ind)")
+    add_particle_arguments(data, amp_contrast=False)
     data.add_argument("--pixel-size", type=float, dest="pixel_size_angstrom", metavar="ANGSTROM",
                       help="override the pixel size (angstroms)")
     data.add_argument("--no-ctf", action="store_true", help="ignore the CTF (phase-flipped or CTF-free data)")
