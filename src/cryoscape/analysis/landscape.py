@@ -553,121 +553,188 @@ def compute_landscape(
     progress
         Show progress bars.
     """
-    import yaml
-
-    from cryoscape.io.mrc import write_mrc
-    from cryoscape.io.writers import atomic_write
-
     opts = options or LandscapeOptions()
     opts.validate()
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2 or len(z) < 2:
         raise InputError(f"the landscape needs latents of at least 2 particles, got shape {z.shape}.")
-    N = len(z)
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     pixel = float(pixel_size_angstrom)
+    sketch = _write_sketch(z, opts, out)
+    maps = _SketchMaps(out / ".sketch_volumes.tmp.npy")
+    try:
+        _decode_sketch_maps(maps, generate_volume, z, sketch, opts, out, pixel, progress)
+        pca, traversal = _write_pca(maps, opts, out, pixel)
+        clusters = _write_clusters(maps, sketch, opts, out, pixel)
+    finally:
+        maps.close()
+    fit, landscape, n_extra = _fit_landscape_mlp(generate_volume, z, sketch, pca, maps.flat_mask, opts, out,
+                                                 progress)
+    _write_summary(out, opts, n_particles=len(z), sketch=sketch, maps=maps, pixel=pixel, pca=pca,
+                   clusters=clusters, fit=fit, n_extra=n_extra)
+    return LandscapeResult(
+        out_dir=out, options=opts, box_size=maps.box_size, pixel_size_angstrom=pixel, sketch=sketch,
+        mask=maps.mask, pca=pca, traversal_values=traversal, volume_clusters=clusters.volume_clusters,
+        particle_clusters=clusters.particle_clusters, cluster_volume_counts=clusters.volume_counts,
+        cluster_particle_counts=clusters.particle_counts, landscape_pcs=landscape, mlp=fit, n_particles=len(z),
+        n_mlp_extra=n_extra,
+        paths={"cluster_maps": sorted((out / "clusters").glob("cluster_*.mrc")),
+               "eigenvolumes": sorted((out / "pca").glob("eigenvol_*.mrc")),
+               "traversals": {i: sorted((out / "pca" / f"pc{i + 1}").glob("vol_*.mrc")) for i in traversal}},
+    )
 
-    # 1. sketch
+
+class _SketchMaps:
+    """The sketch's maps while the analysis runs: a memory-mapped ``(k, n, n, n)`` stack on disk, the
+    mask, the masked maps ``x`` ``(k, m)`` and the mean map (flattened)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stack: np.ndarray | None = None
+        self.box_size = 0
+        self.mask = np.zeros(0, dtype=bool)
+        self.flat_mask = np.zeros(0, dtype=bool)
+        self.x = np.zeros((0, 0), dtype=np.float32)
+        self.mean_full = np.zeros(0)
+
+    def close(self) -> None:
+        self.stack = None
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Clusters:
+    volume_clusters: np.ndarray
+    particle_clusters: np.ndarray
+    volume_counts: np.ndarray
+    particle_counts: np.ndarray
+
+
+def _write_sketch(z: np.ndarray, opts: LandscapeOptions, out: Path) -> Sketch:
+    """Step 1: k-means sketch of the latents; its indices, latents and particle labels written."""
     sketch = sketch_latents(z, opts.sketch_size, seed=opts.seed)
     k = len(sketch.indices)
     if k < opts.sketch_size:
         log.info("sketch size reduced to %d, the number of particles", k)
-    log.info("sketch: %d maps from k-means of %d latents", k, N)
+    log.info("sketch: %d maps from k-means of %d latents", k, len(z))
     np.savetxt(out / "sketch_indices.txt", sketch.indices, fmt="%d")
     np.savetxt(out / "sketch_z.txt", z[sketch.indices], fmt="%.6g")
     _write_pickle(out / "kmeans_labels.pkl", sketch.labels)
+    return sketch
 
-    # maps of the sketch, kept in a memory-mapped file while the run lasts
+
+def _decode_sketch_maps(maps: _SketchMaps, generate_volume, z: np.ndarray, sketch: Sketch, opts: LandscapeOptions,
+                        out: Path, pixel: float, progress: bool) -> None:
+    """Step 2: decode the sketch's maps into ``maps.stack``; the mask (given, or the union of thresholded
+    maps), the masked maps and the mean map; ``mask.mrc`` and ``mean.mrc`` written."""
+    from cryoscape.io.mrc import write_mrc
+
+    k = len(sketch.indices)
     first = np.asarray(generate_volume(z[sketch.indices[0]]), dtype=np.float32)
     if first.ndim != 3 or len(set(first.shape)) != 1:
         raise ValueError(f"generate_volume must return cubic maps, got shape {first.shape}")
-    n = first.shape[0]
-    tmp_path = out / ".sketch_volumes.tmp.npy"
-    stack = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.float32, shape=(k, n, n, n))
-    try:
+    n = maps.box_size = first.shape[0]
+    maps.stack = stack = np.lib.format.open_memmap(maps.path, mode="w+", dtype=np.float32, shape=(k, n, n, n))
+    if opts.write_sketch_maps:
+        (out / "sketch").mkdir(exist_ok=True)
+    user_mask = read_mask(opts.mask, n) if opts.mask else None
+    union = None
+    for i in _progress(range(k), total=k, desc="sketch maps", enabled=progress):
+        vol = first if i == 0 else np.asarray(generate_volume(z[sketch.indices[i]]), dtype=np.float32)
+        stack[i] = vol
+        if user_mask is None:
+            inside = vol >= opts.mask_threshold * float(vol.max())
+            union = inside if union is None else (union | inside)
         if opts.write_sketch_maps:
-            (out / "sketch").mkdir(exist_ok=True)
-        counts = np.bincount(sketch.labels, minlength=k)
-        user_mask = read_mask(opts.mask, n) if opts.mask else None
-        union = None
-        for i in _progress(range(k), total=k, desc="sketch maps", enabled=progress):
-            vol = first if i == 0 else np.asarray(generate_volume(z[sketch.indices[i]]), dtype=np.float32)
-            stack[i] = vol
-            if user_mask is None:
-                inside = vol >= opts.mask_threshold * float(vol.max())
-                union = inside if union is None else (union | inside)
-            if opts.write_sketch_maps:
-                write_mrc(out / "sketch" / f"vol_{i:03d}.mrc", vol, pixel_size_angstrom=pixel)
-        mask = user_mask if user_mask is not None else union
-        if not mask.any():
-            raise InputError("the threshold mask of the sketch maps is empty; pass --mask FILE.")
-        write_mrc(out / "mask.mrc", mask.astype(np.float32), pixel_size_angstrom=pixel)
-        flat_mask = mask.reshape(-1)
-        m = int(flat_mask.sum())
-        log.info("mask: %d of %d voxels (%s)", m, flat_mask.size, "from " + str(opts.mask) if opts.mask
-                 else f"union of voxels above {opts.mask_threshold:g} x each map's maximum")
-        x = np.empty((k, m), dtype=np.float32)
-        mean_full = np.zeros(n**3, dtype=np.float64)
-        for i in range(k):
-            row = np.asarray(stack[i]).reshape(-1)
-            x[i] = row[flat_mask]
-            mean_full += row
-        mean_full /= k
-        write_mrc(out / "mean.mrc", mean_full.reshape(n, n, n).astype(np.float32), pixel_size_angstrom=pixel)
+            write_mrc(out / "sketch" / f"vol_{i:03d}.mrc", vol, pixel_size_angstrom=pixel)
+    maps.mask = user_mask if user_mask is not None else union
+    if not maps.mask.any():
+        raise InputError("the threshold mask of the sketch maps is empty; pass --mask FILE.")
+    write_mrc(out / "mask.mrc", maps.mask.astype(np.float32), pixel_size_angstrom=pixel)
+    maps.flat_mask = flat_mask = maps.mask.reshape(-1)
+    m = int(flat_mask.sum())
+    log.info("mask: %d of %d voxels (%s)", m, flat_mask.size, "from " + str(opts.mask) if opts.mask
+             else f"union of voxels above {opts.mask_threshold:g} x each map's maximum")
+    maps.x = np.empty((k, m), dtype=np.float32)
+    maps.mean_full = np.zeros(n**3, dtype=np.float64)
+    for i in range(k):
+        row = np.asarray(stack[i]).reshape(-1)
+        maps.x[i] = row[flat_mask]
+        maps.mean_full += row
+    maps.mean_full /= k
+    write_mrc(out / "mean.mrc", maps.mean_full.reshape(n, n, n).astype(np.float32), pixel_size_angstrom=pixel)
 
-        # 3. PCA
-        pca = volume_pca(x, opts.n_pcs)
-        L = len(pca.explained_variance)
-        if L < min(opts.n_pcs, k - 1):
-            log.warning("only %d principal component(s) (of %d asked) have variance inside the mask of %d voxels; "
-                        "lower --mask-threshold or pass --mask for a larger mask", L, opts.n_pcs, m)
-        (out / "pca").mkdir(exist_ok=True)
-        np.savetxt(out / "pca" / "explained_variance.txt",
-                   np.stack([np.arange(1, L + 1), pca.explained_variance, pca.explained_variance_ratio], 1),
-                   fmt=["%d", "%.6g", "%.6g"], header="pc variance fraction_of_total")
-        np.savetxt(out / "pca" / "sketch_pcs.txt", pca.scores, fmt="%.6g")
-        eigen_full = np.zeros((L, n**3), dtype=np.float32)
-        eigen_full[:, flat_mask] = pca.components
-        for i in range(L):
-            write_mrc(out / "pca" / f"eigenvol_{i + 1:02d}.mrc", eigen_full[i].reshape(n, n, n),
-                      pixel_size_angstrom=pixel)
-        traversal: dict[int, np.ndarray] = {}
-        for i in range(min(opts.traversal_pcs, L)):
-            values = pc_traversal_values(pca.scores[:, i], opts.traversal_points)
-            traversal[i] = values
-            folder = out / "pca" / f"pc{i + 1}"
-            folder.mkdir(exist_ok=True)
-            np.savetxt(folder / "pc_values.txt", values, fmt="%.6g")
-            for j, s in enumerate(values):
-                vol = (mean_full + s * eigen_full[i]).reshape(n, n, n).astype(np.float32)
-                write_mrc(folder / f"vol_{j:03d}.mrc", vol, pixel_size_angstrom=pixel)
 
-        # 4. clustering
-        volume_clusters = cluster_volumes(x, opts.n_clusters, linkage=opts.linkage, metric=opts.metric,
-                                          weights=counts)
-        M = int(volume_clusters.max()) + 1
-        particle_clusters = volume_clusters[sketch.labels]
-        (out / "clusters").mkdir(exist_ok=True)
-        np.savetxt(out / "clusters" / "sketch_clusters.txt", volume_clusters, fmt="%d")
-        _write_pickle(out / "cluster_labels.pkl", particle_clusters)
-        volume_counts = np.bincount(volume_clusters, minlength=M)
-        particle_counts = np.bincount(particle_clusters, minlength=M)
-        width = max(2, len(str(M - 1)))
-        for c in range(M):
-            members = np.flatnonzero(volume_clusters == c)
-            acc = np.zeros((n, n, n), dtype=np.float64)
-            for i in members:
-                acc += stack[i]
-            write_mrc(out / "clusters" / f"cluster_{c:0{width}d}.mrc", (acc / len(members)).astype(np.float32),
-                      pixel_size_angstrom=pixel)
-            _write_pickle(out / "clusters" / f"cluster_{c:0{width}d}.ind.pkl",
-                          np.flatnonzero(particle_clusters == c).astype(np.int64))
-    finally:
-        del stack
-        tmp_path.unlink(missing_ok=True)
+def _write_pca(maps: _SketchMaps, opts: LandscapeOptions, out: Path, pixel: float
+               ) -> tuple[VolumePca, dict[int, np.ndarray]]:
+    """Step 3: PCA of the masked sketch maps; eigenvolumes, variances, scores and PC traversals written."""
+    from cryoscape.io.mrc import write_mrc
 
-    # 5. MLP on the sketch pairs plus more decoded particles
+    n = maps.box_size
+    pca = volume_pca(maps.x, opts.n_pcs)
+    L = len(pca.explained_variance)
+    if L < min(opts.n_pcs, len(maps.x) - 1):
+        log.warning("only %d principal component(s) (of %d asked) have variance inside the mask of %d voxels; "
+                    "lower --mask-threshold or pass --mask for a larger mask", L, opts.n_pcs, maps.x.shape[1])
+    (out / "pca").mkdir(exist_ok=True)
+    np.savetxt(out / "pca" / "explained_variance.txt",
+               np.stack([np.arange(1, L + 1), pca.explained_variance, pca.explained_variance_ratio], 1),
+               fmt=["%d", "%.6g", "%.6g"], header="pc variance fraction_of_total")
+    np.savetxt(out / "pca" / "sketch_pcs.txt", pca.scores, fmt="%.6g")
+    eigen_full = np.zeros((L, n**3), dtype=np.float32)
+    eigen_full[:, maps.flat_mask] = pca.components
+    for i in range(L):
+        write_mrc(out / "pca" / f"eigenvol_{i + 1:02d}.mrc", eigen_full[i].reshape(n, n, n),
+                  pixel_size_angstrom=pixel)
+    traversal: dict[int, np.ndarray] = {}
+    for i in range(min(opts.traversal_pcs, L)):
+        values = pc_traversal_values(pca.scores[:, i], opts.traversal_points)
+        traversal[i] = values
+        folder = out / "pca" / f"pc{i + 1}"
+        folder.mkdir(exist_ok=True)
+        np.savetxt(folder / "pc_values.txt", values, fmt="%.6g")
+        for j, s in enumerate(values):
+            vol = (maps.mean_full + s * eigen_full[i]).reshape(n, n, n).astype(np.float32)
+            write_mrc(folder / f"vol_{j:03d}.mrc", vol, pixel_size_angstrom=pixel)
+    return pca, traversal
+
+
+def _write_clusters(maps: _SketchMaps, sketch: Sketch, opts: LandscapeOptions, out: Path, pixel: float
+                    ) -> _Clusters:
+    """Step 4: agglomerative clustering of the sketch maps; each cluster's mean map and particles written."""
+    from cryoscape.io.mrc import write_mrc
+
+    n = maps.box_size
+    counts = np.bincount(sketch.labels, minlength=len(sketch.indices))
+    volume_clusters = cluster_volumes(maps.x, opts.n_clusters, linkage=opts.linkage, metric=opts.metric,
+                                      weights=counts)
+    M = int(volume_clusters.max()) + 1
+    particle_clusters = volume_clusters[sketch.labels]
+    (out / "clusters").mkdir(exist_ok=True)
+    np.savetxt(out / "clusters" / "sketch_clusters.txt", volume_clusters, fmt="%d")
+    _write_pickle(out / "cluster_labels.pkl", particle_clusters)
+    width = max(2, len(str(M - 1)))
+    for c in range(M):
+        members = np.flatnonzero(volume_clusters == c)
+        acc = np.zeros((n, n, n), dtype=np.float64)
+        for i in members:
+            acc += maps.stack[i]
+        write_mrc(out / "clusters" / f"cluster_{c:0{width}d}.mrc", (acc / len(members)).astype(np.float32),
+                  pixel_size_angstrom=pixel)
+        _write_pickle(out / "clusters" / f"cluster_{c:0{width}d}.ind.pkl",
+                      np.flatnonzero(particle_clusters == c).astype(np.int64))
+    return _Clusters(volume_clusters, particle_clusters, np.bincount(volume_clusters, minlength=M),
+                     np.bincount(particle_clusters, minlength=M))
+
+
+def _fit_landscape_mlp(generate_volume, z: np.ndarray, sketch: Sketch, pca: VolumePca, flat_mask: np.ndarray,
+                       opts: LandscapeOptions, out: Path, progress: bool) -> tuple[MlpFit, np.ndarray, int]:
+    """Step 5: the MLP z -> volume PCs, trained on the sketch pairs plus more decoded particles; its
+    weights, every particle's ``phi(z)`` and the held-out validation written."""
+    from cryoscape.io.writers import atomic_write
+
+    N, L, k = len(z), len(pca.explained_variance), len(sketch.indices)
     rng = np.random.default_rng(opts.seed + 1)
     others = np.setdiff1d(np.arange(N), sketch.indices)
     extra = rng.choice(others, size=min(opts.mlp_samples, len(others)), replace=False) if len(others) else others
@@ -688,33 +755,35 @@ def compute_landscape(
                header=" ".join([f"true_pc{i + 1}" for i in range(L)] + [f"pred_pc{i + 1}" for i in range(L)]))
     log.info("MLP latent -> volume PCs: %d pairs (%d sketch + %d more maps), best epoch %d, held-out R^2 of PC1 %.3f",
              len(pair_z), k, len(extra), fit.best_epoch + 1, float(fit.val_r2[0]))
+    return fit, landscape, int(len(extra))
 
+
+def _write_summary(out: Path, opts: LandscapeOptions, *, n_particles: int, sketch: Sketch, maps: _SketchMaps,
+                   pixel: float, pca: VolumePca, clusters: _Clusters, fit: MlpFit, n_extra: int) -> None:
+    """``summary.yaml``: the sizes, mask, PCA, clusters and MLP figures of the analysis."""
+    import yaml
+
+    from cryoscape.io.writers import atomic_write
+
+    n, m = maps.box_size, int(maps.flat_mask.sum())
+    k = len(sketch.indices)
     summary = {
-        "n_particles": N,
+        "n_particles": n_particles,
         "sketch_size": k,
         "box_size": n,
         "pixel_size_angstrom": pixel,
         "mask": {"source": opts.mask or f"union threshold {opts.mask_threshold:g}", "voxels": m,
                  "fraction": m / n**3},
-        "pca": {"n_components": L, "explained_variance_ratio": [float(r) for r in pca.explained_variance_ratio]},
-        "clusters": {"n_clusters": M, "linkage": opts.linkage, "metric": opts.metric,
-                     "volumes": volume_counts.tolist(), "particles": particle_counts.tolist()},
-        "mlp": {"pairs": int(len(pair_z)), "extra_maps": int(len(extra)), "best_epoch": fit.best_epoch + 1,
+        "pca": {"n_components": len(pca.explained_variance),
+                "explained_variance_ratio": [float(r) for r in pca.explained_variance_ratio]},
+        "clusters": {"n_clusters": len(clusters.volume_counts), "linkage": opts.linkage, "metric": opts.metric,
+                     "volumes": clusters.volume_counts.tolist(), "particles": clusters.particle_counts.tolist()},
+        "mlp": {"pairs": k + n_extra, "extra_maps": n_extra, "best_epoch": fit.best_epoch + 1,
                 "validation_r2": [None if not np.isfinite(r) else float(r) for r in fit.val_r2]},
         "options": asdict(opts),
     }
     with atomic_write(out / "summary.yaml", "w") as f:
         yaml.safe_dump(summary, f, sort_keys=False)
-
-    return LandscapeResult(
-        out_dir=out, options=opts, box_size=n, pixel_size_angstrom=pixel, sketch=sketch, mask=mask, pca=pca,
-        traversal_values=traversal, volume_clusters=volume_clusters, particle_clusters=particle_clusters,
-        cluster_volume_counts=volume_counts, cluster_particle_counts=particle_counts, landscape_pcs=landscape,
-        mlp=fit, n_particles=N, n_mlp_extra=int(len(extra)),
-        paths={"cluster_maps": sorted((out / "clusters").glob("cluster_*.mrc")),
-               "eigenvolumes": sorted((out / "pca").glob("eigenvol_*.mrc")),
-               "traversals": {i: sorted((out / "pca" / f"pc{i + 1}").glob("vol_*.mrc")) for i in traversal}},
-    )
 
 
 def landscape_from_run(
