@@ -53,60 +53,85 @@ def _projection(path: Path) -> np.ndarray:
 
 def plot_landscape(result: LandscapeResult, folder: str | os.PathLike) -> dict[str, Path]:
     """Draw the landscape figures into ``folder``; returns name -> PNG path."""
-    from matplotlib.figure import Figure as MplFigure
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pca = result.pca
-    L = pca.scores.shape[1]
-    M = len(result.cluster_volume_counts)
-    colours = _cluster_colours(M)
     out: dict[str, Path] = {}
+    for name, draw in (("explained_variance", _plot_explained_variance), ("sketch_pcs", _plot_sketch_pcs),
+                       ("cluster_counts", _plot_cluster_counts), ("landscape", _plot_particle_landscape),
+                       ("mlp_validation", _plot_mlp_validation), ("pc_traversals", _plot_pc_traversals),
+                       ("cluster_maps", _plot_cluster_maps)):
+        fig = draw(result)
+        if fig is not None:
+            out[name] = _save(fig, folder / f"{name}.png")
+    out.update(_map_views(result, folder))
+    return out
 
-    # explained variance
+
+def _plot_explained_variance(result: LandscapeResult):
+    """Bar chart of each volume PC's fraction of variance, with the cumulative curve."""
+    from matplotlib.figure import Figure as MplFigure
+
+    ratio = result.pca.explained_variance_ratio
     fig = MplFigure(figsize=(4.8, 3.4), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
-    pcs = np.arange(1, L + 1)
-    ax.bar(pcs, pca.explained_variance_ratio, color="tab:blue", label="per PC")
-    ax.plot(pcs, np.cumsum(pca.explained_variance_ratio), "o-", color="k", markersize=3, label="cumulative")
+    pcs = np.arange(1, len(ratio) + 1)
+    ax.bar(pcs, ratio, color="tab:blue", label="per PC")
+    ax.plot(pcs, np.cumsum(ratio), "o-", color="k", markersize=3, label="cumulative")
     ax.set_xlabel("volume PC")
     ax.set_ylabel("fraction of variance")
     ax.set_ylim(0, 1.02)
     ax.set_xticks(pcs)
     ax.legend(fontsize="small")
-    out["explained_variance"] = _save(fig, folder / "explained_variance.png")
+    return fig
 
-    # sketch maps in PC space, by cluster
+
+def _plot_sketch_pcs(result: LandscapeResult):
+    """The sketch maps in volume-PC space (PC1/PC2, PC2/PC3), coloured by cluster; None with one PC."""
+    from matplotlib.figure import Figure as MplFigure
+
+    pca = result.pca
+    L = pca.scores.shape[1]
     pairs = [(0, 1), (1, 2)] if L >= 3 else [(0, 1)] if L >= 2 else []
-    if pairs:
-        fig = MplFigure(figsize=(4.4 * len(pairs), 3.8), dpi=120)
-        for j, (a, b) in enumerate(pairs):
-            ax = fig.add_subplot(1, len(pairs), j + 1)
-            for c in range(M):
-                sel = result.volume_clusters == c
-                ax.scatter(pca.scores[sel, a], pca.scores[sel, b], s=10, color=colours[c], label=str(c))
-            ax.set_xlabel(f"PC{a + 1}")
-            ax.set_ylabel(f"PC{b + 1}")
-        fig.axes[-1].legend(title="cluster", fontsize="x-small", markerscale=1.5, loc="best")
-        fig.suptitle(f"{len(pca.scores)} sketch maps in volume-PC space", fontsize="small")
-        out["sketch_pcs"] = _save(fig, folder / "sketch_pcs.png")
+    if not pairs:
+        return None
+    colours = _cluster_colours(len(result.cluster_volume_counts))
+    fig = MplFigure(figsize=(4.4 * len(pairs), 3.8), dpi=120)
+    for j, (a, b) in enumerate(pairs):
+        ax = fig.add_subplot(1, len(pairs), j + 1)
+        for c in range(len(colours)):
+            sel = result.volume_clusters == c
+            ax.scatter(pca.scores[sel, a], pca.scores[sel, b], s=10, color=colours[c], label=str(c))
+        ax.set_xlabel(f"PC{a + 1}")
+        ax.set_ylabel(f"PC{b + 1}")
+    fig.axes[-1].legend(title="cluster", fontsize="x-small", markerscale=1.5, loc="best")
+    fig.suptitle(f"{len(pca.scores)} sketch maps in volume-PC space", fontsize="small")
+    return fig
 
-    # cluster sizes
+
+def _plot_cluster_counts(result: LandscapeResult):
+    """Sketch maps and particles per cluster."""
+    from matplotlib.figure import Figure as MplFigure
+
+    M = len(result.cluster_volume_counts)
     fig = MplFigure(figsize=(8.0, 3.0), dpi=120)
     for j, (counts, what) in enumerate(((result.cluster_volume_counts, "sketch maps"),
                                         (result.cluster_particle_counts, "particles"))):
         ax = fig.add_subplot(1, 2, j + 1)
-        ax.bar(np.arange(M), counts, color=colours)
+        ax.bar(np.arange(M), counts, color=_cluster_colours(M))
         ax.set_xlabel("cluster")
         ax.set_ylabel(what)
         ax.set_xticks(np.arange(M))
-    out["cluster_counts"] = _save(fig, folder / "cluster_counts.png")
+    return fig
 
-    # landscape of all particles
+
+def _plot_particle_landscape(result: LandscapeResult):
+    """Every particle's MLP-predicted volume PCs: a log-density hexbin (a histogram with one PC)."""
+    from matplotlib.figure import Figure as MplFigure
+
     fig = MplFigure(figsize=(4.8, 4.0), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
     v = result.landscape_pcs
-    if L >= 2:
+    if result.pca.scores.shape[1] >= 2:
         from matplotlib.colors import LogNorm
 
         gridsize = int(np.clip(np.sqrt(len(v)) / 2, 10, 60))
@@ -119,10 +144,14 @@ def plot_landscape(result: LandscapeResult, folder: str | os.PathLike) -> dict[s
         ax.set_xlabel("PC1")
         ax.set_ylabel("particles")
     ax.set_title(f"{len(v)} particles: MLP latent -> volume PCs", fontsize="small")
-    out["landscape"] = _save(fig, folder / "landscape.png")
+    return fig
 
-    # MLP validation
-    shown = min(L, 3)
+
+def _plot_mlp_validation(result: LandscapeResult):
+    """Held-out MLP predictions against the decoded maps' PCs (first three PCs)."""
+    from matplotlib.figure import Figure as MplFigure
+
+    shown = min(result.pca.scores.shape[1], 3)
     fig = MplFigure(figsize=(3.4 * shown, 3.2), dpi=120)
     for i in range(shown):
         ax = fig.add_subplot(1, shown, i + 1)
@@ -133,41 +162,49 @@ def plot_landscape(result: LandscapeResult, folder: str | os.PathLike) -> dict[s
         ax.set_xlabel(f"PC{i + 1} of the decoded map")
         ax.set_ylabel("MLP prediction")
         ax.set_title(f"held out: R² = {result.mlp.val_r2[i]:.3f}", fontsize="small")
-    out["mlp_validation"] = _save(fig, folder / "mlp_validation.png")
+    return fig
 
-    # maps along the PCs
+
+def _plot_pc_traversals(result: LandscapeResult):
+    """Projections of the maps along each PC, a row per PC; None without traversals."""
+    from matplotlib.figure import Figure as MplFigure
+
     traversals = result.paths.get("traversals", {})
-    if traversals:
-        rows = sorted(traversals)
-        cols = max(len(traversals[r]) for r in rows)
-        fig = MplFigure(figsize=(1.1 * cols, 1.2 * len(rows) + 0.3), dpi=120)
-        for r_i, r in enumerate(rows):
-            for c_i, path in enumerate(traversals[r]):
-                ax = fig.add_subplot(len(rows), cols, r_i * cols + c_i + 1)
-                ax.imshow(_projection(path), cmap="gray", origin="lower")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c_i == 0:
-                    ax.set_ylabel(f"PC{r + 1}")
-        fig.suptitle("projections along z of the maps along each PC (5th to 95th percentile)", fontsize="small")
-        out["pc_traversals"] = _save(fig, folder / "pc_traversals.png")
-
-    # cluster mean maps
-    maps = result.paths.get("cluster_maps", [])
-    if maps:
-        cols = min(len(maps), 5)
-        rows_n = int(np.ceil(len(maps) / cols))
-        fig = MplFigure(figsize=(1.6 * cols, 1.75 * rows_n), dpi=120)
-        for i, path in enumerate(maps):
-            ax = fig.add_subplot(rows_n, cols, i + 1)
+    if not traversals:
+        return None
+    rows = sorted(traversals)
+    cols = max(len(traversals[r]) for r in rows)
+    fig = MplFigure(figsize=(1.1 * cols, 1.2 * len(rows) + 0.3), dpi=120)
+    for r_i, r in enumerate(rows):
+        for c_i, path in enumerate(traversals[r]):
+            ax = fig.add_subplot(len(rows), cols, r_i * cols + c_i + 1)
             ax.imshow(_projection(path), cmap="gray", origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"cluster {i}: {result.cluster_particle_counts[i]}", fontsize="x-small",
-                         color=colours[i])
-        out["cluster_maps"] = _save(fig, folder / "cluster_maps.png")
-    out.update(_map_views(result, folder))
-    return out
+            if c_i == 0:
+                ax.set_ylabel(f"PC{r + 1}")
+    fig.suptitle("projections along z of the maps along each PC (5th to 95th percentile)", fontsize="small")
+    return fig
+
+
+def _plot_cluster_maps(result: LandscapeResult):
+    """Projections of the cluster mean maps with their particle counts; None without cluster maps."""
+    from matplotlib.figure import Figure as MplFigure
+
+    maps = result.paths.get("cluster_maps", [])
+    if not maps:
+        return None
+    colours = _cluster_colours(len(result.cluster_volume_counts))
+    cols = min(len(maps), 5)
+    rows_n = int(np.ceil(len(maps) / cols))
+    fig = MplFigure(figsize=(1.6 * cols, 1.75 * rows_n), dpi=120)
+    for i, path in enumerate(maps):
+        ax = fig.add_subplot(rows_n, cols, i + 1)
+        ax.imshow(_projection(path), cmap="gray", origin="lower")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"cluster {i}: {result.cluster_particle_counts[i]}", fontsize="x-small", color=colours[i])
+    return fig
 
 
 def _map_views(result: LandscapeResult, folder: Path) -> dict[str, Path]:
