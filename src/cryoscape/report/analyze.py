@@ -310,45 +310,9 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
     n, zdim = z.shape
 
     # ---------------------------------------------------------------- latent space
-    with timed("pca"):
-        pca = compute_pca(z)
-        _save_npy(out / "z_pca.npy", pca.projections)
-        _save_text(out / "pca_explained_variance.txt", pca.explained_variance_ratio)
-        _save_text(out / "pca_components.txt", pca.components)
-        _save_text(out / "pca_mean.txt", pca.mean[None])
-    log.info("PCA explained variance ratio: %s", np.array2string(pca.explained_variance_ratio, precision=3))
-
-    kmeans = None
-    ksample, n_pcs, n_per_pc = opts.ksample, opts.n_pcs, opts.n_per_pc
-    if ksample > 0:
-        with timed("kmeans"):
-            k = min(ksample, n)
-            if k < ksample:
-                log.info("only %d particles: k-means with k = %d instead of %d", n, k, ksample)
-            kmeans = kmeans_on_data(z, k, seed=opts.seed)
-            kdir = out / f"kmeans{ksample}"
-            kdir.mkdir(exist_ok=True)
-            _save_npy(kdir / "labels.npy", kmeans.labels)
-            from cryoscape.io.writers import atomic_write
-
-            with atomic_write(kdir / "labels.pkl", "wb") as f:
-                pickle.dump(kmeans.labels.astype(np.int32), f)
-            _save_text(kdir / "centers.txt", kmeans.centers)
-            _save_text(kdir / "centers_ind.txt", kmeans.center_indices, fmt="%d")
-            _save_text(kdir / "z_values.txt", z[kmeans.center_indices])
-        log.info("k-means (k = %d): cluster sizes %s", kmeans.k, kmeans.counts.tolist())
-
-    n_pcs_used = min(n_pcs, zdim)
-    if n_pcs_used < n_pcs:
-        log.info("the latent space has %d dimension(s): traversing %d PC(s) instead of %d", zdim, n_pcs_used, n_pcs)
-    pc_coords: dict[int, np.ndarray] = {}
-    pc_latents: dict[int, np.ndarray] = {}
-    for pc in range(1, n_pcs_used + 1):
-        pc_coords[pc], pc_latents[pc] = pc_traversal(pca, pc, n_points=n_per_pc)
-        pdir = out / f"pc{pc}"
-        pdir.mkdir(exist_ok=True)
-        _save_text(pdir / "pc_coordinates.txt", pc_coords[pc])
-        _save_text(pdir / "z_values.txt", pc_latents[pc])
+    pca, kmeans = _latent_pca_and_kmeans(out, z, timed, opts)
+    ksample = opts.ksample
+    pc_coords, pc_latents = _latent_pc_traversals(out, pca, zdim, opts)
 
     # ---------------------------------------------------------------- maps
     # generated in a thread (torch releases the interpreter lock in its kernels) while this one
@@ -407,6 +371,56 @@ def _analyze_steps(run: Path, out: Path, z: np.ndarray, epoch: int, figures: Pat
              report)
     return AnalysisResult(outdir=out, report=report, epoch=epoch, z=z, pca=pca, kmeans=kmeans, umap=umap_result,
                           kmeans_maps=kmeans_maps, pc_maps=pc_maps, pc_coordinates=pc_coords, seconds=seconds)
+
+
+def _latent_pca_and_kmeans(out: Path, z: np.ndarray, timed: _Timer, opts: AnalyzeOptions
+                           ) -> tuple[PCAResult, KMeansResult | None]:
+    """PCA of the latents and k-means with ``opts.ksample`` centres (none when 0), written into ``out``."""
+    from cryoscape.io.writers import atomic_write
+
+    n = len(z)
+    with timed("pca"):
+        pca = compute_pca(z)
+        _save_npy(out / "z_pca.npy", pca.projections)
+        _save_text(out / "pca_explained_variance.txt", pca.explained_variance_ratio)
+        _save_text(out / "pca_components.txt", pca.components)
+        _save_text(out / "pca_mean.txt", pca.mean[None])
+    log.info("PCA explained variance ratio: %s", np.array2string(pca.explained_variance_ratio, precision=3))
+    if opts.ksample <= 0:
+        return pca, None
+    with timed("kmeans"):
+        k = min(opts.ksample, n)
+        if k < opts.ksample:
+            log.info("only %d particles: k-means with k = %d instead of %d", n, k, opts.ksample)
+        kmeans = kmeans_on_data(z, k, seed=opts.seed)
+        kdir = out / f"kmeans{opts.ksample}"
+        kdir.mkdir(exist_ok=True)
+        _save_npy(kdir / "labels.npy", kmeans.labels)
+        with atomic_write(kdir / "labels.pkl", "wb") as f:
+            pickle.dump(kmeans.labels.astype(np.int32), f)
+        _save_text(kdir / "centers.txt", kmeans.centers)
+        _save_text(kdir / "centers_ind.txt", kmeans.center_indices, fmt="%d")
+        _save_text(kdir / "z_values.txt", z[kmeans.center_indices])
+    log.info("k-means (k = %d): cluster sizes %s", kmeans.k, kmeans.counts.tolist())
+    return pca, kmeans
+
+
+def _latent_pc_traversals(out: Path, pca: PCAResult, zdim: int, opts: AnalyzeOptions
+                          ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Points along each of the first ``opts.n_pcs`` latent PCs: ``{pc: coordinates}``, ``{pc: latents}``."""
+    n_pcs_used = min(opts.n_pcs, zdim)
+    if n_pcs_used < opts.n_pcs:
+        log.info("the latent space has %d dimension(s): traversing %d PC(s) instead of %d", zdim, n_pcs_used,
+                 opts.n_pcs)
+    pc_coords: dict[int, np.ndarray] = {}
+    pc_latents: dict[int, np.ndarray] = {}
+    for pc in range(1, n_pcs_used + 1):
+        pc_coords[pc], pc_latents[pc] = pc_traversal(pca, pc, n_points=opts.n_per_pc)
+        pdir = out / f"pc{pc}"
+        pdir.mkdir(exist_ok=True)
+        _save_text(pdir / "pc_coordinates.txt", pc_coords[pc])
+        _save_text(pdir / "z_values.txt", pc_latents[pc])
+    return pc_coords, pc_latents
 
 
 def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, epoch: int, pca: PCAResult,
