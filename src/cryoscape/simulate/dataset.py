@@ -205,18 +205,10 @@ def simulate_dataset(
         raise ValueError(f"n_images must be positive, got {n_images}")
     out_dir.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().astimezone()
-    params = sample_image_parameters(
-        n_images,
-        ensemble,
-        seed=seed,
-        defocus_range_angstrom=defocus_range_angstrom,
-        astigmatism_angstrom=astigmatism_angstrom,
-        voltage_kv=voltage_kv,
-        cs_mm=cs_mm,
-        amplitude_contrast=amplitude_contrast,
-        b_factor_angstrom2=b_factor_angstrom2,
-        shift_max_pixel=shift_max_pixel,
-    )
+    image_options = dict(defocus_range_angstrom=defocus_range_angstrom, astigmatism_angstrom=astigmatism_angstrom,
+                         voltage_kv=voltage_kv, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast,
+                         b_factor_angstrom2=b_factor_angstrom2, shift_max_pixel=shift_max_pixel)
+    params = sample_image_parameters(n_images, ensemble, seed=seed, **image_options)
     D, pixel = ensemble.box_size, float(ensemble.pixel_size_angstrom)
 
     # ground-truth volumes first: they are what every later check compares against
@@ -234,9 +226,21 @@ def simulate_dataset(
     write_star(out_dir / STAR_NAME, table)
     write_poses_pkl(out_dir / POSES_NAME, params.rotations, params.shifts_pixel, box_size=D)
     write_ctf_pkl(out_dir / CTF_NAME, params.ctf.to_cryodrgn_array(D, pixel))
+    _write_ground_truth(out_dir / GROUND_TRUTH_NAME, ensemble, params, result, volume_files, seed=seed,
+                        **image_options)
+    if arguments is None:
+        arguments = dict(n_images=n_images, seed=seed, snr=snr, **image_options, batch_size=batch_size,
+                         oversampling=oversampling)
+    _write_config_and_log(out_dir, ensemble, result, arguments=arguments, started=started, n_images=n_images)
+    return out_dir
 
+
+def _write_ground_truth(path: Path, ensemble: Ensemble, params, result, volume_files: list[str], *, seed: int,
+                        voltage_kv: float, cs_mm: float, amplitude_contrast: float, b_factor_angstrom2: float,
+                        **_: Any) -> None:
+    """``ground_truth.npz``: each image's state, coordinate, pose and CTF, the volumes and the noise level."""
     c = params.ctf
-    with atomic_write(out_dir / GROUND_TRUTH_NAME) as f:
+    with atomic_write(path) as f:
         np.savez(
             f,
             kind=np.array(ensemble.kind),
@@ -256,8 +260,8 @@ def simulate_dataset(
             snr=np.float64(result.snr),
             noise_std=np.float64(result.noise_std),
             signal_variance=np.float64(result.signal_variance),
-            box_size=np.int64(D),
-            pixel_size_angstrom=np.float64(pixel),
+            box_size=np.int64(ensemble.box_size),
+            pixel_size_angstrom=np.float64(ensemble.pixel_size_angstrom),
             voltage_kv=np.float64(voltage_kv),
             cs_mm=np.float64(cs_mm),
             amplitude_contrast=np.float64(amplitude_contrast),
@@ -265,21 +269,11 @@ def simulate_dataset(
             seed=np.int64(seed),
         )
 
-    if arguments is None:
-        arguments = dict(
-            n_images=n_images,
-            seed=seed,
-            snr=snr,
-            defocus_range_angstrom=defocus_range_angstrom,
-            astigmatism_angstrom=astigmatism_angstrom,
-            voltage_kv=voltage_kv,
-            cs_mm=cs_mm,
-            amplitude_contrast=amplitude_contrast,
-            b_factor_angstrom2=b_factor_angstrom2,
-            shift_max_pixel=shift_max_pixel,
-            batch_size=batch_size,
-            oversampling=oversampling,
-        )
+
+def _write_config_and_log(out_dir: Path, ensemble: Ensemble, result, *, arguments: dict[str, Any],
+                          started: datetime.datetime, n_images: int) -> None:
+    """``config.yaml`` (arguments and dataset summary) and the short ``simulate.log``."""
+    D, pixel = ensemble.box_size, float(ensemble.pixel_size_angstrom)
     config = {
         "cryoscape_version": __version__,
         "command": "simulate",
@@ -311,4 +305,3 @@ def simulate_dataset(
     ]
     with atomic_write(out_dir / LOG_NAME, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return out_dir
