@@ -35,6 +35,16 @@ On even boxes the -Nyquist planes are handled as ``Re(ifft)`` does, which for a 
 means averaging the +-Nyquist coefficients (their real parts agree by Hermitian symmetry); for a
 Hartley decoder the grid's -Nyquist value is used as it is.
 
+Band limit (``band_fraction``, float32 speed)
+--------------------------------------------
+With ``band_fraction = f < 1`` the decoder represents only frequencies ``|k| <= f / 2`` (cycles
+per training pixel) and is zero beyond: :meth:`NeuralField.forward` sends only the in-band points
+to the MLP (the training pixels of a batch share their radii, so the band selects the same
+columns for every image) and :meth:`NeuralField.eval_volume` zeroes the rest.  The cost of a
+training step is the MLP's, proportional to the points evaluated, so ``f = 0.7`` halves it.  At
+SNR 0.1 the outer shells of a per-image map carry little signal; what the band costs in accuracy
+is measured in bench/results (README, "Choosing a decoder").
+
 Fourier-domain volumes evaluate only the half grid ``kz >= 0`` (plus, for even boxes, the
 -Nyquist lines that have no partner on the grid) and fill the rest by ``F(-k) = conj F(k)``.
 By default only the trained sphere ``|k| <= 1/2`` (cycles per training pixel) is evaluated and
@@ -89,6 +99,9 @@ class NeuralField(VolumeDecoder):
     seed
         Seed of the ``gaussian`` encoding matrix (network weights are initialised from torch's
         global generator, as with any ``nn.Module``).
+    band_fraction
+        Represent only ``|k| <= band_fraction / 2`` cycles per pixel, zero beyond (module
+        docstring); 1 (default) is the whole sphere up to Nyquist.
     """
 
     def __init__(
@@ -104,6 +117,7 @@ class NeuralField(VolumeDecoder):
         gaussian_scale: float | None = None,
         activation: str = "relu",
         seed: int = 0,
+        band_fraction: float = 1.0,
     ):
         super().__init__(box_size=box_size, zdim=zdim)
         if domain not in DOMAINS:
@@ -111,6 +125,10 @@ class NeuralField(VolumeDecoder):
         if self.zdim < 0:
             raise ValueError(f"zdim must be >= 0, got {zdim}")
         self.domain = domain
+        band_fraction = float(band_fraction)
+        if not 0.0 < band_fraction <= 1.0:
+            raise ValueError(f"band_fraction must be in (0, 1], got {band_fraction}")
+        self.band_radius = 0.5 * band_fraction  # cycles per training pixel
         self.config.update(
             layers=int(layers),
             width=int(width),
@@ -120,6 +138,7 @@ class NeuralField(VolumeDecoder):
             gaussian_scale=None if gaussian_scale is None else float(gaussian_scale),
             activation=activation,
             seed=int(seed),
+            band_fraction=band_fraction,
         )
         self.encoding = make_encoding(
             encoding, box_size=self.box_size, n_freqs=n_freqs, gaussian_scale=gaussian_scale, seed=seed
@@ -145,6 +164,25 @@ class NeuralField(VolumeDecoder):
             raise ValueError(f"coords must have shape (B, P, 3), got {tuple(coords.shape)}")
         z = self.check_latent(z, coords.shape[0])
         z = None if z is None else z.to(self.mlp.input.weight.dtype)
+        if self.band_radius < 0.5:
+            return self._forward_band(coords, z)
+        return self._forward_all(coords, z)
+
+    def _forward_band(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_forward_all` on the points with ``|k| <= band_radius`` only, zero elsewhere.
+
+        The band is chosen from the first image's radii: a batch's images are rotations of the same
+        pixels, so their radii agree (to rounding) column by column.
+        """
+        flat = coords.reshape(coords.shape[0], -1, 3)
+        inside = flat[0].square().sum(-1) <= self.band_radius ** 2
+        values = self._forward_all(flat[:, inside], z)
+        out = values.new_zeros(flat.shape[:2])
+        out[:, inside] = values
+        return out.reshape(coords.shape[:-1])
+
+    def _forward_all(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's values at every point of ``coords (B, ..., 3)`` (``z`` already checked)."""
         if self.domain == "hartley":
             out = self._mlp(coords, z)[..., 0]
             return out.to(torch.promote_types(out.dtype, torch.float32))
@@ -174,7 +212,8 @@ class NeuralField(VolumeDecoder):
     ) -> torch.Tensor:
         """Values on the grid ``kz x ky x kx`` (1-D frequency vectors), ``(len kz, len ky, len kx)``.
 
-        ``sphere``: evaluate only points with ``|k| <= 1/2`` (the trained sphere), zero elsewhere.
+        ``sphere``: evaluate only points with ``|k| <= 1/2`` (the trained sphere; with a band limit
+        ``|k| <= band_radius``), zero elsewhere.
         The points are gathered a few planes at a time and sent to the network ``chunk_points``
         at a time.
         """
@@ -189,7 +228,7 @@ class NeuralField(VolumeDecoder):
                 [xx.expand(zs.numel(), ny, nx), yy.expand(zs.numel(), ny, nx), zs[:, None, None].expand(-1, ny, nx)],
                 dim=-1,
             ).reshape(-1, 3)
-            inside = pts.square().sum(-1) <= 0.25 if sphere else None
+            inside = pts.square().sum(-1) <= self.band_radius ** 2 if sphere else None
             todo = pts[inside] if sphere else pts
             values = [self(todo[None, i : i + chunk_points], z)[0] for i in range(0, todo.shape[0], chunk_points)]
             values = torch.cat(values) if values else self(todo[None], z)[0]
