@@ -81,8 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="epochs of one run (a decoder name or cryodrgn); repeatable")
     p.add_argument("--images-for", action="append", default=[], metavar="NAME=N",
                    help="train one run on the first N images only; repeatable")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=DECODER:KEY=VALUE[,KEY=VALUE]",
+                   help="one more run of DECODER labelled LABEL with these --decoder-opt settings, e.g. "
+                        "'nf_band07=neural_field:band_fraction=0.7'; repeatable")
     p.add_argument("--decoder-opt", action="append", default=[], metavar="NAME:KEY=VALUE",
-                   help="an extra --decoder-opt KEY=VALUE for decoder NAME; repeatable")
+                   help="an extra --decoder-opt KEY=VALUE for run NAME (a decoder or a variant label); repeatable")
     p.add_argument("--train-opt", action="append", default=[], metavar="NAME:OPTION",
                    help="an extra cryoscape train option for decoder NAME, e.g. 'basis:--lr=3e-3'; repeatable")
     p.add_argument("--cryodrgn", action=argparse.BooleanOptionalAction, default=True,
@@ -120,8 +123,22 @@ def simulate(name: str, args, env) -> Path:
     return data
 
 
-def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images: int, exe: Path) -> list[str]:
-    """The training command of run ``name`` (a decoder, or cryodrgn) on the first ``n_images``."""
+def run_specs(args) -> dict[str, tuple[str, list[str]]]:
+    """``{label: (decoder or cryodrgn, decoder options)}`` of every training of a dataset."""
+    runs = {d: (d, []) for d in args.decoders}
+    for entry in args.variant:
+        label, _, rest = entry.partition("=")
+        decoder, _, options = rest.partition(":")
+        runs[label] = (decoder, [kv for kv in options.split(",") if kv])
+    if args.cryodrgn:
+        runs[DRGN] = (DRGN, [])
+    return runs
+
+
+def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images: int, exe: Path,
+                  decoder: str | None = None, options: list[str] = ()) -> list[str]:
+    """The training command of run ``name`` (a decoder, or cryodrgn) on the first ``n_images``;
+    ``decoder`` and ``options`` (--decoder-opt KEY=VALUE) for a variant run."""
     common = ["--poses", str(data / "poses.pkl"), "--ctf", str(data / "ctf.pkl"), "--zdim", str(args.zdim),
               "-n", str(epochs), *ARCH]
     if name == DRGN:
@@ -131,6 +148,8 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
         return [str(exe), "train_vae", str(data / "particles.mrcs"), *common, "-o", str(out), "-b", "8",
                 "--seed", "0", "--no-analysis", "--ind", str(ind)]
     extra = [] if args.amp else ["--no-amp"]
+    for kv in options:
+        extra += ["--decoder-opt", kv]
     for entry in args.decoder_opt:
         decoder, _, kv = entry.partition(":")
         extra += ["--decoder-opt", kv] if decoder == name else []
@@ -138,7 +157,7 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
         decoder, _, option = entry.partition(":")
         extra += option.split("=", 1) if decoder == name else []
     return [*cryoscape_command(), "train", str(data / "particles.mrcs"), *common, "-o", str(out),
-            "--decoder", name, "--encoder", "resmlp", "--first", str(n_images), "--no-progress", *extra]
+            "--decoder", decoder or name, "--encoder", "resmlp", "--first", str(n_images), "--no-progress", *extra]
 
 
 def decoder_maps(run_dir: Path, z: np.ndarray) -> tuple[list[np.ndarray], float]:
@@ -207,8 +226,8 @@ def benchmark_dataset(name: str, args, env, exe: Path) -> dict[str, dict]:
     truth = load_ground_truth(data)
     mask = truth_variability_mask(truth)
     epochs, images = per_run(args.epochs_for), per_run(args.images_for)
-    runs = [*args.decoders, *([DRGN] if args.cryodrgn else [])]
-    sizes = sorted({min(images.get(r, args.n_images), args.n_images) for r in runs} | {args.n_images})
+    runs = run_specs(args)
+    sizes = sorted({min(images.get(r, args.n_images), args.n_images) for r in runs} or {args.n_images})
     ctx = dict(truth=truth, mask=mask, box=truth.box_size,
                index={n: evenly_spaced_indices(n, args.fsc_images) for n in sizes})
     print_note(f"{name}: {len(truth)} images, D={truth.box_size}, {truth.pixel_size_angstrom:.3f} A/pixel, "
@@ -218,9 +237,9 @@ def benchmark_dataset(name: str, args, env, exe: Path) -> dict[str, dict]:
     for n in sizes:
         results.update(oracle_runs(data, ctx, n, args.bins))
     runs_dir = args.workdir / "runs" / name
-    for run in runs:
+    for run, (decoder, options) in runs.items():
         n, e = min(images.get(run, args.n_images), args.n_images), epochs.get(run, args.epochs)
-        command = train_command(run, data, runs_dir / run, args, e, n, exe)
+        command = train_command(run, data, runs_dir / run, args, e, n, exe, decoder, options)
         print_note(f"{name} {run} command: {' '.join(command)}")
         results[run] = score_run(run, command, runs_dir / run, data, ctx, exe, env)
         report_line(name, run, results[run])
