@@ -117,3 +117,32 @@ def _recentre(images_ft: torch.Tensor) -> torch.Tensor:
     from cryoscape.fourier.fft import ifft2_center
 
     return ifft2_center(images_ft).real
+
+
+def test_a_local_window_at_a_coarser_level_reaches_poses_several_fine_steps_away():
+    """A local search at level 5 (0.94 degrees) from poses 6 degrees off: a window of one
+    level-4 step (the default, 1.9 degrees) cannot reach the truth in one E-step, a window of one
+    level-3 step (3.75 degrees, what refine uses) does, and its children refine it to the fine grid."""
+    from cryoscape.classical.em import local_candidates
+
+    D, B = 32, 8
+    vol = _blobs(D, seed=3)
+    R = random_rotations(B, generator=torch.Generator().manual_seed(7))
+    images = project_volume(vol, R)
+    x, coords = _half_plane(images)
+    turn = rotvec_to_matrix(torch.nn.functional.normalize(torch.randn(B, 3, generator=torch.Generator().manual_seed(8)),
+                                                          dim=-1) * math.radians(6.0))
+    errors = {}
+    for start in (None, 3):
+        schedule = SearchSchedule(level=5, local=True, local_start_level=start, offset_range_pixel=1.0)
+        post = search_batch(Reference.from_volume(vol), x, torch.ones(x.shape), torch.ones(coords.shape[0]), coords,
+                            schedule, prior_shifts_pixel=torch.zeros(B, 2), prior_rotations=R @ turn)
+        errors[start] = torch.rad2deg(rotation_angle_between(post.rotations[:, 0].double(), R.double()))
+    assert errors[3].median() < 1.5 and errors[3].max() < 2.5, errors[3]
+    assert errors[None].median() > 2.5, errors[None]
+    # two steps: the window holds the prior's cell, its 26 one-step and 26 two-step neighbours, once each
+    ids, keep = local_candidates(R, 3, steps=2)
+    assert ids.shape == (B, 53, 2)
+    key = ids[..., 0] * 1000 + ids[..., 1]
+    for b in range(B):
+        assert len(set(key[b][keep[b]].tolist())) == int(keep[b].sum())

@@ -123,3 +123,18 @@ def test_an_existing_file_as_output_folder_is_one_sentence(command, tmp_path, ca
         args = ["postprocess", str(tmp_path / "h1.mrc"), str(tmp_path / "h2.mrc")]
     assert main(args + ["-o", str(existing)]) == 2
     assert "is an existing file" in capsys.readouterr().err
+
+
+def test_initial_map_from_a_run_folder_is_its_last_map(tmp_path, capsys):
+    """--initial-map accepts an abinit (or train) run folder: its highest-epoch reconstruct.E.mrc."""
+    from cryoscape.classical.runs import read_initial_map
+    from cryoscape.errors import InputError
+    from cryoscape.io.mrc import write_mrc
+
+    for epoch, value in ((2, 1.0), (10, 3.0), (9, 2.0)):
+        write_mrc(tmp_path / f"reconstruct.{epoch}.mrc", np.full((8, 8, 8), value, np.float32), pixel_size_angstrom=1.0)
+    assert float(read_initial_map(tmp_path, 8).mean()) == 3.0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="without reconstruct.E.mrc"):
+        read_initial_map(empty, 8)

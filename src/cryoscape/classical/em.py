@@ -33,10 +33,10 @@ Search (adaptive oversampling, RELION's scheme)
   rotations holding ``significance`` (99.9 %) of each image's posterior mass (at most
   ``max_significant``) are kept, and their 8 children on the grid twice as fine are scored with a
   3 x 3 shift grid of half the step, level by level down to the current ``level``.
-* **Local**: the grid cells at ``level - 1`` holding the previous pose and that pose turned by
-  one grid step about 26 axes (at most 27 cells, uniform prior inside that window; see
-  :func:`local_candidates`) replace the global pass, with a 3 x 3 shift grid around the previous
-  shift; then children at ``level`` as above.
+* **Local**: the grid cells at ``local_start_level`` (default ``level - 1``) holding the previous
+  pose and that pose turned by ``local_steps`` grid steps about 26 axes (uniform prior inside
+  that window; see :func:`local_candidates`) replace the global pass, with a 3 x 3 shift grid
+  around the previous shift; then children level by level down to ``level`` as above.
 * The posterior of the last pass, over (rotation, shift), is what the M-step inserts: the poses
   holding ``significance`` of the mass (at most ``max_poses``), renormalised.
 """
@@ -119,6 +119,11 @@ class SearchSchedule:
         the step halves with every level after ``coarse_level``.
     coarse_radius
         Band (Fourier pixels) of the global pass; later passes use the full band.
+    local_start_level, local_steps
+        Level of the window of a local search and its half-width in grid steps (default: one
+        step at ``level - 1``).  The window must hold the pose's uncertainty, which at low SNR
+        stays near 2 degrees however fine the grid: a window one step of a fine level wide
+        keeps the truth out and lets a pose move by only a step per iteration.
     significance, max_significant, max_poses, min_pose_weight
         Posterior mass kept when pruning, caps on rotations refined / poses returned, and the
         smallest weight a returned pose may have (lighter ones are dropped and the rest
@@ -136,6 +141,8 @@ class SearchSchedule:
     max_significant: int = 6
     max_poses: int = 8
     min_pose_weight: float = 0.01
+    local_start_level: int | None = None
+    local_steps: int = 1
 
     def offset_step_at(self, level: int) -> float:
         """Shift step of a pass at ``level`` (pixels)."""
@@ -236,20 +243,22 @@ def significant(log_mass: torch.Tensor, *, significance: float, max_count: int) 
     return index[:, :n], keep[:, :n]
 
 
-def local_candidates(prior_rotations: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid ids at ``level`` around each prior pose: the cells holding ``R_prior`` turned by one grid
-    step about each of 26 axes (the 3 x 3 x 3 cube of directions) and ``R_prior`` itself.
+def local_candidates(prior_rotations: torch.Tensor, level: int, steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid ids at ``level`` around each prior pose: the cells holding ``R_prior`` itself and
+    ``R_prior`` turned by ``1..steps`` grid steps about each of 26 axes (the 3 x 3 x 3 cube of
+    directions).
 
-    Returns ``(ids (B, 27, 2), keep (B, 27) bool)``; duplicates (two turns landing in one cell)
-    are not kept, so every cell counts once in the posterior.  Neighbours are found through the
-    rotations rather than through HEALPix neighbour lists because the in-plane index of two
-    neighbouring pixels need not describe nearby rotations (their frames differ).
+    Returns ``(ids (B, 1 + 26 steps, 2), keep (B, 1 + 26 steps) bool)``; duplicates (two turns
+    landing in one cell) are not kept, so every cell counts once in the posterior.  Neighbours are
+    found through the rotations rather than through HEALPix neighbour lists because the in-plane
+    index of two neighbouring pixels need not describe nearby rotations (their frames differ).
     """
     axes = torch.stack(torch.meshgrid(*([torch.tensor([-1.0, 0.0, 1.0])] * 3), indexing="ij"), -1).reshape(-1, 2 + 1)
     axes = axes[axes.norm(dim=-1) > 0]
     step = math.radians(base_grid_spacing_deg(level))
-    turns = torch.cat([torch.eye(3)[None], rotvec_to_matrix(axes / axes.norm(dim=-1, keepdim=True) * step)])
-    R = prior_rotations.to(torch.float64)[:, None] @ turns.to(torch.float64)[None]  # (B, 27, 3, 3)
+    unit = axes / axes.norm(dim=-1, keepdim=True)
+    turns = torch.cat([torch.eye(3)[None]] + [rotvec_to_matrix(unit * step * k) for k in range(1, steps + 1)])
+    R = prior_rotations.to(torch.float64)[:, None] @ turns.to(torch.float64)[None]  # (B, 1 + 26 steps, 3, 3)
     ids = locate_in_so3_grid(R, level)
     _, n_psi = so3_grid_resolution(level)
     key = ids[..., 0] * n_psi + ids[..., 1]
@@ -325,8 +334,9 @@ def search_batch(
     if schedule.local:
         if prior_rotations is None:
             raise ValueError("a local search needs the previous poses (prior_rotations)")
-        start = schedule.level - 1
-        ids, keep = local_candidates(prior_rotations, start)
+        start = schedule.level - 1 if schedule.local_start_level is None else min(schedule.local_start_level,
+                                                                                    schedule.level)
+        ids, keep = local_candidates(prior_rotations, start, schedule.local_steps)
         ll, _, offsets = _refine_pass(ref, images_ft, ctf, inv_sigma2, coords_index, centres, ids, keep, start,
                                       schedule.offset_step_at(start))
         lse = torch.logsumexp(ll, dim=2)

@@ -2,9 +2,15 @@
 
 One iteration (lecture seed 000; /work/shared/notes/classical_em.md):
 
-1. **E-step** per half-set against its own half-map (:mod:`cryoscape.reconstruct.em`): posterior
+1. **E-step** per half-set against its own half-map (:mod:`cryoscape.classical.em`): posterior
    of every image over the pose grid, global search at first, local around the previous pose
-   from ``local_from_level`` on, band-limited to the current resolution plus ``band_margin_shells``.
+   from ``local_from_level`` on (a window of one step of ``local_window_level``, 3.75 degrees,
+   refined level by level), band-limited to the current resolution plus ``band_margin_shells``.
+   From the second iteration on the references are multiplied by a solvent mask made from the
+   last joined map (``auto_mask``: low-passed to ``mask_lowpass_angstrom``, thresholded, dilated,
+   soft edge; :func:`cryoscape.reconstruct.postprocess.solvent_mask`), RELION's
+   ``--solvent_mask``: the solvent's noise otherwise enters every likelihood (the molecule fills
+   a few percent of the box, the spherical mask 40 %).
 2. **M-step**: each image is inserted at its significant poses with weight
    ``posterior / sigma^2(|k|)`` (:class:`cryoscape.reconstruct.backproject.FourierAccumulator`);
    the half-maps are MAP estimates with the per-shell prior ``tau^2`` from their FSC times ``T``
@@ -12,7 +18,8 @@ One iteration (lecture seed 000; /work/shared/notes/classical_em.md):
    image's best pose.
 3. **Schedule**: the half-map FSC (0.143) sets the next band; when the resolution stops
    improving by ``min_improvement_shells`` the angular grid is refined by one level (and the shift
-   step halves); at ``max_level`` two iterations without improvement end the run.
+   step halves); at ``max_level`` two iterations without improvement in which the median pose
+   change is below the grid spacing end the run (four at most).
 
 The state after each iteration is written atomically (``checkpoint.pt``), so a run resumes.
 """
@@ -34,6 +41,7 @@ from cryoscape.fourier.shift import phase_shift_coords
 from cryoscape.geometry.rotations import rotation_angle_between
 from cryoscape.geometry.symmetry import symmetry_group
 from cryoscape.geometry.so3_grid import base_grid_spacing_deg
+from cryoscape.reconstruct.postprocess import solvent_mask
 from cryoscape.reconstruct.backproject import (
     FourierAccumulator,
     reconstruct_from_accumulator,
@@ -57,6 +65,10 @@ class RefineSettings:
     coarse_level: int = 1
     max_level: int = 5
     local_from_level: int = 3
+    local_window_level: int = 3
+    auto_mask: bool = True
+    mask_lowpass_angstrom: float = 15.0
+    pose_change_tolerance_deg: float | None = None
     offset_range_pixel: float = 3.0
     offset_step_pixel: float = 1.0
     band_margin_shells: float = 3.0
@@ -131,6 +143,7 @@ class RefineState:
     band_radius: float
     best_resolution_shell: float = 0.0
     stalls: int = 0
+    reference_mask: torch.Tensor | None = None  # (D, D, D) solvent mask of the E-step's references
     history: list = field(default_factory=list)
     converged: bool = False
     final_map: torch.Tensor | None = None
@@ -190,6 +203,7 @@ def _accumulate_residual(residual, source, ref, x, ctf, post) -> None:
 def _schedule_for(state: RefineState, settings: RefineSettings) -> SearchSchedule:
     return SearchSchedule(
         level=state.level, local=state.local, coarse_level=settings.coarse_level,
+        local_start_level=min(settings.local_window_level, state.level - 1),
         offset_range_pixel=settings.offset_range_pixel, offset_step_pixel=settings.offset_step_pixel,
         coarse_radius=min(settings.coarse_radius, state.band_radius),
     )
@@ -232,7 +246,8 @@ def run_iteration(source: ImageSource, state: RefineState, settings: RefineSetti
     residual = torch.zeros(2, D // 2 + 1, dtype=torch.float64)
     inv_sigma2 = (1.0 / state.sigma2)[source.shell]
     for half in range(2):
-        ref = Reference.from_volume(state.half_maps[half])
+        reference = state.half_maps[half]
+        ref = Reference.from_volume(reference if state.reference_mask is None else reference * state.reference_mask)
         indices = np.flatnonzero(state.sets == half)
         _estep_half(source, ref, indices, state, schedule, acc, half, residual, inv_sigma2, settings.batch_size)
         if progress:
@@ -245,6 +260,9 @@ def run_iteration(source: ImageSource, state: RefineState, settings: RefineSetti
                                           pixel_size_angstrom=pixel_size_angstrom)
     state.half_maps = result.half_maps
     state.final_map, state.fsc = result.volume, result.fsc
+    if settings.auto_mask:
+        mask = solvent_mask(result.volume, pixel_size_angstrom, lowpass_angstrom=settings.mask_lowpass_angstrom)
+        state.reference_mask = mask if float(mask.sum()) >= 1.0 else None  # an empty map gives no mask
     state.sigma2 = (residual[0] / residual[1].clamp_min(1)).clamp_min(1e-12).to(torch.float32)
     res_shell = float(result.fsc["res_0.143"]) * D
     change = rotation_angle_between(previous.double(), state.rotations.double())
@@ -256,14 +274,18 @@ def run_iteration(source: ImageSource, state: RefineState, settings: RefineSetti
         "mean_max_probability": float(state.max_probability.mean()),
         "seconds": time.perf_counter() - started,
     }
-    _advance(state, settings, res_shell, D)
+    _advance(state, settings, res_shell, D, summary["median_pose_change_deg"])
     state.iteration += 1
     state.history.append(summary)
     return summary
 
 
-def _advance(state: RefineState, settings: RefineSettings, res_shell: float, D: int) -> None:
-    """The schedule: next band, finer grid when the resolution stalls, convergence."""
+def _advance(state: RefineState, settings: RefineSettings, res_shell: float, D: int, pose_change_deg: float) -> None:
+    """The schedule: next band, finer grid when the resolution stalls, convergence.
+
+    At the finest level the run ends after two iterations without a resolution gain in which
+    the median pose change was also below ``pose_change_tolerance_deg`` (default: the grid
+    spacing), or after four without a resolution gain whatever the poses do."""
     improved = res_shell > state.best_resolution_shell + settings.min_improvement_shells
     state.best_resolution_shell = max(state.best_resolution_shell, res_shell)
     state.band_radius = min(D / 2, state.best_resolution_shell + settings.band_margin_shells)
@@ -274,9 +296,12 @@ def _advance(state: RefineState, settings: RefineSettings, res_shell: float, D: 
         state.level += 1
         state.local = state.level >= settings.local_from_level
         state.stalls = 0
-    else:
-        state.stalls += 1
-        state.converged = state.stalls >= 2
+        return
+    tolerance = settings.pose_change_tolerance_deg
+    if tolerance is None:
+        tolerance = base_grid_spacing_deg(state.level)
+    state.stalls += 1
+    state.converged = (state.stalls >= 2 and pose_change_deg < tolerance) or state.stalls >= 4
 
 
 def refine(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_angstrom: float,

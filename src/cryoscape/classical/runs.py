@@ -19,7 +19,7 @@ import torch
 from cryoscape.classical.refine import ImageSource, RefineSettings, RefineState, refine
 from cryoscape.errors import InputError
 
-__all__ = ["source_from_table", "read_initial_map", "refine_particles", "classify_particles", "write_iterations"]
+__all__ = ["source_from_table", "initial_map_file", "read_initial_map", "refine_particles", "classify_particles", "write_iterations"]
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,31 @@ def source_from_table(table, *, use_ctf: bool = True, invert_contrast: bool = Tr
     return ImageSource(images.read, D, ctf=ctf, invert_contrast=invert_contrast)
 
 
+def initial_map_file(path) -> Path:
+    """The map file behind ``--initial-map``: the path itself, or for a folder (an ``abinit`` or
+    ``train`` run) its last ``reconstruct.E.mrc`` (highest epoch ``E``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    epochs = []
+    for candidate in path.glob("reconstruct.*.mrc"):
+        middle = candidate.name[len("reconstruct."):-len(".mrc")]
+        if middle.isdigit():
+            epochs.append((int(middle), candidate))
+    if not epochs:
+        raise InputError(f"{path} is a folder without reconstruct.E.mrc maps; pass a homogeneous abinit run "
+                         f"folder or a map .mrc as --initial-map.")
+    chosen = max(epochs)[1]
+    log.info("initial map: %s (the last map of the run folder %s)", chosen.name, path)
+    return chosen
+
+
 def read_initial_map(path, box_size: int) -> torch.Tensor:
-    """The initial map as a ``(D, D, D)`` tensor; one sentence if its box differs from the images'."""
+    """The initial map as a ``(D, D, D)`` tensor (a map file, or an abinit run folder's last map:
+    :func:`initial_map_file`); one sentence if its box differs from the images'."""
     from cryoscape.io.mrc import read_mrc
 
+    path = initial_map_file(path)
     volume, _ = read_mrc(path)
     if volume.ndim != 3 or volume.shape != (box_size,) * 3:
         raise InputError(f"{path} is a map of shape {volume.shape}, but the particles are {box_size} pixels; "

@@ -12,7 +12,8 @@ EXAMPLE = "cryoscape refine particles.star --initial-map init.mrc -o refine/  (a
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("particles", help="particles: .star, .cs, .txt stack list or .mrcs stack")
-    parser.add_argument("--initial-map", required=True, help="initial map .mrc (same box as the particles)")
+    parser.add_argument("--initial-map", required=True,
+                        help="initial map .mrc (same box as the particles), or an abinit run folder (its last map)")
     parser.add_argument("-o", "--outdir", required=True,
                         help="output folder (map.mrc, half1/2.mrc, fsc.txt, particles.star, poses.pkl, iterations.tsv)")
     add_particle_arguments(parser, poses_help="cryoDRGN poses.pkl (its shifts centre the first search)")
@@ -22,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-iterations", type=int, default=20, help="default 20")
     parser.add_argument("--max-level", type=int, default=5,
                         help="finest SO(3) grid level (3 = 3.75, 4 = 1.9, 5 = 0.94 degrees; default 5)")
+    parser.add_argument("--local-window-level", type=int, default=3,
+                        help="local searches cover one step of this grid level around each pose (3 = 3.75 degrees)")
+    parser.add_argument("--pose-change-tolerance", type=float, metavar="DEGREES",
+                        help="the run ends only once the median pose change is below this (default: the grid spacing)")
+    parser.add_argument("--no-solvent-mask", action="store_true",
+                        help="do not mask the references with a solvent mask made from the last map")
     parser.add_argument("--offset-range", type=float, default=3.0, metavar="PIXELS", help="shift search range (default 3)")
     parser.add_argument("--offset-step", type=float, default=1.0, metavar="PIXELS", help="shift step (default 1)")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
@@ -52,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         settings = RefineSettings(
             initial_lowpass_angstrom=args.ini_high, tau2_fudge=args.tau2_fudge, max_iterations=args.max_iterations,
             max_level=args.max_level, offset_range_pixel=args.offset_range, offset_step_pixel=args.offset_step,
-            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym,
+            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym, local_window_level=args.local_window_level,
+            pose_change_tolerance_deg=args.pose_change_tolerance, auto_mask=not args.no_solvent_mask,
         )
         refine_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                          invert_contrast=not args.uninvert_data)
