@@ -413,107 +413,145 @@ def search_poses(
     :class:`PoseSearchResult`.
     """
     settings.validate()
-    device = values.device
-    D = int(decoder.box_size)
-    B = int(values.shape[0])
-    coords_index = coords_index.to(device=device, dtype=torch.float32)
-    weights = weights.to(device=device, dtype=torch.float32)
     homogeneous = z is None
-    interpolate = settings.interpolate_refinement
-    if interpolate is None:
-        interpolate = homogeneous
-    M = settings.n_refine
-    radius_final = settings.radius_at(M, D)
-    if homogeneous and lattice is None:
-        lattice = evaluate_lattice(decoder, radius_index=radius_final if interpolate else settings.radius_at(0, D),
-                                   oversampling=settings.oversampling, amp=settings.amp)
-    if lattice is not None:
-        needed = radius_final if interpolate else settings.radius_at(0, D)
-        if lattice.radius_index < needed - 1e-6:
-            raise ValueError(f"the lattice covers |k| <= {lattice.radius_index:g} but the search needs {needed:g}")
-        if lattice.values.device != device:
-            lattice = replace(lattice, values=lattice.values.to(device))
-
-    # ---- base grid: exhaustive over rotations x shifts
-    level = settings.base_level
-    R0, ids0 = _cached_grid(level, settings.base_nside, settings.base_n_psi, str(device))
-    band = _Band(values, coords_index, weights, ctf, settings.radius_at(0, D))
-    shifts0 = translation_grid(settings.t_extent_pixel, settings.t_n_per_axis, device=device)
-    n_rot = R0.shape[0]
-    K = settings.n_keep
-    K0 = min(settings.n_keep_base or K, n_rot)
-    anchors = None  # (anchor lattice, (B,) anchor of each image) for a heterogeneous decoder
+    interpolate = homogeneous if settings.interpolate_refinement is None else settings.interpolate_refinement
+    ctx = _Search(decoder=decoder, values=values, coords_index=coords_index.to(device=values.device, dtype=torch.float32),
+                  weights=weights.to(device=values.device, dtype=torch.float32), ctf=ctf, z=z, settings=settings,
+                  interpolate=interpolate, image_chunk=image_chunk)
     if homogeneous:
-        Y0r, Y0i = lattice.slice_parts(R0, band.coords)  # (R, P), once for all images
-        err0, t_idx0 = _base_shared(Y0r, Y0i, band, shifts0, D, settings.max_elements, low_precision=settings.amp)
-    elif settings.latent_anchors and B > settings.latent_anchors:
-        centres, assign = _latent_anchors(z, settings.latent_anchors)
-        anchor_lattice = evaluate_lattice(decoder, radius_index=settings.radius_at(min(1, M), D),
-                                          oversampling=settings.oversampling, z=centres, amp=settings.amp)
-        anchors = (anchor_lattice, assign)
-        err0, t_idx0 = _base_anchored(anchor_lattice, assign, band, R0, shifts0, D, settings)
-    else:
-        err0, t_idx0 = _base_per_image(decoder, z, band, R0, shifts0, settings, D)
-    top_err, top = torch.topk(err0, K0, dim=1, largest=False)  # (B, K0)
-    keep_ids = ids0[top]  # (B, K, 2)
-    keep_t = shifts0[torch.gather(t_idx0, 1, top)]  # (B, K, 2)
-    keep_err = top_err
-    keep_R = R0[top]
-    wsum = band.wsum
-
-    # ---- refinement rounds
-    for j in range(1, M + 1):
-        level = settings.base_level + j
-        band = _Band(values, coords_index, weights, ctf, settings.radius_at(j, D))
-        wsum = band.wsum
-        child_ids = so3_grid_children(keep_ids).flatten(-3, -2)  # (B, 8K, 2)
-        child_R = grid_rotations(child_ids, level, base_nside=settings.base_nside, base_n_psi=settings.base_n_psi)
-        offsets = translation_grid(settings.t_extent_pixel / 2**j, settings.t_n_per_axis, device=device)
-        C = child_ids.shape[1]
-        P = band.coords.shape[0]
-        T = offsets.shape[0]
-        step = image_chunk or max(1, settings.max_elements // max(1, C * max(P, T) * 4))
-        err_c = torch.empty((B, C), dtype=torch.float32, device=device)
-        t_c = torch.empty((B, C, 2), dtype=torch.float32, device=device)
-        use_anchors = anchors is not None and j == 1
-        groups = _anchor_groups(anchors[1], anchors[0].n_volumes) if use_anchors else [None]
-        for group in groups:
-            members = torch.arange(B, device=device) if group is None else group[1]
-            for b0 in range(0, len(members), step):
-                rows = members[b0 : b0 + step]
-                if interpolate and homogeneous:
-                    Yr, Yi = lattice.slice_parts(child_R[rows], band.coords)
-                elif use_anchors:
-                    one = FourierLattice(anchors[0].values[group[0] : group[0] + 1], anchors[0].oversampling,
-                                         anchors[0].radius_index)
-                    Yr, Yi = one.slice_parts(child_R[rows], band.coords)
-                else:
-                    Y = evaluate_slices(decoder, child_R[rows], band.coords, z=None if z is None else z[rows],
-                                        amp=settings.amp)
-                    Yr, Yi = Y.real.contiguous(), Y.imag.contiguous()
-                # each child starts from its parent's best shift t*
-                e, t = _candidate_errors(Yr.unflatten(1, (-1, 8)), Yi.unflatten(1, (-1, 8)), keep_t[rows], band,
-                                         rows, offsets, D)
-                err_c[rows] = e
-                t_c[rows] = t
-        k_here = min(K, C)
-        keep_err, top = torch.topk(err_c, k_here, dim=1, largest=False)
-        keep_ids = torch.gather(child_ids, 1, top[..., None].expand(-1, -1, 2))
-        keep_t = torch.gather(t_c, 1, top[..., None].expand(-1, -1, 2))
-        keep_R = torch.gather(child_R, 1, top[..., None, None].expand(-1, -1, 3, 3))
-
+        ctx.lattice = _ready_lattice(ctx, lattice)
+    best, wsum = _base_round(ctx)
+    for j in range(1, settings.n_refine + 1):
+        best, wsum = _refine_round(ctx, j, best)
     result = PoseSearchResult(
-        rotations=keep_R[:, 0].contiguous(),
-        shifts_pixel=keep_t[:, 0].contiguous(),
-        errors=keep_err[:, 0] / max(wsum, 1e-12),
-        ids=keep_ids[:, 0].contiguous(),
-        level=level,
+        rotations=best.R[:, 0].contiguous(),
+        shifts_pixel=best.t[:, 0].contiguous(),
+        errors=best.err[:, 0] / max(wsum, 1e-12),
+        ids=best.ids[:, 0].contiguous(),
+        level=settings.base_level + settings.n_refine,
     )
     if return_candidates:
-        result.candidate_rotations = keep_R
-        result.candidate_shifts_pixel = keep_t
-        result.candidate_errors = keep_err / max(wsum, 1e-12)
+        result.candidate_rotations = best.R
+        result.candidate_shifts_pixel = best.t
+        result.candidate_errors = best.err / max(wsum, 1e-12)
     return result
+
+
+@dataclass
+class _Search:
+    """One call of :func:`search_poses`: its inputs and what the rounds share."""
+
+    decoder: torch.nn.Module
+    values: torch.Tensor
+    coords_index: torch.Tensor
+    weights: torch.Tensor
+    ctf: torch.Tensor | None
+    z: torch.Tensor | None
+    settings: SearchSettings
+    interpolate: bool
+    image_chunk: int | None
+    lattice: FourierLattice | None = None
+    anchors: tuple[FourierLattice, torch.Tensor] | None = None  # anchor lattice, (B,) anchor of each image
+
+    @property
+    def box_size(self) -> int:
+        return int(self.decoder.box_size)
+
+    def band(self, j: int) -> _Band:
+        return _Band(self.values, self.coords_index, self.weights, self.ctf, self.settings.radius_at(j, self.box_size))
+
+
+@dataclass
+class _Kept:
+    """The ``K`` best candidates of every image after a round: grid ids, shifts, errors and rotations."""
+
+    ids: torch.Tensor  # (B, K, 2)
+    t: torch.Tensor  # (B, K, 2)
+    err: torch.Tensor  # (B, K)
+    R: torch.Tensor  # (B, K, 3, 3)
+
+
+def _ready_lattice(ctx: _Search, lattice: FourierLattice | None) -> FourierLattice:
+    """A homogeneous decoder's lattice covering the radius the search reads, on the images' device."""
+    settings, D = ctx.settings, ctx.box_size
+    needed = settings.radius_at(settings.n_refine, D) if ctx.interpolate else settings.radius_at(0, D)
+    if lattice is None:
+        lattice = evaluate_lattice(ctx.decoder, radius_index=needed, oversampling=settings.oversampling,
+                                   amp=settings.amp)
+    if lattice.radius_index < needed - 1e-6:
+        raise ValueError(f"the lattice covers |k| <= {lattice.radius_index:g} but the search needs {needed:g}")
+    if lattice.values.device != ctx.values.device:
+        lattice = replace(lattice, values=lattice.values.to(ctx.values.device))
+    return lattice
+
+
+def _base_round(ctx: _Search) -> tuple[_Kept, float]:
+    """Exhaustive search over the base grid's rotations x shifts; the ``n_keep_base`` best of each image."""
+    settings, D, device = ctx.settings, ctx.box_size, ctx.values.device
+    R0, ids0 = _cached_grid(settings.base_level, settings.base_nside, settings.base_n_psi, str(device))
+    band = ctx.band(0)
+    shifts0 = translation_grid(settings.t_extent_pixel, settings.t_n_per_axis, device=device)
+    K0 = min(settings.n_keep_base or settings.n_keep, R0.shape[0])
+    if ctx.z is None:
+        Y0r, Y0i = ctx.lattice.slice_parts(R0, band.coords)  # (R, P), once for all images
+        err0, t_idx0 = _base_shared(Y0r, Y0i, band, shifts0, D, settings.max_elements, low_precision=settings.amp)
+    elif settings.latent_anchors and int(ctx.values.shape[0]) > settings.latent_anchors:
+        centres, assign = _latent_anchors(ctx.z, settings.latent_anchors)
+        anchor_lattice = evaluate_lattice(ctx.decoder, radius_index=settings.radius_at(min(1, settings.n_refine), D),
+                                          oversampling=settings.oversampling, z=centres, amp=settings.amp)
+        ctx.anchors = (anchor_lattice, assign)
+        err0, t_idx0 = _base_anchored(anchor_lattice, assign, band, R0, shifts0, D, settings)
+    else:
+        err0, t_idx0 = _base_per_image(ctx.decoder, ctx.z, band, R0, shifts0, settings, D)
+    top_err, top = torch.topk(err0, K0, dim=1, largest=False)  # (B, K0)
+    kept = _Kept(ids=ids0[top], t=shifts0[torch.gather(t_idx0, 1, top)], err=top_err, R=R0[top])
+    return kept, band.wsum
+
+
+def _refine_round(ctx: _Search, j: int, kept: _Kept) -> tuple[_Kept, float]:
+    """Round ``j``: the 8 children of every kept candidate at level ``base + j``, each with a shift grid
+    around its parent's best shift (halved extent), in a band widened to ``radius_at(j)``; the ``K`` best."""
+    settings, D, device = ctx.settings, ctx.box_size, ctx.values.device
+    B = int(ctx.values.shape[0])
+    band = ctx.band(j)
+    child_ids = so3_grid_children(kept.ids).flatten(-3, -2)  # (B, 8K, 2)
+    child_R = grid_rotations(child_ids, settings.base_level + j, base_nside=settings.base_nside,
+                             base_n_psi=settings.base_n_psi)
+    offsets = translation_grid(settings.t_extent_pixel / 2**j, settings.t_n_per_axis, device=device)
+    C, P, T = child_ids.shape[1], band.coords.shape[0], offsets.shape[0]
+    step = ctx.image_chunk or max(1, settings.max_elements // max(1, C * max(P, T) * 4))
+    err_c = torch.empty((B, C), dtype=torch.float32, device=device)
+    t_c = torch.empty((B, C, 2), dtype=torch.float32, device=device)
+    use_anchors = ctx.anchors is not None and j == 1
+    groups = _anchor_groups(ctx.anchors[1], ctx.anchors[0].n_volumes) if use_anchors else [None]
+    for group in groups:
+        members = torch.arange(B, device=device) if group is None else group[1]
+        for b0 in range(0, len(members), step):
+            rows = members[b0 : b0 + step]
+            Yr, Yi = _child_slices(ctx, child_R[rows], band, rows, group if use_anchors else None)
+            # each child starts from its parent's best shift t*
+            e, t = _candidate_errors(Yr.unflatten(1, (-1, 8)), Yi.unflatten(1, (-1, 8)), kept.t[rows], band,
+                                     rows, offsets, D)
+            err_c[rows] = e
+            t_c[rows] = t
+    keep_err, top = torch.topk(err_c, min(settings.n_keep, C), dim=1, largest=False)
+    return _Kept(ids=torch.gather(child_ids, 1, top[..., None].expand(-1, -1, 2)),
+                 t=torch.gather(t_c, 1, top[..., None].expand(-1, -1, 2)), err=keep_err,
+                 R=torch.gather(child_R, 1, top[..., None, None].expand(-1, -1, 3, 3))), band.wsum
+
+
+def _child_slices(ctx: _Search, R: torch.Tensor, band: _Band, rows: torch.Tensor,
+                  group: tuple[int, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary slices ``(b, C, P)`` of the children ``R`` ``(b, C, 3, 3)``: from the homogeneous
+    lattice (interpolated refinement), from the images' anchor lattice (first round), or decoded."""
+    if ctx.interpolate and ctx.z is None:
+        return ctx.lattice.slice_parts(R, band.coords)
+    if group is not None:
+        anchors = ctx.anchors[0]
+        one = FourierLattice(anchors.values[group[0] : group[0] + 1], anchors.oversampling, anchors.radius_index)
+        return one.slice_parts(R, band.coords)
+    Y = evaluate_slices(ctx.decoder, R, band.coords, z=None if ctx.z is None else ctx.z[rows], amp=ctx.settings.amp)
+    return Y.real.contiguous(), Y.imag.contiguous()
 
 
 def _latent_anchors(z: torch.Tensor, n: int, iterations: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
