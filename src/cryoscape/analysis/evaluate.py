@@ -535,7 +535,7 @@ def evaluate_against_truth(
     """
     import yaml
 
-    from cryoscape.analysis.selection import kmeans_labels, read_labels, read_run_latents, run_particle_rows
+    from cryoscape.analysis.selection import run_particle_rows
     from cryoscape.io.writers import atomic_write
 
     gt = load_ground_truth(truth)
@@ -545,23 +545,7 @@ def evaluate_against_truth(
                          "to evaluate.")
     if n_images < 1:
         raise InputError(f"--n-images {n_images} is not positive; pass the number of images for the per-image FSC.")
-    decoder = state = None
-    source: dict[str, Any] = {}
-    z = None
-    if run is not None and (maps_dir is None or z_path is None):
-        decoder, state = _run_epoch_and_decoder(run, epoch, device)
-        epoch = int(state["epoch"])
-        source.update(run=str(run), epoch=epoch)
-    if z_path is not None:
-        z = read_latent_file(z_path)
-        source["latents"] = str(z_path)
-    elif run is not None and (decoder is None or decoder.zdim > 0):
-        latents = read_run_latents(run, epoch=epoch)
-        z, epoch = latents.z, latents.epoch
-        source.update(run=str(run), epoch=epoch)
-    if maps_dir is not None:
-        source["maps"] = str(maps_dir)
-
+    decoder, state, z, epoch, source = _evaluated_sources(run, epoch, z_path, maps_dir, device)
     if z is not None:
         n_particles = len(z)
     elif state is not None:
@@ -578,35 +562,80 @@ def evaluate_against_truth(
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     result = Evaluation(out_dir=out, n_particles=n_particles, rows=rows, source=source, truth=gt, z=z)
+    accuracy = _evaluate_poses(result, poses, run, epoch)
+    positions = evenly_spaced_indices(n_particles, n_images)
+    result.fsc_positions = positions
+    if z is not None:
+        np.savetxt(out / "eval_z.txt", z[positions], fmt="%.7g")
+    maps = _maps_to_score(result, maps_dir, decoder, state, box_size, device, progress)
+    if maps is not None:
+        _score_maps(result, maps, accuracy, invert_maps=invert_maps, flip_maps=flip_maps)
+    if z is not None:
+        _score_latents(result, labels=labels, n_clusters=n_clusters, seed=seed)
+    if decoder is not None:  # atomic models: an atomic decoder against the true models (analysis/atomic.py)
+        from cryoscape.analysis.atomic import atomic_evaluation
 
-    # ---- poses
-    accuracy = None
+        result.atomic = atomic_evaluation(decoder, gt, rows, z, out, true_model=true_model)
+    with atomic_write(out / "evaluation.yaml", "w") as fh:
+        yaml.safe_dump(result.to_dict(), fh, sort_keys=False)
+    return result
+
+
+def _evaluated_sources(run: Path | None, epoch: int | None, z_path: PathLike | None, maps_dir: PathLike | None,
+                       device: Any) -> tuple[Any, dict | None, np.ndarray | None, int | None, dict[str, Any]]:
+    """The run's decoder and state (when maps are to be decoded), the latents and the epoch, and a
+    record of where each came from."""
+    from cryoscape.analysis.selection import read_run_latents
+
+    decoder = state = None
+    source: dict[str, Any] = {}
+    z = None
+    if run is not None and (maps_dir is None or z_path is None):
+        decoder, state = _run_epoch_and_decoder(run, epoch, device)
+        epoch = int(state["epoch"])
+        source.update(run=str(run), epoch=epoch)
+    if z_path is not None:
+        z = read_latent_file(z_path)
+        source["latents"] = str(z_path)
+    elif run is not None and (decoder is None or decoder.zdim > 0):
+        latents = read_run_latents(run, epoch=epoch)
+        z, epoch = latents.z, latents.epoch
+        source.update(run=str(run), epoch=epoch)
+    if maps_dir is not None:
+        source["maps"] = str(maps_dir)
+    return decoder, state, z, epoch, source
+
+
+def _evaluate_poses(result: Evaluation, poses: PathLike | None, run: Path | None, epoch: int | None):
+    """Pose accuracy of the given (or the run's refined) poses against the truth; None without poses."""
+    gt, rows, n_particles = result.truth, result.rows, result.n_particles
     poses_path = Path(poses) if poses is not None else None
     if poses_path is None and run is not None and epoch is not None:
         from cryoscape.analysis.pose_accuracy import run_pose_files
 
         poses_path = run_pose_files(run).get(epoch)
-    if poses_path is not None:
-        from cryoscape.analysis.pose_accuracy import compare_poses, read_poses
+    if poses_path is None:
+        return None
+    from cryoscape.analysis.pose_accuracy import compare_poses, read_poses
 
-        R, t = read_poses(poses_path, box_size=gt.box_size)
-        if len(R) == len(gt) and len(R) != n_particles:  # poses of every dataset row
-            R, t = R[rows], (None if t is None else t[rows])
-        elif len(R) != n_particles:
-            raise InputError(f"{poses_path} holds {len(R)} poses but the run has {n_particles} particles and the "
-                             f"dataset {len(gt)}; pass the poses of either.")
-        accuracy = compare_poses(R, gt.rotations[rows], t, None if t is None else gt.shifts_pixel[rows],
-                                 fit_map_shift=True)
-        result.poses = {"file": str(poses_path), **accuracy.summary()}
-        result.pose_angle_deg = accuracy.angle_deg
+    R, t = read_poses(poses_path, box_size=gt.box_size)
+    if len(R) == len(gt) and len(R) != n_particles:  # poses of every dataset row
+        R, t = R[rows], (None if t is None else t[rows])
+    elif len(R) != n_particles:
+        raise InputError(f"{poses_path} holds {len(R)} poses but the run has {n_particles} particles and the "
+                         f"dataset {len(gt)}; pass the poses of either.")
+    accuracy = compare_poses(R, gt.rotations[rows], t, None if t is None else gt.shifts_pixel[rows],
+                             fit_map_shift=True)
+    result.poses = {"file": str(poses_path), **accuracy.summary()}
+    result.pose_angle_deg = accuracy.angle_deg
+    return accuracy
 
-    # ---- per-image FSC
-    positions = evenly_spaced_indices(n_particles, n_images)
-    result.fsc_positions = positions
-    states = gt.state_index[rows[positions]]
-    if z is not None:
-        np.savetxt(out / "eval_z.txt", z[positions], fmt="%.7g")
-    maps: list[np.ndarray] | None = None
+
+def _maps_to_score(result: Evaluation, maps_dir: PathLike | None, decoder, state: dict | None,
+                   box_size: int | None, device: Any, progress: bool) -> list[np.ndarray] | None:
+    """One map per evaluated image: read from ``maps_dir`` or decoded from the run; None (with a note)
+    when there are latents but no maps."""
+    positions, gt, z, out = result.fsc_positions, result.truth, result.z, result.out_dir
     if maps_dir is not None:
         from cryoscape.io.mrc import read_mrc
 
@@ -615,8 +644,8 @@ def evaluate_against_truth(
             raise InputError(f"{maps_dir} holds {len(files)} maps but {len(positions)} images are evaluated; decode "
                              f"one map per line of {out / 'eval_z.txt'}, in order (or pass --n-images {len(files)} if "
                              "the maps follow the same rule).")
-        maps = [read_mrc(p)[0] for p in files]
-    elif decoder is not None:
+        return [read_mrc(p)[0] for p in files]
+    if decoder is not None:
         from tqdm.auto import tqdm
 
         D = int(state["data"]["box_size"])
@@ -626,71 +655,74 @@ def evaluate_against_truth(
             for p in tqdm(positions, desc="maps", unit="map", disable=not progress, leave=False):
                 zi = None if decoder.zdim == 0 else torch.as_tensor(z[p], device=device)
                 maps.append(decoder.eval_volume(zi, box_size=n).float().cpu().numpy())
-    elif z is not None:
+        return maps
+    if z is not None:
         result.notes.append(f"no maps to score: decode the latents in {out / 'eval_z.txt'} (one map per line, in "
                             "order) and pass their folder with --maps.")
-    if maps is not None:
-        maps = [(-m if invert_maps else m) for m in maps]
-        maps = [m[::-1].copy() if flip_maps else m for m in maps]
-        if accuracy is not None and (accuracy.handedness_flipped or _rotation_angle_deg(accuracy.global_rotation) > 1.0):
-            # poses learnt ab initio: their map lives in another frame (and maybe hand) than the truth
-            from cryoscape.analysis.pose_accuracy import map_in_reference_frame
+    return None
 
-            maps = [map_in_reference_frame(m, accuracy.global_rotation, accuracy.handedness_flipped,
-                                           truth_map if truth_map.shape == m.shape else None)
-                    for m, truth_map in zip(maps, (gt.volume(s) for s in states))]
-            result.notes.append(
-                f"the maps were turned into the truth's frame by the pose alignment (a rotation of "
-                f"{_rotation_angle_deg(accuracy.global_rotation):.1f} deg"
-                f"{', mirrored' if accuracy.handedness_flipped else ''}) and centred on it before the FSC.")
-        result.fsc = per_image_fsc(maps, [gt.volume(s) for s in states],
+
+def _score_maps(result: Evaluation, maps: list[np.ndarray], accuracy, *, invert_maps: bool, flip_maps: bool) -> None:
+    """Per-image FSC of the maps against each image's true map (turned into the truth's frame first
+    when the poses were learnt ab initio); ``per_image_fsc.txt``, ``fsc_curves.npy`` and notes."""
+    from cryoscape.io.writers import atomic_write
+
+    gt, rows, positions, out = result.truth, result.rows, result.fsc_positions, result.out_dir
+    states = gt.state_index[rows[positions]]
+    maps = [(-m if invert_maps else m) for m in maps]
+    maps = [m[::-1].copy() if flip_maps else m for m in maps]
+    if accuracy is not None and (accuracy.handedness_flipped or _rotation_angle_deg(accuracy.global_rotation) > 1.0):
+        # poses learnt ab initio: their map lives in another frame (and maybe hand) than the truth
+        from cryoscape.analysis.pose_accuracy import map_in_reference_frame
+
+        maps = [map_in_reference_frame(m, accuracy.global_rotation, accuracy.handedness_flipped,
+                                       truth_map if truth_map.shape == m.shape else None)
+                for m, truth_map in zip(maps, (gt.volume(s) for s in states))]
+        result.notes.append(
+            f"the maps were turned into the truth's frame by the pose alignment (a rotation of "
+            f"{_rotation_angle_deg(accuracy.global_rotation):.1f} deg"
+            f"{', mirrored' if accuracy.handedness_flipped else ''}) and centred on it before the FSC.")
+    result.fsc = f = per_image_fsc(maps, [gt.volume(s) for s in states],
                                    truth_box_pixel=(gt.box_size, gt.pixel_size_angstrom))
-        f = result.fsc
-        table = np.column_stack([positions, rows[positions], states, gt.coordinate[rows[positions]], f.auc,
-                                 f.res_0_5, f.angstrom(f.res_0_5), f.res_0_143, f.angstrom(f.res_0_143),
-                                 f.correlation, f.auc_mirror])
-        np.savetxt(out / "per_image_fsc.txt", table, fmt="%.6g",
-                   header="position dataset_row state true_coordinate auc res_0.5_cycles_per_pixel res_0.5_angstrom "
-                          "res_0.143_cycles_per_pixel res_0.143_angstrom correlation auc_vs_mirrored_truth")
-        with atomic_write(out / "fsc_curves.npy") as fh:
-            np.save(fh, np.concatenate([f.freqs[None], f.curves]).astype(np.float32))
-        if np.mean(f.correlation) < 0:
-            result.notes.append("the maps correlate negatively with the truth: they are inverted; evaluate again "
-                                "with --invert-maps.")
-        if np.mean(f.auc_mirror) > np.mean(f.auc) + 0.05:
-            result.notes.append("the maps match the mirrored truth better: they have the other hand; evaluate again "
-                                "with --flip-maps.")
-        log.info("per-image FSC of %d images: AUC mean %.3f, FSC=0.5 at %.2f A (mean frequency)", len(f.auc),
-                 float(f.auc.mean()), float(f.angstrom(f.res_0_5.mean())))
+    table = np.column_stack([positions, rows[positions], states, gt.coordinate[rows[positions]], f.auc,
+                             f.res_0_5, f.angstrom(f.res_0_5), f.res_0_143, f.angstrom(f.res_0_143),
+                             f.correlation, f.auc_mirror])
+    np.savetxt(out / "per_image_fsc.txt", table, fmt="%.6g",
+               header="position dataset_row state true_coordinate auc res_0.5_cycles_per_pixel res_0.5_angstrom "
+                      "res_0.143_cycles_per_pixel res_0.143_angstrom correlation auc_vs_mirrored_truth")
+    with atomic_write(out / "fsc_curves.npy") as fh:
+        np.save(fh, np.concatenate([f.freqs[None], f.curves]).astype(np.float32))
+    if np.mean(f.correlation) < 0:
+        result.notes.append("the maps correlate negatively with the truth: they are inverted; evaluate again "
+                            "with --invert-maps.")
+    if np.mean(f.auc_mirror) > np.mean(f.auc) + 0.05:
+        result.notes.append("the maps match the mirrored truth better: they have the other hand; evaluate again "
+                            "with --flip-maps.")
+    log.info("per-image FSC of %d images: AUC mean %.3f, FSC=0.5 at %.2f A (mean frequency)", len(f.auc),
+             float(f.auc.mean()), float(f.angstrom(f.res_0_5.mean())))
 
-    # ---- latents against the true coordinate
-    if z is not None:
-        coord = gt.coordinate[rows]
-        if np.isfinite(coord).sum() >= 3:
-            result.latent = latent_correlation(z, coord)
-            result.latent["coordinate"] = gt.coordinate_name
-        # ---- clusters against the true classes
-        true_classes = gt.state_index[rows]
-        predicted = None
-        if labels is not None:
-            predicted = read_labels(labels, n_particles=n_particles)
-            how = f"labels from {labels}"
-        elif gt.kind == "discrete" and len(np.unique(true_classes)) > 1:
-            k = int(n_clusters or len(np.unique(true_classes)))
-            predicted, _ = kmeans_labels(z, k, seed=seed)
-            how = f"k-means of the latents, k={k} (seed {seed})"
-        if predicted is not None:
-            result.clusters = {"labels": how, **cluster_agreement(predicted, true_classes)}
 
-    # ---- atomic models (an atomic decoder against the true models: analysis/atomic.py)
-    if decoder is not None:
-        from cryoscape.analysis.atomic import atomic_evaluation
+def _score_latents(result: Evaluation, *, labels: PathLike | None, n_clusters: int | None, seed: int) -> None:
+    """The latents against the true coordinate (Spearman) and, for discrete data or given labels,
+    clusters against the true classes."""
+    from cryoscape.analysis.selection import kmeans_labels, read_labels
 
-        result.atomic = atomic_evaluation(decoder, gt, rows, z, out, true_model=true_model)
-
-    with atomic_write(out / "evaluation.yaml", "w") as fh:
-        yaml.safe_dump(result.to_dict(), fh, sort_keys=False)
-    return result
+    gt, rows, z = result.truth, result.rows, result.z
+    coord = gt.coordinate[rows]
+    if np.isfinite(coord).sum() >= 3:
+        result.latent = latent_correlation(z, coord)
+        result.latent["coordinate"] = gt.coordinate_name
+    true_classes = gt.state_index[rows]
+    predicted = None
+    if labels is not None:
+        predicted = read_labels(labels, n_particles=result.n_particles)
+        how = f"labels from {labels}"
+    elif gt.kind == "discrete" and len(np.unique(true_classes)) > 1:
+        k = int(n_clusters or len(np.unique(true_classes)))
+        predicted, _ = kmeans_labels(z, k, seed=seed)
+        how = f"k-means of the latents, k={k} (seed {seed})"
+    if predicted is not None:
+        result.clusters = {"labels": how, **cluster_agreement(predicted, true_classes)}
 
 
 def _rotation_angle_deg(R: np.ndarray) -> float:
