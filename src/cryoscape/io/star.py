@@ -197,62 +197,16 @@ def read_star(path: PathLike, *, datadir: PathLike | None = None, check_stacks: 
 
     stacks, image_indices = _parse_image_names(path, rows["rlnImageName"])
 
-    pixel = column("rlnImagePixelSize")
-    if pixel is None:
-        pixel = column("rlnPixelSize")
-    if pixel is None:
-        detector_um, magnification = column("rlnDetectorPixelSize"), column("rlnMagnification")
-        if detector_um is not None and magnification is not None:
-            pixel = detector_um * 1e4 / magnification
-
+    pixel = _star_pixel_size(column)
     info = resolve_stacks(stacks, image_indices, metadata_path=path, datadir=datadir, check_stacks=check_stacks)
     pixel = _fill_pixel_size(pixel, info)
     box_size = info.box_size
     if box_size is None:
         size = column("rlnImageSize")
         box_size = None if size is None else int(size[0])
-
-    rotations = None
-    if all(c in rows.columns or (optics is not None and c in optics.columns) for c in ANGLE_COLUMNS):
-        eulers = np.stack([column(c) for c in ANGLE_COLUMNS], axis=-1)
-        rotations = _eulers_to_matrices(eulers)
-
-    shifts = None
-    x_angst, y_angst = column("rlnOriginXAngst"), column("rlnOriginYAngst")
-    x_pixel, y_pixel = column("rlnOriginX"), column("rlnOriginY")
-    if x_angst is not None and y_angst is not None:
-        known = np.isfinite(pixel) & (pixel > 0)
-        if not known.all():
-            raise InputError(
-                f"{path} gives shifts in angstroms but no pixel size; add rlnImagePixelSize to data_optics."
-            )
-        shifts = np.stack([x_angst, y_angst], axis=-1) / pixel[:, None]
-    elif x_pixel is not None and y_pixel is not None:
-        shifts = np.stack([x_pixel, y_pixel], axis=-1)
-    elif rotations is not None:
-        shifts = np.zeros((len(rows), 2))
-
-    ctf = None
-    defocus_u = column("rlnDefocusU")
-    voltage, cs, amp = column("rlnVoltage"), column("rlnSphericalAberration"), column("rlnAmplitudeContrast")
-    if amp is None and defocus_u is not None and voltage is not None and cs is not None:
-        log.warning("%s has no rlnAmplitudeContrast column; using %g (pass --amp-contrast to change it)",
-                    path, amplitude_contrast)
-        amp = np.full(len(rows), float(amplitude_contrast))
-    if defocus_u is not None and voltage is not None and cs is not None and amp is not None:
-        defocus_v = column("rlnDefocusV")
-        angle = column("rlnDefocusAngle")
-        phase = column("rlnPhaseShift")
-        zeros = np.zeros(len(rows))
-        ctf = CtfParameters(
-            defocus_u_angstrom=defocus_u,
-            defocus_v_angstrom=defocus_u if defocus_v is None else defocus_v,
-            defocus_angle_deg=zeros if angle is None else angle,
-            voltage_kv=voltage,
-            cs_mm=cs,
-            amplitude_contrast=amp,
-            phase_shift_deg=zeros if phase is None else phase,
-        )
+    has_angles = all(c in rows.columns or (optics is not None and c in optics.columns) for c in ANGLE_COLUMNS)
+    rotations, shifts = _star_poses(path, column, pixel, len(rows), has_angles=has_angles)
+    ctf = _star_ctf(path, column, len(rows), amplitude_contrast)
 
     return ParticleTable(
         image_paths=info.image_paths,
@@ -280,6 +234,69 @@ def _format_float_column(values: np.ndarray) -> np.ndarray:
     for i in np.flatnonzero(finite & (back != values)):
         out[i] = repr(float(values[i]))
     return out
+
+
+def _star_pixel_size(column) -> np.ndarray | None:
+    """Per-particle pixel size from rlnImagePixelSize, rlnPixelSize or detector pixel / magnification."""
+    pixel = column("rlnImagePixelSize")
+    if pixel is None:
+        pixel = column("rlnPixelSize")
+    if pixel is None:
+        detector_um, magnification = column("rlnDetectorPixelSize"), column("rlnMagnification")
+        if detector_um is not None and magnification is not None:
+            pixel = detector_um * 1e4 / magnification
+    return pixel
+
+
+def _star_poses(path: Path, column, pixel: np.ndarray, n: int, *, has_angles: bool
+                ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Rotations from the Euler angles and shifts in pixels (from angstroms with the pixel size, or
+    RELION 3.0's pixel columns; zero when angles come without shifts)."""
+    rotations = None
+    if has_angles:
+        eulers = np.stack([column(c) for c in ANGLE_COLUMNS], axis=-1)
+        rotations = _eulers_to_matrices(eulers)
+    shifts = None
+    x_angst, y_angst = column("rlnOriginXAngst"), column("rlnOriginYAngst")
+    x_pixel, y_pixel = column("rlnOriginX"), column("rlnOriginY")
+    if x_angst is not None and y_angst is not None:
+        known = np.isfinite(pixel) & (pixel > 0)
+        if not known.all():
+            raise InputError(
+                f"{path} gives shifts in angstroms but no pixel size; add rlnImagePixelSize to data_optics."
+            )
+        shifts = np.stack([x_angst, y_angst], axis=-1) / pixel[:, None]
+    elif x_pixel is not None and y_pixel is not None:
+        shifts = np.stack([x_pixel, y_pixel], axis=-1)
+    elif rotations is not None:
+        shifts = np.zeros((n, 2))
+    return rotations, shifts
+
+
+def _star_ctf(path: Path, column, n: int, amplitude_contrast: float) -> CtfParameters | None:
+    """CTF parameters when the defocus, voltage and Cs columns exist (amplitude contrast defaulted with
+    a warning when only it is missing)."""
+    defocus_u = column("rlnDefocusU")
+    voltage, cs, amp = column("rlnVoltage"), column("rlnSphericalAberration"), column("rlnAmplitudeContrast")
+    if amp is None and defocus_u is not None and voltage is not None and cs is not None:
+        log.warning("%s has no rlnAmplitudeContrast column; using %g (pass --amp-contrast to change it)",
+                    path, amplitude_contrast)
+        amp = np.full(n, float(amplitude_contrast))
+    if defocus_u is None or voltage is None or cs is None or amp is None:
+        return None
+    defocus_v = column("rlnDefocusV")
+    angle = column("rlnDefocusAngle")
+    phase = column("rlnPhaseShift")
+    zeros = np.zeros(n)
+    return CtfParameters(
+        defocus_u_angstrom=defocus_u,
+        defocus_v_angstrom=defocus_u if defocus_v is None else defocus_v,
+        defocus_angle_deg=zeros if angle is None else angle,
+        voltage_kv=voltage,
+        cs_mm=cs,
+        amplitude_contrast=amp,
+        phase_shift_deg=zeros if phase is None else phase,
+    )
 
 
 def _format_column(column: pd.Series) -> np.ndarray:
