@@ -34,86 +34,125 @@ def _save(fig, path: Path) -> Path:
 
 def plot_evaluation(ev: Evaluation, folder: str | os.PathLike) -> dict[str, Path]:
     """Figures of the evaluation into ``folder``; returns name -> PNG path."""
-    from matplotlib.figure import Figure as MplFigure
-
     folder = Path(folder)
     out: dict[str, Path] = {}
-    gt = ev.truth
-    if ev.fsc is not None:
-        f = ev.fsc
-        fig = MplFigure(figsize=(5.0, 3.6), dpi=120)
-        ax = fig.add_subplot(1, 1, 1)
-        x = f.freqs / f.pixel_size_angstrom
-        for curve in f.curves:
-            ax.plot(x, curve, color="0.6", linewidth=0.5, alpha=0.5)
-        ax.plot(x, f.curves.mean(0), color="tab:blue", linewidth=2, label=f"mean of {len(f.curves)} images")
-        for t in (0.5, 0.143):
-            ax.axhline(t, color="k", linestyle="--", linewidth=0.7)
-        ax.set_xlabel("spatial frequency (1/Å)")
-        ax.set_ylabel("FSC with the true map")
-        ax.set_ylim(min(-0.1, float(f.curves.min()) - 0.05), 1.05)
-        ax.set_title(f"per-image FSC: AUC {f.auc.mean():.3f} (mean)", fontsize="small")
-        ax.legend(fontsize="small")
-        out["fsc_curves"] = _save(fig, folder / "per_image_fsc.png")
-
-        rows = ev.rows[ev.fsc_positions]
-        coord = gt.coordinate[rows]
-        fig = MplFigure(figsize=(5.0, 3.4), dpi=120)
-        ax = fig.add_subplot(1, 1, 1)
-        if np.isfinite(coord).all() and np.ptp(coord) > 0:
-            ax.scatter(coord, f.auc, s=10, color="tab:blue")
-            ax.set_xlabel(f"true {gt.coordinate_name}")
-        else:
-            states = gt.state_index[rows]
-            jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(states))
-            ax.scatter(states + jitter, f.auc, s=10, color="tab:blue")
-            ax.set_xlabel("true state")
-            ax.set_xticks(np.unique(states))
-        ax.set_ylabel("FSC AUC")
-        out["auc_by_truth"] = _save(fig, folder / "auc_by_truth.png")
-
-    if ev.latent is not None and ev.z is not None:
-        from cryoscape.analysis.selection import pca_embedding
-
-        coord = gt.coordinate[ev.rows]
-        ok = np.isfinite(coord)
-        pick = np.flatnonzero(ok)
-        if len(pick) > 20000:
-            pick = np.random.default_rng(0).choice(pick, 20000, replace=False)
-        pc1 = pca_embedding(ev.z[ok], 1)[0][:, 0]
-        pc1_all = np.full(len(coord), np.nan)
-        pc1_all[ok] = pc1
-        fig = MplFigure(figsize=(4.8, 3.6), dpi=120)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.scatter(coord[pick], pc1_all[pick], s=3, alpha=0.5, color="tab:blue", rasterized=True)
-        ax.set_xlabel(f"true {gt.coordinate_name}")
-        ax.set_ylabel("latent PC1")
-        ax.set_title(f"|Spearman ρ| = {ev.latent['spearman_pc1']:.3f}", fontsize="small")
-        out["latent_vs_truth"] = _save(fig, folder / "latent_vs_truth.png")
-
-    if ev.clusters is not None:
-        table = np.asarray(ev.clusters["contingency"], dtype=np.float64)
-        fig = MplFigure(figsize=(1.2 + 0.45 * table.shape[1], 1.0 + 0.4 * table.shape[0]), dpi=120)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.imshow(table, cmap="Blues", aspect="auto")
-        for (i, j), v in np.ndenumerate(table):
-            ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize="x-small",
-                    color="white" if v > table.max() / 2 else "black")
-        ax.set_xticks(range(table.shape[1]), [str(v) for v in ev.clusters["predicted_labels"]], fontsize="x-small")
-        ax.set_yticks(range(table.shape[0]), [str(v) for v in ev.clusters["true_labels"]], fontsize="x-small")
-        ax.set_xlabel("predicted cluster")
-        ax.set_ylabel("true class")
-        ax.set_title(f"ARI {ev.clusters['adjusted_rand_index']:.3f}", fontsize="small")
-        out["clusters"] = _save(fig, folder / "clusters_vs_truth.png")
-    if ev.pose_angle_deg is not None and len(ev.pose_angle_deg):
-        fig = MplFigure(figsize=(4.6, 3.2), dpi=120)
-        ax = fig.add_subplot(1, 1, 1)
-        top = max(float(np.percentile(ev.pose_angle_deg, 99)), 1e-3)
-        ax.hist(np.clip(ev.pose_angle_deg, 0, top), bins=50, color="tab:blue")
-        ax.set_xlabel("rotation error after global alignment (degrees)")
-        ax.set_ylabel("particles")
-        out["poses"] = _save(fig, folder / "pose_errors.png")
+    for name, file, draw in (("fsc_curves", "per_image_fsc.png", _plot_fsc_curves),
+                             ("auc_by_truth", "auc_by_truth.png", _plot_auc_by_truth),
+                             ("latent_vs_truth", "latent_vs_truth.png", _plot_latent_vs_truth),
+                             ("clusters", "clusters_vs_truth.png", _plot_clusters),
+                             ("poses", "pose_errors.png", _plot_pose_errors)):
+        fig = draw(ev)
+        if fig is not None:
+            out[name] = _save(fig, folder / file)
     return out
+
+
+def _plot_fsc_curves(ev: Evaluation):
+    """Every evaluated image's FSC with its true map and their mean; None without maps."""
+    from matplotlib.figure import Figure as MplFigure
+
+    if ev.fsc is None:
+        return None
+    f = ev.fsc
+    fig = MplFigure(figsize=(5.0, 3.6), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    x = f.freqs / f.pixel_size_angstrom
+    for curve in f.curves:
+        ax.plot(x, curve, color="0.6", linewidth=0.5, alpha=0.5)
+    ax.plot(x, f.curves.mean(0), color="tab:blue", linewidth=2, label=f"mean of {len(f.curves)} images")
+    for t in (0.5, 0.143):
+        ax.axhline(t, color="k", linestyle="--", linewidth=0.7)
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC with the true map")
+    ax.set_ylim(min(-0.1, float(f.curves.min()) - 0.05), 1.05)
+    ax.set_title(f"per-image FSC: AUC {f.auc.mean():.3f} (mean)", fontsize="small")
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _plot_auc_by_truth(ev: Evaluation):
+    """Per-image AUC against the true coordinate (or the true state, jittered); None without maps."""
+    from matplotlib.figure import Figure as MplFigure
+
+    if ev.fsc is None:
+        return None
+    gt = ev.truth
+    rows = ev.rows[ev.fsc_positions]
+    coord = gt.coordinate[rows]
+    fig = MplFigure(figsize=(5.0, 3.4), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    if np.isfinite(coord).all() and np.ptp(coord) > 0:
+        ax.scatter(coord, ev.fsc.auc, s=10, color="tab:blue")
+        ax.set_xlabel(f"true {gt.coordinate_name}")
+    else:
+        states = gt.state_index[rows]
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, len(states))
+        ax.scatter(states + jitter, ev.fsc.auc, s=10, color="tab:blue")
+        ax.set_xlabel("true state")
+        ax.set_xticks(np.unique(states))
+    ax.set_ylabel("FSC AUC")
+    return fig
+
+
+def _plot_latent_vs_truth(ev: Evaluation):
+    """Latent PC1 against the true coordinate (at most 20,000 particles); None without latents."""
+    from matplotlib.figure import Figure as MplFigure
+
+    from cryoscape.analysis.selection import pca_embedding
+
+    if ev.latent is None or ev.z is None:
+        return None
+    gt = ev.truth
+    coord = gt.coordinate[ev.rows]
+    ok = np.isfinite(coord)
+    pick = np.flatnonzero(ok)
+    if len(pick) > 20000:
+        pick = np.random.default_rng(0).choice(pick, 20000, replace=False)
+    pc1_all = np.full(len(coord), np.nan)
+    pc1_all[ok] = pca_embedding(ev.z[ok], 1)[0][:, 0]
+    fig = MplFigure(figsize=(4.8, 3.6), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.scatter(coord[pick], pc1_all[pick], s=3, alpha=0.5, color="tab:blue", rasterized=True)
+    ax.set_xlabel(f"true {gt.coordinate_name}")
+    ax.set_ylabel("latent PC1")
+    ax.set_title(f"|Spearman ρ| = {ev.latent['spearman_pc1']:.3f}", fontsize="small")
+    return fig
+
+
+def _plot_clusters(ev: Evaluation):
+    """Contingency table of predicted clusters against true classes, with the ARI; None without clusters."""
+    from matplotlib.figure import Figure as MplFigure
+
+    if ev.clusters is None:
+        return None
+    table = np.asarray(ev.clusters["contingency"], dtype=np.float64)
+    fig = MplFigure(figsize=(1.2 + 0.45 * table.shape[1], 1.0 + 0.4 * table.shape[0]), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(table, cmap="Blues", aspect="auto")
+    for (i, j), v in np.ndenumerate(table):
+        ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize="x-small",
+                color="white" if v > table.max() / 2 else "black")
+    ax.set_xticks(range(table.shape[1]), [str(v) for v in ev.clusters["predicted_labels"]], fontsize="x-small")
+    ax.set_yticks(range(table.shape[0]), [str(v) for v in ev.clusters["true_labels"]], fontsize="x-small")
+    ax.set_xlabel("predicted cluster")
+    ax.set_ylabel("true class")
+    ax.set_title(f"ARI {ev.clusters['adjusted_rand_index']:.3f}", fontsize="small")
+    return fig
+
+
+def _plot_pose_errors(ev: Evaluation):
+    """Histogram of rotation errors after global alignment; None without poses."""
+    from matplotlib.figure import Figure as MplFigure
+
+    if ev.pose_angle_deg is None or not len(ev.pose_angle_deg):
+        return None
+    fig = MplFigure(figsize=(4.6, 3.2), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    top = max(float(np.percentile(ev.pose_angle_deg, 99)), 1e-3)
+    ax.hist(np.clip(ev.pose_angle_deg, 0, top), bins=50, color="tab:blue")
+    ax.set_xlabel("rotation error after global alignment (degrees)")
+    ax.set_ylabel("particles")
+    return fig
 
 
 def _fsc_section(ev: Evaluation, figs: dict[str, Path]) -> Section | None:
