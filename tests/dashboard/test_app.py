@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import base64
 import os
 
@@ -80,3 +82,20 @@ def test_cli_bad_run_is_one_sentence(tmp_path, capsys):
     assert main(["dashboard", str(tmp_path / "nope"), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "is not a folder" in err and err.count("\n") == 1
+
+
+def test_the_request_log_does_not_show_the_token(session, caplog):
+    """A browser's first request carries ?token= in its address; werkzeug's request log must not print it."""
+    import urllib.request
+
+    from cryoscape.dashboard.server import start_server
+
+    running = start_server(session, host="127.0.0.1", port=0, token="s3cret-token", background=True)
+    try:
+        with caplog.at_level(logging.INFO, logger="werkzeug"):
+            with urllib.request.urlopen(running.url_with_token, timeout=30) as reply:
+                assert reply.status == 200
+        logged = " ".join(r.getMessage() for r in caplog.records if r.name == "werkzeug")
+        assert "GET /?token=*** HTTP" in logged and "s3cret-token" not in logged
+    finally:
+        running.shutdown()

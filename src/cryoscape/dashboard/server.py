@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -16,6 +17,24 @@ from cryoscape.errors import InputError
 __all__ = ["DashboardServer", "start_server", "serve", "is_loopback"]
 
 log = logging.getLogger(__name__)
+_TOKEN_IN_QUERY = re.compile(r"(token=)[^&\s]+")
+
+
+def redact_token(text: str) -> str:
+    """``text`` with the value of every ``token=`` query parameter replaced by ``***`` (request logs)."""
+    return _TOKEN_IN_QUERY.sub(r"\1***", text)
+
+
+def _request_handler():
+    """werkzeug's request handler with the token redacted from the logged request line (the first
+    request of a browser carries it in the address)."""
+    from werkzeug.serving import WSGIRequestHandler
+
+    class RedactingRequestHandler(WSGIRequestHandler):
+        def log(self, type: str, message: str, *args: Any) -> None:
+            super().log(type, message, *(redact_token(a) if isinstance(a, str) else a for a in args))
+
+    return RedactingRequestHandler
 
 
 def is_loopback(host: str) -> bool:
@@ -65,7 +84,7 @@ def start_server(session: DashboardSession, *, host: str = "127.0.0.1", port: in
         raise InputError("--token must be at least 8 characters long; leave it out to get a random one.")
     app = create_app(session, token=token)
     try:
-        server = make_server(host, port, app, threaded=True)
+        server = make_server(host, port, app, threaded=True, request_handler=_request_handler())
     except OSError as err:
         raise InputError(f"cannot listen on {host}:{port} ({err.strerror}); pass another --port (0: any free one).") \
             from None
