@@ -91,3 +91,26 @@ def test_expected_residual_and_backprojection_sums_match_loops():
     torch.testing.assert_close(res.expected_residual, exp_resid, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(b, exp_b, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(wbar, exp_w, rtol=1e-9, atol=1e-12)
+
+
+def test_local_estep_over_per_patch_rotation_lists_matches_the_full_one():
+    """The coarse-to-fine E-step's local search: each patch scored over its own rotations only."""
+    from cryoscape.reconstruct.patch_em import PatchEStep, backprojection_sums_ft
+
+    L, K = 4, 5
+    g = torch.Generator().manual_seed(11)
+    templates = torch.randn(K, L, L, generator=g, dtype=torch.float64)
+    patches = torch.randn(3, L, L, generator=g, dtype=torch.float64)
+    index = torch.tensor([[0, 2], [4, 1], [3, 0]])
+    t_ft, energy = template_terms(templates)
+    full = patch_posteriors(patches, t_ft, energy, sigma2=1.5, rho0=0.3)
+    local = PatchEStep(t_ft, energy, sigma2=1.5, rho0=0.3)(patches, index)
+    for m in range(3):  # same odds against "empty" for the rotations kept
+        torch.testing.assert_close(local.posterior[m] / local.p_empty[m], full.posterior[m, index[m]] / full.p_empty[m])
+    dense = torch.zeros_like(full.posterior)
+    for m in range(3):
+        dense[m, index[m]] = local.posterior[m]
+    b_ft, wbar = backprojection_sums_ft(patches, local.posterior, rotation_index=index, n_rotations=K)
+    b_dense, w_dense = backprojection_sums(patches, dense, min_mass=0.0)
+    torch.testing.assert_close(torch.fft.irfft2(b_ft, s=(2 * L, 2 * L))[:, :L, :L], b_dense)
+    torch.testing.assert_close(wbar, w_dense)

@@ -24,6 +24,18 @@ def _stage(text: str):
     return stage
 
 
+def _regularization(text: str):
+    if text == "fsc":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'fsc' nor a positive number")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's options."""
     parser.add_argument("micrographs", help="micrographs .star with CTF (RELION CtfFind / CTFFIND output)")
@@ -44,8 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--rho0", type=float, default=0.5, help="initial probability that a patch is empty (default 0.5)")
     em.add_argument("--sigma", type=float, default=None,
                     help="noise standard deviation of the micrograph pixels (default: estimated each iteration)")
-    em.add_argument("--regularization", type=float, default=0.1,
-                    help="Wiener constant relative to the mean Fourier weight (default 0.1)")
+    em.add_argument("--regularization", type=_regularization, default=0.1,
+                    help="fsc: gold-standard, even and odd micrographs summed apart and the map Wiener-filtered "
+                         "by their FSC; or a Wiener constant relative to the mean Fourier weight (default 0.1)")
+    em.add_argument("--local-rotations", type=int, default=24, metavar="N",
+                    help="stages at SO(3) level >= 1 score every patch on the level below first and then only the 8 "
+                         "children of its N most probable rotations (default 24; 0: every rotation of the level)")
     em.add_argument("--no-ctf", action="store_true", help="ignore the CTF (micrographs without CTF columns)")
     em.add_argument("--memory-gb", type=float, default=0.5, help="working memory of one E-step batch (default 0.5)")
     base = parser.add_argument_group("baseline")
@@ -105,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
                               threshold=args.pick_threshold, **common)
         else:
             run_micrograph_em(table, initial, schedule=schedule, rho0=args.rho0, sigma=args.sigma,
-                              regularization=args.regularization, seed=args.seed, resume=args.resume,
-                              memory_bytes=int(args.memory_gb * 1024**3), **common)
+                              regularization=args.regularization, local_parents=args.local_rotations,
+                              seed=args.seed, resume=args.resume, memory_bytes=int(args.memory_gb * 1024**3),
+                              **common)
     finally:
         detach_log_file(handler)
     print(f"wrote {out}/map.mrc and {out}/iterations.tsv")

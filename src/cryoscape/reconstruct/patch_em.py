@@ -168,33 +168,47 @@ class PatchEStep:
         self.offset = (energy * (0.5 / sigma2) - self.log_prior).masked_fill_(~valid, 1e30)
         self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def _views(self, n: int):
-        if self._buffers is None or self._buffers[0].shape[0] < n:
-            K, L, dev, dt = self.K, self.L, self.offset.device, self.offset.dtype
-            self._buffers = (torch.empty(n, K, 2 * L, L + 1, dtype=self.conj_ft.dtype, device=dev),
-                             torch.empty(n, K, 2 * L, 2 * L, dtype=dt, device=dev),
-                             torch.empty(n, K, 2 * L, 2 * L, dtype=dt, device=dev))
-        return tuple(b[:n] for b in self._buffers)
+    def _views(self, n: int, J: int):
+        if self._buffers is None or self._buffers[1].numel() < n * J * 4 * self.L**2:
+            L, dev, dt = self.L, self.offset.device, self.offset.dtype
+            self._buffers = (torch.empty(n * J * 2 * L * (L + 1), dtype=self.conj_ft.dtype, device=dev),
+                             torch.empty(n * J * 4 * L * L, dtype=dt, device=dev),
+                             torch.empty(n * J * 4 * L * L, dtype=dt, device=dev))
+        L = self.L
+        shapes = ((n, J, 2 * L, L + 1), (n, J, 2 * L, 2 * L), (n, J, 2 * L, 2 * L))
+        return tuple(b[: math.prod(shape)].view(shape) for b, shape in zip(self._buffers, shapes))
 
-    def __call__(self, patches: torch.Tensor) -> EStepResult:
+    def __call__(self, patches: torch.Tensor, rotation_index: torch.Tensor | None = None,
+                 log_unseen: torch.Tensor | None = None) -> EStepResult:
+        """Posteriors of ``(n, L, L)`` patches over all ``K`` rotations, or over ``rotation_index``
+        ``(n, J)`` (a different list of rotations per patch: the local search of a coarse-to-fine
+        E-step; the posterior is then ``(n, J, 2L, 2L)``).  ``log_unseen`` ``(n,)`` is the log of
+        ``1 + r`` with ``r`` the (estimated) likelihood of the rotations left out relative to those
+        kept: it is taken off the empty state's log weight, so that ``p_empty`` (and the ``rho0``
+        update) still weighs "empty" against every rotation; the mass ``r / (1 + r)`` of the
+        non-empty states that belongs to the rotations left out is not assigned to any of them."""
         n, L = patches.shape[0], self.L
-        prod, logw, posterior = self._views(n)
-        torch.mul(padded_rfft(patches)[:, None], self.conj_ft[None], out=prod)
+        J = self.K if rotation_index is None else rotation_index.shape[1]
+        prod, logw, posterior = self._views(n, J)
+        conj_ft = self.conj_ft[None] if rotation_index is None else self.conj_ft[rotation_index]
+        torch.mul(padded_rfft(patches)[:, None], conj_ft, out=prod)
         torch.fft.irfft2(prod, s=(2 * L, 2 * L), out=logw)
-        logw.mul_(1.0 / self.sigma2).sub_(self.offset)
-        top = logw.reshape(n, -1).amax(1).clamp_(min=self.log_empty)
+        logw.mul_(1.0 / self.sigma2).sub_(self.offset if rotation_index is None else self.offset[rotation_index])
+        log_empty = self.log_empty if log_unseen is None else self.log_empty - log_unseen.to(logw.dtype)
+        top = logw.reshape(n, -1).amax(1).clamp_(min=log_empty) if log_unseen is None else \
+            torch.maximum(logw.reshape(n, -1).amax(1), log_empty)
         # floor at e^-60 of the best: exp of far smaller numbers (and of the huge negative values on
         # invalid shifts) takes a slow underflow path, 10-40x the cost of exp itself; mass lost < 1e-18
         logw.sub_(top[:, None, None, None]).clamp_(min=-LOG_FLOOR)
         torch.exp(logw, out=posterior)
-        z = posterior.reshape(n, -1).sum(1) + torch.exp(self.log_empty - top)
+        z = posterior.reshape(n, -1).sum(1) + torch.exp(log_empty - top)
         posterior.mul_((1.0 / z)[:, None, None, None])
-        lse = top + torch.log(z)
-        p_empty = torch.exp(self.log_empty - lse)
+        lse = top + torch.log(z)  # log of (kept + empty / (1 + r)); the likelihood adds back log(1 + r)
+        p_empty = torch.exp(log_empty - lse)
         # sum p (log w - log prior) with log w shifted by top: add back (1 - p_empty)(top - log prior)
         p_logw = logw.mul_(posterior).reshape(n, -1).sum(1) + (1 - p_empty) * (top - self.log_prior)
         norm2 = patches.reshape(n, -1).square().sum(1)
-        log_likelihood = lse - norm2 / (2 * self.sigma2) - 0.5 * L * L * math.log(2 * math.pi * self.sigma2)
+        log_likelihood = (lse if log_unseen is None else lse + log_unseen) - norm2 / (2 * self.sigma2) - 0.5 * L * L * math.log(2 * math.pi * self.sigma2)
         return EStepResult(posterior, p_empty, log_likelihood, norm2 - 2 * self.sigma2 * p_logw)
 
 
@@ -214,25 +228,35 @@ def backprojection_sums(
 
 
 def backprojection_sums_ft(
-    patches: torch.Tensor, posterior: torch.Tensor, *, min_mass: float = 1e-6, out: torch.Tensor | None = None
+    patches: torch.Tensor, posterior: torch.Tensor, *, min_mass: float = 1e-6, out: torch.Tensor | None = None,
+    rotation_index: torch.Tensor | None = None, n_rotations: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`backprojection_sums` before the inverse FFT: ``(K, 2L, L+1)`` sums added to ``out`` if given.
 
     Summing in Fourier space over all batches of a micrograph leaves one inverse FFT per rotation
-    per micrograph instead of one per batch.
+    per micrograph instead of one per batch.  With ``rotation_index`` ``(n, J)`` the posterior is
+    over each patch's own rotations (:class:`PatchEStep` local search) and is added to rotation
+    ``rotation_index[m, j]`` of the ``n_rotations``.
     """
-    n, K, L = posterior.shape[0], posterior.shape[1], patches.shape[-1]
+    n, L = posterior.shape[0], patches.shape[-1]
+    K = posterior.shape[1] if rotation_index is None else int(n_rotations)
     frac = visible_fraction(L, device=posterior.device, dtype=posterior.dtype)
-    wbar = torch.einsum("nkyx,yx->k", posterior, frac)
     b_ft = out if out is not None else torch.zeros(K, 2 * L, L + 1, dtype=torch.complex64 if patches.dtype == torch.float32
                                                     else torch.complex128, device=patches.device)
+    i_ft = padded_rfft(patches)
+    if rotation_index is not None:
+        flat = rotation_index.reshape(-1)
+        wbar = posterior.new_zeros(K).index_add_(0, flat, torch.einsum("njyx,yx->nj", posterior, frac).reshape(-1))
+        p_ft = torch.fft.rfft2(posterior).conj_physical_().mul_(i_ft[:, None])
+        b_ft.index_add_(0, flat, p_ft.reshape(-1, *p_ft.shape[2:]))
+        return b_ft, wbar
+    wbar = torch.einsum("nkyx,yx->k", posterior, frac)
     mass = posterior.sum((0, 2, 3))
     keep = torch.nonzero(mass > min_mass).reshape(-1)
     if len(keep) == 0:
         return b_ft, wbar
     sub = posterior if len(keep) == K else posterior[:, keep]
     p_ft = torch.fft.rfft2(sub).conj_physical_()
-    i_ft = padded_rfft(patches)
     if len(keep) == K:  # a sum of products per patch (complex einsum is ~10x slower on CPU)
         for m in range(n):
             b_ft.addcmul_(p_ft[m], i_ft[m])
