@@ -114,3 +114,17 @@ def test_local_estep_over_per_patch_rotation_lists_matches_the_full_one():
     b_dense, w_dense = backprojection_sums(patches, dense, min_mass=0.0)
     torch.testing.assert_close(torch.fft.irfft2(b_ft, s=(2 * L, 2 * L))[:, :L, :L], b_dense)
     torch.testing.assert_close(wbar, w_dense)
+
+
+def test_backprojection_sums_skip_only_pairs_without_mass():
+    L, K = 4, 6
+    g = torch.Generator().manual_seed(3)
+    patches = torch.randn(3, L, L, generator=g, dtype=torch.float64)
+    posterior = torch.rand(3, K, 2 * L, 2 * L, generator=g, dtype=torch.float64)
+    posterior[:, 1:] *= 1e-9  # most pairs below min_mass: the pruned path
+    pruned, w = backprojection_sums(patches, posterior, min_mass=1e-3)
+    kept = posterior.clone()
+    kept[:, 1:] = 0
+    dense, w_dense = backprojection_sums(patches, kept, min_mass=0.0)
+    torch.testing.assert_close(pruned, dense)
+    torch.testing.assert_close(w, backprojection_sums(patches, posterior, min_mass=0.0)[1])

@@ -218,9 +218,9 @@ def backprojection_sums(
     """M-step sums of a batch of patches: ``b_k`` ``(K, L, L)`` and ``wbar_k`` ``(K,)``.
 
     ``b_k(v) = sum_m sum_s p_m(k, s) I_m(v + s)`` (template coordinates) and
-    ``wbar_k = sum_m sum_s p_m(k, s) a(s)`` with ``a`` the visible fraction.  Rotations whose
-    posterior mass over the batch is below ``min_mass`` are skipped (their sums are zero),
-    which saves most of the work once the posteriors are peaked.
+    ``wbar_k = sum_m sum_s p_m(k, s) a(s)`` with ``a`` the visible fraction.  (Patch, rotation)
+    pairs whose posterior mass is below ``min_mass`` are skipped, which saves most of the work
+    once the posteriors are peaked.
     """
     K, L = posterior.shape[1], patches.shape[-1]
     b_ft, wbar = backprojection_sums_ft(patches, posterior, min_mass=min_mass)
@@ -244,27 +244,19 @@ def backprojection_sums_ft(
     b_ft = out if out is not None else torch.zeros(K, 2 * L, L + 1, dtype=torch.complex64 if patches.dtype == torch.float32
                                                     else torch.complex128, device=patches.device)
     i_ft = padded_rfft(patches)
-    if rotation_index is not None:
-        flat = rotation_index.reshape(-1)
-        wbar = posterior.new_zeros(K).index_add_(0, flat, torch.einsum("njyx,yx->nj", posterior, frac).reshape(-1))
-        p_ft = torch.fft.rfft2(posterior).conj_physical_().mul_(i_ft[:, None])
-        b_ft.index_add_(0, flat, p_ft.reshape(-1, *p_ft.shape[2:]))
+    index = rotation_index if rotation_index is not None else torch.arange(K, device=posterior.device).expand(n, K)
+    per_pair = torch.einsum("njyx,yx->nj", posterior, frac).reshape(-1)
+    wbar = posterior.new_zeros(K).index_add_(0, index.reshape(-1), per_pair)
+    pairs = torch.nonzero(posterior.sum((2, 3)) > min_mass)  # (patch, rotation) pairs that carry mass
+    if len(pairs) == 0:
         return b_ft, wbar
-    wbar = torch.einsum("nkyx,yx->k", posterior, frac)
-    mass = posterior.sum((0, 2, 3))
-    keep = torch.nonzero(mass > min_mass).reshape(-1)
-    if len(keep) == 0:
+    if rotation_index is not None or len(pairs) < 0.75 * n * K:  # transform only the pairs that matter
+        p_ft = torch.fft.rfft2(posterior[pairs[:, 0], pairs[:, 1]]).conj_physical_().mul_(i_ft[pairs[:, 0]])
+        b_ft.index_add_(0, index[pairs[:, 0], pairs[:, 1]], p_ft)
         return b_ft, wbar
-    sub = posterior if len(keep) == K else posterior[:, keep]
-    p_ft = torch.fft.rfft2(sub).conj_physical_()
-    if len(keep) == K:  # a sum of products per patch (complex einsum is ~10x slower on CPU)
-        for m in range(n):
-            b_ft.addcmul_(p_ft[m], i_ft[m])
-    else:
-        part = p_ft[0].mul_(i_ft[0])
-        for m in range(1, n):
-            part.addcmul_(p_ft[m], i_ft[m])
-        b_ft[keep] += part
+    p_ft = torch.fft.rfft2(posterior).conj_physical_()
+    for m in range(n):  # a sum of products per patch (complex einsum is ~10x slower on CPU)
+        b_ft.addcmul_(p_ft[m], i_ft[m])
     return b_ft, wbar
 
 
