@@ -47,7 +47,7 @@ def _brute_force(patches, templates, sigma2, rho0):
 @pytest.mark.parametrize("L", [3, 4])
 def test_fft_estep_equals_brute_force_loop_over_shifts(L):
     g = torch.Generator().manual_seed(L)
-    templates = torch.randn(2, L, L, generator=g, dtype=torch.float64)
+    templates = torch.randn(L - 1, L, L, generator=g, dtype=torch.float64)  # an even and an odd number
     patches = torch.randn(3, L, L, generator=g, dtype=torch.float64)
     patches[0] += _place(templates[1], 1, -2 if L > 3 else -1)  # one patch holds a partial particle
     sigma2, rho0 = 0.7, 0.3
@@ -94,25 +94,27 @@ def test_expected_residual_and_backprojection_sums_match_loops():
 
 
 def test_local_estep_over_per_patch_rotation_lists_matches_the_full_one():
-    """The coarse-to-fine E-step's local search: each patch scored over its own rotations only."""
-    from cryoscape.reconstruct.patch_em import PatchEStep, backprojection_sums_ft
+    """The coarse-to-fine E-step's local search: each patch scored over its own rotation pairs only."""
+    from cryoscape.reconstruct.patch_em import PatchEStep, backprojection_sums_ft, unpack_posterior, unpack_sums
 
-    L, K = 4, 5
+    L, K = 4, 6
     g = torch.Generator().manual_seed(11)
     templates = torch.randn(K, L, L, generator=g, dtype=torch.float64)
     patches = torch.randn(3, L, L, generator=g, dtype=torch.float64)
-    index = torch.tensor([[0, 2], [4, 1], [3, 0]])
+    pairs = torch.tensor([[0, 2], [2, 1], [1, 0]])  # pair j holds rotations 2j, 2j + 1
+    rotations = torch.stack([pairs * 2, pairs * 2 + 1], -1).reshape(3, -1)
     t_ft, energy = template_terms(templates)
     full = patch_posteriors(patches, t_ft, energy, sigma2=1.5, rho0=0.3)
-    local = PatchEStep(t_ft, energy, sigma2=1.5, rho0=0.3)(patches, index)
+    local = PatchEStep(t_ft, energy, sigma2=1.5, rho0=0.3)(patches, pairs)
+    post = unpack_posterior(local.posterior, 4)
     for m in range(3):  # same odds against "empty" for the rotations kept
-        torch.testing.assert_close(local.posterior[m] / local.p_empty[m], full.posterior[m, index[m]] / full.p_empty[m])
+        torch.testing.assert_close(post[m] / local.p_empty[m], full.posterior[m, rotations[m]] / full.p_empty[m])
     dense = torch.zeros_like(full.posterior)
     for m in range(3):
-        dense[m, index[m]] = local.posterior[m]
-    b_ft, wbar = backprojection_sums_ft(patches, local.posterior, rotation_index=index, n_rotations=K)
+        dense[m, rotations[m]] = post[m]
+    b_ft, wbar = backprojection_sums_ft(patches, local.posterior, n_rotations=K, pair_index=pairs)
     b_dense, w_dense = backprojection_sums(patches, dense, min_mass=0.0)
-    torch.testing.assert_close(torch.fft.irfft2(b_ft, s=(2 * L, 2 * L))[:, :L, :L], b_dense)
+    torch.testing.assert_close(unpack_sums(b_ft, K, L), b_dense)
     torch.testing.assert_close(wbar, w_dense)
 
 

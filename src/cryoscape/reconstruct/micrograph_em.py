@@ -58,7 +58,7 @@ from cryoscape.fourier.slicing import prepare_projection_volume, project_prepare
 from cryoscape.geometry.so3_grid import so3_grid
 from cryoscape.io.micrographs import MicrographTable, micrograph_shape, read_micrograph
 from cryoscape.reconstruct.backproject import FourierAccumulator, reconstruct_from_accumulator
-from cryoscape.reconstruct.patch_em import PatchEStep, backprojection_sums_ft, template_terms
+from cryoscape.reconstruct.patch_em import PatchEStep, backprojection_sums_ft, template_terms, unpack_sums
 
 __all__ = [
     "Stage",
@@ -268,9 +268,11 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
                       parents: tuple[torch.Tensor, torch.Tensor, LocalSearch] | None = None):
     """E-step (and M-step sums) for one micrograph's patches; returns ``(B (K, L, L), wbar (K,))``.
 
-    ``parents`` = ``(parent t_ft, parent energy, LocalSearch)`` turns on the coarse-to-fine search.
+    ``parents`` = ``(parent t_ft, parent energy, LocalSearch)`` turns on the coarse-to-fine search;
+    the children of a parent come as 4 rotation pairs ``(2j, 2j + 1)`` (two in-plane angles), the
+    unit of :class:`PatchEStep`.
     """
-    K, L = t_ft.shape[0], patches.shape[-1]
+    K, L = energy.shape[0], patches.shape[-1]
     estep = PatchEStep(t_ft, energy, sigma2=sigma2, rho0=rho0)
     coarse = None if parents is None else PatchEStep(parents[0], parents[1], sigma2=sigma2, rho0=rho0)
     b_ft, W = None, patches.new_zeros(K)
@@ -278,9 +280,9 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
         chunk, index, unseen = patches[start : start + batch], None, None
         if coarse is not None:
             first = coarse(chunk)
-            mass = first.posterior.sum((2, 3))
+            mass = torch.view_as_real(first.posterior).sum((2, 3)).reshape(len(chunk), -1)[:, : parents[1].shape[0]]
             kept, top = mass.topk(parents[2].n_parents, dim=1)
-            index = parents[2].children[top].reshape(len(chunk), -1)
+            index = (parents[2].children[top][..., 0::2] // 2).reshape(len(chunk), -1)
             kept = kept.sum(1).clamp(min=1e-30)
             unseen = torch.log1p(((1 - first.p_empty) - kept).clamp(min=0) / kept)
         res = estep(chunk, index, unseen)
@@ -289,11 +291,11 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
         sums.residual += float(res.expected_residual.double().sum())
         sums.n_patches += len(chunk)
         if m_step:
-            b_ft, w = backprojection_sums_ft(chunk, res.posterior, out=b_ft, rotation_index=index, n_rotations=K)
+            b_ft, w = backprojection_sums_ft(chunk, res.posterior, n_rotations=K, out=b_ft, pair_index=index)
             W += w
     if b_ft is None:
         return patches.new_zeros(K, L, L), W
-    return torch.fft.irfft2(b_ft, s=(2 * L, 2 * L))[:, :L, :L], W
+    return unpack_sums(b_ft, K, L), W
 
 
 def _choose(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -339,7 +341,7 @@ def em_iteration(
     num = torch.zeros(halves, K, freqs.shape[0], dtype=torch.complex64, device=device)
     den = torch.zeros(halves, K, freqs.shape[0], device=device)
     local = local_search(volume, stage.so3_level, L, local_parents)
-    per_patch = K if local is None else max(len(local.rotations), 8 * local.n_parents)
+    per_patch = K if local is None else max(len(local.rotations), 8 * local.n_parents)  # rotations per patch
     sums, batch, parents = _Sums(), _patch_batch(per_patch, L, memory_bytes), None
     order = np.arange(len(source)) if micrographs is None else micrographs
     for g in tqdm(order, desc=f"E-step L={L} K={K}", disable=not progress, leave=False, dynamic_ncols=True):
