@@ -806,7 +806,7 @@ def landscape_from_run(
     opts = options or LandscapeOptions()
     opts.validate()
     decoder, _, state = load_trained_model(run_dir, epoch=epoch, device=device)
-    if getattr(decoder, "zdim", 0) <= 0:
+    if decoder.zdim <= 0:
         raise InputError(f"{run_dir} is a homogeneous run (zdim 0), which has no landscape; pass a run trained "
                          "with --zdim N.")
     e = int(state["epoch"])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ import torch.nn.functional as F
 
 from cryoscape.fourier.slicing import slice_coordinates
 from cryoscape.models.precision import autocast
+
+if TYPE_CHECKING:
+    from cryoscape.models.base import VolumeDecoder
 
 __all__ = ["FourierLattice", "evaluate_lattice", "evaluate_slices", "decoder_values"]
 
@@ -123,14 +127,13 @@ class FourierLattice:
         return torch.complex(re, im)
 
 
-def decoder_values(decoder: torch.nn.Module, coords_cycles: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+def decoder_values(decoder: VolumeDecoder, coords_cycles: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
     """Complex Fourier values of any decoder at ``(B, P, 3)`` frequencies (cycles per pixel).
 
     A ``hartley`` decoder is evaluated at ``k`` and ``-k`` (module docstring); a ``fourier`` one
     is returned as it is.
     """
-    domain = getattr(decoder, "domain", "fourier")
-    if domain == "hartley":
+    if decoder.domain == "hartley":
         both = decoder(torch.cat([coords_cycles, -coords_cycles], dim=1), z).float()
         h, hm = both.chunk(2, dim=1)
         return torch.complex(0.5 * (h + hm), -0.5 * (h - hm))
@@ -138,7 +141,7 @@ def decoder_values(decoder: torch.nn.Module, coords_cycles: torch.Tensor, z: tor
     return out.to(torch.complex64) if out.is_complex() else out.to(torch.complex64)
 
 
-def _decoder_device(decoder: torch.nn.Module) -> torch.device:
+def _decoder_device(decoder: VolumeDecoder) -> torch.device:
     for p in decoder.parameters():
         return p.device
     for b in decoder.buffers():
@@ -148,7 +151,7 @@ def _decoder_device(decoder: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def evaluate_lattice(
-    decoder: torch.nn.Module,
+    decoder: VolumeDecoder,
     *,
     radius_index: float,
     oversampling: float = 2.0,
@@ -188,7 +191,7 @@ def evaluate_lattice(
     Q = int(math.ceil(reach))
     L = 2 * Q + 1
     q = torch.arange(-Q, Q + 1, device=device, dtype=torch.float32)
-    hartley = getattr(decoder, "domain", "fourier") == "hartley"
+    hartley = decoder.domain == "hartley"
     zs = q if hartley else q[Q:]  # fourier: the half qz >= 0, the rest by symmetry
     gz, gy, gx = torch.meshgrid(zs, q, q, indexing="ij")
     inside = (gx.square() + gy.square() + gz.square()) <= reach * reach
@@ -221,7 +224,7 @@ def evaluate_lattice(
 
 @torch.no_grad()
 def evaluate_slices(
-    decoder: torch.nn.Module,
+    decoder: VolumeDecoder,
     rotations: torch.Tensor,
     coords_2d_index: torch.Tensor,
     *,
