@@ -170,20 +170,9 @@ class StructuralBasis(VolumeDecoder):
         max_elements: int = DEFAULT_MAX_ELEMENTS,
     ):
         super().__init__(box_size=box_size, zdim=zdim)
-        if self.zdim < 0:
-            raise ValueError(f"zdim must be >= 0, got {zdim}")
-        if self.zdim > 0 and int(n_basis) < 1:
-            raise ValueError(f"n_basis must be at least 1, got {n_basis}")
         radius = self.box_size / 2 if radius is None else float(radius)
-        if not radius > 0:
-            raise ValueError(f"radius must be positive, got {radius}")
-        if solvent_mask_radius_fraction is not None and not 0 < float(solvent_mask_radius_fraction) <= 0.5:
-            raise ValueError(f"solvent_mask_radius_fraction must be in (0, 0.5], got {solvent_mask_radius_fraction}")
-        for name, value in (("voxel_lr_scale", voxel_lr_scale), ("basis_lr_scale", basis_lr_scale)):
-            if not float(value) > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if not float(power_prior) >= 0:
-            raise ValueError(f"power_prior must not be negative, got {power_prior}")
+        self._check_options(n_basis=n_basis, radius=radius, solvent_mask_radius_fraction=solvent_mask_radius_fraction,
+                            voxel_lr_scale=voxel_lr_scale, basis_lr_scale=basis_lr_scale, power_prior=power_prior)
         self.n_basis = int(n_basis) if self.zdim > 0 else 0
         self.config.update(
             n_basis=int(n_basis),
@@ -231,6 +220,23 @@ class StructuralBasis(VolumeDecoder):
         self._amplitude_cache: tuple | None = None
         self._corner_amplitude_cache: tuple | None = None
         self._steps = 0
+
+    def _check_options(self, *, n_basis: int, radius: float, solvent_mask_radius_fraction: float | None,
+                       voxel_lr_scale: float, basis_lr_scale: float, power_prior: float) -> None:
+        """One ValueError sentence for an option out of range."""
+        if self.zdim < 0:
+            raise ValueError(f"zdim must be >= 0, got {self.zdim}")
+        if self.zdim > 0 and int(n_basis) < 1:
+            raise ValueError(f"n_basis must be at least 1, got {n_basis}")
+        if not radius > 0:
+            raise ValueError(f"radius must be positive, got {radius}")
+        if solvent_mask_radius_fraction is not None and not 0 < float(solvent_mask_radius_fraction) <= 0.5:
+            raise ValueError(f"solvent_mask_radius_fraction must be in (0, 0.5], got {solvent_mask_radius_fraction}")
+        for name, value in (("voxel_lr_scale", voxel_lr_scale), ("basis_lr_scale", basis_lr_scale)):
+            if not float(value) > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not float(power_prior) >= 0:
+            raise ValueError(f"power_prior must not be negative, got {power_prior}")
 
     # ------------------------------------------------------------------------------------------
     # training hooks (declared on VolumeDecoder; called by train/model.py and train/trainer.py)
