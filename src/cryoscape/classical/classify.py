@@ -2,7 +2,9 @@
 
 * **E-step**: for every image and class ``k``, the evidence ``log sum_pose p(X | V_k, pose)``:
   with ``align=False`` the pose is the input one (classes only, RELION's ``--skip_align``);
-  otherwise a local search around the input pose (:func:`cryoscape.classical.em.search_batch`).
+  otherwise a local search around the current pose (:func:`cryoscape.classical.em.search_batch`),
+  or with ``global_align`` a search of all of SO(3) (coarse grid, then the significant
+  rotations refined down to ``level``) for particles whose poses are not trusted.
   The class posterior is ``softmax_k(log pi_k + evidence_k)``.
 * **M-step**: each image goes into every class with weight ``gamma_k x pose posterior /
   sigma^2``; each class map is a MAP estimate with the prior ``tau_k^2 = T x`` the power spectrum
@@ -39,6 +41,7 @@ from cryoscape.fourier.masks import soft_spherical_mask_3d
 from cryoscape.fourier.shift import phase_shift_coords
 from cryoscape.geometry.symmetry import symmetry_group
 from cryoscape.reconstruct.backproject import FourierAccumulator, solve_wiener
+from cryoscape.reconstruct.postprocess import solvent_mask
 
 __all__ = ["ClassifySettings", "ClassifyState", "classify"]
 
@@ -53,6 +56,7 @@ class ClassifySettings:
     max_iterations: int = 25
     tau2_fudge: float = 4.0
     align: bool = False
+    global_align: bool = False
     level: int = 3
     offset_step_pixel: float = 1.0
     initial_lowpass_angstrom: float = 40.0
@@ -65,6 +69,8 @@ class ClassifySettings:
     anneal_iterations: int = 8
     n_starts: int = 3
     symmetry: str = "C1"
+    auto_mask: bool = True
+    mask_lowpass_angstrom: float = 15.0
 
 
 @dataclass
@@ -82,6 +88,12 @@ class ClassifyState:
     history: list = field(default_factory=list)
     fsc: list = field(default_factory=list)
     converged: bool = False
+    reference_mask: torch.Tensor | None = None  # (D, D, D) solvent mask of the E-step's references
+
+    def references(self) -> list:
+        """The class maps prepared for slicing, times the solvent mask when there is one."""
+        mask = self.reference_mask
+        return [Reference.from_volume(m if mask is None else m * mask) for m in self.maps]
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -101,7 +113,8 @@ def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band
     evidence, posts = [], []
     for ref in refs:
         if settings.align:
-            schedule = SearchSchedule(level=settings.level, local=True, offset_step_pixel=settings.offset_step_pixel)
+            schedule = SearchSchedule(level=settings.level, local=not settings.global_align,
+                                      offset_step_pixel=settings.offset_step_pixel)
             post = search_batch(ref, x, ctf, inv_sigma2, coords, schedule, prior_shifts_pixel=state.shifts_pixel[idx],
                                 prior_rotations=state.rotations[idx])
             evidence.append(post.log_evidence)
@@ -163,6 +176,10 @@ def initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings
     volume = lowpass_filter(initial_map.float(), settings.initial_lowpass_angstrom, pixel_size_angstrom, ndim=3)
     x, ctf = source.batch(sample[:200])
     volume = volume * estimate_scale(Reference.from_volume(volume), x, ctf, source.coords)
+    mask = None
+    if settings.auto_mask:
+        mask = solvent_mask(initial_map.float(), pixel_size_angstrom, lowpass_angstrom=settings.mask_lowpass_angstrom)
+        mask = mask if float(mask.sum()) >= 1.0 else None
     assignment = rng.integers(0, settings.n_classes, n)
     probabilities = torch.nn.functional.one_hot(torch.as_tensor(assignment), settings.n_classes).float()
     return ClassifyState(
@@ -170,6 +187,7 @@ def initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings
         populations=torch.full((settings.n_classes,), 1.0 / settings.n_classes), sigma2=sigma2,
         probabilities=probabilities, rotations=torch.as_tensor(rotations, dtype=torch.float32),
         shifts_pixel=torch.as_tensor(shifts_pixel, dtype=torch.float32), halves=rng.integers(0, 2, n),
+        reference_mask=mask,
     )
 
 
@@ -177,7 +195,7 @@ def classify_iteration(source, state, settings, pixel_size_angstrom) -> dict:
     """One E- and M-step (the first uses the random assignment as its E-step)."""
     started = time.perf_counter()
     K, D, n = settings.n_classes, source.box_size, len(state.halves)
-    refs = [Reference.from_volume(m) for m in state.maps]
+    refs = state.references()
     acc = FourierAccumulator(D, n_sets=2 * K)
     inv_sigma2 = (1.0 / state.sigma2)[source.shell]
     residual = torch.zeros(2, D // 2 + 1, dtype=torch.float64)
@@ -198,6 +216,8 @@ def classify_iteration(source, state, settings, pixel_size_angstrom) -> dict:
         total_log_likelihood += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
         _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2)
         _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts)
+        if settings.align:
+            _update_poses(state, idx, gamma, posts)
     if state.iteration < settings.max_iterations // 2 and _reseed_empty_classes(new_prob, settings, state.iteration):
         acc = _accumulate_hard(source, new_prob, state, settings, inv_sigma2)
     if settings.symmetry.upper() != "C1":
@@ -261,6 +281,20 @@ def _accumulate_hard(source, prob, state, settings, inv_sigma2):
     return acc
 
 
+def _update_poses(state, idx, gamma, posts) -> None:
+    """With alignment, each image's pose becomes its posterior-mean pose in its most probable
+    class (the next local search is centred on it; ``particles.star`` gets it)."""
+    best = gamma.argmax(1)
+    rows_idx = torch.as_tensor(idx)
+    for k, post in enumerate(posts):
+        rows = best == k
+        if post is None or not rows.any():
+            continue
+        rotations, shifts = post.mean_pose()
+        state.rotations[rows_idx[rows]] = rotations[rows].to(state.rotations.dtype)
+        state.shifts_pixel[rows_idx[rows]] = shifts[rows].to(state.shifts_pixel.dtype)
+
+
 def _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts) -> None:
     best = gamma.argmax(1)
     rot = state.rotations[idx].clone()
@@ -304,7 +338,7 @@ def _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations
 def _log_likelihood(source, state, settings, sigma2, pixel_size_angstrom) -> float:
     """``sum_i log sum_k pi_k p(X_i | V_k)`` under the noise spectrum ``sigma2``."""
     D, n = source.box_size, len(state.halves)
-    refs = [Reference.from_volume(m) for m in state.maps]
+    refs = state.references()
     inv_sigma2 = (1.0 / sigma2)[source.shell]
     radius = D / 2 if not settings.highres_limit_angstrom else D * pixel_size_angstrom / settings.highres_limit_angstrom
     band = source.coords.norm(dim=-1) < radius

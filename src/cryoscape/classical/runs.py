@@ -162,6 +162,7 @@ def classify_particles(table, initial_map_path, out_dir, settings, *, resume: bo
     labelled = table.subset(np.arange(len(table)))
     if settings.align:
         labelled.rotations = state.rotations.double().numpy()
+        labelled.shifts_pixel = state.shifts_pixel.double().numpy()
     if labelled.star_rows is not None:
         labelled.star_rows["rlnClassNumber"] = labels + 1
         labelled.star_rows["rlnMaxValueProbDistribution"] = state.probabilities.max(1).values.double().numpy()

@@ -13,12 +13,16 @@ EXAMPLE = "cryoscape classify refine/particles.star -K 4 --initial-map refine/ma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("particles", help="particles with poses: .star, .cs, or .mrcs with --poses")
     parser.add_argument("-K", "--n-classes", type=int, default=4, help="number of classes (default 4)")
-    parser.add_argument("--initial-map", required=True, help="consensus map .mrc (same box as the particles)")
+    parser.add_argument("--initial-map", required=True,
+                        help="consensus map .mrc (same box as the particles), or an abinit run folder (its last map)")
     parser.add_argument("-o", "--outdir", required=True,
                         help="output folder (classNNN.mrc/.star, particles.star, model.tsv, iterations.tsv)")
     add_particle_arguments(parser)
     parser.add_argument("--no-align", action="store_true",
                         help="keep the input poses, sample classes only (RELION's --skip_align)")
+    parser.add_argument("--global-align", action="store_true",
+                        help="search all orientations (coarse grid, then refined to --level) instead of locally "
+                             "around the input poses")
     parser.add_argument("--level", type=int, default=3,
                         help="SO(3) grid level of the local search with alignment (3 = 3.75 degrees)")
     parser.add_argument("--tau2-fudge", type=float, default=4.0, help="regularisation parameter T (default 4)")
@@ -27,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-iterations", type=int, default=25, help="default 25")
     parser.add_argument("--highres-limit", type=float, default=12.0, metavar="ANGSTROM",
                         help="highest resolution the class/pose posteriors use (default 12; 0: Nyquist)")
+    parser.add_argument("--no-solvent-mask", action="store_true",
+                        help="do not mask the class maps with a solvent mask made from the consensus map")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     parser.add_argument("--uninvert-data", action="store_true", help="do not negate the images")
     parser.add_argument("-b", "--batch-size", type=int, default=128)
@@ -43,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from cryoscape.errors import InputError
     from cryoscape.io.run_folder import detach_log_file, prepare_run_folder
 
+    if args.no_align and args.global_align:
+        raise InputError("--no-align and --global-align exclude each other; pass one of them.")
     if args.n_classes < 1:
         raise InputError(f"-K {args.n_classes} is not a number of classes; pass -K 1 or more.")
     from cryoscape.geometry.symmetry import parse_symmetry
@@ -56,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
         table = load_table_from_args(args)
         settings = ClassifySettings(
             n_classes=args.n_classes, max_iterations=args.max_iterations, tau2_fudge=args.tau2_fudge,
-            align=not args.no_align, level=args.level, initial_lowpass_angstrom=args.ini_high,
+            align=not args.no_align, global_align=args.global_align, level=args.level,
+            initial_lowpass_angstrom=args.ini_high,
             highres_limit_angstrom=args.highres_limit or None,
-            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym,
+            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym, auto_mask=not args.no_solvent_mask,
         )
         classify_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                            invert_contrast=not args.uninvert_data)
