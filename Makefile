@@ -28,11 +28,13 @@ demo: setup
 testdeps: setup
 	@for f in scripts/testdeps/*.sh; do [ -e "$$f" ] && BIN=$(BIN) bash "$$f" || true; done
 
+# OpenMP threads yield instead of spinning, as under the `cryoscape` entry point (tests run torchrun
+# children and browsers beside pytest on 2 cores).
 test: setup testdeps
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) $(DEMO) build src/*.egg-info
