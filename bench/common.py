@@ -81,10 +81,13 @@ def run_timed(
 ) -> RunResult:
     """Run ``command``, its output going to ``log_path``; measure wall time and peak RSS.
 
-    With ``poll_memory``, ``/proc/PID/status`` is also sampled every 20 ms for the peaks of
-    ``RssAnon`` (heap, tensors, arrays read into memory) and ``RssFile`` (mapped files, e.g.
-    memory-mapped stacks; reclaimable).  ``ru_maxrss`` counts both, so a lazy reader that maps
-    its stack shows up there too; ``peak_anon_mb`` separates it out (Linux only).
+    The peak RSS is sampled from ``/proc`` every 20 ms: the largest sum of ``VmRSS`` over the
+    child and its descendants (torchrun workers, a peer's subprocesses), or the child's own
+    ``VmHWM`` if larger.  ``wait4``'s ``ru_maxrss`` is only the fallback (a child too short to
+    sample, or no ``/proc``): on Linux it includes this process's own peak, which the child
+    inherits when it is spawned.  With ``poll_memory`` the child's peaks of ``RssAnon`` (heap,
+    tensors, arrays read into memory) and ``RssFile`` (mapped files, e.g. memory-mapped stacks;
+    reclaimable) are also reported (``peak_anon_mb``, ``peak_file_mb``).
 
     Raises
     ------
@@ -97,18 +100,18 @@ def run_timed(
     with open(log_path, "wb") as log:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        peaks = {"RssAnon": 0, "RssFile": 0}
+        peaks = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0, "tree": 0}
         done = threading.Event()
         poller = threading.Thread(target=_poll_status, args=(proc.pid, peaks, done), daemon=True)
-        if poll_memory:
-            poller.start()
+        poller.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         done.set()
-        if poll_memory:
-            poller.join()
+        poller.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    result = RunResult(command, wall, usage.ru_maxrss / 1024.0, proc.returncode, log_path)
+    sampled_kb = max(peaks["tree"], peaks["VmHWM"])
+    peak_kb = sampled_kb if sampled_kb > 0 else usage.ru_maxrss
+    result = RunResult(command, wall, peak_kb / 1024.0, proc.returncode, log_path)
     if poll_memory:
         result.peak_anon_mb = peaks["RssAnon"] / 1024.0
         result.peak_file_mb = peaks["RssFile"] / 1024.0
@@ -121,17 +124,40 @@ def run_timed(
 
 
 def _poll_status(pid: int, peaks: dict[str, int], done: threading.Event) -> None:
-    """Track the peaks (kB) of the fields named in ``peaks`` in /proc/PID/status until ``done``."""
+    """Track, until ``done``, the peaks (kB) of the child's ``RssAnon``, ``RssFile`` and ``VmHWM`` and,
+    as ``peaks["tree"]``, of the summed ``VmRSS`` of the child and its descendants."""
     while not done.is_set():
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    key = line.split(":", 1)[0]
-                    if key in peaks:
-                        peaks[key] = max(peaks[key], int(line.split()[1]))
-        except (OSError, ValueError, IndexError):
+        own = _status_kb(pid, ("RssAnon", "RssFile", "VmHWM"))
+        if own is None:
             return
+        for key, value in own.items():
+            peaks[key] = max(peaks[key], value)
+        tree = sum((_status_kb(p, ("VmRSS",)) or {}).get("VmRSS", 0) for p in _process_tree(pid))
+        peaks["tree"] = max(peaks["tree"], tree)
         done.wait(0.02)
+
+
+def _status_kb(pid: int, keys: Sequence[str]) -> dict[str, int] | None:
+    """The fields ``keys`` (kB) of ``/proc/PID/status``; None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in keys}
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants (from ``/proc/PID/task/TID/children``)."""
+    pids, i = [pid], 0
+    while i < len(pids):
+        p, i = pids[i], i + 1
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    pids.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return pids
 
 
 def best_of(runs: Sequence[RunResult]) -> RunResult:
