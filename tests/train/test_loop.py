@@ -192,3 +192,23 @@ def test_fourier_and_hartley_domains_reconstruct_the_same_map(homogeneous_maps):
     hartley, _ = homogeneous_maps["hartley"]
     _, fsc = fourier_shell_correlation(fourier, hartley)
     assert float(fsc[: 32 // 4 + 1].min()) > 0.8, fsc
+
+
+def test_trainer_resume_reads_the_checkpoint_once_and_continues(tiny_dataset, tmp_path, monkeypatch):
+    """``Trainer.resume`` (the Python API for train and abinit runs) reads the latest checkpoint once,
+    to choose the entry point, and hands it on."""
+    from cryoscape.train import checkpoint, loop
+    from cryoscape.train.trainer import Trainer
+
+    run_training(tiny_config(tiny_dataset, num_epochs=1), tmp_path / "run")
+    reads = []
+    original = checkpoint.load_latest_checkpoint
+
+    def counted(*args, **kwargs):
+        reads.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_latest_checkpoint", counted)
+    monkeypatch.setattr(loop, "load_latest_checkpoint", counted)
+    result = Trainer.resume(tmp_path / "run", num_epochs=2)
+    assert result.epochs_done == 2 and len(reads) == 1

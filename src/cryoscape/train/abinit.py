@@ -379,15 +379,18 @@ _RESUME_OVERRIDES = ("num_epochs", "final_epochs", "lr", "device", "progress", "
                      "checkpoint_minutes", "prefetch", "datadir", "amp", "lazy", "cache_dir", "search_chunk")
 
 
-def resume_abinit(run_dir: str | Path, *, arguments: dict[str, Any] | None = None, **overrides: Any) -> AbinitResult:
-    """Continue the ab initio run in ``run_dir`` from its latest checkpoint (same folder).
+def resume_abinit(run_dir: str | Path, *, arguments: dict[str, Any] | None = None,
+                  state: dict[str, Any] | None = None, **overrides: Any) -> AbinitResult:
+    """Continue the ab initio run in ``run_dir`` from its latest checkpoint (or ``state``, that
+    checkpoint already read; same folder).
 
     ``overrides`` may change ``num_epochs`` (to run longer), ``final_epochs``, ``lr``, ``device``,
     ``progress``, ``checkpoint_every``, ``checkpoint_minutes``, ``prefetch``, ``datadir``, ``amp``,
     ``lazy`` and ``search_chunk``; everything else comes from the checkpoint.
     """
     run = Path(run_dir)
-    state, config = load_resume_state(run, AbinitConfig, overrides, _RESUME_OVERRIDES, command="abinit")
+    state, config = load_resume_state(run, AbinitConfig, overrides, _RESUME_OVERRIDES, command="abinit",
+                                      state=state)
     if "search_decoder" not in state.get("config", {}):  # written before search decoders: one decoder throughout
         config = dataclasses.replace(config, search_decoder=config.decoder)
     with RunContext(run) as dist:

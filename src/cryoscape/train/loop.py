@@ -145,11 +145,12 @@ _RESUME_OVERRIDES = ("num_epochs", "lr", "weight_decay", "pose_lr", "device", "p
 
 
 def load_resume_state(run: Path, config_class: type, overrides: dict[str, Any], allowed: tuple[str, ...], *,
-                      command: str) -> tuple[dict[str, Any], Any]:
+                      command: str, state: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
     """``(checkpoint state, config)`` of the run folder ``run`` to resume (its latest checkpoint,
-    mid-epoch included), with ``overrides`` (only the ``allowed`` keys; ``None`` values are
-    ignored) applied to the saved config."""
-    state = load_latest_checkpoint(run, command=command)
+    mid-epoch included, unless the caller already read it as ``state``), with ``overrides`` (only
+    the ``allowed`` keys; ``None`` values are ignored) applied to the saved config."""
+    if state is None:
+        state = load_latest_checkpoint(run, command=command)
     config = config_class.from_dict(state["config"])
     for key, value in overrides.items():
         if key not in allowed:
@@ -166,15 +167,17 @@ def check_particle_count(config: TrainConfig, table, state: dict[str, Any]) -> N
                          f"{state['data']['n_particles']}; restore the original particle files.")
 
 
-def resume_training(run_dir: str | Path, *, arguments: dict[str, Any] | None = None, **overrides: Any) -> TrainResult:
-    """Continue the run in ``run_dir`` from its latest checkpoint, in the same folder.
+def resume_training(run_dir: str | Path, *, arguments: dict[str, Any] | None = None,
+                    state: dict[str, Any] | None = None, **overrides: Any) -> TrainResult:
+    """Continue the run in ``run_dir`` from its latest checkpoint (or ``state``, that checkpoint
+    already read), in the same folder.
 
     ``overrides`` may change ``num_epochs`` (to train longer), ``lr``, ``weight_decay``,
     ``pose_lr``, ``device``, ``progress``, ``checkpoint_every``, ``checkpoint_minutes``,
     ``prefetch``, ``datadir``, ``amp``, ``lazy`` and ``cache_dir``; everything else comes from the checkpoint.
     """
     run = Path(run_dir)
-    state, config = load_resume_state(run, TrainConfig, overrides, _RESUME_OVERRIDES, command="train")
+    state, config = load_resume_state(run, TrainConfig, overrides, _RESUME_OVERRIDES, command="train", state=state)
     with RunContext(run) as dist:
         log.info("resuming %s after epoch %d", run, state["epoch"])
         table, tilted = load_tables(config)

@@ -571,10 +571,10 @@ class Trainer:
         if state.get("abinit") is not None:
             from cryoscape.train.abinit import resume_abinit
 
-            return resume_abinit(run_dir, **overrides)
+            return resume_abinit(run_dir, state=state, **overrides)
         from cryoscape.train.loop import resume_training
 
-        return resume_training(run_dir, **overrides)
+        return resume_training(run_dir, state=state, **overrides)
 
 
 class _PosedData:
