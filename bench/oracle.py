@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=20, help="epochs of every run without --epochs-for [20]")
     p.add_argument("--zdim", type=int, default=8)
-    p.add_argument("--decoders", nargs="+", default=["basis", "neural_field"])
+    p.add_argument("--decoders", nargs="*", default=["basis", "neural_field"],
+                   help="decoders run at their defaults (none: only the --variant runs)")
     p.add_argument("--epochs-for", action="append", default=[], metavar="NAME=E",
                    help="epochs of one run (a decoder name or cryodrgn); repeatable")
     p.add_argument("--images-for", action="append", default=[], metavar="NAME=N",
