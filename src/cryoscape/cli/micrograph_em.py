@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--local-rotations", type=int, default=24, metavar="N",
                     help="stages at SO(3) level >= 1 score every patch on the level below first and then only the 8 "
                          "children of its N most probable rotations (default 24; 0: every rotation of the level)")
+    em.add_argument("--reorient", action="store_true",
+                    help="after each M-step turn the map by the small rotation that best aligns it with the previous "
+                         "map (the rotational counterpart of the re-centring; off by default)")
     em.add_argument("--no-ctf", action="store_true", help="ignore the CTF (micrographs without CTF columns)")
     em.add_argument("--memory-gb", type=float, default=0.5, help="working memory of one E-step batch (default 0.5)")
     base = parser.add_argument_group("baseline")
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             run_micrograph_em(table, initial, schedule=schedule, rho0=args.rho0, sigma=args.sigma,
                               regularization=args.regularization, local_parents=args.local_rotations,
+                              align_rotation=args.reorient,
                               seed=args.seed, resume=args.resume, memory_bytes=int(args.memory_gb * 1024**3),
                               **common)
     finally:

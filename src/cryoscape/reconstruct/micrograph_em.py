@@ -229,6 +229,9 @@ def _patch_batch(K: int, L: int, memory_bytes: int) -> int:
     return max(1, min(int(memory_bytes // per_patch), int(3 * 16 * 1024**2 // per_patch)))
 
 
+MIN_VISIBLE = 0.0
+
+
 @dataclass
 class _Sums:
     p_empty: float = 0.0
@@ -291,7 +294,8 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
         sums.residual += float(res.expected_residual.double().sum())
         sums.n_patches += len(chunk)
         if m_step:
-            b_ft, w = backprojection_sums_ft(chunk, res.posterior, n_rotations=K, out=b_ft, pair_index=index)
+            b_ft, w = backprojection_sums_ft(chunk, res.posterior, n_rotations=K, out=b_ft, pair_index=index,
+                                             min_visible=MIN_VISIBLE)
             W += w
     if b_ft is None:
         return patches.new_zeros(K, L, L), W
@@ -318,7 +322,7 @@ def em_iteration(
     micrographs: np.ndarray | None = None,
     previous_sums: torch.Tensor | None = None,
     progress: bool = False,
-    align_rotation: bool = True,
+    align_rotation: bool = False,
     local_parents: int | None = None,
 ) -> tuple[torch.Tensor, float, float, dict]:
     """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``.
@@ -426,9 +430,9 @@ def reorient(volume: torch.Tensor, previous: torch.Tensor, *, max_angle_deg: flo
     """``volume`` turned by the small rotation that best correlates it with ``previous``, and its angle (degrees).
 
     Like :func:`recentre` for shifts: a map turned as a whole, with every particle's rotation turned
-    back, has the same likelihood, and on a discrete rotation grid nothing stops that gauge from
-    wandering from one iteration to the next (measured: about 25 degrees over 8 iterations at 30-degree
-    sampling, which read as a falling FSC to the truth).  Searched coarse to fine over rotation
+    back, has the same likelihood, and on a discrete rotation grid nothing pins that gauge from one
+    iteration to the next.  Off by default (``--reorient``): on the benchmark's micrographs it did not
+    raise the FSC to the truth (README, "From micrographs").  Searched coarse to fine over rotation
     vectors: a cube of ``max_angle_deg`` at the first step, then +-1 step around the best at each finer one.
     """
     from cryoscape.geometry.rotations import rotvec_to_matrix
@@ -580,6 +584,7 @@ def run_micrograph_em(
     sigma: float | None = None,
     regularization: float | str = 0.1,
     local_parents: int | None = 24,
+    align_rotation: bool = False,
     use_ctf: bool = True,
     seed: int = 0,
     resume: bool = False,
@@ -614,7 +619,7 @@ def run_micrograph_em(
             state.volume, state.rho0, state.sigma2, stats = em_iteration(
                 state.volume, source, stage, rho0=state.rho0, sigma2=state.sigma2, rng=rng,
                 regularization=regularization, memory_bytes=memory_bytes, previous_sums=state.sums,
-                progress=progress, local_parents=local_parents)
+                progress=progress, local_parents=local_parents, align_rotation=align_rotation)
             state.sums = stats.pop("sums").cpu()
             if sigma is not None:  # a given noise level stays fixed (in the stage's pixels)
                 state.sigma2 = (sigma * stage.box_size / box_size) ** 2
