@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,16 @@ CRYOFOLD_OPTIONS = ["--lr", "5e-4", "--decoder-opt", "centre_lr_scale=40", "--de
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("/tmp/cryoscape-bench-atomic"))
-    p.add_argument("-n", "--n-images", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("-n", "--n-images", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--beta", type=float, default=0.1, help="KL weight of every VAE [0.1]")
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--fsc-images", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cryodrgn", default="/tmp/venv-cryodrgn", help="cryodrgn executable or its venv")
+    p.add_argument("--reuse-cryodrgn", action="store_true",
+                   help="keep cryoDRGN's finished run in --workdir (same data set, same epochs) instead of training it "
+                        "again; its training time is read from its log of that run, and the output says so")
     return p.parse_args(argv)
 
 
@@ -114,6 +118,41 @@ def cryofold_rmse(run: Path, data: Path) -> dict:
                                      gt["ca_angstrom"])
 
 
+def run_tool(args, tool: str, command: list[str], exe, data: Path, positions, states, mask, env) -> tuple[float, np.ndarray]:
+    """Train one tool (or, for cryoDRGN with ``--reuse-cryodrgn``, keep its finished run), decode the
+    maps at the images' latents and print its masked AUC and speed: ``(images/s, AUC per image)``."""
+    run_dir = Path(command[command.index("-o") + 1])
+    log = args.workdir / f"{tool}.log"
+    kind = DRGN if tool == DRGN else tool
+    n = len(np.load(data / "ground_truth.npz")["state_index"])
+    if tool == DRGN and args.reuse_cryodrgn and (run_dir / f"z.{args.epochs}.pkl").exists() and log.exists():
+        print_note(f"{tool}: the finished run in {run_dir} is reused (not trained again): same particles "
+                   f"(sha256 {file_sha256(data / 'particles.mrcs')[:16]}), poses, CTF and epochs; its images/s is "
+                   f"from its own log ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(log.stat().st_mtime))})")
+    else:
+        result = run_timed(command, log_path=log, env=env)
+        print_note(f"{tool} wall {result.wall_s:.0f} s")
+    seconds = training_seconds(run_dir, log, kind)
+    speed = args.epochs * n / seconds if seconds else float("nan")
+    epoch, z = last_latents(run_dir, kind)
+    paths, _ = decode_maps(kind, exe, run_dir, epoch, z[positions], args.workdir / f"maps_{tool}", box=mask.shape[0],
+                           train_box=mask.shape[0], env=env)
+    auc = masked_auc(paths, states, data, mask)
+    print_figure(f"{tool}: masked per-image FSC AUC (mean of {len(positions)})", float(auc.mean()), fmt=".3f")
+    print_figure(f"{tool}: training images/s", speed, fmt=".0f")
+    return speed, auc
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -137,17 +176,7 @@ def main(argv=None) -> int:
     speed, auc = {}, {}
     runs = commands(args, data, exe)
     for tool, command in runs.items():
-        run_dir = Path(command[command.index("-o") + 1])
-        result = run_timed(command, log_path=args.workdir / f"{tool}.log", env=env)
-        seconds = training_seconds(run_dir, args.workdir / f"{tool}.log", DRGN if tool == DRGN else tool)
-        speed[tool] = args.epochs * n / seconds if seconds else float("nan")
-        epoch, z = last_latents(run_dir, DRGN if tool == DRGN else tool)
-        paths, _ = decode_maps(DRGN if tool == DRGN else tool, exe, run_dir, epoch, z[positions],
-                               args.workdir / f"maps_{tool}", box=box, train_box=box, env=env)
-        auc[tool] = masked_auc(paths, states, data, mask)
-        print_figure(f"{tool}: masked per-image FSC AUC (mean of {len(positions)})", float(auc[tool].mean()), fmt=".3f")
-        print_figure(f"{tool}: training images/s", speed[tool], fmt=".0f")
-        print_note(f"{tool} wall {result.wall_s:.0f} s")
+        speed[tool], auc[tool] = run_tool(args, tool, command, exe, data, positions, states, mask, env)
     rmse = cryofold_rmse(Path(runs[ATOMIC][runs[ATOMIC].index("-o") + 1]), data)
     print_figure("cryofold: C-alpha RMSE per state (A)", " ".join(f"{v:.2f}" for v in rmse["ca_rmse_angstrom"]))
     print_figure("cryofold: C-alpha RMSE mean over states", rmse["mean_ca_rmse_angstrom"], "A")

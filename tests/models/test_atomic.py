@@ -121,3 +121,53 @@ def test_written_model_keeps_names_numbers_and_coordinates(tmp_path):
         assert back.residue_name == table.residue_name
         assert list(back.residue_number) == list(table.residue_number)
         assert np.abs(back.ca_angstrom - table.ca_angstrom).max() < 2e-3
+
+
+def test_elastic_network_keeps_rigid_motions_free_and_resists_stretching():
+    dec = _decoder(network_strength=2.0, network_cutoff_angstrom=9.0)
+    K = dec.n_centres // 2
+    pairs = {tuple(p) for p in dec.network_pairs.tolist()}
+    assert pairs and not pairs & {tuple(b) for b in dec.bonds.tolist()}  # bonded pairs are the bonds' business
+    ref = dec.reference_angstrom[: K].double()
+    d = (ref[:, None] - ref[None]).norm(dim=-1)
+    assert len(pairs) == int(torch.triu(d < 9.0, diagonal=1).sum()) - len(dec.bonds)
+    angle = 0.8
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0], [0, 0, 1.0]])
+    rigid = dec.reference_angstrom @ rot.T + torch.tensor([3.0, -2.0, 5.0])
+    assert float(dec.network_energy(rigid[None])) < 1e-5
+    stretched = dec.reference_angstrom.clone()
+    stretched[20] += torch.tensor([2.0, 0.0, 0.0])
+    i, j = dec.network_pairs.T
+    new = (stretched[i] - stretched[j]).norm(dim=-1)
+    expected = 2.0 * float((new - dec.network_distances_angstrom).square().sum())
+    assert float(dec.network_energy(stretched[None])) == pytest.approx(expected, rel=1e-4) and expected > 1.0
+    # the loss hook adds it to the bond and side-chain terms
+    with torch.no_grad():
+        dec.centres_angstrom.copy_(stretched)
+    loss = float(dec.regularization_loss(n_images=10))
+    total = sum(float(e) for e in dec.restraint_energies(stretched[None])) + expected
+    assert loss == pytest.approx(total / (math.pi * 16**2), rel=1e-4)
+    assert float(_decoder().network_energy(stretched[None])) == 0.0  # off by default (the thesis has none)
+
+
+def test_coarse_to_fine_widens_training_passes_only_and_ends():
+    dec = _decoder(coarse_angstrom=4.0, coarse_images=16)
+    plain = _decoder()
+    k = torch.rand(8, 30, 3) - 0.5
+    with torch.no_grad():
+        assert torch.allclose(dec(k), plain(k))  # outside training passes: the model's own width
+    dec.train()
+    widths = []
+    for _ in range(3):
+        widths.append(dec.coarse_extra_angstrom())
+        out = dec(k)
+    assert widths == pytest.approx([4.0, 2.0, 0.0])
+    out.abs().sum().backward()  # the schedule has ended: sigma and a0 learn again
+    assert dec.log_sigma_angstrom.grad is not None
+    dec.zero_grad()
+    blurred = _decoder(coarse_angstrom=4.0, coarse_images=16).train()
+    blurred(k).abs().sum().backward()
+    assert blurred.log_sigma_angstrom.grad is None  # held while blurred
+    again = build_decoder("atomic", **dec.config)
+    again.load_state_dict(dec.state_dict())  # the schedule's position travels in checkpoints
+    assert again.coarse_extra_angstrom() == 0.0

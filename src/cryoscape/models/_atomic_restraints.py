@@ -8,6 +8,12 @@
   per-residue-type length (:data:`SIDECHAIN_MAX_ANGSTROM`, 1.5-4 angstroms, about the largest
   C-alpha to side-chain-centroid distance of each type's rotamers) and the distance in the
   reference, so the reference itself is never penalised (the thesis takes the reference's).
+* **Elastic network** (not in the thesis; off unless its strength is set): a harmonic term
+  ``k_n (|mu_i - mu_j| - d0_ij)^2`` between backbone centres closer than a cutoff in the reference
+  (``d0``: their distance there; bonded pairs excluded).  Bonds alone leave the chain floppy: a
+  centre far from its density gets no pull from the image, and only the network carries the pull
+  on the part of a domain that still overlaps its density to the rest of it (rigid motions keep
+  every distance, so they cost nothing).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["SIDECHAIN_MAX_ANGSTROM", "CHAIN_BREAK_ANGSTROM", "bond_pairs", "sidechain_max_lengths",
-           "restraint_energy"]
+           "restraint_energy", "network_pairs", "network_energy"]
 
 CHAIN_BREAK_ANGSTROM = 4.5
 
@@ -64,3 +70,24 @@ def restraint_energy(positions: torch.Tensor, bonds: torch.Tensor, max_lengths: 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``|a - b|`` with a finite gradient at 0 (a glycine's side chain sits on its C-alpha)."""
     return ((a - b).square().sum(-1) + 1e-12).sqrt()
+
+
+def network_pairs(ca_angstrom: np.ndarray, bonds: np.ndarray, cutoff_angstrom: float) -> tuple[np.ndarray, np.ndarray]:
+    """``((n, 2) int64 pairs, (n,) reference distances)`` of backbone centres closer than the cutoff, bonds excluded."""
+    ca = np.asarray(ca_angstrom, dtype=np.float64)
+    d = np.linalg.norm(ca[:, None] - ca[None], axis=-1)
+    i, j = np.nonzero(np.triu(d < float(cutoff_angstrom), k=1))
+    bonded = {(int(a), int(b)) for a, b in np.asarray(bonds).reshape(-1, 2)}
+    keep = np.array([(int(a), int(b)) not in bonded for a, b in zip(i, j)], dtype=bool)
+    pairs = np.stack([i[keep], j[keep]], axis=1).astype(np.int64) if keep.any() else np.zeros((0, 2), np.int64)
+    return pairs, d[pairs[:, 0], pairs[:, 1]]
+
+
+def network_energy(positions: torch.Tensor, pairs: torch.Tensor, distances: torch.Tensor, *, strength: float,
+                   n_backbone: int) -> torch.Tensor:
+    """Elastic-network energy per structure ``(...,)`` of ``positions (..., 2K, 3)`` (module docstring)."""
+    if strength == 0 or pairs.shape[0] == 0:
+        return positions.new_zeros(positions.shape[:-2])
+    backbone = positions[..., :n_backbone, :]
+    d = _distance(backbone[..., pairs[:, 0], :], backbone[..., pairs[:, 1], :])
+    return strength * (d - distances).square().sum(-1)

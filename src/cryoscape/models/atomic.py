@@ -32,7 +32,9 @@ Training hooks
   our image error is a mean over pixels where eq. 7.3's is a sum, so the strengths keep the
   thesis's meaning (0.1 for both).
 * :meth:`~AtomicDecoder.optimizer_param_groups`: centres, the global parameters and the MLP
-  learn at ``centre_lr_scale``, ``global_lr_scale`` and 1 times ``--lr``.
+  learn at ``centre_lr_scale``, ``global_lr_scale`` and ``offset_lr_scale`` times ``--lr``.
+* The optional coarse-to-fine schedule counts the images of the training passes in a buffer
+  (``training_images_seen``, kept in checkpoints), so it needs no hook of the engine.
 * :meth:`~AtomicDecoder.write_atomic_model` writes the centres as a PDB/mmCIF.
 """
 
@@ -48,7 +50,13 @@ import torch
 from torch import nn
 
 from cryoscape.errors import InputError
-from cryoscape.models._atomic_restraints import bond_pairs, restraint_energy, sidechain_max_lengths
+from cryoscape.models._atomic_restraints import (
+    bond_pairs,
+    network_energy,
+    network_pairs,
+    restraint_energy,
+    sidechain_max_lengths,
+)
 from cryoscape.models.base import VolumeDecoder, register_decoder
 from cryoscape.models.layers import ResidualMLP
 
@@ -128,15 +136,23 @@ class AtomicDecoder(VolumeDecoder):
         coordinate (seeded by ``seed``) and the side chains on them (thesis Table 7.1).
     layers, width
         The offset MLP (``zdim > 0``).
-    centre_lr_scale, global_lr_scale
-        Learning-rate multipliers of the centres and of ``sigma, a0``.
+    centre_lr_scale, global_lr_scale, offset_lr_scale
+        Learning-rate multipliers of the centres, of ``sigma, a0`` and of the offset MLP.
+    coarse_angstrom, coarse_images
+        Coarse-to-fine: training passes widen every Gaussian by ``coarse_angstrom`` (in quadrature,
+        ``sigma`` and ``a0`` held) falling linearly to 0 over the first ``coarse_images`` images
+        (off by default; the README has what it measured).
+    network_strength, network_cutoff_angstrom
+        The elastic-network restraint (:mod:`cryoscape.models._atomic_restraints`; off by default).
     """
 
     def __init__(self, *, box_size: int, zdim: int = 0, reference: str | os.PathLike | dict | None = None,
                  pixel_size_angstrom: float | None = None, reference_centering: str = "centroid", sigma_angstrom: float = 3.71,
                  a0: float = 0.1, bond_strength: float = 0.1, sidechain_strength: float = 0.1,
                  bond_length_angstrom: float = 3.8, perturb_angstrom: float = 0.0, layers: int = 3, width: int = 256,
-                 domain: str = "fourier", centre_lr_scale: float = 200.0, global_lr_scale: float = 100.0, seed: int = 0):
+                 domain: str = "fourier", centre_lr_scale: float = 200.0, global_lr_scale: float = 100.0,
+                 offset_lr_scale: float = 1.0, coarse_angstrom: float = 0.0, coarse_images: int = 0,
+                 network_strength: float = 0.0, network_cutoff_angstrom: float = 10.0, seed: int = 0):
         super().__init__(box_size=box_size, zdim=zdim)
         if domain not in ("fourier", "hartley"):
             raise ValueError(f"unknown domain {domain!r}; choose fourier or hartley")
@@ -156,14 +172,24 @@ class AtomicDecoder(VolumeDecoder):
                            bond_strength=float(bond_strength), sidechain_strength=float(sidechain_strength),
                            bond_length_angstrom=float(bond_length_angstrom), perturb_angstrom=float(perturb_angstrom),
                            layers=int(layers), width=int(width), domain=domain,
-                           centre_lr_scale=float(centre_lr_scale), global_lr_scale=float(global_lr_scale), seed=int(seed))
+                           centre_lr_scale=float(centre_lr_scale), global_lr_scale=float(global_lr_scale),
+                           offset_lr_scale=float(offset_lr_scale), coarse_angstrom=float(coarse_angstrom),
+                           coarse_images=int(coarse_images), network_strength=float(network_strength),
+                           network_cutoff_angstrom=float(network_cutoff_angstrom), seed=int(seed))
         self._build_parameters(ref, sigma_angstrom, a0, perturb_angstrom, seed)
+        pairs, d0 = network_pairs(self.reference_angstrom[: len(self.residue_name)].double().numpy(),
+                                  self.bonds.numpy(), network_cutoff_angstrom)
+        self.register_buffer("network_pairs", torch.as_tensor(pairs), persistent=False)
+        self.register_buffer("network_distances_angstrom", torch.as_tensor(d0, dtype=torch.float32), persistent=False)
         self.offsets = None
         if self.zdim > 0:
             self.offsets = ResidualMLP(self.zdim, 3 * self.n_centres, layers=int(layers), width=int(width))
             nn.init.zeros_(self.offsets.output.weight)
             nn.init.zeros_(self.offsets.output.bias)
         self._batch_positions: torch.Tensor | None = None
+        self.has_coarse_schedule = int(coarse_images) > 0 and float(coarse_angstrom) > 0
+        if self.has_coarse_schedule:  # a buffer only then: older checkpoints still load
+            self.register_buffer("training_images_seen", torch.zeros((), dtype=torch.float64))
 
     def _build_parameters(self, ref: dict, sigma_angstrom: float, a0: float, perturb: float, seed: int) -> None:
         origin = np.asarray(ref["origin_angstrom"], dtype=np.float64)
@@ -232,11 +258,32 @@ class AtomicDecoder(VolumeDecoder):
             pos = self.positions_angstrom(None if z is None else z.float())
             if self.training and torch.is_grad_enabled():
                 self._batch_positions = pos
-            c, s = self.structure_factor(coords, pos, self.a0 * self.electrons)
-            env = self._envelope(coords, self.sigma_angstrom)
+            sigma, a0 = self._training_sigma_a0(coords.shape[0])
+            c, s = self.structure_factor(coords, pos, a0 * self.electrons)
+            env = self._envelope(coords, sigma)
             if self.domain == "hartley":
                 return env * (c + s)
             return torch.complex(env * c, -env * s)
+
+    def coarse_extra_angstrom(self) -> float:
+        """The extra width of the coarse-to-fine schedule now: ``coarse_angstrom`` falling linearly
+        to 0 over the first ``coarse_images`` training images (0 without the schedule)."""
+        c = self.config
+        if not self.has_coarse_schedule:
+            return 0.0
+        return c["coarse_angstrom"] * max(0.0, 1.0 - float(self.training_images_seen) / c["coarse_images"])
+
+    def _training_sigma_a0(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(width, a0)`` of this forward pass.  While the coarse-to-fine schedule runs (training
+        passes only), the width is ``sqrt(sigma^2 + extra^2)`` with ``sigma`` and ``a0`` held: the
+        blur widens the centres' capture range (large motions) and would otherwise be absorbed into them."""
+        if self.has_coarse_schedule and self.training and torch.is_grad_enabled():
+            extra = self.coarse_extra_angstrom()
+            self.training_images_seen += batch
+            if extra > 0:
+                sigma = self.sigma_angstrom.detach()
+                return (sigma.square() + extra * extra).sqrt(), self.a0.detach()
+        return self.sigma_angstrom, self.a0
 
     def eval_volume(self, z: torch.Tensor | None = None, *, box_size: int | None = None) -> torch.Tensor:
         """``V`` sampled at voxel centres of an ``n``-box (``n < D``: larger voxels, same field of view)."""
@@ -260,8 +307,9 @@ class AtomicDecoder(VolumeDecoder):
         pos = self._batch_positions if self._batch_positions is not None else self.positions_angstrom(None)
         self._batch_positions = None
         e_bond, e_side = self.restraint_energies(pos)
+        e_network = self.network_energy(pos)
         n_circle = math.pi * (self.box_size / 2.0) ** 2
-        return (e_bond + e_side).mean() / n_circle
+        return (e_bond + e_side + e_network).mean() / n_circle
 
     def restraint_energies(self, positions_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(bond, side-chain)`` energies ``(B,)`` with the configured strengths."""
@@ -270,11 +318,16 @@ class AtomicDecoder(VolumeDecoder):
                                 bond_length_angstrom=c["bond_length_angstrom"], bond_strength=c["bond_strength"],
                                 sidechain_strength=c["sidechain_strength"])
 
+    def network_energy(self, positions_angstrom: torch.Tensor) -> torch.Tensor:
+        """Elastic-network energy ``(B,)`` with the configured strength (0 unless ``network_strength`` is set)."""
+        return network_energy(positions_angstrom, self.network_pairs, self.network_distances_angstrom,
+                              strength=self.config["network_strength"], n_backbone=len(self.residue_name))
+
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         groups = [{"params": [self.centres_angstrom], "lr_scale": self.config["centre_lr_scale"]},
                   {"params": [self.log_sigma_angstrom, self.log_a0], "lr_scale": self.config["global_lr_scale"]}]
         if self.offsets is not None:
-            groups.append({"params": list(self.offsets.parameters()), "lr_scale": 1.0})
+            groups.append({"params": list(self.offsets.parameters()), "lr_scale": self.config["offset_lr_scale"]})
         return groups
 
     wants_warm_start = True
