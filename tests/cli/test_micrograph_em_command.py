@@ -75,3 +75,13 @@ def test_bad_input_is_one_sentence(mics, tmp_path, capsys):
     code = main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"),
                  "--box-size", "33", "-o", str(tmp_path / "y")])
     assert code == 2 and "--box-size 33" in capsys.readouterr().err
+
+
+def test_half_sets_and_reorient_are_logged(mics, tmp_path):
+    out = tmp_path / "halves"
+    assert main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"),
+                 "--box-size", "32", "-o", str(out), "--schedule", "8:-1:1", "--regularization", "fsc", "--reorient",
+                 "--reference", str(mics / "gt_volumes/vol_000.mrc"), "--no-progress"]) == 0
+    row = _rows(out / "iterations.tsv")[0]
+    assert 0 < float(row["half_fsc_0.5_angstrom"]) < 200 and 0 <= float(row["turn_deg"]) < 30
+    assert float(row["fsc_auc"]) > 0.2
