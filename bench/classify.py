@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cryoscape_command, print_figure, print_note, run_timed, thread_env, tool_version  # noqa: E402
+from refine import machine_notes  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     run_timed([*cryoscape_command(), "backproject", data / "particles.star", "-o", consensus, "--no-progress"],
               log_path=args.workdir / "consensus.log", env=env)
     truth = np.load(data / "ground_truth.npz")["state_index"]
+    machine_notes(args.threads)
     print_note(f"{args.n_images} images of 4 hinge classes, D=64, SNR 0.1; "
                f"cryoscape {tool_version(cryoscape_command(), env)}")
     ours_dir = args.workdir / "cryoscape"
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     ours = run_timed([*cryoscape_command(), "classify", data / "particles.star", "-K", 4, "--initial-map",
                       consensus / "map.mrc", "-o", ours_dir, "--no-align"], log_path=args.workdir / "cryoscape.log",
                      env=env)
+    if ours.returncode != 0:
+        print_note(f"cryoscape classify failed:\n{ours.tail()}")
+        return 1
     score, sizes = ari(ours_dir / "particles.star", truth)
     print_figure("cryoscape wall time", ours.wall_s, "s", fmt=".0f")
     print_figure("cryoscape adjusted Rand index", score, fmt=".3f")
@@ -81,11 +86,18 @@ def main(argv=None) -> int:
                         "--norm", "--scale", "--j", args.threads, "--pool", 30, "--pad", 2,
                         "--dont_combine_weights_via_disc", "--firstiter_cc"],
                        log_path=args.workdir / "relion.log", env=env, cwd=data)
+    print_note("relion command: " + " ".join(str(c) for c in relion.command))
+    if relion.returncode != 0:
+        print_note(f"relion_refine failed:\n{relion.tail()}")
+        return 1
     score, sizes = ari(rel_dir / "run_it025_data.star", truth)
     print_figure("relion wall time", relion.wall_s, "s", fmt=".0f")
     print_figure("relion adjusted Rand index", score, fmt=".3f")
     print_note(f"relion class sizes {sizes}")
     print_figure("wall time ratio relion/cryoscape", relion.wall_s / ours.wall_s)
+    import os
+
+    print_note("load average at end (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
     return 0
 
 

@@ -31,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-iterations", type=int, default=25, help="default 25")
     parser.add_argument("--highres-limit", type=float, default=12.0, metavar="ANGSTROM",
                         help="highest resolution the class/pose posteriors use (default 12; 0: Nyquist)")
-    parser.add_argument("--no-solvent-mask", action="store_true",
-                        help="do not mask the class maps with a solvent mask made from the consensus map")
+    mask = parser.add_mutually_exclusive_group()
+    mask.add_argument("--solvent-mask", dest="solvent_mask", action="store_true", default=None,
+                      help="mask the class maps with a solvent mask of the consensus map in the E-step "
+                           "(default: with alignment only)")
+    mask.add_argument("--no-solvent-mask", dest="solvent_mask", action="store_false",
+                      help="never mask the class maps")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     parser.add_argument("--uninvert-data", action="store_true", help="do not negate the images")
     parser.add_argument("-b", "--batch-size", type=int, default=128)
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             align=not args.no_align, global_align=args.global_align, level=args.level,
             initial_lowpass_angstrom=args.ini_high,
             highres_limit_angstrom=args.highres_limit or None,
-            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym, auto_mask=not args.no_solvent_mask,
+            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym, auto_mask=args.solvent_mask,
         )
         classify_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                            invert_contrast=not args.uninvert_data)
