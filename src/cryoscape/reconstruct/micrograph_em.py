@@ -24,10 +24,11 @@ Fourier sums are a running average over about ``1 / fraction`` iterations (see :
 After each M-step the map is moved by the whole-voxel shift that aligns it with the previous map
 (:func:`recentre`), since the likelihood cannot tell a shifted map from shifted particles.
 
-Cost: an iteration does two batched FFTs of ``2L x 2L`` per (patch, rotation) pair, i.e. about
-``4 K`` times the number of pixels of the downsampled micrographs (whole-micrograph correlation
-costs the same; patches keep memory bounded and need no masking).  M-step FFTs are skipped for
-rotations with no posterior mass in a batch.  Downsampled micrographs are cached on disk per stage
+Cost: an iteration does two complex FFTs of ``2L x 2L`` per patch and pair of rotations (two real
+correlations per complex FFT, patch_em.py), i.e. about ``2 K`` times the number of pixels of the
+downsampled micrographs (whole-micrograph correlation costs the same; patches keep memory bounded
+and need no masking).  M-step FFTs are skipped for (patch, pair)s without posterior mass, and
+stages at SO(3) level >= 1 search rotations coarse to fine (:class:`LocalSearch`).  Downsampled micrographs are cached on disk per stage
 (``cache/``) and read one micrograph at a time, so memory is one micrograph's patches times a batch
 of rotations.
 
