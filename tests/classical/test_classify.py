@@ -87,3 +87,28 @@ def test_no_align_and_global_align_together_is_one_sentence(tmp_path, capsys):
     assert main(["classify", "x.star", "--initial-map", "m.mrc", "-o", str(tmp_path / "o"), "--no-align",
                  "--global-align"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_inserting_all_classes_at_once_equals_one_insertion_per_class():
+    """--no-align inserts the K classes as channels of one buffer: the same sums as K calls of
+    FourierAccumulator.add with weights gamma_k / sigma^2."""
+    import torch
+
+    from cryoscape.classical.classify import insert_shared_poses
+    from cryoscape.geometry.rotations import random_rotations
+    from cryoscape.reconstruct.backproject import FourierAccumulator
+
+    gen = torch.Generator().manual_seed(0)
+    D, B, K = 16, 12, 3
+    fast, slow = FourierAccumulator(D, n_sets=2 * K), FourierAccumulator(D, n_sets=2 * K)
+    P = fast.coordinates.shape[0]
+    values = torch.complex(torch.randn(B, P, generator=gen), torch.randn(B, P, generator=gen))
+    ctf, inv_sigma2 = torch.rand(B, P, generator=gen), torch.rand(P, generator=gen) + 0.5
+    gamma = torch.softmax(torch.randn(B, K, generator=gen), dim=1)
+    halves = torch.randint(0, 2, (B,), generator=gen)
+    rotations = random_rotations(B, generator=gen)
+    insert_shared_poses(fast, values, rotations, ctf, gamma, halves, inv_sigma2)
+    for k in range(K):
+        slow.add(values, rotations, ctf=ctf, sets=2 * k + halves, weights=gamma[:, k, None] * inv_sigma2[None, :])
+    assert torch.allclose(fast.sums, slow.sums, atol=1e-5, rtol=1e-4)
+    assert torch.equal(fast.count, slow.count)

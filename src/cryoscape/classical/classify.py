@@ -137,9 +137,39 @@ def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band
     return torch.stack(evidence, dim=1), posts
 
 
+def insert_shared_poses(acc, values, rotations, ctf, gamma, halves, inv_sigma2) -> None:
+    """Insert images that have one pose for every class (``--no-align``) into all ``K`` classes
+    at once: set ``2 k + half`` gets ``gamma_k x`` what :meth:`FourierAccumulator.add` would add.
+
+    The K classes' sums are scattered as ``3 K`` channels of one ``(2, D, D, D, 3 K)`` buffer, so
+    the slice coordinates, the trilinear corners and the scatter indices are computed once per
+    image instead of once per image and class.
+    ``values``/``ctf`` ``(B, P)`` at ``acc.coordinates``, already centred; ``gamma (B, K)``;
+    ``halves (B,)``; ``inv_sigma2 (P,)``.
+    """
+    from cryoscape.fourier.slicing import scatter_trilinear, slice_coordinates
+
+    K, D = gamma.shape[1], acc.padded_size
+    c = ctf.to(torch.float32)
+    base = torch.stack([c * values.real, c * values.imag, c * c], dim=-1) * inv_sigma2[None, :, None]  # (B, P, 3)
+    stacked = (base[:, :, None, :] * gamma[:, None, :, None].to(base.dtype)).reshape(*base.shape[:2], 3 * K)
+    buffer = torch.zeros(2, D, D, D, 3 * K, dtype=acc.sums.dtype)
+    coords = slice_coordinates(rotations.to(acc.dtype), acc.coordinates)
+    scatter_trilinear(buffer, coords, stacked.to(acc.dtype), offsets=halves.long())
+    for k in range(K):
+        for h in range(2):
+            acc.sums[2 * k + h] += buffer[h, ..., 3 * k : 3 * k + 3]
+    acc.count += torch.bincount((2 * torch.arange(K)[None, :] + halves.long()[:, None]).reshape(-1),
+                                minlength=acc.n_sets)
+
+
 def _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2) -> None:
     """Insert each image into each class with weight gamma_k (x pose posterior with alignment)."""
     halves = torch.as_tensor(state.halves[idx])
+    if all(p is None for p in posts):
+        values = phase_shift_coords(x, source.coords, state.shifts_pixel[idx].float(), source.box_size)
+        insert_shared_poses(acc, values, state.rotations[idx], ctf, gamma, halves, inv_sigma2)
+        return
     for k in range(gamma.shape[1]):
         use = gamma[:, k] > 1e-4
         if not use.any():
