@@ -230,9 +230,6 @@ def _patch_batch(K: int, L: int, memory_bytes: int) -> int:
     return max(1, min(int(memory_bytes // per_patch), int(3 * 16 * 1024**2 // per_patch)))
 
 
-MIN_VISIBLE = 0.0
-
-
 @dataclass
 class _Sums:
     p_empty: float = 0.0
@@ -295,8 +292,7 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
         sums.residual += float(res.expected_residual.double().sum())
         sums.n_patches += len(chunk)
         if m_step:
-            b_ft, w = backprojection_sums_ft(chunk, res.posterior, n_rotations=K, out=b_ft, pair_index=index,
-                                             min_visible=MIN_VISIBLE)
+            b_ft, w = backprojection_sums_ft(chunk, res.posterior, n_rotations=K, out=b_ft, pair_index=index)
             W += w
     if b_ft is None:
         return patches.new_zeros(K, L, L), W
