@@ -124,6 +124,7 @@ def main() -> int:
     parser.add_argument("--pick-iterations", type=int, default=3)
     parser.add_argument("--timing-micrographs", type=int, default=100)
     parser.add_argument("--tag", default="run")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted EM runs, keep finished pick runs")
     parser.add_argument("--quick", action="store_true", help="2 SNRs, 2 micrographs, 2 iterations")
     args = parser.parse_args()
     if args.quick:
@@ -166,10 +167,12 @@ def run_fsc(work: Path, args) -> list[str]:
         common = [str(mics / "micrographs.star"), "--initial-map", str(init), "--box-size", str(args.box),
                   "--reference", str(truth), "--no-progress"]
         em_dir, pick_dir = work / f"em_snr{snr:g}", work / f"pick_snr{snr:g}"
+        resume = ["--resume"] if args.resume and (em_dir / "checkpoint.pt").is_file() else []
         cli("micrograph-em", *common, "-o", str(em_dir), "--schedule", *args.schedule, *args.em_options.split(),
-            fresh=True)
-        cli("micrograph-em", *common, "-o", str(pick_dir), "--baseline", "pick", "--iterations",
-            str(args.pick_iterations), "--picks-per-micrograph", str(args.per_micrograph), fresh=True)
+            *resume, fresh=not resume)
+        if not (args.resume and (pick_dir / "map.mrc").is_file()):
+            cli("micrograph-em", *common, "-o", str(pick_dir), "--baseline", "pick", "--iterations",
+                str(args.pick_iterations), "--picks-per-micrograph", str(args.per_micrograph), fresh=True)
         em, pick = read_log(em_dir / "iterations.tsv"), read_log(pick_dir / "iterations.tsv")
         curves[snr] = (em, pick)
         for name, log in (("micrograph-em", em), ("pick", pick)):

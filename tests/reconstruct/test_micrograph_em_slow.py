@@ -1,10 +1,11 @@
-"""Slow end-to-end run of the micrograph EM from another conformation (the setting of bench/micrographs.py).
+"""Slow end-to-end runs of the micrograph EM from another conformation (the setting of bench/micrographs.py).
 
 The built-in molecule at hinge 0 degrees in 4 micrographs of 512^2 pixels at D = 32 (7.8 A/pixel), 28
 separated particles each, SNR 1 per pixel of the particle boxes; the initial map is the molecule at hinge
-40 degrees low-passed to 40 A (FSC=0.5 to the truth at 42.1 A, AUC 0.358).  Measured (bench/results/
-micrographs_a.txt): the first iteration at box 16 (band limit 31.2 A) reaches the band limit (31.0 A, AUC
-0.387); later iterations drift back (49 A after 4), which is the open part of issue 17.
+40 degrees low-passed to 40 A (FSC=0.5 to the truth at 42.1 A, AUC 0.358).  The EM works at the full box
+(``--schedule 32:0:20:0.5``): at box 16 (15.6 A/pixel) even the true map put only 11% of a particle's
+posterior on the nearest grid rotation, against 40% at box 32, and the map drifted away from the truth.
+Measured figures: README "From micrographs" and bench/results/micrographs_2026-12-03.txt.
 """
 
 import csv
@@ -20,14 +21,31 @@ from cryoscape.simulate.molecule import default_pixel_size_angstrom
 
 pytestmark = pytest.mark.slow
 
+# separated particles, 20 iterations (bench/results/micrographs_2026-12-03.txt, SNR 1): FSC=0.5 at 26.8 A after
+# iteration 1 (the best), 29.3 A after 10, but 43.8 A after 20 (the curve dips to 0.456 at 41.7 A while it stays
+# at 0.52-0.54 down to 31.2 A); FSC AUC 0.519 after 1, 0.459 after 20.  The drift after the first iterations is
+# the open part of issue 17, so the final crossing is not asserted.
+BEST_RES_ANGSTROM, FINAL_AUC = 30.0, 0.43
+# overlapping particles, 2 micrographs, 5 iterations at box 32: measured 25.4 A and AUC 0.501 (from 42.1 A, 0.358)
+OVERLAP_RES_ANGSTROM, OVERLAP_AUC = 30.0, 0.46
 
-def test_first_em_iteration_from_another_conformation_reaches_the_band_limit(tmp_path):
+
+def _initial_map(path):
     import torch
 
     D = 32
     pixel = default_pixel_size_angstrom(D)
     init = lowpass_filter(torch.from_numpy(_render_hinge(40.0, D, pixel, 3 * pixel)), 40.0, pixel, ndim=3)
-    write_mrc(tmp_path / "init.mrc", init.numpy().astype(np.float32), pixel_size_angstrom=pixel)
+    write_mrc(path, init.numpy().astype(np.float32), pixel_size_angstrom=pixel)
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_twenty_em_iterations_from_another_conformation_raise_the_fsc_auc(tmp_path):
+    _initial_map(tmp_path / "init.mrc")
     mics = tmp_path / "mics"
     assert main(["simulate", "micrographs", "-o", str(mics), "--n-micrographs", "4", "--micrograph-size", "512",
                  "-D", "32", "--particles-per-micrograph", "28", "--hinge-angle-deg", "0", "--snr", "1",
@@ -35,40 +53,33 @@ def test_first_em_iteration_from_another_conformation_reaches_the_band_limit(tmp
     out = tmp_path / "em"
     assert main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(tmp_path / "init.mrc"),
                  "--box-size", "32", "-o", str(out), "--reference", str(mics / "gt_volumes/vol_000.mrc"),
-                 "--schedule", "16:0:1:0.5", "--no-progress"]) == 0
-    with open(out / "iterations.tsv") as f:
-        row = next(csv.DictReader(f, delimiter="\t"))
-    assert float(row["fsc_0.5_angstrom"]) < 33.0  # from 42.1 A; the stage's band limit is 31.2 A
-    assert float(row["fsc_auc"]) > 0.375  # from 0.358
+                 "--schedule", "32:0:20:0.5", "--no-progress"]) == 0
+    rows = _rows(out / "iterations.tsv")
+    assert len(rows) == 20
+    assert min(float(r["fsc_0.5_angstrom"]) for r in rows) < BEST_RES_ANGSTROM  # from 42.1 A
+    assert float(rows[-1]["fsc_auc"]) > FINAL_AUC  # from 0.358
 
 
-def test_first_em_iteration_with_overlapping_particles_still_improves(tmp_path):
-    """Boxes only kept disjoint (``--placement arbitrary``), 110 particles per micrograph: 58 % of the
-    non-empty patches cut two or more particle boxes, against the model's one.  Measured: the FSC AUC
-    rises from 0.358 to 0.379 in the first iteration, while the FSC=0.5 crossing moves from 42.1 A to
-    48.4 A (the curve runs close to 0.5 over 35-50 A); the separated case reaches 31.0 A."""
-    import torch
-
+def test_em_with_overlapping_particles_still_improves(tmp_path):
+    """Boxes only kept disjoint (``--placement arbitrary``), 110 particles per micrograph: more than 40% of
+    the non-empty patches cut two or more particle boxes, against the model's one."""
     from cryoscape.io.micrographs import read_coordinates_star
 
     D = 32
-    pixel = default_pixel_size_angstrom(D)
-    init = lowpass_filter(torch.from_numpy(_render_hinge(40.0, D, pixel, 3 * pixel)), 40.0, pixel, ndim=3)
-    write_mrc(tmp_path / "init.mrc", init.numpy().astype(np.float32), pixel_size_angstrom=pixel)
+    _initial_map(tmp_path / "init.mrc")
     mics = tmp_path / "mics"
     assert main(["simulate", "micrographs", "-o", str(mics), "--n-micrographs", "2", "--micrograph-size", "512",
                  "-D", "32", "--particles-per-micrograph", "110", "--placement", "arbitrary", "--hinge-angle-deg", "0",
                  "--snr", "1", "--seed", "1"]) == 0
     coords = read_coordinates_star(mics / "particles.star")
-    shared = _fraction_of_patches_cutting_two(coords, D, 512)
-    assert shared > 0.4
+    assert _fraction_of_patches_cutting_two(coords, D, 512) > 0.4
     out = tmp_path / "em"
     assert main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(tmp_path / "init.mrc"),
                  "--box-size", "32", "-o", str(out), "--reference", str(mics / "gt_volumes/vol_000.mrc"),
-                 "--schedule", "16:0:1:0.5", "--no-progress"]) == 0
-    with open(out / "iterations.tsv") as f:
-        row = next(csv.DictReader(f, delimiter="\t"))
-    assert float(row["fsc_auc"]) > 0.37  # from 0.358
+                 "--schedule", "32:0:5:0.5", "--no-progress"]) == 0
+    last = _rows(out / "iterations.tsv")[-1]
+    assert float(last["fsc_0.5_angstrom"]) < OVERLAP_RES_ANGSTROM  # from 42.1 A
+    assert float(last["fsc_auc"]) > OVERLAP_AUC  # from 0.358
 
 
 def _fraction_of_patches_cutting_two(coords, D, size):
