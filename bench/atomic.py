@@ -25,6 +25,7 @@ Run (under the shared lock; about 10-15 minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,7 @@ def run_tool(args, tool: str, command: list[str], exe, data: Path, positions, st
                    f"(sha256 {file_sha256(data / 'particles.mrcs')[:16]}), poses, CTF and epochs; its images/s is "
                    f"from its own log ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(log.stat().st_mtime))})")
     else:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run folder left by an earlier run would add its epochs' times
         result = run_timed(command, log_path=log, env=env)
         print_note(f"{tool} wall {result.wall_s:.0f} s")
     seconds = training_seconds(run_dir, log, kind)
