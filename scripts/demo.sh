@@ -9,6 +9,9 @@ set -euo pipefail
 OUT=${1:-demo_out}
 BIN=${BIN:-.venv/bin}
 N=${DEMO_N_IMAGES:-5000}
+# a new training run never overwrites an earlier one (cryoscape refuses), so a second demo starts
+# its training runs afresh
+rm -rf "$OUT/train" "$OUT/train_basis" "$OUT/train_basis_2proc"
 
 echo "== 1/8 simulate: $N images of the built-in molecule, D=64, SNR 0.1, CTF, shifts"
 "$BIN/cryoscape" simulate -o "$OUT/data" -n "$N" -D 64 --snr 0.1 --heterogeneity none \

@@ -212,3 +212,17 @@ def test_trainer_resume_reads_the_checkpoint_once_and_continues(tiny_dataset, tm
     monkeypatch.setattr(loop, "load_latest_checkpoint", counted)
     result = Trainer.resume(tmp_path / "run", num_epochs=2)
     assert result.epochs_done == 2 and len(reads) == 1
+
+
+def test_a_new_run_never_overwrites_another_runs_checkpoint(tiny_dataset, tmp_path, capsys):
+    """No run loses work: training anew into a run folder is refused in one sentence that names --resume,
+    and the old checkpoint is left as it was."""
+    from cryoscape.cli.main import main
+
+    run_training(tiny_config(tiny_dataset, num_epochs=1), tmp_path / "run")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    code = main(["train", str(tiny_dataset / "particles.star"), "-n", "1", "-o", str(tmp_path / "run"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a run" in err and f"--resume {tmp_path / 'run'}" in err
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before

@@ -89,6 +89,7 @@ import torch
 from cryoscape.errors import InputError
 from cryoscape.geometry.so3_grid import base_grid_spacing_deg
 from cryoscape.posesearch.search import SearchSettings, grid_summary
+from cryoscape.train.checkpoint import refuse_to_overwrite_run
 from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_training_data, load_tables
@@ -370,6 +371,7 @@ def run_abinit(config: AbinitConfig, out_dir: str | Path, *, arguments: dict[str
         config.validate()
     except ValueError as err:
         raise InputError(f"{err}.") from None
+    refuse_to_overwrite_run(out_dir, "abinit")
     with RunContext(out_dir) as dist:
         table, _ = load_tables(config)
         return abinit_model(config, table, out_dir, arguments=arguments, dist=dist)

@@ -58,6 +58,7 @@ __all__ = [
     "weights_path",
     "available_epochs",
     "find_checkpoint",
+    "refuse_to_overwrite_run",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -126,6 +127,16 @@ def available_epochs(run_dir: str | os.PathLike) -> list[int]:
         if m:
             out.append(int(m.group(1)))
     return sorted(out)
+
+
+def refuse_to_overwrite_run(out_dir: str | os.PathLike, command: str) -> None:
+    """A new run must not overwrite another run's checkpoints (no run loses work): InputError when
+    ``out_dir`` already holds ``checkpoint.pt`` or ``checkpoint.partial.pt``."""
+    out = Path(out_dir)
+    found = [name for name in (CHECKPOINT_NAME, PARTIAL_CHECKPOINT_NAME) if (out / name).is_file()]
+    if found:
+        raise InputError(f"{out} already holds a run ({found[0]}); continue it with `cryoscape {command} --resume "
+                         f"{out}`, or pass another -o (or delete that folder) to start a new one.")
 
 
 def find_checkpoint(run_dir: str | os.PathLike, epoch: int | None = None) -> Path:

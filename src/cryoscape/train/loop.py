@@ -50,7 +50,8 @@ import numpy as np
 import torch
 
 from cryoscape.errors import InputError
-from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint, load_latest_checkpoint
+from cryoscape.train.checkpoint import (find_checkpoint, load_checkpoint, load_latest_checkpoint,
+                                        refuse_to_overwrite_run)
 from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_dataset, build_training_data, load_tables
@@ -129,6 +130,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
     except ValueError as err:
         raise InputError(f"{err}.") from None
     out = Path(out_dir)
+    refuse_to_overwrite_run(out, "train")
     with RunContext(out) as dist:
         resume_state = None
         if init_from is not None:
