@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--bands", type=float, nargs="+", default=[1.0, 0.8, 0.7, 0.6])
+    p.add_argument("--widths", type=int, nargs="+", default=[256], help="decoder widths (hidden layers 3) [256]")
+    p.add_argument("--no-profile", action="store_true", help="skip the profile of the full-band step")
     return p.parse_args(argv)
 
 
@@ -43,12 +45,12 @@ def batch(D: int, B: int):
     return pts[None] @ rot.transpose(1, 2), torch.randn(B, 8), torch.randn(B, pts.shape[0], dtype=torch.complex64)
 
 
-def step_seconds(band: float, data, steps: int, profile: bool = False) -> float:
+def step_seconds(band: float, data, steps: int, profile: bool = False, width: int = 256) -> float:
     from cryoscape.models.neural_field import NeuralField
 
     torch.manual_seed(0)
     coords, z, target, box = data
-    decoder = NeuralField(box_size=box, zdim=8, band_fraction=band)
+    decoder = NeuralField(box_size=box, zdim=8, band_fraction=band, width=width)
     opt = torch.optim.Adam(decoder.parameters(), 1e-4)
 
     def step():
@@ -82,16 +84,18 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     data = (*batch(args.box_size, args.batch_size), args.box_size)
     print(f"# D={args.box_size}, batch {args.batch_size}, {data[0].shape[1]} points per image (half disc), "
-          f"NeuralField 256x3 zdim 8 gaussian encoding")
+          f"NeuralField WIDTHx3 zdim 8 gaussian encoding")
     full = None
-    for band in args.bands:
-        seconds = step_seconds(band, data, args.steps)
-        full = full or seconds
-        inside = int((data[0][0].square().sum(-1) <= (0.5 * band) ** 2).sum())
-        print(f"band_fraction {band:g}: {inside} points per image, {seconds * 1e3:.1f} ms per step, "
-              f"{args.batch_size / seconds:.1f} decoder img/s, {full / seconds:.2f}x the full band")
-    print("# profile of the full-band step (5 steps):")
-    step_seconds(1.0, data, 2, profile=True)
+    for width in args.widths:
+        for band in args.bands:
+            seconds = step_seconds(band, data, args.steps, width=width)
+            full = full or seconds
+            inside = int((data[0][0].square().sum(-1) <= (0.5 * band) ** 2).sum())
+            print(f"width {width} band_fraction {band:g}: {inside} points per image, {seconds * 1e3:.1f} ms per step, "
+                  f"{args.batch_size / seconds:.1f} decoder img/s, {full / seconds:.2f}x the first line")
+    if not args.no_profile:
+        print("# profile of the full-band step (5 steps):")
+        step_seconds(1.0, data, 2, profile=True, width=args.widths[0])
     return 0
 
 

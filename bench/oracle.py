@@ -152,11 +152,11 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
     for kv in options:
         extra += ["--decoder-opt", kv]
     for entry in args.decoder_opt:
-        decoder, _, kv = entry.partition(":")
-        extra += ["--decoder-opt", kv] if decoder == name else []
+        target, _, kv = entry.partition(":")
+        extra += ["--decoder-opt", kv] if target == name else []
     for entry in args.train_opt:
-        decoder, _, option = entry.partition(":")
-        extra += option.split("=", 1) if decoder == name else []
+        target, _, option = entry.partition(":")
+        extra += option.split("=", 1) if target == name else []
     return [*cryoscape_command(), "train", str(data / "particles.mrcs"), *common, "-o", str(out),
             "--decoder", decoder or name, "--encoder", "resmlp", "--first", str(n_images), "--no-progress", *extra]
 

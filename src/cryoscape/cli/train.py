@@ -94,6 +94,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--beta", type=parse_beta, default=None,
                      help="KL weight: a number, or 'anneal' (0 -> 1 over --beta-anneal-epochs) [1/zdim]")
     opt.add_argument("--beta-anneal-epochs", type=int, default=None, help="epochs of the beta ramp [num_epochs/4]")
+    opt.add_argument("--band-start", type=float, default=None, metavar="FRACTION",
+                     help="frequency marching: epoch 0 trains only |k| < FRACTION x Nyquist, the band widens "
+                          "linearly to Nyquist at epoch --band-epochs (1: every pixel in every epoch) "
+                          "[neural field: see README 'Choosing a decoder'; other decoders 1]")
+    opt.add_argument("--band-epochs", type=int, default=None, metavar="E",
+                     help="frequency marching: the epoch (0-based) from which every pixel trains [the last]")
     opt.add_argument("--refine-poses", action="store_true",
                      help="learn per-particle rotation and shift corrections by gradient descent")
     opt.add_argument("--no-refine-shifts", action="store_true", help="with --refine-poses: keep the shifts fixed")
@@ -184,6 +190,8 @@ def _config_from_args(args: argparse.Namespace):
         weight_decay=pick(args.weight_decay, defaults.weight_decay),
         beta=args.beta,
         beta_anneal_epochs=args.beta_anneal_epochs,
+        band_start=args.band_start,
+        band_epochs=args.band_epochs,
         refine_poses=args.refine_poses,
         refine_shifts=not args.no_refine_shifts,
         pose_lr=pick(args.pose_lr, defaults.pose_lr),

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "DEFAULT_LEARNING_RATES", "DEFAULT_BATCH_SIZES"]
+__all__ = ["TrainConfig", "DEFAULT_LEARNING_RATES", "DEFAULT_BATCH_SIZES", "DEFAULT_BAND_STARTS"]
 
 #: Adam learning rate when ``--lr`` is not given, by decoder.  The neural field's was chosen by
 #: measurement (bench/decoders.py's data and protocol: D=64 / D=128 hinge, SNR 0.1, 2 epochs, batch
@@ -34,6 +34,12 @@ DEFAULT_LEARNING_RATES = {"neural_field": 4e-4, "basis": 1e-3, "cryoformer": 1e-
 #: it trains on batches of 64 (seed 003 trains its voxel model on larger batches than cryoDRGN's
 #: too): 325 / 661 / 878 img/s at 8 / 32 / 64 at D=64 on 2 cores.
 DEFAULT_BATCH_SIZES = {"basis": 64}
+#: ``band_start`` when ``--band-start`` is not given, by decoder (others: 1, every epoch trains every
+#: pixel).  The neural field's cost per image is proportional to the pixels it evaluates, so
+#: ``cryoscape train`` widens its training band from this fraction of Nyquist to Nyquist over the run
+#: (frequency marching, :func:`cryoscape.train.schedule.band_fraction_at`); measured in README
+#: "Choosing a decoder" (float32 speed of the neural field) and bench/results/nf_speed_*.txt.
+DEFAULT_BAND_STARTS: dict[str, float] = {}
 FALLBACK_BATCH_SIZE = 8
 FALLBACK_LEARNING_RATE = 1e-4
 
@@ -88,6 +94,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta: float | str | None = None
     beta_anneal_epochs: int | None = None
+    # frequency marching (cryoscape train): the band trained in epoch 0 as a fraction of Nyquist (None: the
+    # decoder's DEFAULT_BAND_STARTS, 1: off), widening linearly to Nyquist at epoch band_epochs (None: the last)
+    band_start: float | None = None
+    band_epochs: int | None = None
     refine_poses: bool = False
     refine_shifts: bool = True
     pose_lr: float = 3e-3
@@ -126,6 +136,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Rebuild from :meth:`to_dict` output; unknown keys are ignored (older/newer runs)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if "num_epochs" in d and "band_start" not in d:  # a run saved before frequency marching: every pixel
+            d = {**d, "band_start": 1.0}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # ---- derived values
@@ -183,5 +195,9 @@ class TrainConfig:
             raise ValueError(f"--shuffle-chunk must be 0 (uniform shuffle) or positive, got {self.shuffle_chunk}")
         if not self.checkpoint_minutes >= 0:
             raise ValueError(f"--checkpoint-minutes must be 0 (off) or positive, got {self.checkpoint_minutes}")
+        if self.band_start is not None and not 0.0 < self.band_start <= 1.0:
+            raise ValueError(f"--band-start must be a fraction of Nyquist in (0, 1], got {self.band_start}")
+        if self.band_epochs is not None and self.band_epochs < 0:
+            raise ValueError(f"--band-epochs must be 0 (every pixel from the start) or positive, got {self.band_epochs}")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")

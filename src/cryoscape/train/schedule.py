@@ -3,8 +3,16 @@
 The trainer's epoch loop is the same for every kind of run; a schedule decides which model trains
 (ab initio's homogeneous search phase, then the VAE or the final decoder), whether the model is
 re-initialised first, which frequency band trains, and whether (and with which grid) the poses
-are searched.  :class:`ConstantSchedule` is ``cryoscape train`` (every epoch alike, all pixels);
-ab initio's schedule lives with its options (:class:`cryoscape.train.abinit.AbinitSchedule`).
+are searched.  :class:`ConstantSchedule` is ``cryoscape train`` (every epoch alike but for its
+band); ab initio's schedule lives with its options (:class:`cryoscape.train.abinit.AbinitSchedule`).
+
+Frequency marching
+------------------
+``cryoscape train`` may train a band that widens over the run (``band_start``, ``band_epochs``;
+:func:`band_fraction_at`): epoch 0 fits only the pixels with ``|k| < band_start x D/2``, the radius
+grows linearly to Nyquist at epoch ``band_epochs`` (default the last), and later epochs train every
+pixel.  A neural field's step costs in proportion to the pixels it evaluates (the area of the
+band), so low bands early buy speed; the maps come from the full-band epochs at the end.
 """
 
 from __future__ import annotations
@@ -14,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryoscape.posesearch.search import SearchSettings
-from cryoscape.train.config import TrainConfig
+from cryoscape.train.config import DEFAULT_BAND_STARTS, TrainConfig
 
-__all__ = ["EpochPlan", "Schedule", "ConstantSchedule"]
+__all__ = ["EpochPlan", "Schedule", "ConstantSchedule", "band_fraction_at"]
 
 
 @dataclass
@@ -83,19 +91,53 @@ class Schedule:
         return f"{self.num_epochs} epochs"
 
 
+def band_fraction_at(epoch: int, start: float, epochs: int) -> float:
+    """The training band of ``epoch`` as a fraction of Nyquist: ``start`` at epoch 0, rising linearly
+    to 1 at epoch ``epochs`` and 1 from then on (``epochs`` 0: 1 throughout)."""
+    if epoch >= epochs:
+        return 1.0
+    return float(start) + (1.0 - float(start)) * max(0, int(epoch)) / int(epochs)
+
+
 class ConstantSchedule(Schedule):
-    """Every epoch trains the model of ``config`` on all pixels (``cryoscape train``)."""
+    """Every epoch trains the model of ``config`` (``cryoscape train``), on a band that widens from
+    ``config.band_start`` to every pixel at epoch ``config.band_epochs`` (module docstring)."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
         self.num_epochs = int(config.num_epochs)
 
+    def band_fraction(self, epoch: int) -> float:
+        """The band of ``epoch`` as a fraction of Nyquist (1: every pixel)."""
+        c = self.config
+        start = DEFAULT_BAND_STARTS.get(c.decoder, 1.0) if c.band_start is None else c.band_start
+        epochs = max(0, self.num_epochs - 1) if c.band_epochs is None else c.band_epochs
+        return band_fraction_at(epoch, start, epochs)
+
     def plan(self, epoch: int, box_size: int) -> EpochPlan:
-        return EpochPlan(kind="train", model_config=self.config, batch_size=int(self.config.batch_size))
+        fraction = self.band_fraction(epoch)
+        if fraction >= 1.0:
+            return EpochPlan(kind="train", model_config=self.config, batch_size=int(self.config.batch_size))
+        band = fraction * box_size / 2.0
+        return EpochPlan(kind="marching", model_config=self.config, batch_size=int(self.config.batch_size),
+                         band_pixel=band, record={"band_pixel": band})
 
     def fixed(self, config: TrainConfig) -> TrainConfig:
+        """``beta_anneal_epochs``, ``band_start`` and ``band_epochs`` fixed from this run's length and
+        decoder, so that a resume with another ``--num-epochs`` keeps the ramps."""
         if config.beta == "anneal" and config.beta_anneal_epochs is None:
             import math
 
             config = dataclasses.replace(config, beta_anneal_epochs=max(1, math.ceil(config.num_epochs / 4)))
+        if config.band_start is None:
+            config = dataclasses.replace(config, band_start=DEFAULT_BAND_STARTS.get(config.decoder, 1.0))
+        if config.band_epochs is None:
+            config = dataclasses.replace(config, band_epochs=max(0, int(config.num_epochs) - 1))
         return config
+
+    def describe(self) -> str:
+        c = self.config
+        if c.band_start is None or c.band_start >= 1.0 or not c.band_epochs:
+            return super().describe()
+        return (f"{self.num_epochs} epochs (band from {c.band_start:g} x Nyquist to Nyquist at epoch "
+                f"{c.band_epochs + 1})")
