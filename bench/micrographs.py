@@ -157,8 +157,9 @@ def run_fsc(work: Path, args) -> list[str]:
     lines = [f"# cpu: {cpu_name()}; 2 threads; box {args.box} ({pixel} A/pixel), {args.n_micrographs} micrographs of "
              f"{args.size}^2 with {args.per_micrograph} separated particles; initial map: hinge 40 deg low-passed "
              f"to 40 A (truth: hinge 0 deg; FSC=0.5 at {start['res_0.5_angstrom']:.1f} A, AUC {start['fsc_auc']:.3f}); "
-             f"EM schedule {' '.join(args.schedule)} {args.em_options}; pick: {args.pick_iterations} rounds, "
-             f"{args.per_micrograph} picks per micrograph"]
+             f"EM schedule {' '.join(args.schedule)} {args.em_options} (SO(3) grid turned each iteration unless "
+             f"--grid fixed); pick: {args.pick_iterations} rounds, {args.per_micrograph} picks per micrograph "
+             f"(fixed grid)"]
     print(lines[0], flush=True)
     curves = {}
     for snr in args.snrs:

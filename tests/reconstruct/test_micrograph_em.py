@@ -77,3 +77,70 @@ def test_default_schedule_marches_up_in_frequency():
     assert [s.box_size for s in stages] == [16, 32, 32]
     assert sum(s.iterations for s in stages) == 20
     assert stages[-1].so3_level > stages[0].so3_level and stages[-1].fraction < 1
+
+
+def test_turned_grid_keeps_each_parent_next_to_its_children():
+    """The coarse-to-fine search turns the parent grid with the stage's grid: a child is as close to
+    its parent as on the unturned grid (a turn applied on one side only would scatter them)."""
+    from scipy.spatial.transform import Rotation
+
+    from cryoscape.reconstruct.micrograph_em import local_search
+
+    def max_parent_child_angle_deg(turn):
+        search = local_search(torch.zeros(8, 8, 8), 1, 8, 4, turn)
+        fine = stage_rotations(1) if turn is None else stage_rotations(1) @ turn
+        rel = search.rotations[:, None].transpose(-1, -2) @ fine[search.children]  # (K_parent, 8, 3, 3)
+        cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+        return float(torch.rad2deg(torch.arccos(cos)).max())
+
+    turn = torch.as_tensor(Rotation.random(random_state=np.random.default_rng(4)).as_matrix(), dtype=torch.float32)
+    plain = max_parent_child_angle_deg(None)
+    assert plain < 30.0
+    assert max_parent_child_angle_deg(turn) == pytest.approx(plain, abs=0.05)
+
+
+def test_em_iteration_turns_the_grid_unless_told_not_to(tmp_path):
+    D = 16
+    ens, truth, table, _ = _grid_micrographs(tmp_path, D=D, G=1, per=6, seed=2, size=128)
+    source = MicrographPatches(table, D, tmp_path / "cache", use_ctf=False)
+    volume = torch.from_numpy(ens.volumes[0])
+    sigma2 = 0.01 * float(source.patches(0, D).var())
+
+    def run(turn_grid, seed):
+        out = em_iteration(volume, source, Stage(D, -1, 1), rho0=0.5, sigma2=sigma2,
+                           rng=np.random.default_rng(seed), turn_grid=turn_grid)
+        return out[0]
+
+    fixed = run(False, 0)
+    torch.testing.assert_close(run(False, 1), fixed)  # the fixed grid does not depend on the draw
+    turned_a, turned_b = run(True, 0), run(True, 1)
+    # particles sit on the fixed grid's rotations, so the fixed grid fits them best; turned grids differ per draw
+    assert (turned_a - turned_b).norm() > 0.05 * turned_a.norm()
+    truth_map = volume.double()
+
+    def corr(v):
+        v = v.double()
+        return float((v * truth_map).sum() / (v.norm() * truth_map.norm()))
+
+    assert corr(fixed) > corr(turned_a) - 0.02
+
+
+def test_independent_half_maps_are_each_refined_and_resumed(tmp_path):
+    """With ``regularization="fsc"`` and independent halves, even and odd micrographs are aligned against
+    their own half-map, which the run carries (and its checkpoint keeps) from iteration to iteration."""
+    from cryoscape.reconstruct.micrograph_em import run_micrograph_em
+
+    D = 16
+    ens, truth, table, _ = _grid_micrographs(tmp_path, D=D, G=2, per=8, seed=3, size=128)
+    volume = torch.from_numpy(ens.volumes[0]).float()
+    kwargs = dict(box_size=D, out_dir=tmp_path / "run", regularization="fsc", independent_halves=True,
+                  use_ctf=False, sigma=0.05 * float(volume.std()) * D)
+    state = run_micrograph_em(table, volume, schedule=[Stage(D, -1, 1)], **kwargs)
+    halves = state.half_volumes
+    assert halves is not None and halves.shape == (2, D, D, D)
+    assert (halves[0] - halves[1]).norm() > 1e-3 * halves[0].norm()  # each from its own micrographs
+    longer = [Stage(D, -1, 2)]
+    run_micrograph_em(table, volume, schedule=longer, **kwargs)
+    (tmp_path / "run" / "iterations.tsv").unlink()
+    resumed = run_micrograph_em(table, volume, schedule=longer, resume=True, **kwargs)
+    assert len(resumed.history) == 2 and resumed.half_volumes.shape == (2, D, D, D)

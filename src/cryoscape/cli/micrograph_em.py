@@ -59,6 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--regularization", type=_regularization, default=0.1,
                     help="fsc: gold-standard, even and odd micrographs summed apart and the map Wiener-filtered "
                          "by their FSC; or a Wiener constant relative to the mean Fourier weight (default 0.1)")
+    em.add_argument("--independent-halves", action="store_true",
+                    help="with --regularization fsc: even and odd micrographs are aligned against their own half-map "
+                         "(RELION's gold standard), so the FSC that filters the map is not inflated by a shared reference")
+    em.add_argument("--grid", choices=("turned", "fixed"), default=None,
+                    help="turned: the SO(3) grid is turned by a random rotation each iteration, so that its "
+                         "quantisation errors average out over iterations instead of locking the map to the grid "
+                         "(default for the EM); fixed: the same grid every iteration (default for --baseline pick, "
+                         "where it measured better)")
     em.add_argument("--local-rotations", type=int, default=24, metavar="N",
                     help="stages at SO(3) level >= 1 score every patch on the level below first and then only the 8 "
                          "children of its N most probable rotations (default 24; 0: every rotation of the level)")
@@ -121,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.baseline == "pick":
             run_pick_baseline(table, initial, iterations=args.iterations, picks_per_micrograph=args.picks_per_micrograph,
-                              threshold=args.pick_threshold, **common)
+                              threshold=args.pick_threshold, turn_grid=args.grid == "turned", seed=args.seed, **common)
         else:
             run_micrograph_em(table, initial, schedule=schedule, rho0=args.rho0, sigma=args.sigma,
                               regularization=args.regularization, local_parents=args.local_rotations,
-                              align_rotation=args.reorient,
+                              align_rotation=args.reorient, independent_halves=args.independent_halves,
+                              turn_grid=args.grid != "fixed",
                               seed=args.seed, resume=args.resume, memory_bytes=int(args.memory_gb * 1024**3),
                               **common)
     finally:

@@ -207,6 +207,7 @@ class EMState:
     history: list = field(default_factory=list)
     rng_state: dict | None = None
     sums: torch.Tensor | None = None
+    half_volumes: torch.Tensor | None = None
 
 
 def stage_rotations(level: int, *, device=None) -> torch.Tensor:
@@ -251,13 +252,17 @@ class LocalSearch:
     proj_ft: torch.Tensor | None = None
 
 
-def local_search(volume: torch.Tensor, level: int, L: int, n_parents: int | None) -> LocalSearch | None:
-    """The :class:`LocalSearch` of a stage (None for level 0 or below, or without ``n_parents``)."""
+def local_search(volume: torch.Tensor, level: int, L: int, n_parents: int | None,
+                 turn: torch.Tensor | None = None) -> LocalSearch | None:
+    """The :class:`LocalSearch` of a stage (None for level 0 or below, or without ``n_parents``);
+    ``turn`` ``(3, 3)`` turns the parent grid as :func:`em_iteration` turns the stage's."""
     if level < 1 or not n_parents:
         return None
     from cryoscape.geometry.so3_grid import so3_grid_children, so3_grid_resolution
 
     rotations, ids = so3_grid(level - 1, device=volume.device)
+    if turn is not None:
+        rotations = rotations @ turn
     n_psi = so3_grid_resolution(level)[1]
     child = so3_grid_children(ids)
     children = child[..., 0] * n_psi + child[..., 1]
@@ -321,6 +326,8 @@ def em_iteration(
     progress: bool = False,
     align_rotation: bool = False,
     local_parents: int | None = None,
+    half_volumes: torch.Tensor | None = None,
+    turn_grid: bool = False,
 ) -> tuple[torch.Tensor, float, float, dict]:
     """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``.
 
@@ -334,24 +341,32 @@ def em_iteration(
 
     device, L = volume.device, stage.box_size
     rotations = stage_rotations(stage.so3_level, device=device)
+    turn = None
+    if turn_grid:
+        from scipy.spatial.transform import Rotation
+
+        turn = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=rotations.dtype, device=device)
+        rotations = rotations @ turn
     K = len(rotations)
-    proj_ft = _templates_ft(volume, rotations, L)
     halves = 2 if regularization == "fsc" and len(source) >= 2 else 1
+    references = [volume] if half_volumes is None or halves < 2 else list(half_volumes)
+    proj_ft = [_templates_ft(v, rotations, L) for v in references]
     acc = FourierAccumulator(L, n_sets=halves, oversampling=2, device=device)
     freqs = acc.frequencies_cycles_per_pixel
     num = torch.zeros(halves, K, freqs.shape[0], dtype=torch.complex64, device=device)
     den = torch.zeros(halves, K, freqs.shape[0], device=device)
-    local = local_search(volume, stage.so3_level, L, local_parents)
-    per_patch = K if local is None else max(len(local.rotations), 8 * local.n_parents)  # rotations per patch
+    local = [local_search(v, stage.so3_level, L, local_parents, turn) for v in references]
+    per_patch = K if local[0] is None else max(len(local[0].rotations), 8 * local[0].n_parents)  # rotations per patch
     sums, batch, parents = _Sums(), _patch_batch(per_patch, L, memory_bytes), None
     order = np.arange(len(source)) if micrographs is None else micrographs
     for g in tqdm(order, desc=f"E-step L={L} K={K}", disable=not progress, leave=False, dynamic_ncols=True):
         patches = source.patches(int(g), L)
         patches = patches[torch.from_numpy(_choose(len(patches), stage.fraction, rng))].to(device)
         ctf = source.ctf_image(int(g), L, device=device)
-        t_ft, energy = template_terms(ifft2_center(proj_ft * ctf).real)
-        if local is not None:
-            parents = (*template_terms(ifft2_center(local.proj_ft * ctf).real), local)
+        r = int(g) % len(references)  # with independent half-maps, each half is aligned against its own map
+        t_ft, energy = template_terms(ifft2_center(proj_ft[r] * ctf).real)
+        if local[r] is not None:
+            parents = (*template_terms(ifft2_center(local[r].proj_ft * ctf).real), local[r])
         B, W = _estep_micrograph(patches, t_ft, energy, sigma2=sigma2, rho0=rho0, batch=batch, sums=sums,
                                  parents=parents)
         c = source.ctf_at(int(g), freqs, L)
@@ -369,6 +384,9 @@ def em_iteration(
     new = recentre(result.volume.to(volume.dtype), volume)
     if align_rotation:
         new, stats["turn_deg"] = reorient(new, volume)
+    if len(references) == 2 and result.half_maps is not None:
+        stats["half_volumes"] = torch.stack([recentre(result.half_maps[h].to(volume.dtype), references[h])
+                                             for h in range(2)])
     return new, new_rho0, new_sigma2, stats
 
 
@@ -501,6 +519,8 @@ def save_checkpoint(path: Path, state: EMState, schedule: list[Stage]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
     payload |= {"volume": state.volume.cpu(), "schedule": [dataclasses.asdict(s) for s in schedule]}
+    if state.half_volumes is not None:
+        payload["half_volumes"] = state.half_volumes.cpu()
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
@@ -514,6 +534,8 @@ def load_checkpoint(path: Path, schedule: list[Stage], device) -> EMState:
         raise InputError(f"{path} was written with another stage schedule; resume with the same options.")
     payload.pop("schedule")
     payload["volume"] = payload["volume"].to(device)
+    if payload.get("half_volumes") is not None:
+        payload["half_volumes"] = payload["half_volumes"].to(device)
     return EMState(**payload)
 
 
@@ -533,6 +555,9 @@ def _start_stage(state: EMState, old: Stage | None, new: Stage) -> None:
         return
     # a projection sums L voxels of size D / L: keep the templates' values when L grows
     state.volume = upsample_volume(state.volume, new.box_size) * (old.box_size / new.box_size)
+    if state.half_volumes is not None:
+        state.half_volumes = torch.stack([upsample_volume(v, new.box_size) for v in state.half_volumes]) * (
+            old.box_size / new.box_size)
     state.sigma2 *= (new.box_size / old.box_size) ** 2  # white noise after Fourier cropping
 
 
@@ -582,6 +607,8 @@ def run_micrograph_em(
     regularization: float | str = 0.1,
     local_parents: int | None = 24,
     align_rotation: bool = False,
+    independent_halves: bool = False,
+    turn_grid: bool = True,
     use_ctf: bool = True,
     seed: int = 0,
     resume: bool = False,
@@ -610,14 +637,19 @@ def run_micrograph_em(
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
     started = time.perf_counter() - (state.history[-1]["wall_s"] if state.history else 0.0)
+    if independent_halves and regularization == "fsc" and len(source) >= 2 and state.half_volumes is None:
+        state.half_volumes = torch.stack([state.volume, state.volume])
     while state.stage_index < len(schedule):
         stage = schedule[state.stage_index]
         while state.iteration_in_stage < stage.iterations:
             state.volume, state.rho0, state.sigma2, stats = em_iteration(
                 state.volume, source, stage, rho0=state.rho0, sigma2=state.sigma2, rng=rng,
                 regularization=regularization, memory_bytes=memory_bytes, previous_sums=state.sums,
-                progress=progress, local_parents=local_parents, align_rotation=align_rotation)
+                progress=progress, local_parents=local_parents, align_rotation=align_rotation,
+                half_volumes=state.half_volumes, turn_grid=turn_grid)
             state.sums = stats.pop("sums").cpu()
+            if state.half_volumes is not None:
+                state.half_volumes = stats.pop("half_volumes")
             if sigma is not None:  # a given noise level stays fixed (in the stage's pixels)
                 state.sigma2 = (sigma * stage.box_size / box_size) ** 2
             state.iteration_in_stage += 1

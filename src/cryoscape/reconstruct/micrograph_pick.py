@@ -125,12 +125,14 @@ def _extract(path: str, centres_yx: np.ndarray, D: int) -> np.ndarray:
     return np.stack(boxes) if boxes else np.zeros((0, D, D), np.float32)
 
 
-def _pick_all(volume, source, *, count, threshold, device, progress):
+def _pick_all(volume, source, *, count, threshold, device, progress, turn=None):
     from tqdm.auto import tqdm
 
     D = source.box_size
     L = D // 2
     rotations = so3_grid(0, device=device)[0]
+    if turn is not None:  # the grid turned as a whole (see run_pick_baseline)
+        rotations = rotations @ torch.as_tensor(turn, dtype=rotations.dtype, device=device)
     prepared = prepare_projection_volume(downsample_volume(volume, L), oversampling=2)
     proj_ft = torch.cat([project_prepared(prepared, rotations[i : i + 256], box_size=L, return_fourier=True)
                          for i in range(0, len(rotations), 256)])
@@ -161,19 +163,27 @@ def _backproject(boxes, poses, owners, source, device) -> torch.Tensor:
 def run_pick_baseline(
     table: MicrographTable, initial_map: torch.Tensor, *, box_size: int, out_dir, iterations: int = 5,
     picks_per_micrograph: int | None = None, threshold: float = 4.0, reference: torch.Tensor | None = None,
-    use_ctf: bool = True, device="cpu", progress: bool = False,
+    use_ctf: bool = True, device="cpu", progress: bool = False, turn_grid: bool = False, seed: int = 0,
 ) -> torch.Tensor:
     """Pick-then-reconstruct for ``iterations`` rounds; writes ``map.mrc``, ``iterations.tsv``, ``picks.npz``
-    (the last round's picks: micrograph index, ``(x, y)`` centre in pixels, rotation) and ``picks.star``."""
+    (the last round's picks: micrograph index, ``(x, y)`` centre in pixels, rotation) and ``picks.star``.
+
+    ``turn_grid``: from the second round on, the 30-degree grid is turned by a random rotation (seeded), as
+    the micrograph EM does by default (reconstruct/micrograph_em.py).  Off by default: at low SNR many picks
+    are noise, and a fixed grid keeps the map nearer the initial one (README, "From micrographs").
+    """
+    from scipy.spatial.transform import Rotation
+
     from cryoscape.io.mrc import write_mrc
 
     out = Path(out_dir)
     source = MicrographPatches(table, box_size, out / "cache", use_ctf=use_ctf)
     volume = initial_map.to(device=device, dtype=torch.float32)
-    history, started = [], time.perf_counter()
+    history, started, rng = [], time.perf_counter(), np.random.default_rng(seed)
     for it in range(iterations):
+        turn = Rotation.random(random_state=rng).as_matrix() if turn_grid and it > 0 else None
         boxes, poses, owners, centres = _pick_all(volume, source, count=picks_per_micrograph, threshold=threshold,
-                                                  device=device, progress=progress)
+                                                  device=device, progress=progress, turn=turn)
         if len(boxes) == 0:
             log.info("iteration %d: no picks above the threshold; the map is unchanged", it + 1)
         else:
