@@ -133,6 +133,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--warm-start-images", type=int, default=None, metavar="N",
                      help="decoders with a mean volume (basis): start it from the Wiener-filtered backprojection "
                           "of up to N images (0: start from zero) [20000]")
+    opt.add_argument("--latent-search-epochs", type=int, default=None, metavar="N",
+                     help="the last N epochs take each image's latent from a search against the decoder (the "
+                          "posterior mean over --latent-search-points candidates) instead of the encoder; 0: off "
+                          "[the decoder's default: half the epochs for --decoder atomic, else 0]")
+    opt.add_argument("--latent-search-points", type=int, default=None, metavar="G",
+                     help="candidate latents per image in a latent search (zdim 1: a grid along the latents; "
+                          "more: around the encoder's mean) [32]")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     run = parser.add_argument_group("continuing")
@@ -210,6 +217,8 @@ def _config_from_args(args: argparse.Namespace):
         checkpoint_every=pick(args.checkpoint_every, defaults.checkpoint_every),
         checkpoint_minutes=pick(args.checkpoint_minutes, defaults.checkpoint_minutes),
         warm_start_images=pick(args.warm_start_images, defaults.warm_start_images),
+        latent_search_epochs=args.latent_search_epochs,
+        latent_search_points=pick(args.latent_search_points, defaults.latent_search_points),
         progress=not args.no_progress,
     )
 

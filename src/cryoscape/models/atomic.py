@@ -331,6 +331,9 @@ class AtomicDecoder(VolumeDecoder):
         return groups
 
     wants_warm_start = True
+    #: the last half of a run's epochs search each image's latent against the model (train/latent_search.py):
+    #: the encoder's latents of neighbouring states overlap and the models moved about half as far as the truth
+    latent_search_fraction = 0.5
 
     @torch.no_grad()
     def warm_start(self, slices) -> dict[str, Any]:

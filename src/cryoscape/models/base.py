@@ -57,6 +57,9 @@ class VolumeDecoder(nn.Module, abc.ABC):
     wants_data_spectrum: bool = False
     #: whether :meth:`warm_start` uses the data (the engine then streams it once before training)
     wants_warm_start: bool = False
+    #: share of a run's final epochs whose latents the engine searches against the decoder when
+    #: ``--latent-search-epochs`` is not given (train/latent_search.py; 0: none)
+    latent_search_fraction: float = 0.0
     #: set by the training engine in data-parallel runs: sums a tensor over the processes, for
     #: statistics of a whole batch (``None``: one process holds the whole batch)
     process_sum: Callable[[torch.Tensor], torch.Tensor] | None = None

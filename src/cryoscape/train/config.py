@@ -120,6 +120,12 @@ class TrainConfig:
     checkpoint_every: int = 5
     checkpoint_minutes: float = 0.0  # > 0: also a mid-epoch checkpoint at most every this many minutes
     warm_start_images: int = 20000  # 0: off; decoders with a warm_start hook (train/warm_start.py)
+    # latent search (train/latent_search.py): the last N epochs take each image's latent from a search against the
+    # decoder (None: the decoder's latent_search_fraction of the run; 0: off), over latent_search_points candidates;
+    # latent_search_start: the first searching epoch (-1: none), fixed when a run starts so a resume keeps it
+    latent_search_epochs: int | None = None
+    latent_search_start: int | None = None
+    latent_search_points: int = 32
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -138,6 +144,8 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if "num_epochs" in d and "band_start" not in d:  # a run saved before frequency marching: every pixel
             d = {**d, "band_start": 1.0}
+        if "num_epochs" in d and "latent_search_start" not in d:  # a run saved before latent search: none
+            d = {**d, "latent_search_epochs": 0, "latent_search_start": -1}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # ---- derived values
@@ -199,5 +207,9 @@ class TrainConfig:
             raise ValueError(f"--band-start must be a fraction of Nyquist in (0, 1], got {self.band_start}")
         if self.band_epochs is not None and self.band_epochs < 0:
             raise ValueError(f"--band-epochs must be 0 (every pixel from the start) or positive, got {self.band_epochs}")
+        if self.latent_search_epochs is not None and self.latent_search_epochs < 0:
+            raise ValueError(f"--latent-search-epochs must be 0 (off) or positive, got {self.latent_search_epochs}")
+        if self.latent_search_points < 2:
+            raise ValueError(f"--latent-search-points must be at least 2, got {self.latent_search_points}")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")

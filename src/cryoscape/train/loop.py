@@ -55,6 +55,7 @@ from cryoscape.train.checkpoint import (find_checkpoint, load_checkpoint, load_l
 from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_dataset, build_training_data, load_tables
+from cryoscape.train.latent_search import fixed_latent_search
 from cryoscape.train.objective import batch_loss, tilt_rotation
 from cryoscape.train.pose_sources import KnownPoses, PoseSource
 from cryoscape.train.schedule import ConstantSchedule
@@ -93,7 +94,7 @@ def train_model(config: TrainConfig, table, out_dir: str | Path, *, tilted_table
     except ValueError as err:
         raise InputError(f"{err}.") from None
     schedule = ConstantSchedule(config)
-    config = schedule.fixed(config)
+    config = fixed_latent_search(schedule.fixed(config))
     schedule = ConstantSchedule(config)
     dist = dist or Distributed()
     torch.manual_seed(config.seed)

@@ -89,9 +89,11 @@ class ImageLoss:
 
     def __call__(self, batch: TrainingBatch, *, decoder, encoder, rotations: torch.Tensor, shifts: torch.Tensor,
                  beta: float, generator: torch.Generator | None = None, share: float = 1.0,
-                 noise_rows: tuple[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 noise_rows: tuple[int, torch.Tensor] | None = None, search=None) -> dict[str, torch.Tensor]:
         """``loss`` (to minimise: ``share`` times ``objective``, the batch mean), ``error`` and ``kl``
-        (batch means), ``mu`` and ``logvar`` (``(B, zdim)`` or ``None``)."""
+        (batch means), ``mu`` and ``logvar`` (``(B, zdim)`` or ``None``).  ``search``: a
+        :class:`~cryoscape.train.latent_search.LatentSearch` replaces the encoder's latents by the
+        ones searched against the decoder (its loss, that module's docstring)."""
         target = self.target(batch, shifts)
         mu = logvar = z = None
         if encoder is not None:
@@ -99,6 +101,8 @@ class ImageLoss:
                 mu, logvar = self.encode(encoder, batch)
                 mu, logvar = mu.float(), logvar.float()
                 z = sample_latent(mu, logvar, generator=generator, noise_rows=noise_rows)
+            if search is not None:
+                return search.loss(self, batch, decoder, rotations, target, mu, logvar, share=share)
         error = self.errors(decoder, batch, rotations, target, z).mean()
         if mu is not None:
             kl = kl_divergence(mu, logvar).mean()

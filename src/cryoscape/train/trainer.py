@@ -55,6 +55,7 @@ from cryoscape.train.checkpoint import (
 )
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import TrainingData, likelihood_pixels
+from cryoscape.train.latent_search import LatentSearch, first_search_epoch
 from cryoscape.train.model import Model, resolve_device
 from cryoscape.train.objective import ImageLoss, TiltPairLoss, tilt_rotation
 from cryoscape.train.outputs import format_seconds, plot_losses, write_epoch_map, write_latents, write_run_config
@@ -212,6 +213,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.steps: list[tuple[float, float]] = []
         self.start_epoch, self.resumed_from, self.partial = 0, None, None
+        self.search: LatentSearch | None = None  # this epoch's latent search (train/latent_search.py)
+        self.previous_latents: np.ndarray | None = None
         self.fresh = resume_state is None
         model_epoch = 0 if resume_state is None else self._model_epoch(resume_state)
         self.model = Model(schedule.plan(model_epoch, self.D).model_config, self.D, self.device)
@@ -341,6 +344,7 @@ class Trainer:
             self._apply_model_changes(epoch, plan)
         generator = epoch_generator(self.config.seed, epoch, self.device) if self.model.encoder is not None else None
         progress = EpochProgress(epoch, self.N, self.model.zdim, self.device, generator=generator)
+        self.search = self._latent_search(epoch)
         self.poses.begin_epoch(epoch, plan)
         if resuming:
             progress.restore(self.partial, self.dist)
@@ -369,6 +373,23 @@ class Trainer:
             rebuilt = True
         if rebuilt and self.config.warm_start_images and self.poses.has_poses():
             self._warm_start(self.config.seed + epoch)
+
+    def _latent_search(self, epoch: int) -> LatentSearch | None:
+        """The latent search of ``epoch`` (train/latent_search.py): from ``latent_search_start`` on (the
+        last ``latent_search_epochs`` of the run when it started), over the previous epoch's latents."""
+        start = self.config.latent_search_start
+        if start is None:  # a config that was not fixed at the start of its run (e.g. ab initio's)
+            start = first_search_epoch(self.config.latent_search_epochs, self.model.decoder.latent_search_fraction,
+                                       self.schedule.num_epochs)
+        if self.model.zdim == 0 or start < 0 or epoch < start:
+            return None
+        previous = self.previous_latents
+        if previous is None and (self.out / f"z.{epoch - 1}.npy").exists():  # resumed: the folder has them
+            previous = np.load(self.out / f"z.{epoch - 1}.npy")
+        if epoch == start:
+            log.info("epoch %d: latents searched against the decoder from now on (%d points)", epoch + 1,
+                     self.config.latent_search_points)
+        return LatentSearch.for_epoch(self.model.zdim, self.config.latent_search_points, previous)
 
     def _local_batch(self, indices: np.ndarray) -> tuple[TrainingBatch | None, Shard]:
         """This process's share of the global batch ``indices`` (``None`` when it holds no image)."""
@@ -411,7 +432,7 @@ class Trainer:
         bar.close()
 
     def _step(self, batch: TrainingBatch, shard: Shard, source: PoseSource, loss: ImageLoss, mask, *, epoch: int,
-              beta: float, generator) -> dict[str, torch.Tensor]:
+              beta: float, generator, search: LatentSearch | None = None) -> dict[str, torch.Tensor]:
         """One optimiser step on this process's share of a batch (all processes step together)."""
         extra = source.optimizers(epoch)
         self.model.zero_grad(extra=source.all_optimizers())
@@ -420,7 +441,7 @@ class Trainer:
         noise_rows = (shard.size, shard.rows) if self.dist.enabled else None
         parts = loss(_restrict(batch, mask), decoder=self.model.decoder, encoder=self.model.encoder,
                      rotations=rotations, shifts=shifts, beta=beta, generator=generator, share=shard.share,
-                     noise_rows=noise_rows)
+                     noise_rows=noise_rows, search=search)
         prior = self.model.decoder.regularization_loss(n_images=self.N)
         if prior is not None:
             parts["loss"] = parts["loss"] + (prior if not self.dist.enabled else prior / self.dist.world_size)
@@ -437,7 +458,8 @@ class Trainer:
                      n_batches: int) -> None:
         epoch, b = progress.epoch, progress.batches_done
         beta = self.config.beta_at(epoch + b / n_batches)
-        parts = self._step(batch, shard, self.poses, loss, mask, epoch=epoch, beta=beta, generator=progress.generator)
+        parts = self._step(batch, shard, self.poses, loss, mask, epoch=epoch, beta=beta, generator=progress.generator,
+                           search=self.search)
         progress.batches_done += 1
         progress.images_done += shard.size
         n = len(shard.rows)
@@ -482,6 +504,7 @@ class Trainer:
         if progress.z_mean is not None:
             progress.z_mean = self.dist.sum_array(progress.z_mean)
             progress.z_logvar = self.dist.sum_array(progress.z_logvar)
+            self.previous_latents = progress.z_mean
         if self.dist.is_main:
             self._write_epoch(plan, progress)
         self._log_epoch(plan, record)
