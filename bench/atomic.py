@@ -4,6 +4,9 @@ Data: ``cryoscape simulate --molecule tests/data/1A8O.pdb --bond-rotation-deg 0 
 bond of the middle residue of 1A8O turned over 20 states, C-alphas move 7.0 A RMS end to end),
 D = 40, 1.5 A pixels, SNR 0.1, true poses and CTF (poses.pkl, ctf.pkl) for every tool, zdim 1,
 the same epochs and batch (8) for all; encoders and decoders 256 x 3 (Cryofold's offset MLP too).
+Cryofold runs with its defaults, so its last half of epochs take each image's latent from a search
+against the model (train/latent_search.py; ``--cryofold-args '--latent-search-epochs 0'`` turns it off).
+``--tools cryofold -n 5000`` measures Cryofold alone on a larger set (no ratios).
 
 Figures (one per line):
 
@@ -25,6 +28,7 @@ Run (under the shared lock; about 10-15 minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import subprocess
 import sys
@@ -54,6 +58,11 @@ def parse_args(argv=None):
     p.add_argument("--fsc-images", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cryodrgn", default="/tmp/venv-cryodrgn", help="cryodrgn executable or its venv")
+    p.add_argument("--cryofold-args", default="", metavar="ARGS",
+                   help="more `cryoscape train` options for Cryofold's run, one string (e.g. '--latent-search-epochs 0')")
+    p.add_argument("--tools", nargs="+", choices=(ATOMIC, NF, DRGN), default=[ATOMIC, NF, DRGN],
+                   help="the tools to train (default all three; e.g. --tools cryofold for Cryofold's C-alpha RMSE on a "
+                        "larger data set without the peers' runs; the ratios need cryodrgn)")
     p.add_argument("--reuse-cryodrgn", action="store_true",
                    help="keep cryoDRGN's finished run in --workdir (same data set, same epochs) instead of training it "
                         "again; its training time is read from its log of that run, and the output says so")
@@ -76,7 +85,8 @@ def commands(args, data: Path, exe: Path) -> dict[str, list[str]]:
               "-n", str(args.epochs), "-b", "8", "--beta", str(args.beta)]
     ours = [*cryoscape_command(), "train", str(data / "particles.mrcs"), *common, *ARCH, "--no-progress", "--no-amp"]
     return {
-        ATOMIC: [*ours, "-o", str(runs / ATOMIC), "--decoder", "atomic", "--reference", str(PDB), *CRYOFOLD_OPTIONS],
+        ATOMIC: [*ours, "-o", str(runs / ATOMIC), "--decoder", "atomic", "--reference", str(PDB), *CRYOFOLD_OPTIONS,
+                 *shlex.split(args.cryofold_args)],
         NF: [*ours, "-o", str(runs / NF)],
         DRGN: [str(exe), "train_vae", str(data / "particles.mrcs"), *common, *ARCH, "-o", str(runs / DRGN),
                "--seed", "0", "--no-analysis"],
@@ -159,11 +169,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = thread_env(args.threads)
-    exe = ensure_cryodrgn(args.cryodrgn)
+    exe = ensure_cryodrgn(args.cryodrgn) if DRGN in args.tools else Path(args.cryodrgn)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     print_note(next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "cpu ?")
                + f", {args.threads} threads, float32 throughout (--no-amp; cryoDRGN's CPU default is float32)")
-    print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}; cryodrgn: {tool_version([exe], env)}")
+    print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}"
+               + (f"; cryodrgn: {tool_version([exe], env)}" if DRGN in args.tools else ""))
     data = simulate(args, env)
     truth = np.load(data / "ground_truth.npz")
     n, box, pixel = len(truth["state_index"]), int(truth["box_size"]), float(truth["pixel_size_angstrom"])
@@ -178,17 +189,24 @@ def main(argv=None) -> int:
     speed, auc = {}, {}
     runs = commands(args, data, exe)
     for tool, command in runs.items():
-        speed[tool], auc[tool] = run_tool(args, tool, command, exe, data, positions, states, mask, env)
-    rmse = cryofold_rmse(Path(runs[ATOMIC][runs[ATOMIC].index("-o") + 1]), data)
+        if tool in args.tools:
+            speed[tool], auc[tool] = run_tool(args, tool, command, exe, data, positions, states, mask, env)
+    if ATOMIC in args.tools:
+        print_cryofold_rmse(cryofold_rmse(Path(runs[ATOMIC][runs[ATOMIC].index("-o") + 1]), data))
+    if DRGN not in args.tools:
+        return 0
+    for tool in (t for t in (ATOMIC, NF) if t in args.tools):
+        print_figure(f"masked AUC ratio {tool}/cryodrgn", float(auc[tool].mean() / auc[DRGN].mean()), fmt=".3f")
+    for tool in (t for t in (ATOMIC, NF) if t in args.tools):
+        print_figure(f"speed ratio (training images/s) {tool}/cryodrgn", speed[tool] / speed[DRGN], fmt=".2f")
+    return 0
+
+
+def print_cryofold_rmse(rmse: dict) -> None:
     print_figure("cryofold: C-alpha RMSE per state (A)", " ".join(f"{v:.2f}" for v in rmse["ca_rmse_angstrom"]))
     print_figure("cryofold: C-alpha RMSE mean over states", rmse["mean_ca_rmse_angstrom"], "A")
     print_figure("cryofold: C-alpha RMSE max over states", rmse["max_ca_rmse_angstrom"], "A")
     print_figure("cryofold: % C-alphas within 3 A (mean over states)", rmse["mean_percent_within"], "%", fmt=".1f")
-    for tool in (ATOMIC, NF):
-        print_figure(f"masked AUC ratio {tool}/cryodrgn", float(auc[tool].mean() / auc[DRGN].mean()), fmt=".3f")
-    for tool in (ATOMIC, NF):
-        print_figure(f"speed ratio (training images/s) {tool}/cryodrgn", speed[tool] / speed[DRGN], fmt=".2f")
-    return 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ Training hooks
 * The optional coarse-to-fine schedule counts the images of the training passes in a buffer
   (``training_images_seen``, kept in checkpoints), so it needs no hook of the engine.
 * :meth:`~AtomicDecoder.write_atomic_model` writes the centres as a PDB/mmCIF.
+* :attr:`~AtomicDecoder.latent_search_fraction`: the last half of a run's epochs take each image's
+  latent from a search against the model rather than from the encoder (train/latent_search.py;
+  ``--latent-search-epochs`` overrides it).
 """
 
 from __future__ import annotations
