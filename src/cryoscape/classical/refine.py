@@ -112,6 +112,14 @@ class ImageSource:
         return values, ctf
 
 
+    def subset(self, members: np.ndarray) -> "ImageSource":
+        """The images ``members`` as a source of their own (index ``i`` reads ``members[i]``)."""
+        members = np.asarray(members)
+        ctf = None if self._ctf is None else (lambda idx, freqs: self._ctf(members[idx], freqs))
+        return ImageSource(lambda idx: self.read(members[idx]), self.box_size, ctf=ctf,
+                           invert_contrast=self.invert, device=self.device)
+
+
 def noise_spectrum_from_images(source: ImageSource, indices: np.ndarray, *, batch_size: int = 256) -> torch.Tensor:
     """Initial ``sigma^2`` per shell: the images' mean power per shell (mostly noise at low SNR)."""
     n = source.box_size // 2 + 1

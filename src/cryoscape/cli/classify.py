@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "around the input poses")
     parser.add_argument("--level", type=int, default=3,
                         help="SO(3) grid level of the local search with alignment (3 = 3.75 degrees)")
-    parser.add_argument("--tau2-fudge", type=float, default=4.0, help="regularisation parameter T (default 4)")
+    parser.add_argument("--tau2-fudge", type=float, default=None,
+                        help="regularisation parameter T (default 16 with --no-align, else RELION's 4)")
     parser.add_argument("--ini-high", type=float, default=40.0, metavar="ANGSTROM",
                         help="low-pass of the consensus map (default 40)")
     parser.add_argument("--max-iterations", type=int, default=25, help="default 25")
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     parser.add_argument("--uninvert-data", action="store_true", help="do not negate the images")
     parser.add_argument("-b", "--batch-size", type=int, default=128)
+    parser.add_argument("--start", choices=("auto", "bisect", "random"), default="auto",
+                        help="first assignment: repeated two-class splits (bisect) or the best of 3 random "
+                             "starts (random); auto (default): bisect with --no-align, random with alignment")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random first assignment")
     parser.add_argument("--sym", default="C1",
                         help="point group: C1 (none), Cn, Dn, T, O, I (= I2), I1-I4, RELION's conventions")
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             align=not args.no_align, global_align=args.global_align, level=args.level,
             initial_lowpass_angstrom=args.ini_high,
             highres_limit_angstrom=args.highres_limit or None,
-            batch_size=args.batch_size, seed=args.seed, symmetry=args.sym, auto_mask=args.solvent_mask,
+            batch_size=args.batch_size, seed=args.seed, start=args.start, symmetry=args.sym, auto_mask=args.solvent_mask,
         )
         classify_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                            invert_contrast=not args.uninvert_data)

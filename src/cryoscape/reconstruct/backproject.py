@@ -309,6 +309,23 @@ def fsc_regularizer(weight: torch.Tensor, ssnr: torch.Tensor) -> torch.Tensor:
     return _shell_mean_weight(weight) / ssnr_grid
 
 
+def solve_fsc_prior(num: torch.Tensor, weight: torch.Tensor, solve, fsc_of, tau2_fudge: float = 1.0):
+    """Full map and half-maps with RELION's gold-standard prior: the spectral SNR per shell comes
+    from the FSC of lightly regularised half-maps (``SSNR = FSC / (1 - FSC)`` per half, twice that
+    for the full map), so the prior is measured on the current data and does not shrink from one
+    iteration to the next.  ``num``/``weight`` ``(2, Dp, Dp, Dp)``; ``solve(num, weight, reg)``
+    and ``fsc_of(halves) -> dict`` as in :func:`reconstruct_from_accumulator`.
+    Returns ``(volume, halves)``."""
+    provisional = torch.stack([solve(num[h], weight[h], 1e-3 * _shell_mean_weight(weight[h])) for h in range(2)])
+    curve = fsc_of(provisional)["fsc"].to(torch.float64).clamp(-0.999, 0.999)
+    ssnr_half = (curve / (1 - curve)).clamp(min=0)
+    halves = torch.stack(
+        [solve(num[h], weight[h], fsc_regularizer(weight[h], ssnr_half) / tau2_fudge) for h in range(2)]
+    )
+    volume = solve(num.sum(0), weight.sum(0), fsc_regularizer(weight.sum(0), 2 * ssnr_half) / tau2_fudge)
+    return volume, halves
+
+
 def split_halves(n: int, *, seed: int = 0) -> np.ndarray:
     """Random balanced assignment of ``n`` particles to half-sets 0 and 1."""
     rng = np.random.default_rng(seed)
@@ -368,16 +385,7 @@ def reconstruct_from_accumulator(
 
     halves, fsc = None, None
     if regularization == "fsc":
-        provisional = torch.stack(
-            [solve(num[h], weight[h], 1e-3 * _shell_mean_weight(weight[h])) for h in range(2)]
-        )
-        curve = fsc_of(provisional)["fsc"].to(torch.float64).clamp(-0.999, 0.999)
-        ssnr_half = (curve / (1 - curve)).clamp(min=0)
-        ssnr_full = 2 * ssnr_half
-        halves = torch.stack(
-            [solve(num[h], weight[h], fsc_regularizer(weight[h], ssnr_half) / tau2_fudge) for h in range(2)]
-        )
-        volume = solve(num_all, weight_all, fsc_regularizer(weight_all, ssnr_full) / tau2_fudge)
+        volume, halves = solve_fsc_prior(num, weight, solve, fsc_of, tau2_fudge)
         label = "fsc"
     else:
         r = float(regularization)
