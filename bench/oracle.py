@@ -12,8 +12,9 @@ For a simulated continuous dataset with known truth, after training, every metho
 * training images/s (the sum of the per-epoch training times in each tool's log).
 
 The methods: ``cryoscape train --decoder D`` for each of ``--decoders`` (zdim ``--zdim``, encoder
-and decoder MLPs 256 x 3, each decoder's default batch and learning rate, ``--no-amp`` unless
-``--amp``), cryoDRGN 4.3.1 ``train_vae`` (same architecture, batch 8, float32: its CPU default) and
+MLP 256 x 3, decoder 3 layers of each decoder's default width (the neural field's 128, the basis's
+mixing MLP 256), each decoder's default batch and learning rate, ``--no-amp`` unless ``--amp``),
+cryoDRGN 4.3.1 ``train_vae`` (encoder and decoder 256 x 3, batch 8, float32: its CPU default) and
 two oracles from the same images with their true poses and CTF: (a) one consensus backprojection
 of all images and (b) ``--bins`` backprojections of the images binned by their true coordinate
 (equal-width bins), each Wiener-filtered with its half-map FSC.  An image is scored against the
@@ -63,7 +64,8 @@ from train import decode_maps, last_latents, training_seconds  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PDB = ROOT / "tests" / "data" / "1A8O.pdb"
 DRGN = "cryodrgn"
-ARCH = ["--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256", "--dec-layers", "3"]
+ARCH = ["--enc-dim", "256", "--enc-layers", "3", "--dec-layers", "3"]
+DRGN_ARCH = [*ARCH, "--dec-dim", "256"]  # ours: each decoder's default width (--train-opt NAME:--dec-dim=W)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,12 +143,12 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
     """The training command of run ``name`` (a decoder, or cryodrgn) on the first ``n_images``;
     ``decoder`` and ``options`` (--decoder-opt KEY=VALUE) for a variant run."""
     common = ["--poses", str(data / "poses.pkl"), "--ctf", str(data / "ctf.pkl"), "--zdim", str(args.zdim),
-              "-n", str(epochs), *ARCH]
+              "-n", str(epochs)]
     if name == DRGN:
         ind = out.parent / f"first_{n_images}.pkl"
         with open(ind, "wb") as f:
             pickle.dump(np.arange(n_images), f)
-        return [str(exe), "train_vae", str(data / "particles.mrcs"), *common, "-o", str(out), "-b", "8",
+        return [str(exe), "train_vae", str(data / "particles.mrcs"), *common, *DRGN_ARCH, "-o", str(out), "-b", "8",
                 "--seed", "0", "--no-analysis", "--ind", str(ind)]
     extra = [] if args.amp else ["--no-amp"]
     for kv in options:
@@ -157,7 +159,7 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
     for entry in args.train_opt:
         target, _, option = entry.partition(":")
         extra += option.split("=", 1) if target == name else []
-    return [*cryoscape_command(), "train", str(data / "particles.mrcs"), *common, "-o", str(out),
+    return [*cryoscape_command(), "train", str(data / "particles.mrcs"), *common, *ARCH, "-o", str(out),
             "--decoder", decoder or name, "--encoder", "resmlp", "--first", str(n_images), "--no-progress", *extra]
 
 

@@ -74,3 +74,18 @@ def test_training_evaluates_only_the_band_then_every_pixel(tiny_dataset, tmp_pat
     seen.clear()
     again = resume_training(tmp_path / "run", num_epochs=3)
     assert again.history[-1].get("band_pixel") is None and set(seen) == {full[0]}
+
+
+def test_neural_field_trains_128_wide_by_default_and_saved_runs_keep_their_width():
+    from cryoscape.cli.train import _config_from_args
+    from cryoscape.cli.main import build_parser
+
+    assert TrainConfig().dec_dim == 128  # the neural field (README "Choosing a decoder": float32 speed)
+    assert TrainConfig(decoder="basis").dec_dim == 256 and TrainConfig(dec_dim=256).dec_dim == 256
+    saved = TrainConfig(dec_dim=256).to_dict()
+    assert TrainConfig.from_dict(saved).dec_dim == 256
+    del saved["dec_dim"]
+    assert TrainConfig.from_dict(saved).dec_dim == 256  # a run saved without the field was 256 wide
+    parser = build_parser()
+    assert _config_from_args(parser.parse_args(["train", "p.mrcs", "-o", "r"])).dec_dim == 128
+    assert _config_from_args(parser.parse_args(["train", "p.mrcs", "-o", "r", "--dec-dim", "64"])).dec_dim == 64

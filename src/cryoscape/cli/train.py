@@ -64,7 +64,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "Gaussian centres (centred on its centroid, as cryoscape simulate centres models); "
                             "default: the built-in hinge molecule")
     model.add_argument("--dec-layers", type=int, default=3, help="decoder hidden layers [3]")
-    model.add_argument("--dec-dim", type=int, default=256, help="decoder width [256]")
+    model.add_argument("--dec-dim", type=int, default=None,
+                       help="decoder width [128 for the neural field (README 'Choosing a decoder'), 256 for the others]")
     model.add_argument("--domain", choices=("fourier", "hartley"), default="fourier",
                        help="decoder output: complex Fourier (half the pixels) or real Hartley [fourier]")
     model.add_argument("--pe-type", default="gaussian",
@@ -97,7 +98,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--band-start", type=float, default=None, metavar="FRACTION",
                      help="frequency marching: epoch 0 trains only |k| < FRACTION x Nyquist, the band widens "
                           "linearly to Nyquist at epoch --band-epochs (1: every pixel in every epoch) "
-                          "[neural field: see README 'Choosing a decoder'; other decoders 1]")
+                          "[1]")
     opt.add_argument("--band-epochs", type=int, default=None, metavar="E",
                      help="frequency marching: the epoch (0-based) from which every pixel trains [the last]")
     opt.add_argument("--refine-poses", action="store_true",

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainConfig", "DEFAULT_LEARNING_RATES", "DEFAULT_BATCH_SIZES", "DEFAULT_BAND_STARTS"]
+__all__ = ["TrainConfig", "DEFAULT_LEARNING_RATES", "DEFAULT_BATCH_SIZES", "DEFAULT_BAND_STARTS", "DEFAULT_DEC_DIMS"]
 
 #: Adam learning rate when ``--lr`` is not given, by decoder.  The neural field's was chosen by
 #: measurement (bench/decoders.py's data and protocol: D=64 / D=128 hinge, SNR 0.1, 2 epochs, batch
@@ -35,11 +35,18 @@ DEFAULT_LEARNING_RATES = {"neural_field": 4e-4, "basis": 1e-3, "cryoformer": 1e-
 #: too): 325 / 661 / 878 img/s at 8 / 32 / 64 at D=64 on 2 cores.
 DEFAULT_BATCH_SIZES = {"basis": 64}
 #: ``band_start`` when ``--band-start`` is not given, by decoder (others: 1, every epoch trains every
-#: pixel).  The neural field's cost per image is proportional to the pixels it evaluates, so
-#: ``cryoscape train`` widens its training band from this fraction of Nyquist to Nyquist over the run
-#: (frequency marching, :func:`cryoscape.train.schedule.band_fraction_at`); measured in README
-#: "Choosing a decoder" (float32 speed of the neural field) and bench/results/nf_speed_*.txt.
+#: pixel).  Frequency marching (:func:`cryoscape.train.schedule.band_fraction_at`) is an option, off
+#: by default: on the D=64 hinge (2000 images x 6 epochs, float32) ``--band-start 0.4`` gave the
+#: neural field per-image FSC AUC 0.785, no better than cryoDRGN's 0.784, where the narrower decoder
+#: below gave 0.803 (README "Choosing a decoder", float32 speed of the neural field).
 DEFAULT_BAND_STARTS: dict[str, float] = {}
+#: Decoder width (``--dec-dim``) when it is not given, by decoder (others: 256, cryoDRGN's 256 x 3).
+#: The neural field's float32 step is almost all matrix products whose cost grows with the square of
+#: the width; 128 x 3 has ~3.3x fewer FLOPs per pixel than 256 x 3 and on the D=64 hinge (2000 images
+#: x 6 epochs, SNR 0.1, float32) learnt per-image FSC AUC 0.803 (cryoDRGN 4.3.1 at 256 x 3: 0.784);
+#: speed and accuracy in README "Choosing a decoder" and bench/results/nf_speed_*.txt.
+DEFAULT_DEC_DIMS = {"neural_field": 128}
+FALLBACK_DEC_DIM = 256
 FALLBACK_BATCH_SIZE = 8
 FALLBACK_LEARNING_RATE = 1e-4
 
@@ -76,7 +83,7 @@ class TrainConfig:
     decoder: str = "neural_field"
     decoder_options: dict[str, Any] = field(default_factory=dict)
     dec_layers: int = 3
-    dec_dim: int = 256
+    dec_dim: int | None = None  # None: DEFAULT_DEC_DIMS of the decoder
     domain: str = "fourier"
     pe_type: str = "gaussian"
     pe_dim: int | None = None
@@ -133,6 +140,8 @@ class TrainConfig:
             self.lr = DEFAULT_LEARNING_RATES.get(self.decoder, FALLBACK_LEARNING_RATE)
         if self.batch_size is None:
             self.batch_size = DEFAULT_BATCH_SIZES.get(self.decoder, FALLBACK_BATCH_SIZE)
+        if self.dec_dim is None:
+            self.dec_dim = DEFAULT_DEC_DIMS.get(self.decoder, FALLBACK_DEC_DIM)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML-safe values)."""
@@ -144,6 +153,8 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if "num_epochs" in d and "band_start" not in d:  # a run saved before frequency marching: every pixel
             d = {**d, "band_start": 1.0}
+        if "num_epochs" in d and "dec_dim" not in d:  # a run saved before per-decoder widths: 256
+            d = {**d, "dec_dim": FALLBACK_DEC_DIM}
         if "num_epochs" in d and "latent_search_start" not in d:  # a run saved before latent search: none
             d = {**d, "latent_search_epochs": 0, "latent_search_start": -1}
         return cls(**{k: v for k, v in d.items() if k in names})
