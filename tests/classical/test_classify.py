@@ -89,15 +89,14 @@ def test_bad_k_is_one_sentence(tmp_path, capsys):
 @pytest.mark.slow
 def test_four_hinge_classes_from_a_consensus_start(tmp_path):
     """The issue's test (4 classes of the built-in molecule at hinge 0/20/40/60 degrees, D = 64,
-    SNR 0.1, 2,000 images, true poses, consensus map).  The issue's goal is ARI > 0.9; measured
-    0.824 without the solvent mask (the default; 0.675 with --solvent-mask, one class emptied:
-    bench/results/classify_2026-12-03.txt), so the test holds the measured level."""
+    SNR 0.1, 2,000 images, true poses, consensus map): ARI > 0.9 from the bisecting start
+    (measured 0.928-0.932 over seeds 0-3; random starts reached 0.83)."""
     star, consensus = _classes(tmp_path, 2000, 64, 4, 0, 60)
     out = tmp_path / "cls"
     assert main(["classify", str(star), "-K", "4", "--initial-map", str(consensus), "-o", str(out), "--no-align"]) == 0
     truth = np.load(tmp_path / "data" / "ground_truth.npz")["state_index"]
     rows = starfile.read(out / "particles.star")["particles"]
-    assert adjusted_rand_score(truth, rows["rlnClassNumber"]) > 0.8
+    assert adjusted_rand_score(truth, rows["rlnClassNumber"]) > 0.9
 
 
 def test_global_alignment_finds_poses_and_classes(tmp_path):
