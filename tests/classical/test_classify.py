@@ -75,6 +75,23 @@ def test_subset_source_reads_the_members(tmp_path):
     assert torch_equal(x_all, x_sub) and torch_equal(ctf_all, ctf_sub)
 
 
+def test_band_limited_source_is_the_full_one_inside_the_radius(tmp_path):
+    """The band-limited iterations read the same Fourier coefficients and CTF, inside the radius only."""
+    from cryoscape.classical.runs import source_from_table
+    from cryoscape.io.particles import load_particles
+    from cryoscape.reconstruct.backproject import FourierAccumulator
+
+    star, _ = _classes(tmp_path, 20, 16, 2, 0, 60, snr=1.0)
+    full = source_from_table(load_particles(star))
+    band = full.band_limited(5.0)
+    inside = full.coords.norm(dim=-1) < 5.0
+    assert 0 < len(band.coords) == int(inside.sum()) < len(full.coords)
+    members = np.array([2, 9, 4])
+    (x_full, c_full), (x_band, c_band) = full.batch(members), band.batch(members)
+    assert torch_equal(x_full[:, inside], x_band) and torch_equal(c_full[:, inside], c_band)
+    assert torch_equal(FourierAccumulator(16, band_radius=5.0).coordinates, band.coords)
+
+
 def torch_equal(a, b) -> bool:
     import torch
 

@@ -13,6 +13,11 @@
 * **Band**: the evidence uses frequencies up to ``highres_limit_angstrom`` (12 A by default, like
   RELION's ``--strict_highres_exp``): beyond it each class map is mostly its own noise, which
   draws images to whichever class overfitted most and empties others; the M-step uses all.
+  With ``band_limited`` (default) every iteration but the last reads, slices and inserts only
+  the pixels inside that band (RELION's adaptive image size: 42 % of the pixels at D = 64,
+  3.9 A pixels; 4 hinge classes: the same ARI, 0.93, in less than half the time); the last
+  iteration uses every pixel and regularises each class by its half-map FSC, so the written
+  maps and their FSC reach beyond the band.
   ``auto_mask`` multiplies the class maps by a solvent mask of the consensus map in the E-step
   (as refine does).  By default it is on with alignment, where it helps the pose search (two
   classes, global search at SNR 1: ARI 0.35 -> 0.84, tests), and off with fixed poses, where on
@@ -47,7 +52,7 @@ from cryoscape.fourier.fsc import gold_standard_fsc
 from cryoscape.fourier.masks import soft_spherical_mask_3d
 from cryoscape.fourier.shift import phase_shift_coords
 from cryoscape.geometry.symmetry import symmetry_group
-from cryoscape.reconstruct.backproject import FourierAccumulator, solve_wiener
+from cryoscape.reconstruct.backproject import FourierAccumulator, solve_fsc_prior, solve_wiener
 from cryoscape.reconstruct.postprocess import solvent_mask
 
 __all__ = ["ClassifySettings", "ClassifyState", "classify"]
@@ -81,6 +86,8 @@ class ClassifySettings:
     symmetry: str = "C1"
     auto_mask: bool | None = None
     mask_lowpass_angstrom: float = 15.0
+    band_limited: bool = True
+    final_full_band: bool = True
 
     @property
     def regularization_t(self) -> float:
@@ -119,6 +126,7 @@ class ClassifyState:
     history: list = field(default_factory=list)
     fsc: list = field(default_factory=list)
     converged: bool = False
+    full_band_done: bool = False
     reference_mask: torch.Tensor | None = None  # (D, D, D) solvent mask of the E-step's references
 
     def references(self) -> list:
@@ -212,22 +220,33 @@ def _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2) -> None:
                 weights=weights[:, None] * inv_sigma2[None, :])
 
 
-def _m_step(acc, state, settings, pixel_size_angstrom):
-    """Class maps (MAP with RELION's classification prior: ``tau_k^2 = T x`` the power spectrum of
-    the previous class map) and each class's half-map FSC."""
+def _m_step(acc, state, settings, pixel_size_angstrom, *, fsc_prior: bool = False):
+    """Class maps and each class's half-map FSC.  The prior is RELION's for classification,
+    ``tau_k^2 = T x`` the power spectrum of the previous class map; with ``fsc_prior`` (the
+    last, full-band iteration after band-limited ones, whose maps hold nothing beyond the band)
+    it comes from the FSC of the class's own half-maps, as in ``refine``."""
     K, D = settings.n_classes, acc.box_size
     sphere = soft_spherical_mask_3d(D, settings.sphere_mask_fraction * D, edge_width_pixel=0.05 * D,
                                     dtype=torch.float64)
+
+    def solve(num, weight, reg):
+        return solve_wiener(num, weight, reg, box_size=D, correct_gridding=False) * sphere
+
+    def fsc_of(halves):
+        return gold_standard_fsc(halves[0], halves[1], pixel_size_angstrom=pixel_size_angstrom)
+
     maps, fscs = [], []
     for k in range(K):
-        power = radial_average(fft3_center(state.maps[k].double()).abs().square(), ndim=3)
-        tau2 = radial_profile_to_grid(power.clamp_min(power.max() * 1e-8), D, ndim=3)
         num, weight = acc.symmetrized(slice(2 * k, 2 * k + 2))
-        reg = 1.0 / (settings.regularization_t * tau2)
-        maps.append(solve_wiener(num.sum(0), weight.sum(0), reg, box_size=D, correct_gridding=False) * sphere)
-        halves = [solve_wiener(num[h], weight[h], reg / 2, box_size=D, correct_gridding=False) * sphere
-                  for h in range(2)]
-        fscs.append(gold_standard_fsc(halves[0], halves[1], pixel_size_angstrom=pixel_size_angstrom))
+        if fsc_prior:
+            volume, halves = solve_fsc_prior(num, weight, solve, fsc_of)
+        else:
+            power = radial_average(fft3_center(state.maps[k].double()).abs().square(), ndim=3)
+            reg = 1.0 / (settings.regularization_t * radial_profile_to_grid(power.clamp_min(power.max() * 1e-8), D, ndim=3))
+            volume = solve(num.sum(0), weight.sum(0), reg)
+            halves = [solve(num[h], weight[h], reg / 2) for h in range(2)]
+        maps.append(volume)
+        fscs.append(fsc_of(halves))
     return torch.stack(maps).float(), fscs
 
 
@@ -254,17 +273,17 @@ def initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings
     )
 
 
-def classify_iteration(source, state, settings, pixel_size_angstrom) -> dict:
-    """One E- and M-step (the first uses the random assignment as its E-step)."""
+def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prior: bool = False) -> dict:
+    """One E- and M-step (the first uses the random assignment as its E-step); ``fsc_prior``:
+    see :func:`_m_step`."""
     started = time.perf_counter()
     K, D, n = settings.n_classes, source.box_size, len(state.halves)
     refs = state.references()
-    acc = FourierAccumulator(D, n_sets=2 * K)
+    acc = FourierAccumulator(D, n_sets=2 * K, band_radius=source.band_radius)
     inv_sigma2 = (1.0 / state.sigma2)[source.shell]
     residual = torch.zeros(2, D // 2 + 1, dtype=torch.float64)
     previous = state.probabilities.argmax(1)
-    radius = D / 2 if not settings.highres_limit_angstrom else D * pixel_size_angstrom / settings.highres_limit_angstrom
-    band = source.coords.norm(dim=-1) < radius
+    band = source.coords.norm(dim=-1) < _evidence_radius(settings, D, pixel_size_angstrom)
     new_prob = torch.empty_like(state.probabilities)
     total_log_likelihood = 0.0
     for start in range(0, n, settings.batch_size):
@@ -285,10 +304,11 @@ def classify_iteration(source, state, settings, pixel_size_angstrom) -> dict:
         acc = _accumulate_hard(source, new_prob, state, settings, inv_sigma2)
     if settings.symmetry.upper() != "C1":
         acc.apply_symmetry_(symmetry_group(settings.symmetry))
-    state.maps, state.fsc = _m_step(acc, state, settings, pixel_size_angstrom)
+    state.maps, state.fsc = _m_step(acc, state, settings, pixel_size_angstrom, fsc_prior=fsc_prior)
     state.probabilities = new_prob
     state.populations = (new_prob.sum(0) / new_prob.sum().clamp_min(1e-12)).clamp_min(1e-6)
-    state.sigma2 = (residual[0] / residual[1].clamp_min(1)).clamp_min(1e-12).float()
+    seen = residual[1] > 0  # a band-limited iteration keeps the other shells' estimate
+    state.sigma2 = torch.where(seen, residual[0] / residual[1].clamp_min(1), state.sigma2.double()).clamp_min(1e-12).float()
     changed = float((new_prob.argmax(1) != previous).float().mean())
     state.iteration += 1
     state.converged = state.iteration > max(2, settings.anneal_iterations) and changed < settings.min_change
@@ -298,6 +318,13 @@ def classify_iteration(source, state, settings, pixel_size_angstrom) -> dict:
                "seconds": time.perf_counter() - started}
     state.history.append(summary)
     return summary
+
+
+def _evidence_radius(settings: ClassifySettings, box_size: int, pixel_size_angstrom: float) -> float:
+    """Radius (Fourier pixels) of the frequencies the class evidence uses (``highres_limit_angstrom``)."""
+    if not settings.highres_limit_angstrom:
+        return box_size / 2
+    return box_size * pixel_size_angstrom / settings.highres_limit_angstrom
 
 
 def _temperature(iteration: int, settings: ClassifySettings) -> float:
@@ -336,7 +363,7 @@ def _reseed_empty_classes(prob: torch.Tensor, settings: ClassifySettings, iterat
 def _accumulate_hard(source, prob, state, settings, inv_sigma2):
     """Insert every image with the given class probabilities at its current pose (after a re-seed)."""
     K, D, n = settings.n_classes, source.box_size, len(state.halves)
-    acc = FourierAccumulator(D, n_sets=2 * K)
+    acc = FourierAccumulator(D, n_sets=2 * K, band_radius=source.band_radius)
     for start in range(0, n, settings.batch_size):
         idx = np.arange(start, min(start + settings.batch_size, n))
         x, ctf = source.batch(idx)
@@ -389,7 +416,7 @@ def _bisect_start(source, n, initial_map, pixel_size_angstrom, settings, rotatio
     rotations, shifts_pixel = np.asarray(rotations), np.asarray(shifts_pixel)
     groups = [np.arange(n)]
     two = replace(settings, n_classes=2, n_starts=1, start="random", max_iterations=settings.bisect_iterations,
-                  anneal_iterations=settings.bisect_anneal_iterations)
+                  anneal_iterations=settings.bisect_anneal_iterations, final_full_band=False)
     while len(groups) < settings.n_classes:
         members = groups.pop(int(np.argmax([len(g) for g in groups])))
         split = classify(source.subset(members), len(members), initial_map, pixel_size_angstrom, two,
@@ -414,15 +441,17 @@ def _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations
     over-estimated it)."""
     if settings.n_starts <= 1:
         return initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel)
+    radius = _evidence_radius(settings, source.box_size, pixel_size_angstrom)
+    work = source.band_limited(radius) if settings.band_limited else source
     states = []
     for start in range(settings.n_starts):
         trial = replace(settings, seed=settings.seed + start)
         state = initial_classify_state(source, n, initial_map, pixel_size_angstrom, trial, rotations, shifts_pixel)
         for _ in range(min(settings.anneal_iterations + 1, settings.max_iterations)):
-            classify_iteration(source, state, trial, pixel_size_angstrom)
+            classify_iteration(work, state, trial, pixel_size_angstrom)
         states.append(state)
     sigma2 = torch.stack([s.sigma2 for s in states]).mean(0)
-    scores = [_log_likelihood(source, s, settings, sigma2, pixel_size_angstrom) for s in states]
+    scores = [_log_likelihood(work, s, settings, sigma2, pixel_size_angstrom) for s in states]
     log.info("starts' log-likelihoods under a common noise spectrum: %s", " ".join(f"{v:.1f}" for v in scores))
     return states[int(np.argmax(scores))]
 
@@ -432,8 +461,7 @@ def _log_likelihood(source, state, settings, sigma2, pixel_size_angstrom) -> flo
     D, n = source.box_size, len(state.halves)
     refs = state.references()
     inv_sigma2 = (1.0 / sigma2)[source.shell]
-    radius = D / 2 if not settings.highres_limit_angstrom else D * pixel_size_angstrom / settings.highres_limit_angstrom
-    band = source.coords.norm(dim=-1) < radius
+    band = source.coords.norm(dim=-1) < _evidence_radius(settings, D, pixel_size_angstrom)
     total = 0.0
     for start in range(0, n, settings.batch_size):
         idx = np.arange(start, min(start + settings.batch_size, n))
@@ -455,11 +483,21 @@ def classify(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_
         state = _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel)
     if settings.bisect:
         settings = replace(settings, anneal_iterations=1)
-    while not state.converged and state.iteration < settings.max_iterations:
-        summary = classify_iteration(source, state, settings, pixel_size_angstrom)
-        log.info("iteration %d: %s", summary["iteration"], summary)
-        if checkpoint is not None:
-            state.save(checkpoint)
-        if on_iteration is not None:
-            on_iteration(state, summary)
+    radius = _evidence_radius(settings, source.box_size, pixel_size_angstrom)
+    work = source.band_limited(radius) if settings.band_limited else source
+    while not state.converged and state.iteration < settings.max_iterations - int(settings.final_full_band):
+        _step(work, state, settings, pixel_size_angstrom, checkpoint, on_iteration)
+    if settings.final_full_band and not state.full_band_done:
+        state.full_band_done = True  # saved by the step below
+        _step(source, state, settings, pixel_size_angstrom, checkpoint, on_iteration, fsc_prior=settings.band_limited)
     return state
+
+
+def _step(source, state, settings, pixel_size_angstrom, checkpoint, on_iteration, *, fsc_prior=False) -> None:
+    """One iteration, its log line, the checkpoint and the caller's callback."""
+    summary = classify_iteration(source, state, settings, pixel_size_angstrom, fsc_prior=fsc_prior)
+    log.info("iteration %d: %s", summary["iteration"], summary)
+    if checkpoint is not None:
+        state.save(checkpoint)
+    if on_iteration is not None:
+        on_iteration(state, summary)

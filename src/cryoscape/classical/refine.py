@@ -87,14 +87,20 @@ class ImageSource:
     """
 
     def __init__(self, read: Callable[[np.ndarray], np.ndarray], box_size: int, *, ctf=None,
-                 invert_contrast: bool = True, device: torch.device | str = "cpu"):
+                 invert_contrast: bool = True, device: torch.device | str = "cpu", band_radius: float | None = None):
         self.read, self.box_size, self._ctf, self.invert = read, int(box_size), ctf, invert_contrast
-        self.device = torch.device(device)
-        probe = FourierAccumulator(self.box_size, n_sets=1, device="cpu")
+        self.device, self.band_radius = torch.device(device), band_radius
+        probe = FourierAccumulator(self.box_size, n_sets=1, device="cpu", band_radius=band_radius)
         self.coords = probe.coordinates  # (P, 2)
         self._rfft_index = probe._rfft_index
         radius = self.coords.norm(dim=-1)
         self.shell = radius.round().long().clamp(max=self.box_size // 2)
+
+    def band_limited(self, radius: float | None) -> "ImageSource":
+        """The same images at the pixels inside ``radius`` (Fourier pixels) only: an E-step that
+        uses no higher frequency costs that fraction of the pixels (RELION's adaptive image size)."""
+        return ImageSource(self.read, self.box_size, ctf=self._ctf, invert_contrast=self.invert, device=self.device,
+                           band_radius=radius)
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images_ft (B, P) complex64, ctf (B, P) float32)`` of the given particles."""
@@ -117,7 +123,7 @@ class ImageSource:
         members = np.asarray(members)
         ctf = None if self._ctf is None else (lambda idx, freqs: self._ctf(members[idx], freqs))
         return ImageSource(lambda idx: self.read(members[idx]), self.box_size, ctf=ctf,
-                           invert_contrast=self.invert, device=self.device)
+                           invert_contrast=self.invert, device=self.device, band_radius=self.band_radius)
 
 
 def noise_spectrum_from_images(source: ImageSource, indices: np.ndarray, *, batch_size: int = 256) -> torch.Tensor:

@@ -118,6 +118,7 @@ class FourierAccumulator:
     oversampling: int = 1
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.float32
+    band_radius: float | None = None
     sums: torch.Tensor = field(init=False)
     count: torch.Tensor = field(init=False)
 
@@ -131,6 +132,9 @@ class FourierAccumulator:
         self.sums = torch.zeros(self.n_sets, D, D, D, 3, device=self.device, dtype=self.dtype)
         self.count = torch.zeros(self.n_sets, dtype=torch.long)
         coords, self._rfft_index = half_plane_coordinates(D, device=self.device)
+        if self.band_radius is not None:  # insert only the pixels inside this radius (padded-grid units)
+            keep = coords.norm(dim=-1) < self.band_radius
+            coords, self._rfft_index = coords[keep], self._rfft_index[keep]
         self._coords = coords.to(self.dtype)
 
     @property
