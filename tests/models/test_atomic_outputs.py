@@ -57,3 +57,12 @@ def test_traverse_writes_the_path_as_one_multi_model_file(run, tmp_path):
     assert len(trajectory) == len(singles) >= 2
     for m, path in enumerate(singles):
         assert np.array_equal(trajectory[m], _ca(path)[0])
+
+
+def test_the_last_half_of_a_cryofold_run_searches_the_latents(run):
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["training"]["latent_search_start"] == 1  # 2 epochs: the second searches (Cryofold's default)
+    log = (run / "run.log").read_text()
+    assert "epoch 2: latents searched against the decoder" in log and "epoch 1: latents searched" not in log

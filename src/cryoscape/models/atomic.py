@@ -335,7 +335,8 @@ class AtomicDecoder(VolumeDecoder):
 
     wants_warm_start = True
     #: the last half of a run's epochs search each image's latent against the model (train/latent_search.py):
-    #: the encoder's latents of neighbouring states overlap and the models moved about half as far as the truth
+    #: the encoder's latents of neighbouring states overlap, so the model at one latent averages several states
+    #: (README "Atomic models" has what it measured)
     latent_search_fraction = 0.5
 
     @torch.no_grad()

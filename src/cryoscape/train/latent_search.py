@@ -40,8 +40,8 @@ those means under ``q`` divided by ``n_circle``: the encoder learns to predict t
 (it keeps ordering new images), and its KL term is reported in the log but not optimised.  The
 latents of the epoch are the posterior means and ``z_logvar`` the log posterior variances.
 
-Cost: ``points`` forward passes of the decoder per batch without gradients (about 7-8x an
-ordinary epoch at 32 points for the atomic decoder), only in the search epochs.  Data-parallel
+Cost: ``points`` forward passes of the decoder per batch without gradients, only in the search
+epochs (README "Atomic models" has the measured cost and gain).  Data-parallel
 runs search each process's images; ``v`` is then the process's estimate.
 """
 
