@@ -147,7 +147,7 @@ def training_seconds(run_dir: Path, log: Path, tool: str) -> float | None:
         return sum(int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in hits)
     path = run_dir / "run.log"
     text = path.read_text(errors="replace") if path.exists() else ""
-    hits = re.findall(r"epoch \d+/\d+: .*? in ([\d.]+) s,", text)
+    hits = re.findall(r"epoch \d+/\d+(?: \([^)]*\))?: .*? in ([\d.]+) s,", text)  # "(marching, band N px)" too
     return sum(map(float, hits)) if hits else None
 
 
