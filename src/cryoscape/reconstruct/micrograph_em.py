@@ -24,6 +24,13 @@ Fourier sums are a running average over about ``1 / fraction`` iterations (see :
 After each M-step the map is moved by the whole-voxel shift that aligns it with the previous map
 (:func:`recentre`), since the likelihood cannot tell a shifted map from shifted particles.
 
+Turned grid: by default every iteration turns the stage's SO(3) grid (and the parent grid of the
+coarse-to-fine search) as a whole by a random rotation from the run's generator.  On one fixed grid
+each particle's pose is rounded to the same grid point at every iteration, and the map settles
+towards one that fits the rounded poses rather than the data (the maps drifted away from the truth
+over the iterations); turned grids round differently each time, so the rounding errors average out
+in the running sums of the stochastic M-step.
+
 Cost: an iteration does two complex FFTs of ``2L x 2L`` per patch and pair of rotations (two real
 correlations per complex FFT, patch_em.py), i.e. about ``2 K`` times the number of pixels of the
 downsampled micrographs (whole-micrograph correlation costs the same; patches keep memory bounded
@@ -335,7 +342,10 @@ def em_iteration(
     approximation, step ``f``) of ``previous_sums`` and this iteration's sums scaled by ``1 / f``, so
     that the map rests on about the last ``1 / f`` iterations' patches rather than on one minibatch;
     ``statistics["sums"]`` holds the new average for the next iteration.  ``regularization="fsc"``
-    sums even- and odd-numbered micrographs apart and filters the map by their FSC (see :func:`_m_step`).
+    sums even- and odd-numbered micrographs apart and filters the map by their FSC (see :func:`_m_step`);
+    with ``half_volumes`` ``(2, L, L, L)`` as well, micrograph ``g`` is aligned against half-map ``g % 2``
+    (gold standard) and ``statistics["half_volumes"]`` holds the new half-maps.  ``turn_grid`` turns the
+    rotation grid by a random rotation drawn from ``rng`` (see the module docstring).
     """
     from tqdm.auto import tqdm
 
@@ -620,6 +630,8 @@ def run_micrograph_em(
 
     ``initial_map`` and ``reference`` are ``(D, D, D)`` at the micrographs' pixel size; ``sigma``
     fixes the noise level of the full-size micrographs' pixels (estimated when None).
+    ``independent_halves`` (with ``regularization="fsc"``) keeps one half-map per half-set of micrographs,
+    each aligned against its own; ``turn_grid`` turns the SO(3) grid every iteration (module docstring).
     """
     from cryoscape.fourier.fsc import write_fsc_txt
     from cryoscape.io.mrc import write_mrc
