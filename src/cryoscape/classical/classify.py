@@ -220,8 +220,9 @@ def _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2) -> None:
                 weights=weights[:, None] * inv_sigma2[None, :])
 
 
-def _m_step(acc, state, settings, pixel_size_angstrom, *, fsc_prior: bool = False):
-    """Class maps and each class's half-map FSC.  The prior is RELION's for classification,
+def _m_step(acc, state, settings, pixel_size_angstrom, *, fsc_prior: bool = False, with_fsc: bool = True):
+    """Class maps and (``with_fsc``; band-limited iterations skip them) each class's half-map
+    FSC.  The prior is RELION's for classification,
     ``tau_k^2 = T x`` the power spectrum of the previous class map; with ``fsc_prior`` (the
     last, full-band iteration after band-limited ones, whose maps hold nothing beyond the band)
     it comes from the FSC of the class's own half-maps, as in ``refine``."""
@@ -244,9 +245,10 @@ def _m_step(acc, state, settings, pixel_size_angstrom, *, fsc_prior: bool = Fals
             power = radial_average(fft3_center(state.maps[k].double()).abs().square(), ndim=3)
             reg = 1.0 / (settings.regularization_t * radial_profile_to_grid(power.clamp_min(power.max() * 1e-8), D, ndim=3))
             volume = solve(num.sum(0), weight.sum(0), reg)
-            halves = [solve(num[h], weight[h], reg / 2) for h in range(2)]
+            halves = [solve(num[h], weight[h], reg / 2) for h in range(2)] if with_fsc else None
         maps.append(volume)
-        fscs.append(fsc_of(halves))
+        if with_fsc:
+            fscs.append(fsc_of(halves))
     return torch.stack(maps).float(), fscs
 
 
@@ -285,17 +287,18 @@ def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prio
     previous = state.probabilities.argmax(1)
     band = source.coords.norm(dim=-1) < _evidence_radius(settings, D, pixel_size_angstrom)
     new_prob = torch.empty_like(state.probabilities)
-    total_log_likelihood = 0.0
+    scored = state.iteration > 0 or settings.align  # without alignment the start's assignment is the first E-step
+    total_log_likelihood = 0.0 if scored else float("nan")
     for start in range(0, n, settings.batch_size):
         idx = np.arange(start, min(start + settings.batch_size, n))
         x, ctf = source.batch(idx)
-        evidence, posts = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
-        if state.iteration == 0:
-            gamma = state.probabilities[idx]
-        else:
-            gamma = torch.softmax((evidence + state.populations.log()[None]) / _temperature(state.iteration, settings), 1)
+        gamma, posts = state.probabilities[idx], [None] * K
+        if scored:
+            evidence, posts = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
+            total_log_likelihood += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
+            if state.iteration > 0:
+                gamma = torch.softmax((evidence + state.populations.log()[None]) / _temperature(state.iteration, settings), 1)
         new_prob[idx] = gamma
-        total_log_likelihood += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
         _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2)
         _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts)
         if settings.align:
@@ -304,7 +307,8 @@ def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prio
         acc = _accumulate_hard(source, new_prob, state, settings, inv_sigma2)
     if settings.symmetry.upper() != "C1":
         acc.apply_symmetry_(symmetry_group(settings.symmetry))
-    state.maps, state.fsc = _m_step(acc, state, settings, pixel_size_angstrom, fsc_prior=fsc_prior)
+    state.maps, state.fsc = _m_step(acc, state, settings, pixel_size_angstrom, fsc_prior=fsc_prior,
+                                    with_fsc=source.band_radius is None or fsc_prior)
     state.probabilities = new_prob
     state.populations = (new_prob.sum(0) / new_prob.sum().clamp_min(1e-12)).clamp_min(1e-6)
     seen = residual[1] > 0  # a band-limited iteration keeps the other shells' estimate
