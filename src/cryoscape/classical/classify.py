@@ -243,7 +243,8 @@ def _m_step(acc, state, settings, pixel_size_angstrom, *, fsc_prior: bool = Fals
             volume, halves = solve_fsc_prior(num, weight, solve, fsc_of)
         else:
             power = radial_average(fft3_center(state.maps[k].double()).abs().square(), ndim=3)
-            reg = 1.0 / (settings.regularization_t * radial_profile_to_grid(power.clamp_min(power.max() * 1e-8), D, ndim=3))
+            tau2 = radial_profile_to_grid(power.clamp_min(power.max() * 1e-8), D, ndim=3)
+            reg = 1.0 / (settings.regularization_t * tau2)
             volume = solve(num.sum(0), weight.sum(0), reg)
             halves = [solve(num[h], weight[h], reg / 2) for h in range(2)] if with_fsc else None
         maps.append(volume)
@@ -297,7 +298,8 @@ def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prio
             evidence, posts = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
             total_log_likelihood += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
             if state.iteration > 0:
-                gamma = torch.softmax((evidence + state.populations.log()[None]) / _temperature(state.iteration, settings), 1)
+                temperature = _temperature(state.iteration, settings)
+                gamma = torch.softmax((evidence + state.populations.log()[None]) / temperature, 1)
         new_prob[idx] = gamma
         _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2)
         _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts)
@@ -312,7 +314,8 @@ def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prio
     state.probabilities = new_prob
     state.populations = (new_prob.sum(0) / new_prob.sum().clamp_min(1e-12)).clamp_min(1e-6)
     seen = residual[1] > 0  # a band-limited iteration keeps the other shells' estimate
-    state.sigma2 = torch.where(seen, residual[0] / residual[1].clamp_min(1), state.sigma2.double()).clamp_min(1e-12).float()
+    sigma2 = torch.where(seen, residual[0] / residual[1].clamp_min(1), state.sigma2.double())
+    state.sigma2 = sigma2.clamp_min(1e-12).float()
     changed = float((new_prob.argmax(1) != previous).float().mean())
     state.iteration += 1
     state.converged = state.iteration > max(2, settings.anneal_iterations) and changed < settings.min_change

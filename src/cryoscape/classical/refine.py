@@ -117,7 +117,6 @@ class ImageSource:
             ctf = self._ctf(indices, self.coords / self.box_size).to(torch.float32)
         return values, ctf
 
-
     def subset(self, members: np.ndarray) -> "ImageSource":
         """The images ``members`` as a source of their own (index ``i`` reads ``members[i]``)."""
         members = np.asarray(members)

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             align=not args.no_align, global_align=args.global_align, level=args.level,
             initial_lowpass_angstrom=args.ini_high,
             highres_limit_angstrom=args.highres_limit or None,
-            batch_size=args.batch_size, seed=args.seed, start=args.start, symmetry=args.sym, auto_mask=args.solvent_mask,
+            batch_size=args.batch_size, seed=args.seed, start=args.start, symmetry=args.sym,
+            auto_mask=args.solvent_mask,
         )
         classify_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                            invert_contrast=not args.uninvert_data)
