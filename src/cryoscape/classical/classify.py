@@ -334,6 +334,13 @@ def _evidence_radius(settings: ClassifySettings, box_size: int, pixel_size_angst
     return box_size * pixel_size_angstrom / settings.highres_limit_angstrom
 
 
+def _working_source(source: ImageSource, settings: ClassifySettings, pixel_size_angstrom: float) -> ImageSource:
+    """The source the iterations before the last read: with ``band_limited`` only the evidence band."""
+    if not settings.band_limited:
+        return source
+    return source.band_limited(_evidence_radius(settings, source.box_size, pixel_size_angstrom))
+
+
 def _temperature(iteration: int, settings: ClassifySettings) -> float:
     """Deterministic annealing: class posteriors are tempered by ``1 / temperature``, falling
     linearly from ``anneal_temperature`` at the first E-step to 1 after ``anneal_iterations``.
@@ -448,8 +455,7 @@ def _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations
     over-estimated it)."""
     if settings.n_starts <= 1:
         return initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel)
-    radius = _evidence_radius(settings, source.box_size, pixel_size_angstrom)
-    work = source.band_limited(radius) if settings.band_limited else source
+    work = _working_source(source, settings, pixel_size_angstrom)
     states = []
     for start in range(settings.n_starts):
         trial = replace(settings, seed=settings.seed + start)
@@ -490,8 +496,7 @@ def classify(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_
         state = _best_start(source, n, initial_map, pixel_size_angstrom, settings, rotations, shifts_pixel)
     if settings.bisect:
         settings = replace(settings, anneal_iterations=1)
-    radius = _evidence_radius(settings, source.box_size, pixel_size_angstrom)
-    work = source.band_limited(radius) if settings.band_limited else source
+    work = _working_source(source, settings, pixel_size_angstrom)
     while not state.converged and state.iteration < settings.max_iterations - int(settings.final_full_band):
         _step(work, state, settings, pixel_size_angstrom, checkpoint, on_iteration)
     if settings.final_full_band and not state.full_band_done:

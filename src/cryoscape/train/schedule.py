@@ -99,6 +99,14 @@ def band_fraction_at(epoch: int, start: float, epochs: int) -> float:
     return float(start) + (1.0 - float(start)) * max(0, int(epoch)) / int(epochs)
 
 
+def _band_ramp(config: TrainConfig) -> tuple[float, int]:
+    """``(band_start, band_epochs)`` of a run: the config's, or the decoder's default start and the
+    run's last epoch."""
+    start = DEFAULT_BAND_STARTS.get(config.decoder, 1.0) if config.band_start is None else config.band_start
+    epochs = max(0, int(config.num_epochs) - 1) if config.band_epochs is None else config.band_epochs
+    return start, epochs
+
+
 class ConstantSchedule(Schedule):
     """Every epoch trains the model of ``config`` (``cryoscape train``), on a band that widens from
     ``config.band_start`` to every pixel at epoch ``config.band_epochs`` (module docstring)."""
@@ -109,10 +117,7 @@ class ConstantSchedule(Schedule):
 
     def band_fraction(self, epoch: int) -> float:
         """The band of ``epoch`` as a fraction of Nyquist (1: every pixel)."""
-        c = self.config
-        start = DEFAULT_BAND_STARTS.get(c.decoder, 1.0) if c.band_start is None else c.band_start
-        epochs = max(0, self.num_epochs - 1) if c.band_epochs is None else c.band_epochs
-        return band_fraction_at(epoch, start, epochs)
+        return band_fraction_at(epoch, *_band_ramp(self.config))
 
     def plan(self, epoch: int, box_size: int) -> EpochPlan:
         fraction = self.band_fraction(epoch)
@@ -129,11 +134,8 @@ class ConstantSchedule(Schedule):
             import math
 
             config = dataclasses.replace(config, beta_anneal_epochs=max(1, math.ceil(config.num_epochs / 4)))
-        if config.band_start is None:
-            config = dataclasses.replace(config, band_start=DEFAULT_BAND_STARTS.get(config.decoder, 1.0))
-        if config.band_epochs is None:
-            config = dataclasses.replace(config, band_epochs=max(0, int(config.num_epochs) - 1))
-        return config
+        start, epochs = _band_ramp(config)
+        return dataclasses.replace(config, band_start=start, band_epochs=epochs)
 
     def describe(self) -> str:
         c = self.config
