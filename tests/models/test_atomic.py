@@ -141,13 +141,41 @@ def test_elastic_network_keeps_rigid_motions_free_and_resists_stretching():
     new = (stretched[i] - stretched[j]).norm(dim=-1)
     expected = 2.0 * float((new - dec.network_distances_angstrom).square().sum())
     assert float(dec.network_energy(stretched[None])) == pytest.approx(expected, rel=1e-4) and expected > 1.0
-    # the loss hook adds it to the bond and side-chain terms
+    # the loss hook adds it (and the local geometry's energy) to the bond and side-chain terms
     with torch.no_grad():
         dec.centres_angstrom.copy_(stretched)
     loss = float(dec.regularization_loss(n_images=10))
     total = sum(float(e) for e in dec.restraint_energies(stretched[None])) + expected
+    total += float(dec.local_energy(stretched[None]))
     assert loss == pytest.approx(total / (math.pi * 16**2), rel=1e-4)
     assert float(_decoder().network_energy(stretched[None])) == 0.0  # off by default (the thesis has none)
+
+
+def test_local_geometry_holds_nearby_residues_and_lets_a_hinge_turn():
+    dec = _decoder(local_strength=0.5, local_span=4)
+    K = dec.n_centres // 2
+    pairs = dec.local_pairs.tolist()
+    assert {j - i for i, j in pairs} == {2, 3, 4} and len(pairs) == (K - 2) + (K - 3) + (K - 4)  # one chain
+    ref = dec.reference_angstrom.clone()
+    assert float(dec.local_energy(ref[None])) < 1e-8  # the reference is not penalised (float32 distances)
+    stretched = ref.clone()
+    stretched[20] += torch.tensor([2.0, 0.0, 0.0])
+    i, j = dec.local_pairs.T
+    new = (stretched[i] - stretched[j]).norm(dim=-1)
+    expected = 0.5 * float((new - dec.local_distances_angstrom).square().sum())
+    assert float(dec.local_energy(stretched[None])) == pytest.approx(expected, rel=1e-4) and expected > 1.0
+    # a hinge: everything after residue 35 turned 60 degrees about the axis through C-alphas 35 and 36 strains
+    # only the few pairs that span it, far less than moving the same residues out of line one by one
+    axis = (ref[36] - ref[35]) / (ref[36] - ref[35]).norm()
+    a = math.radians(60.0)
+    cross = torch.tensor([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rot = torch.eye(3) + math.sin(a) * cross + (1 - math.cos(a)) * cross @ cross
+    hinged = ref.clone()
+    hinged[36:K] = (ref[36:K] - ref[35]) @ rot.T + ref[35]
+    strained = ((hinged[i] - hinged[j]).norm(dim=-1) - dec.local_distances_angstrom).abs() > 1e-3
+    assert 0 < int(strained.sum()) <= 6 and bool((i[strained] < 36).all() and (j[strained] > 35).all())
+    assert float(_decoder(local_strength=0.0).local_energy(stretched[None])) == 0.0  # off: the thesis's restraints
+    assert _decoder().config["local_strength"] == 0.1 and _decoder().config["local_span"] == 4  # Cryofold's default
 
 
 def test_coarse_to_fine_widens_training_passes_only_and_ends():

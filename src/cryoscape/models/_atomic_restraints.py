@@ -8,6 +8,13 @@
   per-residue-type length (:data:`SIDECHAIN_MAX_ANGSTROM`, 1.5-4 angstroms, about the largest
   C-alpha to side-chain-centroid distance of each type's rotamers) and the distance in the
   reference, so the reference itself is never penalised (the thesis takes the reference's).
+* **Local geometry** (not in the thesis): a harmonic term ``k_l (|mu_i - mu_j| - d0_ij)^2`` between
+  backbone centres ``2..span`` residues apart along one unbroken chain (``d0``: their distance in the
+  reference).  Span 2 holds the C-alpha pseudo bond angles, spans 3-4 the turn of a helix or the
+  pleat of a strand.  A chain held only by bonds bends freely at every residue, so a residue whose
+  density moved out of reach of its Gaussian stays behind; with its local geometry held, the
+  residues around it that still overlap their density carry it along.  A hinge bends only the few
+  pairs that span it, so domain motions stay cheap.
 * **Elastic network** (not in the thesis; off unless its strength is set): a harmonic term
   ``k_n (|mu_i - mu_j| - d0_ij)^2`` between backbone centres closer than a cutoff in the reference
   (``d0``: their distance there; bonded pairs excluded).  Bonds alone leave the chain floppy: a
@@ -22,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = ["SIDECHAIN_MAX_ANGSTROM", "CHAIN_BREAK_ANGSTROM", "bond_pairs", "sidechain_max_lengths",
-           "restraint_energy", "network_pairs", "network_energy"]
+           "restraint_energy", "local_pairs", "network_pairs", "network_energy"]
 
 CHAIN_BREAK_ANGSTROM = 4.5
 
@@ -72,6 +79,18 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b).square().sum(-1) + 1e-12).sqrt()
 
 
+def local_pairs(ca_angstrom: np.ndarray, bonds: np.ndarray, span: int) -> tuple[np.ndarray, np.ndarray]:
+    """``((n, 2) int64 pairs, (n,) reference distances)`` of backbone centres ``2..span`` residues apart
+    with a bond between every two consecutive residues in between (no chain break)."""
+    ca = np.asarray(ca_angstrom, dtype=np.float64)
+    bonded = np.zeros(max(len(ca) - 1, 0), dtype=bool)
+    b = np.asarray(bonds, dtype=np.int64).reshape(-1, 2)
+    bonded[b[b[:, 1] == b[:, 0] + 1, 0]] = True
+    pairs = [(i, i + s) for s in range(2, int(span) + 1) for i in range(len(ca) - s) if bonded[i:i + s].all()]
+    pairs = np.asarray(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    return pairs, np.linalg.norm(ca[pairs[:, 0]] - ca[pairs[:, 1]], axis=-1)
+
+
 def network_pairs(ca_angstrom: np.ndarray, bonds: np.ndarray, cutoff_angstrom: float) -> tuple[np.ndarray, np.ndarray]:
     """``((n, 2) int64 pairs, (n,) reference distances)`` of backbone centres closer than the cutoff, bonds excluded."""
     ca = np.asarray(ca_angstrom, dtype=np.float64)
@@ -85,7 +104,8 @@ def network_pairs(ca_angstrom: np.ndarray, bonds: np.ndarray, cutoff_angstrom: f
 
 def network_energy(positions: torch.Tensor, pairs: torch.Tensor, distances: torch.Tensor, *, strength: float,
                    n_backbone: int) -> torch.Tensor:
-    """Elastic-network energy per structure ``(...,)`` of ``positions (..., 2K, 3)`` (module docstring)."""
+    """Harmonic energy ``strength * sum (d - distances)^2`` per structure ``(...,)`` of the backbone centre
+    ``pairs`` of ``positions (..., 2K, 3)``: the elastic network's or the local geometry's (module docstring)."""
     if strength == 0 or pairs.shape[0] == 0:
         return positions.new_zeros(positions.shape[:-2])
     backbone = positions[..., :n_backbone, :]

@@ -30,7 +30,10 @@ Training hooks
   (:mod:`cryoscape.models._atomic_restraints`) of the structures of the batch's latents (kept
   from the same step's forward pass) to the loss, divided by the pixels of the training circle:
   our image error is a mean over pixels where eq. 7.3's is a sum, so the strengths keep the
-  thesis's meaning (0.1 for both).
+  thesis's meaning (0.1 for both).  Beyond the thesis, a local-geometry restraint (on by default)
+  holds the reference's distances between backbone centres up to four residues apart: with bonds
+  alone the chain bends freely at every residue, and residues whose density moved beyond reach of
+  their Gaussians stay behind (README "Atomic models" has what it measured).
 * :meth:`~AtomicDecoder.optimizer_param_groups`: centres, the global parameters and the MLP
   learn at ``centre_lr_scale``, ``global_lr_scale`` and ``offset_lr_scale`` times ``--lr``.
 * The optional coarse-to-fine schedule counts the images of the training passes in a buffer
@@ -55,6 +58,7 @@ from torch import nn
 from cryoscape.errors import InputError
 from cryoscape.models._atomic_restraints import (
     bond_pairs,
+    local_pairs,
     network_energy,
     network_pairs,
     restraint_energy,
@@ -147,6 +151,10 @@ class AtomicDecoder(VolumeDecoder):
         (off by default; the README has what it measured).
     network_strength, network_cutoff_angstrom
         The elastic-network restraint (:mod:`cryoscape.models._atomic_restraints`; off by default).
+    local_strength, local_span
+        The local-geometry restraint (:mod:`cryoscape.models._atomic_restraints`): the reference's
+        distances between backbone centres 2 to ``local_span`` residues apart, harmonic with that
+        strength (0: off, the thesis's restraints alone).
     """
 
     def __init__(self, *, box_size: int, zdim: int = 0, reference: str | os.PathLike | dict | None = None,
@@ -155,7 +163,8 @@ class AtomicDecoder(VolumeDecoder):
                  bond_length_angstrom: float = 3.8, perturb_angstrom: float = 0.0, layers: int = 3, width: int = 256,
                  domain: str = "fourier", centre_lr_scale: float = 200.0, global_lr_scale: float = 100.0,
                  offset_lr_scale: float = 1.0, coarse_angstrom: float = 0.0, coarse_images: int = 0,
-                 network_strength: float = 0.0, network_cutoff_angstrom: float = 10.0, seed: int = 0):
+                 network_strength: float = 0.0, network_cutoff_angstrom: float = 10.0, local_strength: float = 0.1,
+                 local_span: int = 4, seed: int = 0):
         super().__init__(box_size=box_size, zdim=zdim)
         if domain not in ("fourier", "hartley"):
             raise ValueError(f"unknown domain {domain!r}; choose fourier or hartley")
@@ -178,12 +187,17 @@ class AtomicDecoder(VolumeDecoder):
                            centre_lr_scale=float(centre_lr_scale), global_lr_scale=float(global_lr_scale),
                            offset_lr_scale=float(offset_lr_scale), coarse_angstrom=float(coarse_angstrom),
                            coarse_images=int(coarse_images), network_strength=float(network_strength),
-                           network_cutoff_angstrom=float(network_cutoff_angstrom), seed=int(seed))
+                           network_cutoff_angstrom=float(network_cutoff_angstrom),
+                           local_strength=float(local_strength), local_span=int(local_span), seed=int(seed))
         self._build_parameters(ref, sigma_angstrom, a0, perturb_angstrom, seed)
         pairs, d0 = network_pairs(self.reference_angstrom[: len(self.residue_name)].double().numpy(),
                                   self.bonds.numpy(), network_cutoff_angstrom)
         self.register_buffer("network_pairs", torch.as_tensor(pairs), persistent=False)
         self.register_buffer("network_distances_angstrom", torch.as_tensor(d0, dtype=torch.float32), persistent=False)
+        pairs, d0 = local_pairs(self.reference_angstrom[: len(self.residue_name)].double().numpy(), self.bonds.numpy(),
+                                int(local_span))
+        self.register_buffer("local_pairs", torch.as_tensor(pairs), persistent=False)
+        self.register_buffer("local_distances_angstrom", torch.as_tensor(d0, dtype=torch.float32), persistent=False)
         self.offsets = None
         if self.zdim > 0:
             self.offsets = ResidualMLP(self.zdim, 3 * self.n_centres, layers=int(layers), width=int(width))
@@ -310,9 +324,9 @@ class AtomicDecoder(VolumeDecoder):
         pos = self._batch_positions if self._batch_positions is not None else self.positions_angstrom(None)
         self._batch_positions = None
         e_bond, e_side = self.restraint_energies(pos)
-        e_network = self.network_energy(pos)
+        e_pairs = self.network_energy(pos) + self.local_energy(pos)
         n_circle = math.pi * (self.box_size / 2.0) ** 2
-        return (e_bond + e_side + e_network).mean() / n_circle
+        return (e_bond + e_side + e_pairs).mean() / n_circle
 
     def restraint_energies(self, positions_angstrom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(bond, side-chain)`` energies ``(B,)`` with the configured strengths."""
@@ -325,6 +339,11 @@ class AtomicDecoder(VolumeDecoder):
         """Elastic-network energy ``(B,)`` with the configured strength (0 unless ``network_strength`` is set)."""
         return network_energy(positions_angstrom, self.network_pairs, self.network_distances_angstrom,
                               strength=self.config["network_strength"], n_backbone=len(self.residue_name))
+
+    def local_energy(self, positions_angstrom: torch.Tensor) -> torch.Tensor:
+        """Local-geometry energy ``(B,)`` with the configured strength and span (0 when ``local_strength`` is 0)."""
+        return network_energy(positions_angstrom, self.local_pairs, self.local_distances_angstrom,
+                              strength=self.config["local_strength"], n_backbone=len(self.residue_name))
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         groups = [{"params": [self.centres_angstrom], "lr_scale": self.config["centre_lr_scale"]},
