@@ -96,6 +96,52 @@ def test_heterogeneous_context_changes_the_density_with_the_latent():
     assert float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
 
 
+def test_deformation_starts_as_the_identity_and_then_moves_the_density():
+    """The deformation path's last layer starts at zero (the map of a decoder without it); a non-zero
+    displacement field changes the map with the latent, and gradients reach it through the grid lookup."""
+    plain = _decoder(12, zdim=1)
+    deformed = _decoder(12, zdim=1, deformation=True)
+    deformed.load_state_dict(plain.state_dict(), strict=False)
+    z = torch.tensor([1.5])
+    torch.testing.assert_close(deformed.eval_volume(z), plain.eval_volume(z))
+    with torch.no_grad():
+        deformed.point_deformation.out.bias.fill_(0.05)
+        deformed.point_deformation.out.weight.normal_(0, 0.05)
+    a, b = deformed.eval_volume(torch.tensor([-2.0])), deformed.eval_volume(torch.tensor([2.0]))
+    assert float((a - b).abs().max()) > 1e-2 * float(a.abs().max())
+    deformed.eval_volume(z, grad=True).square().sum().backward()
+    assert float(deformed.point_deformation.point.weight.grad.abs().sum()) > 0
+
+
+def test_latent_to_points_and_grid_learning_rate_options():
+    """``latent_to_points`` adds the latent to every point's FFN; ``grid_lr_scale`` puts the hash-grid
+    tables in their own optimiser group (the others at the base rate)."""
+    dec = _decoder(12, zdim=1, latent_to_points=True, grid_lr_scale=0.1)
+    a, b = dec.eval_volume(torch.tensor([-2.0])), dec.eval_volume(torch.tensor([2.0]))
+    assert float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
+    groups = dec.optimizer_param_groups()
+    assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
+    assert groups[0]["params"] == [dec.grid.tables]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in dec.parameters())
+    assert _decoder(12, zdim=1).optimizer_param_groups() is None
+
+
+def test_latent_warmup_gates_the_latent_over_the_first_steps():
+    """With ``latent_warmup_steps`` the map ignores the latent at step 0 and follows it fully after the
+    warm-up; the step count is saved with the model."""
+    dec = _decoder(12, zdim=1, latent_to_points=True, latent_warmup_steps=4)
+    a, b = dec.eval_volume(torch.tensor([-2.0])), dec.eval_volume(torch.tensor([2.0]))
+    torch.testing.assert_close(a, b)
+    for _ in range(2):
+        dec.after_optimizer_step()
+    assert dec.latent_gate() == 0.5
+    for _ in range(3):
+        dec.after_optimizer_step()
+    assert dec.latent_gate() == 1.0 and int(dec.state_dict()["optimizer_steps"]) == 5
+    a, b = dec.eval_volume(torch.tensor([-2.0])), dec.eval_volume(torch.tensor([2.0]))
+    assert float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
+
+
 # ---------------------------------------------------------------------------------------------
 # training through the engine
 # ---------------------------------------------------------------------------------------------

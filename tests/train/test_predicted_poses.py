@@ -40,12 +40,14 @@ def test_pretrained_encoder_predicts_held_out_poses(pose_data):
     67.6 degrees (measured; a random rotation is 126 degrees off) and their shifts to 0.17 px: it
     memorises a data set's poses far better than it generalises (README "Choosing a decoder:
     CryoFormer").  Minutes on 2 cores."""
-    config = TrainConfig(particles=str(pose_data / "particles.star"), pose_source="encoder")
+    config = TrainConfig(particles=str(pose_data / "particles.star"), pose_source="encoder",
+                         pose_encoder="absolute")
     table, _ = load_tables(config)
     train = build_dataset(config, table.subset(np.arange(N_TRAIN)))
     held = build_dataset(config, table.subset(np.arange(N_TRAIN, N_TRAIN + N_HELD)))
     held.normalization = train.normalization
-    source = PredictedPoses(train, layers=LAYERS, width=WIDTH, pretrain_epochs=200, pretrain_lr=3e-4)
+    source = PredictedPoses(train, layers=LAYERS, width=WIDTH, pretrain_epochs=200, pretrain_lr=3e-4,
+                            residual=False)
     source.setup(torch.device("cpu"))
     before = float(_errors(*source.predict_all(), train)[0].median())
     record = source.pretrain()
@@ -107,3 +109,26 @@ def test_resumed_run_keeps_the_encoder_and_equals_the_uninterrupted_run(tiny_dat
     whole, _ = read_poses_pkl(tmp_path / "whole" / "poses.1.pkl", box_size=16)
     part, _ = read_poses_pkl(tmp_path / "part" / "poses.1.pkl", box_size=16)
     np.testing.assert_allclose(part, whole, atol=1e-6)
+
+
+def test_residual_encoder_starts_exactly_at_the_table_poses(tiny_dataset):
+    """The residual form needs no pre-training: before any step it predicts the table's poses (to float
+    rounding), and a gradient step moves them."""
+    config = TrainConfig(particles=str(tiny_dataset / "particles.star"), pose_source="encoder")
+    table, _ = load_tables(config)
+    dataset = build_dataset(config, table)
+    source = PredictedPoses(dataset, layers=2, width=32, lr=1e-3)
+    source.setup(torch.device("cpu"))
+    assert source.pretrain() == {"pretrain_rotation_error_deg": 0.0, "pretrain_shift_error_pixel": 0.0}
+    R, t = source.predict_all()
+    err = torch.rad2deg(rotation_angle_between(R.double(), dataset.rotations.double()))
+    assert float(err.max()) < 0.01, float(err.max())
+    assert float((t - dataset.shifts_pixel.float()).abs().max()) < 1e-5
+    idx = np.arange(16)
+    R1, t1 = source._predict(dataset.read_preprocessed(idx), idx)
+    loss = (R1[:, 0, 1] - 0.1).square().sum() + (t1 - 0.5).square().sum()
+    loss.backward()
+    source.optimizer.step()
+    R2, _ = source.predict_all()
+    moved = torch.rad2deg(rotation_angle_between(R2.double(), R.double()))
+    assert float(moved.median()) > 1e-3

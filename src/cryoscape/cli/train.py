@@ -112,6 +112,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--pose-source", choices=("table", "encoder"), default="table",
                      help="table: the particles' poses (with --refine-poses: corrected); encoder: an orientation "
                           "encoder pre-trained on them, then refined end to end (CryoFormer) [table]")
+    opt.add_argument("--pose-encoder", choices=("residual", "absolute"), default="residual",
+                     help="residual: a correction of the table's poses, starting exactly at them; absolute: the "
+                          "paper's, pre-trained to the table's poses [residual]")
     opt.add_argument("--pose-encoder-layers", type=int, default=4,
                      help="orientation encoder MLP layers [4; the paper's 10 x 128 fitted the poses worse]")
     opt.add_argument("--pose-encoder-dim", type=int, default=256, help="orientation encoder MLP width [256]")
@@ -210,6 +213,7 @@ def _config_from_args(args: argparse.Namespace):
         pose_encoder_dim=args.pose_encoder_dim,
         pose_pretrain_epochs=args.pose_pretrain_epochs,
         pose_encoder_lr=args.pose_encoder_lr,
+        pose_encoder=args.pose_encoder,
         shuffle=not args.no_shuffle,
         seed=args.seed,
         amp=args.amp,

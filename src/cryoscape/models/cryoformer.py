@@ -36,6 +36,8 @@ FFT is the data's normalised transform), i.e. one training voxel's value.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -48,6 +50,46 @@ from cryoscape.models.realspace import column_points, render_values
 __all__ = ["CryoFormer"]
 
 SPACES = ("real", "fourier")
+
+
+class ImageContext(NamedTuple):
+    """What the per-point part needs of one image, computed once per image (``(B or 1, ...)`` each)."""
+
+    keys: torch.Tensor  # (B, N, C) keys of the image's queries
+    values: torch.Tensor  # (B, N, C) their values
+    deform: torch.Tensor | None  # (B, 1, W) the latent's term in the deformation MLP's first layer
+    ffn: torch.Tensor | None  # (B, 1, C) the latent's term in the per-point FFN's hidden layer
+
+    def expand(self, batch: int) -> "ImageContext":
+        return ImageContext(*(t if t is None or t.shape[0] == batch else t.expand(batch, *t.shape[1:])
+                              for t in self))
+
+
+class PointDeformation(nn.Module):
+    """``(x, z) -> dx``: an MLP displacement of the query point before the hash-grid lookup.
+
+    The molecule's motion (a hinge) is a smooth displacement of its density, which a hash grid of
+    fixed tables cannot express through attention weights alone; the last layer starts at zero, so
+    training starts from the undeformed map.  The latent's share of the first layer is computed
+    once per image (:meth:`latent_term`).
+    """
+
+    def __init__(self, zdim: int, width: int):
+        super().__init__()
+        self.point = nn.Linear(3, width)
+        self.latent = nn.Linear(zdim, width, bias=False)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, 3)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def latent_term(self, z: torch.Tensor) -> torch.Tensor:
+        return self.latent(z).unsqueeze(1)
+
+    def forward(self, centred: torch.Tensor, latent_term: torch.Tensor) -> torch.Tensor:
+        """Displacements ``(B, M, 3)`` (unit-cube units) at points ``(B, M, 3)`` of ``[-1/2, 1/2]^3``."""
+        h = torch.relu(self.point(centred * 2.0) + latent_term.to(centred.dtype))
+        return self.out(torch.relu(self.hidden(h)))
 
 
 class QueryTransformer(nn.Module):
@@ -85,7 +127,9 @@ class CryoFormer(VolumeDecoder):
                  base_resolution: int = 16, spatial_width: int = 16, n_queries: int = 64, query_dim: int = 64,
                  n_blocks: int = 3, n_heads: int = 4, deform_width: int = 128, deform_layers: int = 2,
                  render_size: int | None = None, radius_fraction: float = 0.9, jitter: bool = True,
-                 chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4):
+                 chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4, deformation: bool = False,
+                 deformation_width: int = 64, latent_to_points: bool = False, grid_lr_scale: float = 1.0,
+                 latent_warmup_steps: int = 0):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -101,7 +145,9 @@ class CryoFormer(VolumeDecoder):
                            spatial_width=spatial_width, n_queries=n_queries, query_dim=query_dim, n_blocks=n_blocks,
                            n_heads=n_heads, deform_width=deform_width, deform_layers=deform_layers,
                            render_size=render_size, radius_fraction=radius_fraction, jitter=jitter,
-                           chunk_points=chunk_points, grid_init_scale=grid_init_scale)
+                           chunk_points=chunk_points, grid_init_scale=grid_init_scale, deformation=deformation,
+                           deformation_width=deformation_width, latent_to_points=latent_to_points,
+                           grid_lr_scale=grid_lr_scale, latent_warmup_steps=latent_warmup_steps)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
@@ -118,6 +164,13 @@ class CryoFormer(VolumeDecoder):
                                  nn.Linear(query_dim, n_out))
         if space == "real":
             nn.init.constant_(self.ffn[-1].bias, -4.0)  # start near an empty box
+        self.point_deformation = None
+        if deformation and zdim > 0 and space == "real":
+            self.point_deformation = PointDeformation(zdim, int(deformation_width))
+        self.latent_ffn = nn.Linear(zdim, query_dim, bias=False) if latent_to_points and zdim > 0 else None
+        self.latent_warmup_steps = int(latent_warmup_steps)
+        if self.latent_warmup_steps > 0:  # counted by after_optimizer_step, saved with the model
+            self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
         # one training voxel's value is ~1/D^2 of a unit-RMS normalised transform (see module docstring)
         self.register_buffer("output_scale", torch.tensor(4.0 / D ** 2 if space == "real" else 1.0),
                              persistent=False)
@@ -133,34 +186,66 @@ class CryoFormer(VolumeDecoder):
         mods.append(nn.Linear(width, self.n_queries * self.query_dim))
         return nn.Sequential(*mods)
 
+    def optimizer_param_groups(self) -> list[dict] | None:
+        """The hash-grid tables at ``grid_lr_scale`` times the learning rate, the rest at 1 (``None`` if 1)."""
+        scale = float(self.config["grid_lr_scale"])
+        if scale == 1.0:
+            return None
+        rest = [p for name, p in self.named_parameters() if not name.startswith("grid.")]
+        return [{"params": list(self.grid.parameters()), "lr_scale": scale}, {"params": rest, "lr_scale": 1.0}]
+
+    def after_optimizer_step(self) -> None:
+        if self.latent_warmup_steps > 0:
+            self.optimizer_steps += 1
+
+    def latent_gate(self) -> float:
+        """The factor of the latent: rising from 0 to 1 over ``latent_warmup_steps`` optimiser steps, so
+        the map's mean is fitted before the latent can explain what the mean does not yet."""
+        if self.latent_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, float(self.optimizer_steps) / self.latent_warmup_steps)
+
     # ---- per image
-    def image_context(self, z: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``(B or 1, N, C)`` of the image-specific queries (run once per image)."""
+    def image_context(self, z: torch.Tensor | None, batch: int) -> ImageContext:
+        """Keys and values ``(B or 1, N, C)`` of the image-specific queries and the latent's per-point
+        terms (run once per image)."""
         z = self.check_latent(z, batch)
         if z is None:
             tokens = self.tokens.unsqueeze(0)
         else:
+            gate = self.latent_gate()
+            z = z * gate if gate < 1.0 else z
             tokens = self.deform(z).reshape(z.shape[0], self.n_queries, self.query_dim)
         # the deformation tokens are the cross-attention's memory and also shift the queries they start
         # from, so the latent reaches every query from the first step (through cross-attention alone
         # the hinge's latent stayed unused for 10 epochs: |Spearman| <= 0.06, README)
         q = self.transformer(tokens, tokens if z is not None else None)
-        return self.key(q), self.value(q)
+        deform = None if self.point_deformation is None else self.point_deformation.latent_term(z)
+        ffn = None if self.latent_ffn is None else self.latent_ffn(z).unsqueeze(1)
+        return ImageContext(self.key(q), self.value(q), deform, ffn)
 
     # ---- per point
-    def point_values(self, u: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor], *,
+    def point_values(self, u: torch.Tensor, context: ImageContext, *,
                      attention: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Network output ``(B, M, n_out)`` at points ``u`` ``(B, M, 3)`` of the unit cube.
 
+        With ``deformation`` the point is first displaced by ``dx(u, z)``; with ``latent_to_points``
+        the latent is added to the FFN's hidden layer (``z`` concatenated to its input).
         ``attention``: also return the ``(B, M, N)`` attention weights of the points over the queries.
         """
-        keys, values = context
+        keys, values = context.keys, context.values
+        if context.deform is not None:
+            u = u + self.point_deformation(u - 0.5, context.deform)
         feat = self.grid(u)
         q = self.spatial(feat.to(self.spatial[0].weight.dtype))
         logits = q @ keys.transpose(1, 2).to(q.dtype) / math.sqrt(self.query_dim)
         weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
         h = q + weights @ values.to(q.dtype)
-        out = self.ffn(h)
+        if context.ffn is None:
+            out = self.ffn(h)
+        else:
+            hidden = self.ffn[1](self.ffn[0](h)) + context.ffn.to(h.dtype)
+            out = self.ffn[3](self.ffn[2](hidden))
         return (out, weights) if attention else out
 
     def density(self, world: torch.Tensor, context) -> torch.Tensor:
@@ -183,9 +268,7 @@ class CryoFormer(VolumeDecoder):
         if self.space != "real":
             return None
         B = rotations.shape[0]
-        context = self.image_context(z, B)
-        if context[0].shape[0] != B:
-            context = (context[0].expand(B, -1, -1), context[1].expand(B, -1, -1))
+        context = self.image_context(z, B).expand(B)
         columns = self.columns(rotations.device)
         offsets = None
         if self.training and self.jitter and columns.step > 1:
@@ -213,9 +296,7 @@ class CryoFormer(VolumeDecoder):
 
     def _fourier_values(self, coords: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         B = coords.shape[0]
-        context = self.image_context(z, B)
-        if context[0].shape[0] != B:
-            context = (context[0].expand(B, -1, -1), context[1].expand(B, -1, -1))
+        context = self.image_context(z, B).expand(B)
         if self.domain == "hartley":
             out = self.point_values(coords + 0.5, context).float() * self.output_scale
             return out[..., 0] - out[..., 1]

@@ -119,6 +119,8 @@ class TrainConfig:
     pose_encoder_dim: int = 256
     pose_pretrain_epochs: int = 200
     pose_encoder_lr: float = 1e-4  # 0: the pre-trained encoder is frozen
+    # residual: a correction of the table's poses, starting exactly at them; absolute: the paper's, pre-trained
+    pose_encoder: str = "residual"
     shuffle: bool = True
     seed: int = 0
     amp: bool | None = None  # None: automatic (see models.precision.resolve_amp)
@@ -157,6 +159,8 @@ class TrainConfig:
             d = {**d, "dec_dim": FALLBACK_DEC_DIM}
         if "num_epochs" in d and "latent_search_start" not in d:  # a run saved before latent search: none
             d = {**d, "latent_search_epochs": 0, "latent_search_start": -1}
+        if "num_epochs" in d and "pose_encoder" not in d:  # a run saved before the residual encoder
+            d = {**d, "pose_encoder": "absolute"}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # ---- derived values

@@ -114,7 +114,8 @@ def pose_source_for(config: TrainConfig, dataset, table) -> PoseSource:
 
         return PredictedPoses(dataset, table, layers=config.pose_encoder_layers, width=config.pose_encoder_dim,
                               pretrain_epochs=config.pose_pretrain_epochs, lr=config.pose_encoder_lr,
-                              start_epoch=config.pose_start_epoch, seed=config.seed)
+                              start_epoch=config.pose_start_epoch, seed=config.seed,
+                              residual=config.pose_encoder == "residual")
     return KnownPoses(dataset, refine=config.refine_poses, representation=config.pose_representation,
                       refine_shifts=config.refine_shifts, lr=config.pose_lr, start_epoch=config.pose_start_epoch)
 

@@ -5,7 +5,12 @@ rotations and shifts are the :class:`~cryoscape.models.orientation.OrientationEn
 for its images, so the image loss refines the encoder end to end (the paper's refinement; it
 cannot find poses ab initio, it needs consensus poses to start from).
 
-1. **Pre-training** (once, before the first epoch; a resumed run skips it): the encoder is fitted
+0. **Residual** (``residual=True``, the default, ``--pose-encoder residual``): the encoder predicts a
+   correction composed with each image's table pose (models/orientation.py), starting exactly at
+   the table's poses: no pre-training.  The absolute form (``--pose-encoder absolute``, the paper's)
+   predicts the pose itself and is first pre-trained (1.); an MLP memorises the poses of a small
+   data set only approximately, so it starts worse than the table (README).
+1. **Pre-training** (absolute form; once, before the first epoch; a resumed run skips it): the encoder is fitted
    to the particle table's poses with the paper's loss (models/orientation.py) for
    ``pretrain_epochs`` passes over the images, batches of 64, Adam at ``pretrain_lr`` (3e-4; the
    defaults 4 x 256 at 3e-4 were chosen by measurement over the paper's 10 x 128, README).
@@ -46,15 +51,17 @@ class PredictedPoses(PoseSource):
     """Poses from an orientation encoder, pre-trained on the table's poses then refined (module docstring)."""
 
     def __init__(self, dataset, table=None, *, layers: int = 4, width: int = 256, pretrain_epochs: int = 200,
-                 pretrain_lr: float = 3e-4, lr: float = 1e-4, start_epoch: int = 0, seed: int = 0):
+                 pretrain_lr: float = 3e-4, lr: float = 1e-4, start_epoch: int = 0, seed: int = 0,
+                 residual: bool = True):
         self.dataset, self.table = dataset, table
         self.layers, self.width = int(layers), int(width)
         self.pretrain_epochs, self.pretrain_lr, self.lr = int(pretrain_epochs), float(pretrain_lr), float(lr)
-        self.start_epoch, self.seed = int(start_epoch), int(seed)
+        self.start_epoch, self.seed, self.residual = int(start_epoch), int(seed), bool(residual)
         self.pretrained = False
         self.pretrain_record: dict[str, float] = {}
         self.rotations = dataset.rotations.clone().float()
         self.shifts = dataset.shifts_pixel.clone().float()
+        self.table_rotations, self.table_shifts = self.rotations.clone(), self.shifts.clone()
 
     def setup(self, device: torch.device) -> None:
         self.device = device
@@ -62,7 +69,7 @@ class PredictedPoses(PoseSource):
         torch.manual_seed(self.seed + 101)
         try:
             self.encoder = OrientationEncoder(box_size=self.dataset.box_size, layers=self.layers,
-                                              width=self.width).to(device)
+                                              width=self.width, residual=self.residual).to(device)
         finally:
             torch.random.set_rng_state(state)
         self.optimizer = torch.optim.Adam(self.encoder.parameters(), lr=max(self.lr, 1e-12))
@@ -76,7 +83,13 @@ class PredictedPoses(PoseSource):
             self.pretrain()
 
     def pretrain(self) -> dict[str, float]:
-        """Fit the encoder to the table's poses; returns (and logs) its median errors on the training images."""
+        """Fit the encoder to the table's poses; returns (and logs) its median errors on the training images.
+
+        The residual form starts at the table's poses: nothing to fit (its errors are 0)."""
+        if self.residual:
+            self.pretrained = True
+            self.pretrain_record = {"pretrain_rotation_error_deg": 0.0, "pretrain_shift_error_pixel": 0.0}
+            return self.pretrain_record
         opt = torch.optim.Adam(self.encoder.parameters(), lr=self.pretrain_lr)
         rng = np.random.default_rng(self.seed + 7)
         n = len(self.dataset)
@@ -110,18 +123,26 @@ class PredictedPoses(PoseSource):
         with torch.no_grad():
             for start in range(0, len(self.dataset), batch_size):
                 idx = np.arange(start, min(len(self.dataset), start + batch_size))
-                R, t = self.encoder(self.dataset.read_preprocessed(idx).to(self.device))
+                R, t = self._predict(self.dataset.read_preprocessed(idx), idx)
                 Rs.append(R.cpu())
                 ts.append(t.cpu())
         self.encoder.train(was)
         return torch.cat(Rs), torch.cat(ts)
 
+    def _predict(self, images: torch.Tensor, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's poses of ``images`` (rows ``idx`` of the table; the residual form needs their poses)."""
+        if not self.residual:
+            return self.encoder(images.to(self.device))
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return self.encoder(images.to(self.device), self.table_rotations[idx].to(self.device),
+                            self.table_shifts[idx].to(self.device))
+
     # ---- training
     def poses(self, batch: TrainingBatch, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
         frozen = self.lr <= 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            R, t = self.encoder(batch.images.to(self.device))
-        idx = batch.indices.cpu()
+            idx = batch.indices.cpu()
+            R, t = self._predict(batch.images, idx)
         self.rotations[idx], self.shifts[idx] = R.detach().cpu(), t.detach().cpu()
         return R, t
 
