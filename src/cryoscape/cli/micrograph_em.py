@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="fsc: gold-standard, even and odd micrographs summed apart and the map Wiener-filtered "
                          "by their FSC; or a Wiener constant relative to the mean Fourier weight (default 0.1)")
     em.add_argument("--independent-halves", action="store_true",
-                    help="with --regularization fsc: even and odd micrographs are aligned against their own half-map "
-                         "(RELION's gold standard), so the FSC that filters the map is not inflated by a shared reference")
+                    help="even and odd micrographs are aligned against their own half-map (RELION's gold standard), "
+                         "so their FSC (logged; with --regularization fsc it filters the map) is not inflated by a "
+                         "shared reference")
     em.add_argument("--grid", choices=("turned", "fixed"), default=None,
                     help="turned: the SO(3) grid is turned by a random rotation each iteration, so that its "
                          "quantisation errors average out over iterations instead of locking the map to the grid "
@@ -70,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--local-rotations", type=int, default=24, metavar="N",
                     help="stages at SO(3) level >= 1 score every patch on the level below first and then only the 8 "
                          "children of its N most probable rotations (default 24; 0: every rotation of the level)")
+    em.add_argument("--coarse-box", type=int, default=0, metavar="B",
+                    help="stages of a box above B first score the patches on micrographs Fourier-cropped to box B "
+                         "(a band-limited first pass): at SO(3) level 0 every rotation, then only the --coarse-pairs "
+                         "most probable rotation pairs per patch at the stage's box; at level 1 the parent level. "
+                         "Faster, but at low SNR the truncated posteriors let the maps drift (README); 0: off (default)")
+    em.add_argument("--coarse-pairs", type=int, default=32, metavar="P",
+                    help="rotation pairs per patch kept by the first pass at SO(3) level 0 (default 32 of 288)")
     em.add_argument("--reorient", action="store_true",
                     help="after each M-step turn the map by the small rotation that best aligns it with the previous "
                          "map (the rotational counterpart of the re-centring; off by default)")
@@ -133,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             run_micrograph_em(table, initial, schedule=schedule, rho0=args.rho0, sigma=args.sigma,
                               regularization=args.regularization, local_parents=args.local_rotations,
+                              coarse_box=args.coarse_box, coarse_pairs=args.coarse_pairs,
                               align_rotation=args.reorient, independent_halves=args.independent_halves,
                               turn_grid=args.grid != "fixed",
                               seed=args.seed, resume=args.resume, memory_bytes=int(args.memory_gb * 1024**3),

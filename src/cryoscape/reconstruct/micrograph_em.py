@@ -248,56 +248,99 @@ class _Sums:
 
 @dataclass
 class LocalSearch:
-    """Coarse-to-fine rotations for a stage at SO(3) level ``>= 1``: each patch is first scored against
-    the parent level's templates, and only the 8 children of its ``n_parents`` most probable parents
-    are scored at the stage's level (the others get probability zero, as in RELION's adaptive
-    oversampling).  ``children`` is ``(K_parent, 8)``, indices into the stage's rotations."""
+    """Coarse-to-fine rotations: each patch is first scored against the templates of a first pass, and
+    only the stage's rotation pairs that its ``n_parents`` most probable units point to are scored at
+    the stage's grid and box (the others get probability zero, as in RELION's adaptive oversampling).
+
+    At SO(3) level ``>= 1`` the first pass is the parent level and ``children`` is ``(K_parent, 8)``,
+    indices into the stage's rotations; with ``children`` None the first pass scores the stage's own
+    rotations and its units are the stage's rotation pairs.  ``box_size`` is the first pass's box:
+    below the stage's box it runs on the Fourier-cropped micrographs (a band-limited first pass, a
+    quarter of the cost per rotation at half the box)."""
 
     rotations: torch.Tensor
-    children: torch.Tensor
+    children: torch.Tensor | None
     n_parents: int
     proj_ft: torch.Tensor | None = None
+    box_size: int | None = None
+
+
+def coarse_box_for(L: int, coarse_box: int | None) -> int:
+    """The first-pass box of a stage of box ``L``: ``coarse_box`` (even) when it is below ``L``, else ``L``."""
+    return L if not coarse_box or coarse_box >= L else max(4, int(coarse_box) // 2 * 2)
 
 
 def local_search(volume: torch.Tensor, level: int, L: int, n_parents: int | None,
-                 turn: torch.Tensor | None = None) -> LocalSearch | None:
-    """The :class:`LocalSearch` of a stage (None for level 0 or below, or without ``n_parents``);
-    ``turn`` ``(3, 3)`` turns the parent grid as :func:`em_iteration` turns the stage's."""
-    if level < 1 or not n_parents:
-        return None
-    from cryoscape.geometry.so3_grid import so3_grid_children, so3_grid_resolution
+                 turn: torch.Tensor | None = None, *, coarse_box: int | None = 0,
+                 rotations: torch.Tensor | None = None, n_pairs: int | None = None) -> LocalSearch | None:
+    """The :class:`LocalSearch` of a stage, or None for an exhaustive search.
 
-    rotations, ids = so3_grid(level - 1, device=volume.device)
-    if turn is not None:
-        rotations = rotations @ turn
-    n_psi = so3_grid_resolution(level)[1]
-    child = so3_grid_children(ids)
-    children = child[..., 0] * n_psi + child[..., 1]
-    n_parents = min(int(n_parents), len(rotations))
-    return LocalSearch(rotations, children, n_parents, _templates_ft(volume, rotations, L))
+    Level ``>= 1`` with ``n_parents``: the parent level, turned by ``turn`` ``(3, 3)`` as
+    :func:`em_iteration` turns the stage's grid.  Level ``<= 0`` with a first-pass box below ``L``
+    (:func:`coarse_box_for`) and ``n_pairs``: the stage's own ``rotations`` at that box, keeping the
+    ``n_pairs`` most probable rotation pairs per patch.
+    """
+    Lc = coarse_box_for(L, coarse_box)
+    first = volume
+    if Lc < L:  # a projection sums L voxels of size D / L: keep the templates' pixel values
+        from cryoscape.fourier.resample import downsample_volume
+
+        first = downsample_volume(volume, Lc) * (L / Lc)
+    if level >= 1 and n_parents:
+        from cryoscape.geometry.so3_grid import so3_grid_children, so3_grid_resolution
+
+        parents, ids = so3_grid(level - 1, device=volume.device)
+        if turn is not None:
+            parents = parents @ turn
+        n_psi = so3_grid_resolution(level)[1]
+        child = so3_grid_children(ids)
+        children = child[..., 0] * n_psi + child[..., 1]
+        n_parents = min(int(n_parents), len(parents))
+        return LocalSearch(parents, children, n_parents, _templates_ft(first, parents, Lc), Lc)
+    if level <= 0 and Lc < L and n_pairs and rotations is not None and 2 * int(n_pairs) < len(rotations):
+        return LocalSearch(rotations, None, int(n_pairs), _templates_ft(first, rotations, Lc), Lc)
+    return None
+
+
+@dataclass
+class _FirstPass:
+    """A micrograph's first-pass terms: packed templates, energies, search, patches, noise variance."""
+
+    t_ft: torch.Tensor
+    energy: torch.Tensor
+    search: LocalSearch
+    patches: torch.Tensor
+    sigma2: float
+
+    def kept_pairs(self, estep: PatchEStep, start: int, stop: int):
+        """``(pair_index (n, J), log_unseen (n,))`` of patches ``start:stop`` (see :class:`PatchEStep`)."""
+        first = estep(self.patches[start:stop])
+        n, search = stop - start, self.search
+        mass = torch.view_as_real(first.posterior).sum((2, 3)).reshape(n, -1)  # per rotation
+        if search.children is None:  # units are the stage's rotation pairs
+            kept, index = mass.reshape(n, -1, 2).sum(-1).topk(search.n_parents, dim=1)
+        else:
+            kept, top = mass[:, : self.energy.shape[0]].topk(search.n_parents, dim=1)
+            index = (search.children[top][..., 0::2] // 2).reshape(n, -1)
+        kept = kept.sum(1).clamp(min=1e-30)
+        return index, torch.log1p(((1 - first.p_empty) - kept).clamp(min=0) / kept)
 
 
 def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums, m_step: bool = True,
-                      parents: tuple[torch.Tensor, torch.Tensor, LocalSearch] | None = None):
+                      parents: _FirstPass | None = None):
     """E-step (and M-step sums) for one micrograph's patches; returns ``(B (K, L, L), wbar (K,))``.
 
-    ``parents`` = ``(parent t_ft, parent energy, LocalSearch)`` turns on the coarse-to-fine search;
-    the children of a parent come as 4 rotation pairs ``(2j, 2j + 1)`` (two in-plane angles), the
-    unit of :class:`PatchEStep`.
+    ``parents`` turns on the coarse-to-fine search (:class:`LocalSearch`); the stage's rotations are
+    scored in pairs ``(2j, 2j + 1)`` (two in-plane angles), the unit of :class:`PatchEStep`.
     """
     K, L = energy.shape[0], patches.shape[-1]
     estep = PatchEStep(t_ft, energy, sigma2=sigma2, rho0=rho0)
-    coarse = None if parents is None else PatchEStep(parents[0], parents[1], sigma2=sigma2, rho0=rho0)
+    coarse = None if parents is None else PatchEStep(parents.t_ft, parents.energy, sigma2=parents.sigma2, rho0=rho0)
     b_ft, W = None, patches.new_zeros(K)
     for start in range(0, len(patches), batch):
         chunk, index, unseen = patches[start : start + batch], None, None
         if coarse is not None:
-            first = coarse(chunk)
-            mass = torch.view_as_real(first.posterior).sum((2, 3)).reshape(len(chunk), -1)[:, : parents[1].shape[0]]
-            kept, top = mass.topk(parents[2].n_parents, dim=1)
-            index = (parents[2].children[top][..., 0::2] // 2).reshape(len(chunk), -1)
-            kept = kept.sum(1).clamp(min=1e-30)
-            unseen = torch.log1p(((1 - first.p_empty) - kept).clamp(min=0) / kept)
+            index, unseen = parents.kept_pairs(coarse, start, start + len(chunk))
         res = estep(chunk, index, unseen)
         sums.p_empty += float(res.p_empty.sum())
         sums.log_likelihood += float(res.log_likelihood.double().sum())
@@ -309,6 +352,17 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
     if b_ft is None:
         return patches.new_zeros(K, L, L), W
     return unpack_sums(b_ft, K, L), W
+
+
+def _first_pass(source: MicrographPatches, g: int, chosen: torch.Tensor, search: LocalSearch, L: int,
+                sigma2: float, patches: torch.Tensor, ctf: torch.Tensor) -> _FirstPass:
+    """The first pass of micrograph ``g``'s ``chosen`` patches: at the stage's box, or band-limited."""
+    Lc = search.box_size or L
+    if Lc < L:
+        patches, ctf = source.patches(g, Lc)[chosen].to(patches.device), source.ctf_image(g, Lc, device=patches.device)
+        sigma2 = sigma2 * (Lc / L) ** 2  # white noise after Fourier cropping
+    t_ft, energy = template_terms(ifft2_center(search.proj_ft * ctf).real)
+    return _FirstPass(t_ft, energy, search, patches, sigma2)
 
 
 def _choose(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -335,6 +389,8 @@ def em_iteration(
     local_parents: int | None = None,
     half_volumes: torch.Tensor | None = None,
     turn_grid: bool = False,
+    coarse_box: int | None = 0,
+    coarse_pairs: int | None = None,
 ) -> tuple[torch.Tensor, float, float, dict]:
     """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``.
 
@@ -345,7 +401,8 @@ def em_iteration(
     sums even- and odd-numbered micrographs apart and filters the map by their FSC (see :func:`_m_step`);
     with ``half_volumes`` ``(2, L, L, L)`` as well, micrograph ``g`` is aligned against half-map ``g % 2``
     (gold standard) and ``statistics["half_volumes"]`` holds the new half-maps.  ``turn_grid`` turns the
-    rotation grid by a random rotation drawn from ``rng`` (see the module docstring).
+    rotation grid by a random rotation drawn from ``rng`` (see the module docstring).  ``local_parents``,
+    ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).
     """
     from tqdm.auto import tqdm
 
@@ -358,25 +415,31 @@ def em_iteration(
         turn = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=rotations.dtype, device=device)
         rotations = rotations @ turn
     K = len(rotations)
-    halves = 2 if regularization == "fsc" and len(source) >= 2 else 1
+    halves = 2 if (regularization == "fsc" or half_volumes is not None) and len(source) >= 2 else 1
     references = [volume] if half_volumes is None or halves < 2 else list(half_volumes)
     proj_ft = [_templates_ft(v, rotations, L) for v in references]
     acc = FourierAccumulator(L, n_sets=halves, oversampling=2, device=device)
     freqs = acc.frequencies_cycles_per_pixel
     num = torch.zeros(halves, K, freqs.shape[0], dtype=torch.complex64, device=device)
     den = torch.zeros(halves, K, freqs.shape[0], device=device)
-    local = [local_search(v, stage.so3_level, L, local_parents, turn) for v in references]
-    per_patch = K if local[0] is None else max(len(local[0].rotations), 8 * local[0].n_parents)  # rotations per patch
-    sums, batch, parents = _Sums(), _patch_batch(per_patch, L, memory_bytes), None
+    local = [local_search(v, stage.so3_level, L, local_parents, turn, coarse_box=coarse_box, rotations=rotations,
+                          n_pairs=coarse_pairs) for v in references]
+    batch, parents = _patch_batch(K, L, memory_bytes), None
+    if local[0] is not None:
+        search = local[0]
+        fine = 2 * search.n_parents if search.children is None else 8 * search.n_parents  # rotations per patch
+        batch = min(_patch_batch(len(search.rotations), search.box_size, memory_bytes),
+                    _patch_batch(fine, L, memory_bytes))
+    sums = _Sums()
     order = np.arange(len(source)) if micrographs is None else micrographs
     for g in tqdm(order, desc=f"E-step L={L} K={K}", disable=not progress, leave=False, dynamic_ncols=True):
-        patches = source.patches(int(g), L)
-        patches = patches[torch.from_numpy(_choose(len(patches), stage.fraction, rng))].to(device)
+        chosen = torch.from_numpy(_choose(source.n_patches(int(g)), stage.fraction, rng))
+        patches = source.patches(int(g), L)[chosen].to(device)
         ctf = source.ctf_image(int(g), L, device=device)
         r = int(g) % len(references)  # with independent half-maps, each half is aligned against its own map
         t_ft, energy = template_terms(ifft2_center(proj_ft[r] * ctf).real)
         if local[r] is not None:
-            parents = (*template_terms(ifft2_center(local[r].proj_ft * ctf).real), local[r])
+            parents = _first_pass(source, int(g), chosen, local[r], L, sigma2, patches, ctf)
         B, W = _estep_micrograph(patches, t_ft, energy, sigma2=sigma2, rho0=rho0, batch=batch, sums=sums,
                                  parents=parents)
         c = source.ctf_at(int(g), freqs, L)
@@ -389,6 +452,7 @@ def em_iteration(
              "sums": acc.sums.clone()}
     if result.fsc is not None:
         stats["half_fsc_0.5_angstrom"] = float(result.fsc["res_0.5_angstrom"])
+        stats["half_fsc_auc"] = half_fsc_score(result.fsc["fsc"], source.box_size)
     new_rho0 = float(np.clip(sums.p_empty / n, 1e-4, 1 - 1e-4))
     new_sigma2 = max(sums.residual / (n * L * L), 1e-12 * sigma2)
     new = recentre(result.volume.to(volume.dtype), volume)
@@ -398,6 +462,13 @@ def em_iteration(
         stats["half_volumes"] = torch.stack([recentre(result.half_maps[h].to(volume.dtype), references[h])
                                              for h in range(2)])
     return new, new_rho0, new_sigma2, stats
+
+
+def half_fsc_score(fsc: torch.Tensor, box_size: int) -> float:
+    """Area under a half-map FSC curve ``(L//2 + 1,)`` on the shells of the full box ``D`` (shells beyond the
+    stage's band and negative correlations count as 0), so that stages of different boxes compare."""
+    curve = torch.as_tensor(fsc, dtype=torch.float64)[1:].nan_to_num(0.0).clamp(min=0)
+    return float(curve.sum() / (box_size // 2))
 
 
 def _m_step(acc: FourierAccumulator, rotations, num, den, *, stage: Stage, previous_sums, regularization,
@@ -521,7 +592,8 @@ def compare_to_reference(volume: torch.Tensor, reference: torch.Tensor, pixel_si
 # ----------------------------------------------------------------------------------------------
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_COLUMNS = ("iteration", "stage", "box", "band_limit_angstrom", "n_rotations", "n_patches", "rho0", "sigma",
-               "log_likelihood_per_patch", "half_fsc_0.5_angstrom", "turn_deg", "fsc_0.5_angstrom", "fsc_auc", "wall_s")
+               "log_likelihood_per_patch", "half_fsc_0.5_angstrom", "half_fsc_auc", "turn_deg", "fsc_0.5_angstrom",
+               "fsc_auc", "wall_s")
 
 
 def save_checkpoint(path: Path, state: EMState, schedule: list[Stage]) -> None:
@@ -577,7 +649,7 @@ def _record(state: EMState, stage: Stage, source, stats: dict, reference, starte
            "band_limit_angstrom": 2 * pixel, "n_rotations": stats["n_rotations"], "n_patches": stats["n_patches"],
            "rho0": state.rho0, "sigma": math.sqrt(state.sigma2),
            "log_likelihood_per_patch": stats["log_likelihood_per_patch"], "wall_s": time.perf_counter() - started}
-    row |= {k: stats[k] for k in ("half_fsc_0.5_angstrom", "turn_deg") if k in stats}
+    row |= {k: stats[k] for k in ("half_fsc_0.5_angstrom", "half_fsc_auc", "turn_deg") if k in stats}
     if reference is not None:
         cmp = compare_to_reference(state.volume, reference, source.pixel_size_angstrom)
         row["fsc_0.5_angstrom"], row["fsc_auc"] = cmp["res_0.5_angstrom"], cmp["fsc_auc"]
@@ -616,6 +688,8 @@ def run_micrograph_em(
     sigma: float | None = None,
     regularization: float | str = 0.1,
     local_parents: int | None = 24,
+    coarse_box: int | None = 0,
+    coarse_pairs: int | None = 32,
     align_rotation: bool = False,
     independent_halves: bool = False,
     turn_grid: bool = True,
@@ -630,8 +704,10 @@ def run_micrograph_em(
 
     ``initial_map`` and ``reference`` are ``(D, D, D)`` at the micrographs' pixel size; ``sigma``
     fixes the noise level of the full-size micrographs' pixels (estimated when None).
-    ``independent_halves`` (with ``regularization="fsc"``) keeps one half-map per half-set of micrographs,
-    each aligned against its own; ``turn_grid`` turns the SO(3) grid every iteration (module docstring).
+    ``independent_halves`` keeps one half-map per half-set of micrographs, each aligned against its own (the
+    log gains their FSC; with ``regularization="fsc"`` it filters the map); ``turn_grid`` turns the SO(3) grid
+    every iteration (module docstring);
+    ``local_parents``, ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).
     """
     from cryoscape.fourier.fsc import write_fsc_txt
     from cryoscape.io.mrc import write_mrc
@@ -649,7 +725,7 @@ def run_micrograph_em(
     if state.rng_state is not None:
         rng.bit_generator.state = state.rng_state
     started = time.perf_counter() - (state.history[-1]["wall_s"] if state.history else 0.0)
-    if independent_halves and regularization == "fsc" and len(source) >= 2 and state.half_volumes is None:
+    if independent_halves and len(source) >= 2 and state.half_volumes is None and not state.history:
         state.half_volumes = torch.stack([state.volume, state.volume])
     while state.stage_index < len(schedule):
         stage = schedule[state.stage_index]
@@ -658,6 +734,7 @@ def run_micrograph_em(
                 state.volume, source, stage, rho0=state.rho0, sigma2=state.sigma2, rng=rng,
                 regularization=regularization, memory_bytes=memory_bytes, previous_sums=state.sums,
                 progress=progress, local_parents=local_parents, align_rotation=align_rotation,
+                coarse_box=coarse_box, coarse_pairs=coarse_pairs,
                 half_volumes=state.half_volumes, turn_grid=turn_grid)
             state.sums = stats.pop("sums").cpu()
             if state.half_volumes is not None:

@@ -200,7 +200,7 @@ class PatchEStep:
         offset = (energy * (0.5 / sigma2) - self.log_prior).masked_fill_(~valid, 1e30)
         if K % 2:  # the blank last rotation of template_terms can never win
             offset = torch.cat([offset, torch.full_like(offset[:1], 1e30)])
-        self.packed_conj = packed_conj  # (J, 2L, 2L), see template_terms
+        self.packed_conj = packed_conj * (1.0 / sigma2)  # (J, 2L, 2L), see template_terms; log w needs c / sigma^2
         self.offset = offset.reshape(-1, 2, 2 * L, 2 * L).permute(0, 2, 3, 1).contiguous()  # (J, 2L, 2L, 2)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -235,7 +235,7 @@ class PatchEStep:
         torch.mul(torch.fft.fft2(patches, s=(2 * L, 2 * L))[:, None], conj, out=packed)
         torch.fft.ifft2(packed, out=corr)
         logw, posterior = torch.view_as_real(corr), torch.view_as_real(packed)
-        logw.mul_(1.0 / self.sigma2).sub_(self.offset if pair_index is None else self.offset[pair_index])
+        logw.sub_(self.offset if pair_index is None else self.offset[pair_index])
         log_empty = self.log_empty if log_unseen is None else self.log_empty - log_unseen.to(logw.dtype)
         top = torch.maximum(logw.reshape(n, -1).amax(1), torch.as_tensor(log_empty, dtype=logw.dtype))
         # floor at e^-60 of the best: exp of far smaller numbers (and of the huge negative values on
@@ -247,7 +247,8 @@ class PatchEStep:
         lse = top + torch.log(z)  # log of (kept + empty / (1 + r)); the likelihood adds back log(1 + r)
         p_empty = torch.exp(log_empty - lse)
         # sum p (log w - log prior) with log w shifted by top: add back (1 - p_empty)(top - log prior)
-        p_logw = logw.mul_(posterior).reshape(n, -1).sum(1) + (1 - p_empty) * (top - self.log_prior)
+        p_logw = torch.bmm(logw.reshape(n, 1, -1), posterior.reshape(n, -1, 1)).reshape(n)  # one pass, no writes
+        p_logw = p_logw + (1 - p_empty) * (top - self.log_prior)
         norm2 = patches.reshape(n, -1).square().sum(1)
         gauss = norm2 / (2 * self.sigma2) + 0.5 * L * L * math.log(2 * math.pi * self.sigma2)
         log_likelihood = (lse if log_unseen is None else lse + log_unseen) - gauss
@@ -290,14 +291,17 @@ def backprojection_sums_ft(
     """
     n, L = posterior.shape[0], patches.shape[-1]
     J_all = (n_rotations + 1) // 2
-    frac = visible_fraction(L, device=patches.device, dtype=patches.dtype)
-    real = torch.view_as_real(posterior)  # (n, J, 2L, 2L, 2)
+    frac = visible_fraction(L, device=patches.device, dtype=patches.dtype).reshape(-1)
     b_ft = out if out is not None else torch.zeros(J_all, 2 * L, 2 * L, dtype=posterior.dtype, device=posterior.device)
     index = pair_index if pair_index is not None else torch.arange(J_all, device=posterior.device).expand(n, J_all)
-    per_rotation = torch.tensordot(real, frac, dims=([2, 3], [0, 1]))  # (n, J, 2); 3x faster than einsum
+    # one complex matrix product gives sum_s Q(s) a(s) = wbar_2j + i wbar_2j+1 and sum_s Q(s) (the pair's
+    # mass in its real plus imaginary part): one pass over the posteriors instead of two reductions
+    basis = torch.stack([frac, torch.ones_like(frac)], 1).to(posterior.dtype)
+    both = (posterior.reshape(-1, 4 * L * L) @ basis).reshape(n, -1, 2)
+    per_rotation = torch.view_as_real(both[..., 0])  # (n, J, 2)
     wbar = patches.new_zeros(J_all, 2).index_add_(0, index.reshape(-1), per_rotation.reshape(-1, 2)).reshape(-1)
     i_ft = torch.fft.fft2(patches, s=(2 * L, 2 * L))
-    pairs = torch.nonzero(real.sum((2, 3, 4)) > min_mass)  # (patch, pair)s that carry mass
+    pairs = torch.nonzero(both[..., 1].real + both[..., 1].imag > min_mass)  # (patch, pair)s that carry mass
     if len(pairs) == 0:
         return b_ft, wbar[:n_rotations]
     if pair_index is not None or len(pairs) < 0.75 * n * J_all:  # transform only the pairs that matter
