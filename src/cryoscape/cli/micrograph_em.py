@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="stages of a box above B first score the patches on micrographs Fourier-cropped to box B "
                          "(a band-limited first pass): at SO(3) level 0 every rotation, then only the --coarse-pairs "
                          "most probable rotation pairs per patch at the stage's box; at level 1 the parent level. "
-                         "Faster, but at low SNR the truncated posteriors let the maps drift (README); 0: off (default)")
+                         "Faster, but at low SNR the truncated posteriors let the maps drift (README); "
+                         "0: off (default)")
     em.add_argument("--coarse-pairs", type=int, default=32, metavar="P",
                     help="rotation pairs per patch kept by the first pass at SO(3) level 0 (default 32 of 288)")
     em.add_argument("--reorient", action="store_true",
