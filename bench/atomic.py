@@ -5,7 +5,9 @@ bond of the middle residue of 1A8O turned over 20 states, C-alphas move 7.0 A RM
 D = 40, 1.5 A pixels, SNR 0.1, true poses and CTF (poses.pkl, ctf.pkl) for every tool, zdim 1,
 the same epochs and batch (8) for all; encoders and decoders 256 x 3 (Cryofold's offset MLP too).
 Cryofold runs with its defaults, so its last half of epochs take each image's latent from a search
-against the model (train/latent_search.py; ``--cryofold-args '--latent-search-epochs 0'`` turns it off).
+against the model (train/latent_search.py; ``--cryofold-args '--latent-search-epochs 0'`` turns it off)
+and the local-geometry restraint holds the chain's shape (``--cryofold-args '--decoder-opt
+local_strength=0'`` leaves the thesis's restraints alone).
 ``--tools cryofold -n 5000`` measures Cryofold alone on a larger set (no ratios).
 
 Figures (one per line):
