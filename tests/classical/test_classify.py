@@ -92,6 +92,59 @@ def test_band_limited_source_is_the_full_one_inside_the_radius(tmp_path):
     assert torch_equal(FourierAccumulator(16, band_radius=5.0).coordinates, band.coords)
 
 
+def test_centred_images_in_memory_are_the_shifted_source_in_every_band(tmp_path):
+    """Fixed-pose classification reads each image once: the held coefficients are the source's,
+    shifted to the particle centre, in the full band, a band-limited view and a subset of it;
+    above the memory budget nothing is held."""
+    from cryoscape.classical.refine import CentredImages
+    from cryoscape.classical.runs import source_from_table
+    from cryoscape.fourier.shift import phase_shift_coords
+    from cryoscape.io.particles import load_particles
+
+    star, _ = _classes(tmp_path, 20, 16, 2, 0, 60, snr=1.0)
+    table = load_particles(star)
+    source = source_from_table(table)
+    shifts = np.random.default_rng(0).normal(0, 2, (20, 2))
+    held = CentredImages.from_source(source, shifts, max_bytes=1e9, batch_size=7)
+    assert held.centred and not source.centred and held.nbytes == 20 * len(source.coords) * 12
+    members = np.array([2, 9, 4])
+    x, ctf = source.batch(members)
+    import torch
+
+    expected = phase_shift_coords(x, source.coords, torch.as_tensor(shifts[members], dtype=torch.float32), 16)
+    (xh, ch), (xb, cb) = held.batch(members), held.band_limited(5.0).batch(members)
+    assert torch.allclose(xh, expected, atol=1e-5) and torch_equal(ch, ctf)
+    inside = source.coords.norm(dim=-1) < 5.0
+    assert torch_equal(xb, xh[:, inside]) and torch_equal(held.band_limited(5.0).coords, source.band_limited(5.0).coords)
+    sub = held.band_limited(5.0).subset(members)
+    assert sub.band_radius == 5.0 and torch_equal(sub.batch(np.array([0, 1, 2]))[0], xb)
+    assert torch_equal(sub.band_limited(None).batch(np.array([1]))[0], xh[1:2])
+    assert CentredImages.from_source(source, shifts, max_bytes=20 * len(source.coords) * 12 - 1) is None
+
+
+def test_classes_are_the_same_with_images_streamed_or_held(tmp_path):
+    """Holding the centred images and the insertion operators (the default) changes the speed, not
+    the result: the same class posteriors as streaming every image from disk at every iteration."""
+    import torch
+
+    from cryoscape.classical.classify import ClassifySettings, classify
+    from cryoscape.classical.runs import source_from_table
+    from cryoscape.io.particles import load_particles
+
+    star, consensus = _classes(tmp_path, 240, 24, 3, 0, 60, snr=0.5)
+    table = load_particles(star)
+    volume = torch.as_tensor(read_mrc(consensus)[0].copy())
+    runs = []
+    for memory_gib in (4.0, 0.0):
+        settings = ClassifySettings(n_classes=3, max_iterations=6, batch_size=50, bisect_iterations=4,
+                                    image_memory_gib=memory_gib)
+        runs.append(classify(source_from_table(table), len(table), volume, float(table.pixel_size_angstrom[0]),
+                             settings, rotations=table.rotations, shifts_pixel=table.shifts_pixel))
+    assert runs[0].iteration == runs[1].iteration
+    assert torch.allclose(runs[0].probabilities, runs[1].probabilities, atol=1e-3)
+    assert torch.allclose(runs[0].maps, runs[1].maps, atol=1e-3 * float(runs[1].maps.abs().max()))
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
@@ -147,25 +200,29 @@ def test_no_align_and_global_align_together_is_one_sentence(tmp_path, capsys):
 
 
 def test_inserting_all_classes_at_once_equals_one_insertion_per_class():
-    """--no-align inserts the K classes as channels of one buffer: the same sums as K calls of
-    FourierAccumulator.add with weights gamma_k / sigma^2."""
+    """--no-align inserts the K classes as channels of one buffer, folded once after several
+    batches: the same sums as K calls of FourierAccumulator.add per batch with weights gamma_k / sigma^2."""
     import torch
 
-    from cryoscape.classical.classify import insert_shared_poses
+    from cryoscape.classical.classify import SharedPoseSums
     from cryoscape.geometry.rotations import random_rotations
     from cryoscape.reconstruct.backproject import FourierAccumulator
 
     gen = torch.Generator().manual_seed(0)
     D, B, K = 16, 12, 3
     fast, slow = FourierAccumulator(D, n_sets=2 * K), FourierAccumulator(D, n_sets=2 * K)
+    shared = SharedPoseSums(fast, K)
     P = fast.coordinates.shape[0]
-    values = torch.complex(torch.randn(B, P, generator=gen), torch.randn(B, P, generator=gen))
-    ctf, inv_sigma2 = torch.rand(B, P, generator=gen), torch.rand(P, generator=gen) + 0.5
-    gamma = torch.softmax(torch.randn(B, K, generator=gen), dim=1)
-    halves = torch.randint(0, 2, (B,), generator=gen)
-    rotations = random_rotations(B, generator=gen)
-    insert_shared_poses(fast, values, rotations, ctf, gamma, halves, inv_sigma2)
-    for k in range(K):
-        slow.add(values, rotations, ctf=ctf, sets=2 * k + halves, weights=gamma[:, k, None] * inv_sigma2[None, :])
+    for _ in range(2):
+        values = torch.complex(torch.randn(B, P, generator=gen), torch.randn(B, P, generator=gen))
+        ctf, inv_sigma2 = torch.rand(B, P, generator=gen), torch.rand(P, generator=gen) + 0.5
+        gamma = torch.softmax(torch.randn(B, K, generator=gen), dim=1)
+        halves = torch.randint(0, 2, (B,), generator=gen)
+        rotations = random_rotations(B, generator=gen)
+        shared.add(values, rotations, ctf, gamma, halves, inv_sigma2)
+        for k in range(K):
+            slow.add(values, rotations, ctf=ctf, sets=2 * k + halves, weights=gamma[:, k, None] * inv_sigma2[None, :])
+    assert not torch.equal(fast.sums, slow.sums)  # nothing folded yet
+    shared.fold()
     assert torch.allclose(fast.sums, slow.sums, atol=1e-5, rtol=1e-4)
     assert torch.equal(fast.count, slow.count)

@@ -18,6 +18,11 @@
   3.9 A pixels; 4 hinge classes: the same ARI, 0.93, in less than half the time); the last
   iteration uses every pixel and regularises each class by its half-map FSC, so the written
   maps and their FSC reach beyond the band.
+* **Fixed poses** (``align=False``): the images are read, transformed, CTF-evaluated and centred
+  once and held in memory (:class:`~cryoscape.classical.refine.CentredImages`, up to
+  ``image_memory_gib``; larger sets stream from disk every iteration), each class is sliced once
+  per batch for both its evidence and the noise residual, and all classes are inserted as
+  channels of one buffer per iteration (:class:`SharedPoseSums`).
   ``auto_mask`` multiplies the class maps by a solvent mask of the consensus map in the E-step
   (as refine does).  By default it is on with alignment, where it helps the pose search (two
   classes, global search at SNR 1: ARI 0.35 -> 0.84, tests), and off with fixed poses, where on
@@ -45,12 +50,13 @@ import numpy as np
 import torch
 
 from cryoscape.classical.em import Reference, SearchSchedule, estimate_scale, log_likelihoods, search_batch
-from cryoscape.classical.refine import ImageSource, noise_spectrum_from_images
+from cryoscape.classical.refine import CentredImages, ImageSource, noise_spectrum_from_images
 from cryoscape.fourier.fft import fft3_center
 from cryoscape.fourier.filters import lowpass_filter, radial_average, radial_profile_to_grid
 from cryoscape.fourier.fsc import gold_standard_fsc
 from cryoscape.fourier.masks import soft_spherical_mask_3d
 from cryoscape.fourier.shift import phase_shift_coords
+from cryoscape.fourier.slicing import ScatterOperator, scatter_trilinear, slice_coordinates
 from cryoscape.geometry.symmetry import symmetry_group
 from cryoscape.reconstruct.backproject import FourierAccumulator, solve_fsc_prior, solve_wiener
 from cryoscape.reconstruct.postprocess import solvent_mask
@@ -88,6 +94,7 @@ class ClassifySettings:
     mask_lowpass_angstrom: float = 15.0
     band_limited: bool = True
     final_full_band: bool = True
+    image_memory_gib: float = 4.0
 
     @property
     def regularization_t(self) -> float:
@@ -144,10 +151,18 @@ class ClassifyState:
         return cls(**torch.load(path, weights_only=False))
 
 
+def _centred(source, x, shifts_pixel):
+    """Batch ``x`` moved to its particles' centres (as it is when the source holds centred images)."""
+    return x if source.centred else phase_shift_coords(x, source.coords, shifts_pixel.float(), source.box_size)
+
+
 def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band):
     """``(B, K)`` log evidence of each class and, with alignment, each class's pose posterior
-    (on the pixels ``band``: frequencies up to the E-step's resolution limit)."""
-    coords, D = source.coords[band], source.box_size
+    (on the pixels ``band``: frequencies up to the E-step's resolution limit); without alignment
+    also each class's slices ``(B, P)`` at all of the source's pixels (``_add_residual`` reuses them)."""
+    if not settings.align:
+        return _fixed_pose_evidence(source, refs, idx, x, ctf, state, inv_sigma2, band)
+    coords = source.coords[band]
     x, ctf, inv_sigma2 = x[:, band], ctf[:, band], inv_sigma2[band]
     evidence, posts = [], []
     for ref in refs:
@@ -158,47 +173,98 @@ def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band
                                 prior_rotations=state.rotations[idx])
             evidence.append(post.log_evidence)
             posts.append(post)
-        else:
-            s = ref.slices(state.rotations[idx], coords)[:, None, :]  # (B, 1, P)
-            xc = phase_shift_coords(x, coords, state.shifts_pixel[idx].float(), D)
-            evidence.append(log_likelihoods(xc, ctf, inv_sigma2, s, torch.zeros(1, 2), coords, D)[:, 0, 0])
-            posts.append(None)
-    return torch.stack(evidence, dim=1), posts
+    return torch.stack(evidence, dim=1), posts, None
 
 
-def insert_shared_poses(acc, values, rotations, ctf, gamma, halves, inv_sigma2) -> None:
-    """Insert images that have one pose for every class (``--no-align``) into all ``K`` classes
-    at once: set ``2 k + half`` gets ``gamma_k x`` what :meth:`FourierAccumulator.add` would add.
+def _fixed_pose_evidence(source, refs, idx, x, ctf, state, inv_sigma2, band):
+    """:func:`_class_evidence` at each image's own pose (``--no-align``)."""
+    coords, D = source.coords[band], source.box_size
+    xc = _centred(source, x, state.shifts_pixel[idx])[:, band]
+    ctf, inv_sigma2 = ctf[:, band], inv_sigma2[band]
+    evidence, slices = [], []
+    for ref in refs:
+        s = ref.slices(state.rotations[idx], source.coords)  # (B, P)
+        slices.append(s)
+        evidence.append(log_likelihoods(xc, ctf, inv_sigma2, s[:, None, band], torch.zeros(1, 2), coords, D)[:, 0, 0])
+    return torch.stack(evidence, dim=1), [None] * len(refs), slices
+
+
+class SharedPoseSums:
+    """Insertion of images that have one pose for every class (``--no-align``) into all ``K``
+    classes at once: set ``2 k + half`` of ``acc`` gets ``gamma_k x`` what
+    :meth:`FourierAccumulator.add` would add.
 
     The K classes' sums are scattered as ``3 K`` channels of one ``(2, D, D, D, 3 K)`` buffer, so
     the slice coordinates, the trilinear corners and the scatter indices are computed once per
-    image instead of once per image and class.
-    ``values``/``ctf`` ``(B, P)`` at ``acc.coordinates``, already centred; ``gamma (B, K)``;
-    ``halves (B,)``; ``inv_sigma2 (P,)``.
+    image instead of once per image and class; the buffer lives for one iteration and
+    :meth:`fold` adds it to ``acc`` (per batch, its allocation and fold cost as much as the scatter).
     """
-    from cryoscape.fourier.slicing import scatter_trilinear, slice_coordinates
 
-    K, D = gamma.shape[1], acc.padded_size
-    c = ctf.to(torch.float32)
-    base = torch.stack([c * values.real, c * values.imag, c * c], dim=-1) * inv_sigma2[None, :, None]  # (B, P, 3)
-    stacked = (base[:, :, None, :] * gamma[:, None, :, None].to(base.dtype)).reshape(*base.shape[:2], 3 * K)
-    buffer = torch.zeros(2, D, D, D, 3 * K, dtype=acc.sums.dtype)
-    coords = slice_coordinates(rotations.to(acc.dtype), acc.coordinates)
-    scatter_trilinear(buffer, coords, stacked.to(acc.dtype), offsets=halves.long())
-    for k in range(K):
-        for h in range(2):
-            acc.sums[2 * k + h] += buffer[h, ..., 3 * k : 3 * k + 3]
-    acc.count += torch.bincount((2 * torch.arange(K)[None, :] + halves.long()[:, None]).reshape(-1),
-                                minlength=acc.n_sets)
+    def __init__(self, acc: FourierAccumulator, n_classes: int):
+        self.acc, self.n_classes, self.buffer = acc, n_classes, None
+
+    def add(self, values, rotations, ctf, gamma, halves, inv_sigma2, operator: ScatterOperator | None = None) -> None:
+        """``values``/``ctf`` ``(B, P)`` at ``acc.coordinates``, already centred; ``gamma (B, K)``;
+        ``halves (B,)``; ``inv_sigma2 (P,)``; ``operator``: the batch's slices as a
+        :class:`~cryoscape.fourier.slicing.ScatterOperator` (images at fixed poses), else they
+        are scattered corner by corner."""
+        acc, K = self.acc, self.n_classes
+        D = acc.padded_size
+        if self.buffer is None:
+            self.buffer = torch.zeros(2, D, D, D, 3 * K, dtype=acc.sums.dtype)
+        c = ctf.to(torch.float32)
+        base = torch.stack([c * values.real, c * values.imag, c * c], dim=-1) * inv_sigma2[None, :, None]
+        stacked = (base[:, :, None, :] * gamma[:, None, :, None].to(base.dtype)).reshape(*base.shape[:2], 3 * K)
+        if operator is None:
+            coords = slice_coordinates(rotations.to(acc.dtype), acc.coordinates)
+            scatter_trilinear(self.buffer, coords, stacked.to(acc.dtype), offsets=halves.long())
+        else:
+            operator.scatter(self.buffer.view(2 * D**3, 3 * K), stacked)
+        acc.count += torch.bincount((2 * torch.arange(K)[None, :] + halves.long()[:, None]).reshape(-1),
+                                    minlength=acc.n_sets)
+
+    def fold(self) -> None:
+        """Add the buffer into the accumulator's sets (once, after the last batch)."""
+        if self.buffer is None:
+            return
+        for k in range(self.n_classes):
+            for h in range(2):
+                self.acc.sums[2 * k + h] += self.buffer[h, ..., 3 * k : 3 * k + 3]
+        self.buffer = None
 
 
-def _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2) -> None:
-    """Insert each image into each class with weight gamma_k (x pose posterior with alignment)."""
+class FixedPoseOperators:
+    """The :class:`~cryoscape.fourier.slicing.ScatterOperator` of each batch's slices, built at
+    the first iteration and reused by the next ones (poses fixed), within ``max_bytes``."""
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes, self.held_bytes, self._ops, self._source = max_bytes, 0, {}, None
+
+    def get(self, source, start: int, rotations: torch.Tensor, halves: torch.Tensor) -> ScatterOperator | None:
+        """The operator of the batch starting at ``start`` of ``source``, its images going to the
+        half-sets ``halves`` (``None`` over the budget)."""
+        if source is not self._source:
+            self._ops, self.held_bytes, self._source = {}, 0, source
+        if start not in self._ops:
+            op = None
+            if self.held_bytes + 110 * len(rotations) * len(source.coords) <= self.max_bytes:  # ~100 B per point
+                coords = slice_coordinates(rotations.to(torch.float32), source.coords)
+                op = ScatterOperator(coords, source.box_size, offsets=halves)
+                self.held_bytes += op.nbytes
+            self._ops[start] = op
+        return self._ops[start]
+
+
+def _insert(shared, source, x, ctf, gamma, posts, state, idx, inv_sigma2, operator=None) -> None:
+    """Insert each image into each class with weight gamma_k (x pose posterior with alignment);
+    ``shared``: the iteration's :class:`SharedPoseSums`; ``operator``: see :meth:`SharedPoseSums.add`."""
+    acc = shared.acc
     halves = torch.as_tensor(state.halves[idx])
-    dense = int((gamma > 1e-4).sum()) > 0.5 * gamma.numel()  # once classes firm up, insert where they weigh
+    # once classes firm up, scatter each image where it weighs (unless its slices' operator is held)
+    dense = operator is not None or int((gamma > 1e-4).sum()) > 0.5 * gamma.numel()
     if dense and all(p is None for p in posts):
-        values = phase_shift_coords(x, source.coords, state.shifts_pixel[idx].float(), source.box_size)
-        insert_shared_poses(acc, values, state.rotations[idx], ctf, gamma, halves, inv_sigma2)
+        values = _centred(source, x, state.shifts_pixel[idx])
+        shared.add(values, state.rotations[idx], ctf, gamma, halves, inv_sigma2, operator)
         return
     for k in range(gamma.shape[1]):
         use = gamma[:, k] > 1e-4
@@ -206,16 +272,16 @@ def _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2) -> None:
             continue
         if posts[k] is None:
             rot = state.rotations[idx][use]
-            shifts = state.shifts_pixel[idx][use].float()
             weights = gamma[use, k]
             rows = use.nonzero()[:, 0]
+            values = _centred(source, x[rows], state.shifts_pixel[idx][use])
         else:
             p = posts[k]
             img, pose = ((p.weights > 0) & use[:, None]).nonzero(as_tuple=True)
             rot, shifts = p.rotations[img, pose], p.shifts_pixel[img, pose]
             weights = gamma[img, k] * p.weights[img, pose]
             rows = img
-        values = phase_shift_coords(x[rows], source.coords, shifts, source.box_size)
+            values = phase_shift_coords(x[rows], source.coords, shifts, source.box_size)
         acc.add(values, rot, ctf=ctf[rows], sets=2 * k + halves[rows],
                 weights=weights[:, None] * inv_sigma2[None, :])
 
@@ -276,13 +342,15 @@ def initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings
     )
 
 
-def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prior: bool = False) -> dict:
+def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prior: bool = False,
+                       operators: FixedPoseOperators | None = None) -> dict:
     """One E- and M-step (the first uses the random assignment as its E-step); ``fsc_prior``:
-    see :func:`_m_step`."""
+    see :func:`_m_step`; ``operators``: the batches' insertion operators (fixed poses only)."""
     started = time.perf_counter()
     K, D, n = settings.n_classes, source.box_size, len(state.halves)
     refs = state.references()
     acc = FourierAccumulator(D, n_sets=2 * K, band_radius=source.band_radius)
+    shared = SharedPoseSums(acc, K)
     inv_sigma2 = (1.0 / state.sigma2)[source.shell]
     residual = torch.zeros(2, D // 2 + 1, dtype=torch.float64)
     previous = state.probabilities.argmax(1)
@@ -293,18 +361,22 @@ def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prio
     for start in range(0, n, settings.batch_size):
         idx = np.arange(start, min(start + settings.batch_size, n))
         x, ctf = source.batch(idx)
-        gamma, posts = state.probabilities[idx], [None] * K
+        gamma, posts, slices = state.probabilities[idx], [None] * K, None
         if scored:
-            evidence, posts = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
+            evidence, posts, slices = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
             total_log_likelihood += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
             if state.iteration > 0:
                 temperature = _temperature(state.iteration, settings)
                 gamma = torch.softmax((evidence + state.populations.log()[None]) / temperature, 1)
         new_prob[idx] = gamma
-        _insert(acc, source, x, ctf, gamma, posts, state, idx, inv_sigma2)
-        _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts)
+        operator = None
+        if operators is not None and not settings.align:
+            operator = operators.get(source, start, state.rotations[idx], torch.as_tensor(state.halves[idx]))
+        _insert(shared, source, x, ctf, gamma, posts, state, idx, inv_sigma2, operator)
+        _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts, slices)
         if settings.align:
             _update_poses(state, idx, gamma, posts)
+    shared.fold()
     if state.iteration < settings.max_iterations // 2 and _reseed_empty_classes(new_prob, settings, state.iteration):
         acc = _accumulate_hard(source, new_prob, state, settings, inv_sigma2)
     if settings.symmetry.upper() != "C1":
@@ -378,10 +450,12 @@ def _accumulate_hard(source, prob, state, settings, inv_sigma2):
     """Insert every image with the given class probabilities at its current pose (after a re-seed)."""
     K, D, n = settings.n_classes, source.box_size, len(state.halves)
     acc = FourierAccumulator(D, n_sets=2 * K, band_radius=source.band_radius)
+    shared = SharedPoseSums(acc, K)
     for start in range(0, n, settings.batch_size):
         idx = np.arange(start, min(start + settings.batch_size, n))
         x, ctf = source.batch(idx)
-        _insert(acc, source, x, ctf, prob[idx], [None] * K, state, idx, inv_sigma2)
+        _insert(shared, source, x, ctf, prob[idx], [None] * K, state, idx, inv_sigma2)
+    shared.fold()
     return acc
 
 
@@ -399,7 +473,9 @@ def _update_poses(state, idx, gamma, posts) -> None:
         state.shifts_pixel[rows_idx[rows]] = shifts[rows].to(state.shifts_pixel.dtype)
 
 
-def _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts) -> None:
+def _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts, slices=None) -> None:
+    """Per-shell residual power at each image's most probable class (and pose), for sigma^2;
+    ``slices``: each class's slices at the images' own poses when already computed."""
     best = gamma.argmax(1)
     rot = state.rotations[idx].clone()
     shifts = state.shifts_pixel[idx].clone().float()
@@ -410,8 +486,8 @@ def _add_residual(residual, source, refs, x, ctf, gamma, state, idx, posts) -> N
             if posts[k] is not None:
                 rot[rows] = posts[k].rotations[rows, 0].to(rot.dtype)
                 shifts[rows] = posts[k].shifts_pixel[rows, 0]
-            s[rows] = ref.slices(rot[rows], source.coords)
-    diff = phase_shift_coords(x, source.coords, shifts, source.box_size) - ctf * s
+            s[rows] = slices[k][rows] if slices is not None else ref.slices(rot[rows], source.coords)
+    diff = _centred(source, x, shifts) - ctf * s
     power = (diff.real.square() + diff.imag.square()).double().sum(0)
     residual[0].index_add_(0, source.shell, power)
     residual[1].index_add_(0, source.shell, torch.full_like(power, x.shape[0]))
@@ -479,7 +555,7 @@ def _log_likelihood(source, state, settings, sigma2, pixel_size_angstrom) -> flo
     for start in range(0, n, settings.batch_size):
         idx = np.arange(start, min(start + settings.batch_size, n))
         x, ctf = source.batch(idx)
-        evidence, _ = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
+        evidence, _, _ = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
         total += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
     return total
 
@@ -488,6 +564,9 @@ def classify(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_
              settings: ClassifySettings, *, rotations, shifts_pixel, checkpoint: Path | None = None,
              resume: bool = False, on_iteration=None) -> ClassifyState:
     """Run (or resume) a classification; see the module docstring."""
+    if not settings.align and not source.centred:  # fixed poses: read and centre the images once
+        held = CentredImages.from_source(source, shifts_pixel, max_bytes=settings.image_memory_gib * 2**30)
+        source = source if held is None else held
     if resume and checkpoint is not None and checkpoint.exists():
         state = ClassifyState.load(checkpoint)
     elif settings.bisect:
@@ -497,17 +576,22 @@ def classify(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_
     if settings.bisect:
         settings = replace(settings, anneal_iterations=1)
     work = _working_source(source, settings, pixel_size_angstrom)
+    operators = None  # the band-limited iterations' insertion operators (fixed poses, images held)
+    if source.centred and work is not source:
+        operators = FixedPoseOperators(settings.image_memory_gib * 2**30 - source.nbytes)
     while not state.converged and state.iteration < settings.max_iterations - int(settings.final_full_band):
-        _step(work, state, settings, pixel_size_angstrom, checkpoint, on_iteration)
+        _step(work, state, settings, pixel_size_angstrom, checkpoint, on_iteration, operators=operators)
     if settings.final_full_band and not state.full_band_done:
         state.full_band_done = True  # saved by the step below
         _step(source, state, settings, pixel_size_angstrom, checkpoint, on_iteration, fsc_prior=settings.band_limited)
     return state
 
 
-def _step(source, state, settings, pixel_size_angstrom, checkpoint, on_iteration, *, fsc_prior=False) -> None:
+def _step(source, state, settings, pixel_size_angstrom, checkpoint, on_iteration, *, fsc_prior=False,
+          operators=None) -> None:
     """One iteration, its log line, the checkpoint and the caller's callback."""
-    summary = classify_iteration(source, state, settings, pixel_size_angstrom, fsc_prior=fsc_prior)
+    summary = classify_iteration(source, state, settings, pixel_size_angstrom, fsc_prior=fsc_prior,
+                                 operators=operators)
     log.info("iteration %d: %s", summary["iteration"], summary)
     if checkpoint is not None:
         state.save(checkpoint)

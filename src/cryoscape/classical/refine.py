@@ -49,7 +49,7 @@ from cryoscape.reconstruct.backproject import (
 )
 from cryoscape.classical.em import Reference, SearchSchedule, estimate_scale, search_batch
 
-__all__ = ["RefineSettings", "ImageSource", "RefineState", "refine", "noise_spectrum_from_images"]
+__all__ = ["RefineSettings", "ImageSource", "CentredImages", "RefineState", "refine", "noise_spectrum_from_images"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,11 @@ class ImageSource:
     """Images and CTFs of a particle set as half-plane Fourier coefficients (oversampling 1).
 
     ``read(indices) -> (B, D, D)`` float32 images; ``ctf(indices, freqs) -> (B, P)`` or ``None``.
+    Its images are read (and transformed) at every :meth:`batch`: the data set may be larger than
+    memory.  ``centred`` is False: the callers shift each batch to its particles' centres.
     """
+
+    centred = False
 
     def __init__(self, read: Callable[[np.ndarray], np.ndarray], box_size: int, *, ctf=None,
                  invert_contrast: bool = True, device: torch.device | str = "cpu", band_radius: float | None = None):
@@ -123,6 +127,72 @@ class ImageSource:
         ctf = None if self._ctf is None else (lambda idx, freqs: self._ctf(members[idx], freqs))
         return ImageSource(lambda idx: self.read(members[idx]), self.box_size, ctf=ctf,
                            invert_contrast=self.invert, device=self.device, band_radius=self.band_radius)
+
+
+class CentredImages:
+    """Every image's half-plane coefficients, already shifted to its particle's centre, and its
+    CTF, held in memory: the source of EM iterations whose poses and shifts stay fixed
+    (``classify --no-align``), which would otherwise read, transform, evaluate the CTF and shift
+    every image again at every iteration.  Same interface as :class:`ImageSource` (``batch``,
+    ``band_limited``, ``subset``, ``coords``, ``shell``, ``box_size``, ``band_radius``), with
+    ``centred`` True: callers must not shift its batches again.
+
+    Build with :meth:`from_source`, which declines (returns ``None``) above a memory budget so
+    larger data sets keep streaming.
+    """
+
+    centred = True
+
+    def __init__(self, values: torch.Tensor, ctf: torch.Tensor, box_size: int, band_radius: float | None,
+                 full: "CentredImages | None" = None):
+        self.values, self.ctf_values, self.box_size, self.band_radius = values, ctf, int(box_size), band_radius
+        probe = FourierAccumulator(self.box_size, n_sets=1, device="cpu", band_radius=band_radius)
+        self.coords = probe.coordinates
+        self.shell = self.coords.norm(dim=-1).round().long().clamp(max=self.box_size // 2)
+        self._full = self if full is None else full  # the widest band held, for band_limited()
+
+    @classmethod
+    def from_source(cls, source: ImageSource, shifts_pixel, *, max_bytes: float,
+                    batch_size: int = 256) -> "CentredImages | None":
+        """Read ``source`` once and centre every image by ``shifts_pixel (N, 2)``; ``None`` when
+        the coefficients and CTFs (12 bytes per pixel) would exceed ``max_bytes``."""
+        n, P = len(shifts_pixel), len(source.coords)
+        if n * P * 12 > max_bytes:
+            return None
+        shifts = torch.as_tensor(np.asarray(shifts_pixel), dtype=torch.float32)
+        values = torch.empty(n, P, dtype=torch.complex64)
+        ctf = torch.empty(n, P, dtype=torch.float32)
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(start + batch_size, n))
+            x, c = source.batch(idx)
+            values[idx] = phase_shift_coords(x, source.coords, shifts[idx], source.box_size)
+            ctf[idx] = c
+        return cls(values, ctf, source.box_size, source.band_radius)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the widest band (the narrower ones are copies of part of it)."""
+        return self._full.values.numel() * 8 + self._full.ctf_values.numel() * 4
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(centred images_ft (B, P) complex64, ctf (B, P) float32)`` of the given particles."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return self.values[idx], self.ctf_values[idx]
+
+    def band_limited(self, radius: float | None) -> "CentredImages":
+        """The pixels inside ``radius`` only (a subset of the widest band held: it must lie inside it)."""
+        full = self._full
+        if radius is None or (full.band_radius is not None and radius >= full.band_radius):
+            return full
+        keep = full.coords.norm(dim=-1) < radius
+        return CentredImages(full.values[:, keep], full.ctf_values[:, keep], full.box_size, radius, full=full)
+
+    def subset(self, members: np.ndarray) -> "CentredImages":
+        """The images ``members`` (copied: index ``i`` is ``members[i]``), with the same bands."""
+        idx = torch.as_tensor(np.asarray(members), dtype=torch.long)
+        full = self._full
+        root = CentredImages(full.values[idx], full.ctf_values[idx], full.box_size, full.band_radius)
+        return root if self is full else root.band_limited(self.band_radius)
 
 
 def noise_spectrum_from_images(source: ImageSource, indices: np.ndarray, *, batch_size: int = 256) -> torch.Tensor:

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     parser.add_argument("--uninvert-data", action="store_true", help="do not negate the images")
     parser.add_argument("-b", "--batch-size", type=int, default=128)
+    parser.add_argument("--memory-gib", type=float, default=4.0,
+                        help="with --no-align, hold the centred images and their insertion weights in memory up to "
+                             "this size (default 4; 0: read every image from disk at every iteration)")
     parser.add_argument("--start", choices=("auto", "bisect", "random"), default="auto",
                         help="first assignment: repeated two-class splits (bisect) or the best of 3 random "
                              "starts (random); auto (default): bisect with --no-align, random with alignment")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             initial_lowpass_angstrom=args.ini_high,
             highres_limit_angstrom=args.highres_limit or None,
             batch_size=args.batch_size, seed=args.seed, start=args.start, symmetry=args.sym,
-            auto_mask=args.solvent_mask,
+            auto_mask=args.solvent_mask, image_memory_gib=args.memory_gib,
         )
         classify_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                            invert_contrast=not args.uninvert_data)

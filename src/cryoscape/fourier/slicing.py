@@ -18,6 +18,8 @@ carried at once with a trailing channel axis on the volume: ``(D, D, D, C)``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from cryoscape.fourier.fft import fft2_center, fft3_center, ifft2_center
@@ -27,6 +29,7 @@ __all__ = [
     "slice_coordinates",
     "sample_trilinear",
     "scatter_trilinear",
+    "ScatterOperator",
     "extract_central_slices",
     "project_volume",
     "prepare_projection_volume",
@@ -132,6 +135,49 @@ def scatter_trilinear(
         if shift is not None:
             flat = flat + shift
         table.index_add_(0, flat.reshape(-1), (values * w.unsqueeze(-1).to(values.dtype)).reshape(-1, C))
+
+
+class ScatterOperator:
+    """:func:`scatter_trilinear` of a fixed set of points as a sparse matrix, for points that are
+    scattered again and again with new values (images at fixed poses, one EM iteration after
+    another).
+
+    ``matrix`` is ``(U, M)`` CSR: row ``u`` holds the trilinear weights of the ``M`` points on
+    voxel ``voxels[u]`` (flat index into ``(S, D, D, D)``), the ``U`` distinct voxels the points
+    touch.  A batch of 128 slices of 412 pixels touches about 37 000 voxels through 420 000
+    corners, so summing each voxel's contributions with one sparse matrix product and writing
+    each voxel once is several times faster than an ``index_add_`` per corner; building the
+    operator costs about two scatters, and it holds about 100 bytes per point.
+    """
+
+    def __init__(self, coords: torch.Tensor, D: int, *, offsets: torch.Tensor | None = None):
+        """``coords (B, P, 3)`` index coordinates, grid side ``D``; ``offsets (B,)``: the
+        sub-grid ``s`` of an ``(S, D, D, D)`` accumulator each row goes to (as in :func:`scatter_trilinear`)."""
+        B, P = coords.shape[0], coords.shape[1]
+        shift = 0 if offsets is None else (offsets.to(coords.device).long() * D**3).view(B, 1)
+        flats, weights = zip(*((flat + shift, w) for flat, w in _corner_iter(coords, D)))
+        flat, weight = torch.stack(flats).reshape(-1), torch.stack(weights).reshape(-1).to(torch.float32)
+        keep = (weight != 0).nonzero()[:, 0]  # the 8 corners of a point are distinct voxels: no duplicates
+        order = keep[torch.argsort(flat[keep])]
+        self.voxels, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        crow = torch.zeros(len(self.voxels) + 1, dtype=torch.long, device=coords.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        col = order % (B * P)  # corner-major layout: entry c * B * P + m is corner c of point m
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+            warnings.simplefilter("ignore", UserWarning)
+            self.matrix = torch.sparse_csr_tensor(crow, col, weight[order], (len(self.voxels), B * P),
+                                                  check_invariants=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held (indices and weights)."""
+        m = self.matrix
+        return sum(t.numel() * t.element_size() for t in (m.crow_indices(), m.col_indices(), m.values(), self.voxels))
+
+    def scatter(self, table: torch.Tensor, values: torch.Tensor) -> None:
+        """Add ``values (B, P, C)`` (float32) at the points into ``table (S * D^3, C)`` (in place)."""
+        product = self.matrix @ values.reshape(-1, values.shape[-1])
+        table.index_add_(0, self.voxels, product.to(table.dtype))
 
 
 def extract_central_slices(
