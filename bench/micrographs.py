@@ -88,17 +88,20 @@ def initial_fsc(init: Path, work: Path, args) -> dict:
 
 
 def iteration_timing(work: Path, args) -> list[str]:
-    """One iteration of each default stage, and of a full-box stage, over ``args.timing_micrographs``
-    micrographs of 1024^2 at D=64 (``args.em_options`` passed on, e.g. ``--coarse-box 0``)."""
+    """One iteration of each stage of ``args.timing_schedule`` (by default the default schedule's and a
+    full-box stage) over the first ``args.timing_micrographs`` of 100 (or more) micrographs of 1024^2 at
+    D=64 (``args.em_options`` passed on, e.g. ``--coarse-box 16``)."""
     n, D = args.timing_micrographs, 64
-    mics, out = work / f"timing_mics_{n}", work / f"timing_em_{n}"
+    mics, out = work / f"timing_mics_{max(n, 100)}", work / f"timing_em_{n}"
     if not (mics / "micrographs.star").is_file():
-        cli("simulate", "micrographs", "-o", str(mics), "--n-micrographs", str(n), "--micrograph-size", "1024",
-            "-D", str(D), "--particles-per-micrograph", "30", "--hinge-angle-deg", "0", "--snr", "0.1", "--seed", "2")
+        cli("simulate", "micrographs", "-o", str(mics), "--n-micrographs", str(max(n, 100)),
+            "--micrograph-size", "1024", "-D", str(D), "--particles-per-micrograph", "30", "--hinge-angle-deg", "0",
+            "--snr", "0.1", "--seed", "2")
     init, _ = make_data(work, SimpleNamespace(box=D), name="init64.mrc")
-    schedule = ["16:0:1:1", "32:0:1:0.5", "32:1:1:0.25", "64:0:1:0.25"]
+    schedule = args.timing_schedule
     wall = cli("micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(init), "--box-size", str(D),
-               "-o", str(out), "--schedule", *schedule, "--no-progress", *args.em_options.split(), fresh=True)
+               "-o", str(out), "--schedule", *schedule, "--no-progress", "--first", str(n), *args.em_options.split(),
+               fresh=True)
     log = read_log(out / "iterations.tsv")
     lines = [f"timing: {n} micrographs of 1024^2, D={D}, 30 particles each, SNR 0.1; one iteration per stage "
              f"({' '.join(schedule)}) {args.em_options}, 2 threads, float32, end to end through the command line"]
@@ -124,6 +127,8 @@ def main() -> int:
     parser.add_argument("--em-options", default="", help="more micrograph-em options for the EM")
     parser.add_argument("--pick-iterations", type=int, default=3)
     parser.add_argument("--timing-micrographs", type=int, default=100)
+    parser.add_argument("--timing-schedule", nargs="+", help="stages timed by --part timing (one iteration each)",
+                        default=["16:0:1:1", "32:0:1:0.5", "32:1:1:0.25", "64:0:1:0.25"])
     parser.add_argument("--tag", default="run")
     parser.add_argument("--resume", action="store_true", help="continue interrupted EM runs, keep finished pick runs")
     parser.add_argument("--quick", action="store_true", help="2 SNRs, 2 micrographs, 2 iterations")

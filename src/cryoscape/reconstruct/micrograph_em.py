@@ -35,7 +35,9 @@ Cost: an iteration does two complex FFTs of ``2L x 2L`` per patch and pair of ro
 correlations per complex FFT, patch_em.py), i.e. about ``2 K`` times the number of pixels of the
 downsampled micrographs (whole-micrograph correlation costs the same; patches keep memory bounded
 and need no masking).  M-step FFTs are skipped for (patch, pair)s without posterior mass, and
-stages at SO(3) level >= 1 search rotations coarse to fine (:class:`LocalSearch`).  Downsampled micrographs are cached on disk per stage
+stages at SO(3) level >= 1 search rotations coarse to fine (:class:`LocalSearch`); with ``coarse_box``
+a first pass on micrographs Fourier-cropped to a smaller box picks each patch's rotations (opt-in: the
+truncated posteriors let low-SNR maps drift).  Downsampled micrographs are cached on disk per stage
 (``cache/``) and read one micrograph at a time, so memory is one micrograph's patches times a batch
 of rotations.
 
