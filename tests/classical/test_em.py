@@ -146,3 +146,17 @@ def test_a_local_window_at_a_coarser_level_reaches_poses_several_fine_steps_away
     key = ids[..., 0] * 1000 + ids[..., 1]
     for b in range(B):
         assert len(set(key[b][keep[b]].tolist())) == int(keep[b].sum())
+
+
+def test_a_reference_cropped_to_a_band_slices_like_the_full_one_inside_it():
+    """Band-limited E-steps keep only the lattice their slices touch: the same values inside the
+    radius, a smaller array."""
+    volume = _blobs(32)
+    full, cropped = Reference.from_volume(volume), Reference.from_volume(volume, radius_index=6.0)
+    assert cropped.lattice.values.shape[-1] < full.lattice.values.shape[-1] / 2
+    coords, _ = half_plane_coordinates(32)
+    inside = coords[coords.norm(dim=-1) < 6.0]
+    rotations = random_rotations(5, generator=torch.Generator().manual_seed(1))
+    a, b = full.slices(rotations, inside), cropped.slices(rotations, inside)
+    assert torch.allclose(a, b, atol=1e-5 * float(a.abs().max()))
+    assert torch.equal(Reference.from_volume(volume, radius_index=40.0).lattice.values, full.lattice.values)

@@ -136,10 +136,10 @@ class ClassifyState:
     full_band_done: bool = False
     reference_mask: torch.Tensor | None = None  # (D, D, D) solvent mask of the E-step's references
 
-    def references(self) -> list:
-        """The class maps prepared for slicing, times the solvent mask when there is one."""
+    def references(self, radius_index: float | None = None) -> list:
+        """The class maps prepared for slicing (up to ``radius_index``), times the solvent mask when there is one."""
         mask = self.reference_mask
-        return [Reference.from_volume(m if mask is None else m * mask) for m in self.maps]
+        return [Reference.from_volume(m if mask is None else m * mask, radius_index=radius_index) for m in self.maps]
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
@@ -326,7 +326,12 @@ def initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings
     sigma2 = noise_spectrum_from_images(source, sample)
     volume = lowpass_filter(initial_map.float(), settings.initial_lowpass_angstrom, pixel_size_angstrom, ndim=3)
     x, ctf = source.batch(sample[:200])
-    volume = volume * estimate_scale(Reference.from_volume(volume), x, ctf, source.coords)
+    if settings.align:  # the poses may be poor: each image's best pose on a coarse grid
+        scale = estimate_scale(Reference.from_volume(volume), x, ctf, source.coords)
+    else:
+        scale = _scale_at_poses(Reference.from_volume(volume), source, x, ctf, torch.as_tensor(rotations[sample[:200]]),
+                                torch.as_tensor(shifts_pixel[sample[:200]]))
+    volume = volume * scale
     mask = None
     if settings.masked:
         mask = solvent_mask(initial_map.float(), pixel_size_angstrom, lowpass_angstrom=settings.mask_lowpass_angstrom)
@@ -342,13 +347,22 @@ def initial_classify_state(source, n, initial_map, pixel_size_angstrom, settings
     )
 
 
+def _scale_at_poses(ref, source, x, ctf, rotations, shifts_pixel, *, radius: float = 10.0) -> float:
+    """Least-squares grey scale ``a`` of ``ref`` against images at their own poses (``V -> a V``,
+    below ``radius`` Fourier pixels): ``sum Re<c S, X> / sum |c S|^2``."""
+    band = source.coords.norm(dim=-1) < radius
+    cs = ctf[:, band] * ref.slices(rotations.float(), source.coords[band])
+    xc = _centred(source, x, shifts_pixel)[:, band]
+    return float((cs.conj() * xc).real.sum() / cs.abs().square().sum().clamp_min(1e-30))
+
+
 def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prior: bool = False,
                        operators: FixedPoseOperators | None = None) -> dict:
     """One E- and M-step (the first uses the random assignment as its E-step); ``fsc_prior``:
     see :func:`_m_step`; ``operators``: the batches' insertion operators (fixed poses only)."""
     started = time.perf_counter()
     K, D, n = settings.n_classes, source.box_size, len(state.halves)
-    refs = state.references()
+    refs = state.references(source.band_radius)
     acc = FourierAccumulator(D, n_sets=2 * K, band_radius=source.band_radius)
     shared = SharedPoseSums(acc, K)
     inv_sigma2 = (1.0 / state.sigma2)[source.shell]

@@ -88,13 +88,20 @@ class Reference:
     box_size: int
 
     @classmethod
-    def from_volume(cls, volume: torch.Tensor) -> "Reference":
-        """Prepare a real ``(D, D, D)`` map."""
+    def from_volume(cls, volume: torch.Tensor, *, radius_index: float | None = None) -> "Reference":
+        """Prepare a real ``(D, D, D)`` map; with ``radius_index`` only the lattice that slices
+        up to that radius (index units of ``D``) read is kept (a band-limited E-step: a smaller
+        array stays in the CPU's caches; beyond the radius slices read 0)."""
         D = int(volume.shape[-1])
         ft = prepare_projection_volume(volume.to(torch.float32), oversampling=2).to(torch.complex64)
         ft = ft[1:, 1:, 1:]  # drop the -Nyquist planes: odd side 2D - 1, origin at D - 1
+        radius = D / 2 - 1
+        if radius_index is not None and 2 * radius_index + 2 < D - 1:
+            half = int(math.ceil(2 * radius_index)) + 2  # lattice points (2 per pixel) trilinear reads can touch
+            ft = ft[D - 1 - half : D + half, D - 1 - half : D + half, D - 1 - half : D + half]
+            radius = float(radius_index)
         values = torch.stack([ft.real, ft.imag])[None].contiguous()
-        return cls(lattice=FourierLattice(values=values, oversampling=2.0, radius_index=D / 2 - 1), box_size=D)
+        return cls(lattice=FourierLattice(values=values, oversampling=2.0, radius_index=radius), box_size=D)
 
     def slices(self, rotations: torch.Tensor, coords_index: torch.Tensor) -> torch.Tensor:
         """``(..., 3, 3)`` rotations x ``(P, 2)`` pixels (index units of ``D``) -> ``(..., P)`` complex64."""

@@ -175,8 +175,13 @@ class CentredImages:
         return self._full.values.numel() * 8 + self._full.ctf_values.numel() * 4
 
     def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(centred images_ft (B, P) complex64, ctf (B, P) float32)`` of the given particles."""
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        """``(centred images_ft (B, P) complex64, ctf (B, P) float32)`` of the given particles
+        (views for a run of consecutive indices, as EM's batches are)."""
+        indices = np.asarray(indices)
+        if len(indices) and np.array_equal(indices, np.arange(indices[0], indices[0] + len(indices))):
+            rows = slice(int(indices[0]), int(indices[0]) + len(indices))
+            return self.values[rows], self.ctf_values[rows]
+        idx = torch.as_tensor(indices, dtype=torch.long)
         return self.values[idx], self.ctf_values[idx]
 
     def band_limited(self, radius: float | None) -> "CentredImages":

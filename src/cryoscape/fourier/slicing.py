@@ -157,12 +157,13 @@ class ScatterOperator:
         shift = 0 if offsets is None else (offsets.to(coords.device).long() * D**3).view(B, 1)
         flats, weights = zip(*((flat + shift, w) for flat, w in _corner_iter(coords, D)))
         flat, weight = torch.stack(flats).reshape(-1), torch.stack(weights).reshape(-1).to(torch.float32)
-        keep = (weight != 0).nonzero()[:, 0]  # the 8 corners of a point are distinct voxels: no duplicates
-        order = keep[torch.argsort(flat[keep])]
+        keep = (weight != 0).nonzero()[:, 0].to(torch.int32)  # a point's 8 corners are distinct voxels
+        index = torch.int32 if flat.max() < 2**31 else torch.long  # int32 sorts twice as fast
+        order = keep[torch.argsort(flat[keep].to(index))]
         self.voxels, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        crow = torch.zeros(len(self.voxels) + 1, dtype=torch.long, device=coords.device)
+        crow = torch.zeros(len(self.voxels) + 1, dtype=index, device=coords.device)
         crow[1:] = torch.cumsum(counts, 0)
-        col = order % (B * P)  # corner-major layout: entry c * B * P + m is corner c of point m
+        col = (order % (B * P)).to(index)  # corner-major layout: entry c * B * P + m is corner c of point m
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
             warnings.simplefilter("ignore", UserWarning)
             self.matrix = torch.sparse_csr_tensor(crow, col, weight[order], (len(self.voxels), B * P),
