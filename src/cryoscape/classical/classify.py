@@ -156,12 +156,13 @@ def _centred(source, x, shifts_pixel):
     return x if source.centred else phase_shift_coords(x, source.coords, shifts_pixel.float(), source.box_size)
 
 
-def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band):
+def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band, stacked=None):
     """``(B, K)`` log evidence of each class and, with alignment, each class's pose posterior
     (on the pixels ``band``: frequencies up to the E-step's resolution limit); without alignment
-    also each class's slices ``(B, P)`` at all of the source's pixels (``_add_residual`` reuses them)."""
+    also each class's slices ``(B, P)`` at all of the source's pixels (``_add_residual`` reuses them),
+    read from ``stacked`` (:meth:`Reference.stack` of ``refs``) when given."""
     if not settings.align:
-        return _fixed_pose_evidence(source, refs, idx, x, ctf, state, inv_sigma2, band)
+        return _fixed_pose_evidence(source, stacked or Reference.stack(refs), idx, x, ctf, state, inv_sigma2, band)
     coords = source.coords[band]
     x, ctf, inv_sigma2 = x[:, band], ctf[:, band], inv_sigma2[band]
     evidence, posts = [], []
@@ -176,17 +177,20 @@ def _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band
     return torch.stack(evidence, dim=1), posts, None
 
 
-def _fixed_pose_evidence(source, refs, idx, x, ctf, state, inv_sigma2, band):
-    """:func:`_class_evidence` at each image's own pose (``--no-align``)."""
-    coords, D = source.coords[band], source.box_size
-    xc = _centred(source, x, state.shifts_pixel[idx])[:, band]
-    ctf, inv_sigma2 = ctf[:, band], inv_sigma2[band]
-    evidence, slices = [], []
-    for ref in refs:
-        s = ref.slices(state.rotations[idx], source.coords)  # (B, P)
-        slices.append(s)
-        evidence.append(log_likelihoods(xc, ctf, inv_sigma2, s[:, None, band], torch.zeros(1, 2), coords, D)[:, 0, 0])
-    return torch.stack(evidence, dim=1), [None] * len(refs), slices
+def _fixed_pose_evidence(source, stacked, idx, x, ctf, state, inv_sigma2, band):
+    """:func:`_class_evidence` at each image's own pose (``--no-align``), all classes sliced in one call."""
+    coords, D, K = source.coords[band], source.box_size, stacked.lattice.n_volumes
+    everywhere = bool(band.all())
+    xc = _centred(source, x, state.shifts_pixel[idx])
+    if not everywhere:
+        xc, ctf, inv_sigma2 = xc[:, band], ctf[:, band], inv_sigma2[band]
+    rotations = state.rotations[idx]
+    slices = stacked.slices(rotations.expand(K, *rotations.shape), source.coords)  # (K, B, P)
+    evidence = []
+    for s in slices:
+        s = s[:, None] if everywhere else s[:, None, band]
+        evidence.append(log_likelihoods(xc, ctf, inv_sigma2, s, torch.zeros(1, 2), coords, D)[:, 0, 0])
+    return torch.stack(evidence, dim=1), [None] * K, slices
 
 
 class SharedPoseSums:
@@ -363,6 +367,7 @@ def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prio
     started = time.perf_counter()
     K, D, n = settings.n_classes, source.box_size, len(state.halves)
     refs = state.references(source.band_radius)
+    stacked = None if settings.align else Reference.stack(refs)  # fixed poses: all classes in one lattice
     acc = FourierAccumulator(D, n_sets=2 * K, band_radius=source.band_radius)
     shared = SharedPoseSums(acc, K)
     inv_sigma2 = (1.0 / state.sigma2)[source.shell]
@@ -377,7 +382,8 @@ def classify_iteration(source, state, settings, pixel_size_angstrom, *, fsc_prio
         x, ctf = source.batch(idx)
         gamma, posts, slices = state.probabilities[idx], [None] * K, None
         if scored:
-            evidence, posts, slices = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band)
+            evidence, posts, slices = _class_evidence(source, refs, idx, x, ctf, state, settings, inv_sigma2, band,
+                                                      stacked)
             total_log_likelihood += float(torch.logsumexp(evidence + state.populations.log()[None], dim=1).sum())
             if state.iteration > 0:
                 temperature = _temperature(state.iteration, settings)

@@ -104,8 +104,20 @@ class Reference:
         return cls(lattice=FourierLattice(values=values, oversampling=2.0, radius_index=radius), box_size=D)
 
     def slices(self, rotations: torch.Tensor, coords_index: torch.Tensor) -> torch.Tensor:
-        """``(..., 3, 3)`` rotations x ``(P, 2)`` pixels (index units of ``D``) -> ``(..., P)`` complex64."""
+        """``(..., 3, 3)`` rotations x ``(P, 2)`` pixels (index units of ``D``) -> ``(..., P)`` complex64.
+
+        For a :meth:`stack` of ``n`` maps ``rotations`` is ``(n, ..., 3, 3)``: map ``i`` is read at ``rotations[i]``."""
         return self.lattice.sample_slices(rotations.to(torch.float32), coords_index)
+
+    @classmethod
+    def stack(cls, references: list["Reference"]) -> "Reference":
+        """Several prepared maps of one box and band as one lattice of ``n`` volumes: their slices
+        at the same poses come from one ``grid_sample`` call, which a CPU runs in parallel over
+        the volumes (over one volume it runs on one thread)."""
+        first = references[0].lattice
+        values = torch.cat([r.lattice.values for r in references])
+        return cls(lattice=FourierLattice(values=values, oversampling=first.oversampling, radius_index=first.radius_index),
+                   box_size=references[0].box_size)
 
 
 @dataclass(frozen=True)
