@@ -195,3 +195,22 @@ def test_independent_halves_with_a_constant_regularisation_log_their_fsc(tmp_pat
     # a stage at half the box covers half the full box's shells
     assert half_fsc_score(torch.ones(5), 16) == pytest.approx(0.5)
     assert half_fsc_score(torch.tensor([1.0, 1.0, -0.5, 1.0, 1.0]), 8) == pytest.approx(0.75)
+
+
+def test_a_given_step_averages_the_m_step_sums(tmp_path):
+    """``step`` (``--average all``: ``1 / t``) mixes this iteration's Fourier sums into the previous ones with that
+    weight, also at a patch fraction of 1 (where the default keeps no running average)."""
+    D = 16
+    ens, truth, table, _ = _grid_micrographs(tmp_path, D=D, G=1, per=6, seed=2, size=128)
+    source = MicrographPatches(table, D, tmp_path / "cache", use_ctf=False)
+    volume = torch.from_numpy(ens.volumes[0])
+    sigma2 = 0.01 * float(source.patches(0, D).var())
+
+    def sums(**kwargs):
+        return em_iteration(volume, source, Stage(D, -1, 1), rho0=0.5, sigma2=sigma2, rng=np.random.default_rng(0),
+                            **kwargs)[3]["sums"]
+
+    fresh = sums()
+    previous = torch.rand_like(fresh) * fresh.abs().max()
+    torch.testing.assert_close(sums(previous_sums=previous), fresh)  # fraction 1: no average by default
+    torch.testing.assert_close(sums(previous_sums=previous, step=0.25), 0.25 * fresh + 0.75 * previous)

@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "0: off (default)")
     em.add_argument("--coarse-pairs", type=int, default=32, metavar="P",
                     help="rotation pairs per patch kept by the first pass at SO(3) level 0 (default 32 of 288)")
+    em.add_argument("--average", choices=("window", "all"), default="window",
+                    help="window: the M-step sums are a running average over about 1/FRACTION iterations (default); "
+                         "all: the mean over all the stage's iterations so far (a step of 1/t)")
     em.add_argument("--reorient", action="store_true",
                     help="after each M-step turn the map by the small rotation that best aligns it with the previous "
                          "map (the rotational counterpart of the re-centring; off by default)")
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             run_micrograph_em(table, initial, schedule=schedule, rho0=args.rho0, sigma=args.sigma,
                               regularization=args.regularization, local_parents=args.local_rotations,
-                              coarse_box=args.coarse_box, coarse_pairs=args.coarse_pairs,
+                              coarse_box=args.coarse_box, coarse_pairs=args.coarse_pairs, average=args.average,
                               align_rotation=args.reorient, independent_halves=args.independent_halves,
                               turn_grid=args.grid != "fixed",
                               seed=args.seed, resume=args.resume, memory_bytes=int(args.memory_gb * 1024**3),

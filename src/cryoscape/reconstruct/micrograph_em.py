@@ -393,6 +393,7 @@ def em_iteration(
     turn_grid: bool = False,
     coarse_box: int | None = 0,
     coarse_pairs: int | None = None,
+    step: float | None = None,
 ) -> tuple[torch.Tensor, float, float, dict]:
     """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``.
 
@@ -404,7 +405,9 @@ def em_iteration(
     with ``half_volumes`` ``(2, L, L, L)`` as well, micrograph ``g`` is aligned against half-map ``g % 2``
     (gold standard) and ``statistics["half_volumes"]`` holds the new half-maps.  ``turn_grid`` turns the
     rotation grid by a random rotation drawn from ``rng`` (see the module docstring).  ``local_parents``,
-    ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).
+    ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).  ``step``
+    replaces ``f`` as the running average's step (e.g. ``1 / t`` at the stage's ``t``-th iteration: the
+    mean of all its iterations' sums).
     """
     from tqdm.auto import tqdm
 
@@ -447,7 +450,7 @@ def em_iteration(
         c = source.ctf_at(int(g), freqs, L)
         num[int(g) % halves] += acc.transform(B) * c
         den[int(g) % halves] += W[:, None] * (c * c)[None]
-    result = _m_step(acc, rotations, num, den, stage=stage, previous_sums=previous_sums,
+    result = _m_step(acc, rotations, num, den, stage=stage, previous_sums=previous_sums, step=step,
                      regularization=regularization, pixel_size_angstrom=source.pixel_size_at(L))
     n = max(sums.n_patches, 1)
     stats = {"n_patches": sums.n_patches, "n_rotations": K, "log_likelihood_per_patch": sums.log_likelihood / n,
@@ -474,7 +477,7 @@ def half_fsc_score(fsc: torch.Tensor, box_size: int) -> float:
 
 
 def _m_step(acc: FourierAccumulator, rotations, num, den, *, stage: Stage, previous_sums, regularization,
-            pixel_size_angstrom: float):
+            pixel_size_angstrom: float, step: float | None = None):
     """Insert each rotation's summed slice ``(num, den)`` per half-set and solve the weighted least squares.
 
     ``regularization`` is a Wiener constant relative to the mean weight, or ``"fsc"``: the two
@@ -493,8 +496,9 @@ def _m_step(acc: FourierAccumulator, rotations, num, den, *, stage: Stage, previ
         acc.count[h] += int(bool(den[h].sum() > 0))
     if stage.fraction < 1:
         acc.sums /= stage.fraction
-        if previous_sums is not None and previous_sums.shape == acc.sums.shape:
-            acc.sums.mul_(stage.fraction).add_(previous_sums.to(acc.sums.device), alpha=1 - stage.fraction)
+    step = stage.fraction if step is None else float(step)
+    if step < 1 and previous_sums is not None and previous_sums.shape == acc.sums.shape:
+        acc.sums.mul_(step).add_(previous_sums.to(acc.sums.device), alpha=1 - step)
     return reconstruct_from_accumulator(acc, regularization=regularization, gridding_correction=True,
                                         pixel_size_angstrom=pixel_size_angstrom)
 
@@ -692,6 +696,7 @@ def run_micrograph_em(
     local_parents: int | None = 24,
     coarse_box: int | None = 0,
     coarse_pairs: int | None = 32,
+    average: str = "window",
     align_rotation: bool = False,
     independent_halves: bool = False,
     turn_grid: bool = True,
@@ -708,7 +713,8 @@ def run_micrograph_em(
     fixes the noise level of the full-size micrographs' pixels (estimated when None).
     ``independent_halves`` keeps one half-map per half-set of micrographs, each aligned against its own (the
     log gains their FSC; with ``regularization="fsc"`` it filters the map); ``turn_grid`` turns the SO(3) grid
-    every iteration (module docstring);
+    every iteration (module docstring); ``average="all"`` makes each stage's M-step sums the mean over all
+    its iterations so far instead of a running average over about ``1 / fraction`` of them;
     ``local_parents``, ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).
     """
     from cryoscape.fourier.fsc import write_fsc_txt
@@ -736,8 +742,8 @@ def run_micrograph_em(
                 state.volume, source, stage, rho0=state.rho0, sigma2=state.sigma2, rng=rng,
                 regularization=regularization, memory_bytes=memory_bytes, previous_sums=state.sums,
                 progress=progress, local_parents=local_parents, align_rotation=align_rotation,
-                coarse_box=coarse_box, coarse_pairs=coarse_pairs,
-                half_volumes=state.half_volumes, turn_grid=turn_grid)
+                coarse_box=coarse_box, coarse_pairs=coarse_pairs, half_volumes=state.half_volumes,
+                turn_grid=turn_grid, step=1.0 / (state.iteration_in_stage + 1) if average == "all" else None)
             state.sums = stats.pop("sums").cpu()
             if state.half_volumes is not None:
                 state.half_volumes = stats.pop("half_volumes")
