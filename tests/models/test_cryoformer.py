@@ -114,8 +114,8 @@ def test_deformation_starts_as_the_identity_and_then_moves_the_density():
 
 
 def test_latent_to_points_and_grid_learning_rate_options():
-    """``latent_to_points`` adds the latent to every point's FFN; ``grid_lr_scale`` puts the hash-grid
-    tables in their own optimiser group (the others at the base rate)."""
+    """``latent_to_points`` adds the latent to every point's FFN (``latent_to_spatial``: to the spatial MLP);
+    ``grid_lr_scale`` puts the hash-grid tables in their own optimiser group (the others at the base rate)."""
     dec = _decoder(12, zdim=1, latent_to_points=True, grid_lr_scale=0.1)
     a, b = dec.eval_volume(torch.tensor([-2.0])), dec.eval_volume(torch.tensor([2.0]))
     assert float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
@@ -124,6 +124,9 @@ def test_latent_to_points_and_grid_learning_rate_options():
     assert groups[0]["params"] == [dec.grid.tables]
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in dec.parameters())
     assert _decoder(12, zdim=1).optimizer_param_groups() is None
+    spatial = _decoder(12, zdim=1, latent_to_spatial=True)
+    a, b = spatial.eval_volume(torch.tensor([-2.0])), spatial.eval_volume(torch.tensor([2.0]))
+    assert float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
 
 
 def test_latent_warmup_gates_the_latent_over_the_first_steps():

@@ -17,6 +17,15 @@ Model (notes/cryoformer.md; names are the constructor's options)
   :meth:`CryoFormer.attention_volumes`), and an FFN gives a density, made non-negative by a
   softplus.  This is the only part that runs per point.
 
+Latent paths (options, off by default: none made the hinge's latent learn it, README)
+-------------------------------------------------------------------------------------
+* ``deformation``: an MLP of ``(x, z)`` displaces every query point before the hash-grid lookup
+  (:class:`PointDeformation`; its last layer starts at ``deformation_init_scale``, 0: the undeformed map);
+* ``latent_to_points`` / ``latent_to_spatial``: ``z`` is added to the hidden layer of every point's
+  FFN / spatial MLP (concatenated to their inputs, as the neural field's first layer takes ``(x, z)``);
+* ``grid_lr_scale``: the hash tables train at this fraction of the learning rate;
+* ``latent_warmup_steps``: ``z`` is faded in over the first optimiser steps (the mean fits first).
+
 Forward models (``space``)
 --------------------------
 ``"real"`` (default): the density is queried at ``R^T x`` on a lattice of ``render_size^3``
@@ -59,6 +68,7 @@ class ImageContext(NamedTuple):
     values: torch.Tensor  # (B, N, C) their values
     deform: torch.Tensor | None  # (B, 1, W) the latent's term in the deformation MLP's first layer
     ffn: torch.Tensor | None  # (B, 1, C) the latent's term in the per-point FFN's hidden layer
+    spatial: torch.Tensor | None  # (B, 1, S) the latent's term in the spatial MLP's hidden layer
 
     def expand(self, batch: int) -> "ImageContext":
         return ImageContext(*(t if t is None or t.shape[0] == batch else t.expand(batch, *t.shape[1:])
@@ -74,13 +84,13 @@ class PointDeformation(nn.Module):
     once per image (:meth:`latent_term`).
     """
 
-    def __init__(self, zdim: int, width: int):
+    def __init__(self, zdim: int, width: int, init_scale: float = 0.0):
         super().__init__()
         self.point = nn.Linear(3, width)
         self.latent = nn.Linear(zdim, width, bias=False)
         self.hidden = nn.Linear(width, width)
         self.out = nn.Linear(width, 3)
-        nn.init.zeros_(self.out.weight)
+        nn.init.normal_(self.out.weight, std=float(init_scale))  # 0: exactly the undeformed map
         nn.init.zeros_(self.out.bias)
 
     def latent_term(self, z: torch.Tensor) -> torch.Tensor:
@@ -129,7 +139,8 @@ class CryoFormer(VolumeDecoder):
                  render_size: int | None = None, radius_fraction: float = 0.9, jitter: bool = True,
                  chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4, deformation: bool = False,
                  deformation_width: int = 64, latent_to_points: bool = False, grid_lr_scale: float = 1.0,
-                 latent_warmup_steps: int = 0):
+                 latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
+                 deformation_init_scale: float = 0.0):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -147,7 +158,8 @@ class CryoFormer(VolumeDecoder):
                            render_size=render_size, radius_fraction=radius_fraction, jitter=jitter,
                            chunk_points=chunk_points, grid_init_scale=grid_init_scale, deformation=deformation,
                            deformation_width=deformation_width, latent_to_points=latent_to_points,
-                           grid_lr_scale=grid_lr_scale, latent_warmup_steps=latent_warmup_steps)
+                           grid_lr_scale=grid_lr_scale, latent_warmup_steps=latent_warmup_steps,
+                           latent_to_spatial=latent_to_spatial, deformation_init_scale=deformation_init_scale)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
@@ -166,8 +178,9 @@ class CryoFormer(VolumeDecoder):
             nn.init.constant_(self.ffn[-1].bias, -4.0)  # start near an empty box
         self.point_deformation = None
         if deformation and zdim > 0 and space == "real":
-            self.point_deformation = PointDeformation(zdim, int(deformation_width))
+            self.point_deformation = PointDeformation(zdim, int(deformation_width), float(deformation_init_scale))
         self.latent_ffn = nn.Linear(zdim, query_dim, bias=False) if latent_to_points and zdim > 0 else None
+        self.latent_spatial = nn.Linear(zdim, spatial_width, bias=False) if latent_to_spatial and zdim > 0 else None
         self.latent_warmup_steps = int(latent_warmup_steps)
         if self.latent_warmup_steps > 0:  # counted by after_optimizer_step, saved with the model
             self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
@@ -222,7 +235,8 @@ class CryoFormer(VolumeDecoder):
         q = self.transformer(tokens, tokens if z is not None else None)
         deform = None if self.point_deformation is None else self.point_deformation.latent_term(z)
         ffn = None if self.latent_ffn is None else self.latent_ffn(z).unsqueeze(1)
-        return ImageContext(self.key(q), self.value(q), deform, ffn)
+        spatial = None if self.latent_spatial is None else self.latent_spatial(z).unsqueeze(1)
+        return ImageContext(self.key(q), self.value(q), deform, ffn, spatial)
 
     # ---- per point
     def point_values(self, u: torch.Tensor, context: ImageContext, *,
@@ -237,7 +251,11 @@ class CryoFormer(VolumeDecoder):
         if context.deform is not None:
             u = u + self.point_deformation(u - 0.5, context.deform)
         feat = self.grid(u)
-        q = self.spatial(feat.to(self.spatial[0].weight.dtype))
+        feat = feat.to(self.spatial[0].weight.dtype)
+        if context.spatial is None:
+            q = self.spatial(feat)
+        else:  # z concatenated to the grid features, as the neural field's first layer takes (x, z)
+            q = self.spatial[2](self.spatial[1](self.spatial[0](feat) + context.spatial.to(feat.dtype)))
         logits = q @ keys.transpose(1, 2).to(q.dtype) / math.sqrt(self.query_dim)
         weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
         h = q + weights @ values.to(q.dtype)
