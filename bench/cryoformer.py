@@ -12,7 +12,8 @@ other, same thread settings, each at its default batch and learning rate):
 ``cryodrgn train_vae`` (4.3.1, 256 x 3, the peer); ``cryoscape train`` (neural field, 256 x 3);
 ``cryoscape train --decoder basis``; ``cryoscape train --decoder cryoformer`` on the perturbed poses
 (no refinement: the ablation); ``cryoscape train --decoder cryoformer --pose-source encoder``
-(orientation encoder pre-trained on the perturbed poses, refined end to end).
+(the residual orientation encoder, starting at the perturbed poses and refined end to end;
+``--pose-encoder absolute``: the paper's, pre-trained on them for ``--pretrain-epochs`` passes).
 
 Figures per run: training images/s (images x epochs / the sum of the epoch times in the log);
 per-image FSC AUC to the truth (``--fsc-images`` evenly spaced images, each decoded at its latent by
@@ -67,7 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--perturb-deg", type=float, default=5.0)
     p.add_argument("--perturb-px", type=float, default=1.0)
-    p.add_argument("--pretrain-epochs", type=int, default=200, help="orientation encoder pre-training passes")
+    p.add_argument("--pretrain-epochs", type=int, default=200, help="absolute encoder's pre-training passes")
+    p.add_argument("--pose-encoder", choices=("residual", "absolute"), default="residual",
+                   help="orientation encoder form of the refined run [residual]")
     p.add_argument("--cryoformer-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="--decoder-opt of both CryoFormer runs (repeatable)")
     p.add_argument("--threads", type=int, default=2)
@@ -107,6 +110,7 @@ def commands(args, exe: Path, data: Path, poses: Path, runs: Path) -> dict[str, 
         "basis": [*ours, "--decoder", "basis", "-o", str(runs / "basis")],
         "cryoformer": [*ours, "--decoder", "cryoformer", *cf, "-o", str(runs / "cryoformer")],
         "cryoformer_encoder": [*ours, "--decoder", "cryoformer", *cf, "--pose-source", "encoder",
+                               "--pose-encoder", args.pose_encoder,
                                "--pose-pretrain-epochs", str(args.pretrain_epochs), "--pose-start-epoch", "0",
                                "-o", str(runs / "cryoformer_encoder")],
     }
