@@ -79,9 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "0: off (default)")
     em.add_argument("--coarse-pairs", type=int, default=32, metavar="P",
                     help="rotation pairs per patch kept by the first pass at SO(3) level 0 (default 32 of 288)")
-    em.add_argument("--average", choices=("window", "all"), default="window",
-                    help="window: the M-step sums are a running average over about 1/FRACTION iterations (default); "
-                         "all: the mean over all the stage's iterations so far (a step of 1/t)")
+    em.add_argument("--average", choices=("all", "window"), default="all",
+                    help="all: the M-step sums are the mean over all the stage's iterations so far (a step of 1/t; "
+                         "default); window: a running average over about 1/FRACTION iterations (the maps drifted "
+                         "at low SNR)")
     em.add_argument("--reorient", action="store_true",
                     help="after each M-step turn the map by the small rotation that best aligns it with the previous "
                          "map (the rotational counterpart of the re-centring; off by default)")

@@ -20,7 +20,10 @@ Frequency marching: stages of increasing box ``L`` (the micrographs are Fourier-
 ``D / L``, so the band limit is ``2 * pixel * D / L`` angstroms) and finer rotation grids; each
 stage starts from the last stage's map, zero-padded in Fourier space.  Stochastic variant: a
 stage's ``fraction`` of the patches, drawn anew each iteration, enters each E-step, and the M-step's
-Fourier sums are a running average over about ``1 / fraction`` iterations (see :func:`em_iteration`).
+Fourier sums are by default the mean over all the stage's iterations so far (a step of ``1 / t``, the
+stochastic-approximation schedule), or a running average over about ``1 / fraction`` iterations (see
+:func:`em_iteration`).  With the constant step the low-SNR maps drifted away from their best over the
+iterations; with ``1 / t`` each iteration moves the map less than the last.
 After each M-step the map is moved by the whole-voxel shift that aligns it with the previous map
 (:func:`recentre`), since the likelihood cannot tell a shifted map from shifted particles.
 
@@ -696,7 +699,7 @@ def run_micrograph_em(
     local_parents: int | None = 24,
     coarse_box: int | None = 0,
     coarse_pairs: int | None = 32,
-    average: str = "window",
+    average: str = "all",
     align_rotation: bool = False,
     independent_halves: bool = False,
     turn_grid: bool = True,
@@ -714,7 +717,7 @@ def run_micrograph_em(
     ``independent_halves`` keeps one half-map per half-set of micrographs, each aligned against its own (the
     log gains their FSC; with ``regularization="fsc"`` it filters the map); ``turn_grid`` turns the SO(3) grid
     every iteration (module docstring); ``average="all"`` makes each stage's M-step sums the mean over all
-    its iterations so far instead of a running average over about ``1 / fraction`` of them;
+    its iterations so far, ``"window"`` a running average over about ``1 / fraction`` of them;
     ``local_parents``, ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).
     """
     from cryoscape.fourier.fsc import write_fsc_txt
