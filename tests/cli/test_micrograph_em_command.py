@@ -89,3 +89,17 @@ def test_half_sets_and_reorient_are_logged(mics, tmp_path):
     row = _rows(out / "iterations.tsv")[0]
     assert 0 < float(row["half_fsc_0.5_angstrom"]) < 200 and 0 <= float(row["turn_deg"]) < 30
     assert float(row["fsc_auc"]) > 0.2
+
+
+def test_band_limited_first_pass_and_the_average_options_run(mics, tmp_path):
+    """--coarse-box / --coarse-pairs / --average window reach the run (config.yaml), and a stage of box 16 with a
+    first pass at box 8 runs through two iterations from the true map on noiseless micrographs."""
+    out = tmp_path / "coarse"
+    assert main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"),
+                 "--box-size", "32", "-o", str(out), "--schedule", "16:-1:2:0.5", "--coarse-box", "8",
+                 "--coarse-pairs", "8", "--average", "window", "--reference", str(mics / "gt_volumes/vol_000.mrc"),
+                 "--no-progress"]) == 0
+    config = (out / "config.yaml").read_text()
+    assert "coarse_box: 8" in config and "average: window" in config
+    rows = _rows(out / "iterations.tsv")
+    assert len(rows) == 2 and float(rows[-1]["fsc_auc"]) > 0.2
