@@ -94,11 +94,10 @@ def test_half_sets_and_reorient_are_logged(mics, tmp_path):
 def test_band_limited_first_pass_and_the_average_options_run(mics, tmp_path):
     """--coarse-box / --coarse-pairs / --average window reach the run (config.yaml), and a stage of box 16 with a
     first pass at box 8 runs through two iterations from the true map on noiseless micrographs."""
-    out = tmp_path / "coarse"
-    assert main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", str(mics / "gt_volumes/vol_000.mrc"),
+    out, truth = tmp_path / "coarse", str(mics / "gt_volumes/vol_000.mrc")
+    assert main(["micrograph-em", str(mics / "micrographs.star"), "--initial-map", truth,
                  "--box-size", "32", "-o", str(out), "--schedule", "16:-1:2:0.5", "--coarse-box", "8",
-                 "--coarse-pairs", "8", "--average", "window", "--reference", str(mics / "gt_volumes/vol_000.mrc"),
-                 "--no-progress"]) == 0
+                 "--coarse-pairs", "8", "--average", "window", "--reference", truth, "--no-progress"]) == 0
     config = (out / "config.yaml").read_text()
     assert "coarse_box: 8" in config and "average: window" in config
     rows = _rows(out / "iterations.tsv")
