@@ -21,8 +21,9 @@
 * **Fixed poses** (``align=False``): the images are read, transformed, CTF-evaluated and centred
   once and held in memory (:class:`~cryoscape.classical.refine.CentredImages`, up to
   ``image_memory_gib``; larger sets stream from disk every iteration), each class is sliced once
-  per batch for both its evidence and the noise residual, and all classes are inserted as
-  channels of one buffer per iteration (:class:`SharedPoseSums`).
+  per batch for both its evidence and the noise residual (all classes from one lattice), and all
+  classes are inserted as channels of one buffer per iteration (:class:`SharedPoseSums`), each
+  batch's scatter a sparse matrix built at the first band-limited iteration (:class:`FixedPoseOperators`).
   ``auto_mask`` multiplies the class maps by a solvent mask of the consensus map in the E-step
   (as refine does).  By default it is on with alignment, where it helps the pose search (two
   classes, global search at SNR 1: ARI 0.35 -> 0.84, tests), and off with fixed poses, where on
