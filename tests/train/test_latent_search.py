@@ -62,6 +62,22 @@ def test_local_search_in_two_dimensions_recovers_the_gaussian_posterior():
     assert (naive - want_mean).abs().max() > 2 * (mean - want_mean).abs().max()
 
 
+def test_local_candidates_stay_within_the_priors_spread_when_the_encoder_is_unsure():
+    """An encoder log-variance far above the prior's (seen once in a searching epoch: 15) would spread
+    the candidates over hundreds of prior widths; the proposal is capped at the prior's width, and
+    the answer is still the Gaussian posterior."""
+    centre = torch.tensor([[0.5, -0.5]])
+    curvature, noise = 0.01, 1.0
+    mu, wild = torch.zeros(1, 2), torch.full((1, 2), 15.0)
+    search = LatentSearch(zdim=2, points=512)
+    cands, _ = search.candidates(mu, wild)
+    capped, _ = search.candidates(mu, torch.zeros(1, 2))
+    assert torch.equal(cands, capped) and float(cands.abs().max()) < 10.0
+    mean, _ = search.search(lambda z: quadratic_errors(z, centre, curvature, noise), mu, wild, N_CIRCLE)
+    want_mean, _ = gaussian_posterior(centre, curvature, noise)
+    assert torch.allclose(mean, want_mean, atol=0.05)
+
+
 def test_one_dimensional_grid_spans_the_previous_latents():
     rng = np.random.default_rng(0)
     previous = rng.uniform(-1.0, 2.0, size=(5000, 1)).astype(np.float32)

@@ -134,7 +134,9 @@ class LatentSearch:
             return grid[None, :, None].expand(B, -1, -1), torch.zeros(B, self.points, device=mu.device)
         eps = _quasi_normal(self.points - 1, self.zdim).to(mu.device, mu.dtype)  # (G - 1, zdim)
         eps = torch.cat([torch.zeros(1, self.zdim, device=mu.device, dtype=mu.dtype), eps])
-        scale = LOCAL_SPREAD * torch.exp(0.5 * logvar)[:, None, :]  # (B, 1, zdim)
+        # a posterior is no wider than the N(0, I) prior: an encoder's runaway variance (its KL is
+        # not trained in searching epochs) must not scatter the candidates over the whole space
+        scale = LOCAL_SPREAD * torch.exp(0.5 * logvar.clamp(max=0.0))[:, None, :]  # (B, 1, zdim)
         cands = mu[:, None, :] + scale * eps[None]
         log_r = -0.5 * eps.square().sum(-1)[None] - torch.log(scale).sum(-1)  # up to a constant
         return cands, log_r
