@@ -415,13 +415,7 @@ def em_iteration(
     from tqdm.auto import tqdm
 
     device, L = volume.device, stage.box_size
-    rotations = stage_rotations(stage.so3_level, device=device)
-    turn = None
-    if turn_grid:
-        from scipy.spatial.transform import Rotation
-
-        turn = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=rotations.dtype, device=device)
-        rotations = rotations @ turn
+    rotations, turn = _stage_grid(stage, rng, turn_grid, device)
     K = len(rotations)
     halves = 2 if (regularization == "fsc" or half_volumes is not None) and len(source) >= 2 else 1
     references = [volume] if half_volumes is None or halves < 2 else list(half_volumes)
@@ -455,6 +449,26 @@ def em_iteration(
         den[int(g) % halves] += W[:, None] * (c * c)[None]
     result = _m_step(acc, rotations, num, den, stage=stage, previous_sums=previous_sums, step=step,
                      regularization=regularization, pixel_size_angstrom=source.pixel_size_at(L))
+    return _iteration_outcome(result, sums, acc, volume, references, source, K=K, L=L, sigma2=sigma2,
+                              align_rotation=align_rotation)
+
+
+def _stage_grid(stage: Stage, rng: np.random.Generator, turn_grid: bool,
+                device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The stage's SO(3) grid, turned by a random rotation drawn from ``rng`` when ``turn_grid``
+    (module docstring); returns ``(rotations, turn or None)``."""
+    rotations = stage_rotations(stage.so3_level, device=device)
+    if not turn_grid:
+        return rotations, None
+    from scipy.spatial.transform import Rotation
+
+    turn = torch.as_tensor(Rotation.random(random_state=rng).as_matrix(), dtype=rotations.dtype, device=device)
+    return rotations @ turn, turn
+
+
+def _iteration_outcome(result, sums, acc, volume, references, source, *, K, L, sigma2, align_rotation):
+    """:func:`em_iteration`'s return value from its M-step ``result`` and E-step ``sums``: the new map
+    (recentred, optionally reoriented), ``rho0``, ``sigma2`` and the statistics."""
     n = max(sums.n_patches, 1)
     stats = {"n_patches": sums.n_patches, "n_rotations": K, "log_likelihood_per_patch": sums.log_likelihood / n,
              "sums": acc.sums.clone()}
@@ -720,9 +734,6 @@ def run_micrograph_em(
     its iterations so far, ``"window"`` a running average over about ``1 / fraction`` of them;
     ``local_parents``, ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).
     """
-    from cryoscape.fourier.fsc import write_fsc_txt
-    from cryoscape.io.mrc import write_mrc
-
     out = Path(out_dir)
     schedule = schedule or default_schedule(box_size)
     source = MicrographPatches(table, box_size, out / "cache", use_ctf=use_ctf)
@@ -762,9 +773,18 @@ def run_micrograph_em(
         if state.stage_index < len(schedule):
             _start_stage(state, stage, schedule[state.stage_index])
         save_checkpoint(out / CHECKPOINT_NAME, state, schedule)
-    final = state.volume if state.volume.shape[-1] == box_size else upsample_volume(state.volume, box_size)
-    write_mrc(out / "map.mrc", final.cpu().numpy(), pixel_size_angstrom=source.pixel_size_angstrom)
-    if reference is not None:
-        cmp = compare_to_reference(final, reference, source.pixel_size_angstrom)
-        write_fsc_txt(out / "fsc.txt", cmp["freqs"], cmp["fsc"], source.pixel_size_angstrom)
+    _write_final_map(out, state.volume, box_size, source.pixel_size_angstrom, reference)
     return state
+
+
+def _write_final_map(out: Path, volume: torch.Tensor, box_size: int, pixel_size_angstrom: float,
+                     reference: torch.Tensor | None) -> None:
+    """``map.mrc`` at the full box (upsampled from the last stage's) and, given the truth, ``fsc.txt``."""
+    from cryoscape.fourier.fsc import write_fsc_txt
+    from cryoscape.io.mrc import write_mrc
+
+    final = volume if volume.shape[-1] == box_size else upsample_volume(volume, box_size)
+    write_mrc(out / "map.mrc", final.cpu().numpy(), pixel_size_angstrom=pixel_size_angstrom)
+    if reference is not None:
+        cmp = compare_to_reference(final, reference, pixel_size_angstrom)
+        write_fsc_txt(out / "fsc.txt", cmp["freqs"], cmp["fsc"], pixel_size_angstrom)
