@@ -25,3 +25,16 @@ def test_resolved_defaults_round_trip():
     again = TrainConfig.from_dict(config.to_dict())
     assert again.lr == config.lr == 1e-3 and again.batch_size == config.batch_size == 64
     assert again.decoder == "basis" and again.warm_start_images == 20000
+
+
+def test_an_atomic_run_saved_before_the_local_restraint_resumes_without_it():
+    """Runs saved before this version (no ``pose_encoder`` field) keep the behaviour they trained with:
+    the atomic decoder's local-geometry restraint off unless their options set it; new runs keep it."""
+    saved = TrainConfig(decoder="atomic", decoder_options={"bond_strength": 0.2}).to_dict()
+    old = {k: v for k, v in saved.items() if k != "pose_encoder"}
+    assert TrainConfig.from_dict(old).decoder_options == {"local_strength": 0.0, "bond_strength": 0.2}
+    explicit = {**old, "decoder_options": {"local_strength": 0.3}}
+    assert TrainConfig.from_dict(explicit).decoder_options == {"local_strength": 0.3}
+    assert TrainConfig.from_dict(saved).decoder_options == {"bond_strength": 0.2}
+    plain = {k: v for k, v in TrainConfig().to_dict().items() if k != "pose_encoder"}
+    assert TrainConfig.from_dict(plain).decoder_options == {}

@@ -161,6 +161,8 @@ class TrainConfig:
             d = {**d, "latent_search_epochs": 0, "latent_search_start": -1}
         if "num_epochs" in d and "pose_encoder" not in d:  # a run saved before the residual encoder
             d = {**d, "pose_encoder": "absolute"}
+            if d.get("decoder") == "atomic":  # ... and before the atomic decoder's local-geometry restraint
+                d = {**d, "decoder_options": {"local_strength": 0.0, **(d.get("decoder_options") or {})}}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # ---- derived values
