@@ -137,6 +137,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--warm-start-images", type=int, default=None, metavar="N",
                      help="decoders with a mean volume (basis): start it from the Wiener-filtered backprojection "
                           "of up to N images (0: start from zero) [20000]")
+    opt.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                     help="decoders linear in their voxels (basis): after the last epoch, re-solve the maps in "
+                          "closed form from all images at their latents, with a gold-standard Wiener prior per "
+                          "component and shell (known poses; one more pass over the data) [on]")
+    opt.add_argument("--refit-every", type=int, default=None, metavar="N",
+                     help="also refit after every N-th epoch (the encoder then trains against the refitted maps) "
+                          "[0: only after the last]")
     opt.add_argument("--latent-search-epochs", type=int, default=None, metavar="N",
                      help="the last N epochs take each image's latent from a search against the decoder (the "
                           "posterior mean over --latent-search-points candidates) instead of the encoder; 0: off "
@@ -222,6 +229,8 @@ def _config_from_args(args: argparse.Namespace):
         checkpoint_every=pick(args.checkpoint_every, defaults.checkpoint_every),
         checkpoint_minutes=pick(args.checkpoint_minutes, defaults.checkpoint_minutes),
         warm_start_images=pick(args.warm_start_images, defaults.warm_start_images),
+        refit=pick(args.refit, defaults.refit),
+        refit_every=pick(args.refit_every, defaults.refit_every),
         latent_search_epochs=args.latent_search_epochs,
         latent_search_points=pick(args.latent_search_points, defaults.latent_search_points),
         progress=not args.no_progress,

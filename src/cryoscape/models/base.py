@@ -12,6 +12,7 @@ Optional training hooks are declared here with no-op defaults (the training engi
 every decoder and never asks ``getattr``): :meth:`VolumeDecoder.optimizer_param_groups`,
 :meth:`~VolumeDecoder.set_data_spectrum` (with :attr:`~VolumeDecoder.wants_data_spectrum`),
 :meth:`~VolumeDecoder.warm_start` (with :attr:`~VolumeDecoder.wants_warm_start`),
+:meth:`~VolumeDecoder.refit` (with :attr:`~VolumeDecoder.wants_refit`),
 :meth:`~VolumeDecoder.regularization_loss`, :meth:`~VolumeDecoder.after_optimizer_step`,
 :meth:`~VolumeDecoder.predict_images` (a real-space image formation) and
 :meth:`~VolumeDecoder.attention_volumes` (maps for analysis).
@@ -57,6 +58,9 @@ class VolumeDecoder(nn.Module, abc.ABC):
     wants_data_spectrum: bool = False
     #: whether :meth:`warm_start` uses the data (the engine then streams it once before training)
     wants_warm_start: bool = False
+    #: whether :meth:`refit` re-estimates the maps from the data at fixed latents (the engine then
+    #: streams the data once more after the last epoch, train/refit.py)
+    wants_refit: bool = False
     #: share of a run's final epochs whose latents the engine searches against the decoder when
     #: ``--latent-search-epochs`` is not given (train/latent_search.py; 0: none)
     latent_search_fraction: float = 0.0
@@ -102,6 +106,16 @@ class VolumeDecoder(nn.Module, abc.ABC):
 
         ``slices`` yields ``(coords, target, ctf, pixel_weights)`` per batch (train/warm_start.py).
         Returns a summary dict for the log, or ``None``.
+        """
+        return None
+
+    def refit(self, slices, latents: torch.Tensor | None) -> dict[str, Any] | None:
+        """Re-estimate the maps in closed form at fixed latents and known poses (when
+        :attr:`wants_refit`), e.g. after the last epoch (train/refit.py).
+
+        ``slices`` yields ``(coords, target, ctf, pixel_weights, z)`` per batch, ``z (B, zdim)``
+        the images' latents; ``latents (N, zdim)`` are those of all images (``None`` when
+        homogeneous).  Returns a summary dict for the log, or ``None``.
         """
         return None
 

@@ -168,6 +168,9 @@ class StructuralBasis(VolumeDecoder):
         mask_every: int = 50,
         sparse_grad: bool = False,
         max_elements: int = DEFAULT_MAX_ELEMENTS,
+        refit_mask: bool = True,
+        refit_mask_shell: float = 8.0,
+        refit_mask_threshold: float = 0.2,
     ):
         super().__init__(box_size=box_size, zdim=zdim)
         radius = self.box_size / 2 if radius is None else float(radius)
@@ -189,6 +192,9 @@ class StructuralBasis(VolumeDecoder):
             mask_every=int(mask_every),
             sparse_grad=bool(sparse_grad),
             max_elements=int(max_elements),
+            refit_mask=bool(refit_mask),
+            refit_mask_shell=float(refit_mask_shell),
+            refit_mask_threshold=float(refit_mask_threshold),
         )
         self.radius = float(radius)
         self.max_elements = int(max_elements)
@@ -243,6 +249,7 @@ class StructuralBasis(VolumeDecoder):
     # ------------------------------------------------------------------------------------------
     wants_data_spectrum = True
     wants_warm_start = True
+    wants_refit = True
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         """Parameter groups: ``V_0`` at ``voxel_lr_scale``, the basis at ``voxel_lr_scale *
@@ -352,6 +359,53 @@ class StructuralBasis(VolumeDecoder):
         self.mean_imag[:, 0] = (volume.imag / amp).to(self.mean_imag.dtype)
         return {"n_images": n_images, "fsc_half": fsc.float().cpu()}
 
+    @torch.no_grad()
+    def refit(self, slices, latents: torch.Tensor | None) -> dict[str, Any]:
+        """Replace ``V_0 .. V_K`` by their regularised least-squares fit at fixed latents.
+
+        The mixing weights ``s(z)`` of every image stay as trained; in their principal, whitened
+        axes ``u`` the maps are solved per voxel with a gold-standard Wiener prior per component
+        and shell (:mod:`cryoscape.models.subspace_fit`), then turned back into ``V_0`` and the
+        ``K`` basis volumes so that ``V_0 + s(z) . V`` is the fitted map for every ``z``.  The
+        per-shell amplitude (the preconditioning) is kept.  ``slices`` and ``latents`` as in
+        :meth:`VolumeDecoder.refit`.  Returns ``{"n_images", "n_components", "fsc_half"}`` (the
+        half-set FSC per shell of the mean map and of the strongest component, for the log).
+        """
+        from cryoscape.models.subspace_fit import SubspaceSums, solve_subspace, whitening
+
+        was_training = self.training
+        self.eval()
+        mean = white = None
+        n_comp = 1
+        if self.mlp is not None:
+            s_all = self.mixing_weights(torch.as_tensor(latents, dtype=torch.float32, device=self._table.device))
+            mean, white = whitening(s_all)
+            n_comp += white.shape[1]
+        lattice = self._lattice()
+        sums = SubspaceSums(lattice.n_vox, n_comp, device=self._table.device)
+        for coords, target, ctf, pixel_weights, z in slices:
+            c = torch.ones(target.shape, device=target.device) if ctf is None else ctf.float()
+            pw = pixel_weights.to(target.device, torch.float32)
+            index, imag_sign, w = corner_codes_and_weights(lattice, coords.double() * self.box_size)
+            a = torch.ones(target.shape[0], n_comp, dtype=torch.float64, device=target.device)
+            if white is not None:
+                a[:, 1:] = (self.mixing_weights(z).double() - mean) @ white
+            sums.add(index, w, imag_sign, target.to(torch.complex64) * (c * pw), c.square() * pw, a)
+        mask = _ComponentMask(self) if self.config["refit_mask"] and n_comp > 1 else None
+        x, fsc = solve_subspace(sums, self._voxel_shell, component_mask=mask)
+        amp = self._voxel_amplitude().double().unsqueeze(-1)
+        mean_map = x[:, 0]
+        if white is not None:
+            basis = x[:, 1:] @ white.T.to(x.dtype)  # (n_vox, K): s . V = u . x[:, 1:] + const
+            mean_map = mean_map - basis @ mean.to(x.dtype)
+            self.basis_real.copy_(basis.real / amp)
+            self.basis_imag.copy_(basis.imag / amp)
+        mean_map[self._origin_index] = mean_map[self._origin_index].real.clone()
+        self.mean_real.copy_(mean_map.real.unsqueeze(-1) / amp)
+        self.mean_imag.copy_(mean_map.imag.unsqueeze(-1) / amp)
+        self.train(was_training)
+        return {"n_images": sums.n_images, "n_components": n_comp - 1, "fsc_half": fsc.float().cpu()}
+
     def regularization_loss(self, *, n_images: int) -> torch.Tensor | None:
         """The Fourier-power (ridge) prior per image, ``None`` when ``power_prior`` is 0.
 
@@ -409,6 +463,22 @@ class StructuralBasis(VolumeDecoder):
                 back = back[c[:, 2] + L, c[:, 1] + L, c[:, 0] + L] / amp
                 re[:, j] = back.real.to(re.dtype)
                 im[:, j] = back.imag.to(im.dtype)
+
+    def _lattice_to_real(self, values: torch.Tensor) -> torch.Tensor:
+        """``(C, n, n, n)`` real maps of lattice values ``(n_vox, C)`` on the odd cube ``n = 2L + 1``
+        that holds every stored voxel (the same ``D``-periodic maps sampled on ``n`` points per
+        ``D`` pixels; array ``[z, y, x]``, origin at the centre)."""
+        codes = self._cube_codes(self.lattice.L)
+        cubes = torch.stack([self._values_from_codes(values[:, j], codes) for j in range(values.shape[1])])
+        return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(cubes, dim=(1, 2, 3)), dim=(1, 2, 3)),
+                                  dim=(1, 2, 3)).real
+
+    def _real_to_lattice(self, maps: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_lattice_to_real`: ``(C, n, n, n)`` -> ``(n_vox, C)`` complex."""
+        L, c = self.lattice.L, self._coords
+        spectra = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(maps, dim=(1, 2, 3)), dim=(1, 2, 3)),
+                                     dim=(1, 2, 3))
+        return spectra[:, c[:, 2] + L, c[:, 1] + L, c[:, 0] + L].T
 
     # ------------------------------------------------------------------------------------------
     def _tables(self) -> list[torch.Tensor]:
@@ -635,3 +705,32 @@ class StructuralBasis(VolumeDecoder):
         c = self.config
         return (f"zdim={self.zdim}, K={self.n_basis}, voxels={self.lattice.n_vox} (radius {self.radius:g}), "
                 f"mlp {c['width']}x{c['layers']}, sparse_grad={c['sparse_grad']}")
+
+
+class _ComponentMask:
+    """Soft real-space mask of the region where a refit's components vary (``solve_subspace``'s
+    ``component_mask``): the voxel-wise RMS of the components ``1..K`` (whitened, so the RMS is the
+    standard deviation of the map over the data), low-passed to ``refit_mask_shell`` and averaged
+    over the two halves, thresholded at ``refit_mask_threshold`` of its maximum, dilated and
+    softened (:func:`cryoscape.fourier.masks.threshold_mask`)."""
+
+    def __init__(self, decoder: StructuralBasis):
+        self.decoder = decoder
+        self.mask: torch.Tensor | None = None
+
+    def estimate(self, halves: list[torch.Tensor]) -> None:
+        from cryoscape.fourier.masks import threshold_mask
+
+        d = self.decoder
+        low = (d._voxel_shell <= d.config["refit_mask_shell"]).unsqueeze(-1)
+        comps = sum(h[:, 1:] * low for h in halves) / len(halves)
+        rms = d._lattice_to_real(comps).square().sum(0).sqrt()
+        threshold = d.config["refit_mask_threshold"] * float(rms.max())
+        self.mask = threshold_mask(rms, threshold=threshold, dilate_pixel=3.0, edge_width_pixel=3.0)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return x
+        out = x.clone()
+        out[:, 1:] = self.decoder._real_to_lattice(self.decoder._lattice_to_real(x[:, 1:]) * self.mask)
+        return out

@@ -129,6 +129,10 @@ class TrainConfig:
     checkpoint_every: int = 5
     checkpoint_minutes: float = 0.0  # > 0: also a mid-epoch checkpoint at most every this many minutes
     warm_start_images: int = 20000  # 0: off; decoders with a warm_start hook (train/warm_start.py)
+    # decoders with a refit hook (train/refit.py): re-solve the maps at the final latents after the last epoch
+    # (refit), and after every refit_every-th epoch (0: only after the last)
+    refit: bool = True
+    refit_every: int = 0
     # latent search (train/latent_search.py): the last N epochs take each image's latent from a search against the
     # decoder (None: the decoder's latent_search_fraction of the run; 0: off), over latent_search_points candidates;
     # latent_search_start: the first searching epoch (-1: none), fixed when a run starts so a resume keeps it
@@ -214,6 +218,8 @@ class TrainConfig:
         if self.pose_source == "encoder" and self.refine_poses:
             raise ValueError("--refine-poses corrects the table's poses; with --pose-source encoder the encoder "
                              "refines them, so leave --refine-poses out")
+        if self.refit_every < 0:
+            raise ValueError(f"--refit-every must be 0 (only after the last epoch) or positive, got {self.refit_every}")
         if self.warm_start_images < 0:
             raise ValueError(f"--warm-start-images must be 0 (off) or positive, got {self.warm_start_images}")
         if self.shuffle_chunk < 0:

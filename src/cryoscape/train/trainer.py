@@ -61,6 +61,7 @@ from cryoscape.train.objective import ImageLoss, TiltPairLoss, tilt_rotation
 from cryoscape.train.outputs import format_seconds, plot_losses, write_epoch_map, write_latents, write_run_config
 from cryoscape.train.pose_sources import PoseSource, RandomPoses, Shard
 from cryoscape.train.schedule import EpochPlan, Schedule
+from cryoscape.train.refit import refit_decoder
 from cryoscape.train.warm_start import warm_start_decoder
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RunContext", "band_pixels", "epoch_generator"]
@@ -505,9 +506,23 @@ class Trainer:
             progress.z_mean = self.dist.sum_array(progress.z_mean)
             progress.z_logvar = self.dist.sum_array(progress.z_logvar)
             self.previous_latents = progress.z_mean
+        if self._refit_due(epoch):
+            summary = refit_decoder(self.model.decoder, _PosedData(self.data, self.poses), self.pixels,
+                                    progress.z_mean, batch_size=max(self.config.batch_size, 64),
+                                    domain=self.config.domain, device=self.device)
+            record["refit_seconds"] = summary["seconds"] if summary else 0.0
         if self.dist.is_main:
             self._write_epoch(plan, progress)
         self._log_epoch(plan, record)
+
+    def _refit_due(self, epoch: int) -> bool:
+        """Whether the decoder's maps are re-solved after ``epoch`` (train/refit.py): a decoder that
+        wants it, known poses, and the last epoch (``refit``) or every ``refit_every``-th."""
+        config = self.config
+        if not (self.model.decoder.wants_refit and self.poses.has_poses()):
+            return False
+        last = epoch == self.schedule.num_epochs - 1
+        return (last and config.refit) or (config.refit_every > 0 and (epoch + 1) % config.refit_every == 0)
 
     def _write_epoch(self, plan: EpochPlan, progress: EpochProgress) -> None:
         epoch, out = progress.epoch, self.out

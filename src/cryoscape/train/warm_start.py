@@ -27,7 +27,7 @@ import torch
 from cryoscape.data.training import ParticleDataset, iterate_batches
 from cryoscape.train.likelihood import centre_values, slice_points, to_domain
 
-__all__ = ["warm_start_decoder"]
+__all__ = ["warm_start_decoder", "posed_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +54,28 @@ def warm_start_decoder(
     n = len(dataset)
     rng = np.random.default_rng(seed)
     order = np.sort(rng.permutation(n)[: min(n, int(max_images))]) if max_images < n else np.arange(n)
-    D = pixels.box_size
-    freqs = pixels.freqs_cycles_per_pixel
-
-    def slices():
-        for batch in iterate_batches(dataset.get_batch, order, batch_size):
-            batch = batch.to(device)
-            target = to_domain(centre_values(batch.values, pixels.coords_index, batch.shifts_pixel, D), domain)
-            yield slice_points(batch.rotations, freqs), target, batch.ctf, pixels.weights
-
-    summary = dict(decoder.warm_start(slices()) or {})
+    slices = posed_slices(dataset, pixels, order, batch_size=batch_size, domain=domain, device=device)
+    summary = dict(decoder.warm_start((c, t, ctf, w) for c, t, ctf, w, _ in slices) or {})
     summary["seconds"] = time.perf_counter() - t0
     fsc = summary.get("fsc_half")
     where = ""
     if fsc is not None:
         below = (torch.as_tensor(fsc)[1:] < 0.5).nonzero()
         shell = int(below[0, 0]) + 1 if below.numel() else len(fsc) - 1
-        where = f"; half-map FSC falls below 0.5 at shell {shell} of {D // 2}"
+        where = f"; half-map FSC falls below 0.5 at shell {shell} of {pixels.box_size // 2}"
     log.info("warm start: the decoder's mean map from the backprojection of %d images in %.1f s%s",
              summary.get("n_images", len(order)), summary["seconds"], where)
     return summary
+
+
+def posed_slices(dataset, pixels, order: np.ndarray, *, batch_size: int, domain: str, device):
+    """Yield ``(coords, target, ctf, pixel_weights, indices)`` for the images ``order`` of
+    ``dataset`` in batches: the slice frequencies ``R^T k``, the observed coefficients with the
+    particle shift undone (the loss's units), the CTF, the likelihood's pixel weights and the
+    batch's image indices (what the warm start and the refit read)."""
+    D = pixels.box_size
+    freqs = pixels.freqs_cycles_per_pixel
+    for indices, batch in iterate_batches(lambda i: (i, dataset.get_batch(i)), order, batch_size):
+        batch = batch.to(device)
+        target = to_domain(centre_values(batch.values, pixels.coords_index, batch.shifts_pixel, D), domain)
+        yield slice_points(batch.rotations, freqs), target, batch.ctf, pixels.weights, indices

@@ -1,0 +1,175 @@
+"""Closed-form, regularised fit of a linear subspace of maps at fixed latents (known poses).
+
+For a decoder ``V(k; z) = V_0(k) + sum_j s_j(z) V_j(k)`` whose mixing weights ``s(z)`` are known
+for every image, the maps that best explain the images are a linear least-squares problem.  In
+the gridding approximation of backprojection (every pixel spreads onto its 8 trilinear corners
+and the normal equations are diagonal across voxels, :func:`cryoscape.models.sparse_slice.
+backproject_to_lattice`) it splits into one small ``(K+1) x (K+1)`` system per voxel::
+
+    (sum_i W_iv a_i a_i^T + diag(tau_v)) x_v = sum_i B_iv a_i,      a_i = (1, u_i)
+
+with ``W_iv`` the CTF^2 weight and ``B_iv`` the CTF-weighted data that image ``i`` backprojects
+onto voxel ``v``.  ``u`` are the mixing weights turned to their principal axes and whitened
+(unit variance, uncorrelated over the data), so that every component has a comparable prior.
+
+The prior ``tau`` is a Wiener prior per component and shell, estimated like RELION's
+gold-standard reconstruction: images alternate between two half-sets, each half is solved, the
+per-component FSC between the halves gives the SSNR (``2 FSC / (1 - FSC)`` for the full data)
+and ``tau = <W_jj>_shell / SSNR_j``.  A component that the two halves do not agree on is shrunk
+to zero, so noise fitted into the heterogeneity components (what an Adam-trained basis keeps in
+the high frequencies) is removed, while the mean map ``V_0`` becomes the Wiener-filtered
+consensus.  The first solve of the halves uses the mean map's SSNR for every component.
+
+Layouts: voxel tables are ``(n_vox, ...)`` on the decoder's compact lattice, shells ``(n_vox,)``
+integer ``round(|k|)`` in index units, the weight Gram matrices stored as their upper triangles
+``(n_vox, T)`` with ``T = (K+1)(K+2)/2``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SubspaceSums", "whitening", "solve_subspace"]
+
+#: Number of (entry x triangle) products accumulated per sparse product (bounds the temporaries).
+_MAX_CHUNK_ELEMENTS = 2 ** 24
+
+
+class SubspaceSums:
+    """Half-set sums ``sum_i W_iv a_i a_i^T`` (upper triangle) and ``sum_i B_iv a_i`` per voxel.
+
+    ``n_vox`` voxels, ``n_comp = K + 1`` components (the first, ``a = 1``, is the mean map).
+    Sums are float64 (complex128) on ``device``.
+    """
+
+    def __init__(self, n_vox: int, n_comp: int, device: torch.device | str = "cpu"):
+        self.n_vox, self.n_comp = int(n_vox), int(n_comp)
+        rows, cols = torch.triu_indices(self.n_comp, self.n_comp)
+        self.tri_rows, self.tri_cols = rows.to(device), cols.to(device)
+        T = rows.numel()
+        self.gram = torch.zeros(2, self.n_vox, T, dtype=torch.float64, device=device)
+        self.rhs = torch.zeros(2, self.n_vox, self.n_comp, dtype=torch.complex128, device=device)
+        self.n_images = 0
+
+    def add(self, index: torch.Tensor, corner_weights: torch.Tensor, imag_sign: torch.Tensor,
+            values: torch.Tensor, weights: torch.Tensor, a: torch.Tensor) -> None:
+        """Add a batch of images.
+
+        ``index, corner_weights, imag_sign (B, P, 8)``: trilinear corners of each pixel's
+        frequency (:func:`~cryoscape.models.sparse_slice.corner_codes_and_weights`); ``values
+        (B, P)`` complex data times CTF and pixel weight; ``weights (B, P)`` CTF^2 times pixel
+        weight; ``a (B, n_comp)`` every image's components (first column 1).  Image ``n`` of the
+        whole stream goes to half-set ``n % 2``.
+        """
+        B = index.shape[0]
+        half = (torch.arange(B, device=index.device) + self.n_images) % 2
+        for h in (0, 1):
+            sel = (half == h).nonzero().squeeze(-1)
+            if sel.numel():
+                self._add_half(h, index[sel], corner_weights[sel], imag_sign[sel], values[sel], weights[sel], a[sel])
+        self.n_images += B
+
+    def _add_half(self, h: int, index, cw, imag_sign, values, weights, a) -> None:
+        B = index.shape[0]
+        cw = cw.double()
+        w = (cw * weights.double().unsqueeze(-1)).reshape(B, -1)
+        v = values.to(torch.complex128).unsqueeze(-1)
+        re = (cw * v.real).reshape(B, -1)
+        im = (cw * imag_sign.double() * v.imag).reshape(B, -1)
+        image = torch.arange(B, device=index.device).unsqueeze(-1).expand_as(w)
+        key = (image * self.n_vox + index.reshape(B, -1).long()).reshape(-1)
+        keep = w.reshape(-1) != 0
+        key = key[keep]
+        unique, inverse = torch.unique(key, return_inverse=True)
+        per = torch.zeros(unique.numel(), 3, dtype=torch.float64, device=index.device)
+        per.index_add_(0, inverse, torch.stack([w.reshape(-1)[keep], re.reshape(-1)[keep], im.reshape(-1)[keep]], -1))
+        voxel, img = unique % self.n_vox, unique // self.n_vox
+        a = a.double()
+        tri = a[:, self.tri_rows] * a[:, self.tri_cols]  # (B, T)
+        step = max(1, _MAX_CHUNK_ELEMENTS // tri.shape[1])
+        for start in range(0, unique.numel(), step):
+            part = slice(start, start + step)
+            self.gram[h].index_add_(0, voxel[part], per[part, 0:1] * tri[img[part]])
+            data = torch.complex(per[part, 1:2], per[part, 2:3]) * a[img[part]]
+            self.rhs[h].index_add_(0, voxel[part], data)
+
+    def full_gram(self, h: int | None) -> torch.Tensor:
+        """``(n_vox, K+1, K+1)`` symmetric Gram matrices of half ``h`` (``None``: both halves)."""
+        tri = self.gram.sum(0) if h is None else self.gram[h]
+        G = torch.zeros(self.n_vox, self.n_comp, self.n_comp, dtype=tri.dtype, device=tri.device)
+        G[:, self.tri_rows, self.tri_cols] = tri
+        G[:, self.tri_cols, self.tri_rows] = tri
+        return G
+
+
+def whitening(s: torch.Tensor, *, rel_tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean (K,), W (K, K'))`` with ``u = (s - mean) @ W`` uncorrelated and of unit variance
+    over the rows of ``s (N, K)``, principal axes in decreasing variance; directions whose
+    variance is below ``rel_tol`` of the largest are dropped (``K' <= K``)."""
+    s = s.double()
+    mean = s.mean(0)
+    cov = torch.cov((s - mean).T).reshape(s.shape[1], s.shape[1])
+    evals, evecs = torch.linalg.eigh(cov)
+    order = torch.argsort(evals, descending=True)
+    evals, evecs = evals[order], evecs[:, order]
+    keep = evals > rel_tol * evals[0].clamp_min(1e-300)
+    return mean, evecs[:, keep] * evals[keep].rsqrt()
+
+
+def _per_shell(x: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Sum over the voxels of every shell: ``x (n_vox, C)`` -> ``(n_shells, C)``."""
+    return torch.zeros(n_shells, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, shells, x)
+
+
+def _solve(G: torch.Tensor, rhs: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``(G + diag tau) x = rhs`` per voxel: ``G (n, C, C)``, ``rhs (n, C)`` complex, ``tau (n, C)``."""
+    A = G + torch.diag_embed(tau)
+    b = torch.stack([rhs.real, rhs.imag], dim=-1)
+    floor = (1e-12 * A.diagonal(dim1=-2, dim2=-1).amax(-1)).clamp_min(1e-30)  # voxels no image touched: 0
+    A = A + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) * floor[:, None, None]
+    x = torch.linalg.solve(A, b)
+    return torch.complex(x[..., 0], x[..., 1])
+
+
+def _ssnr_from_halves(x0: torch.Tensor, x1: torch.Tensor, shells: torch.Tensor, n_shells: int):
+    """Per-shell, per-component FSC of two half solutions ``(n_vox, C)`` and the full data's SSNR."""
+    cross = _per_shell((x0 * x1.conj()).real, shells, n_shells)
+    power = (_per_shell(x0.abs().square(), shells, n_shells) * _per_shell(x1.abs().square(), shells, n_shells)).sqrt()
+    fsc = (cross / power.clamp_min(1e-300)).clamp(-1.0, 0.999)
+    return fsc, (2 * fsc / (1 - fsc)).clamp_min(1e-3)
+
+
+def solve_subspace(sums: SubspaceSums, shells: torch.Tensor, *, rounds: int = 2,
+                   component_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The regularised solution ``(n_vox, K+1)`` complex of the full data and the per-shell,
+    per-component half-set FSC ``(n_shells, K+1)`` of the last round (module docstring).
+
+    Round 0 gives every component the mean map's SSNR (its half-set FSC from the plain
+    backprojection ``rhs_0 / W_00``); each further round solves the halves with the previous
+    round's per-component SSNR and re-estimates it.  The full data is solved last.
+
+    ``component_mask``: an object with ``estimate(halves)`` and ``apply(x)`` that confines the
+    components ``1..K`` to a real-space region (where the maps vary): it is estimated from each
+    round's half solutions, the components' FSC is computed inside it (as a masked FSC in
+    RELION's post-processing: a heterogeneity confined to a small region has a far higher SSNR
+    there than its shell average), and the final components are multiplied by it.
+    """
+    shells = shells.long()
+    n_shells = int(shells.max()) + 1
+    counts = _per_shell(torch.ones(shells.numel(), 1, dtype=torch.float64, device=shells.device), shells, n_shells)
+    Gs = [sums.full_gram(0), sums.full_gram(1)]
+    diag_mean = _per_shell((Gs[0] + Gs[1]).diagonal(dim1=-2, dim2=-1), shells, n_shells) / counts  # (S, C)
+    plain = [sums.rhs[h][:, :1] / Gs[h][:, :1, 0].clamp_min(1e-300) for h in (0, 1)]
+    fsc, ssnr = _ssnr_from_halves(plain[0], plain[1], shells, n_shells)
+    ssnr = ssnr.expand(-1, sums.n_comp)
+    for _ in range(max(1, rounds)):
+        # a half holds half the weight and half the SSNR: the same tau as the full data
+        tau = (diag_mean / ssnr)[shells]
+        x = [_solve(Gs[h], sums.rhs[h], tau) for h in (0, 1)]
+        if component_mask is not None:
+            component_mask.estimate(x)
+            x = [component_mask.apply(part) for part in x]
+        fsc, ssnr = _ssnr_from_halves(x[0], x[1], shells, n_shells)
+    tau = (diag_mean / ssnr)[shells]
+    full = _solve(Gs[0] + Gs[1], sums.rhs.sum(0), tau)
+    return (full if component_mask is None else component_mask.apply(full)), fsc

@@ -1,0 +1,54 @@
+"""Refit: the decoder's maps re-estimated in closed form from all images at the final latents.
+
+An Adam-trained voxel decoder stops where its last steps left it: the shells the data barely
+determine keep the noise the steps put there, most of all in the heterogeneity components, and
+its maps then score below one consensus map of the same images.  With known poses and every
+image's latent fixed, the maps of a decoder that is linear in its voxels are one regularised
+least-squares problem away (the basis: :meth:`cryoscape.models.basis.StructuralBasis.refit`,
+solved with a gold-standard Wiener prior by :mod:`cryoscape.models.subspace_fit`).  The training
+loop calls :func:`refit_decoder` after the last epoch (``--refit``, the default for a decoder that
+``wants_refit``), with the latents of that epoch, before the final checkpoint is written; it is
+logged with its own time and not counted in the epoch's training time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from cryoscape.train.warm_start import posed_slices
+
+__all__ = ["refit_decoder"]
+
+log = logging.getLogger(__name__)
+
+
+def refit_decoder(decoder, dataset, pixels, latents: np.ndarray | None, *, batch_size: int = 64,
+                  domain: str = "fourier", device: torch.device | str = "cpu") -> dict[str, Any] | None:
+    """Call ``decoder.refit`` with every image of ``dataset`` (which yields posed batches) and its
+    row of ``latents (N, zdim)`` (``None``: homogeneous); ``None`` when the decoder does not
+    want it.  Returns the hook's summary plus ``seconds``."""
+    if not decoder.wants_refit:
+        return None
+    t0 = time.perf_counter()
+    z_all = None if latents is None else torch.as_tensor(np.asarray(latents), dtype=torch.float32, device=device)
+    order = np.arange(len(dataset))
+    slices = posed_slices(dataset, pixels, order, batch_size=batch_size, domain=domain, device=device)
+    batches = ((c, t, ctf, w, None if z_all is None else z_all[torch.as_tensor(i, device=device)])
+               for c, t, ctf, w, i in slices)
+    summary = dict(decoder.refit(batches, z_all) or {})
+    summary["seconds"] = time.perf_counter() - t0
+    fsc = summary.get("fsc_half")
+    where = ""
+    if fsc is not None:
+        fsc = torch.as_tensor(fsc)
+        below = (fsc[1:, 0] < 0.143).nonzero()
+        shell = int(below[0, 0]) + 1 if below.numel() else fsc.shape[0] - 1
+        where = f"; the mean map's half-set FSC falls below 0.143 at shell {shell} of {pixels.box_size // 2}"
+    log.info("refit: the decoder's maps re-solved from %d images at fixed latents (%d components) in %.1f s%s",
+             summary.get("n_images", len(order)), summary.get("n_components", 0), summary["seconds"], where)
+    return summary
