@@ -95,3 +95,21 @@ def test_bad_arguments():
     enc = ImageEncoder(box_size=16, zdim=2)
     with pytest.raises(ValueError, match="16"):
         enc(torch.randn(2, 17, 17))
+
+
+def test_lowpass_encoder_ignores_frequencies_above_its_band():
+    """``lowpass_fraction=0.5``: adding a pattern at 0.75 x Nyquist leaves the latent unchanged,
+    while one at 0.25 x Nyquist changes it; the option survives the config round trip."""
+    torch.manual_seed(0)
+    enc = ImageEncoder(box_size=16, zdim=2, kind="resmlp", layers=1, width=16, lowpass_fraction=0.5).eval()
+    images = torch.randn(3, 16, 16)
+    x = torch.arange(16, dtype=torch.float32)
+    high = torch.cos(2 * torch.pi * 0.375 * x).expand(16, 16)  # 0.375 cycles/pixel = 0.75 Nyquist
+    low = torch.cos(2 * torch.pi * 0.125 * x).expand(16, 16)
+    with torch.no_grad():
+        base = enc(images)[0]
+        assert torch.allclose(enc(images + high)[0], base, atol=1e-5)
+        assert (enc(images + low)[0] - base).abs().max() > 1e-3
+    assert build_encoder(enc.config).config["lowpass_fraction"] == 0.5
+    with pytest.raises(ValueError, match="lowpass_fraction"):
+        ImageEncoder(box_size=16, zdim=2, lowpass_fraction=1.5)

@@ -81,6 +81,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "Fourier shell weighted by 1/sigma^2 estimated from the data and CTF, seed 003 eq. 5) [white]")
     model.add_argument("--enc-mask", type=float, default=None, dest="enc_mask_radius_fraction", metavar="FRACTION",
                        help="encoder reads pixels within this fraction of D/2 [1.0]")
+    model.add_argument("--enc-lowpass", type=float, default=None, dest="enc_lowpass_fraction", metavar="FRACTION",
+                       help="encoder reads the images low-passed to this fraction of Nyquist (at low SNR the high "
+                            "frequencies are mostly noise) [1: all]")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +204,7 @@ def _config_from_args(args: argparse.Namespace):
         enc_layers=args.enc_layers,
         enc_dim=args.enc_dim,
         enc_mask_radius_fraction=args.enc_mask_radius_fraction,
+        enc_lowpass_fraction=args.enc_lowpass_fraction,
         noise_model=args.noise_model,
         num_epochs=pick(args.num_epochs, defaults.num_epochs),
         batch_size=args.batch_size,

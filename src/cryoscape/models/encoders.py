@@ -64,7 +64,8 @@ class _ConvTrunk(nn.Module):
 class _ImageTrunk(nn.Module):
     """Masked pixels -> feature vector of ``width`` (the part shared by both encoders)."""
 
-    def __init__(self, *, box_size: int, kind: str, layers: int, width: int, mask_radius_fraction: float, activation: str):
+    def __init__(self, *, box_size: int, kind: str, layers: int, width: int, mask_radius_fraction: float, activation: str,
+                 lowpass_fraction: float | None = None):
         super().__init__()
         if kind not in ENCODER_KINDS:
             raise ValueError(f"unknown encoder kind {kind!r}; choose one of {list(ENCODER_KINDS)}")
@@ -72,8 +73,17 @@ class _ImageTrunk(nn.Module):
             raise ValueError(f"box_size must be at least 2, got {box_size}")
         if not mask_radius_fraction > 0:
             raise ValueError(f"mask_radius_fraction must be positive, got {mask_radius_fraction}")
+        if lowpass_fraction is not None and not 0 < float(lowpass_fraction) <= 1:
+            raise ValueError(f"lowpass_fraction must be in (0, 1] (of Nyquist), got {lowpass_fraction}")
         self.box_size = int(box_size)
         self.kind = kind
+        self.lowpass = lowpass_fraction is not None and float(lowpass_fraction) < 1
+        if self.lowpass:
+            ky = torch.fft.fftfreq(self.box_size).abs().unsqueeze(-1)
+            kx = torch.fft.rfftfreq(self.box_size).unsqueeze(0)
+            radius = (kx.square() + ky.square()).sqrt() / 0.5  # fraction of Nyquist
+            self.register_buffer("lowpass_filter", (radius <= float(lowpass_fraction)).to(torch.float32),
+                                 persistent=False)
         mask = circular_mask_2d(self.box_size, mask_radius_fraction * self.box_size / 2)
         # Flat indices of the pixels read by the MLP encoders (row-major [y, x]).
         self.register_buffer("pixel_indices", torch.nonzero(mask.flatten()).flatten(), persistent=False)
@@ -97,6 +107,8 @@ class _ImageTrunk(nn.Module):
         if images.dim() != 3 or images.shape[-2:] != (D, D):
             raise ValueError(f"encoder expects images of shape (B, {D}, {D}), got {tuple(images.shape)}")
         x = images.to(self.mask.dtype)
+        if self.lowpass:  # the encoder reads the low frequencies only (see ImageEncoder)
+            x = torch.fft.irfft2(torch.fft.rfft2(x) * self.lowpass_filter, s=(D, D))
         if self.kind == "conv":
             return self.net(x * self.mask)
         return self.net(x.reshape(x.shape[0], D * D).index_select(1, self.pixel_indices))
@@ -119,6 +131,10 @@ class ImageEncoder(nn.Module):
         Radius of the disc of pixels read, as a fraction of ``D / 2``; ``>= sqrt(2)`` reads all.
     activation
         Activation name.
+    lowpass_fraction
+        When set (< 1), the images are low-passed to this fraction of Nyquist (a sharp disc in
+        Fourier space) before the disc of pixels is read: at low SNR the high frequencies are
+        almost all noise, and a conformational change shows at low resolution first.
     """
 
     def __init__(
@@ -131,6 +147,7 @@ class ImageEncoder(nn.Module):
         width: int = 256,
         mask_radius_fraction: float = 1.0,
         activation: str = "relu",
+        lowpass_fraction: float | None = None,
     ):
         super().__init__()
         if zdim < 1:
@@ -145,10 +162,11 @@ class ImageEncoder(nn.Module):
             "width": int(width),
             "mask_radius_fraction": float(mask_radius_fraction),
             "activation": activation,
+            "lowpass_fraction": None if lowpass_fraction is None else float(lowpass_fraction),
         }
         self.trunk = _ImageTrunk(
             box_size=int(box_size), kind=kind, layers=int(layers), width=int(width),
-            mask_radius_fraction=float(mask_radius_fraction), activation=activation,
+            mask_radius_fraction=float(mask_radius_fraction), activation=activation, lowpass_fraction=lowpass_fraction,
         )
         self.head = nn.Linear(self.trunk.out_dim, 2 * self.zdim)
 
@@ -190,6 +208,7 @@ class TiltPairEncoder(nn.Module):
         mask_radius_fraction: float = 1.0,
         activation: str = "relu",
         head_layers: int = 2,
+        lowpass_fraction: float | None = None,
     ):
         super().__init__()
         if zdim < 1:
@@ -204,11 +223,12 @@ class TiltPairEncoder(nn.Module):
             "width": int(width),
             "mask_radius_fraction": float(mask_radius_fraction),
             "activation": activation,
+            "lowpass_fraction": None if lowpass_fraction is None else float(lowpass_fraction),
             "head_layers": int(head_layers),
         }
         self.trunk = _ImageTrunk(
             box_size=int(box_size), kind=kind, layers=int(layers), width=int(width),
-            mask_radius_fraction=float(mask_radius_fraction), activation=activation,
+            mask_radius_fraction=float(mask_radius_fraction), activation=activation, lowpass_fraction=lowpass_fraction,
         )
         self.head = ResidualMLP(
             2 * self.trunk.out_dim, 2 * self.zdim, layers=int(head_layers), width=int(width), activation=activation

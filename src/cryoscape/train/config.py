@@ -92,6 +92,7 @@ class TrainConfig:
     enc_layers: int = 3
     enc_dim: int = 256
     enc_mask_radius_fraction: float | None = None
+    enc_lowpass_fraction: float | None = None  # the encoder reads images low-passed to this fraction of Nyquist
     noise_model: str = "white"
 
     # ---- optimisation

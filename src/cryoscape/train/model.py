@@ -74,6 +74,8 @@ def build_encoder_for(config: TrainConfig, box_size: int):
     }
     if config.enc_mask_radius_fraction is not None:
         enc_config["mask_radius_fraction"] = config.enc_mask_radius_fraction
+    if config.enc_lowpass_fraction is not None:
+        enc_config["lowpass_fraction"] = config.enc_lowpass_fraction
     try:
         return build_encoder(enc_config)
     except (TypeError, ValueError) as err:
