@@ -143,10 +143,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                      help="decoders linear in their voxels (basis): after the last epoch, re-solve the maps in "
                           "closed form from all images at their latents, with a gold-standard Wiener prior per "
-                          "component and shell (known poses; one more pass over the data) [on]")
+                          "component and shell (known poses; one more pass over the data); --no-refit: never, "
+                          "not even every --refit-every epochs [on]")
     opt.add_argument("--refit-every", type=int, default=None, metavar="N",
                      help="also refit after every N-th epoch (the encoder then trains against the refitted maps) "
-                          "[0: only after the last]")
+                          "[5; 0: only after the last]")
     opt.add_argument("--latent-search-epochs", type=int, default=None, metavar="N",
                      help="the last N epochs take each image's latent from a search against the decoder (the "
                           "posterior mean over --latent-search-points candidates) instead of the encoder; 0: off "

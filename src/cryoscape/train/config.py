@@ -131,9 +131,9 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0  # > 0: also a mid-epoch checkpoint at most every this many minutes
     warm_start_images: int = 20000  # 0: off; decoders with a warm_start hook (train/warm_start.py)
     # decoders with a refit hook (train/refit.py): re-solve the maps at the final latents after the last epoch
-    # (refit), and after every refit_every-th epoch (0: only after the last)
+    # (refit), and after every refit_every-th epoch (0: only after the last; 5 measured best, README)
     refit: bool = True
-    refit_every: int = 0
+    refit_every: int = 5
     # latent search (train/latent_search.py): the last N epochs take each image's latent from a search against the
     # decoder (None: the decoder's latent_search_fraction of the run; 0: off), over latent_search_points candidates;
     # latent_search_start: the first searching epoch (-1: none), fixed when a run starts so a resume keeps it
@@ -168,6 +168,8 @@ class TrainConfig:
             d = {**d, "pose_encoder": "absolute"}
             if d.get("decoder") == "atomic":  # ... and before the atomic decoder's local-geometry restraint
                 d = {**d, "decoder_options": {"local_strength": 0.0, **(d.get("decoder_options") or {})}}
+        if "num_epochs" in d and "refit" not in d:  # a run saved before the refit: none, as it trained
+            d = {**d, "refit": False, "refit_every": 0}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # ---- derived values

@@ -516,13 +516,13 @@ class Trainer:
         self._log_epoch(plan, record)
 
     def _refit_due(self, epoch: int) -> bool:
-        """Whether the decoder's maps are re-solved after ``epoch`` (train/refit.py): a decoder that
-        wants it, known poses, and the last epoch (``refit``) or every ``refit_every``-th."""
+        """Whether the decoder's maps are re-solved after ``epoch`` (train/refit.py): ``refit`` on, a
+        decoder that wants it, known poses, and the last epoch or every ``refit_every``-th."""
         config = self.config
-        if not (self.model.decoder.wants_refit and self.poses.has_poses()):
+        if not (config.refit and self.model.decoder.wants_refit and self.poses.has_poses()):
             return False
         last = epoch == self.schedule.num_epochs - 1
-        return (last and config.refit) or (config.refit_every > 0 and (epoch + 1) % config.refit_every == 0)
+        return last or (config.refit_every > 0 and (epoch + 1) % config.refit_every == 0)
 
     def _write_epoch(self, plan: EpochPlan, progress: EpochProgress) -> None:
         epoch, out = progress.epoch, self.out
