@@ -27,13 +27,11 @@ integer ``round(|k|)`` in index units, the weight Gram matrices stored as their 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 __all__ = ["SubspaceSums", "whitening", "solve_subspace"]
-
-#: Number of (entry x triangle) products accumulated per sparse product (bounds the temporaries).
-_MAX_CHUNK_ELEMENTS = 2 ** 24
-
 
 class SubspaceSums:
     """Half-set sums ``sum_i W_iv a_i a_i^T`` (upper triangle) and ``sum_i B_iv a_i`` per voxel.
@@ -76,22 +74,31 @@ class SubspaceSums:
         v = values.to(torch.complex128).unsqueeze(-1)
         re = (cw * v.real).reshape(B, -1)
         im = (cw * imag_sign.double() * v.imag).reshape(B, -1)
-        image = torch.arange(B, device=index.device).unsqueeze(-1).expand_as(w)
-        key = (image * self.n_vox + index.reshape(B, -1).long()).reshape(-1)
         keep = w.reshape(-1) != 0
-        key = key[keep]
+        # voxel-major keys: sorted unique keys are already the rows of a CSR matrix (n_vox, B)
+        kind = torch.int32 if self.n_vox * B < 2 ** 31 else torch.long  # int32 sorts faster
+        image = torch.arange(B, device=index.device, dtype=kind).unsqueeze(-1).expand_as(w)
+        key = (index.reshape(B, -1).to(kind) * B + image).reshape(-1)[keep]
         unique, inverse = torch.unique(key, return_inverse=True)
         per = torch.zeros(unique.numel(), 3, dtype=torch.float64, device=index.device)
         per.index_add_(0, inverse, torch.stack([w.reshape(-1)[keep], re.reshape(-1)[keep], im.reshape(-1)[keep]], -1))
-        voxel, img = unique % self.n_vox, unique // self.n_vox
+        voxel, col = unique // B, unique % B
+        counts = torch.bincount(voxel.long(), minlength=self.n_vox)
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(kind)
         a = a.double()
         tri = a[:, self.tri_rows] * a[:, self.tri_cols]  # (B, T)
-        step = max(1, _MAX_CHUNK_ELEMENTS // tri.shape[1])
-        for start in range(0, unique.numel(), step):
-            part = slice(start, start + step)
-            self.gram[h].index_add_(0, voxel[part], per[part, 0:1] * tri[img[part]])
-            data = torch.complex(per[part, 1:2], per[part, 2:3]) * a[img[part]]
-            self.rhs[h].index_add_(0, voxel[part], data)
+
+        # sums over images as sparse-dense products (BLAS-like), not a scatter of (K+1)(K+2)/2
+        # values per entry, accumulated in place
+        def matrix(values: torch.Tensor) -> torch.Tensor:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": this product is long stable
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.sparse_csr_tensor(crow, col, values.contiguous(), (self.n_vox, B), check_invariants=False)
+
+        self.gram[h].addmm_(matrix(per[:, 0]), tri)
+        parts = torch.view_as_real(self.rhs[h])
+        parts[..., 0].addmm_(matrix(per[:, 1]), a)
+        parts[..., 1].addmm_(matrix(per[:, 2]), a)
 
     def full_gram(self, h: int | None) -> torch.Tensor:
         """``(n_vox, K+1, K+1)`` symmetric Gram matrices of half ``h`` (``None``: both halves)."""
