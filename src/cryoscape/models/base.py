@@ -109,13 +109,15 @@ class VolumeDecoder(nn.Module, abc.ABC):
         """
         return None
 
-    def refit(self, slices, latents: torch.Tensor | None) -> dict[str, Any] | None:
+    def refit(self, slices, latents: torch.Tensor | None, *, final: bool = True) -> dict[str, Any] | None:
         """Re-estimate the maps in closed form at fixed latents and known poses (when
         :attr:`wants_refit`), e.g. after the last epoch (train/refit.py).
 
-        ``slices`` yields ``(coords, target, ctf, pixel_weights, z)`` per batch, ``z (B, zdim)``
-        the images' latents; ``latents (N, zdim)`` are those of all images (``None`` when
-        homogeneous).  Returns a summary dict for the log, or ``None``.
+        ``slices()`` returns a fresh iterator (a decoder may pass over the data more than once) of
+        ``(coords, target, ctf, pixel_weights, z)`` per batch, ``z (B, zdim)`` the images'
+        latents; ``latents (N, zdim)`` are those of all images (``None`` when homogeneous).
+        ``final``: the run's last refit, whose maps are the result (a decoder may spend more on
+        it than on the refits between epochs).  Returns a summary dict for the log, or ``None``.
         """
         return None
 

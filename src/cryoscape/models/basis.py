@@ -171,6 +171,7 @@ class StructuralBasis(VolumeDecoder):
         refit_mask: bool = True,
         refit_mask_shell: float = 8.0,
         refit_mask_threshold: float = 0.2,
+        refit_corrections: int = 2,
     ):
         super().__init__(box_size=box_size, zdim=zdim)
         radius = self.box_size / 2 if radius is None else float(radius)
@@ -195,6 +196,7 @@ class StructuralBasis(VolumeDecoder):
             refit_mask=bool(refit_mask),
             refit_mask_shell=float(refit_mask_shell),
             refit_mask_threshold=float(refit_mask_threshold),
+            refit_corrections=int(refit_corrections),
         )
         self.radius = float(radius)
         self.max_elements = int(max_elements)
@@ -360,41 +362,62 @@ class StructuralBasis(VolumeDecoder):
         return {"n_images": n_images, "fsc_half": fsc.float().cpu()}
 
     @torch.no_grad()
-    def refit(self, slices, latents: torch.Tensor | None) -> dict[str, Any]:
+    def refit(self, slices, latents: torch.Tensor | None, *, final: bool = True) -> dict[str, Any]:
         """Replace ``V_0 .. V_K`` by their regularised least-squares fit at fixed latents.
 
         The mixing weights ``s(z)`` of every image stay as trained; in their principal, whitened
         axes ``u`` the maps are solved per voxel with a gold-standard Wiener prior per component
         and shell (:mod:`cryoscape.models.subspace_fit`), then turned back into ``V_0`` and the
-        ``K`` basis volumes so that ``V_0 + s(z) . V`` is the fitted map for every ``z``.  The
-        per-shell amplitude (the preconditioning) is kept.  ``slices`` and ``latents`` as in
-        :meth:`VolumeDecoder.refit`.  Returns ``{"n_images", "n_components", "fsc_half"}`` (the
-        half-set FSC per shell of the mean map and of the strongest component, for the log).
+        ``K`` basis volumes so that ``V_0 + s(z) . V`` is the fitted map for every ``z``; then
+        ``refit_corrections`` passes over the data (only in the ``final`` refit: the ones between
+        epochs serve the latents) correct the gridding approximation with the residuals of the
+        exact (trilinear) model.  The per-shell amplitude (the preconditioning)
+        is kept.  ``slices`` and ``latents`` as in :meth:`VolumeDecoder.refit`.  Returns
+        ``{"n_images", "n_components", "fsc_half"}`` (the half-set FSC per shell and component).
         """
-        from cryoscape.models.subspace_fit import SubspaceSums, solve_subspace, whitening
+        from cryoscape.models.subspace_fit import SubspaceSums, correct_subspace, solve_subspace, whitening
 
         was_training = self.training
         self.eval()
         mean = white = None
-        n_comp = 1
         if self.mlp is not None:
             s_all = self.mixing_weights(torch.as_tensor(latents, dtype=torch.float32, device=self._table.device))
             mean, white = whitening(s_all)
-            n_comp += white.shape[1]
+        n_comp = 1 + (0 if white is None else white.shape[1])
+        sums = self._refit_pass(slices(), SubspaceSums(self.lattice.n_vox, n_comp, device=self._table.device),
+                                mean, white, residual=False)
+        mask = _ComponentMask(self) if self.config["refit_mask"] and n_comp > 1 else None
+        x, fsc, tau = solve_subspace(sums, self._voxel_shell, component_mask=mask)
+        for _ in range(self.config["refit_corrections"] if final else 0):
+            self._store_subspace(x, mean, white)
+            residuals = SubspaceSums(self.lattice.n_vox, n_comp, device=self._table.device, with_gram=False)
+            x = correct_subspace(x, sums, self._refit_pass(slices(), residuals, mean, white, residual=True), tau,
+                                 component_mask=mask)
+        self._store_subspace(x, mean, white)
+        self.train(was_training)
+        return {"n_images": sums.n_images, "n_components": n_comp - 1, "fsc_half": fsc.float().cpu()}
+
+    def _refit_pass(self, batches, sums, mean, white, *, residual: bool):
+        """Accumulate one pass of ``batches`` into ``sums``: the data (``residual=False``) or the
+        residuals of the current maps under the exact forward model (``residual=True``)."""
         lattice = self._lattice()
-        sums = SubspaceSums(lattice.n_vox, n_comp, device=self._table.device)
-        for coords, target, ctf, pixel_weights, z in slices:
+        for coords, target, ctf, pixel_weights, z in batches:
             c = torch.ones(target.shape, device=target.device) if ctf is None else ctf.float()
             pw = pixel_weights.to(target.device, torch.float32)
             index, imag_sign, w = corner_codes_and_weights(lattice, coords.double() * self.box_size)
-            a = torch.ones(target.shape[0], n_comp, dtype=torch.float64, device=target.device)
+            a = torch.ones(target.shape[0], sums.n_comp, dtype=torch.float64, device=target.device)
             if white is not None:
                 a[:, 1:] = (self.mixing_weights(z).double() - mean) @ white
-            sums.add(index, w, imag_sign, target.to(torch.complex64) * (c * pw), c.square() * pw, a)
-        mask = _ComponentMask(self) if self.config["refit_mask"] and n_comp > 1 else None
-        x, fsc = solve_subspace(sums, self._voxel_shell, component_mask=mask)
+            data = target.to(torch.complex64)
+            if residual:
+                data = data - c * self(coords, z).to(torch.complex64)
+            sums.add(index, w, imag_sign, data * (c * pw), c.square() * pw, a)
+        return sums
+
+    def _store_subspace(self, x: torch.Tensor, mean: torch.Tensor | None, white: torch.Tensor | None) -> None:
+        """Write a solution ``x (n_vox, K'+1)`` in whitened components into ``V_0`` and the basis."""
         amp = self._voxel_amplitude().double().unsqueeze(-1)
-        mean_map = x[:, 0]
+        mean_map = x[:, 0].clone()
         if white is not None:
             basis = x[:, 1:] @ white.T.to(x.dtype)  # (n_vox, K): s . V = u . x[:, 1:] + const
             mean_map = mean_map - basis @ mean.to(x.dtype)
@@ -403,8 +426,6 @@ class StructuralBasis(VolumeDecoder):
         mean_map[self._origin_index] = mean_map[self._origin_index].real.clone()
         self.mean_real.copy_(mean_map.real.unsqueeze(-1) / amp)
         self.mean_imag.copy_(mean_map.imag.unsqueeze(-1) / amp)
-        self.train(was_training)
-        return {"n_images": sums.n_images, "n_components": n_comp - 1, "fsc_half": fsc.float().cpu()}
 
     def regularization_loss(self, *, n_images: int) -> torch.Tensor | None:
         """The Fourier-power (ridge) prior per image, ``None`` when ``power_prior`` is 0.

@@ -31,20 +31,21 @@ import warnings
 
 import torch
 
-__all__ = ["SubspaceSums", "whitening", "solve_subspace"]
+__all__ = ["SubspaceSums", "whitening", "solve_subspace", "correct_subspace"]
 
 class SubspaceSums:
     """Half-set sums ``sum_i W_iv a_i a_i^T`` (upper triangle) and ``sum_i B_iv a_i`` per voxel.
 
     ``n_vox`` voxels, ``n_comp = K + 1`` components (the first, ``a = 1``, is the mean map).
-    Sums are float64 (complex128) on ``device``.
+    Sums are float64 (complex128) on ``device``; ``with_gram=False`` keeps only the data sums
+    (what a correction pass of :func:`correct_subspace` needs).
     """
 
-    def __init__(self, n_vox: int, n_comp: int, device: torch.device | str = "cpu"):
+    def __init__(self, n_vox: int, n_comp: int, device: torch.device | str = "cpu", *, with_gram: bool = True):
         self.n_vox, self.n_comp = int(n_vox), int(n_comp)
         rows, cols = torch.triu_indices(self.n_comp, self.n_comp)
         self.tri_rows, self.tri_cols = rows.to(device), cols.to(device)
-        T = rows.numel()
+        T = rows.numel() if with_gram else 0
         self.gram = torch.zeros(2, self.n_vox, T, dtype=torch.float64, device=device)
         self.rhs = torch.zeros(2, self.n_vox, self.n_comp, dtype=torch.complex128, device=device)
         self.n_images = 0
@@ -95,7 +96,8 @@ class SubspaceSums:
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.sparse_csr_tensor(crow, col, values.contiguous(), (self.n_vox, B), check_invariants=False)
 
-        self.gram[h].addmm_(matrix(per[:, 0]), tri)
+        if self.gram.shape[-1]:
+            self.gram[h].addmm_(matrix(per[:, 0]), tri)
         parts = torch.view_as_real(self.rhs[h])
         parts[..., 0].addmm_(matrix(per[:, 1]), a)
         parts[..., 1].addmm_(matrix(per[:, 2]), a)
@@ -147,9 +149,10 @@ def _ssnr_from_halves(x0: torch.Tensor, x1: torch.Tensor, shells: torch.Tensor, 
 
 
 def solve_subspace(sums: SubspaceSums, shells: torch.Tensor, *, rounds: int = 2,
-                   component_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The regularised solution ``(n_vox, K+1)`` complex of the full data and the per-shell,
-    per-component half-set FSC ``(n_shells, K+1)`` of the last round (module docstring).
+                   component_mask=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The regularised solution ``(n_vox, K+1)`` complex of the full data, the per-shell,
+    per-component half-set FSC ``(n_shells, K+1)`` of the last round and the prior ``tau (n_vox,
+    K+1)`` of the full solve (module docstring).
 
     Round 0 gives every component the mean map's SSNR (its half-set FSC from the plain
     backprojection ``rhs_0 / W_00``); each further round solves the halves with the previous
@@ -179,4 +182,20 @@ def solve_subspace(sums: SubspaceSums, shells: torch.Tensor, *, rounds: int = 2,
         fsc, ssnr = _ssnr_from_halves(x[0], x[1], shells, n_shells)
     tau = (diag_mean / ssnr)[shells]
     full = _solve(Gs[0] + Gs[1], sums.rhs.sum(0), tau)
-    return (full if component_mask is None else component_mask.apply(full)), fsc
+    return (full if component_mask is None else component_mask.apply(full)), fsc, tau
+
+
+def correct_subspace(x: torch.Tensor, sums: SubspaceSums, residuals: SubspaceSums, tau: torch.Tensor, *,
+                     component_mask=None) -> torch.Tensor:
+    """One correction of the gridding approximation: ``x + (G + diag tau)^-1 (r - tau x)``.
+
+    ``residuals`` holds the backprojected residuals ``sum_i a_i P_i^T c_i (X_i - c_i P_i V(x, a_i))``
+    of the *exact* forward model (trilinear interpolation) at the current solution ``x``, so this
+    is a Richardson step on ``(A + T) x = b`` preconditioned by its gridding approximation ``G +
+    T`` (the per-voxel Gram matrices of ``sums``).  Its fixed point is the regularised solution of
+    the exact model: at high SNR, where the gridding estimate's blur exceeds the noise, the
+    corrected maps fit the images as closely as gradient descent on the same model would.
+    """
+    G = sums.full_gram(None)
+    step = _solve(G, residuals.rhs.sum(0) - tau * x, tau)
+    return x + (step if component_mask is None else component_mask.apply(step))

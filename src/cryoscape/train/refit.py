@@ -27,20 +27,24 @@ __all__ = ["refit_decoder"]
 log = logging.getLogger(__name__)
 
 
-def refit_decoder(decoder, dataset, pixels, latents: np.ndarray | None, *, batch_size: int = 64,
-                  domain: str = "fourier", device: torch.device | str = "cpu") -> dict[str, Any] | None:
+def refit_decoder(decoder, dataset, pixels, latents: np.ndarray | None, *, final: bool = True,
+                  batch_size: int = 64, domain: str = "fourier",
+                  device: torch.device | str = "cpu") -> dict[str, Any] | None:
     """Call ``decoder.refit`` with every image of ``dataset`` (which yields posed batches) and its
-    row of ``latents (N, zdim)`` (``None``: homogeneous); ``None`` when the decoder does not
-    want it.  Returns the hook's summary plus ``seconds``."""
+    row of ``latents (N, zdim)`` (``None``: homogeneous); ``final``: the run's last refit.
+    ``None`` when the decoder does not want it.  Returns the hook's summary plus ``seconds``."""
     if not decoder.wants_refit:
         return None
     t0 = time.perf_counter()
     z_all = None if latents is None else torch.as_tensor(np.asarray(latents), dtype=torch.float32, device=device)
     order = np.arange(len(dataset))
-    slices = posed_slices(dataset, pixels, order, batch_size=batch_size, domain=domain, device=device)
-    batches = ((c, t, ctf, w, None if z_all is None else z_all[torch.as_tensor(i, device=device)])
-               for c, t, ctf, w, i in slices)
-    summary = dict(decoder.refit(batches, z_all) or {})
+
+    def batches():
+        slices = posed_slices(dataset, pixels, order, batch_size=batch_size, domain=domain, device=device)
+        return ((c, t, ctf, w, None if z_all is None else z_all[torch.as_tensor(i, device=device)])
+                for c, t, ctf, w, i in slices)
+
+    summary = dict(decoder.refit(batches, z_all, final=final) or {})
     summary["seconds"] = time.perf_counter() - t0
     fsc = summary.get("fsc_half")
     where = ""

@@ -508,8 +508,9 @@ class Trainer:
             self.previous_latents = progress.z_mean
         if self._refit_due(epoch):
             summary = refit_decoder(self.model.decoder, _PosedData(self.data, self.poses), self.pixels,
-                                    progress.z_mean, batch_size=max(self.config.batch_size, 64),
-                                    domain=self.config.domain, device=self.device)
+                                    progress.z_mean, final=epoch == self.schedule.num_epochs - 1,
+                                    batch_size=max(self.config.batch_size, 64), domain=self.config.domain,
+                                    device=self.device)
             record["refit_seconds"] = summary["seconds"] if summary else 0.0
         if self.dist.is_main:
             self._write_epoch(plan, progress)
