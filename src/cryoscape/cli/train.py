@@ -147,7 +147,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                           "not even every --refit-every epochs [on]")
     opt.add_argument("--refit-every", type=int, default=None, metavar="N",
                      help="also refit after every N-th epoch (the encoder then trains against the refitted maps) "
-                          "[5; 0: only after the last]")
+                          "[2; 0: only after the last]")
     opt.add_argument("--latent-search-epochs", type=int, default=None, metavar="N",
                      help="the last N epochs take each image's latent from a search against the decoder (the "
                           "posterior mean over --latent-search-points candidates) instead of the encoder; 0: off "
