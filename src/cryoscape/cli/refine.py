@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the run ends only once the median pose change is below this (default: the grid spacing)")
     parser.add_argument("--no-solvent-mask", action="store_true",
                         help="do not mask the references with a solvent mask made from the last map")
+    parser.add_argument("--final-poses-from", choices=["joined", "half"], default="joined",
+                        help="reference of the final pose pass: the joined map (default; the better poses) "
+                             "or each half-set's own half-map (the two half-sets' written poses stay independent)")
     parser.add_argument("--offset-range", type=float, default=3.0, metavar="PIXELS", help="shift search range (default 3)")
     parser.add_argument("--offset-step", type=float, default=1.0, metavar="PIXELS", help="shift step (default 1)")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             max_level=args.max_level, offset_range_pixel=args.offset_range, offset_step_pixel=args.offset_step,
             batch_size=args.batch_size, seed=args.seed, symmetry=args.sym, local_window_level=args.local_window_level,
             pose_change_tolerance_deg=args.pose_change_tolerance, auto_mask=not args.no_solvent_mask,
+            final_pose_reference=args.final_poses_from,
         )
         refine_particles(table, args.initial_map, out, settings, resume=args.resume, use_ctf=not args.no_ctf,
                          invert_contrast=not args.uninvert_data)
