@@ -92,10 +92,10 @@ def test_refine_matches_true_pose_backprojection_on_5000_images(tmp_path):
     """The issue's test: D=64, SNR 0.1, 5,000 images; the initial map is another conformation
     (hinge 50 vs 10 degrees) low-passed to 40 A.  Gold-standard resolution within one shell of
     backprojection with the true poses (measured 8.25 A, shell 30.3, vs 8.20 A, shell 30.5).  The
-    issue's goal for the median rotation error is 2 degrees; measured 2.05 with the tight
-    reference mask and the final pose pass against the joined map (2.24 before them; one E-step
-    with half-maps backprojected from the true poses reaches 1.78 on these images), so the test
-    holds the measured level and the README reports the gap."""
+    issue's goal for the median rotation error is 2 degrees; measured 1.997 with the tight
+    reference mask, four stalled iterations at the finest level and the final pose pass against
+    the joined map (2.24 before them; one E-step with half-maps backprojected from the true poses
+    reaches 1.78 on these images).  The bound leaves 0.05 degrees for another machine's rounding."""
     D = 64
     _simulate(tmp_path / "data", 5000, D, hinge=10, seed=1, shift=3.0)
     _simulate(tmp_path / "init", 2, D, hinge=50, seed=2)
@@ -107,7 +107,7 @@ def test_refine_matches_true_pose_backprojection_on_5000_images(tmp_path):
     refined = load_particles(tmp_path / "ref" / "particles.star")
     truth = load_particles(star)
     errors = pose_errors(refined.rotations, truth.rotations, flip=False)
-    assert errors["angle_deg_median"] < 2.15, errors
+    assert errors["angle_deg_median"] < 2.05, errors
 
 
 def test_posterior_mean_pose_is_the_weighted_chordal_mean():
@@ -128,6 +128,26 @@ def test_posterior_mean_pose_is_the_weighted_chordal_mean():
     assert torch.allclose(mean_shift, torch.tensor([[0.6, 0.4]]), atol=1e-6)
     # the argmax would be the identity: the mean moved 1.8 degrees (w theta to first order) toward theta
     assert math.degrees(math.atan2(float(mean_rotation[0, 1, 0]), float(mean_rotation[0, 0, 0]))) > 1.7
+
+
+@pytest.mark.parametrize("needed", [4, 2])
+def test_the_run_ends_after_finest_level_iterations_stalled_iterations_at_the_finest_level(needed):
+    """At ``max_level`` an iteration without a resolution gain counts as stalled; the run ends
+    after ``finest_level_iterations`` of them (default 4) once the poses have settled."""
+    import cryoscape.classical.refine as rf
+
+    settings = rf.RefineSettings() if needed == 4 else rf.RefineSettings(finest_level_iterations=needed)
+    state = rf.RefineState(
+        iteration=7, level=settings.max_level, local=True, half_maps=torch.zeros(2, 4, 4, 4), sigma2=torch.ones(3),
+        rotations=torch.eye(3)[None], shifts_pixel=torch.zeros(1, 2), best_ids=torch.zeros(1, 2, dtype=torch.long),
+        ids_level=settings.max_level, max_probability=torch.zeros(1), sets=np.zeros(1, dtype=np.int64),
+        band_radius=32.0, best_resolution_shell=30.0)
+    count = 0
+    while not state.converged:
+        rf._advance(state, settings, 30.1, 64, pose_change_deg=0.3)
+        count += 1
+        assert count <= 10
+    assert count == needed
 
 
 @pytest.mark.parametrize("which", ["joined", "half"])

@@ -21,8 +21,8 @@ One iteration (lecture seed 000; /work/shared/notes/classical_em.md):
    image's best pose.
 3. **Schedule**: the half-map FSC (0.143) sets the next band; when the resolution stops
    improving by ``min_improvement_shells`` the angular grid is refined by one level (and the shift
-   step halves); at ``max_level`` two iterations without improvement in which the median pose
-   change is below the grid spacing end the run (four at most).
+   step halves); at ``max_level`` ``finest_level_iterations`` (4) iterations without improvement
+   in which the median pose change is below the grid spacing end the run.
 
 The state after each iteration is written atomically (``checkpoint.pt``), so a run resumes.
 """
@@ -74,6 +74,7 @@ class RefineSettings:
     mask_dilate_pixel: float = 1.0
     mask_edge_pixel: float = 3.0
     pose_change_tolerance_deg: float | None = None
+    finest_level_iterations: int = 4
     offset_range_pixel: float = 3.0
     offset_step_pixel: float = 1.0
     band_margin_shells: float = 3.0
@@ -381,9 +382,11 @@ def run_iteration(source: ImageSource, state: RefineState, settings: RefineSetti
 def _advance(state: RefineState, settings: RefineSettings, res_shell: float, D: int, pose_change_deg: float) -> None:
     """The schedule: next band, finer grid when the resolution stalls, convergence.
 
-    At the finest level the run ends after two iterations without a resolution gain in which
-    the median pose change was also below ``pose_change_tolerance_deg`` (default: the grid
-    spacing), or after four without a resolution gain whatever the poses do."""
+    At the finest level the run ends after ``finest_level_iterations`` iterations without a
+    resolution gain in which the median pose change was also below ``pose_change_tolerance_deg``
+    (default: the grid spacing), or after that many and at least four whatever the poses do.
+    Iterations there no longer move the resolution but still sharpen the poses a little, which
+    is why more than two are run."""
     improved = res_shell > state.best_resolution_shell + settings.min_improvement_shells
     state.best_resolution_shell = max(state.best_resolution_shell, res_shell)
     state.band_radius = min(D / 2, state.best_resolution_shell + settings.band_margin_shells)
@@ -399,7 +402,8 @@ def _advance(state: RefineState, settings: RefineSettings, res_shell: float, D: 
     if tolerance is None:
         tolerance = base_grid_spacing_deg(state.level)
     state.stalls += 1
-    state.converged = (state.stalls >= 2 and pose_change_deg < tolerance) or state.stalls >= 4
+    needed = settings.finest_level_iterations
+    state.converged = (state.stalls >= needed and pose_change_deg < tolerance) or state.stalls >= max(4, needed)
 
 
 def refine(source: ImageSource, n: int, initial_map: torch.Tensor, pixel_size_angstrom: float,
