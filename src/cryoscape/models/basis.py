@@ -369,11 +369,12 @@ class StructuralBasis(VolumeDecoder):
         axes ``u`` the maps are solved per voxel with a gold-standard Wiener prior per component
         and shell (:mod:`cryoscape.models.subspace_fit`), then turned back into ``V_0`` and the
         ``K`` basis volumes so that ``V_0 + s(z) . V`` is the fitted map for every ``z``; then
-        ``refit_corrections`` passes over the data (only in the ``final`` refit: the ones between
-        epochs serve the latents) correct the gridding approximation with the residuals of the
-        exact (trilinear) model.  The per-shell amplitude (the preconditioning)
+        ``refit_corrections`` passes over the data (only in the ``final`` refit, the ones between
+        epochs serve the latents, and only when the data resolve the mean map to Nyquist) correct
+        the gridding approximation with the residuals of the exact (trilinear) model.  The per-shell amplitude (the preconditioning)
         is kept.  ``slices`` and ``latents`` as in :meth:`VolumeDecoder.refit`.  Returns
-        ``{"n_images", "n_components", "fsc_half"}`` (the half-set FSC per shell and component).
+        ``{"n_images", "n_components", "fsc_half", "corrections"}`` (the half-set FSC per shell and
+        component, and the correction passes made).
         """
         from cryoscape.models.subspace_fit import SubspaceSums, correct_subspace, solve_subspace, whitening
 
@@ -388,14 +389,23 @@ class StructuralBasis(VolumeDecoder):
                                 mean, white, residual=False)
         mask = _ComponentMask(self) if self.config["refit_mask"] and n_comp > 1 else None
         x, fsc, tau = solve_subspace(sums, self._voxel_shell, component_mask=mask)
-        for _ in range(self.config["refit_corrections"] if final else 0):
+        corrections = self.config["refit_corrections"] if final and self._resolved_to_nyquist(fsc) else 0
+        for _ in range(corrections):
             self._store_subspace(x, mean, white)
             residuals = SubspaceSums(self.lattice.n_vox, n_comp, device=self._table.device, with_gram=False)
             x = correct_subspace(x, sums, self._refit_pass(slices(), residuals, mean, white, residual=True), tau,
                                  component_mask=mask)
         self._store_subspace(x, mean, white)
         self.train(was_training)
-        return {"n_images": sums.n_images, "n_components": n_comp - 1, "fsc_half": fsc.float().cpu()}
+        return {"n_images": sums.n_images, "n_components": n_comp - 1, "fsc_half": fsc.float().cpu(),
+                "corrections": corrections}
+
+    def _resolved_to_nyquist(self, fsc: torch.Tensor) -> bool:
+        """Whether the mean map's half-set FSC is >= 0.5 at the outermost modelled shell: only then
+        (high SNR) does the gridding blur, not the noise, limit the refit.  At SNR 0.1 the
+        correction passes undo the blur's damping of the noise too (README: lower per-image AUC)."""
+        last = min(int(math.floor(self.radius)), fsc.shape[0] - 1)
+        return bool(fsc[last, 0] >= 0.5)
 
     def _refit_pass(self, batches, sums, mean, white, *, residual: bool):
         """Accumulate one pass of ``batches`` into ``sums``: the data (``residual=False``) or the
