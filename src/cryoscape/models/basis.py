@@ -68,6 +68,15 @@ in real space by a soft sphere of that radius (fraction of the box; cosine edge 
 (:meth:`StructuralBasis.after_optimizer_step`); the solvent around the particle is then zero in
 every generated map.
 
+Refit (known poses)
+-------------------
+After every ``--refit-every`` epochs and the last, the training loop calls :meth:`StructuralBasis.
+refit` (train/refit.py): with every image's ``s(z)`` fixed, the volumes are re-solved in closed
+form with a gold-standard Wiener prior per component and shell, the components confined to a
+real-space mask of where they vary (``refit_mask``, ``refit_mask_shell``, ``refit_mask_threshold``),
+and at high SNR the final refit corrects its gridding approximation (``refit_corrections``); see
+:mod:`cryoscape.models.subspace_fit` and the README for what it changes.
+
 Gradients: dense by default (a zero buffer per table with the touched rows filled, then torch's
 fused Adam); ``sparse_grad=True`` gives ``torch.sparse_coo`` gradients over the touched voxels,
 updated lazily by :class:`cryoscape.models.sparse_slice.RowSparseAdam`.  On CPUs the dense path
@@ -176,7 +185,8 @@ class StructuralBasis(VolumeDecoder):
         super().__init__(box_size=box_size, zdim=zdim)
         radius = self.box_size / 2 if radius is None else float(radius)
         self._check_options(n_basis=n_basis, radius=radius, solvent_mask_radius_fraction=solvent_mask_radius_fraction,
-                            voxel_lr_scale=voxel_lr_scale, basis_lr_scale=basis_lr_scale, power_prior=power_prior)
+                            voxel_lr_scale=voxel_lr_scale, basis_lr_scale=basis_lr_scale, power_prior=power_prior,
+                            refit_mask_threshold=refit_mask_threshold, refit_corrections=refit_corrections)
         self.n_basis = int(n_basis) if self.zdim > 0 else 0
         self.config.update(
             n_basis=int(n_basis),
@@ -230,7 +240,8 @@ class StructuralBasis(VolumeDecoder):
         self._steps = 0
 
     def _check_options(self, *, n_basis: int, radius: float, solvent_mask_radius_fraction: float | None,
-                       voxel_lr_scale: float, basis_lr_scale: float, power_prior: float) -> None:
+                       voxel_lr_scale: float, basis_lr_scale: float, power_prior: float,
+                       refit_mask_threshold: float = 0.2, refit_corrections: int = 2) -> None:
         """One ValueError sentence for an option out of range."""
         if self.zdim < 0:
             raise ValueError(f"zdim must be >= 0, got {self.zdim}")
@@ -245,6 +256,9 @@ class StructuralBasis(VolumeDecoder):
                 raise ValueError(f"{name} must be positive, got {value}")
         if not float(power_prior) >= 0:
             raise ValueError(f"power_prior must not be negative, got {power_prior}")
+        if not 0 < float(refit_mask_threshold) <= 1 or int(refit_corrections) < 0:
+            raise ValueError("refit_mask_threshold must be in (0, 1] and refit_corrections >= 0, got "
+                             f"{refit_mask_threshold} and {refit_corrections}")
 
     # ------------------------------------------------------------------------------------------
     # training hooks (declared on VolumeDecoder; called by train/model.py and train/trainer.py)
@@ -371,8 +385,9 @@ class StructuralBasis(VolumeDecoder):
         ``K`` basis volumes so that ``V_0 + s(z) . V`` is the fitted map for every ``z``; then
         ``refit_corrections`` passes over the data (only in the ``final`` refit, the ones between
         epochs serve the latents, and only when the data resolve the mean map to Nyquist) correct
-        the gridding approximation with the residuals of the exact (trilinear) model.  The per-shell amplitude (the preconditioning)
-        is kept.  ``slices`` and ``latents`` as in :meth:`VolumeDecoder.refit`.  Returns
+        the gridding approximation with the residuals of the exact (trilinear) model.  The
+        per-shell amplitude (the preconditioning) is kept.  ``slices`` and ``latents`` as in
+        :meth:`VolumeDecoder.refit`.  Returns
         ``{"n_images", "n_components", "fsc_half", "corrections"}`` (the half-set FSC per shell and
         component, and the correction passes made).
         """

@@ -64,8 +64,8 @@ class _ConvTrunk(nn.Module):
 class _ImageTrunk(nn.Module):
     """Masked pixels -> feature vector of ``width`` (the part shared by both encoders)."""
 
-    def __init__(self, *, box_size: int, kind: str, layers: int, width: int, mask_radius_fraction: float, activation: str,
-                 lowpass_fraction: float | None = None):
+    def __init__(self, *, box_size: int, kind: str, layers: int, width: int, mask_radius_fraction: float,
+                 activation: str, lowpass_fraction: float | None = None):
         super().__init__()
         if kind not in ENCODER_KINDS:
             raise ValueError(f"unknown encoder kind {kind!r}; choose one of {list(ENCODER_KINDS)}")

@@ -6,9 +6,11 @@ its maps then score below one consensus map of the same images.  With known pose
 image's latent fixed, the maps of a decoder that is linear in its voxels are one regularised
 least-squares problem away (the basis: :meth:`cryoscape.models.basis.StructuralBasis.refit`,
 solved with a gold-standard Wiener prior by :mod:`cryoscape.models.subspace_fit`).  The training
-loop calls :func:`refit_decoder` after the last epoch (``--refit``, the default for a decoder that
-``wants_refit``), with the latents of that epoch, before the final checkpoint is written; it is
-logged with its own time and not counted in the epoch's training time.
+loop calls :func:`refit_decoder` after every ``--refit-every``-th epoch and after the last
+(``--refit``, the default for a decoder that ``wants_refit``, with known poses), with the latents
+of that epoch, before the epoch's checkpoint is written: the refits between epochs give the
+encoder cleaner maps to learn against, the last one gives the run's maps.  It is logged with its
+own time and not counted in the epoch's training time.
 """
 
 from __future__ import annotations

@@ -60,8 +60,8 @@ from cryoscape.train.model import Model, resolve_device
 from cryoscape.train.objective import ImageLoss, TiltPairLoss, tilt_rotation
 from cryoscape.train.outputs import format_seconds, plot_losses, write_epoch_map, write_latents, write_run_config
 from cryoscape.train.pose_sources import PoseSource, RandomPoses, Shard
-from cryoscape.train.schedule import EpochPlan, Schedule
 from cryoscape.train.refit import refit_decoder
+from cryoscape.train.schedule import EpochPlan, Schedule
 from cryoscape.train.warm_start import warm_start_decoder
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RunContext", "band_pixels", "epoch_generator"]
