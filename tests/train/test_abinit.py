@@ -224,7 +224,7 @@ def test_command_line(tiny_dataset, tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("decoder", ["neural_field", "basis"])
 def test_search_on_a_model_trained_with_true_poses_recovers_the_poses(sim_root, tmp_path, decoder):
-    """A map (neural field or voxel basis) trained for 6 epochs on 600 noiseless 32-px images with
+    """A map (neural field or voxel basis) trained for 8 epochs on 600 noiseless 32-px images with
     their true poses; the search (15-degree base grid, 4 rounds: final grid 0.94 degrees / 0.11 px)
     finds the true pose of 48 of those images: median angle within 1.5 final grid steps, shifts
     within 2 final shift steps, and all within 5 degrees."""
@@ -237,7 +237,7 @@ def test_search_on_a_model_trained_with_true_poses_recovers_the_poses(sim_root, 
     data = simulate(sim_root, "noiseless32", n=600, D=32, snr="inf", heterogeneity="none", seed=11,
                     extra=("--shift-max-pixel", "2"))
     config = TrainConfig(particles=str(data / "particles.star"), dec_layers=2, dec_dim=128, lr=1e-3, batch_size=8,
-                         num_epochs=6, progress=False, checkpoint_every=100, decoder=decoder)
+                         num_epochs=8, progress=False, checkpoint_every=100, decoder=decoder)
     result = run_training(config, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     dataset = build_dataset(config, load_particles(data / "particles.star"), resume_state=state)
