@@ -173,3 +173,17 @@ def test_the_component_mask_confines_the_components_to_where_the_maps_vary():
           f"unmasked {outside[False]:.3f}")
     assert outside[True] < 0.1
     assert outside[True] < 0.5 * outside[False]
+
+
+def test_a_refit_too_large_for_memory_is_skipped_and_keeps_the_maps(monkeypatch):
+    """Above the memory budget of the per-voxel systems (a D = 256 basis needs ~40 GiB) the refit
+    says why and leaves the trained maps as they are."""
+    import cryoscape.models.basis as basis_module
+
+    monkeypatch.setattr(basis_module, "_REFIT_MAX_BYTES", 1024)
+    decoder = _model(7)
+    before = decoder.mean_real.detach().clone()
+    z = torch.randn(10, 2, generator=torch.Generator().manual_seed(8))
+    summary = decoder.refit(lambda: iter(_slices(decoder, z)), z)
+    assert "GiB" in summary["skipped"]
+    assert torch.equal(decoder.mean_real, before)

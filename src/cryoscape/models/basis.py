@@ -114,6 +114,8 @@ __all__ = ["StructuralBasis"]
 
 #: Lattice points farther than this from the largest training frequency are never a corner.
 _CORNER_REACH = math.sqrt(3.0) + 1e-3
+#: Largest memory the refit's per-voxel systems may take (a D = 256 basis would need ~40 GiB: skipped).
+_REFIT_MAX_BYTES = 8 * 2**30
 #: Weight of one batch in the running statistics of s(z).
 _S_STATS_MOMENTUM = 0.01
 
@@ -389,10 +391,16 @@ class StructuralBasis(VolumeDecoder):
         per-shell amplitude (the preconditioning) is kept.  ``slices`` and ``latents`` as in
         :meth:`VolumeDecoder.refit`.  Returns
         ``{"n_images", "n_components", "fsc_half", "corrections"}`` (the half-set FSC per shell and
-        component, and the correction passes made).
+        component, and the correction passes made), or ``{"skipped": reason}`` when its per-voxel
+        systems would exceed 8 GiB (large boxes; the Adam-trained maps are kept).
         """
         from cryoscape.models.subspace_fit import SubspaceSums, correct_subspace, solve_subspace, whitening
 
+        C = self.n_basis + 1
+        need = self.lattice.n_vox * (C * (C + 1) + 3 * C * C) * 8  # half-set Gram triangles + 3 full solves
+        if need > _REFIT_MAX_BYTES:
+            return {"skipped": f"it would hold {need / 2**30:.1f} GiB of per-voxel systems "
+                               f"({self.lattice.n_vox} voxels, {C} components)"}
         was_training = self.training
         self.eval()
         mean = white = None

@@ -48,6 +48,9 @@ def refit_decoder(decoder, dataset, pixels, latents: np.ndarray | None, *, final
 
     summary = dict(decoder.refit(batches, z_all, final=final) or {})
     summary["seconds"] = time.perf_counter() - t0
+    if "skipped" in summary:
+        log.warning("refit skipped: %s; the maps stay as trained (--no-refit silences this)", summary["skipped"])
+        return summary
     fsc = summary.get("fsc_half")
     where = ""
     if fsc is not None:
