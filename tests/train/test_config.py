@@ -44,11 +44,11 @@ def test_an_atomic_run_saved_before_the_local_restraint_resumes_without_it():
 
 def test_a_run_saved_before_the_refit_resumes_without_it():
     """Runs saved before the refit (no ``refit`` field) resume as they trained (no refit); new runs
-    refit after the last epoch and every 2nd by default, and --no-refit turns every refit off."""
+    refit after the last epoch by default, and --no-refit turns every refit off."""
     saved = TrainConfig(decoder="basis", num_epochs=12).to_dict()
-    assert (saved["refit"], saved["refit_every"]) == (True, 2)
+    assert (saved["refit"], saved["refit_every"]) == (True, 0)
     old = {k: v for k, v in saved.items() if k not in ("refit", "refit_every")}
     assert (TrainConfig.from_dict(old).refit, TrainConfig.from_dict(old).refit_every) == (False, 0)
-    assert TrainConfig.from_dict(saved).refit_every == 2
+    assert TrainConfig.from_dict({**saved, "refit_every": 2}).refit_every == 2
     with pytest.raises(ValueError, match="refit-every"):
         TrainConfig(refit_every=-1).validate()

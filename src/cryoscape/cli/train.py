@@ -147,7 +147,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                           "not even every --refit-every epochs [on]")
     opt.add_argument("--refit-every", type=int, default=None, metavar="N",
                      help="also refit after every N-th epoch (the encoder then trains against the refitted maps) "
-                          "[2; 0: only after the last]")
+                          "(measured: 2 on 8000 images orders the motion best; on 1000 images it stopped the latent "
+                          "from forming) [0: only after the last]")
     opt.add_argument("--latent-search-epochs", type=int, default=None, metavar="N",
                      help="the last N epochs take each image's latent from a search against the decoder (the "
                           "posterior mean over --latent-search-points candidates) instead of the encoder; 0: off "

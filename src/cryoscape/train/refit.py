@@ -56,8 +56,11 @@ def refit_decoder(decoder, dataset, pixels, latents: np.ndarray | None, *, final
     if fsc is not None:
         fsc = torch.as_tensor(fsc)
         below = (fsc[1:, 0] < 0.143).nonzero()
-        shell = int(below[0, 0]) + 1 if below.numel() else fsc.shape[0] - 1
-        where = f"; the mean map's half-set FSC falls below 0.143 at shell {shell} of {pixels.box_size // 2}"
+        nyquist = pixels.box_size // 2
+        if below.numel() and int(below[0, 0]) + 1 <= nyquist:
+            where = f"; the mean map's half-set FSC falls below 0.143 at shell {int(below[0, 0]) + 1} of {nyquist}"
+        else:
+            where = "; the mean map's half-set FSC stays above 0.143 to Nyquist"
     log.info("refit: the decoder's maps re-solved from %d images at fixed latents (%d components, %d correction "
              "passes) in %.1f s%s", summary.get("n_images", len(order)), summary.get("n_components", 0),
              summary.get("corrections", 0), summary["seconds"], where)

@@ -427,9 +427,13 @@ class Trainer:
                 bar.update(shard.size)
             chunk = []
             minutes = self.config.checkpoint_minutes
-            if minutes and progress.batches_done < n_batches and time.perf_counter() - last_checkpoint >= minutes * 60:
-                self._save_partial(progress)
-                last_checkpoint = time.perf_counter()
+            if minutes and progress.batches_done < n_batches:
+                due = time.perf_counter() - last_checkpoint >= minutes * 60
+                if self.dist.enabled:  # one decision for all: the partial checkpoint's sums are collective
+                    due = bool(self.dist.sum_(torch.tensor([float(due)]))[0] > 0)
+                if due:
+                    self._save_partial(progress)
+                    last_checkpoint = time.perf_counter()
         bar.close()
 
     def _step(self, batch: TrainingBatch, shard: Shard, source: PoseSource, loss: ImageLoss, mask, *, epoch: int,
