@@ -109,6 +109,7 @@ from cryoscape.models.sparse_slice import (
     sparse_slice,
     split_codes,
 )
+from cryoscape.models.subspace_fit import SubspaceSums, correct_subspace, solve_subspace, ssnr_from_halves, whitening
 
 __all__ = ["StructuralBasis"]
 
@@ -351,11 +352,9 @@ class StructuralBasis(VolumeDecoder):
 
         halves = num / wsum.clamp_min(1e-30)
         halves = torch.where(wsum > 0, halves, torch.zeros_like(halves))
-        cross = per_shell((halves[0] * halves[1].conj()).real)
-        power = per_shell(halves[0].abs().square()).mul(per_shell(halves[1].abs().square())).sqrt()
-        fsc = (cross / power.clamp_min(1e-30)).clamp(-1.0, 0.999)
         # the full map has twice each half's data: SSNR = 2 FSC / (1 - FSC)
-        ssnr = (2 * fsc / (1 - fsc)).clamp_min(1e-3)
+        fsc, ssnr = ssnr_from_halves(halves[0].unsqueeze(-1), halves[1].unsqueeze(-1), shells, n_shells)
+        fsc, ssnr = fsc[:, 0], ssnr[:, 0]
         total_w, total_n = wsum.sum(0), num.sum(0)
         counts = per_shell(torch.ones_like(total_w)).clamp_min(1)
         mean_w = per_shell(total_w) / counts
@@ -394,8 +393,6 @@ class StructuralBasis(VolumeDecoder):
         component, and the correction passes made), or ``{"skipped": reason}`` when its per-voxel
         systems would exceed 8 GiB (large boxes; the Adam-trained maps are kept).
         """
-        from cryoscape.models.subspace_fit import SubspaceSums, correct_subspace, solve_subspace, whitening
-
         C = self.n_basis + 1
         need = self.lattice.n_vox * (C * (C + 1) + 3 * C * C) * 8  # half-set Gram triangles + 3 full solves
         if need > _REFIT_MAX_BYTES:

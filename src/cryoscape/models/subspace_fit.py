@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-__all__ = ["SubspaceSums", "whitening", "solve_subspace", "correct_subspace"]
+__all__ = ["SubspaceSums", "whitening", "solve_subspace", "correct_subspace", "ssnr_from_halves"]
 
 class SubspaceSums:
     """Half-set sums ``sum_i W_iv a_i a_i^T`` (upper triangle) and ``sum_i B_iv a_i`` per voxel.
@@ -140,8 +140,9 @@ def _solve(G: torch.Tensor, rhs: torch.Tensor, tau: torch.Tensor) -> torch.Tenso
     return torch.complex(x[..., 0], x[..., 1])
 
 
-def _ssnr_from_halves(x0: torch.Tensor, x1: torch.Tensor, shells: torch.Tensor, n_shells: int):
-    """Per-shell, per-component FSC of two half solutions ``(n_vox, C)`` and the full data's SSNR."""
+def ssnr_from_halves(x0: torch.Tensor, x1: torch.Tensor, shells: torch.Tensor, n_shells: int):
+    """Per-shell, per-component FSC of two half solutions ``(n_vox, C)`` and the full data's SSNR
+    ``2 FSC / (1 - FSC)`` (FSC capped at 0.999, SSNR floored at 1e-3); shared with the warm start."""
     cross = _per_shell((x0 * x1.conj()).real, shells, n_shells)
     power = (_per_shell(x0.abs().square(), shells, n_shells) * _per_shell(x1.abs().square(), shells, n_shells)).sqrt()
     fsc = (cross / power.clamp_min(1e-300)).clamp(-1.0, 0.999)
@@ -170,7 +171,7 @@ def solve_subspace(sums: SubspaceSums, shells: torch.Tensor, *, rounds: int = 2,
     Gs = [sums.full_gram(0), sums.full_gram(1)]
     diag_mean = _per_shell((Gs[0] + Gs[1]).diagonal(dim1=-2, dim2=-1), shells, n_shells) / counts  # (S, C)
     plain = [sums.rhs[h][:, :1] / Gs[h][:, :1, 0].clamp_min(1e-300) for h in (0, 1)]
-    fsc, ssnr = _ssnr_from_halves(plain[0], plain[1], shells, n_shells)
+    fsc, ssnr = ssnr_from_halves(plain[0], plain[1], shells, n_shells)
     ssnr = ssnr.expand(-1, sums.n_comp)
     for _ in range(max(1, rounds)):
         # a half holds half the weight and half the SSNR: the same tau as the full data
@@ -179,7 +180,7 @@ def solve_subspace(sums: SubspaceSums, shells: torch.Tensor, *, rounds: int = 2,
         if component_mask is not None:
             component_mask.estimate(x)
             x = [component_mask.apply(part) for part in x]
-        fsc, ssnr = _ssnr_from_halves(x[0], x[1], shells, n_shells)
+        fsc, ssnr = ssnr_from_halves(x[0], x[1], shells, n_shells)
     tau = (diag_mean / ssnr)[shells]
     full = _solve(Gs[0] + Gs[1], sums.rhs.sum(0), tau)
     return (full if component_mask is None else component_mask.apply(full)), fsc, tau
