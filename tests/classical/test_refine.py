@@ -91,11 +91,12 @@ def test_refine_initial_map_of_the_wrong_box_is_one_sentence(small, tmp_path, ca
 def test_refine_matches_true_pose_backprojection_on_5000_images(tmp_path):
     """The issue's test: D=64, SNR 0.1, 5,000 images; the initial map is another conformation
     (hinge 50 vs 10 degrees) low-passed to 40 A.  Gold-standard resolution within one shell of
-    backprojection with the true poses (measured 8.25 A, shell 30.3, vs 8.20 A, shell 30.5).  The
-    issue's goal for the median rotation error is 2 degrees; measured 1.997 with the tight
-    reference mask, four stalled iterations at the finest level and the final pose pass against
-    the joined map (2.24 before them; one E-step with half-maps backprojected from the true poses
-    reaches 1.78 on these images).  The bound leaves 0.05 degrees for another machine's rounding."""
+    backprojection with the true poses (measured 8.25 A, shell 30.3, vs 8.20 A, shell 30.5) and the
+    issue's median rotation error below 2 degrees: measured 1.995 end to end at 2 threads
+    (bench/results/refine_2026-12-04_n5000.txt) and 1.997 at 1 thread, with the tight reference
+    mask, four stalled iterations at the finest level and the final pose pass against the joined
+    map (2.24 before them).  The floor on these images is near 2: one E-step against the TRUE map
+    gives 2.06 (refine_2026-12-04_n5000_mask.txt), so the margin cannot be wide."""
     D = 64
     _simulate(tmp_path / "data", 5000, D, hinge=10, seed=1, shift=3.0)
     _simulate(tmp_path / "init", 2, D, hinge=50, seed=2)
@@ -107,7 +108,7 @@ def test_refine_matches_true_pose_backprojection_on_5000_images(tmp_path):
     refined = load_particles(tmp_path / "ref" / "particles.star")
     truth = load_particles(star)
     errors = pose_errors(refined.rotations, truth.rotations, flip=False)
-    assert errors["angle_deg_median"] < 2.05, errors
+    assert errors["angle_deg_median"] < 2.0, errors
 
 
 def test_posterior_mean_pose_is_the_weighted_chordal_mean():
