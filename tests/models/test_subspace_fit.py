@@ -187,3 +187,51 @@ def test_a_refit_too_large_for_memory_is_skipped_and_keeps_the_maps(monkeypatch)
     summary = decoder.refit(lambda: iter(_slices(decoder, z)), z)
     assert "GiB" in summary["skipped"]
     assert torch.equal(decoder.mean_real, before)
+
+
+def test_latent_errors_equal_the_squared_errors_of_forward_passes():
+    """The basis's many-latent path (a quadratic form in the mixing weights) gives the weighted
+    squared error of each image at each candidate as C separate forward passes do, CTF included."""
+    from cryoscape.models.base import VolumeDecoder
+
+    decoder = _model(5)
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(1))
+    coords, target, _, _, _ = _slices(decoder, z, noise=0.3, batch=6, seed=2)[0]
+    g = torch.Generator().manual_seed(3)
+    ctf = torch.rand(target.shape, generator=g) * 2 - 1
+    weights = torch.rand(target.shape[1], generator=g)
+    candidates = torch.randn(5, 2, generator=g)
+    fast = decoder.latent_errors(coords, target, ctf, weights, candidates)
+    with torch.no_grad():
+        slow = torch.stack([(weights * (target - ctf * decoder(coords, c.expand(6, -1))).abs().square()).sum(-1)
+                            for c in candidates], dim=1)
+    assert fast.shape == (6, 5)
+    assert torch.allclose(fast, slow.double(), rtol=1e-4, atol=1e-6), (fast - slow).abs().max()
+    assert int(fast[0].argmin()) == int(slow[0].argmin())
+    # the base class declares the hook without a fast path: the latent step is then skipped
+    assert VolumeDecoder.latent_errors(decoder, coords, target, ctf, weights, candidates) is None
+
+
+def test_latent_posteriors_move_noisy_latents_toward_the_truth():
+    """Images of a known 3-component model at known latents (mixing weights linear in ``z``, so
+    ``z`` is identifiable); the latents handed in are the truth plus noise of 0.6 per axis (an
+    encoder's error).  The posterior means over those same noisy latents as candidates land far
+    closer to the truth (rms 0.59 -> 0.14 measured; 0.30 from 64 of them)."""
+    from cryoscape.train.refit import latent_posteriors
+
+    decoder = _model(6)
+    mix = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]])
+    decoder.mixing_weights = lambda z, batch=1: (z.float() @ mix).expand(max(batch, len(z)), -1)
+    g = torch.Generator().manual_seed(4)
+    truth = torch.randn(300, 2, generator=g)
+    noisy = (truth + 0.6 * torch.randn(truth.shape, generator=g)).numpy()
+    batches = [(c, t, ctf, w, list(range(i * 50, i * 50 + len(t))))
+               for i, (c, t, ctf, w, _) in enumerate(_slices(decoder, truth, noise=1.0, seed=5))]
+    mean, var = latent_posteriors(decoder, batches, noisy, n_candidates=300, seed=0)
+    before = float(((noisy - truth.numpy()) ** 2).mean() ** 0.5)
+    after = float(((mean - truth.numpy()) ** 2).mean() ** 0.5)
+    assert mean.shape == var.shape == noisy.shape and (var >= 0).all()
+    assert after < 0.4 * before, (before, after)
+    # with fewer candidates the same holds (they are a random subset of the rows)
+    mean_64, _ = latent_posteriors(decoder, batches, noisy, n_candidates=64, seed=1)
+    assert float(((mean_64 - truth.numpy()) ** 2).mean() ** 0.5) < 0.6 * before

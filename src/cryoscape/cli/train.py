@@ -149,6 +149,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                      help="also refit after every N-th epoch (the encoder then trains against the refitted maps) "
                           "(measured: 2 on 8000 images orders the motion best; on 1000 images it stopped the latent "
                           "from forming) [0: only after the last]")
+    opt.add_argument("--refit-latents", action=argparse.BooleanOptionalAction, default=None,
+                     help="after the final refit, re-estimate each image's latent against the refitted maps (its "
+                          "posterior mean over --refit-latent-candidates of the run's own latents) and refit the "
+                          "maps at those latents (decoders that score many latents at once: basis) [on]")
+    opt.add_argument("--refit-latent-candidates", type=int, default=None, metavar="N",
+                     help="candidate latents per image for --refit-latents [512]")
     opt.add_argument("--latent-search-epochs", type=int, default=None, metavar="N",
                      help="the last N epochs take each image's latent from a search against the decoder (the "
                           "posterior mean over --latent-search-points candidates) instead of the encoder; 0: off "
@@ -237,6 +243,8 @@ def _config_from_args(args: argparse.Namespace):
         warm_start_images=pick(args.warm_start_images, defaults.warm_start_images),
         refit=pick(args.refit, defaults.refit),
         refit_every=pick(args.refit_every, defaults.refit_every),
+        refit_latents=pick(args.refit_latents, defaults.refit_latents),
+        refit_latent_candidates=pick(args.refit_latent_candidates, defaults.refit_latent_candidates),
         latent_search_epochs=args.latent_search_epochs,
         latent_search_points=pick(args.latent_search_points, defaults.latent_search_points),
         progress=not args.no_progress,

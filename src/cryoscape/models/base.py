@@ -13,6 +13,7 @@ every decoder and never asks ``getattr``): :meth:`VolumeDecoder.optimizer_param_
 :meth:`~VolumeDecoder.set_data_spectrum` (with :attr:`~VolumeDecoder.wants_data_spectrum`),
 :meth:`~VolumeDecoder.warm_start` (with :attr:`~VolumeDecoder.wants_warm_start`),
 :meth:`~VolumeDecoder.refit` (with :attr:`~VolumeDecoder.wants_refit`),
+:meth:`~VolumeDecoder.latent_errors` (many latents scored per image at once),
 :meth:`~VolumeDecoder.regularization_loss`, :meth:`~VolumeDecoder.after_optimizer_step`,
 :meth:`~VolumeDecoder.predict_images` (a real-space image formation) and
 :meth:`~VolumeDecoder.attention_volumes` (maps for analysis).
@@ -119,6 +120,15 @@ class VolumeDecoder(nn.Module, abc.ABC):
         ``final``: the run's last refit, whose maps are the result (a decoder may spend more on
         it than on the refits between epochs).  Returns a summary dict for the log, or ``None``.
         """
+        return None
+
+    def latent_errors(self, coords: torch.Tensor, target: torch.Tensor, ctf: torch.Tensor | None,
+                      pixel_weights: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor | None:
+        """``(B, C)`` squared errors ``sum_p w_p |target - ctf * F(R^T k_p, z_c)|^2`` of every image
+        of a posed batch (``coords (B, P, 3)``, ``target (B, P)``, ``ctf (B, P)`` or ``None``,
+        ``pixel_weights (P,)``, as ``refit``'s slices) against the decoder at each of
+        ``candidates (C, zdim)``, or ``None`` (default): the decoder has no path cheaper than ``C``
+        forward passes, and the latent step after the final refit (train/refit.py) is skipped."""
         return None
 
     def regularization_loss(self, *, n_images: int) -> torch.Tensor | None:

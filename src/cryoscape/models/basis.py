@@ -457,6 +457,40 @@ class StructuralBasis(VolumeDecoder):
         self.mean_real.copy_(mean_map.real.unsqueeze(-1) / amp)
         self.mean_imag.copy_(mean_map.imag.unsqueeze(-1) / amp)
 
+    @torch.no_grad()
+    def latent_errors(self, coords: torch.Tensor, target: torch.Tensor, ctf: torch.Tensor | None,
+                      pixel_weights: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor | None:
+        """``(B, C)`` squared errors of a posed batch at ``C`` candidate latents (the hook of
+        :meth:`VolumeDecoder.latent_errors`).  The map is linear in the mixing weights, so the
+        candidates cost one slice of each of the ``K + 1`` volumes per image and a ``K x K``
+        quadratic form each: ``|r_0 - A s|^2 = |r_0|^2 - 2 Re(A^H r_0) . s + s . Re(A^H A) s`` with
+        ``r_0`` the residual of ``V_0`` and ``A`` the CTF-weighted slices of ``V_1 .. V_K``
+        (weighted by ``pixel_weights``).  ``None`` when homogeneous."""
+        if self.mlp is None:
+            return None
+        B = coords.shape[0]
+        dtype = self.mean_real.dtype
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            points = coords.reshape(B, -1, 3).to(dtype) * self.box_size
+            index, imag_sign, w = corner_codes_and_weights(self._lattice(), points,
+                                                           corner_factors=self._corner_amplitude(dtype))
+
+            def sliced(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+                return sparse_slice(re.contiguous(), im.contiguous(), None, None, None, index, w, imag_sign,
+                                    max_elements=self.max_elements).to(torch.complex128)
+
+            c = 1.0 if ctf is None else ctf.reshape(B, -1).to(torch.float64)
+            pw = pixel_weights.to(target.device, torch.float64)
+            r0 = target.reshape(B, -1).to(torch.complex128) - c * sliced(self.mean_real, self.mean_imag)
+            A = torch.stack([c * sliced(self.basis_real[:, k:k + 1], self.basis_imag[:, k:k + 1])
+                             for k in range(self.n_basis)], dim=-1)  # (B, P, K)
+            weighted = A.conj() * pw[None, :, None]
+            h = torch.einsum("bpk,bp->bk", weighted, r0).real
+            gram = torch.einsum("bpk,bpl->bkl", weighted, A).real
+            s = self.mixing_weights(candidates.to(self._table.device)).double()  # (C, K)
+            e0 = (pw * r0.abs().square()).sum(-1)
+            return e0[:, None] - 2.0 * h @ s.T + torch.einsum("ck,bkl,cl->bc", s, gram, s)
+
     def regularization_loss(self, *, n_images: int) -> torch.Tensor | None:
         """The Fourier-power (ridge) prior per image, ``None`` when ``power_prior`` is 0.
 

@@ -135,6 +135,10 @@ class TrainConfig:
     # but stopped a 1000-image set from learning its latent at all, README)
     refit: bool = True
     refit_every: int = 0
+    # after the final refit: each image's latent re-estimated against the refitted maps (its posterior mean over
+    # refit_latent_candidates of the run's own latents), then the maps refitted at those latents (train/refit.py)
+    refit_latents: bool = True
+    refit_latent_candidates: int = 512
     # latent search (train/latent_search.py): the last N epochs take each image's latent from a search against the
     # decoder (None: the decoder's latent_search_fraction of the run; 0: off), over latent_search_points candidates;
     # latent_search_start: the first searching epoch (-1: none), fixed when a run starts so a resume keeps it
@@ -171,6 +175,8 @@ class TrainConfig:
                 d = {**d, "decoder_options": {"local_strength": 0.0, **(d.get("decoder_options") or {})}}
         if "num_epochs" in d and "refit" not in d:  # a run saved before the refit: none, as it trained
             d = {**d, "refit": False, "refit_every": 0}
+        if "num_epochs" in d and "refit_latents" not in d:  # a run saved before the latent step: none
+            d = {**d, "refit_latents": False}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # ---- derived values
@@ -224,6 +230,8 @@ class TrainConfig:
                              "refines them, so leave --refine-poses out")
         if self.refit_every < 0:
             raise ValueError(f"--refit-every must be 0 (only after the last epoch) or positive, got {self.refit_every}")
+        if self.refit_latent_candidates < 2:
+            raise ValueError(f"--refit-latent-candidates must be at least 2, got {self.refit_latent_candidates}")
         if self.warm_start_images < 0:
             raise ValueError(f"--warm-start-images must be 0 (off) or positive, got {self.warm_start_images}")
         if self.shuffle_chunk < 0:

@@ -60,7 +60,7 @@ from cryoscape.train.model import Model, resolve_device
 from cryoscape.train.objective import ImageLoss, TiltPairLoss, tilt_rotation
 from cryoscape.train.outputs import format_seconds, plot_losses, write_epoch_map, write_latents, write_run_config
 from cryoscape.train.pose_sources import PoseSource, RandomPoses, Shard
-from cryoscape.train.refit import refit_decoder
+from cryoscape.train.refit import refine_latents, refit_decoder
 from cryoscape.train.schedule import EpochPlan, Schedule
 from cryoscape.train.warm_start import warm_start_decoder
 
@@ -511,14 +511,34 @@ class Trainer:
             progress.z_logvar = self.dist.sum_array(progress.z_logvar)
             self.previous_latents = progress.z_mean
         if self._refit_due(epoch):
-            summary = refit_decoder(self.model.decoder, _PosedData(self.data, self.poses), self.pixels,
-                                    progress.z_mean, final=epoch == self.schedule.num_epochs - 1,
-                                    batch_size=max(self.config.batch_size, 64), domain=self.config.domain,
-                                    device=self.device)
-            record["refit_seconds"] = summary["seconds"] if summary else 0.0
+            record["refit_seconds"] = self._refit(progress, final=epoch == self.schedule.num_epochs - 1)
         if self.dist.is_main:
             self._write_epoch(plan, progress)
         self._log_epoch(plan, record)
+
+    def _refit(self, progress: EpochProgress, *, final: bool) -> float:
+        """Re-solve the decoder's maps at the epoch's latents (train/refit.py); after the final refit
+        (with ``refit_latents``) re-estimate the latents against the refitted maps, refit at them and
+        keep them as the epoch's latents.  Returns the seconds spent."""
+        config, decoder = self.config, self.model.decoder
+        posed = _PosedData(self.data, self.poses)
+        kwargs = dict(batch_size=max(config.batch_size, 64), domain=config.domain, device=self.device)
+        t0 = time.perf_counter()
+        summary = refit_decoder(decoder, posed, self.pixels, progress.z_mean, final=final, **kwargs)
+        if not (final and config.refit_latents and progress.z_mean is not None and summary
+                and "skipped" not in summary):
+            return time.perf_counter() - t0
+        refined = refine_latents(decoder, posed, self.pixels, progress.z_mean,
+                                 n_candidates=config.refit_latent_candidates, seed=config.seed, **kwargs)
+        if refined is None:
+            return time.perf_counter() - t0
+        moved = float(np.sqrt(np.mean((refined[0] - progress.z_mean) ** 2)))
+        log.info("refit: latents re-estimated against the refitted maps (posterior means over %d candidates; "
+                 "rms change %.3f)", min(config.refit_latent_candidates, len(progress.z_mean)), moved)
+        progress.z_mean, progress.z_logvar = refined[0], np.log(np.maximum(refined[1], 1e-12)).astype(np.float32)
+        self.previous_latents = progress.z_mean
+        refit_decoder(decoder, posed, self.pixels, progress.z_mean, final=True, **kwargs)
+        return time.perf_counter() - t0
 
     def _refit_due(self, epoch: int) -> bool:
         """Whether the decoder's maps are re-solved after ``epoch`` (train/refit.py): ``refit`` on, a
