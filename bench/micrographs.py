@@ -34,6 +34,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = ("(micrograph-em defaults: --coarse-box auto, i.e. level-0 stages of box >= 32 first score every rotation "
+            "at half the box, then 16 most probable + 48 sampled rotation pairs per patch at the full box)")
 PY = str(ROOT / ".venv" / "bin" / "python")
 
 
@@ -104,7 +106,7 @@ def iteration_timing(work: Path, args) -> list[str]:
                fresh=True)
     log = read_log(out / "iterations.tsv")
     lines = [f"timing: {n} micrographs of 1024^2, D={D}, 30 particles each, SNR 0.1; one iteration per stage "
-             f"({' '.join(schedule)}) {args.em_options}, 2 threads, float32, end to end through the command line"]
+             f"({' '.join(schedule)}) {args.em_options or DEFAULTS}, 2 threads, float32, end to end through the command line"]
     previous = 0.0
     for row, stage in zip(log, schedule):
         lines.append(f"stage {stage} (box {row['box']:.0f}, {row['n_rotations']:.0f} rotations, "
@@ -163,7 +165,7 @@ def run_fsc(work: Path, args) -> list[str]:
     lines = [f"# cpu: {cpu_name()}; 2 threads; box {args.box} ({pixel} A/pixel), {args.n_micrographs} micrographs of "
              f"{args.size}^2 with {args.per_micrograph} separated particles; initial map: hinge 40 deg low-passed "
              f"to 40 A (truth: hinge 0 deg; FSC=0.5 at {start['res_0.5_angstrom']:.1f} A, AUC {start['fsc_auc']:.3f}); "
-             f"EM schedule {' '.join(args.schedule)} {args.em_options} (SO(3) grid turned each iteration unless "
+             f"EM schedule {' '.join(args.schedule)} {args.em_options or DEFAULTS} (SO(3) grid turned each iteration unless "
              f"--grid fixed); pick: {args.pick_iterations} rounds, {args.per_micrograph} picks per micrograph "
              f"(fixed grid)"]
     print(lines[0], flush=True)

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow
 # separated particles, 20 iterations with the SO(3) grid turned each iteration (the default; measured in
 # bench/results/micrographs_2026-12-03_turned_snr1.txt, the same micrographs and seed): FSC AUC 0.486 after
 # iteration 1, 0.548 after 20, FSC=0.5 at 22.4 A with --average window; 0.584 and 21.0 A with the default
-# --average all (micrographs_2026-12-04_average_all.txt).  With a fixed grid (micrographs_2026-12-03.txt) the maps
-# drifted: AUC 0.519 -> 0.459, FSC=0.5 26.8 -> 43.8 A; these bounds fail on that.
+# --average all (micrographs_2026-12-04_average_all.txt); 0.585 and 21.1 A with the sampled first pass
+# (--coarse-box auto, the default since 2026-12-04; micrographs_2026-12-04_coarse_sampled.txt).  With a fixed
+# grid (micrographs_2026-12-03.txt) the maps drifted: AUC 0.519 -> 0.459, FSC=0.5 26.8 -> 43.8 A; these bounds fail on that.
 FINAL_RES_ANGSTROM, FINAL_AUC = 27.0, 0.50
 # overlapping particles, 2 micrographs, 5 iterations at box 32: measured 23.4 A and AUC 0.560 with the turned grid
 # and --average window (25.4 A and 0.501 with a fixed grid), from 42.1 A and 0.358

@@ -24,6 +24,18 @@ def _stage(text: str):
     return stage
 
 
+def _coarse_box(text: str):
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a box size >= 0")
+    return value
+
+
 def _regularization(text: str):
     if text == "fsc":
         return text
@@ -71,14 +83,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     em.add_argument("--local-rotations", type=int, default=24, metavar="N",
                     help="stages at SO(3) level >= 1 score every patch on the level below first and then only the 8 "
                          "children of its N most probable rotations (default 24; 0: every rotation of the level)")
-    em.add_argument("--coarse-box", type=int, default=0, metavar="B",
+    em.add_argument("--coarse-box", type=_coarse_box, default=None, metavar="B",
                     help="stages of a box above B first score the patches on micrographs Fourier-cropped to box B "
-                         "(a band-limited first pass): at SO(3) level 0 every rotation, then only the --coarse-pairs "
-                         "most probable rotation pairs per patch at the stage's box; at level 1 the parent level. "
-                         "Faster, but at low SNR the truncated posteriors let the maps drift (README); "
-                         "0: off (default)")
-    em.add_argument("--coarse-pairs", type=int, default=32, metavar="P",
-                    help="rotation pairs per patch kept by the first pass at SO(3) level 0 (default 32 of 288)")
+                         "(a band-limited first pass): at SO(3) level 0 every rotation, then at the stage's box only "
+                         "each patch's --coarse-pairs most probable rotation pairs and --coarse-sampled pairs drawn "
+                         "from the others; at level 1 the parent level. auto (default): half the box of level-0 "
+                         "stages of box >= 32, none elsewhere; 0: off (the exhaustive E-step)")
+    em.add_argument("--coarse-pairs", type=int, default=16, metavar="P",
+                    help="most probable rotation pairs per patch kept by the first pass at SO(3) level 0 (default 16 "
+                         "of 288)")
+    em.add_argument("--coarse-sampled", type=int, default=48, metavar="R",
+                    help="rotation pairs per patch drawn uniformly from those the first pass did not keep, each "
+                         "weighted for the pairs left out, so the posteriors stay unbiased (default 48; 0: only the "
+                         "--coarse-pairs, which let low-SNR maps drift)")
     em.add_argument("--average", choices=("all", "window"), default="all",
                     help="all: the M-step sums are the mean over all the stage's iterations so far (a step of 1/t; "
                          "default); window: a running average over about 1/FRACTION iterations (the maps drifted "
@@ -146,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             run_micrograph_em(table, initial, schedule=schedule, rho0=args.rho0, sigma=args.sigma,
                               regularization=args.regularization, local_parents=args.local_rotations,
-                              coarse_box=args.coarse_box, coarse_pairs=args.coarse_pairs, average=args.average,
+                              coarse_box=args.coarse_box, coarse_pairs=args.coarse_pairs, coarse_sampled=args.coarse_sampled, average=args.average,
                               align_rotation=args.reorient, independent_halves=args.independent_halves,
                               turn_grid=args.grid != "fixed",
                               seed=args.seed, resume=args.resume, memory_bytes=int(args.memory_gb * 1024**3),

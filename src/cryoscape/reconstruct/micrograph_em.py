@@ -38,9 +38,11 @@ Cost: an iteration does two complex FFTs of ``2L x 2L`` per patch and pair of ro
 correlations per complex FFT, patch_em.py), i.e. about ``2 K`` times the number of pixels of the
 downsampled micrographs (whole-micrograph correlation costs the same; patches keep memory bounded
 and need no masking).  M-step FFTs are skipped for (patch, pair)s without posterior mass, and
-stages at SO(3) level >= 1 search rotations coarse to fine (:class:`LocalSearch`); with ``coarse_box``
-a first pass on micrographs Fourier-cropped to a smaller box picks each patch's rotations (opt-in: the
-truncated posteriors let low-SNR maps drift).  Downsampled micrographs are cached on disk per stage
+stages at SO(3) level >= 1 search rotations coarse to fine (:class:`LocalSearch`).  By default
+(``coarse_box`` None, :func:`stage_coarse_box`) level-0 stages of box >= 32 first score every rotation
+on micrographs Fourier-cropped to half the box, then at the full box only each patch's most probable
+rotation pairs and a weighted uniform sample of the others (keeping only the most probable ones made
+the posteriors too hard and the low-SNR maps drift).  Downsampled micrographs are cached on disk per stage
 (``cache/``) and read one micrograph at a time, so memory is one micrograph's patches times a batch
 of rotations.
 
@@ -89,6 +91,7 @@ __all__ = [
     "run_micrograph_em",
     "LocalSearch",
     "local_search",
+    "stage_coarse_box",
 ]
 
 log = logging.getLogger("cryoscape.micrograph_em")
@@ -261,13 +264,33 @@ class LocalSearch:
     indices into the stage's rotations; with ``children`` None the first pass scores the stage's own
     rotations and its units are the stage's rotation pairs.  ``box_size`` is the first pass's box:
     below the stage's box it runs on the Fourier-cropped micrographs (a band-limited first pass, a
-    quarter of the cost per rotation at half the box)."""
+    quarter of the cost per rotation at half the box).
+
+    ``n_sampled`` (with ``children`` None): besides its ``n_parents`` most probable pairs, each patch
+    scores ``n_sampled`` pairs drawn uniformly (``generator``) from the others, each standing for
+    ``(J - n_parents) / n_sampled`` of them (a stratified importance sample; :func:`_sampled_estep`).
+    Keeping only the most probable pairs makes the posteriors nearly hard where the first pass cannot
+    tell the rotations apart (at low SNR it ranks them almost at random) and the maps drifted; the
+    sample keeps the E-step's sums unbiased over the pairs left out."""
 
     rotations: torch.Tensor
     children: torch.Tensor | None
     n_parents: int
     proj_ft: torch.Tensor | None = None
     box_size: int | None = None
+    n_sampled: int = 0
+    generator: torch.Generator | None = None
+
+
+AUTO_COARSE_MIN_BOX = 32
+
+
+def stage_coarse_box(stage: Stage, coarse_box: int | None) -> int:
+    """The ``coarse_box`` a stage runs with: as given, or with None (``--coarse-box auto``) half the stage's box
+    for stages at SO(3) level <= 0 of box >= ``AUTO_COARSE_MIN_BOX``, and 0 (no band-limited pass) otherwise."""
+    if coarse_box is not None:
+        return int(coarse_box)
+    return stage.box_size // 2 if stage.so3_level <= 0 and stage.box_size >= AUTO_COARSE_MIN_BOX else 0
 
 
 def coarse_box_for(L: int, coarse_box: int | None) -> int:
@@ -277,13 +300,15 @@ def coarse_box_for(L: int, coarse_box: int | None) -> int:
 
 def local_search(volume: torch.Tensor, level: int, L: int, n_parents: int | None,
                  turn: torch.Tensor | None = None, *, coarse_box: int | None = 0,
-                 rotations: torch.Tensor | None = None, n_pairs: int | None = None) -> LocalSearch | None:
+                 rotations: torch.Tensor | None = None, n_pairs: int | None = None, n_sampled: int = 0,
+                 generator: torch.Generator | None = None) -> LocalSearch | None:
     """The :class:`LocalSearch` of a stage, or None for an exhaustive search.
 
     Level ``>= 1`` with ``n_parents``: the parent level, turned by ``turn`` ``(3, 3)`` as
     :func:`em_iteration` turns the stage's grid.  Level ``<= 0`` with a first-pass box below ``L``
     (:func:`coarse_box_for`) and ``n_pairs``: the stage's own ``rotations`` at that box, keeping the
-    ``n_pairs`` most probable rotation pairs per patch.
+    ``n_pairs`` most probable rotation pairs per patch and ``n_sampled`` drawn from the others
+    (:class:`LocalSearch`).
     """
     Lc = coarse_box_for(L, coarse_box)
     first = volume
@@ -302,8 +327,9 @@ def local_search(volume: torch.Tensor, level: int, L: int, n_parents: int | None
         children = child[..., 0] * n_psi + child[..., 1]
         n_parents = min(int(n_parents), len(parents))
         return LocalSearch(parents, children, n_parents, _templates_ft(first, parents, Lc), Lc)
-    if level <= 0 and Lc < L and n_pairs and rotations is not None and 2 * int(n_pairs) < len(rotations):
-        return LocalSearch(rotations, None, int(n_pairs), _templates_ft(first, rotations, Lc), Lc)
+    if level <= 0 and Lc < L and n_pairs and rotations is not None and 2 * (int(n_pairs) + n_sampled) < len(rotations):
+        return LocalSearch(rotations, None, int(n_pairs), _templates_ft(first, rotations, Lc), Lc, int(n_sampled),
+                           generator)
     return None
 
 
@@ -318,10 +344,17 @@ class _FirstPass:
     sigma2: float
 
     def kept_pairs(self, estep: PatchEStep, start: int, stop: int):
-        """``(pair_index (n, J), log_unseen (n,))`` of patches ``start:stop`` (see :class:`PatchEStep`)."""
+        """``(pair_index (n, J), log_unseen (n,) or None)`` of patches ``start:stop`` (see :class:`PatchEStep`);
+        with ``search.n_sampled`` the sampled pairs come last, as ``J_all + pair`` (:func:`_sampled_estep`)."""
         first = estep(self.patches[start:stop])
         n, search = stop - start, self.search
         mass = torch.view_as_real(first.posterior).sum((2, 3)).reshape(n, -1)  # per rotation
+        if search.children is None and search.n_sampled:  # the most probable pairs and a uniform sample of the rest
+            pair_mass = mass.reshape(n, -1, 2).sum(-1)
+            J_all = pair_mass.shape[1]
+            top = pair_mass.topk(search.n_parents, dim=1).indices
+            draw = torch.rand(n, J_all, generator=search.generator).to(mass.device).scatter_(1, top, -1.0)
+            return torch.cat([top, draw.topk(search.n_sampled, dim=1).indices + J_all], 1), None
         if search.children is None:  # units are the stage's rotation pairs
             kept, index = mass.reshape(n, -1, 2).sum(-1).topk(search.n_parents, dim=1)
         else:
@@ -340,7 +373,10 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
     """
     K, L = energy.shape[0], patches.shape[-1]
     estep = PatchEStep(t_ft, energy, sigma2=sigma2, rho0=rho0)
+    J_all = estep.n_pairs
     coarse = None if parents is None else PatchEStep(parents.t_ft, parents.energy, sigma2=parents.sigma2, rho0=rho0)
+    if parents is not None and parents.search.n_sampled:
+        estep = _sampled_estep(estep, parents.search)
     b_ft, W = None, patches.new_zeros(K)
     for start in range(0, len(patches), batch):
         chunk, index, unseen = patches[start : start + batch], None, None
@@ -352,11 +388,23 @@ def _estep_micrograph(patches, t_ft, energy, *, sigma2, rho0, batch, sums: _Sums
         sums.residual += float(res.expected_residual.double().sum())
         sums.n_patches += len(chunk)
         if m_step:
-            b_ft, w = backprojection_sums_ft(chunk, res.posterior, n_rotations=K, out=b_ft, pair_index=index)
+            b_ft, w = backprojection_sums_ft(chunk, res.posterior, n_rotations=K, out=b_ft,
+                                             pair_index=None if index is None else index % J_all)
             W += w
     if b_ft is None:
         return patches.new_zeros(K, L, L), W
     return unpack_sums(b_ft, K, L), W
+
+
+def _sampled_estep(estep: PatchEStep, search: LocalSearch) -> PatchEStep:
+    """``estep`` with every rotation pair ``j`` present twice: as ``j`` (a patch's most probable pairs) and as
+    ``J + j``, its prior weight multiplied by ``(J - n_parents) / n_sampled`` (a pair of the uniform sample
+    stands for that many pairs left out), so that the normalised posterior over a patch's kept and sampled
+    pairs and "empty" estimates the exhaustive one without bias from the pairs left out."""
+    weight = (estep.n_pairs - search.n_parents) / search.n_sampled
+    estep.packed_conj = torch.cat([estep.packed_conj, estep.packed_conj])
+    estep.offset = torch.cat([estep.offset, estep.offset - math.log(weight)])
+    return estep
 
 
 def _first_pass(source: MicrographPatches, g: int, chosen: torch.Tensor, search: LocalSearch, L: int,
@@ -396,6 +444,7 @@ def em_iteration(
     turn_grid: bool = False,
     coarse_box: int | None = 0,
     coarse_pairs: int | None = None,
+    coarse_sampled: int = 0,
     step: float | None = None,
 ) -> tuple[torch.Tensor, float, float, dict]:
     """One E- and M-step at ``stage``; returns ``(volume, rho0, sigma2, statistics)``.
@@ -408,7 +457,8 @@ def em_iteration(
     with ``half_volumes`` ``(2, L, L, L)`` as well, micrograph ``g`` is aligned against half-map ``g % 2``
     (gold standard) and ``statistics["half_volumes"]`` holds the new half-maps.  ``turn_grid`` turns the
     rotation grid by a random rotation drawn from ``rng`` (see the module docstring).  ``local_parents``,
-    ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).  ``step``
+    ``coarse_box`` (None: :func:`stage_coarse_box`), ``coarse_pairs`` and ``coarse_sampled`` set the
+    coarse-to-fine search (:func:`local_search`; the sample is drawn with a generator seeded from ``rng``).  ``step``
     replaces ``f`` as the running average's step (e.g. ``1 / t`` at the stage's ``t``-th iteration: the
     mean of all its iterations' sums).
     """
@@ -424,12 +474,16 @@ def em_iteration(
     freqs = acc.frequencies_cycles_per_pixel
     num = torch.zeros(halves, K, freqs.shape[0], dtype=torch.complex64, device=device)
     den = torch.zeros(halves, K, freqs.shape[0], device=device)
+    coarse_box = stage_coarse_box(stage, coarse_box)
+    generator = None
+    if coarse_sampled and coarse_box and stage.so3_level <= 0:
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     local = [local_search(v, stage.so3_level, L, local_parents, turn, coarse_box=coarse_box, rotations=rotations,
-                          n_pairs=coarse_pairs) for v in references]
+                          n_pairs=coarse_pairs, n_sampled=coarse_sampled, generator=generator) for v in references]
     batch, parents = _patch_batch(K, L, memory_bytes), None
     if local[0] is not None:
         search = local[0]
-        fine = 2 * search.n_parents if search.children is None else 8 * search.n_parents  # rotations per patch
+        fine = 2 * (search.n_parents + search.n_sampled) if search.children is None else 8 * search.n_parents
         batch = min(_patch_batch(len(search.rotations), search.box_size, memory_bytes),
                     _patch_batch(fine, L, memory_bytes))
     sums = _Sums()
@@ -711,8 +765,9 @@ def run_micrograph_em(
     sigma: float | None = None,
     regularization: float | str = 0.1,
     local_parents: int | None = 24,
-    coarse_box: int | None = 0,
-    coarse_pairs: int | None = 32,
+    coarse_box: int | None = None,
+    coarse_pairs: int | None = 16,
+    coarse_sampled: int = 48,
     average: str = "all",
     align_rotation: bool = False,
     independent_halves: bool = False,
@@ -732,7 +787,8 @@ def run_micrograph_em(
     log gains their FSC; with ``regularization="fsc"`` it filters the map); ``turn_grid`` turns the SO(3) grid
     every iteration (module docstring); ``average="all"`` makes each stage's M-step sums the mean over all
     its iterations so far, ``"window"`` a running average over about ``1 / fraction`` of them;
-    ``local_parents``, ``coarse_box`` and ``coarse_pairs`` set the coarse-to-fine search (:func:`local_search`).
+    ``local_parents``, ``coarse_box`` (None: half the box of level-0 stages of box >= 32, :func:`stage_coarse_box`;
+    0: off), ``coarse_pairs`` and ``coarse_sampled`` set the coarse-to-fine search (:func:`local_search`).
     """
     out = Path(out_dir)
     schedule = schedule or default_schedule(box_size)
@@ -756,7 +812,7 @@ def run_micrograph_em(
                 state.volume, source, stage, rho0=state.rho0, sigma2=state.sigma2, rng=rng,
                 regularization=regularization, memory_bytes=memory_bytes, previous_sums=state.sums,
                 progress=progress, local_parents=local_parents, align_rotation=align_rotation,
-                coarse_box=coarse_box, coarse_pairs=coarse_pairs, half_volumes=state.half_volumes,
+                coarse_box=coarse_box, coarse_pairs=coarse_pairs, coarse_sampled=coarse_sampled, half_volumes=state.half_volumes,
                 turn_grid=turn_grid, step=1.0 / (state.iteration_in_stage + 1) if average == "all" else None)
             state.sums = stats.pop("sums").cpu()
             if state.half_volumes is not None:
