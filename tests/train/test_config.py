@@ -43,12 +43,27 @@ def test_an_atomic_run_saved_before_the_local_restraint_resumes_without_it():
 
 
 def test_a_run_saved_before_the_refit_resumes_without_it():
-    """Runs saved before the refit (no ``refit`` field) resume as they trained (no refit); new runs
-    refit after the last epoch by default, and --no-refit turns every refit off."""
+    """Runs saved before the refit (no ``refit`` field) resume as they trained (no refit), runs
+    saved before the latent step (no ``refit_latents``) without it; new runs refit after the last
+    epoch, choose the refits between epochs from the epoch's length (``refit_every`` None) and
+    re-estimate the latents after the final refit; abinit refits after its last epoch only."""
+    from cryoscape.train.abinit import AbinitConfig
+
     saved = TrainConfig(decoder="basis", num_epochs=12).to_dict()
-    assert (saved["refit"], saved["refit_every"]) == (True, 0)
-    old = {k: v for k, v in saved.items() if k not in ("refit", "refit_every")}
+    assert (saved["refit"], saved["refit_every"], saved["refit_latents"]) == (True, None, True)
+    assert AbinitConfig().refit_every == 0
+    old = {k: v for k, v in saved.items() if k not in ("refit", "refit_every", "refit_latents")}
     assert (TrainConfig.from_dict(old).refit, TrainConfig.from_dict(old).refit_every) == (False, 0)
+    assert TrainConfig.from_dict(old).refit_latents is False
+    before_step = {k: v for k, v in saved.items() if k != "refit_latents"}
+    assert TrainConfig.from_dict({**before_step, "refit_every": 0}).refit_latents is False
+    assert TrainConfig.from_dict({**before_step, "refit_every": 0}).refit_every == 0
     assert TrainConfig.from_dict({**saved, "refit_every": 2}).refit_every == 2
+    # auto: refits between epochs every 2nd epoch from 100 optimiser steps per epoch on
+    auto = TrainConfig(decoder="basis")
+    assert (auto.batch_size, auto.refit_every_for(8000), auto.refit_every_for(6336), auto.refit_every_for(1000)) \
+        == (64, 2, 0, 0)
+    assert auto.refit_every_for(6337) == 2
+    assert TrainConfig(decoder="basis", refit_every=5).refit_every_for(1000) == 5
     with pytest.raises(ValueError, match="refit-every"):
         TrainConfig(refit_every=-1).validate()

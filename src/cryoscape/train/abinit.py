@@ -123,6 +123,7 @@ class AbinitConfig(TrainConfig):
     lr: float = 1e-3
     batch_size: int = 16
     num_epochs: int = 16
+    refit_every: int | None = 0  # a basis refits after the last epoch only (between epochs: not measured here)
     # ---- schedule
     pretrain_images: int = 4000
     search_every: int = 2

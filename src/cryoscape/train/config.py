@@ -49,6 +49,11 @@ DEFAULT_DEC_DIMS = {"neural_field": 128}
 FALLBACK_DEC_DIM = 256
 FALLBACK_BATCH_SIZE = 8
 FALLBACK_LEARNING_RATE = 1e-4
+#: ``--refit-every`` unset: refit after every AUTO_REFIT_EVERY-th epoch when an epoch has at least
+#: AUTO_REFIT_MIN_STEPS optimiser steps (8000 images at batch 64: 125), else only after the last
+#: (1000 images: 16 steps, where refits between epochs kept the latent from forming; README)
+AUTO_REFIT_EVERY = 2
+AUTO_REFIT_MIN_STEPS = 100
 
 
 @dataclass
@@ -131,10 +136,11 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0  # > 0: also a mid-epoch checkpoint at most every this many minutes
     warm_start_images: int = 20000  # 0: off; decoders with a warm_start hook (train/warm_start.py)
     # decoders with a refit hook (train/refit.py): re-solve the maps at the final latents after the last epoch
-    # (refit), and after every refit_every-th epoch (0: only after the last; 2 gave the best latents on 8000 images
-    # but stopped a 1000-image set from learning its latent at all, README)
+    # (refit), and after every refit_every-th epoch (0: only after the last; None: every 2nd when an epoch has at
+    # least 100 optimiser steps, else only after the last: every 2nd gave the best latents on 8000 images, 125
+    # steps, but stopped a 1000-image set, 16 steps, from learning its latent at all; README)
     refit: bool = True
-    refit_every: int = 0
+    refit_every: int | None = None
     # after the final refit: each image's latent re-estimated against the refitted maps (its posterior mean over
     # refit_latent_candidates of the run's own latents), then the maps refitted at those latents (train/refit.py)
     refit_latents: bool = True
@@ -178,6 +184,14 @@ class TrainConfig:
         if "num_epochs" in d and "refit_latents" not in d:  # a run saved before the latent step: none
             d = {**d, "refit_latents": False}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def refit_every_for(self, n_images: int) -> int:
+        """The epochs between refits (0: only after the last) of a run over ``n_images``:
+        ``refit_every``, or when unset every :data:`AUTO_REFIT_EVERY`-th once an epoch has at least
+        :data:`AUTO_REFIT_MIN_STEPS` optimiser steps."""
+        if self.refit_every is not None:
+            return self.refit_every
+        return AUTO_REFIT_EVERY if math.ceil(n_images / self.batch_size) >= AUTO_REFIT_MIN_STEPS else 0
 
     # ---- derived values
     @property
@@ -228,7 +242,7 @@ class TrainConfig:
         if self.pose_source == "encoder" and self.refine_poses:
             raise ValueError("--refine-poses corrects the table's poses; with --pose-source encoder the encoder "
                              "refines them, so leave --refine-poses out")
-        if self.refit_every < 0:
+        if self.refit_every is not None and self.refit_every < 0:
             raise ValueError(f"--refit-every must be 0 (only after the last epoch) or positive, got {self.refit_every}")
         if self.refit_latent_candidates < 2:
             raise ValueError(f"--refit-latent-candidates must be at least 2, got {self.refit_latent_candidates}")

@@ -547,7 +547,8 @@ class Trainer:
         if not (config.refit and self.model.decoder.wants_refit and self.poses.has_poses()):
             return False
         last = epoch == self.schedule.num_epochs - 1
-        return last or (config.refit_every > 0 and (epoch + 1) % config.refit_every == 0)
+        every = config.refit_every_for(self.N)
+        return last or (every > 0 and (epoch + 1) % every == 0)
 
     def _write_epoch(self, plan: EpochPlan, progress: EpochProgress) -> None:
         epoch, out = progress.epoch, self.out
