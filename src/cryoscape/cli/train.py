@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_data_arguments(parser)
     _add_model_arguments(parser)
     _add_training_arguments(parser)
+    _add_fit_arguments(parser)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +138,17 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--checkpoint-minutes", type=float, default=None, metavar="M",
                      help="also checkpoint inside an epoch at most every M minutes (checkpoint.partial.pt; --resume "
                           "continues the epoch where it stopped) [0: only after each epoch]")
+    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    run = parser.add_argument_group("continuing")
+    run.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN (same folder; -n sets the total)")
+    run.add_argument("--load", metavar="WEIGHTS",
+                     help="start from a checkpoint.pt / weights.EPOCH.pt (its epoch, weights, optimiser, "
+                          "normalisation) and write a new run to -o")
+
+def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that fit the maps or the latents outside the optimiser: warm start, refits, latent searches."""
+    opt = parser.add_argument_group("maps and latents fitted outside the optimiser")
     opt.add_argument("--warm-start-images", type=int, default=None, metavar="N",
                      help="decoders with a mean volume (basis): start it from the Wiener-filtered backprojection "
                           "of up to N images (0: start from zero) [20000]")
@@ -163,13 +175,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--latent-search-points", type=int, default=None, metavar="G",
                      help="candidate latents per image in a latent search (zdim 1: a grid along the latents; "
                           "more: around the encoder's mean) [32]")
-    opt.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    run = parser.add_argument_group("continuing")
-    run.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN (same folder; -n sets the total)")
-    run.add_argument("--load", metavar="WEIGHTS",
-                     help="start from a checkpoint.pt / weights.EPOCH.pt (its epoch, weights, optimiser, "
-                          "normalisation) and write a new run to -o")
 
 def _config_from_args(args: argparse.Namespace):
     from cryoscape.train.config import TrainConfig
