@@ -24,28 +24,24 @@ def _stage(text: str):
     return stage
 
 
-def _coarse_box(text: str):
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a box size >= 0")
-    return value
+def _keyword_or_number(keyword: str, keyword_value, cast, accept, meaning: str):
+    """An argparse type: ``keyword`` (parsed as ``keyword_value``) or a number ``cast(text)`` that
+    ``accept`` admits; anything else gets one sentence naming ``meaning``."""
+    def parse(text: str):
+        if text == keyword:
+            return keyword_value
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is neither {keyword!r} nor {meaning}")
+        return value
+    return parse
 
 
-def _regularization(text: str):
-    if text == "fsc":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither 'fsc' nor a positive number")
-    return value
+_coarse_box = _keyword_or_number("auto", None, int, lambda v: v >= 0, "a box size >= 0")
+_regularization = _keyword_or_number("fsc", "fsc", float, lambda v: v > 0, "a positive number")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -471,9 +471,7 @@ class StructuralBasis(VolumeDecoder):
         B = coords.shape[0]
         dtype = self.mean_real.dtype
         with torch.autocast(device_type=coords.device.type, enabled=False):
-            points = coords.reshape(B, -1, 3).to(dtype) * self.box_size
-            index, imag_sign, w = corner_codes_and_weights(self._lattice(), points,
-                                                           corner_factors=self._corner_amplitude(dtype))
+            index, imag_sign, w = self._slice_corners(coords, dtype)
 
             def sliced(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
                 return sparse_slice(re.contiguous(), im.contiguous(), None, None, None, index, w, imag_sign,
@@ -548,6 +546,12 @@ class StructuralBasis(VolumeDecoder):
                 back = back[c[:, 2] + L, c[:, 1] + L, c[:, 0] + L] / amp
                 re[:, j] = back.real.to(re.dtype)
                 im[:, j] = back.imag.to(im.dtype)
+
+    def _slice_corners(self, coords: torch.Tensor, dtype: torch.dtype):
+        """``(index, imag_sign, weights)`` of the trilinear corners of slice points ``coords (B, ..., 3)``
+        (cycles per pixel) on the stored lattice, with the per-voxel amplitude folded into the weights."""
+        points = coords.reshape(coords.shape[0], -1, 3).to(dtype) * self.box_size
+        return corner_codes_and_weights(self._lattice(), points, corner_factors=self._corner_amplitude(dtype))
 
     def _lattice_to_real(self, values: torch.Tensor) -> torch.Tensor:
         """``(C, n, n, n)`` real maps of lattice values ``(n_vox, C)`` on the odd cube ``n = 2L + 1``
@@ -670,9 +674,7 @@ class StructuralBasis(VolumeDecoder):
         dtype = self.mean_real.dtype
         with torch.autocast(device_type=coords.device.type, enabled=False):
             s = self.mixing_weights(z, B)
-            points = coords.reshape(B, -1, 3).to(dtype) * self.box_size
-            index, imag_sign, w = corner_codes_and_weights(self._lattice(), points,
-                                                           corner_factors=self._corner_amplitude(dtype))
+            index, imag_sign, w = self._slice_corners(coords, dtype)
             out = sparse_slice(
                 self.mean_real, self.mean_imag, self.basis_real, self.basis_imag, s, index, w, imag_sign,
                 sparse_grad=self.config["sparse_grad"], max_elements=self.max_elements,
