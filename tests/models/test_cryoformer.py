@@ -99,9 +99,10 @@ def test_heterogeneous_context_changes_the_density_with_the_latent():
 def test_deformation_starts_as_the_identity_and_then_moves_the_density():
     """The deformation path's last layer starts at zero (the map of a decoder without it); a non-zero
     displacement field changes the map with the latent, and gradients reach it through the grid lookup."""
-    plain = _decoder(12, zdim=1)
-    deformed = _decoder(12, zdim=1, deformation=True)
-    deformed.load_state_dict(plain.state_dict(), strict=False)
+    plain = _decoder(12, zdim=1, deformation=False)
+    deformed = _decoder(12, zdim=1)  # the default
+    own = {k: v for k, v in deformed.state_dict().items() if k.startswith("point_deformation.")}
+    deformed.load_state_dict({**plain.state_dict(), **own})
     z = torch.tensor([1.5])
     torch.testing.assert_close(deformed.eval_volume(z), plain.eval_volume(z))
     with torch.no_grad():
@@ -111,6 +112,18 @@ def test_deformation_starts_as_the_identity_and_then_moves_the_density():
     assert float((a - b).abs().max()) > 1e-2 * float(a.abs().max())
     deformed.eval_volume(z, grad=True).square().sum().backward()
     assert float(deformed.point_deformation.point.weight.grad.abs().sum()) > 0
+
+
+def test_weights_saved_without_the_deformation_load_as_that_model():
+    """A state saved by a decoder without the deformation (the default before 2026-12-04) loads into one
+    built with today's default and gives the same map."""
+    old = _decoder(12, zdim=1, deformation=False)
+    new = _decoder(12, zdim=1)
+    assert new.point_deformation is not None
+    new.load_state_dict(old.state_dict())
+    assert new.point_deformation is None and new.config["deformation"] is False
+    z = torch.tensor([0.7])
+    torch.testing.assert_close(new.eval_volume(z), old.eval_volume(z))
 
 
 def test_latent_to_points_and_grid_learning_rate_options():

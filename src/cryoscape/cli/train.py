@@ -145,6 +145,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--load", metavar="WEIGHTS",
                      help="start from a checkpoint.pt / weights.EPOCH.pt (its epoch, weights, optimiser, "
                           "normalisation) and write a new run to -o")
+    run.add_argument("--init-encoder", metavar="RUN",
+                     help="start the VAE encoder from a finished run's (folder, checkpoint.pt or weights.EPOCH.pt; "
+                          "same --zdim/--encoder/--enc-*), e.g. a fast --decoder basis run teaching CryoFormer its "
+                          "latent")
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that fit the maps or the latents outside the optimiser: warm start, refits, latent searches."""
@@ -254,6 +258,7 @@ def _config_from_args(args: argparse.Namespace):
         refit_latent_candidates=pick(args.refit_latent_candidates, defaults.refit_latent_candidates),
         latent_search_epochs=args.latent_search_epochs,
         latent_search_points=pick(args.latent_search_points, defaults.latent_search_points),
+        init_encoder=args.init_encoder,
         progress=not args.no_progress,
     )
 

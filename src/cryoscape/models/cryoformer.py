@@ -17,10 +17,13 @@ Model (notes/cryoformer.md; names are the constructor's options)
   :meth:`CryoFormer.attention_volumes`), and an FFN gives a density, made non-negative by a
   softplus.  This is the only part that runs per point.
 
-Latent paths (options, off by default: none made the hinge's latent learn it, README)
--------------------------------------------------------------------------------------
-* ``deformation``: an MLP of ``(x, z)`` displaces every query point before the hash-grid lookup
-  (:class:`PointDeformation`; its last layer starts at ``deformation_init_scale``, 0: the undeformed map);
+Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did on the hinge)
+--------------------------------------------------------------------------------------------
+* ``deformation`` (on by default; only with a latent, in real space): an MLP of ``(x, z)`` displaces
+  every query point before the hash-grid lookup (:class:`PointDeformation`; its last layer starts at
+  ``deformation_init_scale``, 0: the undeformed map).  This is the path through which the decoder uses
+  its latent: the attention paths alone left a latent unused even when it came ordered from another
+  decoder (``train --init-encoder RUN``, :mod:`cryoscape.train.teacher`);
 * ``latent_to_points`` / ``latent_to_spatial``: ``z`` is added to the hidden layer of every point's
   FFN / spatial MLP (concatenated to their inputs, as the neural field's first layer takes ``(x, z)``);
 * ``grid_lr_scale``: the hash tables train at this fraction of the learning rate;
@@ -137,7 +140,7 @@ class CryoFormer(VolumeDecoder):
                  base_resolution: int = 16, spatial_width: int = 16, n_queries: int = 64, query_dim: int = 64,
                  n_blocks: int = 3, n_heads: int = 4, deform_width: int = 128, deform_layers: int = 2,
                  render_size: int | None = None, radius_fraction: float = 0.9, jitter: bool = True,
-                 chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4, deformation: bool = False,
+                 chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4, deformation: bool = True,
                  deformation_width: int = 64, latent_to_points: bool = False, grid_lr_scale: float = 1.0,
                  latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
                  deformation_init_scale: float = 0.0):
@@ -198,6 +201,14 @@ class CryoFormer(VolumeDecoder):
             mods += [nn.Linear(width, width), nn.ReLU()]
         mods.append(nn.Linear(width, self.n_queries * self.query_dim))
         return nn.Sequential(*mods)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module``'s; weights saved before ``deformation`` was on by default (a config without the
+        key rebuilds with it, but the weights have no ``point_deformation.*``) load as the model they were."""
+        if self.point_deformation is not None and not any(k.startswith("point_deformation.") for k in state_dict):
+            self.point_deformation = None
+            self.config["deformation"] = False
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def optimizer_param_groups(self) -> list[dict] | None:
         """The hash-grid tables at ``grid_lr_scale`` times the learning rate, the rest at 1 (``None`` if 1)."""

@@ -151,6 +151,9 @@ class TrainConfig:
     latent_search_epochs: int | None = None
     latent_search_start: int | None = None
     latent_search_points: int = 32
+    # a latent teacher (train/teacher.py): the encoder starts from this finished run's (folder or .pt; train only,
+    # fresh runs)
+    init_encoder: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -62,6 +62,7 @@ from cryoscape.train.outputs import format_seconds, plot_losses, write_epoch_map
 from cryoscape.train.pose_sources import PoseSource, RandomPoses, Shard
 from cryoscape.train.refit import refine_latents, refit_decoder
 from cryoscape.train.schedule import EpochPlan, Schedule
+from cryoscape.train.teacher import copy_encoder
 from cryoscape.train.warm_start import warm_start_decoder
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RunContext", "band_pixels", "epoch_generator"]
@@ -293,6 +294,8 @@ class Trainer:
         if self.start_epoch >= self.schedule.num_epochs:
             log.info("the run already finished %d epochs; pass a larger --num-epochs to train more", self.start_epoch)
         if self.fresh:
+            if config.init_encoder:  # a latent teacher (train/teacher.py)
+                copy_encoder(self.model.encoder, config.init_encoder)
             if config.warm_start_images and self.poses.has_poses():
                 self._warm_start(config.seed)
             self._warm_up()

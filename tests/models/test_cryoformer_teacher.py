@@ -1,0 +1,73 @@
+"""The latent teacher (train/teacher.py): ``--init-encoder RUN`` copies a finished run's VAE encoder into a
+new run (here a voxel-basis run into a CryoFormer run), which then trains it further."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cryoscape.errors import InputError
+
+TINY = ["--decoder-opt", "render_size=8", "--decoder-opt", "n_levels=2", "--decoder-opt", "log2_table_size=10",
+        "--decoder-opt", "base_resolution=4", "--decoder-opt", "n_queries=4", "--decoder-opt", "query_dim=8",
+        "--decoder-opt", "n_blocks=1", "--decoder-opt", "n_heads=2", "--decoder-opt", "deform_width=16"]
+VAE = ["--zdim", "1", "--encoder", "resmlp", "--enc-layers", "1", "--enc-dim", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A 16-px hinge and a 2-epoch basis run on it (the teacher)."""
+    from cryoscape.cli.main import main
+
+    root = tmp_path_factory.mktemp("teacher")
+    data = root / "hinge16"
+    assert main(["simulate", "-o", str(data), "-n", "48", "-D", "16", "--snr", "1", "--heterogeneity", "hinge",
+                 "--seed", "0", "--oversampling", "1"]) == 0
+    assert main(["train", str(data / "particles.star"), "-o", str(root / "basis"), "--decoder", "basis", "-n", "2",
+                 *VAE]) == 0
+    return data, root / "basis"
+
+
+def _encoder_state(run):
+    from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
+
+    return load_checkpoint(find_checkpoint(run))["encoder"]["state"]
+
+
+def _largest_change(a, b) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_init_encoder_copies_the_teacher_and_the_run_trains_it_from_there(teacher, tmp_path):
+    """copy_encoder loads the basis run's encoder exactly; a 1-epoch CryoFormer run with --init-encoder ends
+    near it (6 Adam steps at lr 1e-3 move a weight by at most ~6e-3), one without it far from it."""
+    from cryoscape.cli.main import main
+    from cryoscape.models.encoders import build_encoder
+    from cryoscape.train.teacher import copy_encoder
+
+    data, basis = teacher
+    ref = _encoder_state(basis)
+    encoder = build_encoder({"type": "image", "box_size": 16, "zdim": 1, "kind": "resmlp", "layers": 1, "width": 32})
+    assert _largest_change(ref, encoder.state_dict()) > 0.1
+    copy_encoder(encoder, basis)
+    assert _largest_change(ref, encoder.state_dict()) == 0.0
+    common = ["train", str(data / "particles.star"), "--decoder", "cryoformer", "-n", "1", "-b", "8", *VAE, *TINY]
+    assert main([*common, "-o", str(tmp_path / "taught"), "--init-encoder", str(basis)]) == 0
+    assert main([*common, "-o", str(tmp_path / "fresh")]) == 0
+    moved = _largest_change(ref, _encoder_state(tmp_path / "taught"))
+    assert 0.0 < moved < 0.02, moved
+    assert _largest_change(ref, _encoder_state(tmp_path / "fresh")) > 0.1
+
+
+def test_init_encoder_refuses_an_encoder_of_another_shape(teacher):
+    from cryoscape.models.encoders import build_encoder
+    from cryoscape.train.teacher import copy_encoder
+
+    _, basis = teacher
+    other = build_encoder({"type": "image", "box_size": 16, "zdim": 1, "kind": "resmlp", "layers": 1, "width": 64})
+    with pytest.raises(InputError, match="width: 32 there, 64 here"):
+        copy_encoder(other, basis)
+    with pytest.raises(InputError, match="needs --zdim > 0"):
+        copy_encoder(None, basis)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())  # left as it was
