@@ -1,0 +1,247 @@
+"""Offline diagnostics of the voxel basis's latents and refit on a finished bench/oracle.py run (issue 19).
+
+    .venv/bin/python bench/oracle_diagnostics.py RUN_FOLDER DATA_FOLDER        (env variables pick the mode)
+
+It rebuilds the run's trainer from its checkpoint (in a copy under /tmp/cryoscape-latent-diagnostics),
+then, per mode, refits the maps at some latents, scores 50 evenly spaced images (``NSCORE``) like
+bench/oracle.py (per-image FSC AUC, masked AUC in the moving region, |Spearman| of PC1) and reports
+how well the latents predict the true coordinate (5-fold k-nearest-neighbour regression, R^2 and rms).
+Modes (one per call):
+
+* default: the latent step (posterior mean over ``NC`` candidate latents, ``ROUNDS`` rounds, each
+  followed by a refit);
+* ``TRUEZ=1``: the refit with 12 radial-basis features of the *true* coordinate (the map model's
+  ceiling), then the latent step against those maps;
+* ``NOISYZ=SD``: the same from the true coordinate plus Gaussian noise of rms ``SD``, ``ROUNDS`` rounds of
+  latent step + refit (does the step sharpen latents whose errors do not depend on the image?);
+* ``PC1=1``: the refit with radial-basis features of the learnt latent's first principal component only;
+* ``CROSS=1``: as ``PC1`` but each half-set's latents scored against maps refitted from the other half;
+* ``CLEAN=1``: radial-basis features of all 8 latent dimensions, raw and with the part predictable from the
+  defocus removed;
+* ``TOPK=1,2,4``: the run's own refit keeping only the top-k whitened mixing-weight components;
+* ``RBF0=K``: radial-basis features (K centres) of the learnt latent.
+
+A research tool: it reaches into the trainer's private pieces and swaps the decoder's mixing
+weights in place, so it lives in bench/, not in the library.  Results: bench/results/oracle_2026-12-04_diagnostics.txt.
+"""
+import os, shutil, sys, time
+from pathlib import Path
+import numpy as np, torch
+from cryoscape.train.loop import load_tables, build_training_data, pose_source_for
+from cryoscape.train.schedule import ConstantSchedule
+from cryoscape.train.trainer import Trainer, _PosedData
+from cryoscape.train.checkpoint import load_latest_checkpoint
+from cryoscape.train.config import TrainConfig
+from cryoscape.train.refit import refit_decoder
+from cryoscape.train.warm_start import posed_slices
+from cryoscape.analysis.evaluate import evenly_spaced_indices, load_ground_truth
+from cryoscape.analysis.oracle import truth_variability_mask, score_maps
+from sklearn.neighbors import KNeighborsRegressor
+from sklearn.model_selection import cross_val_predict
+
+run, data_dir = Path(sys.argv[1]), Path(sys.argv[2])
+NC = int(os.environ.get("NC", "512")); TEMPS = [float(t) for t in os.environ.get("TEMPS", "1").split(",")]
+ROUNDS = int(os.environ.get("ROUNDS", "1")); NSCORE = int(os.environ.get("NSCORE", "50"))
+work = Path("/tmp/cryoscape-latent-diagnostics") / run.parent.name / run.name
+shutil.rmtree(work, ignore_errors=True); shutil.copytree(run, work)
+state = load_latest_checkpoint(work, command="train")
+config = TrainConfig.from_dict(state["config"])
+table, tilted = load_tables(config)
+data = build_training_data(config, table, tilted, resume_state=state)
+poses = pose_source_for(config, data.dataset, table)
+tr = Trainer(config, data, poses, ConstantSchedule(config), work, resume_state=state, continue_run=True)
+z0 = np.load(work / f"z.{state['epoch']}.npy").astype(np.float32)
+truth = load_ground_truth(data_dir); mask = truth_variability_mask(truth)
+coord = truth.coordinate[:len(z0)]
+index = evenly_spaced_indices(len(z0), NSCORE)
+dec = tr.model.decoder; dec.eval()
+posed = _PosedData(tr.data, tr.poses)
+saved = {k: v.detach().clone() for k, v in dec.state_dict().items()}
+import copy as _c; saved_dec = _c.deepcopy(dec)
+
+def knn(z):
+    zs = (z - z.mean(0)) / z.std(0).clip(1e-6)
+    pred = cross_val_predict(KNeighborsRegressor(30), zs, coord, cv=5)
+    return 1 - np.var(pred - coord) / np.var(coord), np.sqrt(np.mean((pred - coord) ** 2))
+
+def score(tag, z):
+    with torch.no_grad():
+        maps = [dec.eval_volume(torch.as_tensor(r)).numpy() for r in z[index]]
+    s = score_maps(maps, truth.state_index[index], truth, mask, z=z)
+    r2, rms = knn(z)
+    print(f"{tag}: AUC {np.mean(s.auc):.3f} masked {np.mean(s.masked_auc):.3f} rho {s.spearman:.3f} kNN R2 {r2:.3f} rms {rms:.2f}", flush=True)
+
+@torch.no_grad()
+def e_step(z, temps, subset=None, dec=dec):
+    rng = np.random.default_rng(0)
+    cand_z = torch.as_tensor(z[rng.choice(len(z), NC, replace=False)])
+    S = dec.mixing_weights(cand_z).double()  # (C, K)
+    K = S.shape[1]
+    out = {t: np.zeros_like(z) for t in temps}
+    order = np.arange(len(z)) if subset is None else subset
+    real_inst = dec.__dict__.get('mixing_weights')
+    for coords, target, ctf, w, idx in posed_slices(posed, tr.pixels, order, batch_size=128, domain="fourier", device="cpu"):
+        B = coords.shape[0]; zz = torch.zeros(B, z.shape[1])
+        comps = []
+        for k in range(K + 1):
+            s = torch.zeros(1, K, dtype=dec.mean_real.dtype)
+            if k: s[0, k - 1] = 1
+            dec.mixing_weights = (lambda zq, batch=1, s=s: s.expand(batch, -1))
+            comps.append(dec(coords, zz))
+        if real_inst is None: del dec.mixing_weights
+        else: dec.mixing_weights = real_inst
+        M = comps[0].to(torch.complex128); A = torch.stack([c.to(torch.complex128) - M for c in comps[1:]], -1)
+        c = (ctf if ctf is not None else torch.ones_like(M.real)).to(torch.float64)
+        wt = w.to(torch.float64)
+        r0 = target.to(torch.complex128) - c * M
+        A = c[..., None] * A
+        e0 = (wt * r0.abs().square()).sum(-1)  # (B,)
+        h = torch.einsum("bpk,bp->bk", (A.conj() * wt[None, :, None]), r0).real
+        G = torch.einsum("bpk,bpl->bkl", A.conj() * wt[None, :, None], A).real
+        err = e0[:, None] - 2 * h @ S.T + torch.einsum("ck,bkl,cl->bc", S, G, S)  # (B, C)
+        best = err.min(1, keepdim=True).values
+        n_pix = float((wt > 0).sum())
+        noise = best.mean() / n_pix  # mean squared error per pixel (complex)
+        for t in temps:
+            logits = -(err - best) / (noise * t)
+            p = torch.softmax(logits, 1)
+            out[t][idx] = (p @ cand_z.double()).float().numpy()
+    return out
+
+def rbf_refit(z, K):
+    from sklearn.cluster import KMeans
+    from torch import nn
+    zt = torch.as_tensor(z, dtype=torch.float64)
+    mu, sd = zt.mean(0), zt.std(0).clamp_min(1e-6)
+    zs_ = (zt - mu) / sd
+    km = KMeans(K, n_init=4, random_state=0).fit(zs_.numpy())
+    C = torch.as_tensor(km.cluster_centers_)
+    d2 = torch.cdist(C, C).square(); d2.fill_diagonal_(float("inf"))
+    h2 = float(d2.min(1).values.median()) * float(os.environ.get("BW", "1.0"))
+    def feats(zz, batch=1):
+        zz = (torch.as_tensor(zz, dtype=torch.float64).reshape(-1, zt.shape[1]) - mu) / sd
+        return torch.softmax(-torch.cdist(zz, C).square() / (2 * h2), -1).to(dec.mean_real.dtype)
+    n_vox = dec.mean_real.shape[0]
+    dec.basis_real = nn.Parameter(torch.zeros(n_vox, K)); dec.basis_imag = nn.Parameter(torch.zeros(n_vox, K))
+    dec.mixing_weights = feats
+    summ = refit_decoder(dec, posed, tr.pixels, z, device="cpu")
+    score(f"rbf{K} refit", z)
+
+if os.environ.get("TRUEZ"):
+    zt = np.tile(coord[:, None], (1, z0.shape[1])).astype(np.float32) + 1e-3 * np.random.default_rng(0).standard_normal(z0.shape).astype(np.float32)
+    rbf_refit(zt, 12)
+    zs = e_step(zt, [1.0])[1.0]
+    err = zs[:, 0] - coord
+    print(f"E-step against the true-coordinate maps: posterior-mean coordinate rms error {np.sqrt(np.mean(err**2)):.4f}, range {np.ptp(coord):.3f}, kNN R2 {knn(zs)[0]:.3f}", flush=True)
+    sys.exit()
+
+if os.environ.get("NOISYZ"):
+    sd = float(os.environ["NOISYZ"])
+    rng = np.random.default_rng(1)
+    zt = (coord[:, None] + sd * rng.standard_normal((len(coord), 1))).astype(np.float32)
+    zt = np.tile(zt, (1, z0.shape[1])) + 1e-3 * rng.standard_normal(z0.shape).astype(np.float32)
+    for r in range(ROUNDS):
+        rbf_refit(zt, 12)
+        zs = e_step(zt, [1.0])[1.0]
+        err = zs[:, 0] - coord
+        print(f"round {r}: rms in {np.sqrt(np.mean((zt[:,0]-coord)**2)):.4f} -> out {np.sqrt(np.mean(err**2)):.4f} kNN R2 {knn(zs)[0]:.3f}", flush=True)
+        zt = zs
+    sys.exit()
+
+
+def rbf_setup(z, K, d):
+    from sklearn.cluster import KMeans
+    from torch import nn
+    zt_ = torch.as_tensor(z, dtype=torch.float64)
+    mu, sd = zt_.mean(0), zt_.std(0).clamp_min(1e-6)
+    km = KMeans(K, n_init=4, random_state=0).fit(((zt_ - mu) / sd).numpy())
+    C = torch.as_tensor(km.cluster_centers_)
+    d2 = torch.cdist(C, C).square(); d2.fill_diagonal_(float("inf"))
+    h2 = float(d2.min(1).values.median())
+    def feats(zz, batch=1):
+        zz = (torch.as_tensor(zz, dtype=torch.float64).reshape(-1, zt_.shape[1]) - mu) / sd
+        return torch.softmax(-torch.cdist(zz, C).square() / (2 * h2), -1).to(d.mean_real.dtype)
+    n_vox = d.mean_real.shape[0]
+    d.basis_real = nn.Parameter(torch.zeros(n_vox, K)); d.basis_imag = nn.Parameter(torch.zeros(n_vox, K))
+    d.mixing_weights = feats
+
+def refit_subset(d, idx, z):
+    zall = torch.as_tensor(z)
+    def batches():
+        for c, t, ctf, w, i in posed_slices(posed, tr.pixels, idx, batch_size=64, domain="fourier", device="cpu"):
+            yield c, t, ctf, w, zall[torch.as_tensor(i)]
+    d.refit(batches, zall[torch.as_tensor(idx)], final=True)
+
+
+
+if os.environ.get("TOPK"):
+    import cryoscape.models.basis as B
+    orig = B.whitening
+    for k in [int(x) for x in os.environ["TOPK"].split(",")]:
+        B.whitening = lambda s, k=k, **kw: (lambda m, w: (m, w[:, :k]))(*orig(s, **kw))
+        dec.load_state_dict(saved)
+        refit_decoder(dec, posed, tr.pixels, z0, device="cpu")
+        score(f"s(z) refit top {k}", z0)
+    sys.exit()
+if os.environ.get("CLEAN"):
+    import pickle
+    ctfp = pickle.load(open(data_dir / "ctf.pkl", "rb"))[:len(z0)]
+    df = ctfp[:, 2:4].mean(1, keepdims=True)
+    df = (df - df.mean()) / df.std()
+    pred = KNeighborsRegressor(200).fit(df, z0).predict(df)
+    zcl = (z0 - pred).astype(np.float32)
+    for tag, zz in (("raw", z0), ("clean", zcl)):
+        zc = zz - zz.mean(0); u, s, vt = np.linalg.svd(zc, full_matrices=False)
+        print(tag, "PC var frac", np.round(s**2 / (s**2).sum(), 3), flush=True)
+        rbf_refit(zz, 12)
+    sys.exit()
+if os.environ.get("CROSS"):
+    import copy
+    zc = z0 - z0.mean(0); _, _, vt = np.linalg.svd(zc, full_matrices=False)
+    p = zc @ vt[0]; p = (p - p.min()) / np.ptp(p)
+    if np.corrcoef(p, coord)[0, 1] < 0: p = 1 - p
+    rng = np.random.default_rng(1)
+    zt = np.tile(p[:, None], (1, z0.shape[1])).astype(np.float32) + 1e-3 * rng.standard_normal(z0.shape).astype(np.float32)
+    halves = [np.arange(0, len(zt), 2), np.arange(1, len(zt), 2)]
+    for r in range(ROUNDS):
+        decs = []
+        for h in (0, 1):
+            d = copy.deepcopy(saved_dec); rbf_setup(zt, 12, d); d.eval(); refit_subset(d, halves[h], zt); decs.append(d)
+        zs = np.zeros_like(zt)
+        for h in (0, 1):
+            out = e_step(zt, [1.0], subset=halves[h], dec=decs[1 - h])[1.0]
+            zs[halves[h]] = out[halves[h]]
+        print(f"cross round {r}: kNN R2 in {knn(zt)[0]:.3f} -> out {knn(zs)[0]:.3f}", flush=True)
+        zt = zs
+        rbf_refit(zt, 12)
+    sys.exit()
+if os.environ.get("PC1"):
+    zc = z0 - z0.mean(0); _, _, vt = np.linalg.svd(zc, full_matrices=False)
+    p = zc @ vt[0]; p = (p - p.min()) / np.ptp(p)
+    if np.corrcoef(p, coord)[0, 1] < 0: p = 1 - p
+    rng = np.random.default_rng(1)
+    zt = np.tile(p[:, None], (1, z0.shape[1])).astype(np.float32) + 1e-3 * rng.standard_normal(z0.shape).astype(np.float32)
+    for r in range(ROUNDS):
+        rbf_refit(zt, 12)
+        zs = e_step(zt, [1.0])[1.0]
+        print(f"round {r}: kNN R2 in {knn(zt)[0]:.3f} -> out {knn(zs)[0]:.3f}", flush=True)
+        zt = zs
+    rbf_refit(zt, 12)
+    sys.exit()
+if os.environ.get("RBF0"):
+    rbf_refit(z0, int(os.environ["RBF0"])); sys.exit()
+score("trained", z0)
+z = z0
+for r in range(ROUNDS):
+    t0 = time.perf_counter()
+    zs = e_step(z, TEMPS)
+    print(f"round {r}: e-step {time.perf_counter() - t0:.0f} s", flush=True)
+    for t in TEMPS:
+        dec.load_state_dict(saved)
+        r2, rms = knn(zs[t]); print(f"  T={t}: kNN R2 {r2:.3f} rms {rms:.2f}", flush=True)
+    if os.environ.get("RBF"):
+        rbf_refit(zs[TEMPS[0]], int(os.environ["RBF"])); break
+    if len(TEMPS) == 1 or ROUNDS > 1:
+        t = TEMPS[0]
+        refit_decoder(dec, posed, tr.pixels, zs[t], device="cpu")
+        score(f"round {r} T={t} refit", zs[t]); z = zs[t]
