@@ -4,8 +4,10 @@ Why: a decoder that learns its latent slowly (CryoFormer, whose hash grid fits t
 the latent is of any use to it) can take the latent of a decoder that learns it fast (the voxel
 basis: a 1000-image hinge in seconds) and spend its own epochs learning to *use* it.  The encoder is
 the VAE's image encoder, independent of the decoder, so its weights carry over between decoders
-trained on the same particles; from there it trains with the new decoder as usual (keeping it fixed
-for the first epochs was measured and did not help; README "Choosing a decoder: CryoFormer").
+trained on the same particles (it reads images normalised as in its own run, so a teacher trained
+on other particles or another box does not fit); from there it trains with the new decoder as usual
+(keeping it fixed for the first epochs was measured and did not help; README "Choosing a decoder:
+CryoFormer").
 
 Only ``cryoscape train`` has this option, and only for a run that starts fresh (a resumed run
 has its own encoder in its checkpoint).
