@@ -108,23 +108,28 @@ def e_step(z, temps, subset=None, dec=dec):
             out[t][idx] = (p @ cand_z.double()).float().numpy()
     return out
 
-def rbf_refit(z, K):
+def rbf_setup(z, K, d):
+    """Give decoder ``d`` K radial-basis mixing weights of the standardised latent (centres by k-means,
+    width the median nearest-centre distance times $BW) and zeroed basis volumes."""
     from sklearn.cluster import KMeans
     from torch import nn
-    zt = torch.as_tensor(z, dtype=torch.float64)
-    mu, sd = zt.mean(0), zt.std(0).clamp_min(1e-6)
-    zs_ = (zt - mu) / sd
-    km = KMeans(K, n_init=4, random_state=0).fit(zs_.numpy())
+    zt_ = torch.as_tensor(z, dtype=torch.float64)
+    mu, sd = zt_.mean(0), zt_.std(0).clamp_min(1e-6)
+    km = KMeans(K, n_init=4, random_state=0).fit(((zt_ - mu) / sd).numpy())
     C = torch.as_tensor(km.cluster_centers_)
     d2 = torch.cdist(C, C).square(); d2.fill_diagonal_(float("inf"))
     h2 = float(d2.min(1).values.median()) * float(os.environ.get("BW", "1.0"))
     def feats(zz, batch=1):
-        zz = (torch.as_tensor(zz, dtype=torch.float64).reshape(-1, zt.shape[1]) - mu) / sd
-        return torch.softmax(-torch.cdist(zz, C).square() / (2 * h2), -1).to(dec.mean_real.dtype)
-    n_vox = dec.mean_real.shape[0]
-    dec.basis_real = nn.Parameter(torch.zeros(n_vox, K)); dec.basis_imag = nn.Parameter(torch.zeros(n_vox, K))
-    dec.mixing_weights = feats
-    summ = refit_decoder(dec, posed, tr.pixels, z, device="cpu")
+        zz = (torch.as_tensor(zz, dtype=torch.float64).reshape(-1, zt_.shape[1]) - mu) / sd
+        return torch.softmax(-torch.cdist(zz, C).square() / (2 * h2), -1).to(d.mean_real.dtype)
+    n_vox = d.mean_real.shape[0]
+    d.basis_real = nn.Parameter(torch.zeros(n_vox, K)); d.basis_imag = nn.Parameter(torch.zeros(n_vox, K))
+    d.mixing_weights = feats
+
+def rbf_refit(z, K):
+    """The run's decoder refitted with K radial-basis features of ``z``, then scored."""
+    rbf_setup(z, K, dec)
+    refit_decoder(dec, posed, tr.pixels, z, device="cpu")
     score(f"rbf{K} refit", z)
 
 if os.environ.get("TRUEZ"):
@@ -149,22 +154,6 @@ if os.environ.get("NOISYZ"):
     sys.exit()
 
 
-def rbf_setup(z, K, d):
-    from sklearn.cluster import KMeans
-    from torch import nn
-    zt_ = torch.as_tensor(z, dtype=torch.float64)
-    mu, sd = zt_.mean(0), zt_.std(0).clamp_min(1e-6)
-    km = KMeans(K, n_init=4, random_state=0).fit(((zt_ - mu) / sd).numpy())
-    C = torch.as_tensor(km.cluster_centers_)
-    d2 = torch.cdist(C, C).square(); d2.fill_diagonal_(float("inf"))
-    h2 = float(d2.min(1).values.median())
-    def feats(zz, batch=1):
-        zz = (torch.as_tensor(zz, dtype=torch.float64).reshape(-1, zt_.shape[1]) - mu) / sd
-        return torch.softmax(-torch.cdist(zz, C).square() / (2 * h2), -1).to(d.mean_real.dtype)
-    n_vox = d.mean_real.shape[0]
-    d.basis_real = nn.Parameter(torch.zeros(n_vox, K)); d.basis_imag = nn.Parameter(torch.zeros(n_vox, K))
-    d.mixing_weights = feats
-
 def refit_subset(d, idx, z):
     zall = torch.as_tensor(z)
     def batches():
@@ -173,6 +162,15 @@ def refit_subset(d, idx, z):
     d.refit(batches, zall[torch.as_tensor(idx)], final=True)
 
 
+
+def pc1_latents():
+    """The learnt latent's first principal component scaled to 0..1 (oriented like the truth), in every
+    latent dimension (plus 1e-3 noise), so that the radial-basis refit sees a 1-D latent."""
+    zc = z0 - z0.mean(0); _, _, vt = np.linalg.svd(zc, full_matrices=False)
+    p = zc @ vt[0]; p = (p - p.min()) / np.ptp(p)
+    if np.corrcoef(p, coord)[0, 1] < 0: p = 1 - p
+    rng = np.random.default_rng(1)
+    return np.tile(p[:, None], (1, z0.shape[1])).astype(np.float32) + 1e-3 * rng.standard_normal(z0.shape).astype(np.float32)
 
 if os.environ.get("TOPK"):
     import cryoscape.models.basis as B
@@ -197,11 +195,7 @@ if os.environ.get("CLEAN"):
     sys.exit()
 if os.environ.get("CROSS"):
     import copy
-    zc = z0 - z0.mean(0); _, _, vt = np.linalg.svd(zc, full_matrices=False)
-    p = zc @ vt[0]; p = (p - p.min()) / np.ptp(p)
-    if np.corrcoef(p, coord)[0, 1] < 0: p = 1 - p
-    rng = np.random.default_rng(1)
-    zt = np.tile(p[:, None], (1, z0.shape[1])).astype(np.float32) + 1e-3 * rng.standard_normal(z0.shape).astype(np.float32)
+    zt = pc1_latents()
     halves = [np.arange(0, len(zt), 2), np.arange(1, len(zt), 2)]
     for r in range(ROUNDS):
         decs = []
@@ -216,11 +210,7 @@ if os.environ.get("CROSS"):
         rbf_refit(zt, 12)
     sys.exit()
 if os.environ.get("PC1"):
-    zc = z0 - z0.mean(0); _, _, vt = np.linalg.svd(zc, full_matrices=False)
-    p = zc @ vt[0]; p = (p - p.min()) / np.ptp(p)
-    if np.corrcoef(p, coord)[0, 1] < 0: p = 1 - p
-    rng = np.random.default_rng(1)
-    zt = np.tile(p[:, None], (1, z0.shape[1])).astype(np.float32) + 1e-3 * rng.standard_normal(z0.shape).astype(np.float32)
+    zt = pc1_latents()
     for r in range(ROUNDS):
         rbf_refit(zt, 12)
         zs = e_step(zt, [1.0])[1.0]
