@@ -7,9 +7,10 @@ image's latent fixed, the maps of a decoder that is linear in its voxels are one
 least-squares problem away (the basis: :meth:`cryoscape.models.basis.StructuralBasis.refit`,
 solved with a gold-standard Wiener prior by :mod:`cryoscape.models.subspace_fit`).  The training
 loop calls :func:`refit_decoder` after every ``--refit-every``-th epoch and after the last
-(``--refit``, the default for a decoder that ``wants_refit``, with known poses), with the latents
-of that epoch, before the epoch's checkpoint is written: the refits between epochs give the
-encoder cleaner maps to learn against, the last one gives the run's maps.  It is logged with its
+(``--refit``, the default for a decoder that ``wants_refit``, with known poses), before the epoch's
+checkpoint is written: the refits between epochs give the encoder cleaner maps to learn against,
+at one sampled latent per image (:func:`sampled_latents`, what the loss feeds the decoder); the last
+one gives the run's maps, at the epoch's posterior means.  It is logged with its
 own time and not counted in the epoch's training time.
 
 After the final refit, :func:`refine_latents` re-estimates every image's latent against the
@@ -34,7 +35,7 @@ import torch
 from cryoscape.train.latent_search import posterior_moments
 from cryoscape.train.warm_start import posed_slices
 
-__all__ = ["latent_posteriors", "refine_latents", "refit_decoder"]
+__all__ = ["latent_posteriors", "refine_latents", "refit_decoder", "sampled_latents"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,20 @@ def refit_decoder(decoder, dataset, pixels, latents: np.ndarray | None, *, final
              "passes) in %.1f s%s", summary.get("n_images", len(order)), summary.get("n_components", 0),
              summary.get("corrections", 0), summary["seconds"], where)
     return summary
+
+
+def sampled_latents(mean: np.ndarray | None, logvar: np.ndarray | None, *, seed: int) -> np.ndarray | None:
+    """One draw ``mean + exp(logvar / 2) * eps`` per image (``None`` when homogeneous): the latents
+    the training objective feeds the decoder.  A refit *between* epochs solves the maps at these, so
+    that they minimise what the encoder trains against: fitted at the posterior means instead, a
+    direction in which the means barely vary (an encoder that has not yet used its latent) got basis
+    volumes fitted over that tiny range, and the next epoch's sampled latents, which vary by about one
+    in every direction, extrapolated them into maps that raised the loss a hundredfold (README)."""
+    if mean is None:
+        return None
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(mean.shape).astype(np.float32)
+    return (mean + np.exp(0.5 * np.asarray(logvar, dtype=np.float32)) * noise).astype(np.float32)
 
 
 def refine_latents(decoder, dataset, pixels, latents: np.ndarray, *, n_candidates: int = 512, batch_size: int = 64,

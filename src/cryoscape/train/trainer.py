@@ -60,7 +60,7 @@ from cryoscape.train.model import Model, resolve_device
 from cryoscape.train.objective import ImageLoss, TiltPairLoss, tilt_rotation
 from cryoscape.train.outputs import format_seconds, plot_losses, write_epoch_map, write_latents, write_run_config
 from cryoscape.train.pose_sources import PoseSource, RandomPoses, Shard
-from cryoscape.train.refit import refine_latents, refit_decoder
+from cryoscape.train.refit import refine_latents, refit_decoder, sampled_latents
 from cryoscape.train.schedule import EpochPlan, Schedule
 from cryoscape.train.teacher import copy_encoder
 from cryoscape.train.warm_start import warm_start_decoder
@@ -527,7 +527,9 @@ class Trainer:
         posed = _PosedData(self.data, self.poses)
         kwargs = dict(batch_size=max(config.batch_size, 64), domain=config.domain, device=self.device)
         t0 = time.perf_counter()
-        summary = refit_decoder(decoder, posed, self.pixels, progress.z_mean, final=final, **kwargs)
+        latents = progress.z_mean if final else sampled_latents(progress.z_mean, progress.z_logvar,
+                                                                 seed=config.seed + progress.epoch)
+        summary = refit_decoder(decoder, posed, self.pixels, latents, final=final, **kwargs)
         if not (final and config.refit_latents and progress.z_mean is not None and summary
                 and "skipped" not in summary):
             return time.perf_counter() - t0
