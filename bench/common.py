@@ -5,7 +5,8 @@ What lives here
 * :func:`run_timed` runs one command as a child process and measures its wall time and its peak
   resident memory (``os.wait4`` returns the rusage of exactly that child, so ``ru_maxrss`` is its
   own high-water mark, plus that of any children it reaped).
-* :func:`thread_env` gives every tool of a comparison the same thread settings.
+* :func:`thread_env` gives every tool of a comparison the same thread settings (and hides or shows
+  the GPU); :func:`machine_name` names the CPU (and GPU) a benchmark ran on.
 * :func:`ensure_cryodrgn` finds, or creates, the separate virtual environment holding the peer
   tool cryoDRGN (installed from the package registry; its code is never imported by ours).
 * :func:`simulate_dataset` writes (or reuses) a ``cryoscape simulate`` dataset.
@@ -58,16 +59,34 @@ class RunResult:
         return "\n".join(lines[-n_lines:])
 
 
-def thread_env(threads: int | None) -> dict[str, str]:
-    """Environment with the same thread settings for every tool (``None``: leave as inherited)."""
+def thread_env(threads: int | None, gpu: bool = False) -> dict[str, str]:
+    """Environment with the same thread settings for every tool (``None``: leave as inherited).
+
+    Without ``gpu`` every tool is measured on this machine's CPU, even where a GPU is present (the
+    GPU is hidden); with it the GPU stays visible and each tool picks it as its default device.
+    """
     env = dict(os.environ)
     if threads is not None:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[name] = str(threads)
-    # both tools are measured on the CPU of this machine, even where a GPU is present
-    env["CUDA_VISIBLE_DEVICES"] = ""
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def machine_name(gpu: bool = False) -> str:
+    """The CPU model and its bfloat16 support (lscpu), and with ``gpu`` the CUDA device's name."""
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line for line in cpu.splitlines() if line.startswith("Flags")), "")
+    name = (f"CPU {model} ({'avx512_bf16' if 'avx512_bf16' in flags else 'no avx512_bf16'}, "
+            f"{'amx' if 'amx_tile' in flags else 'no amx'})")
+    if gpu:
+        import torch
+
+        name += f", GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none found'}"
+    return name
 
 
 def run_timed(

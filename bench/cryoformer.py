@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     print_figure,
     print_note,
     run_timed,
+    machine_name,
     simulate_dataset,
     thread_env,
 )
@@ -74,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cryoformer-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="--decoder-opt of both CryoFormer runs (repeatable)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="every tool on the GPU (default: CPU, GPU hidden)")
     p.add_argument("--fsc-images", type=int, default=None, help="[100; 20 with --quick]")
     p.add_argument("--skip", action="append", default=[], choices=[DRGN, "neural_field", "basis", "cryoformer",
                                                                     "cryoformer_encoder"])
@@ -166,13 +168,10 @@ def main(argv=None) -> int:
         args.box, args.n_images, args.epochs, args.snr = 32, 500, 1, args.snr or [0.1]
     args.snr = args.snr or [0.1, 0.01, 0.001]
     args.fsc_images = args.fsc_images or (20 if args.quick else 100)
-    env = thread_env(args.threads)
+    env = thread_env(args.threads, gpu=args.gpu)
     exe = ensure_cryodrgn(args.cryodrgn) if DRGN not in args.skip else Path("cryodrgn")
-    import subprocess
-
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    print_note(f"CPU: {model}; {args.threads} threads; float32 figures unless the log says bfloat16 autocast")
+    print_note(f"{machine_name(args.gpu)}; {args.threads} threads; float32 figures unless the log says "
+               f"bfloat16 autocast")
     all_results = {snr: run_snr(args, env, exe, snr) for snr in args.snr}
     for snr, r in all_results.items():
         cf = r.get("cryoformer_encoder") or r.get("cryoformer")

@@ -41,7 +41,6 @@ import argparse
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ from common import (  # noqa: E402
     print_figure,
     print_note,
     run_timed,
+    machine_name,
     simulate_dataset,
     thread_env,
     tool_version,
@@ -98,6 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bins", type=int, default=10, help="bins of the binned oracle [10]")
     p.add_argument("--fsc-images", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="every tool on the GPU (default: CPU, GPU hidden)")
     return p.parse_args(argv)
 
 
@@ -298,15 +299,12 @@ def print_ratios(all_results: dict[str, dict[str, dict]]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    env = thread_env(args.threads)
+    env = thread_env(args.threads, gpu=args.gpu)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     exe = ensure_cryodrgn(args.cryodrgn_venv) if args.cryodrgn else Path("cryodrgn")
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line for line in cpu.splitlines() if line.startswith("Flags")), "")
-    print_note(f"CPU: {model} ({'avx512_bf16' if 'avx512_bf16' in flags else 'no avx512_bf16'}, "
-               f"{'amx' if 'amx_tile' in flags else 'no amx'}), {args.threads} threads; ours "
-               f"{'mixed precision (--amp)' if args.amp else 'float32 (--no-amp)'}, cryoDRGN float32")
+    print_note(f"{machine_name(args.gpu)}, {args.threads} threads; ours "
+               f"{'mixed precision (--amp)' if args.amp else 'float32 (--no-amp)'}, cryoDRGN "
+               f"{'its GPU default' if args.gpu else 'float32'}")
     print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}"
                + (f"; cryodrgn: {tool_version([exe], env)}" if args.cryodrgn else ""))
     print_note(f"settings: {args.n_images} images, D={args.box_size}, SNR {args.snr}, zdim {args.zdim}, "

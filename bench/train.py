@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     cryoscape_command,
     ensure_cryodrgn,
+    machine_name,
     print_figure,
     print_note,
     read_map,
@@ -77,6 +78,13 @@ DRGN = "cryodrgn"
 OURS = "cryoscape"
 FP32 = "cryoscape --no-amp"
 LOWF = "cryoscape --pe-type geom_lowf"
+
+
+def precision_note(gpu: bool) -> str:
+    """Our default precision where the benchmark runs."""
+    if gpu:
+        return "mixed precision (bfloat16 autocast on the GPU)"
+    return "mixed precision (bfloat16 CPU)" if cpu_bf16() else "float32 (no bfloat16 on this CPU)"
 
 
 def cpu_bf16() -> bool:
@@ -101,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="images per batch, both tools [8]")
     p.add_argument("--snr", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads for every tool [2]")
+    p.add_argument("--gpu", action="store_true", help="both tools on the GPU (default: CPU, GPU hidden)")
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "unset"],
                    help="OMP_WAIT_POLICY for every tool [PASSIVE: idle OpenMP threads sleep instead "
                         "of spinning, which matters on a busy machine]")
@@ -323,19 +332,19 @@ def main(argv=None) -> int:
         args.fsc_images = 25 if args.quick else 100
     if args.quick:
         args.fsc_images_extra = min(args.fsc_images_extra, args.fsc_images)
-    env = thread_env(args.threads)
+    env = thread_env(args.threads, gpu=args.gpu)
     if args.omp_wait_policy != "unset":
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     exe = ensure_cryodrgn(args.cryodrgn)
     args.workdir.mkdir(parents=True, exist_ok=True)
     print_note("cryoscape train vs cryodrgn train_vae (zdim 8, encoder and decoder 256x3), same data, "
-               "same machine, CPU only, one run each, one after another")
+               f"same machine, {'GPU' if args.gpu else 'CPU only'}, one run each, one after another")
+    print_note(machine_name(args.gpu))
     print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}; cryodrgn: {tool_version([exe], env)}")
     print_note(f"threads: OMP_NUM_THREADS=MKL_NUM_THREADS={args.threads}, OMP_WAIT_POLICY="
-               f"{env.get('OMP_WAIT_POLICY', '(unset)')} for both; CUDA hidden; batch {args.batch_size}, "
-               f"{args.epochs} epoch(s); encodings: both gaussian sigma 0.5 (both defaults); ours: "
-               f"{'mixed precision (bfloat16 CPU)' if cpu_bf16() else 'float32 (no bfloat16 on this CPU)'} "
-               f"by default")
+               f"{env.get('OMP_WAIT_POLICY', '(unset)')} for both; CUDA {'visible' if args.gpu else 'hidden'}; "
+               f"batch {args.batch_size}, {args.epochs} epoch(s); encodings: both gaussian sigma 0.5 (both "
+               f"defaults); ours: {precision_note(args.gpu)} by default")
     print_note("load average at start (1/5/15 min): %.1f %.1f %.1f" % os.getloadavg())
     boxes = [(64, args.n_images_64)] + ([(128, args.n_images_128)] if args.box_128 else [])
     results = {box: benchmark_box(args, env, exe, box, n) for box, n in boxes}
