@@ -3,8 +3,14 @@
 # (pytest -m gpu), then the speed and accuracy benchmarks with every tool on the GPU. Each part has
 # its own time limit and writes its log to $OUT as it goes, so a part cut short loses only itself.
 #
-# Run from the repository root, with wheels of the packages the machine lacks in .whl/ (README):
-#     OUT=/tmp/gpu bash bench/gpu.sh
+# Run from the repository root, with wheels of the packages the machine lacks in .whl/ (an ignored
+# folder; the device tool carries it), fetched here once for the machine's Python 3.12:
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl -r bench/gpu_wheels.txt
+# then, there:
+#     OUT=/tmp/gpu bash bench/gpu.sh           # PARTS="train_gpu" to rerun some parts only
 # Python there is the machine's own python3 (its torch); cryoDRGN 4.3.1 runs from the same site
 # folder through a small launcher at /tmp/cryodrgn-gpu/bin/cryodrgn. To check the script here first:
 #     SCALE=quick PYTHON=.venv/bin/python CRYODRGN=/tmp/venv-cryodrgn OUT=/tmp/gpu bash bench/gpu.sh
@@ -29,8 +35,10 @@ EOF
 chmod +x /tmp/cryodrgn-gpu/bin/cryodrgn
 CRYODRGN=${CRYODRGN:-/tmp/cryodrgn-gpu}
 
+PARTS=${PARTS:-"gpu_tests train_gpu cryoformer_gpu oracle_gpu"}  # a rerun may name fewer
 part() {  # part NAME SECONDS COMMAND...: one part, its output in $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
+    case " $PARTS " in *" $name "*) ;; *) return ;; esac
     local start=$SECONDS
     echo "== $name (limit ${limit} s)"
     timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
@@ -53,7 +61,7 @@ else
 fi
 part gpu_tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests/train/test_gpu.py tests/models/test_cryoformer.py
 part train_gpu 150 $PY bench/train.py --gpu --threads 8 --cryodrgn "$CRYODRGN" --workdir /tmp/bench-train "${TRAIN[@]}"
-part cryoformer_gpu 130 $PY bench/cryoformer.py --gpu --threads 8 --workdir /tmp/bench-former "${FORMER[@]}"
+part cryoformer_gpu ${FORMER_LIMIT:-130} $PY bench/cryoformer.py --gpu --threads 8 --workdir /tmp/bench-former "${FORMER[@]}"
 part oracle_gpu 150 $PY bench/oracle.py --gpu --threads 8 --datasets hinge --decoders basis neural_field --no-cryodrgn \
     --workdir /tmp/bench-oracle "${ORACLE[@]}"
 echo "== total ${SECONDS} s"

@@ -14,7 +14,7 @@ from cryoscape.train.loop import resume_training, run_training
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
-@pytest.mark.parametrize("decoder", ["neural_field", "basis"])
+@pytest.mark.parametrize("decoder", ["neural_field", "basis", "cryoformer"])
 @pytest.mark.parametrize("amp", [False, True])
 def test_training_on_cuda_learns_and_resumes(tiny_dataset, tmp_path, decoder, amp):
     config = TrainConfig(particles=str(tiny_dataset / "particles.star"), zdim=2, decoder=decoder, num_epochs=3,

@@ -105,7 +105,8 @@ def image_values(projections: torch.Tensor, coords_index: torch.Tensor, *, box_s
     values = spectrum[:, ki[:, 1], ki[:, 0]]
     values = torch.where(inside, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if offsets is not None:
-        angle = (offsets.to(k.dtype) @ k.T) * (-2.0 * math.pi / box_size)
+        # elementwise, not a matrix product, so that autocast leaves the phase in float32
+        angle = (offsets.float()[:, None, :] * k.float()[None]).sum(-1) * (-2.0 * math.pi / box_size)
         values = values * torch.polar(torch.ones_like(angle), angle)
     return values
 
