@@ -176,7 +176,7 @@ def test_the_component_mask_confines_the_components_to_where_the_maps_vary():
 
 
 def test_a_refit_too_large_for_memory_is_skipped_and_keeps_the_maps(monkeypatch):
-    """Above the memory budget of the per-voxel systems (a D = 256 basis needs ~40 GiB) the refit
+    """Above the memory budget of the per-voxel sums (a D = 256 basis needs ~20 GiB) the refit
     says why and leaves the trained maps as they are."""
     import cryoscape.models.basis as basis_module
 
@@ -235,3 +235,27 @@ def test_latent_posteriors_move_noisy_latents_toward_the_truth():
     # with fewer candidates the same holds (they are a random subset of the rows)
     mean_64, _ = latent_posteriors(decoder, batches, noisy, n_candidates=64, seed=1)
     assert float(((mean_64 - truth.numpy()) ** 2).mean() ** 0.5) < 0.6 * before
+
+
+def test_the_per_voxel_solve_in_blocks_equals_one_solve_and_never_holds_all_systems(monkeypatch):
+    """``SubspaceSums.solve`` assembles the Gram matrices a block of voxels at a time (at D = 128 the
+    full (n_vox, C, C) stack is 2.4 GB per copy) and gives the solution of one solve over all voxels."""
+    from cryoscape.models.subspace_fit import SubspaceSums, _solve
+
+    gen = torch.Generator().manual_seed(3)
+    sums = SubspaceSums(23, 4)
+    a = torch.randn(2, 23, 6, 4, generator=gen, dtype=torch.float64)  # 6 "images" per voxel and half
+    sums.gram.copy_((a[..., sums.tri_rows] * a[..., sums.tri_cols]).sum(2))
+    rhs = torch.complex(torch.randn(23, 4, generator=gen, dtype=torch.float64),
+                        torch.randn(23, 4, generator=gen, dtype=torch.float64))
+    tau = torch.rand(23, 4, generator=gen, dtype=torch.float64) + 0.1
+    whole = {h: _solve(sums.full_gram(h), rhs, tau) for h in (0, 1, None)}
+    sizes = []
+    original = SubspaceSums.full_gram
+    monkeypatch.setattr(SubspaceSums, "full_gram",
+                        lambda self, h, voxels=slice(None): sizes.append(len(range(23)[voxels])) or original(self, h, voxels))
+    for h in (0, 1, None):
+        assert torch.allclose(sums.solve(h, rhs, tau, chunk_voxels=5), whole[h], rtol=1e-12, atol=1e-12)
+    assert max(sizes) == 5 and sum(sizes) == 3 * 23
+    G = original(sums, None)
+    assert torch.allclose(sums.gram_diagonal(None), G.diagonal(dim1=-2, dim2=-1))

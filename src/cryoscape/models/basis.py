@@ -115,7 +115,8 @@ __all__ = ["StructuralBasis"]
 
 #: Lattice points farther than this from the largest training frequency are never a corner.
 _CORNER_REACH = math.sqrt(3.0) + 1e-3
-#: Largest memory the refit's per-voxel systems may take (a D = 256 basis would need ~40 GiB: skipped).
+#: Largest memory the refit's per-voxel sums and solutions may take (a D = 256 basis would need ~20 GiB:
+#: skipped; D = 128 needs ~2.6 GiB).
 _REFIT_MAX_BYTES = 8 * 2**30
 #: Weight of one batch in the running statistics of s(z).
 _S_STATS_MOMENTUM = 0.01
@@ -391,12 +392,14 @@ class StructuralBasis(VolumeDecoder):
         :meth:`VolumeDecoder.refit`.  Returns
         ``{"n_images", "n_components", "fsc_half", "corrections"}`` (the half-set FSC per shell and
         component, and the correction passes made), or ``{"skipped": reason}`` when its per-voxel
-        systems would exceed 8 GiB (large boxes; the Adam-trained maps are kept).
+        sums would exceed 8 GiB (D >= ~190; the Adam-trained maps are kept).
         """
         C = self.n_basis + 1
-        need = self.lattice.n_vox * (C * (C + 1) + 3 * C * C) * 8  # half-set Gram triangles + 3 full solves
+        # half-set Gram triangles (float64) + data sums, solutions and residual sums (complex128); the
+        # per-voxel solves run in blocks (SubspaceSums.solve) and add little
+        need = self.lattice.n_vox * (C * (C + 1) * 8 + 8 * C * 16)
         if need > _REFIT_MAX_BYTES:
-            return {"skipped": f"it would hold {need / 2**30:.1f} GiB of per-voxel systems "
+            return {"skipped": f"it would hold {need / 2**30:.1f} GiB of per-voxel sums "
                                f"({self.lattice.n_vox} voxels, {C} components)"}
         was_training = self.training
         self.eval()
@@ -556,18 +559,17 @@ class StructuralBasis(VolumeDecoder):
     def _lattice_to_real(self, values: torch.Tensor) -> torch.Tensor:
         """``(C, n, n, n)`` real maps of lattice values ``(n_vox, C)`` on the odd cube ``n = 2L + 1``
         that holds every stored voxel (the same ``D``-periodic maps sampled on ``n`` points per
-        ``D`` pixels; array ``[z, y, x]``, origin at the centre)."""
+        ``D`` pixels; array ``[z, y, x]``, origin at the centre).  One component at a time, so that
+        one complex cube is held beside the real results (at D = 128 all 16 at once held ~3 GB)."""
         codes = self._cube_codes(self.lattice.L)
-        cubes = torch.stack([self._values_from_codes(values[:, j], codes) for j in range(values.shape[1])])
-        return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(cubes, dim=(1, 2, 3)), dim=(1, 2, 3)),
-                                  dim=(1, 2, 3)).real
+        return torch.stack([torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(
+            self._values_from_codes(values[:, j], codes)))).real for j in range(values.shape[1])])
 
     def _real_to_lattice(self, maps: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`_lattice_to_real`: ``(C, n, n, n)`` -> ``(n_vox, C)`` complex."""
         L, c = self.lattice.L, self._coords
-        spectra = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(maps, dim=(1, 2, 3)), dim=(1, 2, 3)),
-                                     dim=(1, 2, 3))
-        return spectra[:, c[:, 2] + L, c[:, 1] + L, c[:, 0] + L].T
+        return torch.stack([torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(m)))[c[:, 2] + L, c[:, 1] + L,
+                                                                                       c[:, 0] + L] for m in maps], -1)
 
     # ------------------------------------------------------------------------------------------
     def _tables(self) -> list[torch.Tensor]:

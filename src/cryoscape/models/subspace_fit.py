@@ -33,6 +33,9 @@ import torch
 
 __all__ = ["SubspaceSums", "whitening", "solve_subspace", "correct_subspace", "ssnr_from_halves"]
 
+# voxels per block of the per-voxel solves: (16384, 17, 17) float64 matrices are 38 MB
+SOLVE_CHUNK_VOXELS = 16384
+
 class SubspaceSums:
     """Half-set sums ``sum_i W_iv a_i a_i^T`` (upper triangle) and ``sum_i B_iv a_i`` per voxel.
 
@@ -102,13 +105,35 @@ class SubspaceSums:
         parts[..., 0].addmm_(matrix(per[:, 1]), a)
         parts[..., 1].addmm_(matrix(per[:, 2]), a)
 
-    def full_gram(self, h: int | None) -> torch.Tensor:
-        """``(n_vox, K+1, K+1)`` symmetric Gram matrices of half ``h`` (``None``: both halves)."""
-        tri = self.gram.sum(0) if h is None else self.gram[h]
-        G = torch.zeros(self.n_vox, self.n_comp, self.n_comp, dtype=tri.dtype, device=tri.device)
+    def _triangles(self, h: int | None, voxels: slice = slice(None)) -> torch.Tensor:
+        """The stored upper triangles ``(n, T)`` of half ``h`` (``None``: both halves) at ``voxels``."""
+        return self.gram[0, voxels] + self.gram[1, voxels] if h is None else self.gram[h, voxels]
+
+    def full_gram(self, h: int | None, voxels: slice = slice(None)) -> torch.Tensor:
+        """``(n, K+1, K+1)`` symmetric Gram matrices of half ``h`` (``None``: both halves) at ``voxels``."""
+        tri = self._triangles(h, voxels)
+        G = torch.zeros(tri.shape[0], self.n_comp, self.n_comp, dtype=tri.dtype, device=tri.device)
         G[:, self.tri_rows, self.tri_cols] = tri
         G[:, self.tri_cols, self.tri_rows] = tri
         return G
+
+    def gram_diagonal(self, h: int | None) -> torch.Tensor:
+        """``(n_vox, K+1)`` diagonals of the Gram matrices of half ``h`` (``None``: both halves)."""
+        return self._triangles(h)[:, (self.tri_rows == self.tri_cols).nonzero().squeeze(-1)]
+
+    def solve(self, h: int | None, rhs: torch.Tensor, tau: torch.Tensor, *,
+              chunk_voxels: int = SOLVE_CHUNK_VOXELS) -> torch.Tensor:
+        """``(G_h + diag tau) x = rhs`` per voxel (``rhs (n_vox, C)`` complex, ``tau (n_vox, C)``).
+
+        The Gram matrices are assembled from their stored triangles ``chunk_voxels`` voxels at a
+        time, so the solve holds ``(chunk, C, C)`` matrices, never ``(n_vox, C, C)`` ones (at D=128
+        with 17 components those are 2.4 GB each).
+        """
+        out = torch.empty_like(rhs)
+        for start in range(0, self.n_vox, chunk_voxels):
+            voxels = slice(start, start + chunk_voxels)
+            out[voxels] = _solve(self.full_gram(h, voxels), rhs[voxels], tau[voxels])
+        return out
 
 
 def whitening(s: torch.Tensor, *, rel_tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,21 +193,20 @@ def solve_subspace(sums: SubspaceSums, shells: torch.Tensor, *, rounds: int = 2,
     shells = shells.long()
     n_shells = int(shells.max()) + 1
     counts = _per_shell(torch.ones(shells.numel(), 1, dtype=torch.float64, device=shells.device), shells, n_shells)
-    Gs = [sums.full_gram(0), sums.full_gram(1)]
-    diag_mean = _per_shell((Gs[0] + Gs[1]).diagonal(dim1=-2, dim2=-1), shells, n_shells) / counts  # (S, C)
-    plain = [sums.rhs[h][:, :1] / Gs[h][:, :1, 0].clamp_min(1e-300) for h in (0, 1)]
+    diag_mean = _per_shell(sums.gram_diagonal(None), shells, n_shells) / counts  # (S, C)
+    plain = [sums.rhs[h][:, :1] / sums.gram_diagonal(h)[:, :1].clamp_min(1e-300) for h in (0, 1)]
     fsc, ssnr = ssnr_from_halves(plain[0], plain[1], shells, n_shells)
     ssnr = ssnr.expand(-1, sums.n_comp)
     for _ in range(max(1, rounds)):
         # a half holds half the weight and half the SSNR: the same tau as the full data
         tau = (diag_mean / ssnr)[shells]
-        x = [_solve(Gs[h], sums.rhs[h], tau) for h in (0, 1)]
+        x = [sums.solve(h, sums.rhs[h], tau) for h in (0, 1)]
         if component_mask is not None:
             component_mask.estimate(x)
             x = [component_mask.apply(part) for part in x]
         fsc, ssnr = ssnr_from_halves(x[0], x[1], shells, n_shells)
     tau = (diag_mean / ssnr)[shells]
-    full = _solve(Gs[0] + Gs[1], sums.rhs.sum(0), tau)
+    full = sums.solve(None, sums.rhs.sum(0), tau)
     return (full if component_mask is None else component_mask.apply(full)), fsc, tau
 
 
@@ -197,6 +221,5 @@ def correct_subspace(x: torch.Tensor, sums: SubspaceSums, residuals: SubspaceSum
     the exact model: at high SNR, where the gridding estimate's blur exceeds the noise, the
     corrected maps fit the images as closely as gradient descent on the same model would.
     """
-    G = sums.full_gram(None)
-    step = _solve(G, residuals.rhs.sum(0) - tau * x, tau)
+    step = sums.solve(None, residuals.rhs.sum(0) - tau * x, tau)
     return x + (step if component_mask is None else component_mask.apply(step))
