@@ -51,10 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     cryoscape_command,
     ensure_cryodrgn,
+    machine_name,
     print_figure,
     print_note,
     run_timed,
-    machine_name,
     simulate_dataset,
     thread_env,
     tool_version,

@@ -568,8 +568,11 @@ class StructuralBasis(VolumeDecoder):
     def _real_to_lattice(self, maps: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`_lattice_to_real`: ``(C, n, n, n)`` -> ``(n_vox, C)`` complex."""
         L, c = self.lattice.L, self._coords
-        return torch.stack([torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(m)))[c[:, 2] + L, c[:, 1] + L,
-                                                                                       c[:, 0] + L] for m in maps], -1)
+        columns = []
+        for m in maps:  # one component at a time, as _lattice_to_real
+            spectrum = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(m)))
+            columns.append(spectrum[c[:, 2] + L, c[:, 1] + L, c[:, 0] + L])
+        return torch.stack(columns, -1)
 
     # ------------------------------------------------------------------------------------------
     def _tables(self) -> list[torch.Tensor]:

@@ -36,6 +36,7 @@ __all__ = ["SubspaceSums", "whitening", "solve_subspace", "correct_subspace", "s
 # voxels per block of the per-voxel solves: (16384, 17, 17) float64 matrices are 38 MB
 SOLVE_CHUNK_VOXELS = 16384
 
+
 class SubspaceSums:
     """Half-set sums ``sum_i W_iv a_i a_i^T`` (upper triangle) and ``sum_i B_iv a_i`` per voxel.
 
