@@ -13,8 +13,13 @@ posterior over rotations on a local grid around that perturbed pose (rotation ve
 with a flat prior over the window (a local search) and with a Gaussian prior centred on the
 perturbed pose (sd ``--perturb-deg`` per axis of the rotation vector: knowledge of the error's size).
 The median rotation error of the posterior mean and of the MAP pose against the truth is printed
-per SNR.  A refinement with learnt maps cannot do better than these.  Results:
-bench/results/cryoformer_2026-12-04_pose_bayes.txt.
+per SNR.  A refinement with learnt maps cannot do better than these.
+
+``--learnt-run RUN --poses-in FILE``: the same local search on the dataset's own (noisy) images around
+the poses in ``FILE`` (the perturbed poses RUN was trained on), once with each image's map decoded by
+RUN at its latent (amplitude fitted per candidate, since a decoder's maps carry the data's
+normalisation) and once with the true map: what a local pose search against learnt maps would give.
+Results: bench/results/cryoformer_2026-12-04_pose_bayes.txt.
 """
 
 from __future__ import annotations
@@ -62,6 +67,46 @@ def posterior_mean_rotation(rotations: np.ndarray, weights: np.ndarray) -> np.nd
     return u @ np.diag([1.0, 1.0, d]) @ vt
 
 
+def learnt_search(args) -> int:
+    """The local search on the dataset's own images, with the run's decoded maps and with the true maps."""
+    from cryoscape.io.cryodrgn import read_poses_pkl
+    from cryoscape.io.mrc import open_stack
+    from cryoscape.train.volumes import load_trained_model
+
+    params, _, noise_std = image_parameters(args.data)
+    truth = load_ground_truth(args.data)
+    decoder, _, _ = load_trained_model(args.learnt_run)
+    z = np.load(max(args.learnt_run.glob("z.*.npy"), key=lambda f: int(f.stem.split(".")[1])))
+    R_in = read_poses_pkl(args.poses_in, box_size=params.box_size)[0]
+    n = min(args.n_images, len(z))
+    images = open_stack(args.data / "particles.mrcs").read(np.arange(n)).astype(np.float64)
+    grid = rotvec_to_matrix(local_grid(args.radius_deg, args.step_deg))
+    errors = {k: [] for k in ("input", "learnt_mean", "learnt_map", "true_mean", "true_map")}
+    for i in range(n):
+        true = params.rotations[i]
+        err = lambda R: float(np.degrees(rotation_angle_between(R, true)))  # noqa: E731
+        cand = grid @ R_in[i]
+        with torch.no_grad():
+            learnt = decoder.eval_volume(torch.as_tensor(z[i], dtype=torch.float32)).double()
+        true_map = torch.as_tensor(read_mrc(truth.volume_files[int(params.state_index[i])])[0], dtype=torch.float64)
+        for key, volume in (("learnt", learnt), ("true", true_map)):
+            rendered = render_clean_images(prepare_projection_volume(volume, oversampling=2),
+                                           candidates_of(params, i, cand), np.arange(len(cand))).numpy()
+            dot = (rendered * images[i]).sum((-1, -2))
+            norm = (rendered ** 2).sum((-1, -2))
+            logp = dot ** 2 / norm / (2 * noise_std ** 2)  # amplitude fitted per candidate (profile likelihood)
+            w = np.exp(logp - logp.max())
+            errors[f"{key}_mean"].append(err(posterior_mean_rotation(cand, w / w.sum())))
+            errors[f"{key}_map"].append(err(cand[int(np.argmax(logp))]))
+        errors["input"].append(err(R_in[i]))
+    e = {k: float(np.median(v)) for k, v in errors.items()}
+    print(f"# {args.data}: {n} images, their own noise; poses {args.poses_in}; maps of {args.learnt_run}; "
+          f"local grid {len(grid)} rotations (step {args.step_deg} deg, radius {args.radius_deg} deg)")
+    print(f"median rotation error: input {e['input']:.2f} deg; learnt maps: posterior mean {e['learnt_mean']:.2f}, "
+          f"MAP {e['learnt_map']:.2f}; true maps: posterior mean {e['true_mean']:.2f}, MAP {e['true_map']:.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", type=Path)
@@ -71,7 +116,11 @@ def main(argv=None) -> int:
     p.add_argument("--radius-deg", type=float, default=12.0)
     p.add_argument("--step-deg", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learnt-run", type=Path, default=None, help="a cryoscape train run on DATA (module docstring)")
+    p.add_argument("--poses-in", type=Path, default=None, help="with --learnt-run: the poses it was trained on")
     args = p.parse_args(argv)
+    if args.learnt_run is not None:
+        return learnt_search(args)
     params, _, _ = image_parameters(args.data)
     truth = load_ground_truth(args.data)
     rng = np.random.default_rng(args.seed)
