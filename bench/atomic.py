@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +39,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cryoscape_command, ensure_cryodrgn, print_figure, print_note, run_timed, thread_env, tool_version  # noqa: E402
+from common import (  # noqa: E402
+    cryoscape_command, ensure_cryodrgn, machine_name, print_figure, print_note, run_timed, thread_env, tool_version,
+)
 from train import decode_maps, last_latents, training_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,9 +173,7 @@ def main(argv=None) -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = thread_env(args.threads)
     exe = ensure_cryodrgn(args.cryodrgn) if DRGN in args.tools else Path(args.cryodrgn)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print_note(next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "cpu ?")
-               + f", {args.threads} threads, float32 throughout (--no-amp; cryoDRGN's CPU default is float32)")
+    print_note(machine_name() + f", {args.threads} threads, float32 throughout (--no-amp; cryoDRGN's CPU default is float32)")
     print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}"
                + (f"; cryodrgn: {tool_version([exe], env)}" if DRGN in args.tools else ""))
     data = simulate(args, env)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -37,14 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ("(micrograph-em defaults: --coarse-box auto, i.e. level-0 stages of box >= 32 first score every rotation "
             "at half the box, then 16 most probable + 48 sampled rotation pairs per patch at the full box)")
 PY = str(ROOT / ".venv" / "bin" / "python")
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:  # noqa: BLE001
-        return platform.processor() or "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_name  # noqa: E402
 
 
 def cli(*args: str, fresh: bool = False) -> float:
@@ -141,7 +134,7 @@ def main() -> int:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.part == "timing":
-        lines = [f"# cpu: {cpu_name()}", *iteration_timing(work, args)]
+        lines = [f"# cpu: {machine_name()}", *iteration_timing(work, args)]
         name = f"micrographs_{args.tag}_timing.txt"
     else:
         lines = run_fsc(work, args)
@@ -162,7 +155,7 @@ def run_fsc(work: Path, args) -> list[str]:
                 "--micrograph-size", str(args.size), "-D", str(args.box), "--particles-per-micrograph",
                 str(args.per_micrograph), "--hinge-angle-deg", "0", "--snr", f"{snr:g}", "--seed", "1")
     start = initial_fsc(init, work, args)
-    lines = [f"# cpu: {cpu_name()}; 2 threads; box {args.box} ({pixel} A/pixel), {args.n_micrographs} micrographs of "
+    lines = [f"# cpu: {machine_name()}; 2 threads; box {args.box} ({pixel} A/pixel), {args.n_micrographs} micrographs of "
              f"{args.size}^2 with {args.per_micrograph} separated particles; initial map: hinge 40 deg low-passed "
              f"to 40 A (truth: hinge 0 deg; FSC=0.5 at {start['res_0.5_angstrom']:.1f} A, AUC {start['fsc_auc']:.3f}); "
              f"EM schedule {' '.join(args.schedule)} {args.em_options or DEFAULTS} (SO(3) grid turned each iteration unless "

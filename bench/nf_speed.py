@@ -17,10 +17,14 @@ Run under the shared lock::
 from __future__ import annotations
 
 import argparse
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_name  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -78,9 +82,7 @@ def step_seconds(band: float, data, steps: int, profile: bool = False, width: in
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    print(f"# CPU: {model}, {torch.get_num_threads()} threads, float32, torch {torch.__version__}")
+    print(f"# {machine_name()}, {torch.get_num_threads()} threads, float32, torch {torch.__version__}")
     torch.manual_seed(0)
     data = (*batch(args.box_size, args.batch_size), args.box_size)
     print(f"# D={args.box_size}, batch {args.batch_size}, {data[0].shape[1]} points per image (half disc), "

@@ -67,6 +67,12 @@ def posterior_mean_rotation(rotations: np.ndarray, weights: np.ndarray) -> np.nd
     return u @ np.diag([1.0, 1.0, d]) @ vt
 
 
+def mean_and_map(candidates: np.ndarray, log_posterior: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The posterior-mean rotation and the MAP candidate of one image's local search."""
+    w = np.exp(log_posterior - log_posterior.max())
+    return posterior_mean_rotation(candidates, w / w.sum()), candidates[int(np.argmax(log_posterior))]
+
+
 def learnt_search(args) -> int:
     """The local search on the dataset's own images, with the run's decoded maps and with the true maps."""
     from cryoscape.io.cryodrgn import read_poses_pkl
@@ -95,9 +101,9 @@ def learnt_search(args) -> int:
             dot = (rendered * images[i]).sum((-1, -2))
             norm = (rendered ** 2).sum((-1, -2))
             logp = dot ** 2 / norm / (2 * noise_std ** 2)  # amplitude fitted per candidate (profile likelihood)
-            w = np.exp(logp - logp.max())
-            errors[f"{key}_mean"].append(err(posterior_mean_rotation(cand, w / w.sum())))
-            errors[f"{key}_map"].append(err(cand[int(np.argmax(logp))]))
+            mean, best = mean_and_map(cand, logp)
+            errors[f"{key}_mean"].append(err(mean))
+            errors[f"{key}_map"].append(err(best))
         errors["input"].append(err(R_in[i]))
     e = {k: float(np.median(v)) for k, v in errors.items()}
     print(f"# {args.data}: {n} images, their own noise; poses {args.poses_in}; maps of {args.learnt_run}; "
@@ -155,11 +161,10 @@ def main(argv=None) -> int:
             true = params.rotations[i]
             err = lambda R: float(np.degrees(rotation_angle_between(R, true)))  # noqa: E731
             for key, logp in (("flat", loglik), ("prior", loglik + prior)):
-                w = np.exp(logp - logp.max())
-                w /= w.sum()
-                errors[snr][f"{key}_mean"].append(err(posterior_mean_rotation(cand, w)))
+                mean, best = mean_and_map(cand, logp)
+                errors[snr][f"{key}_mean"].append(err(mean))
                 if key == "flat":
-                    errors[snr]["flat_map"].append(err(cand[int(np.argmax(logp))]))
+                    errors[snr]["flat_map"].append(err(best))
             errors[snr]["input"].append(err(R_in))
         e = {k: float(np.median(v)) for k, v in errors[snr].items()}
         print(f"SNR {snr:g}: median rotation error input {e['input']:.2f} deg; local search with the true map, "
