@@ -182,3 +182,14 @@ def test_abinit_stopped_inside_a_search_epoch_resumes_exactly(tiny_dataset, tmp_
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     for name, value in straight.decoder.state_dict().items():
         assert torch.equal(value, resumed.decoder.state_dict()[name]), name
+
+
+def test_a_worker_exits_with_its_code_and_flushed_output(tmp_path):
+    """A torchrun worker leaves without the interpreter's teardown: its exit code and buffered
+    output (stdout to a pipe is block-buffered; os._exit alone would drop it) still arrive."""
+    code = ("import logging, sys; from cryoscape.train.distributed import exit_worker; "
+            f"logging.basicConfig(filename={str(tmp_path / 'w.log')!r}); logging.warning('logged'); "
+            "print('printed', end=''); print('to stderr', file=sys.stderr, end=''); exit_worker(3)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "printed", "to stderr")
+    assert (tmp_path / "w.log").read_text().strip() == "WARNING:root:logged"

@@ -77,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        code = args._run(args)
+        code = int(args._run(args) or 0)
     except InputError as err:
         print(f"cryoscape {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return int(code or 0)
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from cryoscape.train.distributed import exit_worker
+
+        exit_worker(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Distributed"]
+__all__ = ["Distributed", "exit_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +176,22 @@ class Distributed:
             if wait:
                 dist.barrier()
             dist.destroy_process_group()
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a torchrun worker whose command has returned: flush the logs and standard streams, then
+    leave without the interpreter's teardown.
+
+    The run has already left its process group (:meth:`Distributed.close`).  Tearing down the
+    interpreter and the C++ statics after that occasionally aborted one worker on gloo
+    ("terminate called without an active exception", seen once in CI on an ab initio run that had
+    written all its files), which torchrun reports as a failed run; nothing is left to tear down
+    that the operating system does not free.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
