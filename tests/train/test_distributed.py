@@ -190,6 +190,7 @@ def test_a_worker_exits_with_its_code_and_flushed_output(tmp_path):
     code = ("import logging, sys; from cryoscape.train.distributed import exit_worker; "
             f"logging.basicConfig(filename={str(tmp_path / 'w.log')!r}); logging.warning('logged'); "
             "print('printed', end=''); print('to stderr', file=sys.stderr, end=''); exit_worker(3)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert (done.returncode, done.stdout, done.stderr) == (3, "printed", "to stderr")
     assert (tmp_path / "w.log").read_text().strip() == "WARNING:root:logged"
