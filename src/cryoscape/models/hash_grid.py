@@ -118,6 +118,7 @@ class HashGrid(nn.Module):
         rows = rows + (levels * self.table_size)[:, None, None, None]  # (M, G, 2, 2, 2): [z, y, x] corners
         M, G = u.shape[0], len(levels)
         table = self.tables.reshape(-1, self.features_per_level)
-        feats = table.index_select(0, rows.reshape(-1)).reshape(M, G, 8, self.features_per_level)
+        # int64 rows: the backward's index_add_ takes a ~20x slower path for int32 indices on the CPU
+        feats = table.index_select(0, rows.reshape(-1).long()).reshape(M, G, 8, self.features_per_level)
         out = (feats * weights.reshape(M, G, 8, 1).to(feats.dtype)).sum(2)
         return out.reshape(M, G * self.features_per_level)
