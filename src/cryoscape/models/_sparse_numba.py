@@ -101,3 +101,84 @@ def backproject_kernel(index, w, sign, v_re, v_im, weight, num_re, num_im, wsum,
                 num_re[i] += wr * v_re[p]
                 num_im[i] += wr * sign[p, c] * v_im[p]
                 wsum[i] += wr * weight[p]
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def trilinear_table_gradient_kernel(rows, frac, grad, n_levels, g_table):  # pragma: no cover - compiled
+    N, F = rows.shape[0], grad.shape[1]
+    M = N // n_levels
+    for level in prange(n_levels):  # a level's rows lie in its own block of the table: no shared writes
+        for m in range(M):
+            n = m * n_levels + level
+            fx, fy, fz = frac[n, 0], frac[n, 1], frac[n, 2]
+            for c in range(8):  # corner order [z, y, x] in binary
+                wz = fz if c >> 2 else 1.0 - fz
+                wy = fy if (c >> 1) & 1 else 1.0 - fy
+                wx = fx if c & 1 else 1.0 - fx
+                w = wz * wy * wx
+                r = rows[n, c]
+                for f in range(F):
+                    g_table[r, f] += w * grad[n, f]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _dot(table, r, grad, n, F):  # pragma: no cover - compiled
+    acc = 0.0
+    for f in range(F):
+        acc += table[r, f] * grad[n, f]
+    return acc
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def trilinear_position_gradient_kernel(table, rows, frac, grad, g_frac):  # pragma: no cover - compiled
+    N, F = rows.shape[0], table.shape[1]
+    for n in prange(N):
+        fx, fy, fz = frac[n, 0], frac[n, 1], frac[n, 2]
+        r = rows[n]
+        s0, s1, s2, s3 = _dot(table, r[0], grad, n, F), _dot(table, r[1], grad, n, F), \
+            _dot(table, r[2], grad, n, F), _dot(table, r[3], grad, n, F)
+        s4, s5, s6, s7 = _dot(table, r[4], grad, n, F), _dot(table, r[5], grad, n, F), \
+            _dot(table, r[6], grad, n, F), _dot(table, r[7], grad, n, F)
+        # s[c], c = 4 dz + 2 dy + dx; d/dfx = sum over (dz, dy) of (s[dz,dy,1] - s[dz,dy,0]) wz wy, etc.
+        gz0, gz1, gy0, gy1, gx0, gx1 = 1.0 - fz, fz, 1.0 - fy, fy, 1.0 - fx, fx
+        g_frac[n, 0] = ((s1 - s0) * gz0 * gy0 + (s3 - s2) * gz0 * gy1
+                        + (s5 - s4) * gz1 * gy0 + (s7 - s6) * gz1 * gy1)
+        g_frac[n, 1] = ((s2 - s0) * gz0 * gx0 + (s3 - s1) * gz0 * gx1
+                        + (s6 - s4) * gz1 * gx0 + (s7 - s5) * gz1 * gx1)
+        g_frac[n, 2] = ((s4 - s0) * gy0 * gx0 + (s5 - s1) * gy0 * gx1
+                        + (s6 - s2) * gy1 * gx0 + (s7 - s3) * gy1 * gx1)
+
+
+@njit(parallel=True, cache=True)
+def hash_rows_kernel(base, n_levels, first_level, sides, dense, table_size, rows):  # pragma: no cover - compiled
+    N = base.shape[0]
+    mask = table_size - 1
+    for n in prange(N):
+        level = n % n_levels
+        side = sides[level]
+        offset = (first_level + level) * table_size
+        bx, by, bz = base[n, 0], base[n, 1], base[n, 2]
+        for c in range(8):  # corner order [z, y, x] in binary
+            x, y, z = bx + (c & 1), by + ((c >> 1) & 1), bz + (c >> 2)
+            if dense:
+                r = x + side * (y + side * z)
+            else:  # Instant-NGP's primes; int64 products keep the low bits of the uint32 ones
+                r = (x ^ (y * 2654435761) ^ (z * 805459861)) & mask
+            rows[n, c] = r + offset
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def trilinear_forward_kernel(table, rows, frac, out):  # pragma: no cover - compiled
+    N, F = rows.shape[0], table.shape[1]
+    for n in prange(N):
+        fx, fy, fz = frac[n, 0], frac[n, 1], frac[n, 2]
+        for f in range(F):
+            out[n, f] = 0.0
+        for c in range(8):
+            wz = fz if c >> 2 else 1.0 - fz
+            wy = fy if (c >> 1) & 1 else 1.0 - fy
+            wx = fx if c & 1 else 1.0 - fx
+            w = wz * wy * wx
+            r = rows[n, c]
+            for f in range(F):
+                out[n, f] += w * table[r, f]

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import nn
 
+from cryoscape.models import sparse_kernels
+
 __all__ = ["HashGrid", "level_resolutions", "corner_rows"]
 
 # Instant-NGP's primes, as the int32 two's-complement values with the same low 32 bits: the products
@@ -97,14 +99,26 @@ class HashGrid(nn.Module):
 
     def _group(self, u: torch.Tensor, start: int, stop: int, dense: bool) -> torch.Tensor:
         """Features ``(M, G F)`` of the levels ``start:stop`` (all dense or all hashed), vectorised over them."""
-        levels = torch.arange(start, stop, device=u.device, dtype=torch.int32)
         res = self.level_res[start:stop].to(u.dtype)  # (G,)
         pos = u.unsqueeze(1) * res[:, None]  # (M, G, 3)
         base = torch.minimum(pos.detach().floor(), (res - 1)[:, None])
         frac = pos - base
-        w = torch.stack([1 - frac, frac], -1)  # (M, G, 3, 2): per-axis weights of the lower/upper corner
-        weights = (w[:, :, 2, :, None, None] * w[:, :, 1, None, :, None] * w[:, :, 0, None, None, :])
-        ib = base.to(torch.int32).unsqueeze(-1) + self.offsets01  # (M, G, 3, 2) integer corners per axis
+        M, G = u.shape[0], stop - start
+        table = self.tables.reshape(-1, self.features_per_level)
+        rows = None
+        if sparse_kernels.usable(table, frac):
+            rows = sparse_kernels.hash_rows(base.reshape(M * G, 3), G, start, self.level_res[start:stop],
+                                            dense=dense, table_size=self.table_size)
+        if rows is None:
+            rows = self._rows(base.to(torch.int32), start, stop, dense).reshape(M * G, 8)
+        out = _Trilinear.apply(table, rows, frac.reshape(M * G, 3), G)
+        return out.reshape(M, G * self.features_per_level)
+
+    def _rows(self, base: torch.Tensor, start: int, stop: int, dense: bool) -> torch.Tensor:
+        """Table rows ``(M, G, 2, 2, 2)`` int64 (``[z, y, x]`` corners) of the cells at ``base`` ``(M, G, 3)``
+        (PyTorch; int32 arithmetic, whose wrapped products keep the hash's low bits)."""
+        levels = torch.arange(start, stop, device=base.device, dtype=torch.int32)
+        ib = base.unsqueeze(-1) + self.offsets01  # (M, G, 3, 2) integer corners per axis
         ix, iy, iz = ib[:, :, 0], ib[:, :, 1], ib[:, :, 2]
         if dense:
             side = (self.level_res[start:stop] + 1)[:, None]
@@ -115,10 +129,69 @@ class HashGrid(nn.Module):
                                                        iy[:, :, None, :, None] * _PRIMES[1]),
                                      ix[:, :, None, None, :] * _PRIMES[0])
             rows = torch.bitwise_and(rows, self.table_size - 1)
-        rows = rows + (levels * self.table_size)[:, None, None, None]  # (M, G, 2, 2, 2): [z, y, x] corners
-        M, G = u.shape[0], len(levels)
-        table = self.tables.reshape(-1, self.features_per_level)
-        # int64 rows: the backward's index_add_ takes a ~20x slower path for int32 indices on the CPU
-        feats = table.index_select(0, rows.reshape(-1).long()).reshape(M, G, 8, self.features_per_level)
-        out = (feats * weights.reshape(M, G, 8, 1).to(feats.dtype)).sum(2)
-        return out.reshape(M, G * self.features_per_level)
+        # int64: a gradient's index_add_ takes a ~20x slower CPU path for int32 indices
+        return (rows + (levels * self.table_size)[:, None, None, None]).long()
+
+
+def _corner_weights(frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Trilinear weights ``(N, 8)`` of the corners in ``[z, y, x]`` binary order for cell fractions
+    ``(N, 3)`` (x, y, z), and the per-axis pairs ``(N, 2)`` (lower, upper corner) they are made of."""
+    wx, wy, wz = (torch.stack([1 - frac[:, a], frac[:, a]], -1) for a in range(3))
+    weights = (wz[:, :, None, None] * wy[:, None, :, None] * wx[:, None, None, :]).reshape(-1, 8)
+    return weights, wx, wy, wz
+
+
+class _Trilinear(torch.autograd.Function):
+    """``out[n] = sum_c weights(frac[n])_c * table[rows[n, c]]``: the gather of one cell's 8 corners.
+
+    Inputs: ``table`` ``(R, F)``, ``rows`` ``(N, 8)`` int64 (corners in ``[z, y, x]`` binary order),
+    ``frac`` ``(N, 3)`` the point's position in its cell (x, y, z).  Written out (forward: one
+    ``embedding_bag``; backward: the table's gradient by one ``index_add_``, the position's from the
+    corner differences) because autograd through the broadcast products of the weights spent most
+    of a CryoFormer step on the CPU in reductions of ``(N, 8, F)`` temporaries.  ``n_levels``: the
+    entries are ``n = m * n_levels + level``, each level's rows in its own block of the table; on the
+    CPU the backward is one compiled pass (:func:`cryoscape.models.sparse_kernels.trilinear_gradients`),
+    elsewhere (or without numba) the same arithmetic in PyTorch.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, frac: torch.Tensor, n_levels: int) -> torch.Tensor:
+        ctx.n_levels = int(n_levels)
+        ctx.save_for_backward(table, rows, frac)
+        if sparse_kernels.usable(table, frac):
+            out = sparse_kernels.trilinear(table, rows, frac)
+            if out is not None:
+                return out
+        weights = _corner_weights(frac)[0]
+        return torch.nn.functional.embedding_bag(rows, table, per_sample_weights=weights.to(table.dtype),
+                                                 mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        table, rows, frac = ctx.saved_tensors
+        grad = grad.to(table.dtype).contiguous()
+        want_table, want_frac = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        if sparse_kernels.usable(table, frac, grad):
+            done = sparse_kernels.trilinear_gradients(table, rows, frac, grad, ctx.n_levels,
+                                                      want_table=want_table, want_frac=want_frac)
+            if done is not None:
+                return done[0], None, done[1], None
+        g_table = g_frac = None
+        weights, wx, wy, wz = _corner_weights(frac)
+        if want_table:
+            contributions = (grad[:, None, :] * weights[:, :, None].to(grad.dtype)).reshape(-1, grad.shape[-1])
+            g_table = torch.zeros_like(table).index_add_(0, rows.reshape(-1), contributions)
+        if want_frac:
+            # s_c = table[rows_c] . grad; d out / d frac_axis = sum over corners of s_c times the other
+            # two axes' weights, with sign + for the upper corner along the axis and - for the lower
+            s = (table.index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1) * grad[:, None, :]).sum(-1)
+            s = s.reshape(-1, 2, 2, 2).to(weights.dtype)  # [n, z, y, x]
+            dx = s[..., 1] - s[..., 0]  # (N, 2z, 2y)
+            dy = s[:, :, 1, :] - s[:, :, 0, :]  # (N, 2z, 2x)
+            dz = s[:, 1] - s[:, 0]  # (N, 2y, 2x)
+            g_frac = torch.stack([
+                (dx * wz[:, :, None] * wy[:, None, :]).sum((1, 2)),
+                (dy * wz[:, :, None] * wx[:, None, :]).sum((1, 2)),
+                (dz * wy[:, :, None] * wx[:, None, :]).sum((1, 2)),
+            ], -1)
+        return g_table, None, g_frac, None
