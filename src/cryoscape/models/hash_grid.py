@@ -149,9 +149,9 @@ class _Trilinear(torch.autograd.Function):
     ``embedding_bag``; backward: the table's gradient by one ``index_add_``, the position's from the
     corner differences) because autograd through the broadcast products of the weights spent most
     of a CryoFormer step on the CPU in reductions of ``(N, 8, F)`` temporaries.  ``n_levels``: the
-    entries are ``n = m * n_levels + level``, each level's rows in its own block of the table; on the
-    CPU the backward is one compiled pass (:func:`cryoscape.models.sparse_kernels.trilinear_gradients`),
-    elsewhere (or without numba) the same arithmetic in PyTorch.
+    entries are ``n = m * n_levels + level``, each level's rows in its own block of the table.  On
+    the CPU both directions run as compiled loops (:func:`cryoscape.models.sparse_kernels.trilinear`
+    and ``trilinear_gradients``); elsewhere, or without numba, the same arithmetic in PyTorch.
     """
 
     @staticmethod

@@ -198,10 +198,11 @@ def trilinear_gradients(table: torch.Tensor, rows: torch.Tensor, frac: torch.Ten
 
     ``table`` ``(R, F)``; ``rows`` ``(N, 8)`` int64, corners in ``[z, y, x]`` binary order, entry
     ``n = m * n_levels + level`` in the table block of its level; ``frac`` ``(N, 3)`` (x, y, z)
-    positions in the cells; ``grad`` ``(N, F)`` the output's gradient.  One pass: every level is one
-    thread's (its rows are its own, so the table's gradient needs no sorting or atomics), and the
-    position's gradient is summed from the corners' dot products in registers.  Returns
-    ``(g_table or None, g_frac or None)`` (``None`` after a numba error).
+    positions in the cells; ``grad`` ``(N, F)`` the output's gradient.  Two loops, each run only when
+    its gradient is wanted: the table's, one level per thread (its rows are its own, so nothing is
+    sorted and no write is shared), and the positions', one point per iteration with the corners'
+    dot products in registers.  Returns ``(g_table or None, g_frac or None)`` (``None`` after a
+    numba error).
     """
     loops = _loops()
     _threads()
