@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cryoscape.cli.main import main
 from cryoscape.train.checkpoint import load_checkpoint, save_checkpoint
