@@ -1,5 +1,6 @@
 """Runs made by the training loops before the engine (tests/data/engine_v0) resume with it, and the
-result equals a run made entirely by the engine: the rebuild changed no arithmetic."""
+result equals a run made entirely by the engine (to the float rounding of the CPU the test runs on):
+the rebuild changed no arithmetic."""
 
 from __future__ import annotations
 
