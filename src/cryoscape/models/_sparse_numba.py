@@ -103,6 +103,15 @@ def backproject_kernel(index, w, sign, v_re, v_im, weight, num_re, num_im, wsum,
                 wsum[i] += wr * weight[p]
 
 
+@njit(inline="always")
+def _corner_weight(c, fx, fy, fz):  # pragma: no cover - compiled
+    """Trilinear weight of corner ``c`` (``[z, y, x]`` in binary) at cell fractions ``(fx, fy, fz)``."""
+    wz = fz if c >> 2 else 1.0 - fz
+    wy = fy if (c >> 1) & 1 else 1.0 - fy
+    wx = fx if c & 1 else 1.0 - fx
+    return wz * wy * wx
+
+
 @njit(parallel=True, cache=True, fastmath=_FAST)
 def trilinear_table_gradient_kernel(rows, frac, grad, n_levels, g_table):  # pragma: no cover - compiled
     N, F = rows.shape[0], grad.shape[1]
@@ -111,11 +120,8 @@ def trilinear_table_gradient_kernel(rows, frac, grad, n_levels, g_table):  # pra
         for m in range(M):
             n = m * n_levels + level
             fx, fy, fz = frac[n, 0], frac[n, 1], frac[n, 2]
-            for c in range(8):  # corner order [z, y, x] in binary
-                wz = fz if c >> 2 else 1.0 - fz
-                wy = fy if (c >> 1) & 1 else 1.0 - fy
-                wx = fx if c & 1 else 1.0 - fx
-                w = wz * wy * wx
+            for c in range(8):
+                w = _corner_weight(c, fx, fy, fz)
                 r = rows[n, c]
                 for f in range(F):
                     g_table[r, f] += w * grad[n, f]
@@ -175,10 +181,7 @@ def trilinear_forward_kernel(table, rows, frac, out):  # pragma: no cover - comp
         for f in range(F):
             out[n, f] = 0.0
         for c in range(8):
-            wz = fz if c >> 2 else 1.0 - fz
-            wy = fy if (c >> 1) & 1 else 1.0 - fy
-            wx = fx if c & 1 else 1.0 - fx
-            w = wz * wy * wx
+            w = _corner_weight(c, fx, fy, fz)
             r = rows[n, c]
             for f in range(F):
                 out[n, f] += w * table[r, f]
