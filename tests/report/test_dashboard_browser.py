@@ -54,6 +54,16 @@ def _to_page(page, x: float, y: float) -> tuple[float, float]:
     return p["x"], p["y"]
 
 
+def _show_inside_the_axes(page, box: np.ndarray) -> None:
+    """Set the scatter's axes to hold ``box`` with a margin: a box edge beyond the autoscaled axes
+    puts the drawn lasso's start in the axis margin, where a drag pans the axis instead of drawing
+    (an embedding from another CPU's training rounding put a class's box 5 px below the axes)."""
+    lo, hi = box.min(0), box.max(0)
+    pad = 0.15 * (hi - lo)
+    page.evaluate("([x, y]) => Plotly.relayout('scatter', {'xaxis.range': x, 'yaxis.range': y})",
+                  [[float(lo[0] - pad[0]), float(hi[0] + pad[0])], [float(lo[1] - pad[1]), float(hi[1] + pad[1])]])
+
+
 def _clean_box(xy: np.ndarray, truth: np.ndarray) -> tuple[int, np.ndarray]:
     """``(class, box)``: a box around one class whose edges have no particle within 1.5 % of the axis
     range (so the pixel rounding of a drawn lasso cannot change what it holds)."""
@@ -88,14 +98,18 @@ def test_lasso_selects_exactly_the_particles_inside_and_exports_their_star_rows(
     target, box = _clean_box(xy, truth)
     expected = points_in_polygon(xy, box)
     assert np.mean(truth[expected] == target) > 0.9  # the box holds (mostly) that class
-    corners = [_to_page(page, *v) for v in np.vstack([box, box[:1]])]
-    page.mouse.move(*corners[0])
-    page.mouse.down()
-    for (x0, y0), (x1, y1) in zip(corners[:-1], corners[1:]):
-        for t in np.linspace(0, 1, 8)[1:]:
-            page.mouse.move(x0 + t * (x1 - x0), y0 + t * (y1 - y0))
-    page.mouse.up()
-    page.wait_for_function("window.cryoscape.selectionCount > 0", timeout=20_000)
+    _show_inside_the_axes(page, box)
+    try:
+        corners = [_to_page(page, *v) for v in np.vstack([box, box[:1]])]
+        page.mouse.move(*corners[0])
+        page.mouse.down()
+        for (x0, y0), (x1, y1) in zip(corners[:-1], corners[1:]):
+            for t in np.linspace(0, 1, 8)[1:]:
+                page.mouse.move(x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+        page.mouse.up()
+        page.wait_for_function("window.cryoscape.selectionCount > 0", timeout=20_000)
+    finally:  # the page is shared by the tests that follow: back to the autoscaled axes
+        page.evaluate("Plotly.relayout('scatter', {'xaxis.autorange': true, 'yaxis.autorange': true})")
     selected = page.evaluate("Array.from(window.cryoscape.selected)")
     assert selected == expected.tolist()
     assert f"{expected.size} of 400 particles selected" in page.inner_text("#selection-count")
