@@ -81,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"cryoscape {args.command}: error: {err}", file=sys.stderr)
         code = 2
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from cryoscape.train.distributed import exit_worker
+    from cryoscape.train.distributed import finish_process
 
-        exit_worker(code)
-    return code
+    return finish_process(code)
 
 
 if __name__ == "__main__":

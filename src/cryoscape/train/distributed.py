@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["Distributed", "exit_worker"]
+__all__ = ["Distributed", "exit_worker", "finish_process"]
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +195,11 @@ def exit_worker(code: int) -> NoReturn:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def finish_process(code: int) -> int:
+    """The end of a command: a torchrun worker (``WORLD_SIZE`` > 1) leaves through :func:`exit_worker`;
+    a plain process gets ``code`` back to return."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_worker(code)
+    return code
