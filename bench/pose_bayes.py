@@ -73,6 +73,16 @@ def mean_and_map(candidates: np.ndarray, log_posterior: np.ndarray) -> tuple[np.
     return posterior_mean_rotation(candidates, w / w.sum()), candidates[int(np.argmax(log_posterior))]
 
 
+def own_or_mean_map(decoder, z: np.ndarray, i: int, which: str, cache: dict) -> torch.Tensor:
+    """Image ``i``'s map decoded at its own latent, or (``mean``) the one map at the latents' mean."""
+    key = i if which == "own" else "mean"
+    if key not in cache:
+        zi = z[i] if which == "own" else z.mean(0)
+        with torch.no_grad():
+            cache[key] = decoder.eval_volume(torch.as_tensor(zi, dtype=torch.float32)).double()
+    return cache[key]
+
+
 def learnt_search(args) -> int:
     """The local search on the dataset's own images, with the run's decoded maps and with the true maps."""
     from cryoscape.io.cryodrgn import read_poses_pkl
@@ -88,12 +98,12 @@ def learnt_search(args) -> int:
     images = open_stack(args.data / "particles.mrcs").read(np.arange(n)).astype(np.float64)
     grid = rotvec_to_matrix(local_grid(args.radius_deg, args.step_deg))
     errors = {k: [] for k in ("input", "learnt_mean", "learnt_map", "true_mean", "true_map")}
+    cache = {}
     for i in range(n):
         true = params.rotations[i]
         err = lambda R: float(np.degrees(rotation_angle_between(R, true)))  # noqa: E731
         cand = grid @ R_in[i]
-        with torch.no_grad():
-            learnt = decoder.eval_volume(torch.as_tensor(z[i], dtype=torch.float32)).double()
+        learnt = own_or_mean_map(decoder, z, i, args.learnt_latent, cache)
         true_map = torch.as_tensor(read_mrc(truth.volume_files[int(params.state_index[i])])[0], dtype=torch.float64)
         for key, volume in (("learnt", learnt), ("true", true_map)):
             rendered = render_clean_images(prepare_projection_volume(volume, oversampling=2),
@@ -124,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learnt-run", type=Path, default=None, help="a cryoscape train run on DATA (module docstring)")
     p.add_argument("--poses-in", type=Path, default=None, help="with --learnt-run: the poses it was trained on")
+    p.add_argument("--learnt-latent", choices=("own", "mean"), default="own",
+                   help="with --learnt-run: decode each image's map at its own latent or one map at the latents' mean")
     args = p.parse_args(argv)
     if args.learnt_run is not None:
         return learnt_search(args)
