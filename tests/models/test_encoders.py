@@ -1,10 +1,13 @@
 """Image encoders, the tilt-pair encoder and their config round trip."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from cryoscape.models import ImageEncoder, TiltPairEncoder, build_encoder
+from cryoscape.models import ImageEncoder, TiltPairEncoder, build_encoder, kl_divergence
+from cryoscape.models.encoders import LOGVAR_CAP, bounded_logvar
 
 
 def disc_count(D, radius):
@@ -113,3 +116,25 @@ def test_lowpass_encoder_ignores_frequencies_above_its_band():
     assert build_encoder(enc.config).config["lowpass_fraction"] == 0.5
     with pytest.raises(ValueError, match="lowpass_fraction"):
         ImageEncoder(box_size=16, zdim=2, lowpass_fraction=1.5)
+
+
+def test_logvar_is_untouched_below_the_cap_and_saturates_above_it():
+    raw = torch.tensor([-30.0, 0.0, LOGVAR_CAP - 1e-3, LOGVAR_CAP + 0.5, 11.0, 1e4], requires_grad=True)
+    out = bounded_logvar(raw)
+    assert torch.equal(out[:3], raw[:3])  # bit for bit below the cap
+    assert float(out[3]) == pytest.approx(LOGVAR_CAP + math.tanh(0.5))
+    assert float(out.max()) <= LOGVAR_CAP + 1.0
+    out.sum().backward()
+    assert torch.all(raw.grad[:3] == 1.0)
+    assert 0.0 < float(raw.grad[3]) < 1.0  # still trainable just above the cap
+
+
+def test_an_encoder_whose_head_runs_away_gives_a_bounded_kl():
+    enc = ImageEncoder(box_size=16, zdim=4, kind="mlp", layers=1, width=8)
+    with torch.no_grad():
+        enc.head.bias[4:] = 11.0  # the runaway log-variance a CryoFormer run once produced for one image
+    mu, logvar = enc(torch.randn(3, 16, 16))
+    assert float(logvar.max()) <= LOGVAR_CAP + 1.0
+    kl = kl_divergence(mu, logvar)
+    # unbounded, each of the 4 dimensions would cost 0.5 * (e^11 - 12) ~ 3e4
+    assert float(kl.max()) < 4 * 0.5 * (math.exp(LOGVAR_CAP + 1.0) - 1.0) + 0.5 * float(mu.pow(2).sum(-1).max()) + 1e-3

@@ -33,10 +33,24 @@ from torch import nn
 from cryoscape.fourier.masks import circular_mask_2d
 from cryoscape.models.layers import ResidualMLP, make_activation
 
-__all__ = ["ENCODER_KINDS", "ImageEncoder", "TiltPairEncoder", "build_encoder"]
+__all__ = ["ENCODER_KINDS", "LOGVAR_CAP", "ImageEncoder", "TiltPairEncoder", "bounded_logvar", "build_encoder"]
 
 ENCODER_KINDS = ("mlp", "resmlp", "conv")
 _CONV_POOL = 4
+#: log-variance above which an encoder's output saturates (a posterior ~2.7x wider than the prior)
+LOGVAR_CAP = 2.0
+
+
+def bounded_logvar(raw: torch.Tensor, cap: float = LOGVAR_CAP) -> torch.Tensor:
+    """``raw`` below ``cap``, ``cap + tanh(raw - cap)`` above it: at most ``cap + 1``.
+
+    A Gaussian posterior is never wider than its N(0, 1) prior, so any log-variance above 0 is
+    a miss of the encoder; the cap only stops the rare runaway output (a log-variance of 11,
+    i.e. a latent sampled with sd 245, was seen for one image in a CryoFormer run: its KL of 3e4
+    and the decoder's response to that latent spiked the epoch's loss).  Below the cap the
+    output is untouched (bit for bit), above it the gradient still flows (``tanh'``).
+    """
+    return torch.where(raw > cap, cap + torch.tanh(raw - cap), raw)
 
 
 class _ConvTrunk(nn.Module):
@@ -178,7 +192,7 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, D, D)`` -> ``(mu (B, zdim), logvar (B, zdim))``."""
         out = self.head(self.trunk(images))
-        return out[:, : self.zdim], out[:, self.zdim :]
+        return out[:, : self.zdim], bounded_logvar(out[:, self.zdim :])
 
 
 class TiltPairEncoder(nn.Module):
@@ -245,7 +259,7 @@ class TiltPairEncoder(nn.Module):
         B = images.shape[0]
         features = self.trunk(torch.cat([images, tilted], dim=0))  # one pass through shared weights
         out = self.head(torch.cat([features[:B], features[B:]], dim=-1))
-        return out[:, : self.zdim], out[:, self.zdim :]
+        return out[:, : self.zdim], bounded_logvar(out[:, self.zdim :])
 
 
 _ENCODER_TYPES = {"image": ImageEncoder, "tilt_pair": TiltPairEncoder}
