@@ -45,10 +45,9 @@ def bounded_logvar(raw: torch.Tensor, cap: float = LOGVAR_CAP) -> torch.Tensor:
     """``raw`` below ``cap``, ``cap + tanh(raw - cap)`` above it: at most ``cap + 1``.
 
     A Gaussian posterior is never wider than its N(0, 1) prior, so any log-variance above 0 is
-    a miss of the encoder; the cap only stops the rare runaway output (a log-variance of 11,
-    i.e. a latent sampled with sd 245, was seen for one image in a CryoFormer run: its KL of 3e4
-    and the decoder's response to that latent spiked the epoch's loss).  Below the cap the
-    output is untouched (bit for bit), above it the gradient still flows (``tanh'``).
+    a miss of the encoder; the cap only stops the rare runaway output, whose latent, sampled far
+    outside the prior, spikes the KL and the decoder's loss for a whole epoch (README, "Training").
+    Below the cap the output is untouched (bit for bit), above it the gradient still flows.
     """
     return torch.where(raw > cap, cap + torch.tanh(raw - cap), raw)
 
