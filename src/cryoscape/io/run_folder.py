@@ -56,12 +56,28 @@ def attach_log_file(path: str | os.PathLike, *, logger_name: str = "cryoscape") 
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
-    if not any(getattr(h, "_cryoscape_console", False) for h in logger.handlers):
-        console = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        console = _Console()
         console.setFormatter(logging.Formatter("%(message)s"))
-        console._cryoscape_console = True  # type: ignore[attr-defined]
         logger.addHandler(console)
     return handler
+
+
+class _Console(logging.StreamHandler):
+    """A handler writing to ``sys.stderr`` as it is when a record arrives: test runners and
+    notebooks swap (and close) the stream between commands run in one process, and a handler
+    bound to the first stream would then fail with "I/O operation on closed file"."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ and setStream assign it; the property wins
+        pass
 
 
 def detach_log_file(handler: logging.Handler, *, logger_name: str = "cryoscape") -> None:
