@@ -89,3 +89,35 @@ def test_joint_refinement_reduces_pose_errors(sim_root, tmp_path):
         Rr, tr = pickle.load(f)
     assert np.abs(tr * 32 - t).mean() < 0.7 * np.abs(tp - t).mean()
     assert np.degrees(rotation_angle_between(Rr, R)).mean() < 0.95 * np.degrees(rotation_angle_between(Rp, R)).mean()
+
+
+def test_pose_learning_rate_decays_per_epoch_from_the_start_epoch_and_survives_set_lr():
+    from types import SimpleNamespace
+
+    from cryoscape.train.pose_sources import KnownPoses
+
+    R = random_rotations(4, generator=torch.Generator().manual_seed(0))
+    data = SimpleNamespace(rotations=R, shifts_pixel=torch.zeros(4, 2), box_size=32)
+    source = KnownPoses(data, refine=True, lr=2e-2, lr_decay=0.5, start_epoch=1)
+    source.setup(torch.device("cpu"))
+    rates = []
+    for epoch in range(4):
+        source.begin_epoch(epoch, plan=None)
+        rates.append([g["lr"] for g in source.optimizer.param_groups])
+    # rotations: 2e-2 until the start epoch, then halved each epoch; shifts the same times D / 4 pixels
+    assert [r[0] for r in rates] == pytest.approx([2e-2, 2e-2, 1e-2, 5e-3])
+    assert [r[1] for r in rates] == pytest.approx([2e-2 * 8, 2e-2 * 8, 1e-2 * 8, 5e-3 * 8])
+    source.set_lr(1e-2)  # a resume with another --pose-lr: the new base, decayed by the epoch resumed in
+    source.begin_epoch(3, plan=None)
+    assert source.optimizer.param_groups[0]["lr"] == pytest.approx(2.5e-3)
+    constant = KnownPoses(data, refine=True, lr=2e-2, start_epoch=1)
+    constant.setup(torch.device("cpu"))
+    constant.begin_epoch(5, plan=None)
+    assert constant.optimizer.param_groups[0]["lr"] == 2e-2  # the default decay 1 keeps the rate exactly
+
+
+def test_pose_lr_decay_outside_0_1_is_refused():
+    from cryoscape.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--pose-lr-decay"):
+        TrainConfig(pose_lr_decay=1.5).validate()

@@ -109,6 +109,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                      help="learn per-particle rotation and shift corrections by gradient descent")
     opt.add_argument("--no-refine-shifts", action="store_true", help="with --refine-poses: keep the shifts fixed")
     opt.add_argument("--pose-lr", type=float, default=None, help="learning rate of the rotation corrections in radians per step; shifts use pose-lr * D/4 pixels [3e-3]")
+    opt.add_argument("--pose-lr-decay", type=float, default=1.0,
+                     help="with --refine-poses: multiply the pose learning rate by this after every epoch that "
+                          "updates the poses, so the corrections settle (e.g. 0.7 with --pose-lr 2e-2) [1: constant]")
     opt.add_argument("--pose-start-epoch", type=int, default=1,
                      help="first epoch (0-based) that updates the poses; earlier ones fit the map to the input poses [1]")
     opt.add_argument("--pose-representation", choices=("axis_angle", "6d"), default="axis_angle",
@@ -236,6 +239,7 @@ def _config_from_args(args: argparse.Namespace):
         refine_poses=args.refine_poses,
         refine_shifts=not args.no_refine_shifts,
         pose_lr=pick(args.pose_lr, defaults.pose_lr),
+        pose_lr_decay=args.pose_lr_decay,
         pose_representation=args.pose_representation,
         pose_start_epoch=args.pose_start_epoch,
         pose_source=args.pose_source,

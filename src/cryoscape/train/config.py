@@ -114,6 +114,9 @@ class TrainConfig:
     refine_poses: bool = False
     refine_shifts: bool = True
     pose_lr: float = 3e-3
+    # the pose learning rate of epoch e is pose_lr * pose_lr_decay ** (e - pose_start_epoch): below 1 the
+    # corrections settle instead of wandering once their gradients are mostly noise (README, CryoFormer)
+    pose_lr_decay: float = 1.0
     pose_start_epoch: int = 1
     pose_representation: str = "axis_angle"
     # where poses come from: "table" (the particle table's, refined with refine_poses) or "encoder"
@@ -240,6 +243,8 @@ class TrainConfig:
             raise ValueError("--tilt pairs train the encoder, so they need --zdim > 0")
         if self.pose_representation not in ("axis_angle", "6d"):
             raise ValueError(f"--pose-representation must be axis_angle or 6d, got {self.pose_representation!r}")
+        if not 0.0 < self.pose_lr_decay <= 1.0:
+            raise ValueError(f"--pose-lr-decay must be in (0, 1] (1: constant), got {self.pose_lr_decay}")
         if self.pose_source not in ("table", "encoder"):
             raise ValueError(f"--pose-source must be table or encoder, got {self.pose_source!r}")
         if self.pose_source == "encoder" and self.refine_poses:

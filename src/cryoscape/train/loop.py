@@ -117,7 +117,8 @@ def pose_source_for(config: TrainConfig, dataset, table) -> PoseSource:
                               start_epoch=config.pose_start_epoch, seed=config.seed,
                               residual=config.pose_encoder == "residual")
     return KnownPoses(dataset, refine=config.refine_poses, representation=config.pose_representation,
-                      refine_shifts=config.refine_shifts, lr=config.pose_lr, start_epoch=config.pose_start_epoch)
+                      refine_shifts=config.refine_shifts, lr=config.pose_lr, lr_decay=config.pose_lr_decay,
+                      start_epoch=config.pose_start_epoch)
 
 
 def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[str, Any] | None = None,

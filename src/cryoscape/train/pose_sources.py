@@ -127,12 +127,14 @@ class PoseSource:
 
 
 class KnownPoses(PoseSource):
-    """The table's poses; with ``refine`` learnt corrections (``--refine-poses``) from ``start_epoch``."""
+    """The table's poses; with ``refine`` learnt corrections (``--refine-poses``) from ``start_epoch``,
+    at ``lr * lr_decay ** (epoch - start_epoch)`` in each epoch."""
 
     def __init__(self, dataset, *, refine: bool = False, representation: str = "axis_angle",
-                 refine_shifts: bool = True, lr: float = 3e-3, start_epoch: int = 1):
+                 refine_shifts: bool = True, lr: float = 3e-3, lr_decay: float = 1.0, start_epoch: int = 1):
         self.dataset = dataset
         self.refine, self.representation, self.refine_shifts, self.lr = refine, representation, refine_shifts, lr
+        self.lr_decay = float(lr_decay)
         self.corrections = None
         self.optimizer = None
         self.start_epoch = int(start_epoch)
@@ -155,9 +157,16 @@ class KnownPoses(PoseSource):
         return groups
 
     def set_lr(self, lr: float) -> None:
+        self.lr = lr
+        self._apply_lr(lr)
+
+    def _apply_lr(self, lr: float) -> None:
         if self.optimizer is not None:
             for group, fresh in zip(self.optimizer.param_groups, self._groups(lr)):
                 group["lr"] = fresh["lr"]
+
+    def begin_epoch(self, epoch: int, plan) -> None:
+        self._apply_lr(self.lr * self.lr_decay ** max(0, epoch - self.start_epoch))
 
     def poses(self, batch: TrainingBatch, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
         if self.corrections is None:
