@@ -21,14 +21,14 @@ import torch
 
 from cryoscape.classical.refine import RefineSettings, initial_state, run_iteration
 from cryoscape.classical.runs import source_from_table
-from cryoscape.geometry.rotations import rotation_angle_between
+from cryoscape.geometry.align import pose_errors
 from cryoscape.io.particles import load_particles
 from cryoscape.reconstruct.backproject import backproject_particles
 
 
 def median_error_deg(R: np.ndarray, R_true: np.ndarray) -> float:
-    angles = rotation_angle_between(torch.as_tensor(np.asarray(R), dtype=torch.float64), torch.as_tensor(R_true))
-    return float(np.degrees(np.median(np.asarray(angles))))
+    """Median rotation angle to the truth in degrees, as given (no global alignment)."""
+    return float(pose_errors(np.asarray(R, dtype=np.float64), R_true, align=False)["angle_deg_median"])
 
 
 def main(argv=None) -> int:
