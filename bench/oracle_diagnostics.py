@@ -218,6 +218,37 @@ if os.environ.get("PC1"):
         zt = zs
     rbf_refit(zt, 12)
     sys.exit()
+if os.environ.get("SHARPEN"):
+    # E steps against maps refitted with a weaker prior on the components (their SSNR times 1/f), then the
+    # usual refit at the new latents for scoring: does scoring latents against sharper maps escape the fixed point?
+    import cryoscape.models.subspace_fit as SF
+    from cryoscape.train.refit import refine_latents
+    plain_ssnr = SF.ssnr_from_halves
+    dec.config["refit_corrections"] = int(os.environ.get("CORR", dec.config["refit_corrections"]))
+    if os.environ.get("FORCE_CORR"):  # also below the SNR at which the library makes them
+        type(dec)._resolved_to_nyquist = lambda self, fsc: True
+    if os.environ.get("CORR_COMPONENTS_ONLY"):  # the mean map keeps its plain Wiener solution
+        import cryoscape.models.basis as B
+        plain_correct = B.correct_subspace
+        def components_only(x, *a, **k):
+            y = plain_correct(x, *a, **k)
+            return torch.cat([x[:, :1], y[:, 1:]], 1)
+        B.correct_subspace = components_only
+    print(f"correction passes per final refit: {dec.config['refit_corrections']}", flush=True)
+    for f in [float(x) for x in os.environ["SHARPEN"].split(",")]:
+        dec.load_state_dict(saved); z = z0
+        for r in range(ROUNDS):
+            def sharper(*a, f=f):
+                fsc, ssnr = plain_ssnr(*a)
+                return fsc, torch.cat([ssnr[:, :1], ssnr[:, 1:] / f], 1) if ssnr.shape[1] > 1 else ssnr
+            SF.ssnr_from_halves = sharper
+            refit_decoder(dec, posed, tr.pixels, z, device="cpu")
+            SF.ssnr_from_halves = plain_ssnr
+            score(f"f={f} round {r}: sharpened maps, latents in", z)
+            z = refine_latents(dec, posed, tr.pixels, z, device="cpu")[0]
+            refit_decoder(dec, posed, tr.pixels, z, device="cpu")
+            score(f"f={f} round {r}: plain refit at the new latents", z)
+    sys.exit()
 if os.environ.get("RBF0"):
     rbf_refit(z0, int(os.environ["RBF0"])); sys.exit()
 score("trained", z0)
