@@ -19,10 +19,14 @@ Modes (one per call):
 * ``CLEAN=1``: radial-basis features of all 8 latent dimensions, raw and with the part predictable from the
   defocus removed;
 * ``TOPK=1,2,4``: the run's own refit keeping only the top-k whitened mixing-weight components;
-* ``RBF0=K``: radial-basis features (K centres) of the learnt latent.
+* ``RBF0=K``: radial-basis features (K centres) of the learnt latent;
+* ``SHARPEN=f1,f2``: ``ROUNDS`` rounds of the library's latent step against maps refitted with the
+  components' SSNR times ``1/f`` (a weaker or stronger prior), each followed by the plain refit;
+  ``CORR=N`` sets the final refit's correction passes, ``FORCE_CORR=1`` makes them at any SNR,
+  ``CORR_COMPONENTS_ONLY=1`` leaves the mean map's column uncorrected.
 
 A research tool: it reaches into the trainer's private pieces and swaps the decoder's mixing
-weights in place, so it lives in bench/, not in the library.  Results: bench/results/oracle_2026-12-04_diagnostics.txt.
+weights in place, so it lives in bench/, not in the library.  Results: bench/results/oracle_2026-12-04_diagnostics.txt and oracle_2026-12-05_estep_maps.txt.
 """
 import os, shutil, sys, time
 from pathlib import Path
