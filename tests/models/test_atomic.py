@@ -89,7 +89,7 @@ def test_restraints_bonds_and_one_sided_sidechains():
     # the loss hook divides by the circle's pixels and has a gradient on the centres
     loss = dec.regularization_loss(n_images=100)
     loss.backward()
-    assert float(loss) == pytest.approx(float(sum(dec.restraint_energies(dec.centres_angstrom[None].detach()))) /
+    assert float(loss.detach()) == pytest.approx(float(sum(dec.restraint_energies(dec.centres_angstrom[None].detach()))) /
                                         (math.pi * 16**2), rel=1e-5)
     assert dec.centres_angstrom.grad is not None and torch.isfinite(dec.centres_angstrom.grad).all()
 
