@@ -144,7 +144,7 @@ def test_elastic_network_keeps_rigid_motions_free_and_resists_stretching():
     # the loss hook adds it (and the local geometry's energy) to the bond and side-chain terms
     with torch.no_grad():
         dec.centres_angstrom.copy_(stretched)
-    loss = float(dec.regularization_loss(n_images=10))
+    loss = float(dec.regularization_loss(n_images=10).detach())
     total = sum(float(e) for e in dec.restraint_energies(stretched[None])) + expected
     total += float(dec.local_energy(stretched[None]))
     assert loss == pytest.approx(total / (math.pi * 16**2), rel=1e-4)
