@@ -189,6 +189,24 @@ def test_a_refit_too_large_for_memory_is_skipped_and_keeps_the_maps(monkeypatch)
     assert torch.equal(decoder.mean_real, before)
 
 
+def test_the_refit_budget_counts_the_components_it_solves(monkeypatch):
+    """Directions in which the mixing weights do not vary are dropped before the sums are made, so
+    the memory check counts the components left: latents at two distinct points give one whitened
+    component (two columns with the mean), and a budget that holds exactly that refit lets it run
+    where all K + 1 = 4 columns would not fit."""
+    import cryoscape.models.basis as basis_module
+
+    decoder = _model(9)
+    n_vox = decoder.lattice.n_vox
+    assert basis_module.refit_bytes(n_vox, 4) == n_vox * (4 * 5 * 8 + 8 * 4 * 16)
+    monkeypatch.setattr(basis_module, "_REFIT_MAX_BYTES", basis_module.refit_bytes(n_vox, 2))
+    z = torch.tensor([[0.5, -1.0], [-1.5, 0.7]]).repeat(10, 1)
+    summary = decoder.refit(lambda: iter(_slices(decoder, z)), z)
+    assert "skipped" not in summary and summary["n_components"] == 1
+    monkeypatch.setattr(basis_module, "_REFIT_MAX_BYTES", basis_module.refit_bytes(n_vox, 2) - 1)
+    assert "2 components" in decoder.refit(lambda: iter(_slices(decoder, z)), z)["skipped"]
+
+
 def test_latent_errors_equal_the_squared_errors_of_forward_passes():
     """The basis's many-latent path (a quadratic form in the mixing weights) gives the weighted
     squared error of each image at each candidate as C separate forward passes do, CTF included."""

@@ -115,11 +115,20 @@ __all__ = ["StructuralBasis"]
 
 #: Lattice points farther than this from the largest training frequency are never a corner.
 _CORNER_REACH = math.sqrt(3.0) + 1e-3
-#: Largest memory the refit's per-voxel sums and solutions may take (a D = 256 basis would need ~20 GiB:
-#: skipped; D = 128 needs ~2.6 GiB).
+#: Largest memory the refit's per-voxel sums and solutions may take (:func:`refit_bytes`; with all 17
+#: components a D = 256 basis would need ~20 GiB: skipped; D = 128 needs ~2.6 GiB).
 _REFIT_MAX_BYTES = 8 * 2**30
+
 #: Weight of one batch in the running statistics of s(z).
 _S_STATS_MOMENTUM = 0.01
+
+
+def refit_bytes(n_vox: int, n_comp: int) -> int:
+    """Memory of a refit's per-voxel sums: half-set Gram triangles (float64) plus data sums,
+    solutions and residual sums (complex128); the per-voxel solves run in blocks and add little.
+    ``n_comp`` counts the mean map and the whitened components the refit solves (directions in
+    which the mixing weights do not vary are dropped first, so it is often below ``K + 1``)."""
+    return int(n_vox) * (int(n_comp) * (int(n_comp) + 1) * 8 + 8 * int(n_comp) * 16)
 
 
 @register_decoder("basis")
@@ -394,20 +403,19 @@ class StructuralBasis(VolumeDecoder):
         component, and the correction passes made), or ``{"skipped": reason}`` when its per-voxel
         sums would exceed 8 GiB (D >= ~190; the Adam-trained maps are kept).
         """
-        C = self.n_basis + 1
-        # half-set Gram triangles (float64) + data sums, solutions and residual sums (complex128); the
-        # per-voxel solves run in blocks (SubspaceSums.solve) and add little
-        need = self.lattice.n_vox * (C * (C + 1) * 8 + 8 * C * 16)
-        if need > _REFIT_MAX_BYTES:
-            return {"skipped": f"it would hold {need / 2**30:.1f} GiB of per-voxel sums "
-                               f"({self.lattice.n_vox} voxels, {C} components)"}
         was_training = self.training
         self.eval()
         mean = white = None
         if self.mlp is not None:
-            s_all = self.mixing_weights(torch.as_tensor(latents, dtype=torch.float32, device=self._table.device))
+            with torch.no_grad():
+                s_all = self.mixing_weights(torch.as_tensor(latents, dtype=torch.float32, device=self._table.device))
             mean, white = whitening(s_all)
         n_comp = 1 + (0 if white is None else white.shape[1])
+        need = refit_bytes(self.lattice.n_vox, n_comp)
+        if need > _REFIT_MAX_BYTES:
+            self.train(was_training)
+            return {"skipped": f"it would hold {need / 2**30:.1f} GiB of per-voxel sums "
+                               f"({self.lattice.n_vox} voxels, {n_comp} components)"}
         sums = self._refit_pass(slices(), SubspaceSums(self.lattice.n_vox, n_comp, device=self._table.device),
                                 mean, white, residual=False)
         mask = _ComponentMask(self) if self.config["refit_mask"] and n_comp > 1 else None
