@@ -401,7 +401,7 @@ class StructuralBasis(VolumeDecoder):
         :meth:`VolumeDecoder.refit`.  Returns
         ``{"n_images", "n_components", "fsc_half", "corrections"}`` (the half-set FSC per shell and
         component, and the correction passes made), or ``{"skipped": reason}`` when its per-voxel
-        sums would exceed 8 GiB (D >= ~190; the Adam-trained maps are kept).
+        sums would exceed 8 GiB (:func:`refit_bytes`; D >= ~190-230 by the components kept; the trained maps stay).
         """
         was_training = self.training
         self.eval()
