@@ -415,7 +415,8 @@ class StructuralBasis(VolumeDecoder):
         if need > _REFIT_MAX_BYTES:
             self.train(was_training)
             return {"skipped": f"it would hold {need / 2**30:.1f} GiB of per-voxel sums "
-                               f"({self.lattice.n_vox} voxels, {n_comp} components)"}
+                               f"({self.lattice.n_vox} voxels, the mean map and {n_comp - 1} "
+                               f"component{'' if n_comp == 2 else 's'})"}
         sums = self._refit_pass(slices(), SubspaceSums(self.lattice.n_vox, n_comp, device=self._table.device),
                                 mean, white, residual=False)
         mask = _ComponentMask(self) if self.config["refit_mask"] and n_comp > 1 else None
