@@ -111,12 +111,13 @@ from cryoscape.models.sparse_slice import (
 )
 from cryoscape.models.subspace_fit import SubspaceSums, correct_subspace, solve_subspace, ssnr_from_halves, whitening
 
-__all__ = ["StructuralBasis"]
+__all__ = ["StructuralBasis", "refit_bands", "refit_bytes"]
 
 #: Lattice points farther than this from the largest training frequency are never a corner.
 _CORNER_REACH = math.sqrt(3.0) + 1e-3
 #: Largest memory the refit's per-voxel sums and solutions may take (:func:`refit_bytes`; with all 17
-#: components a D = 256 basis would need ~20 GiB: skipped; D = 128 needs ~2.6 GiB).
+#: components a D = 256 basis would need ~20 GiB: its components are then solved up to the shell
+#: that fits, :func:`refit_bands`; D = 128 needs ~2.6 GiB).
 _REFIT_MAX_BYTES = 8 * 2**30
 
 #: Weight of one batch in the running statistics of s(z).
@@ -129,6 +130,20 @@ def refit_bytes(n_vox: int, n_comp: int) -> int:
     ``n_comp`` counts the mean map and the whitened components the refit solves (directions in
     which the mixing weights do not vary are dropped first, so it is often below ``K + 1``)."""
     return int(n_vox) * (int(n_comp) * (int(n_comp) + 1) * 8 + 8 * int(n_comp) * 16)
+
+
+def refit_bands(shell_counts: torch.Tensor, n_comp: int, max_bytes: int) -> int | None:
+    """The outermost shell up to which a refit within ``max_bytes`` solves all ``n_comp`` columns,
+    the mean map alone beyond it: the last shell when the whole refit fits (:func:`refit_bytes`),
+    ``None`` when not even the lowest shell does.  ``shell_counts (S,)``: the lattice's voxels per
+    shell.  A split refit holds both bands' sums and the assembled ``(n_vox, n_comp)`` solution."""
+    counts = shell_counts.long()
+    total = int(counts.sum())
+    if refit_bytes(total, n_comp) <= max_bytes:
+        return len(counts) - 1
+    fits = [shell for shell, inner in enumerate(counts.cumsum(0).tolist())
+            if refit_bytes(inner, n_comp) + refit_bytes(total - inner, 1) + total * n_comp * 16 <= max_bytes]
+    return fits[-1] if fits else None
 
 
 @register_decoder("basis")
@@ -398,39 +413,77 @@ class StructuralBasis(VolumeDecoder):
         epochs serve the latents, and only when the data resolve the mean map to Nyquist) correct
         the gridding approximation with the residuals of the exact (trilinear) model.  The
         per-shell amplitude (the preconditioning) is kept.  ``slices`` and ``latents`` as in
-        :meth:`VolumeDecoder.refit`.  Returns
-        ``{"n_images", "n_components", "fsc_half", "corrections"}`` (the half-set FSC per shell and
-        component, and the correction passes made), or ``{"skipped": reason}`` when its per-voxel
-        sums would exceed 8 GiB (:func:`refit_bytes`; D >= ~190-230 by the components kept; the trained maps stay).
+        :meth:`VolumeDecoder.refit`.
+
+        Its per-voxel sums are held within 8 GiB (:func:`refit_bands`): where all the components
+        would not fit (D >= ~190-230 by the components kept) they are solved up to the outermost
+        shell that fits and the mean map alone beyond it, the components there set to zero.
+        Returns ``{"n_images", "n_components", "component_shell", "fsc_half", "corrections"}``
+        (``component_shell``: that shell, ``None`` when the components reach the last shell; the
+        half-set FSC per shell and component, zero for the components beyond it; the correction
+        passes made), or ``{"skipped": reason}`` when not even the lowest shell's components fit
+        beside the mean map's sums (D >= ~440 with 16 components; the trained maps stay).
         """
         was_training = self.training
         self.eval()
+        try:
+            return self._refit(slices, latents, final=final)
+        finally:
+            self.train(was_training)
+
+    def _refit(self, slices, latents: torch.Tensor | None, *, final: bool) -> dict[str, Any]:
         mean = white = None
         if self.mlp is not None:
-            with torch.no_grad():
-                s_all = self.mixing_weights(torch.as_tensor(latents, dtype=torch.float32, device=self._table.device))
+            s_all = self.mixing_weights(torch.as_tensor(latents, dtype=torch.float32, device=self._table.device))
             mean, white = whitening(s_all)
         n_comp = 1 + (0 if white is None else white.shape[1])
-        need = refit_bytes(self.lattice.n_vox, n_comp)
-        if need > _REFIT_MAX_BYTES:
-            self.train(was_training)
-            return {"skipped": f"it would hold {need / 2**30:.1f} GiB of per-voxel sums "
-                               f"({self.lattice.n_vox} voxels, the mean map and {n_comp - 1} "
+        bands = self._refit_bands(n_comp)
+        if bands is None:
+            return {"skipped": f"not even the lowest shell's components fit in {_REFIT_MAX_BYTES / 2**30:.1f} GiB "
+                               f"of per-voxel sums ({self.lattice.n_vox} voxels, the mean map and {n_comp - 1} "
                                f"component{'' if n_comp == 2 else 's'})"}
-        sums = self._refit_pass(slices(), SubspaceSums(self.lattice.n_vox, n_comp, device=self._table.device),
-                                mean, white, residual=False)
-        mask = _ComponentMask(self) if self.config["refit_mask"] and n_comp > 1 else None
-        x, fsc, tau = solve_subspace(sums, self._voxel_shell, component_mask=mask)
+        sums = self._refit_pass(slices(), [band.sums(with_gram=True) for band in bands], mean, white, residual=False)
+        fits = [band.solve(part) for band, part in zip(bands, sums)]
+        fsc = torch.zeros(int(self._voxel_shell.max()) + 1, n_comp, dtype=torch.float64)
+        for band, (_, band_fsc, _) in zip(bands, fits):
+            fsc[band.shells, : band.n_comp] = band_fsc[band.shells].cpu()
         corrections = self.config["refit_corrections"] if final and self._resolved_to_nyquist(fsc) else 0
+        x = [fit[0] for fit in fits]
         for _ in range(corrections):
-            self._store_subspace(x, mean, white)
-            residuals = SubspaceSums(self.lattice.n_vox, n_comp, device=self._table.device, with_gram=False)
-            x = correct_subspace(x, sums, self._refit_pass(slices(), residuals, mean, white, residual=True), tau,
-                                 component_mask=mask)
-        self._store_subspace(x, mean, white)
-        self.train(was_training)
-        return {"n_images": sums.n_images, "n_components": n_comp - 1, "fsc_half": fsc.float().cpu(),
-                "corrections": corrections}
+            self._store_subspace(self._assemble(bands, x, n_comp), mean, white)
+            residuals = self._refit_pass(slices(), [band.sums(with_gram=False) for band in bands], mean, white,
+                                         residual=True)
+            x = [correct_subspace(xb, s, r, fit[2], component_mask=band.mask)
+                 for band, xb, s, r, fit in zip(bands, x, sums, residuals, fits)]
+        self._store_subspace(self._assemble(bands, x, n_comp), mean, white)
+        return {"n_images": sums[0].n_images, "n_components": n_comp - 1,
+                "component_shell": bands[0].last_shell if len(bands) > 1 else None,
+                "fsc_half": fsc.float(), "corrections": corrections}
+
+    def _refit_bands(self, n_comp: int) -> list[_RefitBand] | None:
+        """The voxels solved with all ``n_comp`` columns and, when they do not all fit in the memory
+        budget, the outer ones solved for the mean map alone (:func:`refit_bands`)."""
+        shells = self._voxel_shell
+        counts = torch.bincount(shells.cpu())
+        last = refit_bands(counts, n_comp, _REFIT_MAX_BYTES)
+        if last is None:
+            return None
+        masked = self.config["refit_mask"] and n_comp > 1
+        if last >= len(counts) - 1:
+            return [_RefitBand(self, None, n_comp, _ComponentMask(self) if masked else None, len(counts) - 1)]
+        inner = (shells <= last).nonzero().squeeze(-1)
+        outer = (shells > last).nonzero().squeeze(-1)
+        return [_RefitBand(self, inner, n_comp, _ComponentMask(self, inner) if masked else None, last),
+                _RefitBand(self, outer, 1, None, len(counts) - 1)]
+
+    def _assemble(self, bands: list[_RefitBand], x: list[torch.Tensor], n_comp: int) -> torch.Tensor:
+        """The bands' solutions as one ``(n_vox, n_comp)`` table (zero where a band solves fewer columns)."""
+        if len(bands) == 1:
+            return x[0]
+        full = torch.zeros(self.lattice.n_vox, n_comp, dtype=x[0].dtype, device=x[0].device)
+        for band, xb in zip(bands, x):
+            full[band.voxels, : band.n_comp] = xb
+        return full
 
     def _resolved_to_nyquist(self, fsc: torch.Tensor) -> bool:
         """Whether the mean map's half-set FSC is >= 0.5 at the outermost modelled shell: only then
@@ -439,21 +492,24 @@ class StructuralBasis(VolumeDecoder):
         last = min(int(math.floor(self.radius)), fsc.shape[0] - 1)
         return bool(fsc[last, 0] >= 0.5)
 
-    def _refit_pass(self, batches, sums, mean, white, *, residual: bool):
-        """Accumulate one pass of ``batches`` into ``sums``: the data (``residual=False``) or the
-        residuals of the current maps under the exact forward model (``residual=True``)."""
+    def _refit_pass(self, batches, sums: list[SubspaceSums], mean, white, *, residual: bool) -> list[SubspaceSums]:
+        """Accumulate one pass of ``batches`` into every one of ``sums`` (the bands of
+        :meth:`_refit_bands`): the data (``residual=False``) or the residuals of the current maps
+        under the exact forward model (``residual=True``)."""
         lattice = self._lattice()
+        n_comp = max(part.n_comp for part in sums)
         for coords, target, ctf, pixel_weights, z in batches:
             c = torch.ones(target.shape, device=target.device) if ctf is None else ctf.float()
             pw = pixel_weights.to(target.device, torch.float32)
             index, imag_sign, w = corner_codes_and_weights(lattice, coords.double() * self.box_size)
-            a = torch.ones(target.shape[0], sums.n_comp, dtype=torch.float64, device=target.device)
+            a = torch.ones(target.shape[0], n_comp, dtype=torch.float64, device=target.device)
             if white is not None:
                 a[:, 1:] = (self.mixing_weights(z).double() - mean) @ white
             data = target.to(torch.complex64)
             if residual:
                 data = data - c * self(coords, z).to(torch.complex64)
-            sums.add(index, w, imag_sign, data * (c * pw), c.square() * pw, a)
+            for part in sums:
+                part.add(index, w, imag_sign, data * (c * pw), c.square() * pw, a)
         return sums
 
     def _store_subspace(self, x: torch.Tensor, mean: torch.Tensor | None, white: torch.Tensor | None) -> None:
@@ -813,19 +869,33 @@ class _ComponentMask:
     ``component_mask``): the voxel-wise RMS of the components ``1..K`` (whitened, so the RMS is the
     standard deviation of the map over the data), low-passed to ``refit_mask_shell`` and averaged
     over the two halves, thresholded at ``refit_mask_threshold`` of its maximum, dilated and
-    softened (:func:`cryoscape.fourier.masks.threshold_mask`)."""
+    softened (:func:`cryoscape.fourier.masks.threshold_mask`).  ``voxels``: the lattice indices of
+    the rows of the solutions it is given (a band of a split refit; ``None``: all voxels).  Maps go
+    to real space one component at a time, so it holds one cube per component at most once (at
+    D = 256 all 16 at once held ~2.3 GB per copy)."""
 
-    def __init__(self, decoder: StructuralBasis):
-        self.decoder = decoder
+    def __init__(self, decoder: StructuralBasis, voxels: torch.Tensor | None = None):
+        self.decoder, self.voxels = decoder, voxels
         self.mask: torch.Tensor | None = None
+
+    def _real(self, column: torch.Tensor) -> torch.Tensor:
+        """One component's ``(n, n, n)`` real map from its rows ``(n_rows,)`` (zero off ``voxels``)."""
+        if self.voxels is not None:
+            whole = torch.zeros(self.decoder.lattice.n_vox, dtype=column.dtype, device=column.device)
+            column = whole.index_copy_(0, self.voxels, column)
+        return self.decoder._lattice_to_real(column.unsqueeze(-1))[0]
 
     def estimate(self, halves: list[torch.Tensor]) -> None:
         from cryoscape.fourier.masks import threshold_mask
 
         d = self.decoder
-        low = (d._voxel_shell <= d.config["refit_mask_shell"]).unsqueeze(-1)
-        comps = sum(h[:, 1:] * low for h in halves) / len(halves)
-        rms = d._lattice_to_real(comps).square().sum(0).sqrt()
+        shells = d._voxel_shell if self.voxels is None else d._voxel_shell[self.voxels]
+        low = shells <= d.config["refit_mask_shell"]
+        power = None
+        for j in range(1, halves[0].shape[1]):
+            real = self._real(sum(h[:, j] * low for h in halves) / len(halves))
+            power = real.square() if power is None else power.add_(real.square())
+        rms = power.sqrt()
         threshold = d.config["refit_mask_threshold"] * float(rms.max())
         self.mask = threshold_mask(rms, threshold=threshold, dilate_pixel=3.0, edge_width_pixel=3.0)
 
@@ -833,5 +903,27 @@ class _ComponentMask:
         if self.mask is None:
             return x
         out = x.clone()
-        out[:, 1:] = self.decoder._real_to_lattice(self.decoder._lattice_to_real(x[:, 1:]) * self.mask)
+        for j in range(1, x.shape[1]):
+            column = self.decoder._real_to_lattice((self._real(x[:, j]) * self.mask).unsqueeze(0))[:, 0]
+            out[:, j] = column if self.voxels is None else column[self.voxels]
         return out
+
+
+class _RefitBand:
+    """Voxels a refit solves with ``n_comp`` columns: ``voxels`` (lattice indices; ``None``: all),
+    the shells they make up (up to ``last_shell``) and the component mask they are solved with."""
+
+    def __init__(self, decoder: StructuralBasis, voxels: torch.Tensor | None, n_comp: int,
+                 mask: _ComponentMask | None, last_shell: int):
+        self.decoder, self.voxels, self.n_comp, self.last_shell = decoder, voxels, n_comp, last_shell
+        self.voxel_shells = decoder._voxel_shell if voxels is None else decoder._voxel_shell[voxels]
+        self.shells = torch.unique(self.voxel_shells).cpu()
+        self.mask = mask
+
+    def sums(self, *, with_gram: bool) -> SubspaceSums:
+        return SubspaceSums(self.decoder.lattice.n_vox, self.n_comp, device=self.decoder._table.device,
+                            with_gram=with_gram, voxels=self.voxels)
+
+    def solve(self, sums: SubspaceSums) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, fsc, tau)`` of :func:`~cryoscape.models.subspace_fit.solve_subspace` on this band."""
+        return solve_subspace(sums, self.voxel_shells, component_mask=self.mask)

@@ -42,10 +42,19 @@ class SubspaceSums:
 
     ``n_vox`` voxels, ``n_comp = K + 1`` components (the first, ``a = 1``, is the mean map).
     Sums are float64 (complex128) on ``device``; ``with_gram=False`` keeps only the data sums
-    (what a correction pass of :func:`correct_subspace` needs).
+    (what a correction pass of :func:`correct_subspace` needs).  ``voxels``: the indices, among
+    the lattice's ``n_vox``, of the only voxels summed (row ``j`` holds voxel ``voxels[j]``; the
+    images' other corners are dropped), so that a refit can solve its components on part of the
+    lattice (``StructuralBasis.refit``'s memory budget); ``None``: all of them.
     """
 
-    def __init__(self, n_vox: int, n_comp: int, device: torch.device | str = "cpu", *, with_gram: bool = True):
+    def __init__(self, n_vox: int, n_comp: int, device: torch.device | str = "cpu", *, with_gram: bool = True,
+                 voxels: torch.Tensor | None = None):
+        self.rows = None
+        if voxels is not None:  # lattice index -> row, -1 for a voxel not summed
+            self.rows = torch.full((int(n_vox),), -1, dtype=torch.long, device=device)
+            self.rows[voxels.to(device)] = torch.arange(voxels.numel(), device=device)
+            n_vox = voxels.numel()
         self.n_vox, self.n_comp = int(n_vox), int(n_comp)
         rows, cols = torch.triu_indices(self.n_comp, self.n_comp)
         self.tri_rows, self.tri_cols = rows.to(device), cols.to(device)
@@ -61,10 +70,15 @@ class SubspaceSums:
         ``index, corner_weights, imag_sign (B, P, 8)``: trilinear corners of each pixel's
         frequency (:func:`~cryoscape.models.sparse_slice.corner_codes_and_weights`); ``values
         (B, P)`` complex data times CTF and pixel weight; ``weights (B, P)`` CTF^2 times pixel
-        weight; ``a (B, n_comp)`` every image's components (first column 1).  Image ``n`` of the
-        whole stream goes to half-set ``n % 2``.
+        weight; ``a (B, >= n_comp)`` every image's components (first column 1; columns beyond
+        ``n_comp`` are not summed).  Image ``n`` of the whole stream goes to half-set ``n % 2``.
         """
         B = index.shape[0]
+        a = a[:, : self.n_comp]
+        if self.rows is not None:
+            index = self.rows[index.long()]
+            corner_weights = corner_weights * (index >= 0)
+            index = index.clamp_min(0)
         half = (torch.arange(B, device=index.device) + self.n_images) % 2
         for h in (0, 1):
             sel = (half == h).nonzero().squeeze(-1)
@@ -194,7 +208,8 @@ def solve_subspace(sums: SubspaceSums, shells: torch.Tensor, *, rounds: int = 2,
     shells = shells.long()
     n_shells = int(shells.max()) + 1
     counts = _per_shell(torch.ones(shells.numel(), 1, dtype=torch.float64, device=shells.device), shells, n_shells)
-    diag_mean = _per_shell(sums.gram_diagonal(None), shells, n_shells) / counts  # (S, C)
+    # (S, C); shells absent from a band of a split refit: 0
+    diag_mean = _per_shell(sums.gram_diagonal(None), shells, n_shells) / counts.clamp_min(1)
     plain = [sums.rhs[h][:, :1] / sums.gram_diagonal(h)[:, :1].clamp_min(1e-300) for h in (0, 1)]
     fsc, ssnr = ssnr_from_halves(plain[0], plain[1], shells, n_shells)
     ssnr = ssnr.expand(-1, sums.n_comp)

@@ -72,6 +72,9 @@ def refit_decoder(decoder, dataset, pixels, latents: np.ndarray | None, *, final
             where = f"; the mean map's half-set FSC falls below 0.143 at shell {int(below[0, 0]) + 1} of {nyquist}"
         else:
             where = "; the mean map's half-set FSC stays above 0.143 to Nyquist"
+    if summary.get("component_shell") is not None:
+        where += (f"; the components are solved to shell {summary['component_shell']} (the memory budget of the "
+                  f"per-voxel sums), the mean map alone beyond it")
     log.info("refit: the decoder's maps re-solved from %d images at fixed latents (%d components, %d correction "
              "passes) in %.1f s%s", summary.get("n_images", len(order)), summary.get("n_components", 0),
              summary.get("corrections", 0), summary["seconds"], where)
