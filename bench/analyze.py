@@ -70,8 +70,8 @@ from common import (  # noqa: E402
     tool_version,
 )
 
-ARCH_OURS = ["--zdim", "8", "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256", "--dec-layers", "3",
-             "--encoder", "resmlp"]
+ARCH_OURS = ["--decoder", "neural_field", "--zdim", "8", "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256",
+             "--dec-layers", "3", "--encoder", "resmlp"]
 ARCH_DRGN = ["--zdim", "8", "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256", "--dec-layers", "3"]
 
 

@@ -90,7 +90,7 @@ def commands(args, data: Path, exe: Path) -> dict[str, list[str]]:
     return {
         ATOMIC: [*ours, "-o", str(runs / ATOMIC), "--decoder", "atomic", "--reference", str(PDB), *CRYOFOLD_OPTIONS,
                  *shlex.split(args.cryofold_args)],
-        NF: [*ours, "-o", str(runs / NF)],
+        NF: [*ours, "-o", str(runs / NF), "--decoder", "neural_field"],
         DRGN: [str(exe), "train_vae", str(data / "particles.mrcs"), *common, *ARCH, "-o", str(runs / DRGN),
                "--seed", "0", "--no-analysis"],
     }

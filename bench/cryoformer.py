@@ -108,7 +108,7 @@ def commands(args, exe: Path, data: Path, poses: Path, runs: Path) -> dict[str, 
     cmds = {
         DRGN: [str(exe), "train_vae", *inputs, "-o", str(runs / DRGN), "--zdim", "8", *ENCODER, *MLP,
                "-n", str(args.epochs), "-b", "8", "--seed", "0", "--no-analysis"],
-        "neural_field": [*ours, *MLP, "-o", str(runs / "neural_field")],
+        "neural_field": [*ours, "--decoder", "neural_field", *MLP, "-o", str(runs / "neural_field")],
         "basis": [*ours, "--decoder", "basis", "-o", str(runs / "basis")],
         "cryoformer": [*ours, "--decoder", "cryoformer", *cf, "-o", str(runs / "cryoformer")],
         "cryoformer_encoder": [*ours, "--decoder", "cryoformer", *cf, "--pose-source", "encoder",

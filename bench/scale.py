@@ -355,7 +355,7 @@ def part_b(args, env, base: Path) -> dict:
 
 #: (c)'s runs: label, decoder options; the global batch is the same for 1 and 2 processes
 PROCESS_RUNS = [
-    ("neural field VAE, batch 16", ["--zdim", "8", "-b", "16"]),
+    ("neural field VAE, batch 16", ["--decoder", "neural_field", "--zdim", "8", "-b", "16"]),
     ("basis VAE, batch 64, dense gradient all-reduce", ["--decoder", "basis", "--zdim", "8"]),
     ("basis VAE, batch 64, touched rows gathered", ["--decoder", "basis", "--zdim", "8",
                                                      "--decoder-opt", "sparse_grad=true"]),

@@ -70,8 +70,8 @@ from common import (  # noqa: E402
     tool_version,
 )
 
-ARCHITECTURE_OURS = ["--zdim", "8", "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256",
-                     "--dec-layers", "3", "--encoder", "resmlp"]
+ARCHITECTURE_OURS = ["--decoder", "neural_field", "--zdim", "8", "--enc-dim", "256", "--enc-layers", "3",
+                     "--dec-dim", "256", "--dec-layers", "3", "--encoder", "resmlp"]
 ARCHITECTURE_CRYODRGN = ["--zdim", "8", "--enc-dim", "256", "--enc-layers", "3", "--dec-dim", "256",
                          "--dec-layers", "3"]
 DRGN = "cryodrgn"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The built-in example: simulate datasets of the built-in molecule, reconstruct one by
 # backprojection with known poses and CTF and compare the map with the ground truth, then learn
-# the moving domain of the other with a 1-D VAE, check it against the truth, analyse its latent
-# space into an HTML report and decode maps along its latent axis; then learn the same motion with
-# the fast voxel basis decoder and check it too, once more as two processes (torchrun); last,
-# sort a 3-state set into classes with the classical EM classification (RELION's --K).
+# the moving domain of the other with a 1-D VAE (train's default decoder, the voxel basis), check
+# it against the truth, analyse its latent space into an HTML report and decode maps along its
+# latent axis; then learn the same motion with the neural field decoder and check it too, and the
+# basis once more as two processes (torchrun); last, sort a 3-state set into classes with the
+# classical EM classification (RELION's --K).
 # Usage: scripts/demo.sh [OUTDIR]   (make demo runs it with OUTDIR=demo_out)
 set -euo pipefail
 OUT=${1:-demo_out}
@@ -12,7 +13,7 @@ BIN=${BIN:-.venv/bin}
 N=${DEMO_N_IMAGES:-5000}
 # a new training run never overwrites an earlier one (cryoscape refuses), so a second demo starts
 # its training runs afresh
-rm -rf "$OUT/train" "$OUT/train_basis" "$OUT/train_basis_2proc" "$OUT/classes"
+rm -rf "$OUT/train" "$OUT/train_nf" "$OUT/train_2proc" "$OUT/train_basis" "$OUT/train_basis_2proc" "$OUT/classes"
 
 echo "== 1/9 simulate: $N images of the built-in molecule, D=64, SNR 0.1, CTF, shifts"
 "$BIN/cryoscape" simulate -o "$OUT/data" -n "$N" -D 64 --snr 0.1 --heterogeneity none \
@@ -26,10 +27,10 @@ echo "== 3/9 compare the map with the ground truth"
     -o "$OUT/backproject/fsc_vs_truth.txt" --plot "$OUT/backproject/fsc_vs_truth.png"
 
 NH=${DEMO_N_HINGE:-1000}
-EPOCHS=${DEMO_EPOCHS:-10}
-echo "== 4/9 simulate $NH images of the hinge motion (D=32, SNR 1) and train a VAE (zdim 1, $EPOCHS epochs)"
+EPOCHS=${DEMO_EPOCHS:-14}
+echo "== 4/9 simulate $NH images of the hinge motion (D=32, SNR 1) and train a VAE (train's default decoder, the voxel basis; zdim 1, $EPOCHS epochs)"
 "$BIN/cryoscape" simulate -o "$OUT/hinge" -n "$NH" -D 32 --snr 1 --heterogeneity hinge --seed 2
-"$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$EPOCHS" --beta 0.05 --lr 1e-3 \
+"$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$EPOCHS" --beta 0.05 \
     --enc-layers 2 --enc-dim 128 --dec-layers 2 --dec-dim 128 -o "$OUT/train" --no-progress
 LAST=$((EPOCHS - 1))
 
@@ -40,18 +41,18 @@ echo "== 6/9 analyze the latent space (PCA, k-means, maps, report) and decode ma
 "$BIN/cryoscape" analyze "$OUT/train" --ksample 5 --skip-umap
 "$BIN/cryoscape" volumes "$OUT/train" --z-values -1.5 -0.75 0 0.75 1.5 -o "$OUT/train/maps" --no-progress
 
-BEPOCHS=${DEMO_BASIS_EPOCHS:-14}
-echo "== 7/9 the same motion with the voxel basis decoder (--decoder basis, $BEPOCHS epochs), evaluated the same way"
-"$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$BEPOCHS" --beta 0.05 --decoder basis \
-    --enc-layers 2 --enc-dim 128 --dec-layers 2 --dec-dim 128 -o "$OUT/train_basis" --no-progress
-"$BIN/cryoscape" evaluate "$OUT/train_basis" --truth "$OUT/hinge" --n-images 50 --no-progress
+NEPOCHS=${DEMO_NF_EPOCHS:-10}
+echo "== 7/9 the same motion with the neural field decoder (--decoder neural_field, $NEPOCHS epochs), evaluated the same way"
+"$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$NEPOCHS" --beta 0.05 --decoder neural_field --lr 1e-3 \
+    --enc-layers 2 --enc-dim 128 --dec-layers 2 --dec-dim 128 -o "$OUT/train_nf" --no-progress
+"$BIN/cryoscape" evaluate "$OUT/train_nf" --truth "$OUT/hinge" --n-images 50 --no-progress
 
 echo "== 8/9 the basis run again as 2 processes (torchrun, gloo, one share of every batch each), with checkpoints inside epochs"
 OMP_NUM_THREADS=1 "$BIN/torchrun" --nproc-per-node 2 --master-addr 127.0.0.1 --master-port "${DEMO_PORT:-29533}" \
-    "$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$BEPOCHS" --beta 0.05 --decoder basis \
-    --enc-layers 2 --enc-dim 128 --dec-layers 2 --dec-dim 128 -o "$OUT/train_basis_2proc" --no-progress \
+    "$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$EPOCHS" --beta 0.05 \
+    --enc-layers 2 --enc-dim 128 --dec-layers 2 --dec-dim 128 -o "$OUT/train_2proc" --no-progress \
     --checkpoint-minutes 0.01
-"$BIN/cryoscape" evaluate "$OUT/train_basis_2proc" --truth "$OUT/hinge" --n-images 50 --no-progress
+"$BIN/cryoscape" evaluate "$OUT/train_2proc" --truth "$OUT/hinge" --n-images 50 --no-progress
 
 echo "== 9/9 classical 3-D classification: 3 hinge states (D=32, SNR 0.5), consensus map, classify -K 3 --no-align"
 "$BIN/cryoscape" simulate -o "$OUT/states" -n 600 -D 32 --snr 0.5 --heterogeneity discrete --n-classes 3 \
@@ -74,8 +75,8 @@ Done. Look at:
   $OUT/data/                          the simulated dataset (.mrcs, .star, poses.pkl, ctf.pkl, ground truth)
   $OUT/train/loss.png                 VAE learning curve; $OUT/train/z.$LAST.npy the latents
   $OUT/train/maps/vol_00*.mrc         maps along the latent axis: the domain swings
-  $OUT/train_basis/                   the same with the voxel basis decoder (run.log: its img/s;
-                                      evaluate.$((BEPOCHS - 1))/report.html: its comparison with the truth)
-  $OUT/train_basis_2proc/             the same trained by 2 processes (config.yaml: world_size 2)
+  $OUT/train_nf/                      the same with the neural field decoder (run.log: its img/s;
+                                      evaluate.$((NEPOCHS - 1))/report.html: its comparison with the truth)
+  $OUT/train_2proc/                   the basis run trained by 2 processes (config.yaml: world_size 2)
   $OUT/classes/                       3 class maps, classNNN.star subsets, particles.star with rlnClassNumber
 TXT

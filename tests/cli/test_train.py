@@ -100,7 +100,7 @@ def test_odd_box_hartley_conv_encoder_amp_and_lazy_reading(tmp_path):
                  "--seed", "0", "--oversampling", "1", "--shift-max-pixel", "1"]) == 0
     run = tmp_path / "run"
     assert main(["train", str(data / "particles.star"), "-o", str(run), "-n", "2", "--zdim", "1", "--encoder", "conv",
-                 "--domain", "hartley", "--amp", "--lazy", *SMALL]) == 0
+                 "--domain", "hartley", "--decoder", "neural_field", "--amp", "--lazy", *SMALL]) == 0
     state = load_checkpoint(run / "checkpoint.pt")
     assert state["data"]["box_size"] == 15 and state["decoder"]["config"]["domain"] == "hartley"
     assert state["encoder"]["config"]["kind"] == "conv"

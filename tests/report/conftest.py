@@ -54,7 +54,9 @@ def three_class_run(three_class_dataset) -> Path:
     from cryoscape.train.loop import run_training
 
     run = three_class_dataset.parent / "run"
-    config = TrainConfig(particles=str(three_class_dataset / "particles.star"), zdim=2, num_epochs=5, batch_size=8,
+    # the neural field, with the settings these analysis tests were written for
+    config = TrainConfig(particles=str(three_class_dataset / "particles.star"), decoder="neural_field", zdim=2,
+                         num_epochs=5, batch_size=8,
                          dec_layers=2, dec_dim=64, enc_layers=2, enc_dim=64, encoder="resmlp", lr=1e-3, beta=0.05,
                          progress=False, checkpoint_every=100, device="cpu", amp=False)
     run_training(config, run)

@@ -61,7 +61,8 @@ def test_training_evaluates_only_the_band_then_every_pixel(tiny_dataset, tmp_pat
         return real(self, coords, z)
 
     monkeypatch.setattr(NeuralField, "_forward_all", counting)
-    config = TrainConfig(particles=str(tiny_dataset / "particles.star"), zdim=1, num_epochs=2, band_start=0.5,
+    config = TrainConfig(particles=str(tiny_dataset / "particles.star"), decoder="neural_field", zdim=1, num_epochs=2,
+                         band_start=0.5,
                          dec_layers=1, dec_dim=16, enc_layers=1, enc_dim=16, batch_size=16, lr=1e-3,
                          progress=False, checkpoint_every=1, n_normalization_images=64)
     result = run_training(config, tmp_path / "run")
@@ -80,12 +81,15 @@ def test_neural_field_trains_128_wide_by_default_and_saved_runs_keep_their_width
     from cryoscape.cli.train import _config_from_args
     from cryoscape.cli.main import build_parser
 
-    assert TrainConfig().dec_dim == 128  # the neural field (README "Choosing a decoder": float32 speed)
-    assert TrainConfig(decoder="basis").dec_dim == 256 and TrainConfig(dec_dim=256).dec_dim == 256
-    saved = TrainConfig(dec_dim=256).to_dict()
+    nf = {"decoder": "neural_field"}
+    assert TrainConfig(**nf).dec_dim == 128  # README "Choosing a decoder": float32 speed
+    assert TrainConfig().dec_dim == 256 and TrainConfig(**nf, dec_dim=256).dec_dim == 256  # the basis's mixing MLP
+    saved = TrainConfig(**nf, dec_dim=256).to_dict()
     assert TrainConfig.from_dict(saved).dec_dim == 256
     del saved["dec_dim"]
     assert TrainConfig.from_dict(saved).dec_dim == 256  # a run saved without the field was 256 wide
     parser = build_parser()
-    assert _config_from_args(parser.parse_args(["train", "p.mrcs", "-o", "r"])).dec_dim == 128
-    assert _config_from_args(parser.parse_args(["train", "p.mrcs", "-o", "r", "--dec-dim", "64"])).dec_dim == 64
+    args = ["train", "p.mrcs", "-o", "r", "--decoder", "neural_field"]
+    assert _config_from_args(parser.parse_args(args)).dec_dim == 128
+    assert _config_from_args(parser.parse_args([*args, "--dec-dim", "64"])).dec_dim == 64
+    assert _config_from_args(parser.parse_args(["train", "p.mrcs", "-o", "r"])).decoder == "basis"

@@ -8,16 +8,21 @@ from cryoscape.train.abinit import AbinitConfig
 from cryoscape.train.config import DEFAULT_BATCH_SIZES, DEFAULT_LEARNING_RATES, TrainConfig
 
 
+def test_the_default_decoder_is_the_basis_and_ab_initio_keeps_the_neural_field():
+    assert TrainConfig().decoder == "basis"  # README "Choosing a decoder": the oracle benchmark's figures
+    assert AbinitConfig().decoder == "neural_field"  # it aligns from random poses; the basis does not
+
+
 def test_default_learning_rate_depends_on_the_decoder():
-    assert TrainConfig().lr == DEFAULT_LEARNING_RATES["neural_field"] == 4e-4
-    assert TrainConfig(decoder="basis").lr == 1e-3  # its voxels learn at voxel_lr_scale times this
+    assert TrainConfig(decoder="neural_field").lr == DEFAULT_LEARNING_RATES["neural_field"] == 4e-4
+    assert TrainConfig().lr == 1e-3  # the basis: its voxels learn at voxel_lr_scale times this
     assert TrainConfig(lr=2e-3).lr == 2e-3  # an explicit --lr wins
     assert AbinitConfig().lr == 1e-3  # ab initio keeps its own default
 
 
 def test_default_batch_size_depends_on_the_decoder():
-    assert TrainConfig().batch_size == 8  # cryoDRGN's
-    assert TrainConfig(decoder="basis").batch_size == DEFAULT_BATCH_SIZES["basis"] == 64
+    assert TrainConfig(decoder="neural_field").batch_size == 8  # cryoDRGN's
+    assert TrainConfig().batch_size == DEFAULT_BATCH_SIZES["basis"] == 64
     assert TrainConfig(decoder="basis", batch_size=8).batch_size == 8  # an explicit --batch-size wins
     assert AbinitConfig().batch_size == 16 and AbinitConfig(decoder="basis").batch_size == 16
 

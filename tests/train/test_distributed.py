@@ -26,7 +26,7 @@ from cryoscape.train.checkpoint import PARTIAL_CHECKPOINT_NAME, load_checkpoint
 BIN = Path(sys.executable).parent
 CRYOSCAPE = str(BIN / "cryoscape")
 TORCHRUN = str(BIN / "torchrun")
-SMALL_NF = ["--dec-dim", "32", "--enc-dim", "32", "--dec-layers", "2", "--enc-layers", "2"]
+SMALL_NF = ["--decoder", "neural_field", "--dec-dim", "32", "--enc-dim", "32", "--dec-layers", "2", "--enc-layers", "2"]
 COMMON = ["--no-amp", "--no-progress", "--seed", "1"]
 #: latents of 1 and 2 processes after 2 epochs agree to this (measured: 8e-8 neural field, 5e-7 basis).
 #: The basis runs without the latent step after its final refit (--no-refit-latents): its posterior

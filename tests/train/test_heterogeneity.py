@@ -20,7 +20,7 @@ from cryoscape.train.loop import run_training
 
 from .conftest import simulate
 
-VAE = dict(dec_layers=2, dec_dim=128, enc_layers=2, enc_dim=128, encoder="resmlp", lr=1e-3, beta=0.05,
+VAE = dict(decoder="neural_field", dec_layers=2, dec_dim=128, enc_layers=2, enc_dim=128, encoder="resmlp", lr=1e-3, beta=0.05,
            progress=False, checkpoint_every=100)
 
 

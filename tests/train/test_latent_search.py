@@ -116,7 +116,7 @@ def test_cli_options_reach_the_config():
 
 
 def tiny_config(dataset, **overrides) -> TrainConfig:
-    options = dict(particles=str(dataset / "particles.star"), zdim=1, dec_layers=1, dec_dim=16, enc_layers=1,
+    options = dict(particles=str(dataset / "particles.star"), decoder="neural_field", zdim=1, dec_layers=1, dec_dim=16, enc_layers=1,
                    enc_dim=16, batch_size=16, lr=1e-3, progress=False, checkpoint_every=1, n_normalization_images=64,
                    latent_search_points=8)
     options.update(overrides)

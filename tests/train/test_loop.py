@@ -20,7 +20,8 @@ from cryoscape.train.loop import TrainingDiverged, resume_training, run_training
 
 def tiny_config(dataset, **overrides) -> TrainConfig:
     options = dict(
-        particles=str(dataset / "particles.star"), dec_layers=1, dec_dim=16, enc_layers=1, enc_dim=16,
+        particles=str(dataset / "particles.star"), decoder="neural_field", dec_layers=1, dec_dim=16, enc_layers=1,
+        enc_dim=16,
         batch_size=16, lr=1e-3, progress=False, checkpoint_every=1, n_normalization_images=64,
     )
     options.update(overrides)
@@ -154,7 +155,8 @@ def test_beta_schedules():
 # ---------------------------------------------------------------------------------------------
 # homogeneous reconstruction quality, Fourier vs Hartley
 # ---------------------------------------------------------------------------------------------
-HOMOGENEOUS = dict(num_epochs=3, dec_layers=2, dec_dim=64, batch_size=16, lr=1e-3, n_normalization_images=1000)
+HOMOGENEOUS = dict(decoder="neural_field", num_epochs=3, dec_layers=2, dec_dim=64, batch_size=16, lr=1e-3,
+                   n_normalization_images=1000)
 
 
 @pytest.fixture(scope="module")

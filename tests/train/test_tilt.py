@@ -90,7 +90,7 @@ def tilt_dataset(tiny_dataset, tmp_path_factory):
 
 def test_tilt_pair_training_runs_and_records_the_tilt_encoder(tiny_dataset, tilt_dataset, tmp_path):
     config = TrainConfig(particles=str(tiny_dataset / "particles.star"), tilt=str(tilt_dataset), tilt_deg=45.0,
-                         zdim=1, num_epochs=2, dec_layers=1, dec_dim=16, enc_layers=1, enc_dim=16,
+                         decoder="neural_field", zdim=1, num_epochs=2, dec_layers=1, dec_dim=16, enc_layers=1, enc_dim=16,
                          batch_size=16, lr=1e-2, progress=False)
     result = run_training(config, tmp_path / "run")
     assert result.history[-1]["loss"] < result.history[0]["loss"]

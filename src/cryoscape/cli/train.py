@@ -57,7 +57,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoder, encoder and likelihood options."""
     model = parser.add_argument_group("model")
     model.add_argument("--zdim", type=int, default=0, help="latent dimension; 0 trains one homogeneous map [0]")
-    model.add_argument("--decoder", default="neural_field", help="decoder name (a registered decoder) [neural_field]")
+    model.add_argument("--decoder", default="basis",
+                       help="decoder name (a registered decoder: basis, neural_field, cryoformer, atomic; README "
+                            "'Choosing a decoder') [basis]")
     model.add_argument("--decoder-opt", type=parse_key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="extra decoder option (repeatable), passed to the decoder as it is")
     model.add_argument("--reference", metavar="PDB",

@@ -118,7 +118,9 @@ class AbinitConfig(TrainConfig):
 
     # ---- defaults that differ from cryoscape train's (what the tests and bench/abinit.py validate:
     # a consensus map needs less capacity than a heterogeneous ensemble, and the stochastic
-    # search/train alternation needs a model that follows the poses quickly)
+    # search/train alternation needs a model that follows the poses quickly; the neural field aligns
+    # from random poses, the basis does not)
+    decoder: str = "neural_field"
     dec_dim: int = 128
     lr: float = 1e-3
     batch_size: int = 16

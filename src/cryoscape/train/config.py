@@ -85,7 +85,9 @@ class TrainConfig:
 
     # ---- model
     zdim: int = 0
-    decoder: str = "neural_field"
+    # the voxel basis: better maps, latents and speed than the neural field on both oracle datasets
+    # (README "Choosing a decoder"; bench/results/oracle_*.txt)
+    decoder: str = "basis"
     decoder_options: dict[str, Any] = field(default_factory=dict)
     dec_layers: int = 3
     dec_dim: int | None = None  # None: DEFAULT_DEC_DIMS of the decoder

@@ -58,7 +58,8 @@ def build_decoder_for(config: TrainConfig, box_size: int):
                          "fix the --dec-*/--pe-*/--decoder-opt options.") from None
     if decoder.domain != config.domain:
         raise InputError(f"the decoder {config.decoder} works in the {decoder.domain} domain but "
-                         f"--domain {config.domain} was asked; pass --domain {decoder.domain}.")
+                         f"--domain {config.domain} was asked; pass --domain {decoder.domain}"
+                         + (", or --decoder neural_field for the Hartley domain." if config.domain == "hartley" else "."))
     return decoder
 
 
