@@ -355,3 +355,15 @@ def test_a_split_refit_applies_the_component_mask_on_the_whole_lattice(monkeypat
         error[name] = float((a - b).norm() / a.norm())
     print(f"\nsplit against whole refit within the band, masked: {error}")
     assert error["mean_real"] < 0.02 and error["basis_real"] < 0.1
+
+
+def test_the_refit_budget_is_8_gib_or_a_third_of_the_machines_memory(monkeypatch):
+    """On a 16 GiB machine the budget is a third of it; on a 64 GiB one the 8 GiB cap holds."""
+    import cryoscape.models.basis as basis_module
+
+    pages = {"SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(basis_module.os, "sysconf", lambda name: pages[name])
+    pages["SC_PHYS_PAGES"] = 16 * 2**30 // 4096
+    assert basis_module.refit_budget_bytes() == int(16 * 2**30 / 3)
+    pages["SC_PHYS_PAGES"] = 64 * 2**30 // 4096
+    assert basis_module.refit_budget_bytes() == 8 * 2**30

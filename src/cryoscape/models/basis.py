@@ -94,6 +94,7 @@ Voxels beyond the Nyquist shell (``round(|k| D) > radius``) are left out of gene
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -111,14 +112,16 @@ from cryoscape.models.sparse_slice import (
 )
 from cryoscape.models.subspace_fit import SubspaceSums, correct_subspace, solve_subspace, ssnr_from_halves, whitening
 
-__all__ = ["StructuralBasis", "refit_bands", "refit_bytes"]
+__all__ = ["StructuralBasis", "refit_bands", "refit_budget_bytes", "refit_bytes"]
 
 #: Lattice points farther than this from the largest training frequency are never a corner.
 _CORNER_REACH = math.sqrt(3.0) + 1e-3
 #: Largest memory the refit's per-voxel sums and solutions may take (:func:`refit_bytes`; with all 17
 #: components a D = 256 basis would need ~20 GiB: its components are then solved up to the shell
-#: that fits, :func:`refit_bands`; D = 128 needs ~2.6 GiB).
+#: that fits, :func:`refit_bands`; D = 128 needs ~2.6 GiB), and at most this fraction of the
+#: machine's memory (:func:`refit_budget_bytes`).
 _REFIT_MAX_BYTES = 8 * 2**30
+_REFIT_MAX_MEMORY_FRACTION = 1 / 3
 
 #: Weight of one batch in the running statistics of s(z).
 _S_STATS_MOMENTUM = 0.01
@@ -130,6 +133,17 @@ def refit_bytes(n_vox: int, n_comp: int) -> int:
     ``n_comp`` counts the mean map and the whitened components the refit solves (directions in
     which the mixing weights do not vary are dropped first, so it is often below ``K + 1``)."""
     return int(n_vox) * (int(n_comp) * (int(n_comp) + 1) * 8 + 8 * int(n_comp) * 16)
+
+
+def refit_budget_bytes() -> int:
+    """The refit's memory budget: 8 GiB, or a third of the machine's physical memory where that is
+    less (a 16 GB laptop: 5.3 GB), since the training process holds the decoder, its optimiser
+    state and the refit's transients beside it (README: measured peaks)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: the fixed cap alone
+        return _REFIT_MAX_BYTES
+    return int(min(_REFIT_MAX_BYTES, _REFIT_MAX_MEMORY_FRACTION * physical))
 
 
 def refit_bands(shell_counts: torch.Tensor, n_comp: int, max_bytes: int) -> int | None:
@@ -415,7 +429,8 @@ class StructuralBasis(VolumeDecoder):
         per-shell amplitude (the preconditioning) is kept.  ``slices`` and ``latents`` as in
         :meth:`VolumeDecoder.refit`.
 
-        Its per-voxel sums are held within 8 GiB (:func:`refit_bands`): where all the components
+        Its per-voxel sums are held within 8 GiB or a third of the machine's memory
+        (:func:`refit_budget_bytes`, :func:`refit_bands`): where all the components
         would not fit (D >= ~190-230 by the components kept) they are solved up to the outermost
         shell that fits and the mean map alone beyond it, the components there set to zero.
         Returns ``{"n_images", "n_components", "component_shell", "fsc_half", "corrections"}``
@@ -439,7 +454,7 @@ class StructuralBasis(VolumeDecoder):
         n_comp = 1 + (0 if white is None else white.shape[1])
         bands = self._refit_bands(n_comp)
         if bands is None:
-            return {"skipped": f"not even the lowest shell's components fit in {_REFIT_MAX_BYTES / 2**30:.1f} GiB "
+            return {"skipped": f"not even the lowest shell's components fit in {refit_budget_bytes() / 2**30:.1f} GiB "
                                f"of per-voxel sums ({self.lattice.n_vox} voxels, the mean map and {n_comp - 1} "
                                f"component{'' if n_comp == 2 else 's'})"}
         sums = self._refit_pass(slices(), [band.sums(with_gram=True) for band in bands], mean, white, residual=False)
@@ -465,7 +480,7 @@ class StructuralBasis(VolumeDecoder):
         budget, the outer ones solved for the mean map alone (:func:`refit_bands`)."""
         shells = self._voxel_shell
         counts = torch.bincount(shells.cpu())
-        last = refit_bands(counts, n_comp, _REFIT_MAX_BYTES)
+        last = refit_bands(counts, n_comp, refit_budget_bytes())
         if last is None:
             return None
         masked = self.config["refit_mask"] and n_comp > 1
