@@ -82,6 +82,11 @@ def test_errors_are_one_sentence(dataset, tmp_path, capsys):
         main(["train", str(dataset / "particles.star"), "-o", str(tmp_path / "r3"), "--beta", "lots"])
     assert main(["train", str(dataset / "particles.star"), "-o", str(tmp_path / "r4"), "--decoder", "nope"]) == 2
     assert "neural_field" in capsys.readouterr().err
+    # the default decoder (the basis) is a Fourier-space model: one sentence naming the two ways out
+    assert main(["train", str(dataset / "particles.star"), "-o", str(tmp_path / "r5"), "--domain", "hartley",
+                 *SMALL]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--domain fourier, or --decoder neural_field" in last and "Traceback" not in last
 
 
 def test_nan_loss_exits_with_a_learning_rate_hint(dataset, tmp_path, capsys, monkeypatch):

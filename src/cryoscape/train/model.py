@@ -57,9 +57,9 @@ def build_decoder_for(config: TrainConfig, box_size: int):
         raise InputError(f"the decoder {config.decoder} could not be built with these options ({err}); "
                          "fix the --dec-*/--pe-*/--decoder-opt options.") from None
     if decoder.domain != config.domain:
+        hartley = ", or --decoder neural_field for the Hartley domain" if config.domain == "hartley" else ""
         raise InputError(f"the decoder {config.decoder} works in the {decoder.domain} domain but "
-                         f"--domain {config.domain} was asked; pass --domain {decoder.domain}"
-                         + (", or --decoder neural_field for the Hartley domain." if config.domain == "hartley" else "."))
+                         f"--domain {config.domain} was asked; pass --domain {decoder.domain}{hartley}.")
     return decoder
 
 
