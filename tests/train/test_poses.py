@@ -82,7 +82,7 @@ def test_joint_refinement_reduces_pose_errors(sim_root, tmp_path):
     with open(tmp_path / "perturbed.pkl", "wb") as f:
         pickle.dump((Rp, tp / 32), f)
     config = TrainConfig(particles=str(data / "particles.star"), poses=str(tmp_path / "perturbed.pkl"),
-                         num_epochs=10, dec_layers=2, dec_dim=64, batch_size=16, lr=1e-3, refine_poses=True,
+                         decoder="neural_field", num_epochs=10, dec_layers=2, dec_dim=64, batch_size=16, lr=1e-3, refine_poses=True,
                          pose_lr=3e-3, pose_start_epoch=3, progress=False, checkpoint_every=1)
     run_training(config, tmp_path / "run")
     with open(tmp_path / "run" / "poses.9.pkl", "rb") as f:
