@@ -85,8 +85,9 @@ def test_errors_are_one_sentence(dataset, tmp_path, capsys):
     # the default decoder (the basis) is a Fourier-space model: one sentence naming the two ways out
     assert main(["train", str(dataset / "particles.star"), "-o", str(tmp_path / "r5"), "--domain", "hartley",
                  *SMALL]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--domain fourier, or --decoder neural_field" in last and "Traceback" not in last
+    err = capsys.readouterr().err.strip()
+    assert "--domain fourier, or --decoder neural_field" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1  # said before any image is read (no loading line before it)
 
 
 def test_nan_loss_exits_with_a_learning_rate_hint(dataset, tmp_path, capsys, monkeypatch):

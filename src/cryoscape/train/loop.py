@@ -56,6 +56,7 @@ from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_dataset, build_training_data, load_tables
 from cryoscape.train.latent_search import fixed_latent_search
+from cryoscape.train.model import check_decoder_domain
 from cryoscape.train.objective import batch_loss, tilt_rotation
 from cryoscape.train.pose_sources import KnownPoses, PoseSource
 from cryoscape.train.schedule import ConstantSchedule
@@ -132,6 +133,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
         config.validate()
     except ValueError as err:
         raise InputError(f"{err}.") from None
+    check_decoder_domain(config)
     out = Path(out_dir)
     refuse_to_overwrite_run(out, "train")
     with RunContext(out) as dist:

@@ -19,7 +19,8 @@ import torch
 from cryoscape.errors import InputError
 from cryoscape.train.config import TrainConfig
 
-__all__ = ["Model", "resolve_device", "build_decoder_for", "build_encoder_for", "build_optimizers"]
+__all__ = ["Model", "resolve_device", "build_decoder_for", "check_decoder_domain", "build_encoder_for",
+           "build_optimizers"]
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -57,10 +58,29 @@ def build_decoder_for(config: TrainConfig, box_size: int):
         raise InputError(f"the decoder {config.decoder} could not be built with these options ({err}); "
                          "fix the --dec-*/--pe-*/--decoder-opt options.") from None
     if decoder.domain != config.domain:
-        hartley = ", or --decoder neural_field for the Hartley domain" if config.domain == "hartley" else ""
-        raise InputError(f"the decoder {config.decoder} works in the {decoder.domain} domain but "
-                         f"--domain {config.domain} was asked; pass --domain {decoder.domain}{hartley}.")
+        raise _domain_error(config, decoder.domain)
     return decoder
+
+
+def check_decoder_domain(config: TrainConfig) -> None:
+    """Raise :func:`build_decoder_for`'s domain error before any image is read: a decoder whose
+    constructor takes no ``domain`` works in its class's domain only (the voxel basis: Fourier)."""
+    from cryoscape.models.base import decoder_class, decoder_names
+
+    if config.decoder not in decoder_names():
+        return  # build_decoder_for names the known decoders
+    cls = decoder_class(config.decoder)
+    params = inspect.signature(cls).parameters
+    if "domain" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    if cls.domain != config.domain:
+        raise _domain_error(config, cls.domain)
+
+
+def _domain_error(config: TrainConfig, decoder_domain: str) -> InputError:
+    hartley = ", or --decoder neural_field for the Hartley domain" if config.domain == "hartley" else ""
+    return InputError(f"the decoder {config.decoder} works in the {decoder_domain} domain but "
+                      f"--domain {config.domain} was asked; pass --domain {decoder_domain}{hartley}.")
 
 
 def build_encoder_for(config: TrainConfig, box_size: int):
