@@ -38,7 +38,7 @@ def build_decoder_for(config: TrainConfig, box_size: int):
     ``seed``) are passed when the decoder's constructor takes them; ``decoder_options`` are
     passed as they are.
     """
-    from cryoscape.models.base import build_decoder, decoder_class, decoder_names
+    from cryoscape.models.base import build_decoder, decoder_names
 
     names = decoder_names()
     if config.decoder not in names:
@@ -48,9 +48,7 @@ def build_decoder_for(config: TrainConfig, box_size: int):
         "domain": config.domain, "encoding": config.pe_type, "n_freqs": config.pe_dim,
         "gaussian_scale": config.gaussian_scale, "seed": config.seed,
     }
-    params = inspect.signature(decoder_class(config.decoder)).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in common.items() if takes_any or k in params}
+    kwargs = {k: v for k, v in common.items() if _takes(config.decoder, k)}
     kwargs.update(config.decoder_options or {})
     try:
         decoder = build_decoder(config.decoder, **kwargs)
@@ -69,12 +67,17 @@ def check_decoder_domain(config: TrainConfig) -> None:
 
     if config.decoder not in decoder_names():
         return  # build_decoder_for names the known decoders
-    cls = decoder_class(config.decoder)
-    params = inspect.signature(cls).parameters
-    if "domain" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    if cls.domain != config.domain:
-        raise _domain_error(config, cls.domain)
+    domain = decoder_class(config.decoder).domain
+    if not _takes(config.decoder, "domain") and domain != config.domain:
+        raise _domain_error(config, domain)
+
+
+def _takes(decoder: str, option: str) -> bool:
+    """Whether the constructor of the registered decoder ``decoder`` accepts the keyword ``option``."""
+    from cryoscape.models.base import decoder_class
+
+    params = inspect.signature(decoder_class(decoder)).parameters
+    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _domain_error(config: TrainConfig, decoder_domain: str) -> InputError:
