@@ -485,11 +485,11 @@ class StructuralBasis(VolumeDecoder):
             return None
         masked = self.config["refit_mask"] and n_comp > 1
         if last >= len(counts) - 1:
-            return [_RefitBand(self, None, n_comp, _ComponentMask(self) if masked else None, len(counts) - 1)]
+            return [_RefitBand(self, None, n_comp, _ComponentMask(self) if masked else None)]
         inner = (shells <= last).nonzero().squeeze(-1)
         outer = (shells > last).nonzero().squeeze(-1)
-        return [_RefitBand(self, inner, n_comp, _ComponentMask(self, inner) if masked else None, last),
-                _RefitBand(self, outer, 1, None, len(counts) - 1)]
+        return [_RefitBand(self, inner, n_comp, _ComponentMask(self, inner) if masked else None),
+                _RefitBand(self, outer, 1, None)]
 
     def _assemble(self, bands: list[_RefitBand], x: list[torch.Tensor], n_comp: int) -> torch.Tensor:
         """The bands' solutions as one ``(n_vox, n_comp)`` table (zero where a band solves fewer columns)."""
@@ -926,14 +926,17 @@ class _ComponentMask:
 
 class _RefitBand:
     """Voxels a refit solves with ``n_comp`` columns: ``voxels`` (lattice indices; ``None``: all),
-    the shells they make up (up to ``last_shell``) and the component mask they are solved with."""
+    the shells they make up and the component mask they are solved with."""
 
     def __init__(self, decoder: StructuralBasis, voxels: torch.Tensor | None, n_comp: int,
-                 mask: _ComponentMask | None, last_shell: int):
-        self.decoder, self.voxels, self.n_comp, self.last_shell = decoder, voxels, n_comp, last_shell
+                 mask: _ComponentMask | None):
+        self.decoder, self.voxels, self.n_comp, self.mask = decoder, voxels, n_comp, mask
         self.voxel_shells = decoder._voxel_shell if voxels is None else decoder._voxel_shell[voxels]
         self.shells = torch.unique(self.voxel_shells).cpu()
-        self.mask = mask
+
+    @property
+    def last_shell(self) -> int:
+        return int(self.shells[-1])
 
     def sums(self, *, with_gram: bool) -> SubspaceSums:
         return SubspaceSums(self.decoder.lattice.n_vox, self.n_comp, device=self.decoder._table.device,

@@ -86,7 +86,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cryoscape.errors import InputError
 from cryoscape.geometry.so3_grid import base_grid_spacing_deg
 from cryoscape.posesearch.search import SearchSettings, grid_summary
 from cryoscape.train.checkpoint import refuse_to_overwrite_run
@@ -94,6 +93,7 @@ from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_training_data, load_tables
 from cryoscape.train.loop import check_particle_count, load_resume_state
+from cryoscape.train.model import check_options
 from cryoscape.train.pose_sources import SearchedPoses
 from cryoscape.train.schedule import EpochPlan, Schedule
 from cryoscape.train.trainer import RunContext, Trainer, TrainResult
@@ -345,10 +345,7 @@ def abinit_model(config: AbinitConfig, table, out_dir: str | Path, *, resume_sta
     it holds are ignored); ``resume_state``: a checkpoint of an ab initio run in ``out_dir`` to
     continue; ``arguments``: the command line, recorded in config.yaml.
     """
-    try:
-        config.validate()
-    except ValueError as err:
-        raise InputError(f"{err}.") from None
+    check_options(config)
     config = AbinitSchedule(config).fixed(config)
     schedule = AbinitSchedule(config)
     dist = dist or Distributed()
@@ -370,10 +367,7 @@ def abinit_model(config: AbinitConfig, table, out_dir: str | Path, *, resume_sta
 
 def run_abinit(config: AbinitConfig, out_dir: str | Path, *, arguments: dict[str, Any] | None = None) -> AbinitResult:
     """Load the particles of ``config``, set up the run folder and its log, and run :func:`abinit_model`."""
-    try:
-        config.validate()
-    except ValueError as err:
-        raise InputError(f"{err}.") from None
+    check_options(config)
     refuse_to_overwrite_run(out_dir, "abinit")
     with RunContext(out_dir) as dist:
         table, _ = load_tables(config)

@@ -56,7 +56,7 @@ from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_dataset, build_training_data, load_tables
 from cryoscape.train.latent_search import fixed_latent_search
-from cryoscape.train.model import check_decoder_domain
+from cryoscape.train.model import check_options
 from cryoscape.train.objective import batch_loss, tilt_rotation
 from cryoscape.train.pose_sources import KnownPoses, PoseSource
 from cryoscape.train.schedule import ConstantSchedule
@@ -90,10 +90,7 @@ def train_model(config: TrainConfig, table, out_dir: str | Path, *, tilted_table
     :class:`~cryoscape.train.trainer.TrainingDiverged` when the loss becomes NaN or infinite
     (the last checkpoint on disk is left intact).
     """
-    try:
-        config.validate()
-    except ValueError as err:
-        raise InputError(f"{err}.") from None
+    check_options(config)
     schedule = ConstantSchedule(config)
     config = fixed_latent_search(schedule.fixed(config))
     schedule = ConstantSchedule(config)
@@ -129,11 +126,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
     ``init_from``: a ``checkpoint.pt`` / ``weights.E.pt`` (or a run folder) whose weights,
     optimiser state, normalisation and epoch the new run starts from (cryoDRGN's ``--load``).
     """
-    try:
-        config.validate()
-    except ValueError as err:
-        raise InputError(f"{err}.") from None
-    check_decoder_domain(config)
+    check_options(config)
     out = Path(out_dir)
     refuse_to_overwrite_run(out, "train")
     with RunContext(out) as dist:

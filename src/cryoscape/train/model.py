@@ -19,7 +19,7 @@ import torch
 from cryoscape.errors import InputError
 from cryoscape.train.config import TrainConfig
 
-__all__ = ["Model", "resolve_device", "build_decoder_for", "check_decoder_domain", "build_encoder_for",
+__all__ = ["Model", "resolve_device", "build_decoder_for", "check_options", "check_decoder_domain", "build_encoder_for",
            "build_optimizers"]
 
 
@@ -58,6 +58,16 @@ def build_decoder_for(config: TrainConfig, box_size: int):
     if decoder.domain != config.domain:
         raise _domain_error(config, decoder.domain)
     return decoder
+
+
+def check_options(config: TrainConfig) -> None:
+    """The checks a run makes before it reads any image: :meth:`TrainConfig.validate` and the
+    decoder's domain (:func:`check_decoder_domain`), each failure one :class:`InputError` sentence."""
+    try:
+        config.validate()
+    except ValueError as err:
+        raise InputError(f"{err}.") from None
+    check_decoder_domain(config)
 
 
 def check_decoder_domain(config: TrainConfig) -> None:
