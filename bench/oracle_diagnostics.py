@@ -36,7 +36,7 @@ from cryoscape.train.schedule import ConstantSchedule
 from cryoscape.train.trainer import Trainer, _PosedData
 from cryoscape.train.checkpoint import load_latest_checkpoint
 from cryoscape.train.config import TrainConfig
-from cryoscape.train.refit import refit_decoder
+from cryoscape.train.refit import refit_decoder, refine_latents
 from cryoscape.train.warm_start import posed_slices
 from cryoscape.analysis.evaluate import evenly_spaced_indices, load_ground_truth
 from cryoscape.analysis.oracle import truth_variability_mask, score_maps
@@ -50,6 +50,11 @@ work = Path("/tmp/cryoscape-latent-diagnostics") / run.parent.name / run.name
 shutil.rmtree(work, ignore_errors=True); shutil.copytree(run, work)
 state = load_latest_checkpoint(work, command="train")
 config = TrainConfig.from_dict(state["config"])
+if os.environ.get("PARTICLES"):  # the same images with other noise (FRESH): the run's latents, new pixels
+    config.particles = os.environ["PARTICLES"]
+if os.environ.get("NOWINDOW"):  # no real-space window: the Fourier pixels' noise stays independent (SPLIT)
+    config.window = False
+    state["normalization"]["window"] = False  # what the dataset reads when it resumes
 table, tilted = load_tables(config)
 data = build_training_data(config, table, tilted, resume_state=state)
 poses = pose_source_for(config, data.dataset, table)
@@ -252,6 +257,131 @@ if os.environ.get("SHARPEN"):
             z = refine_latents(dec, posed, tr.pixels, z, device="cpu")[0]
             refit_decoder(dec, posed, tr.pixels, z, device="cpu")
             score(f"f={f} round {r}: plain refit at the new latents", z)
+    sys.exit()
+if os.environ.get("JITTER"):
+    # The final refit at latents jittered by f posterior sds, the latent step against those maps, the refit at
+    # the new latents: do maps fitted at latents whose errors are partly independent of the images unlock the step?
+    sd_post = np.exp(0.5 * np.load(work / f"z_logvar.{state['epoch']}.npy")).astype(np.float32)
+    for f in [float(x) for x in os.environ["JITTER"].split(",")]:
+        dec.load_state_dict(saved)
+        zj = z0 + f * sd_post * np.random.default_rng(2).standard_normal(z0.shape).astype(np.float32)
+        refit_decoder(dec, posed, tr.pixels, zj, device="cpu")
+        zr = refine_latents(dec, posed, tr.pixels, z0, device="cpu")[0]
+        refit_decoder(dec, posed, tr.pixels, zr, device="cpu")
+        score(f"jitter {f} sd: latent step against maps at jittered latents, refit", zr)
+    sys.exit()
+if os.environ.get("BAND"):
+    # The latent step with the likelihood on the frequencies |k| <= f Nyquist only, then the usual refit:
+    # in which band do the maps fitted at the learnt latents hold what locks the step?
+    from cryoscape.train.refit import latent_posteriors
+    from cryoscape.train.warm_start import posed_slices as _ps
+    radius = tr.pixels.freqs_cycles_per_pixel.norm(dim=-1) / 0.5
+    for band in os.environ["BAND"].split(","):
+        lo, hi = (float(x) for x in band.split("-"))
+        dec.load_state_dict(saved)
+        keep = ((radius >= lo) & (radius <= hi)).to(tr.pixels.weights.dtype)
+        batches = ((c, t, ctf, w * keep, i) for c, t, ctf, w, i in
+                   _ps(posed, tr.pixels, np.arange(len(z0)), batch_size=64, domain="fourier", device="cpu"))
+        zr = latent_posteriors(dec, batches, z0)[0]
+        refit_decoder(dec, posed, tr.pixels, zr, device="cpu")
+        score(f"latent step on |k| in [{lo}, {hi}] Nyquist, refit", zr)
+    sys.exit()
+def calibrate(z, groups):
+    """Each group's latents moved and scaled (mean and covariance) onto those of all images: a latent
+    whose scale along the motion depends on the defocus (or the view) made the same for every group."""
+    mu, cov = z.mean(0), np.cov(z.T)
+    w, v = np.linalg.eigh(cov); root = (v * np.sqrt(np.clip(w, 1e-12, None))) @ v.T
+    out = np.empty_like(z)
+    for g in np.unique(groups):
+        i = groups == g
+        wg, vg = np.linalg.eigh(np.cov(z[i].T)); inv_root = (vg / np.sqrt(np.clip(wg, 1e-12, None))) @ vg.T
+        out[i] = mu + (z[i] - z[i].mean(0)) @ inv_root @ root
+    return out.astype(np.float32)
+
+if os.environ.get("CALIB"):
+    # Latents calibrated per defocus bin (CALIB=n bins; VIEWS=1 also per viewing-direction octant), refit, latent
+    # step, calibrated again, refit: does a latent whose scale no longer depends on the defocus unlock the step?
+    import pickle
+    ctfp = pickle.load(open(data_dir / "ctf.pkl", "rb"))[:len(z0)]
+    df = ctfp[:, 2:4].mean(1)
+    groups = np.digitize(df, np.quantile(df, np.linspace(0, 1, int(os.environ["CALIB"]) + 1)[1:-1]))
+    if os.environ.get("VIEWS"):
+        view = truth.rotations[:len(z0), 2, :]
+        groups = groups * 8 + (view > 0) @ np.array([1, 2, 4])
+    z = z0
+    for r in range(ROUNDS):
+        dec.load_state_dict(saved) if r == 0 else None
+        zc = calibrate(z, groups)
+        refit_decoder(dec, posed, tr.pixels, zc, device="cpu"); score(f"round {r}: calibrated latents, refit", zc)
+        z = refine_latents(dec, posed, tr.pixels, zc, device="cpu")[0]
+        refit_decoder(dec, posed, tr.pixels, z, device="cpu"); score(f"round {r}: latent step, refit", z)
+    zc = calibrate(z, groups)
+    refit_decoder(dec, posed, tr.pixels, zc, device="cpu"); score(f"final: calibrated latents, refit", zc)
+    sys.exit()
+if os.environ.get("SPLIT"):
+    # Pixel-split EM: the latents estimated from one checkerboard half of each image's Fourier pixels
+    # (Hermitian pairs stay together), the maps fitted from the OTHER half at those latents, so that no
+    # pixel's noise chose the latent it is fitted at (errors-in-variables without the noise coupling).
+    from cryoscape.train.refit import latent_posteriors
+    from cryoscape.train.warm_start import posed_slices as _ps
+    Dbox = tr.pixels.box_size
+    par = (tr.pixels.freqs_cycles_per_pixel * Dbox).round().long().sum(-1) % 2
+    masks = [(par == 0).to(tr.pixels.weights.dtype), (par == 1).to(tr.pixels.weights.dtype)]
+    ones = torch.ones_like(masks[0])
+    N = len(z0)
+    def slices(mask, zz=None):
+        zt_ = None if zz is None else torch.as_tensor(zz)
+        for c, t, ctf, w, i in _ps(posed, tr.pixels, np.arange(N), batch_size=64, domain="fourier", device="cpu"):
+            yield (c, t, ctf, w * mask, i) if zt_ is None else (c, t, ctf, w * mask, zt_[torch.as_tensor(i)])
+    def estep(mask, z):
+        return latent_posteriors(dec, slices(mask), z)[0]
+    def split_refit(z1, z2):
+        dec.refit(lambda: (b for zz, m in ((z1, masks[1]), (z2, masks[0])) for b in slices(m, zz)),
+                  torch.as_tensor(np.concatenate([z1, z2])), final=True)
+    z = z0
+    for r in range(ROUNDS):
+        z1, z2 = estep(masks[0], z), estep(masks[1], z)
+        print(f"round {r}: half-pixel latents kNN R2 {knn(z1)[0]:.3f} / {knn(z2)[0]:.3f}", flush=True)
+        split_refit(z1, z2)
+        score(f"round {r}: split maps at the mean of the halves' latents", 0.5 * (z1 + z2))
+        z = estep(ones, 0.5 * (z1 + z2))
+        score(f"round {r}: split maps, all-pixel latent step against them", z)
+    saved_split = {k: v.detach().clone() for k, v in dec.state_dict().items()}
+    refit_decoder(dec, posed, tr.pixels, z, device="cpu"); score("plain refit at the last latents", z)
+    sys.exit()
+if os.environ.get("FRESH"):
+    # With PARTICLES= the same clean images plus NEW noise: the run's latents (chosen by the old noise) are
+    # independent of these pixels' noise.  (a) the latent step of the new images against the run's maps;
+    # (b) the maps refitted from the new images at the run's latents, then the latent step against them.
+    for tag, refit_first in (("run's maps", False), ("maps refitted from the new images at the run's latents", True)):
+        dec.load_state_dict(saved)
+        if refit_first:
+            refit_decoder(dec, posed, tr.pixels, z0, device="cpu"); score(f"{tag}", z0)
+        zr = refine_latents(dec, posed, tr.pixels, z0, device="cpu")[0]
+        print(f"{tag}: latent step of the new images: kNN R2 {knn(zr)[0]:.3f}", flush=True)
+        refit_decoder(dec, posed, tr.pixels, zr, device="cpu"); score(f"{tag}: latent step, refit", zr)
+    sys.exit()
+if os.environ.get("SHUFFLE"):
+    # Keep each image's latent error but give it to another image of the same true state: the same error
+    # sizes, independent of the images.  Refit there, one latent step, refit: does the step then sharpen?
+    pred = KNeighborsRegressor(200).fit(coord[:, None], z0).predict(coord[:, None]).astype(np.float32)
+    err = z0 - pred; zsh = z0.copy(); rng = np.random.default_rng(3)
+    cells = truth.state_index[:len(z0)].astype(np.int64)
+    by = os.environ.get("SHUFFLE_BY", "")  # also keep the error within the same defocus decile / view octant
+    if "defocus" in by:
+        import pickle
+        dfc = pickle.load(open(data_dir / "ctf.pkl", "rb"))[:len(z0), 2:4].mean(1)
+        cells = cells * 10 + np.digitize(dfc, np.quantile(dfc, np.linspace(0, 1, 11)[1:-1]))
+    if "view" in by:
+        cells = cells * 8 + (truth.rotations[:len(z0), 2, :] > 0) @ np.array([1, 2, 4])
+    for c_ in np.unique(cells):
+        i = np.flatnonzero(cells == c_); zsh[i] = pred[i] + err[rng.permutation(i)]
+    tags = (("own errors", z0),) if os.environ.get("SHUFFLE_OWN") else ()
+    for tag, zz in tags + ((f"errors shuffled within state {by}", zsh),):
+        dec.load_state_dict(saved)
+        refit_decoder(dec, posed, tr.pixels, zz, device="cpu"); score(f"{tag}: refit", zz)
+        zr = refine_latents(dec, posed, tr.pixels, zz, device="cpu")[0]
+        refit_decoder(dec, posed, tr.pixels, zr, device="cpu"); score(f"{tag}: latent step, refit", zr)
     sys.exit()
 if os.environ.get("RBF0"):
     rbf_refit(z0, int(os.environ["RBF0"])); sys.exit()

@@ -237,7 +237,8 @@ def test_search_on_a_model_trained_with_true_poses_recovers_the_poses(sim_root, 
     data = simulate(sim_root, "noiseless32", n=600, D=32, snr="inf", heterogeneity="none", seed=11,
                     extra=("--shift-max-pixel", "2"))
     config = TrainConfig(particles=str(data / "particles.star"), dec_layers=2, dec_dim=128, lr=1e-3, batch_size=8,
-                         num_epochs=8, progress=False, checkpoint_every=100, decoder=decoder)
+                         num_epochs=8, progress=False, checkpoint_every=100, decoder=decoder,
+                         window=True)  # as abinit reads its images (AbinitConfig.window)
     result = run_training(config, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     dataset = build_dataset(config, load_particles(data / "particles.star"), resume_state=state)

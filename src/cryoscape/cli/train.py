@@ -31,7 +31,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--uninvert-data", action="store_true",
                       help="do not negate the images (by default they are, as extracted particles are white: "
                            "RELION, cryoSPARC and cryoscape simulate write them so)")
-    data.add_argument("--no-window", action="store_true", help="do not apply the soft circular real-space window")
+    data.add_argument("--window", action=argparse.BooleanOptionalAction, default=False,
+                      help="multiply the images by a soft circular real-space window (cryoDRGN's default); off by "
+                           "default: it cuts the signal the CTF spreads beyond the particle, which the model predicts")
     data.add_argument("--window-r", type=float, default=0.85,
                       help="window: inner radius as a fraction of D/2, the edge falls to 0 at --window-r-outer [0.85]")
     data.add_argument("--window-r-outer", type=float, default=0.99, help="window: outer radius fraction [0.99]")
@@ -204,7 +206,7 @@ def _config_from_args(args: argparse.Namespace):
         pixel_size_angstrom=args.pixel_size_angstrom,
         use_ctf=not args.no_ctf,
         invert_data=not args.uninvert_data,
-        window=not args.no_window,
+        window=args.window,
         window_inner_radius_fraction=args.window_r,
         window_outer_radius_fraction=args.window_r_outer,
         lazy=args.lazy,

@@ -126,6 +126,7 @@ class AbinitConfig(TrainConfig):
     batch_size: int = 16
     num_epochs: int = 16
     refit_every: int | None = 0  # a basis refits after the last epoch only (between epochs: not measured here)
+    window: bool = True  # the pose search was measured on windowed images (train's default without: not here)
     # ---- schedule
     pretrain_images: int = 4000
     search_every: int = 2

@@ -70,7 +70,10 @@ class TrainConfig:
     pixel_size_angstrom: float | None = None
     use_ctf: bool = True
     invert_data: bool = True
-    window: bool = True
+    # no real-space window by default: the CTF spreads high frequencies far beyond the particle (at 2.5 um
+    # defocus and 1 A pixels ~250 A at Nyquist), the model's CTF is periodic in the box, and a window cuts
+    # what it predicts (README "Choosing a decoder": measured on both oracle datasets); --window turns it on
+    window: bool = False
     window_inner_radius_fraction: float = 0.85
     window_outer_radius_fraction: float = 0.99
     lazy: bool = False
