@@ -25,8 +25,22 @@ Modes (one per call):
   ``CORR=N`` sets the final refit's correction passes, ``FORCE_CORR=1`` makes them at any SNR,
   ``CORR_COMPONENTS_ONLY=1`` leaves the mean map's column uncorrected.
 
+* ``SHUFFLE=1``: each image's latent error (from the latents' mean at its true coordinate) given to another
+  image of the same state (``SHUFFLE_BY=view`` / ``defocus``: of the same viewing octant / defocus decile too),
+  then refit, latent step, refit (``SHUFFLE_OWN=1`` also runs the own errors);
+* ``JITTER=f1,f2``: the refit at latents plus f posterior sds, the latent step against it, the refit;
+* ``BAND=lo-hi,...``: the latent step on the frequencies ``lo <= |k| / Nyquist <= hi`` only, then the refit;
+* ``CALIB=n``: latents' mean and covariance matched per defocus bin (``VIEWS=1``: and per viewing octant),
+  ``ROUNDS`` rounds of refit, latent step, calibration;
+* ``SPLIT=1``: pixel-split EM, latents from one checkerboard half of each image's Fourier pixels and maps
+  from the other half, ``ROUNDS`` rounds, each ended by an all-pixel latent step;
+* ``FRESH=1`` with ``PARTICLES=stack``: the same clean images with new noise (the run's latents no longer
+  chose by these pixels' noise): the latent step against the run's maps and against maps refitted from them;
+* ``NOWINDOW=1`` (any mode): the images read without the soft circular window the run was trained with.
+
 A research tool: it reaches into the trainer's private pieces and swaps the decoder's mixing
-weights in place, so it lives in bench/, not in the library.  Results: bench/results/oracle_2026-12-04_diagnostics.txt and oracle_2026-12-05_estep_maps.txt.
+weights in place, so it lives in bench/, not in the library.  Results: bench/results/oracle_2026-12-04_diagnostics.txt, oracle_2026-12-05_estep_maps.txt and
+oracle_2026-12-05_window_diagnostics.txt.
 """
 import os, shutil, sys, time
 from pathlib import Path

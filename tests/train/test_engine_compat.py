@@ -46,7 +46,8 @@ def test_old_train_checkpoint_resumes_to_the_engines_result(tiny_dataset, tmp_pa
     assert main(["train", "--resume", str(old), "-n", "3", "--no-progress"]) == 0
     new = tmp_path / "new"
     assert main(["train", str(star), "-n", "3", "--zdim", "2", "--decoder", "neural_field", "--dec-dim", "32",
-                 "--enc-dim", "32", "--dec-layers", "2", "--enc-layers", "2", "-b", "8", "--refine-poses", *COMMON,
+                 "--enc-dim", "32", "--dec-layers", "2", "--enc-layers", "2", "-b", "8", "--refine-poses",
+                 "--window", *COMMON,  # the old run windowed its images (train's default then)
                  "-o", str(new)]) == 0
     a, b = load_checkpoint(old / "checkpoint.pt"), load_checkpoint(new / "checkpoint.pt")
     np.testing.assert_allclose([h["loss"] for h in a["history"]], [h["loss"] for h in b["history"]], rtol=LOSS_RTOL)

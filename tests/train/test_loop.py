@@ -122,7 +122,7 @@ def test_run_folder_has_config_log_plot_latents_and_weights(tiny_dataset, tmp_pa
     assert config["data"]["box_size"] == 16
     assert config["data"]["pixel_size_angstrom"] == pytest.approx(15.625)
     norm = config["data"]["normalization"]
-    assert norm["std"] > 0 and norm["fourier_scale"] > 1 and norm["window"] is True
+    assert norm["std"] > 0 and norm["fourier_scale"] > 1 and norm["window"] is False  # train's default: no window
     assert config["training"]["zdim"] == 2
     log = (out / "run.log").read_text()
     assert "epoch 3/3" in log and "img/s" in log
