@@ -67,7 +67,7 @@ def test_the_window_cuts_the_signal_the_ctf_spreads_beyond_the_particle(sim_root
     """1A8O at 1 A pixels (D=48; the defocus of 1-2.5 um spreads Nyquist's signal over ~100-250 A): the
     refitted homogeneous map of images read without the window (``train``'s default) is closer to the
     truth than the one of the same images windowed as cryoDRGN does (README "Choosing a decoder", *The
-    window*: on the oracle benchmark 0.05 of AUC)."""
+    window*)."""
     pdb = Path(__file__).resolve().parents[1] / "data" / "1A8O.pdb"
     data = simulate(sim_root, "1a8o_48", n=400, D=48, snr="1", heterogeneity="none", seed=1,
                     extra=("--molecule", str(pdb), "--pixel-size", "1.0"))

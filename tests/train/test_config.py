@@ -14,8 +14,8 @@ def test_the_default_decoder_is_the_basis_and_ab_initio_keeps_the_neural_field()
 
 
 def test_train_reads_the_images_without_a_window_and_abinit_keeps_it():
-    # README "Choosing a decoder": the window cut the signal the CTF spreads beyond the particle
-    # (1A8O masked AUC 0.781 with it, 0.835 without); abinit's pose search was measured with it
+    # README "Choosing a decoder", *The window*: it cut the signal the CTF spreads beyond the particle;
+    # abinit's pose search was measured with it
     assert TrainConfig().window is False and AbinitConfig().window is True
     import argparse
 
