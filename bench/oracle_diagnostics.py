@@ -323,8 +323,8 @@ if os.environ.get("CALIB"):
         view = truth.rotations[:len(z0), 2, :]
         groups = groups * 8 + (view > 0) @ np.array([1, 2, 4])
     z = z0
+    dec.load_state_dict(saved)
     for r in range(ROUNDS):
-        dec.load_state_dict(saved) if r == 0 else None
         zc = calibrate(z, groups)
         refit_decoder(dec, posed, tr.pixels, zc, device="cpu"); score(f"round {r}: calibrated latents, refit", zc)
         z = refine_latents(dec, posed, tr.pixels, zc, device="cpu")[0]
@@ -360,7 +360,6 @@ if os.environ.get("SPLIT"):
         score(f"round {r}: split maps at the mean of the halves' latents", 0.5 * (z1 + z2))
         z = estep(ones, 0.5 * (z1 + z2))
         score(f"round {r}: split maps, all-pixel latent step against them", z)
-    saved_split = {k: v.detach().clone() for k, v in dec.state_dict().items()}
     refit_decoder(dec, posed, tr.pixels, z, device="cpu"); score("plain refit at the last latents", z)
     sys.exit()
 if os.environ.get("FRESH"):

@@ -1,9 +1,12 @@
-"""Training options: learning rate and batch size default per decoder and survive the config round trip."""
+"""Training options: the defaults (decoder, window, learning rate and batch size per decoder) and the config round trip."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
+from cryoscape.cli.train import add_arguments
 from cryoscape.train.abinit import AbinitConfig
 from cryoscape.train.config import DEFAULT_BATCH_SIZES, DEFAULT_LEARNING_RATES, TrainConfig
 
@@ -17,9 +20,6 @@ def test_train_reads_the_images_without_a_window_and_abinit_keeps_it():
     # README "Choosing a decoder", *The window*: it cut the signal the CTF spreads beyond the particle;
     # abinit's pose search was measured with it
     assert TrainConfig().window is False and AbinitConfig().window is True
-    import argparse
-
-    from cryoscape.cli.train import add_arguments
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args(["p.star"]).window is False
