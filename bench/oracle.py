@@ -27,7 +27,9 @@ states; ``cryoscape simulate --molecule 1A8O.pdb --bond-rotation-deg 0 60``, a 6
 at D = 64, atoms rendered at 3 pixels' resolution), both at ``-D`` and
 ``--snr`` with ``-n`` images.  A run may see only the first N images and fewer epochs
 (``--images-for DECODER=N``, ``--epochs-for DECODER=E``, ``DECODER`` being a decoder name or
-``cryodrgn``); its oracles are then rebuilt from the same first N images.
+``cryodrgn``); its oracles are then rebuilt from the same first N images.  ``--reuse NAME`` scores
+a run that an earlier invocation finished (cryoDRGN's 8000 x 20 takes about 1.5 h on 2 cores: run it
+once, then reuse it beside new runs of ours).
 
 Run under the shared lock (the issue's settings: -n 8000 --epochs 20; a run's time is printed)::
 
@@ -94,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cryodrgn", action=argparse.BooleanOptionalAction, default=True,
                    help="also train cryoDRGN 4.3.1 (give it few epochs with --epochs-for cryodrgn=E) [on]")
     p.add_argument("--cryodrgn-venv", default="/tmp/venv-cryodrgn")
+    p.add_argument("--reuse", action="append", default=[], metavar="NAME",
+                   help="score run NAME (a decoder, variant or cryodrgn) from its folder in --workdir when that "
+                        "already holds its last epoch's latents, instead of training it again; repeatable")
     p.add_argument("--amp", action="store_true", help="our runs in mixed precision (default: float32, --no-amp)")
     p.add_argument("--bins", type=int, default=10, help="bins of the binned oracle [10]")
     p.add_argument("--fsc-images", type=int, default=100)
@@ -177,14 +182,25 @@ def decoder_maps(run_dir: Path, z: np.ndarray) -> tuple[list[np.ndarray], float]
     return maps, (time.perf_counter() - start) / max(1, len(z))
 
 
-def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dict, exe: Path, env) -> dict:
-    """Train run ``name``, decode its maps at the evaluated images' latents, and score them."""
+def finished(run_dir: Path, tool: str, epochs: int) -> bool:
+    """Whether ``run_dir`` holds the latents of its last epoch (ours count from 0, cryoDRGN's from 1)."""
+    return (run_dir / (f"z.{epochs}.pkl" if tool == DRGN else f"z.{epochs - 1}.npy")).exists()
+
+
+def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dict, exe: Path, env,
+              reuse: bool = False) -> dict:
+    """Train run ``name`` (or, with ``reuse``, take its finished folder), decode its maps at the
+    evaluated images' latents, and score them."""
     from cryoscape.analysis.oracle import score_maps
 
-    shutil.rmtree(run_dir, ignore_errors=True)
     log = run_dir.parent / f"{run_dir.name}.log"
-    result = run_timed(command, log_path=log, env=env)
     tool = DRGN if name == DRGN else "cryoscape"
+    wall_s = float("nan")
+    if reuse and finished(run_dir, tool, int(command[command.index("-n") + 1])):
+        print_note(f"{name}: scoring the finished run in {run_dir} (--reuse); its training time is read from {log}")
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        wall_s = run_timed(command, log_path=log, env=env).wall_s
     seconds = training_seconds(run_dir, log, tool)
     epoch, z = last_latents(run_dir, tool)
     index = ctx["index"][len(z)]
@@ -199,7 +215,7 @@ def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dic
     scores = score_maps(maps, ctx["truth"].state_index[index], ctx["truth"], ctx["mask"], z=z)
     return dict(scores=scores, images=len(z), epochs=int(command[command.index("-n") + 1]), train_s=seconds,
                 speed=len(z) * int(command[command.index("-n") + 1]) / seconds if seconds else float("nan"),
-                wall_s=result.wall_s, map_s=per_map_s)
+                wall_s=wall_s, map_s=per_map_s)
 
 
 def oracle_runs(data: Path, ctx: dict, n_images: int, n_bins: int) -> dict[str, dict]:
@@ -245,7 +261,7 @@ def benchmark_dataset(name: str, args, env, exe: Path) -> dict[str, dict]:
         n, e = min(images.get(run, args.n_images), args.n_images), epochs.get(run, args.epochs)
         command = train_command(run, data, runs_dir / run, args, e, n, exe, decoder, options)
         print_note(f"{name} {run} command: {' '.join(command)}")
-        results[run] = score_run(run, command, runs_dir / run, data, ctx, exe, env)
+        results[run] = score_run(run, command, runs_dir / run, data, ctx, exe, env, reuse=run in args.reuse)
         report_line(name, run, results[run])
     for key, r in results.items():
         if r["epochs"] == 0:
