@@ -29,7 +29,8 @@ at D = 64, atoms rendered at 3 pixels' resolution), both at ``-D`` and
 (``--images-for DECODER=N``, ``--epochs-for DECODER=E``, ``DECODER`` being a decoder name or
 ``cryodrgn``); its oracles are then rebuilt from the same first N images.  ``--reuse NAME`` scores
 a run that an earlier invocation finished (cryoDRGN's 8000 x 20 takes about 1.5 h on 2 cores: run it
-once, then reuse it beside new runs of ours).
+once, then reuse it beside new runs of ours).  ``--amp --emulate-bf16`` measures the accuracy of
+mixed precision on a CPU without bfloat16 (bench/bf16_emulation.py; its times mean nothing).
 
 Run under the shared lock (the issue's settings: -n 8000 --epochs 20; a run's time is printed)::
 
@@ -100,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="score run NAME (a decoder, variant or cryodrgn) from its folder in --workdir when that "
                         "already holds its last epoch's latents, instead of training it again; repeatable")
     p.add_argument("--amp", action="store_true", help="our runs in mixed precision (default: float32, --no-amp)")
+    p.add_argument("--emulate-bf16", action="store_true",
+                   help="with --amp on a CPU without bfloat16: our runs through bench/bf16_emulation.py, which "
+                        "computes bfloat16 products in float32 and rounds them (their accuracy is bfloat16's, "
+                        "their time is not)")
     p.add_argument("--bins", type=int, default=10, help="bins of the binned oracle [10]")
     p.add_argument("--fsc-images", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
@@ -165,7 +170,9 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
     for entry in args.train_opt:
         target, _, option = entry.partition(":")
         extra += option.split("=", 1) if target == name else []
-    return [*cryoscape_command(), "train", str(data / "particles.mrcs"), *common, *ARCH, "-o", str(out),
+    cli = [sys.executable, str(Path(__file__).with_name("bf16_emulation.py"))] if args.emulate_bf16 \
+        else cryoscape_command()
+    return [*cli, "train", str(data / "particles.mrcs"), *common, *ARCH, "-o", str(out),
             "--decoder", decoder or name, "--encoder", "resmlp", "--first", str(n_images), "--no-progress", *extra]
 
 
@@ -314,12 +321,16 @@ def print_ratios(all_results: dict[str, dict[str, dict]]) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.emulate_bf16 and not args.amp:
+        raise SystemExit("--emulate-bf16 emulates --amp's bfloat16 products: give --amp too")
     args.workdir.mkdir(parents=True, exist_ok=True)
     env = thread_env(args.threads, gpu=args.gpu)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     exe = ensure_cryodrgn(args.cryodrgn_venv) if args.cryodrgn else Path("cryodrgn")
     print_note(f"{machine_name(args.gpu)}, {args.threads} threads; ours "
-               f"{'mixed precision (--amp)' if args.amp else 'float32 (--no-amp)'}, cryoDRGN "
+               f"{'mixed precision (--amp)' if args.amp else 'float32 (--no-amp)'}"
+               f"{', bfloat16 products emulated (bench/bf16_emulation.py: accuracy only)' if args.emulate_bf16 else ''}"
+               ", cryoDRGN "
                f"{'its GPU default' if args.gpu else 'float32'}")
     print_note(f"cryoscape: {tool_version(cryoscape_command(), env)}"
                + (f"; cryodrgn: {tool_version([exe], env)}" if args.cryodrgn else ""))
