@@ -161,7 +161,7 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
             pickle.dump(np.arange(n_images), f)
         return [str(exe), "train_vae", str(data / "particles.mrcs"), *common, *DRGN_ARCH, "-o", str(out), "-b", "8",
                 "--seed", "0", "--no-analysis", "--ind", str(ind)]
-    extra = [] if args.amp else ["--no-amp"]
+    extra = ["--amp"] if args.amp else ["--no-amp"]
     for kv in options:
         extra += ["--decoder-opt", kv]
     for entry in args.decoder_opt:
