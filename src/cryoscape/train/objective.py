@@ -25,7 +25,7 @@ import torch
 from cryoscape.data.training import FourierPixels, TrainingBatch
 from cryoscape.geometry.rotations import rotation_about_axis
 from cryoscape.models.precision import autocast
-from cryoscape.models.vae import kl_divergence
+from cryoscape.models.vae import kl_divergence, reparameterize
 from cryoscape.train.likelihood import centre_values, predict_values, squared_error, to_domain
 
 __all__ = ["ImageLoss", "TiltPairLoss", "batch_loss", "tilt_rotation", "sample_latent"]
@@ -49,14 +49,9 @@ def sample_latent(mu: torch.Tensor, logvar: torch.Tensor, *, generator: torch.Ge
     """``mu + exp(logvar / 2) eps``; ``noise_rows = (global batch, rows)``: ``eps`` are those rows of
     the noise drawn for the whole global batch (data-parallel training)."""
     if noise_rows is None:
-        shape = mu.shape
-        rows = None
-    else:
-        shape, rows = (int(noise_rows[0]), mu.shape[-1]), noise_rows[1]
-    eps = torch.randn(shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    if rows is not None:
-        eps = eps[rows.to(mu.device)]
-    return mu + torch.exp(0.5 * logvar) * eps
+        return reparameterize(mu, logvar, generator=generator)
+    eps = torch.randn((int(noise_rows[0]), mu.shape[-1]), generator=generator, device=mu.device, dtype=mu.dtype)
+    return reparameterize(mu, logvar, eps=eps[noise_rows[1].to(mu.device)])
 
 
 class ImageLoss:
