@@ -190,8 +190,12 @@ def decoder_maps(run_dir: Path, z: np.ndarray) -> tuple[list[np.ndarray], float]
 
 
 def finished(run_dir: Path, tool: str, epochs: int) -> bool:
-    """Whether ``run_dir`` holds the latents of its last epoch (ours count from 0, cryoDRGN's from 1)."""
-    return (run_dir / (f"z.{epochs}.pkl" if tool == DRGN else f"z.{epochs - 1}.npy")).exists()
+    """Whether ``run_dir`` ends at epoch ``epochs``: its latents, and none of a later epoch (ours count
+    from 0, cryoDRGN's from 1)."""
+    def latents(epoch: int) -> Path:
+        return run_dir / (f"z.{epoch}.pkl" if tool == DRGN else f"z.{epoch - 1}.npy")
+
+    return latents(epochs).exists() and not latents(epochs + 1).exists()
 
 
 def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dict, exe: Path, env,

@@ -68,19 +68,3 @@ def test_interception_only_in_enabled_autocast_and_backward(enabled):
     # restored on exit
     assert precision.autocast.__module__ == "cryoscape.models.precision"
     assert torch.Tensor.backward.__name__ == "backward"
-
-
-def test_oracle_runs_ours_through_the_emulation_with_amp(tmp_path):
-    """bench/oracle.py --amp --emulate-bf16: the wrapper, and --amp explicitly (automatic precision
-    is float32 on a CPU without bfloat16, which would measure float32 again)."""
-    import subprocess
-
-    code = ("import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import oracle\n"
-            "for argv in ([], ['--amp', '--emulate-bf16']):\n"
-            "    a = oracle.parse_args(argv)\n"
-            "    print(' '.join(oracle.train_command('basis', Path('d'), Path('o'), a, 2, 10, Path('x'))))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True,
-                         capture_output=True, text=True).stdout.splitlines()
-    assert "--no-amp" in out[0].split() and "bf16_emulation.py" not in out[0]
-    assert "--amp" in out[1].split() and "--no-amp" not in out[1].split()
-    assert out[1].split()[1].endswith("bench/bf16_emulation.py")

@@ -1,0 +1,42 @@
+"""bench/oracle.py: the training command it builds for mixed precision, and which finished runs
+``--reuse`` accepts.  Run in a subprocess: oracle.py imports bench/train.py as ``train``, the name of
+the tests' own package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _oracle(code: str) -> list[str]:
+    """Lines printed by ``code`` run with bench/oracle.py imported as ``oracle``."""
+    prelude = "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import oracle\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.splitlines()
+
+
+def test_amp_and_its_emulation_pass_amp_explicitly():
+    """Automatic precision is float32 on a CPU without bfloat16, which would measure float32 again."""
+    out = _oracle("for argv in ([], ['--amp'], ['--amp', '--emulate-bf16']):\n"
+                  "    a = oracle.parse_args(argv)\n"
+                  "    print(' '.join(oracle.train_command('basis', Path('d'), Path('o'), a, 2, 10, Path('x'))))\n")
+    plain, amp, emulated = (line.split() for line in out)
+    assert "--no-amp" in plain and "--amp" not in plain
+    assert "--amp" in amp and "--no-amp" not in amp and not any("bf16_emulation" in w for w in amp)
+    assert "--amp" in emulated and emulated[1].endswith("bench/bf16_emulation.py")
+
+
+def test_reuse_accepts_a_run_that_ends_at_the_asked_epoch(tmp_path):
+    for name, files in {"ours": ["z.0.npy", "z.1.npy"], "ours_longer": ["z.1.npy", "z.2.npy"],
+                        "drgn": ["z.1.pkl", "z.2.pkl"], "drgn_short": ["z.1.pkl"]}.items():
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).touch()
+    out = _oracle(f"root = Path({str(tmp_path)!r})\n"
+                  "for name, tool in [('ours', 'cryoscape'), ('ours_longer', 'cryoscape'), ('drgn', 'cryodrgn'),\n"
+                  "                   ('drgn_short', 'cryodrgn')]:\n"
+                  "    print(oracle.finished(root / name, tool, 2))\n")
+    assert out == ["True", "False", "True", "False"]
