@@ -2,8 +2,8 @@
 """Run ``cryoscape`` with bfloat16 matrix products emulated, for accuracy on a CPU without bfloat16.
 
 On a CPU without AVX512-BF16/AMX, PyTorch's bfloat16 matrix products run through a slow generic
-path (about 60x a float32 product on an AVX2-only AMD EPYC), so ``train --amp`` there measures
-nothing useful about time and takes hours at the benchmark's sizes.  This wrapper keeps what
+path (bench/README.md has the figure), so ``train --amp`` there measures nothing useful about time
+and is slow at the benchmark's sizes.  This wrapper keeps what
 autocast decides (which products run in bfloat16, which stay float32: the same code path as
 ``--amp`` on a CPU that has bfloat16) and replaces only the arithmetic of a product whose operands
 are bfloat16: they are widened to float32 (exactly), multiplied with float32 accumulation, and the
@@ -15,7 +15,7 @@ operation).
 The interception is on only where bfloat16 products can occur: inside cryoscape's autocast regions
 (``cryoscape.models.precision.autocast`` when enabled) and in backward passes.  Everywhere else it
 stays off, because a Python dispatch mode makes some operations very slow (a batched
-``torch.linalg.solve``, as in the basis refit, ran ~250x slower under it).
+``torch.linalg.solve``, as in the basis refit, decomposes into per-matrix calls under it).
 
 Usage: ``python bench/bf16_emulation.py train ... --amp`` (any cryoscape command line).
 """
