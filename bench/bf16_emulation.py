@@ -15,7 +15,7 @@ operation).
 The interception is on only where bfloat16 products can occur: inside cryoscape's autocast regions
 (``cryoscape.models.precision.autocast`` when enabled) and in backward passes.  Everywhere else it
 stays off, because a Python dispatch mode makes some operations very slow (a batched
-``torch.linalg.solve``, as in the basis refit, decomposes into per-matrix calls under it).
+``torch.linalg.solve``, as in the basis refit, runs far slower under it).
 
 Usage: ``python bench/bf16_emulation.py train ... --amp`` (any cryoscape command line).
 """
