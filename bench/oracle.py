@@ -28,8 +28,9 @@ at D = 64, atoms rendered at 3 pixels' resolution), both at ``-D`` and
 ``--snr`` with ``-n`` images.  A run may see only the first N images and fewer epochs
 (``--images-for DECODER=N``, ``--epochs-for DECODER=E``, ``DECODER`` being a decoder name or
 ``cryodrgn``); its oracles are then rebuilt from the same first N images.  ``--reuse NAME`` scores
-a run that an earlier invocation finished (cryoDRGN's 8000 x 20 takes about 1.5 h on 2 cores: run it
-once, then reuse it beside new runs of ours).  ``--amp --emulate-bf16`` measures the accuracy of
+a run that an earlier invocation finished, or resumes an unfinished cryoDRGN run from its last
+checkpoint (cryoDRGN's 8000 x 20 takes over an hour on 2 cores: run it once, then reuse it beside new
+runs of ours).  ``--amp --emulate-bf16`` measures the accuracy of
 mixed precision on a CPU without bfloat16 (bench/bf16_emulation.py; its times mean nothing).
 
 Run under the shared lock (the issue's settings: -n 8000 --epochs 20; a run's time is printed)::
@@ -99,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cryodrgn-venv", default="/tmp/venv-cryodrgn")
     p.add_argument("--reuse", action="append", default=[], metavar="NAME",
                    help="score run NAME (a decoder, variant or cryodrgn) from its folder in --workdir when that "
-                        "already holds its last epoch's latents, instead of training it again; repeatable")
+                        "ends at the asked epoch, instead of training it again (an unfinished cryodrgn run "
+                        "resumes from its last checkpoint); repeatable")
     p.add_argument("--amp", action="store_true", help="our runs in mixed precision (default: float32, --no-amp)")
     p.add_argument("--emulate-bf16", action="store_true",
                    help="with --amp on a CPU without bfloat16: our runs through bench/bf16_emulation.py, which "
@@ -157,6 +159,7 @@ def train_command(name: str, data: Path, out: Path, args, epochs: int, n_images:
               "-n", str(epochs)]
     if name == DRGN:
         ind = out.parent / f"first_{n_images}.pkl"
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(ind, "wb") as f:
             pickle.dump(np.arange(n_images), f)
         return [str(exe), "train_vae", str(data / "particles.mrcs"), *common, *DRGN_ARCH, "-o", str(out), "-b", "8",
@@ -198,20 +201,33 @@ def finished(run_dir: Path, tool: str, epochs: int) -> bool:
     return latents(epochs).exists() and not latents(epochs + 1).exists()
 
 
+def train_or_reuse(name: str, command: list[str], run_dir: Path, log: Path, tool: str, env, reuse: bool) -> float:
+    """Train run ``name`` afresh; with ``reuse``, take its finished folder as it is, or resume an
+    unfinished cryoDRGN run from its last checkpoint (``--load latest``).  The whole command's seconds
+    (nan unless trained afresh).  A resumed run's log holds the earlier log too, so that its training
+    time counts every finished epoch."""
+    if reuse and finished(run_dir, tool, int(command[command.index("-n") + 1])):
+        print_note(f"{name}: scoring the finished run in {run_dir} (--reuse); its training time is read from {log}")
+        return float("nan")
+    if reuse and tool == DRGN and any(run_dir.glob("weights.*.pkl")):
+        print_note(f"{name}: resuming the unfinished run in {run_dir} from its last checkpoint (--reuse)")
+        earlier = log.read_bytes() if log.exists() else b""
+        run_timed([*command, "--load", "latest"], log_path=log, env=env)
+        log.write_bytes(earlier + log.read_bytes())
+        return float("nan")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return run_timed(command, log_path=log, env=env).wall_s
+
+
 def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dict, exe: Path, env,
               reuse: bool = False) -> dict:
-    """Train run ``name`` (or, with ``reuse``, take its finished folder), decode its maps at the
-    evaluated images' latents, and score them."""
+    """Train run ``name`` (or, with ``reuse``, take or finish its earlier folder), decode its maps at
+    the evaluated images' latents, and score them."""
     from cryoscape.analysis.oracle import score_maps
 
     log = run_dir.parent / f"{run_dir.name}.log"
     tool = DRGN if name == DRGN else "cryoscape"
-    wall_s = float("nan")
-    if reuse and finished(run_dir, tool, int(command[command.index("-n") + 1])):
-        print_note(f"{name}: scoring the finished run in {run_dir} (--reuse); its training time is read from {log}")
-    else:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        wall_s = run_timed(command, log_path=log, env=env).wall_s
+    wall_s = train_or_reuse(name, command, run_dir, log, tool, env, reuse)
     seconds = training_seconds(run_dir, log, tool)
     epoch, z = last_latents(run_dir, tool)
     index = ctx["index"][len(z)]

@@ -12,10 +12,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _oracle(code: str) -> list[str]:
-    """Lines printed by ``code`` run with bench/oracle.py imported as ``oracle``."""
+    """Lines printed by ``code`` run with bench/oracle.py imported as ``oracle`` (its ``# `` notes left out)."""
     prelude = "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import oracle\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.splitlines()
+    lines = subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    return [line for line in lines if not line.startswith("# ")]
 
 
 def test_amp_and_its_emulation_pass_amp_explicitly():
@@ -40,3 +41,26 @@ def test_reuse_accepts_a_run_that_ends_at_the_asked_epoch(tmp_path):
                   "                   ('drgn_short', 'cryodrgn')]:\n"
                   "    print(oracle.finished(root / name, tool, 2))\n")
     assert out == ["True", "False", "True", "False"]
+
+
+def test_reuse_resumes_an_unfinished_cryodrgn_run_and_keeps_its_earlier_log(tmp_path):
+    run = tmp_path / "cryodrgn"
+    run.mkdir()
+    (run / "weights.1.pkl").touch()
+    (run / "z.1.pkl").touch()
+    (tmp_path / "cryodrgn.log").write_text("epoch 1\n")
+    out = _oracle(
+        f"run = Path({str(run)!r}); log = run.parent / 'cryodrgn.log'\n"
+        "calls = []\n"
+        "class Result:\n"
+        "    wall_s = 5.0\n"
+        "def fake(command, log_path, env):\n"
+        "    calls.append(command); Path(log_path).write_text('epoch 2\\n'); return Result()\n"
+        "oracle.run_timed = fake\n"
+        "command = ['cryodrgn', 'train_vae', '-n', '2']\n"
+        "wall = oracle.train_or_reuse('cryodrgn', command, run, log, 'cryodrgn', {}, True)\n"
+        "print(calls[-1][-2:], wall, repr(log.read_text()), run.exists())\n"
+        "wall = oracle.train_or_reuse('cryodrgn', command, run, log, 'cryodrgn', {}, False)\n"
+        "print(calls[-1][-2:], wall, repr(log.read_text()), run.exists())\n")
+    assert out[0] == "['--load', 'latest'] nan 'epoch 1\\nepoch 2\\n' True"
+    assert out[1] == "['-n', '2'] 5.0 'epoch 2\\n' False"  # without --reuse: trained afresh, folder removed first
