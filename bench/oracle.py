@@ -201,12 +201,13 @@ def finished(run_dir: Path, tool: str, epochs: int) -> bool:
     return latents(epochs).exists() and not latents(epochs + 1).exists()
 
 
-def train_or_reuse(name: str, command: list[str], run_dir: Path, log: Path, tool: str, env, reuse: bool) -> float:
+def train_or_reuse(name: str, command: list[str], epochs: int, run_dir: Path, log: Path, tool: str, env,
+                   reuse: bool) -> float:
     """Train run ``name`` afresh; with ``reuse``, take its finished folder as it is, or resume an
     unfinished cryoDRGN run from its last checkpoint (``--load latest``).  The whole command's seconds
     (nan unless trained afresh).  A resumed run's log holds the earlier log too, so that its training
     time counts every finished epoch."""
-    if reuse and finished(run_dir, tool, int(command[command.index("-n") + 1])):
+    if reuse and finished(run_dir, tool, epochs):
         print_note(f"{name}: scoring the finished run in {run_dir} (--reuse); its training time is read from {log}")
         return float("nan")
     if reuse and tool == DRGN and any(run_dir.glob("weights.*.pkl")):
@@ -219,7 +220,7 @@ def train_or_reuse(name: str, command: list[str], run_dir: Path, log: Path, tool
     return run_timed(command, log_path=log, env=env).wall_s
 
 
-def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dict, exe: Path, env,
+def score_run(name: str, command: list[str], epochs: int, run_dir: Path, ctx: dict, exe: Path, env,
               reuse: bool = False) -> dict:
     """Train run ``name`` (or, with ``reuse``, take or finish its earlier folder), decode its maps at
     the evaluated images' latents, and score them."""
@@ -227,7 +228,7 @@ def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dic
 
     log = run_dir.parent / f"{run_dir.name}.log"
     tool = DRGN if name == DRGN else "cryoscape"
-    wall_s = train_or_reuse(name, command, run_dir, log, tool, env, reuse)
+    wall_s = train_or_reuse(name, command, epochs, run_dir, log, tool, env, reuse)
     seconds = training_seconds(run_dir, log, tool)
     epoch, z = last_latents(run_dir, tool)
     index = ctx["index"][len(z)]
@@ -240,8 +241,8 @@ def score_run(name: str, command: list[str], run_dir: Path, data: Path, ctx: dic
     else:
         maps, per_map_s = decoder_maps(run_dir, z[index])
     scores = score_maps(maps, ctx["truth"].state_index[index], ctx["truth"], ctx["mask"], z=z)
-    return dict(scores=scores, images=len(z), epochs=int(command[command.index("-n") + 1]), train_s=seconds,
-                speed=len(z) * int(command[command.index("-n") + 1]) / seconds if seconds else float("nan"),
+    return dict(scores=scores, images=len(z), epochs=epochs, train_s=seconds,
+                speed=len(z) * epochs / seconds if seconds else float("nan"),
                 wall_s=wall_s, map_s=per_map_s)
 
 
@@ -288,7 +289,7 @@ def benchmark_dataset(name: str, args, env, exe: Path) -> dict[str, dict]:
         n, e = min(images.get(run, args.n_images), args.n_images), epochs.get(run, args.epochs)
         command = train_command(run, data, runs_dir / run, args, e, n, exe, decoder, options)
         print_note(f"{name} {run} command: {' '.join(command)}")
-        results[run] = score_run(run, command, runs_dir / run, data, ctx, exe, env, reuse=run in args.reuse)
+        results[run] = score_run(run, command, e, runs_dir / run, ctx, exe, env, reuse=run in args.reuse)
         report_line(name, run, results[run])
     for key, r in results.items():
         if r["epochs"] == 0:

@@ -58,9 +58,9 @@ def test_reuse_resumes_an_unfinished_cryodrgn_run_and_keeps_its_earlier_log(tmp_
         "    calls.append(command); Path(log_path).write_text('epoch 2\\n'); return Result()\n"
         "oracle.run_timed = fake\n"
         "command = ['cryodrgn', 'train_vae', '-n', '2']\n"
-        "wall = oracle.train_or_reuse('cryodrgn', command, run, log, 'cryodrgn', {}, True)\n"
+        "wall = oracle.train_or_reuse('cryodrgn', command, 2, run, log, 'cryodrgn', {}, True)\n"
         "print(calls[-1][-2:], wall, repr(log.read_text()), run.exists())\n"
-        "wall = oracle.train_or_reuse('cryodrgn', command, run, log, 'cryodrgn', {}, False)\n"
+        "wall = oracle.train_or_reuse('cryodrgn', command, 2, run, log, 'cryodrgn', {}, False)\n"
         "print(calls[-1][-2:], wall, repr(log.read_text()), run.exists())\n")
     assert out[0] == "['--load', 'latest'] nan 'epoch 1\\nepoch 2\\n' True"
     assert out[1] == "['-n', '2'] 5.0 'epoch 2\\n' False"  # without --reuse: trained afresh, folder removed first
