@@ -46,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prepare(args, env) -> Path:
-    """The perturbed poses as a RELION STAR file (absolute image paths) and RELION's map made with them."""
+    """The starting poses as a RELION STAR file (absolute image paths) and RELION's map made with them."""
     args.workdir.mkdir(parents=True, exist_ok=True)
-    star = args.workdir / "perturbed.star"
+    star = args.workdir / "start.star"
     command = [*cryoscape_command(), "import", args.data / "particles.star", "--poses",
                args.data / args.start_poses, "--out-star", star, "--absolute-paths"]
     if args.n_images:
@@ -67,7 +67,7 @@ def refine(args, reference: Path, env):
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     command = ["timeout", args.timeout, "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", args.threads + 1,
-               "relion_refine_mpi", "--i", args.workdir / "perturbed.star", "--o", out / "run", "--ref", reference,
+               "relion_refine_mpi", "--i", args.workdir / "start.star", "--o", out / "run", "--ref", reference,
                "--ini_high", args.ini_high, "--auto_refine", "--split_random_halves",
                "--particle_diameter", args.particle_diameter, "--ctf", "--flatten_solvent", "--zero_mask",
                "--oversampling", 1, "--healpix_order", args.healpix_order,
@@ -98,11 +98,14 @@ def main(argv=None) -> int:
     from cryoscape.io.particles import load_particles
 
     args = parse_args(argv)
+    if not (shutil.which("relion_refine_mpi") and shutil.which("mpirun")):
+        print_note("relion_refine_mpi or mpirun not found (scripts/testdeps/relion.sh installs RELION): nothing to run")
+        return 1
     env = thread_env(args.threads)
-    print_note(f"CPU {machine_name()}; {args.threads} threads (RELION: mpirun -n {args.threads + 1}, --j 1)")
+    print_note(f"{machine_name()}; {args.threads} threads (RELION: mpirun -n {args.threads + 1}, --j 1)")
     reference = prepare(args, env)
     truth = load_particles(args.data / "particles.star")
-    score(args, f"input ({args.start_poses})", args.workdir / "perturbed.star", truth)
+    score(args, f"input ({args.start_poses})", args.workdir / "start.star", truth)
     result = refine(args, reference, env)
     stopped = "stopped at --timeout" if result.returncode == 124 else f"exit status {result.returncode}"
     print_note(f"relion_refine: {result.wall_s:.0f} s, {stopped}")
