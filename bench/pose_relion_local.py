@@ -85,7 +85,7 @@ def score(args, label: str, star: Path, truth) -> None:
     from cryoscape.io.particles import load_particles
 
     table = load_particles(star)
-    index = np.arange(len(table)) if not args.n_images else np.arange(args.n_images)
+    index = np.arange(args.n_images or len(table))  # the STAR files hold the first N images, in order
     R_true, t_true = truth.rotations[index], truth.shifts_pixel[index]
     given = pose_errors(table.rotations, R_true, table.shifts_pixel, t_true, align=False)
     aligned = pose_errors(table.rotations, R_true, table.shifts_pixel, t_true, flip=False)
