@@ -109,6 +109,9 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
                        help="decoder of the homogeneous model that searches the poses until the first final epoch "
                             "(or --vae-start-epoch), when a new --decoder model takes over [the decoder itself; "
                             "neural_field for --decoder basis, which does not align from random poses]")
+    sched.add_argument("--final-batch-size", type=int, default=None, metavar="N",
+                       help="images per batch from that switch on [the final decoder's own when another decoder "
+                            "searched (the basis: 64), else --batch-size]")
     sched.add_argument("--warm-start-images", type=int, default=None, metavar="N",
                        help="when the model is rebuilt after poses were found (the switch above, a reset), a "
                             "decoder with a warm start (the basis) starts from the backprojection of up to N images "
@@ -171,6 +174,7 @@ def _config_from_args(args: argparse.Namespace):
         search_every=pick(args.search_every, d.search_every), final_epochs=pick(args.final_epochs, d.final_epochs),
         reset_epochs=list(args.reset_epochs or []), reset_before_final=args.reset_before_final,
         vae_start_epoch=pick(args.vae_start_epoch, d.vae_start_epoch), search_decoder=args.search_decoder,
+        final_batch_size=args.final_batch_size,
         warm_start_images=pick(args.warm_start_images, d.warm_start_images),
         search_chunk=pick(args.search_chunk, d.search_chunk), band_limit_training=not args.no_band_limit,
         base_level=_GRID_LEVELS[args.base_grid], n_refine=pick(args.n_refine, d.n_refine),

@@ -89,7 +89,7 @@ import torch
 from cryoscape.geometry.so3_grid import base_grid_spacing_deg
 from cryoscape.posesearch.search import SearchSettings, grid_summary
 from cryoscape.train.checkpoint import refuse_to_overwrite_run
-from cryoscape.train.config import TrainConfig
+from cryoscape.train.config import DEFAULT_BATCH_SIZES, TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_training_data, load_tables
 from cryoscape.train.loop import check_particle_count, load_resume_state
@@ -135,6 +135,7 @@ class AbinitConfig(TrainConfig):
     reset_before_final: bool = False
     vae_start_epoch: int | None = None  # None: the first final epoch with --zdim and --final-epochs, else 0
     search_decoder: str | None = None  # None: the decoder itself, the neural field for the voxel basis
+    final_batch_size: int | None = None  # None: see final_phase_batch_size
     search_chunk: int = 64
     band_limit_training: bool = True
     # ---- pose search
@@ -162,6 +163,8 @@ class AbinitConfig(TrainConfig):
         if not 0 <= self.final_epochs < self.num_epochs:
             raise ValueError(f"--final-epochs must be between 0 and --num-epochs - 1 ({self.num_epochs - 1}), "
                              f"got {self.final_epochs}")
+        if self.final_batch_size is not None and self.final_batch_size < 1:
+            raise ValueError(f"--final-batch-size must be at least 1, got {self.final_batch_size}")
         if self.pretrain_images < 0 or self.search_chunk < 1:
             raise ValueError("--pretrain must be >= 0 and --search-chunk >= 1")
         plan = epoch_plan(self)
@@ -220,6 +223,30 @@ class AbinitConfig(TrainConfig):
         if self.vae_start_epoch is not None:
             return int(self.vae_start_epoch)
         return self.num_epochs - self.final_epochs if self.final_epochs > 0 else 0
+
+    def final_phase_batch_size(self) -> int:
+        """Images per batch from :meth:`vae_start` on: ``final_batch_size``, or by default the final
+        decoder's own batch size when another decoder searched the poses (train's default for it:
+        the basis trains on batches of 64: on the 32-px hinge of the slow abinit test, at the
+        search's batch of 8 its latent barely formed; README "Ab initio"), else ``batch_size``."""
+        if self.final_batch_size is not None:
+            return int(self.final_batch_size)
+        if self.switches_decoder():
+            return int(DEFAULT_BATCH_SIZES.get(self.decoder, self.batch_size))
+        return int(self.batch_size)
+
+    def batch_size_at(self, epoch: int) -> int:
+        """Images per batch at ``epoch``: ``batch_size``, then :meth:`final_phase_batch_size` from
+        the switch to the final model (:meth:`vae_start`) on."""
+        start = self.vae_start()
+        return self.final_phase_batch_size() if start and epoch >= start else int(self.batch_size)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AbinitConfig":
+        """:meth:`TrainConfig.from_dict`; a run saved before ``final_batch_size`` keeps one batch size."""
+        if "num_epochs" in d and "final_batch_size" not in d:
+            d = {**d, "final_batch_size": d.get("batch_size")}
+        return super().from_dict(d)
 
     def phase_config(self, epoch: int) -> "AbinitConfig":
         """The options of the model trained at ``epoch``: the homogeneous search model (``zdim`` 0,
@@ -313,7 +340,7 @@ class AbinitSchedule(Schedule):
         reset = epoch in c.reset_epochs or (kind == FINAL and c.reset_before_final and
                                             epoch == c.num_epochs - c.final_epochs)
         return EpochPlan(
-            kind=kind, model_config=c.phase_config(epoch), batch_size=int(c.batch_size),
+            kind=kind, model_config=c.phase_config(epoch), batch_size=c.batch_size_at(epoch),
             model_seed=c.seed + 2000 + epoch, reset_seed=c.seed + 1000 + epoch if reset else None,
             band_pixel=band, search=c.search_settings(box_size, k_top=k_top, amp=self.amp) if kind == SEARCH else None,
             search_images=c.chunk_at(k_top, box_size) if kind == SEARCH else 0, write_map=True,
@@ -327,7 +354,7 @@ class AbinitSchedule(Schedule):
         c = self.config
         if c.switches_decoder():
             return (f"the {c.decoder} {'VAE' if c.zdim > 0 else 'model'} (zdim {c.zdim}) takes over from the "
-                    f"homogeneous {c.pose_search_decoder()} model (poses kept)")
+                    f"homogeneous {c.pose_search_decoder()} model (poses kept; batch {c.final_phase_batch_size()})")
         return f"the VAE (zdim {c.zdim}) takes over from the homogeneous model (poses kept)"
 
     def describe(self) -> str:
