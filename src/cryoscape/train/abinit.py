@@ -39,7 +39,8 @@ VAE-from-the-start schedule reached 8.9 degrees and a latent that followed the p
 A decoder that does not align from random poses (the voxel basis: a voxel map has no smoothness
 of its own) trains in the second phase only: the search model is another decoder
 (:meth:`AbinitConfig.pose_search_decoder`, the neural field by default for the basis), and the
-switch happens at the first final epoch also when ``zdim`` is 0.  Whenever a model is rebuilt
+switch happens at the first final epoch also when ``zdim`` is 0; from there it trains on its own
+batch size (:meth:`AbinitConfig.final_phase_batch_size`).  Whenever a model is rebuilt
 after poses were found (the switch, a reset), a decoder with a warm-start hook starts from the
 backprojection with the current poses (:mod:`cryoscape.train.warm_start`).
 
