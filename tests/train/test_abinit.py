@@ -169,6 +169,8 @@ def test_the_final_decoder_trains_at_its_own_batch_size():
     assert AbinitConfig.from_dict(old).batch_size_at(8) == 8
     with pytest.raises(ValueError, match="--final-batch-size must be at least 1"):
         AbinitConfig(decoder="basis", num_epochs=12, final_epochs=4, final_batch_size=0).validate()
+    with pytest.raises(ValueError, match="--final-batch-size applies from the switch"):
+        AbinitConfig(num_epochs=12, final_epochs=4, final_batch_size=32).validate()  # no switch: homogeneous
 
 
 def test_basis_abinit_run_switches_decoder_and_warm_starts(tiny_dataset, tmp_path):

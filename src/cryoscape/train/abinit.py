@@ -166,6 +166,9 @@ class AbinitConfig(TrainConfig):
                              f"got {self.final_epochs}")
         if self.final_batch_size is not None and self.final_batch_size < 1:
             raise ValueError(f"--final-batch-size must be at least 1, got {self.final_batch_size}")
+        if self.final_batch_size is not None and not self.vae_start():
+            raise ValueError("--final-batch-size applies from the switch to the final model, which this run does "
+                             "not have; add --final-epochs N with --zdim or with another --decoder, or drop it")
         if self.pretrain_images < 0 or self.search_chunk < 1:
             raise ValueError("--pretrain must be >= 0 and --search-chunk >= 1")
         plan = epoch_plan(self)
@@ -229,7 +232,8 @@ class AbinitConfig(TrainConfig):
         """Images per batch from :meth:`vae_start` on: ``final_batch_size``, or by default the final
         decoder's own batch size when another decoder searched the poses (train's default for it:
         the basis trains on batches of 64: on the 32-px hinge of the slow abinit test, at the
-        search's batch of 8 its latent barely formed; README "Ab initio"), else ``batch_size``."""
+        search's batch of 8 its latent barely formed; README "Ab initio with the voxel basis"), else
+        ``batch_size``."""
         if self.final_batch_size is not None:
             return int(self.final_batch_size)
         if self.switches_decoder():
