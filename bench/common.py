@@ -185,6 +185,23 @@ def best_of(runs: Sequence[RunResult]) -> RunResult:
 
 
 # --------------------------------------------------------------------------- tools
+def relion_auto_refine_command(threads: int, particles, out_prefix, reference, *, ini_high_angstrom: float,
+                               particle_diameter_angstrom: float, healpix_order: int, local_healpix_order: int,
+                               offset_range_pixel: float, offset_step_pixel: float, extra: Sequence = ()) -> list:
+    """``mpirun ... relion_refine_mpi --auto_refine`` as the RELION benchmarks run it (bench/refine.py,
+    bench/pose_relion_local.py).  RELION splits random halves only under MPI, so a leader and ``threads``
+    followers of one thread each are its equivalent of ``--j threads`` (the leader only hands out work);
+    CTF, solvent flattening, norm and scale corrections, C1, halves joined below 40 A."""
+    return ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", threads + 1,
+            "relion_refine_mpi", "--i", particles, "--o", out_prefix, "--ref", reference,
+            "--ini_high", ini_high_angstrom, "--auto_refine", "--split_random_halves",
+            "--particle_diameter", particle_diameter_angstrom, "--ctf", "--flatten_solvent", "--zero_mask",
+            "--oversampling", 1, "--healpix_order", healpix_order, "--auto_local_healpix_order", local_healpix_order,
+            "--offset_range", offset_range_pixel, "--offset_step", offset_step_pixel, "--sym", "C1",
+            "--low_resol_join_halves", 40, "--norm", "--scale", "--j", 1, "--pool", 30, "--pad", 2,
+            "--dont_combine_weights_via_disc", *extra]
+
+
 def cryoscape_command() -> list[str]:
     """How to call our CLI: the ``cryoscape`` script beside this interpreter, else ``-m``."""
     script = Path(sys.executable).with_name("cryoscape")

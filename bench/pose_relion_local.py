@@ -26,7 +26,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cryoscape_command, machine_name, print_note, run_timed, thread_env  # noqa: E402
+from common import (  # noqa: E402
+    cryoscape_command,
+    machine_name,
+    print_note,
+    relion_auto_refine_command,
+    run_timed,
+    thread_env,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,14 +73,10 @@ def refine(args, reference: Path, env):
     out = args.workdir / "relion"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    command = ["timeout", args.timeout, "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", args.threads + 1,
-               "relion_refine_mpi", "--i", args.workdir / "start.star", "--o", out / "run", "--ref", reference,
-               "--ini_high", args.ini_high, "--auto_refine", "--split_random_halves",
-               "--particle_diameter", args.particle_diameter, "--ctf", "--flatten_solvent", "--zero_mask",
-               "--oversampling", 1, "--healpix_order", args.healpix_order,
-               "--auto_local_healpix_order", args.healpix_order,
-               "--offset_range", 3, "--offset_step", 1, "--sym", "C1", "--low_resol_join_halves", 40,
-               "--norm", "--scale", "--j", 1, "--pool", 30, "--pad", 2, "--dont_combine_weights_via_disc"]
+    command = ["timeout", args.timeout, *relion_auto_refine_command(
+        args.threads, args.workdir / "start.star", out / "run", reference, ini_high_angstrom=args.ini_high,
+        particle_diameter_angstrom=args.particle_diameter, healpix_order=args.healpix_order,
+        local_healpix_order=args.healpix_order, offset_range_pixel=3, offset_step_pixel=1)]
     result = run_timed(command, log_path=args.workdir / "relion.log", env=env, check=False)
     print_note("relion command: " + " ".join(str(c) for c in command))
     return result

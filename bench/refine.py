@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     print_figure,
     print_note,
     read_map,
+    relion_auto_refine_command,
     run_timed,
     thread_env,
     tool_version,
@@ -154,17 +155,12 @@ def main(argv=None) -> int:
     rel_dir = args.workdir / "relion"
     shutil.rmtree(rel_dir, ignore_errors=True)
     rel_dir.mkdir(parents=True)
-    # RELION splits random halves only under MPI: a leader and two followers of one thread each
-    # are its equivalent of --j 2 (the leader only hands out work)
     limit = ["timeout", args.relion_timeout] if args.relion_timeout else []
-    relion = run_timed([*limit, "mpirun", "--allow-run-as-root", "--oversubscribe", "-n", args.threads + 1,
-                        "relion_refine_mpi", "--i", "particles.star", "--o", rel_dir / "run", "--ref", initial,
-                        "--ini_high", 40, "--auto_refine", "--split_random_halves", "--particle_diameter", 200,
-                        "--ctf", "--flatten_solvent", "--zero_mask", "--oversampling", 1, "--healpix_order", 2,
-                        "--auto_local_healpix_order", 4, "--offset_range", 5, "--offset_step", 2, "--sym", "C1",
-                        "--low_resol_join_halves", 40, "--norm", "--scale", "--j", 1, "--pool", 30,
-                        "--pad", 2, "--dont_combine_weights_via_disc", "--firstiter_cc"],
-                       log_path=args.workdir / "relion.log", env=env, cwd=data, check=False)
+    command = relion_auto_refine_command(args.threads, "particles.star", rel_dir / "run", initial,
+                                         ini_high_angstrom=40, particle_diameter_angstrom=200, healpix_order=2,
+                                         local_healpix_order=4, offset_range_pixel=5, offset_step_pixel=2,
+                                         extra=["--firstiter_cc"])
+    relion = run_timed([*limit, *command], log_path=args.workdir / "relion.log", env=env, cwd=data, check=False)
     print_note("relion command: " + " ".join(str(c) for c in relion.command))
     if relion.returncode == 124:
         print_note(f"relion_refine did not finish within {args.relion_timeout} s (stopped)")
