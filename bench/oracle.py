@@ -208,7 +208,8 @@ def train_or_reuse(name: str, command: list[str], epochs: int, run_dir: Path, lo
     (nan unless trained afresh).  A resumed run's log holds the earlier log too, so that its training
     time counts every finished epoch."""
     if reuse and finished(run_dir, tool, epochs):
-        print_note(f"{name}: scoring the finished run in {run_dir} (--reuse); its training time is read from {log}")
+        print_note(f"{name}: scoring the finished run in {run_dir} (--reuse); its training time is read from {log}; "
+                   f"the command above is today's, the run's own options are in {run_dir / 'config.yaml'}")
         return float("nan")
     if reuse and tool == DRGN and any(run_dir.glob("weights.*.pkl")):
         print_note(f"{name}: resuming the unfinished run in {run_dir} from its last checkpoint (--reuse)")

@@ -11,12 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _oracle(code: str) -> list[str]:
-    """Lines printed by ``code`` run with bench/oracle.py imported as ``oracle`` (its ``# `` notes left out)."""
+def _oracle(code: str, notes: bool = False) -> list[str]:
+    """Lines printed by ``code`` run with bench/oracle.py imported as ``oracle`` (its ``# `` notes left
+    out unless ``notes``)."""
     prelude = "import sys; from pathlib import Path; sys.path.insert(0, 'bench'); import oracle\n"
     lines = subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, check=True, capture_output=True,
                            text=True).stdout.splitlines()
-    return [line for line in lines if not line.startswith("# ")]
+    return [line for line in lines if notes or not line.startswith("# ")]
 
 
 def test_amp_and_its_emulation_pass_amp_explicitly():
@@ -64,3 +65,16 @@ def test_reuse_resumes_an_unfinished_cryodrgn_run_and_keeps_its_earlier_log(tmp_
         "print(calls[-1][-2:], wall, repr(log.read_text()), run.exists())\n")
     assert out[0] == "['--load', 'latest'] nan 'epoch 1\\nepoch 2\\n' True"
     assert out[1] == "['-n', '2'] 5.0 'epoch 2\\n' False"  # without --reuse: trained afresh, folder removed first
+
+
+def test_reused_finished_run_is_scored_as_it_is_and_names_its_own_options(tmp_path):
+    run = tmp_path / "basis"
+    run.mkdir()
+    for f in ("z.0.npy", "z.1.npy"):
+        (run / f).touch()
+    out = _oracle(f"run = Path({str(run)!r})\n"
+                  "oracle.run_timed = lambda *a, **k: 1 / 0  # must not train\n"
+                  "print(oracle.train_or_reuse('basis', ['cryoscape', 'train'], 2, run, run.parent / 'basis.log', "
+                  "'cryoscape', {}, True))\n", notes=True)
+    assert out[-1] == "nan" and run.exists()
+    assert f"the run's own options are in {run / 'config.yaml'}" in out[0]
