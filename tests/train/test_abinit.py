@@ -165,8 +165,10 @@ def test_the_final_decoder_trains_at_its_own_batch_size():
     assert [nf.batch_size_at(e) for e in (7, 8)] == [8, 8]
     asked = AbinitConfig(decoder="basis", batch_size=8, num_epochs=12, final_epochs=4, final_batch_size=32)
     assert [asked.batch_size_at(e) for e in (7, 8)] == [8, 32]
-    old = {k: v for k, v in c.to_dict().items() if k != "final_batch_size"}
-    assert AbinitConfig.from_dict(old).batch_size_at(8) == 8
+    old = {k: v for k, v in c.to_dict().items() if k != "final_batch_size"}  # saved runs name their search decoder
+    assert AbinitConfig.from_dict({**old, "search_decoder": "neural_field"}).batch_size_at(8) == 8
+    old_nf = {k: v for k, v in nf.to_dict().items() if k != "final_batch_size"}
+    AbinitConfig.from_dict({**old_nf, "search_decoder": "neural_field"}).validate()  # no switch: nothing set
     with pytest.raises(ValueError, match="--final-batch-size must be at least 1"):
         AbinitConfig(decoder="basis", num_epochs=12, final_epochs=4, final_batch_size=0).validate()
     with pytest.raises(ValueError, match="--final-batch-size applies from the switch"):
@@ -231,7 +233,8 @@ def test_command_line(tiny_dataset, tmp_path):
     assert main(["abinit", "--resume", str(out), "-n", "3", "--final-epochs", "1", "--no-progress"]) == 0
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     basis = tmp_path / "basis"  # any registered decoder: the voxel basis
-    assert main([*args[:5], str(basis), *args[6:], "--decoder", "basis", "--zdim", "2", "--final-batch-size", "32"]) == 0
+    assert main([*args[:5], str(basis), *args[6:], "--decoder", "basis", "--zdim", "2",
+                 "--final-batch-size", "32"]) == 0
     state = load_checkpoint(basis / "checkpoint.pt")
     assert state["decoder"]["name"] == "basis" and np.isfinite(np.load(basis / "z.1.npy")).all()
     assert state["config"]["final_batch_size"] == 32 and "(poses kept; batch 32)" in (basis / "run.log").read_text()

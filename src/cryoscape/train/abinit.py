@@ -248,8 +248,10 @@ class AbinitConfig(TrainConfig):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AbinitConfig":
-        """:meth:`TrainConfig.from_dict`; a run saved before ``final_batch_size`` keeps one batch size."""
-        if "num_epochs" in d and "final_batch_size" not in d:
+        """:meth:`TrainConfig.from_dict`; a run saved before ``final_batch_size`` keeps one batch size
+        (a run that switched decoders is given its ``batch_size``; any other has no switch to apply it)."""
+        switched = d.get("search_decoder") not in (None, d.get("decoder"))
+        if "num_epochs" in d and "final_batch_size" not in d and switched:
             d = {**d, "final_batch_size": d.get("batch_size")}
         return super().from_dict(d)
 
