@@ -37,6 +37,8 @@ import torch
 from cryoscape.classical.em import Reference, SearchSchedule, estimate_scale, search_batch
 from cryoscape.classical.refine import noise_spectrum_from_images
 from cryoscape.classical.runs import source_from_table
+from cryoscape.fourier.fft import fft3_center
+from cryoscape.fourier.filters import apply_fourier_filter, radial_average, radial_profile_to_grid
 from cryoscape.geometry.align import pose_errors
 from cryoscape.io.particles import load_particles
 from cryoscape.reconstruct.backproject import backproject_particles
@@ -59,22 +61,12 @@ def class_labels(data: str, labels_from: str, n_classes: int) -> np.ndarray:
     return np.minimum((np.argsort(np.argsort(c)) * n_classes) // len(c), n_classes - 1)
 
 
-def shell_index(box_size: int) -> torch.Tensor:
-    """Flat ``(D^3,)`` rounded radius (Fourier pixels) of every voxel of an unshifted 3-D FFT."""
-    f = torch.fft.fftfreq(box_size) * box_size
-    r = torch.sqrt(f[:, None, None] ** 2 + f[None, :, None] ** 2 + f[None, None, :] ** 2)
-    return r.round().long().flatten()
-
-
 def sharpen_like(volume: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``volume`` with each Fourier shell's mean amplitude rescaled to ``target``'s (ratio capped at 20)."""
-    shell = shell_index(volume.shape[0])
-    counts = torch.bincount(shell).clamp(min=1).double()
-    a, b = torch.fft.fftn(volume.double()), torch.fft.fftn(target.double())
-    mean_a = torch.bincount(shell, weights=a.abs().flatten()) / counts
-    mean_b = torch.bincount(shell, weights=b.abs().flatten()) / counts
+    mean_a, mean_b = (radial_average(fft3_center(v.double()).abs(), ndim=3) for v in (volume, target))
     ratio = (mean_b / mean_a.clamp(min=1e-12)).clamp(max=20.0)
-    return torch.fft.ifftn(a * ratio[shell].reshape(a.shape)).real.float()
+    weights = radial_profile_to_grid(ratio, volume.shape[0], ndim=3)
+    return apply_fourier_filter(volume.double(), weights, ndim=3).float()
 
 
 def e_step(source, table, members: np.ndarray, volume: torch.Tensor, schedule: SearchSchedule,
