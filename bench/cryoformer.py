@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cryoformer-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="--decoder-opt of both CryoFormer runs (repeatable)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="our runs with --amp or --no-amp (default: train's own, bfloat16 autocast on GPUs and on "
+                        "CPUs with AVX512-BF16/AMX, float32 elsewhere); cryoDRGN keeps its own")
     p.add_argument("--gpu", action="store_true", help="every tool on the GPU (default: CPU, GPU hidden)")
     p.add_argument("--fsc-images", type=int, default=None, help="[100; 20 with --quick]")
     p.add_argument("--skip", action="append", default=[], choices=[DRGN, "neural_field", "basis", "cryoformer",
@@ -104,6 +107,8 @@ def perturb_poses(data: Path, *, degrees: float, pixels: float, seed: int = 0) -
 def commands(args, exe: Path, data: Path, poses: Path, runs: Path) -> dict[str, list[str]]:
     inputs = [str(data / "particles.mrcs"), "--poses", str(poses), "--ctf", str(data / "ctf.pkl")]
     ours = [*cryoscape_command(), "train", *inputs, "--zdim", "8", *ENCODER, "-n", str(args.epochs), "--no-progress"]
+    if args.amp is not None:
+        ours.append("--amp" if args.amp else "--no-amp")
     cf = [x for kv in args.cryoformer_opt for x in ("--decoder-opt", kv)]
     cmds = {
         DRGN: [str(exe), "train_vae", *inputs, "-o", str(runs / DRGN), "--zdim", "8", *ENCODER, *MLP,
@@ -170,8 +175,8 @@ def main(argv=None) -> int:
     args.fsc_images = args.fsc_images or (20 if args.quick else 100)
     env = thread_env(args.threads, gpu=args.gpu)
     exe = ensure_cryodrgn(args.cryodrgn) if DRGN not in args.skip else Path("cryodrgn")
-    print_note(f"{machine_name(args.gpu)}; {args.threads} threads; float32 figures unless the log says "
-               f"bfloat16 autocast")
+    precision = {None: "train's default precision", True: "--amp", False: "--no-amp (float32)"}[args.amp]
+    print_note(f"{machine_name(args.gpu)}; {args.threads} threads; our runs: {precision}")
     all_results = {snr: run_snr(args, env, exe, snr) for snr in args.snr}
     for snr, r in all_results.items():
         cf = r.get("cryoformer_encoder") or r.get("cryoformer")

@@ -2,7 +2,7 @@
 """Hard EM from perturbed poses, with class maps, cross-fitting or sharpened maps: what holds the pose error?  (issue 15)
 
     .venv/bin/python bench/pose_hard_em.py DATA [--rounds 3] [--classes K] [--labels truth|Z.npy] [--folds F]
-                                           [--sharpen-oracle] [--start perturbed|true] [--local-steps 1]
+                                           [--sharpen-oracle] [--start true|POSES.pkl] [--local-steps 1]
 
 DATA is a bench/oracle.py hinge folder holding ``poses_perturbed_5deg_1px.pkl`` (bench/cryoformer.py
 ``perturb_poses``).  Every round backprojects the images at their current poses and moves each image to its
@@ -19,7 +19,8 @@ posterior-mean pose in a local search against that map (cryoscape's classical E-
 * ``--sharpen-oracle``: each map's Fourier shells rescaled to the amplitudes of the same images' map at the
   TRUE poses: is it the high-frequency amplitude the 5-degree blur removes?
 
-``--start true`` starts from the true poses (what one round gives with perfect poses).  After each round the
+``--start true`` starts from the true poses (what one round gives with perfect poses, and where the rounds go
+from there); ``--start poses_perturbed_2.5deg_0.5px.pkl`` from another perturbation of them.  After each round the
 median rotation error (as given) and shift error against the truth are printed.  Results in
 bench/results/poses_2026-12-05_hard_em.txt.
 """
@@ -118,14 +119,14 @@ def main(argv=None) -> int:
     p.add_argument("--labels", default="truth", help="truth, or a run's z.E.npy")
     p.add_argument("--folds", type=int, default=1)
     p.add_argument("--sharpen-oracle", action="store_true")
-    p.add_argument("--start", choices=["perturbed", "true"], default="perturbed")
+    p.add_argument("--start", default="poses_perturbed_5deg_1px.pkl",
+                   help="'true', or a poses.pkl in DATA (bench/cryoformer.py perturb_poses) [%(default)s]")
     p.add_argument("--local-steps", type=int, default=1, help="window half-width in level-2 steps (7.5 deg)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     truth = load_particles(f"{args.data}/particles.star")
-    table = load_particles(f"{args.data}/particles.star", poses_path=f"{args.data}/poses_perturbed_5deg_1px.pkl")
-    if args.start == "true":
-        table.rotations, table.shifts_pixel = truth.rotations.copy(), truth.shifts_pixel.copy()
+    start = "poses.pkl" if args.start == "true" else args.start
+    table = load_particles(f"{args.data}/particles.star", poses_path=f"{args.data}/{start}")
     labels = class_labels(args.data, args.labels, args.classes)
     source = source_from_table(table)
     inv_sigma2 = (1.0 / noise_spectrum_from_images(source, np.arange(0, len(table), max(1, len(table) // 1000))))
