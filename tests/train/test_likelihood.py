@@ -116,6 +116,18 @@ def test_slice_points_are_slicing_coordinates_in_cycles_per_pixel():
     )
 
 
+def test_slice_points_keep_full_precision_under_autocast():
+    """Training predicts under autocast; the slice geometry must not become a bfloat16 product, which would
+    round every decoder's input frequencies to 8 bits of mantissa."""
+    pixels = fourier_pixels(24)
+    R = random_rotations(4, generator=torch.Generator().manual_seed(0))
+    exact = slice_points(R, pixels.freqs_cycles_per_pixel)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        under = slice_points(R, pixels.freqs_cycles_per_pixel)
+    assert under.dtype == torch.float32
+    assert torch.equal(under, exact)
+
+
 @pytest.mark.parametrize("D", [16, 17])
 def test_squared_error_is_the_same_objective_in_both_domains(D):
     gen = torch.Generator().manual_seed(D)

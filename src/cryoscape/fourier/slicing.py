@@ -49,9 +49,11 @@ def slice_coordinates(rotations: torch.Tensor, coords_2d: torch.Tensor) -> torch
 
     Returns
     -------
-    ``(..., P, 3)`` points ``(x, y, z)`` in index units.
+    ``(..., P, 3)`` points ``(x, y, z)`` in index units, in ``rotations``' dtype even under autocast:
+    a bfloat16 product would round the positions every decoder encodes to 8 bits of mantissa.
     """
-    return coords_2d.to(rotations.dtype) @ rotations[..., :2, :]
+    with torch.autocast(device_type=rotations.device.type, enabled=False):
+        return coords_2d.to(rotations.dtype) @ rotations[..., :2, :]
 
 
 def _axis_corners(coords: torch.Tensor, D: int):

@@ -73,10 +73,15 @@ def column_points(box_size: int, render_size: int, *, radius_fraction: float = 1
 
 
 def rotate_points(points: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """World positions ``R^T x`` of image-frame points: ``(M, 3)`` or ``(B, M, 3)`` x ``(B, 3, 3)`` -> ``(B, M, 3)``."""
-    if points.dim() == 2:
-        return torch.einsum("bij,mi->bmj", rotations.to(points.dtype), points)
-    return torch.einsum("bij,bmi->bmj", rotations.to(points.dtype), points)
+    """World positions ``R^T x`` of image-frame points: ``(M, 3)`` or ``(B, M, 3)`` x ``(B, 3, 3)`` -> ``(B, M, 3)``.
+
+    In ``points``' dtype even under autocast: in bfloat16 the positions would be rounded to a quarter
+    pixel at 32 px, and the hash grid would leave its compiled CPU loops for the slower PyTorch path.
+    """
+    with torch.autocast(device_type=points.device.type, enabled=False):
+        if points.dim() == 2:
+            return torch.einsum("bij,mi->bmj", rotations.to(points.dtype), points)
+        return torch.einsum("bij,bmi->bmj", rotations.to(points.dtype), points)
 
 
 def project_density(density: torch.Tensor, columns: ColumnPoints) -> torch.Tensor:
