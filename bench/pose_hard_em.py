@@ -22,7 +22,7 @@ posterior-mean pose in a local search against that map (cryoscape's classical E-
 ``--start true`` starts from the true poses (what one round gives with perfect poses, and where the rounds go
 from there); ``--start poses_perturbed_2.5deg_0.5px.pkl`` from another perturbation of them.  After each round the
 median rotation error (as given) and shift error against the truth are printed.  Results in
-bench/results/poses_2026-12-05_hard_em.txt.
+bench/results/poses_2026-12-05_hard_em.txt and poses_2026-12-05_em_starts.txt.
 """
 
 from __future__ import annotations
