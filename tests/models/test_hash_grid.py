@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cryoscape.models import sparse_kernels
-from cryoscape.models.hash_grid import HashGrid, _Trilinear, corner_rows, level_resolutions
+from cryoscape.models.hash_grid import HashGrid, _CompiledGrid, _Trilinear, corner_rows, level_resolutions
 
 
 def _grid(**kw) -> HashGrid:
@@ -78,7 +78,7 @@ def _features_and_gradients(g: HashGrid, u: torch.Tensor) -> tuple[torch.Tensor,
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_cpu_kernels_equal_the_pytorch_path(monkeypatch, dtype):
-    """Rows, features, and the tables' and positions' gradients: numba loops == PyTorch (dense and hashed levels)."""
+    """Features, and the tables' and positions' gradients: numba loops == PyTorch (dense and hashed levels)."""
     if not sparse_kernels.usable(torch.zeros(1)):
         pytest.skip("numba kernels unavailable")
     g = _grid(n_levels=6, features_per_level=2, log2_table_size=10, base_resolution=4, max_resolution=40).to(dtype)
@@ -93,12 +93,19 @@ def test_compiled_cpu_kernels_equal_the_pytorch_path(monkeypatch, dtype):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("kernels", ["1", "0"])
-def test_written_out_gradients_match_finite_differences(monkeypatch, kernels):
-    """The trilinear gather's hand-written backward (compiled and PyTorch) passes gradcheck (float64)."""
-    monkeypatch.setenv("CRYOSCAPE_SPARSE_KERNELS", kernels)
+def test_written_out_gradients_match_finite_differences():
+    """The hand-written backwards pass gradcheck (float64): the PyTorch path's trilinear gather and, where
+    numba runs, the compiled grid (tables' and positions' gradients, dense and hashed levels)."""
     torch.manual_seed(3)
     table = torch.randn(40, 3, dtype=torch.float64, requires_grad=True)
     rows = torch.randint(0, 20, (12, 8)) + 20 * (torch.arange(12) % 2)[:, None]  # 2 levels, own blocks
     frac = (torch.rand(12, 3, dtype=torch.float64) * 0.9 + 0.05).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t, f: _Trilinear.apply(t, rows, f, 2), (table, frac))
+    if not (sparse_kernels.usable(table) and sparse_kernels.hash_grid_compiles(torch.float64)):
+        pytest.skip("numba kernels unavailable")
+    g = _grid(n_levels=3, features_per_level=2, log2_table_size=6, base_resolution=2, max_resolution=8).double()
+    assert [(r + 1) ** 3 <= g.table_size for r in g.resolutions] == [True, False, False]
+    tables = g.tables.detach().clone().requires_grad_(True)
+    u = (torch.rand(20, 3, dtype=torch.float64) * 0.98 + 0.01).requires_grad_(True)
+    levels = g._levels(torch.float64)
+    assert torch.autograd.gradcheck(lambda t, p: _CompiledGrid.apply(t, p, levels), (tables, u))

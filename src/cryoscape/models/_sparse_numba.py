@@ -104,84 +104,105 @@ def backproject_kernel(index, w, sign, v_re, v_im, weight, num_re, num_im, wsum,
 
 
 @njit(inline="always")
-def _corner_weight(c, fx, fy, fz):  # pragma: no cover - compiled
-    """Trilinear weight of corner ``c`` (``[z, y, x]`` in binary) at cell fractions ``(fx, fy, fz)``."""
-    wz = fz if c >> 2 else 1.0 - fz
-    wy = fy if (c >> 1) & 1 else 1.0 - fy
-    wx = fx if c & 1 else 1.0 - fx
-    return wz * wy * wx
+def _cell_rows(ux, uy, uz, res, res_minus_one, side, dense, offset, mask):  # pragma: no cover - compiled
+    """The 8 table rows (``[z, y, x]`` corner order) and the fractions of the cell holding ``u`` in a level
+    of ``res`` cells per side whose block starts at ``offset``: the arithmetic of HashGrid's PyTorch path
+    (positions in ``u``'s precision; dense rows, or Instant-NGP's hash, whose int64 products keep the low
+    bits of the uint32 ones).  Written out corner by corner: a loop over the corners ran 3x slower."""
+    px, py, pz = ux * res, uy * res, uz * res
+    fbx, fby, fbz = min(np.floor(px), res_minus_one), min(np.floor(py), res_minus_one), min(np.floor(pz), res_minus_one)
+    bx, by, bz = np.int64(fbx), np.int64(fby), np.int64(fbz)
+    if dense:
+        r0 = offset + bx + side * (by + side * bz)
+        r2, r4 = r0 + side, r0 + side * side
+        r6 = r4 + side
+        r1, r3, r5, r7 = r0 + 1, r2 + 1, r4 + 1, r6 + 1
+    else:
+        y0, y1 = by * 2654435761, (by + 1) * 2654435761
+        z0, z1 = bz * 805459861, (bz + 1) * 805459861
+        x0, x1 = bx, bx + 1
+        r0, r1 = offset + ((x0 ^ y0 ^ z0) & mask), offset + ((x1 ^ y0 ^ z0) & mask)
+        r2, r3 = offset + ((x0 ^ y1 ^ z0) & mask), offset + ((x1 ^ y1 ^ z0) & mask)
+        r4, r5 = offset + ((x0 ^ y0 ^ z1) & mask), offset + ((x1 ^ y0 ^ z1) & mask)
+        r6, r7 = offset + ((x0 ^ y1 ^ z1) & mask), offset + ((x1 ^ y1 ^ z1) & mask)
+    return r0, r1, r2, r3, r4, r5, r6, r7, px - fbx, py - fby, pz - fbz
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def trilinear_table_gradient_kernel(rows, frac, grad, n_levels, g_table):  # pragma: no cover - compiled
-    N, F = rows.shape[0], grad.shape[1]
-    M = N // n_levels
-    for level in prange(n_levels):  # a level's rows lie in its own block of the table: no shared writes
+def hash_grid_forward_kernel(table, u, res, res_minus_one, sides, dense, table_size, out):  # pragma: no cover
+    M, L, F = u.shape[0], res.shape[0], table.shape[1]
+    mask = table_size - 1
+    for m in prange(M):
+        ux, uy, uz = u[m, 0], u[m, 1], u[m, 2]
+        for level in range(L):
+            r0, r1, r2, r3, r4, r5, r6, r7, fx, fy, fz = _cell_rows(
+                ux, uy, uz, res[level], res_minus_one[level], sides[level], dense[level], level * table_size, mask)
+            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+            w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy
+            o = level * F
+            for f in range(F):
+                out[m, o + f] = (w00 * (gx * table[r0, f] + fx * table[r1, f])
+                                 + w01 * (gx * table[r2, f] + fx * table[r3, f])
+                                 + w10 * (gx * table[r4, f] + fx * table[r5, f])
+                                 + w11 * (gx * table[r6, f] + fx * table[r7, f]))
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def hash_grid_table_gradient_kernel(u, grad, res, res_minus_one, sides, dense, table_size, level_bounds,
+                                    g_table):  # pragma: no cover - compiled
+    M, F = u.shape[0], g_table.shape[1]
+    mask = table_size - 1
+    for t in prange(level_bounds.shape[0] - 1):  # a level's rows are its own block: no shared writes
         for m in range(M):
-            n = m * n_levels + level
-            fx, fy, fz = frac[n, 0], frac[n, 1], frac[n, 2]
-            for c in range(8):
-                w = _corner_weight(c, fx, fy, fz)
-                r = rows[n, c]
+            ux, uy, uz = u[m, 0], u[m, 1], u[m, 2]
+            for level in range(level_bounds[t], level_bounds[t + 1]):
+                r0, r1, r2, r3, r4, r5, r6, r7, fx, fy, fz = _cell_rows(
+                    ux, uy, uz, res[level], res_minus_one[level], sides[level], dense[level], level * table_size, mask)
+                gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
+                w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy
+                o = level * F
                 for f in range(F):
-                    g_table[r, f] += w * grad[n, f]
+                    g = grad[m, o + f]
+                    a, b = gx * g, fx * g
+                    g_table[r0, f] += w00 * a
+                    g_table[r1, f] += w00 * b
+                    g_table[r2, f] += w01 * a
+                    g_table[r3, f] += w01 * b
+                    g_table[r4, f] += w10 * a
+                    g_table[r5, f] += w10 * b
+                    g_table[r6, f] += w11 * a
+                    g_table[r7, f] += w11 * b
 
 
 @njit(inline="always", fastmath=_FAST)
-def _dot(table, r, grad, n, F):  # pragma: no cover - compiled
+def _dot(table, r, grad, m, o, F):  # pragma: no cover - compiled
     acc = 0.0
     for f in range(F):
-        acc += table[r, f] * grad[n, f]
+        acc += table[r, f] * grad[m, o + f]
     return acc
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def trilinear_position_gradient_kernel(table, rows, frac, grad, g_frac):  # pragma: no cover - compiled
-    N, F = rows.shape[0], table.shape[1]
-    for n in prange(N):
-        fx, fy, fz = frac[n, 0], frac[n, 1], frac[n, 2]
-        r = rows[n]
-        s0, s1, s2, s3 = _dot(table, r[0], grad, n, F), _dot(table, r[1], grad, n, F), \
-            _dot(table, r[2], grad, n, F), _dot(table, r[3], grad, n, F)
-        s4, s5, s6, s7 = _dot(table, r[4], grad, n, F), _dot(table, r[5], grad, n, F), \
-            _dot(table, r[6], grad, n, F), _dot(table, r[7], grad, n, F)
-        # s[c], c = 4 dz + 2 dy + dx; d/dfx = sum over (dz, dy) of (s[dz,dy,1] - s[dz,dy,0]) wz wy, etc.
-        gz0, gz1, gy0, gy1, gx0, gx1 = 1.0 - fz, fz, 1.0 - fy, fy, 1.0 - fx, fx
-        g_frac[n, 0] = ((s1 - s0) * gz0 * gy0 + (s3 - s2) * gz0 * gy1
-                        + (s5 - s4) * gz1 * gy0 + (s7 - s6) * gz1 * gy1)
-        g_frac[n, 1] = ((s2 - s0) * gz0 * gx0 + (s3 - s1) * gz0 * gx1
-                        + (s6 - s4) * gz1 * gx0 + (s7 - s5) * gz1 * gx1)
-        g_frac[n, 2] = ((s4 - s0) * gy0 * gx0 + (s5 - s1) * gy0 * gx1
-                        + (s6 - s2) * gy1 * gx0 + (s7 - s3) * gy1 * gx1)
-
-
-@njit(parallel=True, cache=True)
-def hash_rows_kernel(base, n_levels, first_level, sides, dense, table_size, rows):  # pragma: no cover - compiled
-    N = base.shape[0]
+def hash_grid_position_gradient_kernel(table, u, grad, res, res_minus_one, sides, dense, table_size,
+                                       g_u):  # pragma: no cover - compiled
+    M, L, F = u.shape[0], res.shape[0], table.shape[1]
     mask = table_size - 1
-    for n in prange(N):
-        level = n % n_levels
-        side = sides[level]
-        offset = (first_level + level) * table_size
-        bx, by, bz = base[n, 0], base[n, 1], base[n, 2]
-        for c in range(8):  # corner order [z, y, x] in binary
-            x, y, z = bx + (c & 1), by + ((c >> 1) & 1), bz + (c >> 2)
-            if dense:
-                r = x + side * (y + side * z)
-            else:  # Instant-NGP's primes; int64 products keep the low bits of the uint32 ones
-                r = (x ^ (y * 2654435761) ^ (z * 805459861)) & mask
-            rows[n, c] = r + offset
-
-
-@njit(parallel=True, cache=True, fastmath=_FAST)
-def trilinear_forward_kernel(table, rows, frac, out):  # pragma: no cover - compiled
-    N, F = rows.shape[0], table.shape[1]
-    for n in prange(N):
-        fx, fy, fz = frac[n, 0], frac[n, 1], frac[n, 2]
-        for f in range(F):
-            out[n, f] = 0.0
-        for c in range(8):
-            w = _corner_weight(c, fx, fy, fz)
-            r = rows[n, c]
-            for f in range(F):
-                out[n, f] += w * table[r, f]
+    for m in prange(M):
+        ux, uy, uz = u[m, 0], u[m, 1], u[m, 2]
+        gux = guy = guz = 0.0
+        for level in range(L):
+            r0, r1, r2, r3, r4, r5, r6, r7, fx, fy, fz = _cell_rows(
+                ux, uy, uz, res[level], res_minus_one[level], sides[level], dense[level], level * table_size, mask)
+            o = level * F
+            s0, s1, s2, s3 = _dot(table, r0, grad, m, o, F), _dot(table, r1, grad, m, o, F), \
+                _dot(table, r2, grad, m, o, F), _dot(table, r3, grad, m, o, F)
+            s4, s5, s6, s7 = _dot(table, r4, grad, m, o, F), _dot(table, r5, grad, m, o, F), \
+                _dot(table, r6, grad, m, o, F), _dot(table, r7, grad, m, o, F)
+            # s[c], c = 4 dz + 2 dy + dx; d/dfx = sum over (dz, dy) of (s[dz,dy,1] - s[dz,dy,0]) wz wy, etc.;
+            # d frac / d u = res (the cell's corner is held fixed)
+            gz0, gz1, gy0, gy1, gx0, gx1 = 1.0 - fz, fz, 1.0 - fy, fy, 1.0 - fx, fx
+            r = res[level]
+            gux += r * ((s1 - s0) * gz0 * gy0 + (s3 - s2) * gz0 * gy1 + (s5 - s4) * gz1 * gy0 + (s7 - s6) * gz1 * gy1)
+            guy += r * ((s2 - s0) * gz0 * gx0 + (s3 - s1) * gz0 * gx1 + (s6 - s4) * gz1 * gx0 + (s7 - s5) * gz1 * gx1)
+            guz += r * ((s4 - s0) * gy0 * gx0 + (s5 - s1) * gy0 * gx1 + (s6 - s2) * gy1 * gx0 + (s7 - s3) * gy1 * gx1)
+        g_u[m, 0], g_u[m, 1], g_u[m, 2] = gux, guy, guz

@@ -243,7 +243,11 @@ class CryoFormer(VolumeDecoder):
         # the deformation tokens are the cross-attention's memory and also shift the queries they start
         # from, so the latent reaches every query from the first step (through cross-attention alone
         # the hinge's latent stayed unused for 10 epochs: |Spearman| <= 0.06, README)
-        q = self.transformer(tokens, tokens if z is not None else None)
+        # once per image and tiny (B x n_queries tokens): float32 even under autocast, where the CPU's
+        # bfloat16 attention backward took 8x the float32 time (README, "On a CPU with bfloat16")
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            tokens = tokens.float()
+            q = self.transformer(tokens, tokens if z is not None else None)
         deform = None if self.point_deformation is None else self.point_deformation.latent_term(z)
         ffn = None if self.latent_ffn is None else self.latent_ffn(z).unsqueeze(1)
         spatial = None if self.latent_spatial is None else self.latent_spatial(z).unsqueeze(1)

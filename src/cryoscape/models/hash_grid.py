@@ -16,8 +16,9 @@ the training gradient, as in the paper.
 Properties (tests/models/test_hash_grid.py): the encoding is continuous in ``u`` (trilinear
 weights are continuous across cell faces, where the two cells share the 4 corners of the face),
 and at a lattice corner it equals that corner's table row exactly.  Points outside the cube are
-clamped to it.  Everything is ``torch`` gathers and products, so it runs (and differentiates) on
-CPU and CUDA alike; no custom kernel.
+clamped to it.  The arithmetic is ``torch`` gathers and products, so it runs (and differentiates) on
+CPU and CUDA alike; on a CPU with numba the same arithmetic runs as compiled loops that take the
+points themselves (:class:`_CompiledGrid`, tested equal to the PyTorch path).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class HashGrid(nn.Module):
         n_dense = sum(is_dense)
         assert all(is_dense[:n_dense]) and not any(is_dense[n_dense:])
         self._groups = [(0, n_dense, True), (n_dense, self.n_levels, False)]
+        self._compiled_levels: dict[torch.dtype, sparse_kernels.GridLevels] = {}
 
     @property
     def out_features(self) -> int:
@@ -92,10 +94,18 @@ class HashGrid(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         lead = u.shape[:-1]
         u = u.reshape(-1, 3).clamp(0.0, 1.0)
-        # levels grow finer, so the dense ones come first: two vectorised groups, in level order
-        parts = [self._group(u, start, stop, dense) for start, stop, dense in self._groups if stop > start]
-        out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+        if sparse_kernels.usable(self.tables, u) and sparse_kernels.hash_grid_compiles(u.dtype):
+            out = _CompiledGrid.apply(self.tables, u, self._levels(u.dtype))
+        else:
+            # levels grow finer, so the dense ones come first: two vectorised groups, in level order
+            parts = [self._group(u, start, stop, dense) for start, stop, dense in self._groups if stop > start]
+            out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         return out.reshape(*lead, self.out_features)
+
+    def _levels(self, dtype: torch.dtype) -> sparse_kernels.GridLevels:
+        if dtype not in self._compiled_levels:
+            self._compiled_levels[dtype] = sparse_kernels.grid_levels(self.resolutions, self.table_size, dtype)
+        return self._compiled_levels[dtype]
 
     def _group(self, u: torch.Tensor, start: int, stop: int, dense: bool) -> torch.Tensor:
         """Features ``(M, G F)`` of the levels ``start:stop`` (all dense or all hashed), vectorised over them."""
@@ -105,12 +115,7 @@ class HashGrid(nn.Module):
         frac = pos - base
         M, G = u.shape[0], stop - start
         table = self.tables.reshape(-1, self.features_per_level)
-        rows = None
-        if sparse_kernels.usable(table, frac):
-            rows = sparse_kernels.hash_rows(base.reshape(M * G, 3), G, start, self.level_res[start:stop],
-                                            dense=dense, table_size=self.table_size)
-        if rows is None:
-            rows = self._rows(base.to(torch.int32), start, stop, dense).reshape(M * G, 8)
+        rows = self._rows(base.to(torch.int32), start, stop, dense).reshape(M * G, 8)
         out = _Trilinear.apply(table, rows, frac.reshape(M * G, 3), G)
         return out.reshape(M, G * self.features_per_level)
 
@@ -149,19 +154,14 @@ class _Trilinear(torch.autograd.Function):
     ``embedding_bag``; backward: the table's gradient by one ``index_add_``, the position's from the
     corner differences) because autograd through the broadcast products of the weights spent most
     of a CryoFormer step on the CPU in reductions of ``(N, 8, F)`` temporaries.  ``n_levels``: the
-    entries are ``n = m * n_levels + level``, each level's rows in its own block of the table.  On
-    the CPU both directions run as compiled loops (:func:`cryoscape.models.sparse_kernels.trilinear`
-    and ``trilinear_gradients``); elsewhere, or without numba, the same arithmetic in PyTorch.
+    entries are ``n = m * n_levels + level``, each level's rows in its own block of the table.  The
+    path for GPUs and for CPUs without numba; CPUs with numba run :class:`_CompiledGrid`.
     """
 
     @staticmethod
     def forward(ctx, table: torch.Tensor, rows: torch.Tensor, frac: torch.Tensor, n_levels: int) -> torch.Tensor:
         ctx.n_levels = int(n_levels)
         ctx.save_for_backward(table, rows, frac)
-        if sparse_kernels.usable(table, frac):
-            out = sparse_kernels.trilinear(table, rows, frac)
-            if out is not None:
-                return out
         weights = _corner_weights(frac)[0]
         return torch.nn.functional.embedding_bag(rows, table, per_sample_weights=weights.to(table.dtype),
                                                  mode="sum")
@@ -171,11 +171,6 @@ class _Trilinear(torch.autograd.Function):
         table, rows, frac = ctx.saved_tensors
         grad = grad.to(table.dtype).contiguous()
         want_table, want_frac = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        if sparse_kernels.usable(table, frac, grad):
-            done = sparse_kernels.trilinear_gradients(table, rows, frac, grad, ctx.n_levels,
-                                                      want_table=want_table, want_frac=want_frac)
-            if done is not None:
-                return done[0], None, done[1], None
         g_table = g_frac = None
         weights, wx, wy, wz = _corner_weights(frac)
         if want_table:
@@ -195,3 +190,24 @@ class _Trilinear(torch.autograd.Function):
                 (dz * wy[:, :, None] * wx[:, None, :]).sum((1, 2)),
             ], -1)
         return g_table, None, g_frac, None
+
+
+class _CompiledGrid(torch.autograd.Function):
+    """The whole grid (every level, from the points) as compiled CPU loops
+    (:func:`cryoscape.models.sparse_kernels.hash_grid` and ``hash_grid_gradients``): the cells,
+    corner rows and weights are recomputed in registers in each direction instead of stored.
+    Inputs: ``tables`` ``(L, T, F)``, ``u`` ``(M, 3)`` in the unit cube; output ``(M, L F)``."""
+
+    @staticmethod
+    def forward(ctx, tables: torch.Tensor, u: torch.Tensor, levels: sparse_kernels.GridLevels) -> torch.Tensor:
+        ctx.levels = levels
+        ctx.save_for_backward(tables, u)
+        return sparse_kernels.hash_grid(tables.reshape(-1, tables.shape[-1]), u, levels)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        tables, u = ctx.saved_tensors
+        g_table, g_u = sparse_kernels.hash_grid_gradients(
+            tables.reshape(-1, tables.shape[-1]), u, grad.to(tables.dtype).contiguous(), ctx.levels,
+            want_table=ctx.needs_input_grad[0], want_u=ctx.needs_input_grad[1])
+        return None if g_table is None else g_table.reshape(tables.shape), g_u, None

@@ -30,11 +30,11 @@ platform), one warning is logged and the PyTorch path runs from then on.  GPUs u
 path.
 
 The hash grid (CryoFormer's spatial features) gathers 8 corners per point and level: in PyTorch
-its corner rows, weights and their gradients are a dozen broadcast passes over ``(N, 8, F)``
-temporaries.  :func:`hash_rows`, :func:`trilinear` and :func:`trilinear_gradients` do each in one
-pass; the tables' gradient is split by level (each level owns a block of rows, so a thread per
-level writes alone), and the positions' gradient is a second loop over points (one loop doing both
-ran at half the speed).  Their effect on CryoFormer's training speed is in the README.
+its cells, corner rows, weights and their gradients are a dozen broadcast passes over ``(N, 8, F)``
+temporaries.  :func:`hash_grid` and :func:`hash_grid_gradients` take the points themselves and
+compute every level's cell, corner rows and weights in registers, so nothing of size ``(N, 8)`` is
+written or read back (an earlier version stored the rows: 64 bytes per point and level, streamed
+three times per step).  Their effect on CryoFormer's training speed is in the README.
 """
 
 from __future__ import annotations
@@ -43,11 +43,13 @@ import functools
 import importlib.util
 import logging
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["usable", "corners", "table_gradients", "backproject", "hash_rows", "trilinear", "trilinear_gradients"]
+__all__ = ["usable", "corners", "table_gradients", "backproject", "GridLevels", "grid_levels", "hash_grid",
+           "hash_grid_gradients", "hash_grid_compiles"]
 
 #: at most this many row ranges (threads) in the transposes: every one reads all the corners
 _MAX_PARTS = 16
@@ -191,53 +193,76 @@ def backproject(index, w, imag_sign, values: torch.Tensor, weights: torch.Tensor
     return True
 
 
-@_fallback_on_numba_error
-def trilinear_gradients(table: torch.Tensor, rows: torch.Tensor, frac: torch.Tensor, grad: torch.Tensor,
-                        n_levels: int, *, want_table: bool, want_frac: bool):
-    """The hash grid's trilinear gather, transposed (:class:`cryoscape.models.hash_grid.HashGrid`).
+class GridLevels(NamedTuple):
+    """A hash grid's levels as the loops take them: cells per side ``res`` (float, the positions'
+    dtype) and ``res - 1``, corners per side ``sides`` (int64), ``dense`` (bool: indexed densely,
+    else hashed), and the rows per level ``table_size`` (each level's block of the table)."""
 
-    ``table`` ``(R, F)``; ``rows`` ``(N, 8)`` int64, corners in ``[z, y, x]`` binary order, entry
-    ``n = m * n_levels + level`` in the table block of its level; ``frac`` ``(N, 3)`` (x, y, z)
-    positions in the cells; ``grad`` ``(N, F)`` the output's gradient.  Two loops, each run only when
-    its gradient is wanted: the table's, one level per thread (its rows are its own, so nothing is
-    sorted and no write is shared), and the positions', one point per iteration with the corners'
-    dot products in registers.  Returns ``(g_table or None, g_frac or None)`` (``None`` after a
-    numba error).
-    """
-    loops = _loops()
+    res: np.ndarray
+    res_minus_one: np.ndarray
+    sides: np.ndarray
+    dense: np.ndarray
+    table_size: int
+
+
+def grid_levels(resolutions: list[int], table_size: int, dtype: torch.dtype) -> GridLevels:
+    """:class:`GridLevels` of levels of ``resolutions`` cells per side, for positions of ``dtype``."""
+    res = torch.tensor(resolutions, dtype=dtype).numpy()
+    sides = np.asarray(resolutions, dtype=np.int64) + 1
+    return GridLevels(res, res - 1, sides, sides ** 3 <= table_size, int(table_size))
+
+
+def _level_bounds(n_levels: int, n_parts: int) -> np.ndarray:
+    """Levels ``0 .. n_levels`` split into at most ``n_parts`` contiguous ranges, as boundaries."""
+    return np.unique(np.linspace(0, n_levels, min(n_parts, n_levels) + 1).round().astype(np.int64))
+
+
+def hash_grid(table: torch.Tensor, u: torch.Tensor, levels: GridLevels) -> torch.Tensor:
+    """The hash grid's features ``(M, L F)`` at points ``u`` ``(M, 3)`` of the unit cube
+    (:class:`cryoscape.models.hash_grid.HashGrid`): per point and level the cell, its 8 corner rows
+    and trilinear weights in registers, nothing materialised.  ``table`` ``(L T, F)``."""
     _threads()
-    g_table = g_frac = None
+    out = torch.empty(u.shape[0], len(levels.res) * table.shape[1], dtype=table.dtype)
+    _loops().hash_grid_forward_kernel(_np(table), _np(u), *_level_arrays(levels), out.numpy())
+    return out
+
+
+def hash_grid_gradients(table: torch.Tensor, u: torch.Tensor, grad: torch.Tensor, levels: GridLevels, *,
+                        want_table: bool, want_u: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`hash_grid` transposed: the gradients of ``table`` and ``u`` for the output's ``grad``
+    ``(M, L F)``.  Two loops, each run only when its gradient is wanted: the table's, the levels split
+    between the threads (a level's rows are its own block, so no write is shared and nothing is
+    sorted), and the positions', one point per iteration with the corners' dot products in registers
+    (one loop doing both ran at half the speed)."""
+    loops = _loops()
+    threads = _threads()
+    g_table = g_u = None
+    arrays = _level_arrays(levels)
     if want_table:
         g_table = torch.zeros_like(table)
-        loops.trilinear_table_gradient_kernel(_np(rows), _np(frac), _np(grad), int(n_levels), g_table.numpy())
-    if want_frac:
-        g_frac = torch.empty_like(frac)
-        loops.trilinear_position_gradient_kernel(_np(table), _np(rows), _np(frac), _np(grad), g_frac.numpy())
-    return g_table, g_frac
+        bounds = _level_bounds(len(levels.res), threads)
+        loops.hash_grid_table_gradient_kernel(_np(u), _np(grad), *arrays, bounds, g_table.numpy())
+    if want_u:
+        g_u = torch.empty_like(u)
+        loops.hash_grid_position_gradient_kernel(_np(table), _np(u), _np(grad), *arrays, g_u.numpy())
+    return g_table, g_u
+
+
+def _level_arrays(levels: GridLevels) -> tuple:
+    return levels.res, levels.res_minus_one, levels.sides, levels.dense, levels.table_size
+
+
+@functools.lru_cache(maxsize=None)
+def hash_grid_compiles(dtype: torch.dtype) -> bool:
+    """Whether the hash grid's three loops compile and run for positions of ``dtype`` (tried once on
+    a tiny grid; after a numba error, one warning and ``False``, so the grid keeps its PyTorch path)."""
+    return _try_hash_grid(dtype) is not None
 
 
 @_fallback_on_numba_error
-def hash_rows(base: torch.Tensor, n_levels: int, first_level: int, resolutions: torch.Tensor, *, dense: bool,
-              table_size: int) -> torch.Tensor | None:
-    """Table rows ``(N, 8)`` int64 of the 8 corners (``[z, y, x]`` binary order) of the cells with lower
-    corners ``base`` ``(N, 3)`` (x, y, z), entry ``n = m * n_levels + level`` at level ``first_level +
-    level`` of ``resolutions`` ``(n_levels,)`` cells per side: dense or hashed as
-    :func:`cryoscape.models.hash_grid.corner_rows`, plus the level's block offset."""
-    loops = _loops()
-    _threads()
-    rows = torch.empty(base.shape[0], 8, dtype=torch.int64)
-    sides = (resolutions.to(torch.int64) + 1).contiguous()
-    loops.hash_rows_kernel(_np(base.to(torch.int64)), int(n_levels), int(first_level), sides.numpy(), bool(dense),
-                           int(table_size), rows.numpy())
-    return rows
-
-
-@_fallback_on_numba_error
-def trilinear(table: torch.Tensor, rows: torch.Tensor, frac: torch.Tensor) -> torch.Tensor | None:
-    """``out[n] = sum_c w_c(frac[n]) table[rows[n, c]]``, the trilinear gather (``(N, F)``; inputs as
-    :func:`trilinear_gradients`), weights computed in registers."""
-    loops = _loops()
-    _threads()
-    out = torch.empty(rows.shape[0], table.shape[1], dtype=table.dtype)
-    loops.trilinear_forward_kernel(_np(table), _np(rows), _np(frac), out.numpy())
-    return out
+def _try_hash_grid(dtype: torch.dtype) -> bool:
+    levels = grid_levels([2, 4], 64, dtype)
+    table, u = torch.zeros(128, 2, dtype=dtype), torch.full((3, 3), 0.5, dtype=dtype)
+    out = hash_grid(table, u, levels)
+    hash_grid_gradients(table, u, torch.ones_like(out), levels, want_table=True, want_u=True)
+    return True
