@@ -103,106 +103,138 @@ def backproject_kernel(index, w, sign, v_re, v_im, weight, num_re, num_im, wsum,
                 wsum[i] += wr * weight[p]
 
 
-@njit(inline="always")
-def _cell_rows(ux, uy, uz, res, res_minus_one, side, dense, offset, mask):  # pragma: no cover - compiled
-    """The 8 table rows (``[z, y, x]`` corner order) and the fractions of the cell holding ``u`` in a level
-    of ``res`` cells per side whose block starts at ``offset``: the arithmetic of HashGrid's PyTorch path
-    (positions in ``u``'s precision; dense rows, or Instant-NGP's hash, whose int64 products keep the low
-    bits of the uint32 ones).  Written out corner by corner: a loop over the corners ran 3x slower."""
-    px, py, pz = ux * res, uy * res, uz * res
-    fbx, fby, fbz = min(np.floor(px), res_minus_one), min(np.floor(py), res_minus_one), min(np.floor(pz), res_minus_one)
-    bx, by, bz = np.int64(fbx), np.int64(fby), np.int64(fbz)
-    if dense:
-        r0 = offset + bx + side * (by + side * bz)
-        r2, r4 = r0 + side, r0 + side * side
-        r6 = r4 + side
-        r1, r3, r5, r7 = r0 + 1, r2 + 1, r4 + 1, r6 + 1
-    else:
-        y0, y1 = by * 2654435761, (by + 1) * 2654435761
-        z0, z1 = bz * 805459861, (bz + 1) * 805459861
-        x0, x1 = bx, bx + 1
-        r0, r1 = offset + ((x0 ^ y0 ^ z0) & mask), offset + ((x1 ^ y0 ^ z0) & mask)
-        r2, r3 = offset + ((x0 ^ y1 ^ z0) & mask), offset + ((x1 ^ y1 ^ z0) & mask)
-        r4, r5 = offset + ((x0 ^ y0 ^ z1) & mask), offset + ((x1 ^ y0 ^ z1) & mask)
-        r6, r7 = offset + ((x0 ^ y1 ^ z1) & mask), offset + ((x1 ^ y1 ^ z1) & mask)
-    return r0, r1, r2, r3, r4, r5, r6, r7, px - fbx, py - fby, pz - fbz
+#: points per block of the hash-grid loops: a block's corner rows and fractions (11 x 4-8 KiB) stay in L1/L2
+_CHUNK = 1024
+
+
+@njit(cache=True, fastmath=_FAST)
+def _level_cells(u_t, lo, n, res, res_minus_one, side, dense, offset, mask, rows, frac):  # pragma: no cover
+    """Points ``lo .. lo + n`` of ``u_t`` ``(3, M)`` in one level of ``res`` cells per side whose block of
+    the table starts at ``offset``: their 8 corner rows ``rows`` ``(8, n)`` (``[z, y, x]`` corner order)
+    and cell fractions ``frac`` ``(3, n)``.  The arithmetic of HashGrid's PyTorch path (positions in
+    ``u``'s precision; dense rows, or Instant-NGP's hash, whose int64 products keep the low bits of the
+    uint32 ones).  A loop of its own, over a block of points, so that the compiler vectorises it."""
+    ux, uy, uz = u_t[0], u_t[1], u_t[2]
+    for i in range(n):
+        px, py, pz = ux[lo + i] * res, uy[lo + i] * res, uz[lo + i] * res
+        fbx, fby, fbz = min(np.floor(px), res_minus_one), min(np.floor(py), res_minus_one), min(np.floor(pz), res_minus_one)
+        frac[0, i], frac[1, i], frac[2, i] = px - fbx, py - fby, pz - fbz
+        bx, by, bz = np.int64(fbx), np.int64(fby), np.int64(fbz)
+        if dense:
+            r0 = offset + bx + side * (by + side * bz)
+            r4 = r0 + side * side
+            rows[0, i], rows[1, i], rows[2, i], rows[3, i] = r0, r0 + 1, r0 + side, r0 + side + 1
+            rows[4, i], rows[5, i], rows[6, i], rows[7, i] = r4, r4 + 1, r4 + side, r4 + side + 1
+        else:
+            y0, z0 = by * 2654435761, bz * 805459861
+            y1, z1, x1 = y0 + 2654435761, z0 + 805459861, bx + 1
+            rows[0, i], rows[1, i] = offset + ((bx ^ y0 ^ z0) & mask), offset + ((x1 ^ y0 ^ z0) & mask)
+            rows[2, i], rows[3, i] = offset + ((bx ^ y1 ^ z0) & mask), offset + ((x1 ^ y1 ^ z0) & mask)
+            rows[4, i], rows[5, i] = offset + ((bx ^ y0 ^ z1) & mask), offset + ((x1 ^ y0 ^ z1) & mask)
+            rows[6, i], rows[7, i] = offset + ((bx ^ y1 ^ z1) & mask), offset + ((x1 ^ y1 ^ z1) & mask)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _gather(column, rows, frac, n, one, out, lo, col):  # pragma: no cover - compiled
+    """``out[lo + i, col]`` = the trilinear blend of one feature ``column`` ``(R,)`` at the block's cells."""
+    for i in range(n):
+        fx, fy, fz = frac[0, i], frac[1, i], frac[2, i]
+        gx, gy, gz = one - fx, one - fy, one - fz
+        out[lo + i, col] = (gz * gy * (gx * column[rows[0, i]] + fx * column[rows[1, i]])
+                            + gz * fy * (gx * column[rows[2, i]] + fx * column[rows[3, i]])
+                            + fz * gy * (gx * column[rows[4, i]] + fx * column[rows[5, i]])
+                            + fz * fy * (gx * column[rows[6, i]] + fx * column[rows[7, i]]))
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_forward_kernel(table, u, res, res_minus_one, sides, dense, table_size, out):  # pragma: no cover
-    M, L, F = u.shape[0], res.shape[0], table.shape[1]
-    mask = table_size - 1
-    for m in prange(M):
-        ux, uy, uz = u[m, 0], u[m, 1], u[m, 2]
+def hash_grid_forward_kernel(table_t, u_t, res, res_minus_one, sides, dense, table_size, one, rows_kind,
+                             out):  # pragma: no cover - compiled
+    M, L, F = u_t.shape[1], res.shape[0], table_t.shape[0]
+    for block in prange((M + _CHUNK - 1) // _CHUNK):
+        rows, frac = np.empty((8, _CHUNK), rows_kind.dtype), np.empty((3, _CHUNK), u_t.dtype)
+        lo = block * _CHUNK
+        n = min(M - lo, _CHUNK)
         for level in range(L):
-            r0, r1, r2, r3, r4, r5, r6, r7, fx, fy, fz = _cell_rows(
-                ux, uy, uz, res[level], res_minus_one[level], sides[level], dense[level], level * table_size, mask)
-            gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-            w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy
-            o = level * F
+            _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
+                         level * table_size, table_size - 1, rows, frac)
             for f in range(F):
-                out[m, o + f] = (w00 * (gx * table[r0, f] + fx * table[r1, f])
-                                 + w01 * (gx * table[r2, f] + fx * table[r3, f])
-                                 + w10 * (gx * table[r4, f] + fx * table[r5, f])
-                                 + w11 * (gx * table[r6, f] + fx * table[r7, f]))
+                _gather(table_t[f], rows, frac, n, one, out, lo, level * F + f)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _scatter(column, rows, frac, n, one, grad, lo, col):  # pragma: no cover - compiled
+    """:func:`_gather` transposed: ``column[rows[c, i]] += w_c(i) grad[lo + i, col]`` (in order)."""
+    for i in range(n):
+        fx, fy, fz = frac[0, i], frac[1, i], frac[2, i]
+        gx, gy, gz = one - fx, one - fy, one - fz
+        g = grad[lo + i, col]
+        a, b = gx * g, fx * g
+        column[rows[0, i]] += gz * gy * a
+        column[rows[1, i]] += gz * gy * b
+        column[rows[2, i]] += gz * fy * a
+        column[rows[3, i]] += gz * fy * b
+        column[rows[4, i]] += fz * gy * a
+        column[rows[5, i]] += fz * gy * b
+        column[rows[6, i]] += fz * fy * a
+        column[rows[7, i]] += fz * fy * b
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_table_gradient_kernel(u, grad, res, res_minus_one, sides, dense, table_size, level_bounds,
-                                    g_table):  # pragma: no cover - compiled
-    M, F = u.shape[0], g_table.shape[1]
-    mask = table_size - 1
+def hash_grid_table_gradient_kernel(u_t, grad, res, res_minus_one, sides, dense, table_size, one, rows_kind,
+                                    level_bounds, g_table_t):  # pragma: no cover - compiled
+    M, F = u_t.shape[1], g_table_t.shape[0]
     for t in prange(level_bounds.shape[0] - 1):  # a level's rows are its own block: no shared writes
-        for m in range(M):
-            ux, uy, uz = u[m, 0], u[m, 1], u[m, 2]
+        rows, frac = np.empty((8, _CHUNK), rows_kind.dtype), np.empty((3, _CHUNK), u_t.dtype)
+        for lo in range(0, M, _CHUNK):
+            n = min(M - lo, _CHUNK)
             for level in range(level_bounds[t], level_bounds[t + 1]):
-                r0, r1, r2, r3, r4, r5, r6, r7, fx, fy, fz = _cell_rows(
-                    ux, uy, uz, res[level], res_minus_one[level], sides[level], dense[level], level * table_size, mask)
-                gx, gy, gz = 1.0 - fx, 1.0 - fy, 1.0 - fz
-                w00, w01, w10, w11 = gz * gy, gz * fy, fz * gy, fz * fy
-                o = level * F
+                _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
+                             level * table_size, table_size - 1, rows, frac)
                 for f in range(F):
-                    g = grad[m, o + f]
-                    a, b = gx * g, fx * g
-                    g_table[r0, f] += w00 * a
-                    g_table[r1, f] += w00 * b
-                    g_table[r2, f] += w01 * a
-                    g_table[r3, f] += w01 * b
-                    g_table[r4, f] += w10 * a
-                    g_table[r5, f] += w10 * b
-                    g_table[r6, f] += w11 * a
-                    g_table[r7, f] += w11 * b
+                    _scatter(g_table_t[f], rows, frac, n, one, grad, lo, level * F + f)
 
 
-@njit(inline="always", fastmath=_FAST)
-def _dot(table, r, grad, m, o, F):  # pragma: no cover - compiled
-    acc = 0.0
-    for f in range(F):
-        acc += table[r, f] * grad[m, o + f]
-    return acc
+@njit(cache=True, fastmath=_FAST)
+def _corner_dots(column, rows, n, grad, lo, col, dots):  # pragma: no cover - compiled
+    """``dots[c, i] += column[rows[c, i]] * grad[lo + i, col]``: one feature's share of the corners' dot
+    products with the output's gradient."""
+    for i in range(n):
+        g = grad[lo + i, col]
+        for c in range(8):
+            dots[c, i] += column[rows[c, i]] * g
+
+
+@njit(cache=True, fastmath=_FAST)
+def _position_terms(dots, frac, n, res, one, g_u):  # pragma: no cover - compiled
+    """Add one level's ``d out / d u`` terms to ``g_u`` ``(3, n)``: with ``s_c`` the corner dots
+    (``c = 4 dz + 2 dy + dx``), ``d/dfx = sum over (dz, dy) of (s[dz,dy,1] - s[dz,dy,0]) wz wy`` (and so
+    on), and ``d frac / d u = res`` (the cell's corner is held fixed)."""
+    for i in range(n):
+        s0, s1, s2, s3 = dots[0, i], dots[1, i], dots[2, i], dots[3, i]
+        s4, s5, s6, s7 = dots[4, i], dots[5, i], dots[6, i], dots[7, i]
+        fx, fy, fz = frac[0, i], frac[1, i], frac[2, i]
+        gx, gy, gz = one - fx, one - fy, one - fz
+        g_u[0, i] += res * ((s1 - s0) * gz * gy + (s3 - s2) * gz * fy + (s5 - s4) * fz * gy + (s7 - s6) * fz * fy)
+        g_u[1, i] += res * ((s2 - s0) * gz * gx + (s3 - s1) * gz * fx + (s6 - s4) * fz * gx + (s7 - s5) * fz * fx)
+        g_u[2, i] += res * ((s4 - s0) * gy * gx + (s5 - s1) * gy * fx + (s6 - s2) * fy * gx + (s7 - s3) * fy * fx)
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_position_gradient_kernel(table, u, grad, res, res_minus_one, sides, dense, table_size,
-                                       g_u):  # pragma: no cover - compiled
-    M, L, F = u.shape[0], res.shape[0], table.shape[1]
-    mask = table_size - 1
-    for m in prange(M):
-        ux, uy, uz = u[m, 0], u[m, 1], u[m, 2]
-        gux = guy = guz = 0.0
+def hash_grid_position_gradient_kernel(table_t, u_t, grad, res, res_minus_one, sides, dense, table_size, one,
+                                       rows_kind, g_u_t):  # pragma: no cover - compiled
+    M, L, F = u_t.shape[1], res.shape[0], table_t.shape[0]
+    for block in prange((M + _CHUNK - 1) // _CHUNK):
+        rows, frac = np.empty((8, _CHUNK), rows_kind.dtype), np.empty((3, _CHUNK), u_t.dtype)
+        dots, g_u = np.empty((8, _CHUNK), u_t.dtype), np.zeros((3, _CHUNK), u_t.dtype)
+        lo = block * _CHUNK
+        n = min(M - lo, _CHUNK)
         for level in range(L):
-            r0, r1, r2, r3, r4, r5, r6, r7, fx, fy, fz = _cell_rows(
-                ux, uy, uz, res[level], res_minus_one[level], sides[level], dense[level], level * table_size, mask)
-            o = level * F
-            s0, s1, s2, s3 = _dot(table, r0, grad, m, o, F), _dot(table, r1, grad, m, o, F), \
-                _dot(table, r2, grad, m, o, F), _dot(table, r3, grad, m, o, F)
-            s4, s5, s6, s7 = _dot(table, r4, grad, m, o, F), _dot(table, r5, grad, m, o, F), \
-                _dot(table, r6, grad, m, o, F), _dot(table, r7, grad, m, o, F)
-            # s[c], c = 4 dz + 2 dy + dx; d/dfx = sum over (dz, dy) of (s[dz,dy,1] - s[dz,dy,0]) wz wy, etc.;
-            # d frac / d u = res (the cell's corner is held fixed)
-            gz0, gz1, gy0, gy1, gx0, gx1 = 1.0 - fz, fz, 1.0 - fy, fy, 1.0 - fx, fx
-            r = res[level]
-            gux += r * ((s1 - s0) * gz0 * gy0 + (s3 - s2) * gz0 * gy1 + (s5 - s4) * gz1 * gy0 + (s7 - s6) * gz1 * gy1)
-            guy += r * ((s2 - s0) * gz0 * gx0 + (s3 - s1) * gz0 * gx1 + (s6 - s4) * gz1 * gx0 + (s7 - s5) * gz1 * gx1)
-            guz += r * ((s4 - s0) * gy0 * gx0 + (s5 - s1) * gy0 * gx1 + (s6 - s2) * gy1 * gx0 + (s7 - s3) * gy1 * gx1)
-        g_u[m, 0], g_u[m, 1], g_u[m, 2] = gux, guy, guz
+            _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
+                         level * table_size, table_size - 1, rows, frac)
+            dots[:] = 0.0
+            for f in range(F):
+                _corner_dots(table_t[f], rows, n, grad, lo, level * F + f, dots)
+            _position_terms(dots, frac, n, res[level], one, g_u)
+        for a in range(3):
+            for i in range(n):
+                g_u_t[a, lo + i] = g_u[a, i]

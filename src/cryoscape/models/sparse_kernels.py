@@ -196,20 +196,25 @@ def backproject(index, w, imag_sign, values: torch.Tensor, weights: torch.Tensor
 class GridLevels(NamedTuple):
     """A hash grid's levels as the loops take them: cells per side ``res`` (float, the positions'
     dtype) and ``res - 1``, corners per side ``sides`` (int64), ``dense`` (bool: indexed densely,
-    else hashed), and the rows per level ``table_size`` (each level's block of the table)."""
+    else hashed), the rows per level ``table_size`` (each level's block of the table), ``one`` (1 in
+    the positions' dtype, so that the weights stay in it) and ``rows_kind`` (an empty array of the
+    row index type: int32 while every row fits it)."""
 
     res: np.ndarray
     res_minus_one: np.ndarray
     sides: np.ndarray
     dense: np.ndarray
     table_size: int
+    one: np.generic
+    rows_kind: np.ndarray
 
 
 def grid_levels(resolutions: list[int], table_size: int, dtype: torch.dtype) -> GridLevels:
     """:class:`GridLevels` of levels of ``resolutions`` cells per side, for positions of ``dtype``."""
     res = torch.tensor(resolutions, dtype=dtype).numpy()
     sides = np.asarray(resolutions, dtype=np.int64) + 1
-    return GridLevels(res, res - 1, sides, sides ** 3 <= table_size, int(table_size))
+    rows_kind = np.empty(0, np.int32 if len(resolutions) * table_size < 2 ** 31 else np.int64)
+    return GridLevels(res, res - 1, sides, sides ** 3 <= table_size, int(table_size), res.dtype.type(1), rows_kind)
 
 
 def _level_bounds(n_levels: int, n_parts: int) -> np.ndarray:
@@ -219,11 +224,12 @@ def _level_bounds(n_levels: int, n_parts: int) -> np.ndarray:
 
 def hash_grid(table: torch.Tensor, u: torch.Tensor, levels: GridLevels) -> torch.Tensor:
     """The hash grid's features ``(M, L F)`` at points ``u`` ``(M, 3)`` of the unit cube
-    (:class:`cryoscape.models.hash_grid.HashGrid`): per point and level the cell, its 8 corner rows
-    and trilinear weights in registers, nothing materialised.  ``table`` ``(L T, F)``."""
+    (:class:`cryoscape.models.hash_grid.HashGrid`), ``table`` ``(L T, F)``.  Blocks of points, level by
+    level: the cells' corner rows and fractions in one vectorised loop, then one gather per feature
+    (the table and the points are passed feature- and axis-major, so that both loops vectorise)."""
     _threads()
     out = torch.empty(u.shape[0], len(levels.res) * table.shape[1], dtype=table.dtype)
-    _loops().hash_grid_forward_kernel(_np(table), _np(u), *_level_arrays(levels), out.numpy())
+    _loops().hash_grid_forward_kernel(_np(table.t()), _np(u.t()), *levels, out.numpy())
     return out
 
 
@@ -232,24 +238,21 @@ def hash_grid_gradients(table: torch.Tensor, u: torch.Tensor, grad: torch.Tensor
     """:func:`hash_grid` transposed: the gradients of ``table`` and ``u`` for the output's ``grad``
     ``(M, L F)``.  Two loops, each run only when its gradient is wanted: the table's, the levels split
     between the threads (a level's rows are its own block, so no write is shared and nothing is
-    sorted), and the positions', one point per iteration with the corners' dot products in registers
-    (one loop doing both ran at half the speed)."""
+    sorted), and the positions', by blocks of points as the forward."""
     loops = _loops()
     threads = _threads()
     g_table = g_u = None
-    arrays = _level_arrays(levels)
+    u_t, grad = _np(u.t()), _np(grad)
     if want_table:
-        g_table = torch.zeros_like(table)
+        g_table_t = torch.zeros(table.shape[1], table.shape[0], dtype=table.dtype)
         bounds = _level_bounds(len(levels.res), threads)
-        loops.hash_grid_table_gradient_kernel(_np(u), _np(grad), *arrays, bounds, g_table.numpy())
+        loops.hash_grid_table_gradient_kernel(u_t, grad, *levels, bounds, g_table_t.numpy())
+        g_table = g_table_t.t().contiguous()
     if want_u:
-        g_u = torch.empty_like(u)
-        loops.hash_grid_position_gradient_kernel(_np(table), _np(u), _np(grad), *arrays, g_u.numpy())
+        g_u_t = torch.empty(3, u.shape[0], dtype=u.dtype)
+        loops.hash_grid_position_gradient_kernel(_np(table.t()), u_t, grad, *levels, g_u_t.numpy())
+        g_u = g_u_t.t().contiguous()
     return g_table, g_u
-
-
-def _level_arrays(levels: GridLevels) -> tuple:
-    return levels.res, levels.res_minus_one, levels.sides, levels.dense, levels.table_size
 
 
 @functools.lru_cache(maxsize=None)
