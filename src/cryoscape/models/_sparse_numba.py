@@ -135,21 +135,21 @@ def _level_cells(u_t, lo, n, res, res_minus_one, side, dense, offset, mask, rows
 
 
 @njit(cache=True, fastmath=_FAST)
-def _gather(column, rows, frac, n, one, out, lo, col):  # pragma: no cover - compiled
-    """``out[lo + i, col]`` = the trilinear blend of one feature ``column`` ``(R,)`` at the block's cells."""
+def _gather(table, f, rows, frac, n, one, out, lo, col):  # pragma: no cover - compiled
+    """``out[lo + i, col]`` = the trilinear blend of feature ``f`` of ``table`` ``(R, F)`` at the block's cells."""
     for i in range(n):
         fx, fy, fz = frac[0, i], frac[1, i], frac[2, i]
         gx, gy, gz = one - fx, one - fy, one - fz
-        out[lo + i, col] = (gz * gy * (gx * column[rows[0, i]] + fx * column[rows[1, i]])
-                            + gz * fy * (gx * column[rows[2, i]] + fx * column[rows[3, i]])
-                            + fz * gy * (gx * column[rows[4, i]] + fx * column[rows[5, i]])
-                            + fz * fy * (gx * column[rows[6, i]] + fx * column[rows[7, i]]))
+        out[lo + i, col] = (gz * gy * (gx * table[rows[0, i], f] + fx * table[rows[1, i], f])
+                            + gz * fy * (gx * table[rows[2, i], f] + fx * table[rows[3, i], f])
+                            + fz * gy * (gx * table[rows[4, i], f] + fx * table[rows[5, i], f])
+                            + fz * fy * (gx * table[rows[6, i], f] + fx * table[rows[7, i], f]))
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_forward_kernel(table_t, u_t, res, res_minus_one, sides, dense, table_size, one, rows_kind,
+def hash_grid_forward_kernel(table, u_t, res, res_minus_one, sides, dense, table_size, one, rows_kind,
                              out):  # pragma: no cover - compiled
-    M, L, F = u_t.shape[1], res.shape[0], table_t.shape[0]
+    M, L, F = u_t.shape[1], res.shape[0], table.shape[1]
     for block in prange((M + _CHUNK - 1) // _CHUNK):
         rows, frac = np.empty((8, _CHUNK), rows_kind.dtype), np.empty((3, _CHUNK), u_t.dtype)
         lo = block * _CHUNK
@@ -158,31 +158,31 @@ def hash_grid_forward_kernel(table_t, u_t, res, res_minus_one, sides, dense, tab
             _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
                          level * table_size, table_size - 1, rows, frac)
             for f in range(F):
-                _gather(table_t[f], rows, frac, n, one, out, lo, level * F + f)
+                _gather(table, f, rows, frac, n, one, out, lo, level * F + f)
 
 
 @njit(cache=True, fastmath=_FAST)
-def _scatter(column, rows, frac, n, one, grad, lo, col):  # pragma: no cover - compiled
-    """:func:`_gather` transposed: ``column[rows[c, i]] += w_c(i) grad[lo + i, col]`` (in order)."""
+def _scatter(g_table, f, rows, frac, n, one, grad, lo, col):  # pragma: no cover - compiled
+    """:func:`_gather` transposed: ``g_table[rows[c, i], f] += w_c(i) grad[lo + i, col]`` (in order)."""
     for i in range(n):
         fx, fy, fz = frac[0, i], frac[1, i], frac[2, i]
         gx, gy, gz = one - fx, one - fy, one - fz
         g = grad[lo + i, col]
         a, b = gx * g, fx * g
-        column[rows[0, i]] += gz * gy * a
-        column[rows[1, i]] += gz * gy * b
-        column[rows[2, i]] += gz * fy * a
-        column[rows[3, i]] += gz * fy * b
-        column[rows[4, i]] += fz * gy * a
-        column[rows[5, i]] += fz * gy * b
-        column[rows[6, i]] += fz * fy * a
-        column[rows[7, i]] += fz * fy * b
+        g_table[rows[0, i], f] += gz * gy * a
+        g_table[rows[1, i], f] += gz * gy * b
+        g_table[rows[2, i], f] += gz * fy * a
+        g_table[rows[3, i], f] += gz * fy * b
+        g_table[rows[4, i], f] += fz * gy * a
+        g_table[rows[5, i], f] += fz * gy * b
+        g_table[rows[6, i], f] += fz * fy * a
+        g_table[rows[7, i], f] += fz * fy * b
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
 def hash_grid_table_gradient_kernel(u_t, grad, res, res_minus_one, sides, dense, table_size, one, rows_kind,
-                                    level_bounds, g_table_t):  # pragma: no cover - compiled
-    M, F = u_t.shape[1], g_table_t.shape[0]
+                                    level_bounds, g_table):  # pragma: no cover - compiled
+    M, F = u_t.shape[1], g_table.shape[1]
     for t in prange(level_bounds.shape[0] - 1):  # a level's rows are its own block: no shared writes
         rows, frac = np.empty((8, _CHUNK), rows_kind.dtype), np.empty((3, _CHUNK), u_t.dtype)
         for lo in range(0, M, _CHUNK):
@@ -191,17 +191,17 @@ def hash_grid_table_gradient_kernel(u_t, grad, res, res_minus_one, sides, dense,
                 _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
                              level * table_size, table_size - 1, rows, frac)
                 for f in range(F):
-                    _scatter(g_table_t[f], rows, frac, n, one, grad, lo, level * F + f)
+                    _scatter(g_table, f, rows, frac, n, one, grad, lo, level * F + f)
 
 
 @njit(cache=True, fastmath=_FAST)
-def _corner_dots(column, rows, n, grad, lo, col, dots):  # pragma: no cover - compiled
-    """``dots[c, i] += column[rows[c, i]] * grad[lo + i, col]``: one feature's share of the corners' dot
-    products with the output's gradient."""
+def _corner_dots(table, f, rows, n, grad, lo, col, dots):  # pragma: no cover - compiled
+    """``dots[c, i] += table[rows[c, i], f] * grad[lo + i, col]``: feature ``f``'s share of the corners'
+    dot products with the output's gradient."""
     for i in range(n):
         g = grad[lo + i, col]
         for c in range(8):
-            dots[c, i] += column[rows[c, i]] * g
+            dots[c, i] += table[rows[c, i], f] * g
 
 
 @njit(cache=True, fastmath=_FAST)
@@ -220,9 +220,9 @@ def _position_terms(dots, frac, n, res, one, g_u):  # pragma: no cover - compile
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_position_gradient_kernel(table_t, u_t, grad, res, res_minus_one, sides, dense, table_size, one,
+def hash_grid_position_gradient_kernel(table, u_t, grad, res, res_minus_one, sides, dense, table_size, one,
                                        rows_kind, g_u_t):  # pragma: no cover - compiled
-    M, L, F = u_t.shape[1], res.shape[0], table_t.shape[0]
+    M, L, F = u_t.shape[1], res.shape[0], table.shape[1]
     for block in prange((M + _CHUNK - 1) // _CHUNK):
         rows, frac = np.empty((8, _CHUNK), rows_kind.dtype), np.empty((3, _CHUNK), u_t.dtype)
         dots, g_u = np.empty((8, _CHUNK), u_t.dtype), np.zeros((3, _CHUNK), u_t.dtype)
@@ -233,7 +233,7 @@ def hash_grid_position_gradient_kernel(table_t, u_t, grad, res, res_minus_one, s
                          level * table_size, table_size - 1, rows, frac)
             dots[:] = 0.0
             for f in range(F):
-                _corner_dots(table_t[f], rows, n, grad, lo, level * F + f, dots)
+                _corner_dots(table, f, rows, n, grad, lo, level * F + f, dots)
             _position_terms(dots, frac, n, res[level], one, g_u)
         for a in range(3):
             for i in range(n):

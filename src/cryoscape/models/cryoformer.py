@@ -101,7 +101,8 @@ class PointDeformation(nn.Module):
 
     def forward(self, centred: torch.Tensor, latent_term: torch.Tensor) -> torch.Tensor:
         """Displacements ``(B, M, 3)`` (unit-cube units) at points ``(B, M, 3)`` of ``[-1/2, 1/2]^3``."""
-        h = torch.relu(self.point(centred * 2.0) + latent_term.to(centred.dtype))
+        h = self.point(centred * 2.0)
+        h = torch.relu(h + latent_term.to(h.dtype))  # in the layer's dtype: no (B, M, width) float32 copy under autocast
         return self.out(torch.relu(self.hidden(h)))
 
 
@@ -270,9 +271,12 @@ class CryoFormer(VolumeDecoder):
         if context.spatial is None:
             q = self.spatial(feat)
         else:  # z concatenated to the grid features, as the neural field's first layer takes (x, z)
-            q = self.spatial[2](self.spatial[1](self.spatial[0](feat) + context.spatial.to(feat.dtype)))
-        logits = q @ keys.transpose(1, 2).to(q.dtype) / math.sqrt(self.query_dim)
-        weights = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+            hidden = self.spatial[0](feat)
+            q = self.spatial[2](self.spatial[1](hidden + context.spatial.to(hidden.dtype)))
+        logits = q @ (keys.transpose(1, 2) / math.sqrt(self.query_dim)).to(q.dtype)  # scale the (B, C, N) keys, not (B, M, N)
+        # in q's dtype: the CPU's bfloat16 softmax accumulates in float32 itself, and the weights were
+        # rounded to bfloat16 for the product anyway (an explicit float32 copy cost 4 (B, M, N) casts a step)
+        weights = torch.softmax(logits, dim=-1).to(q.dtype)
         h = q + weights @ values.to(q.dtype)
         if context.ffn is None:
             out = self.ffn(h)

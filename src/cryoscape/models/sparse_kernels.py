@@ -226,10 +226,10 @@ def hash_grid(table: torch.Tensor, u: torch.Tensor, levels: GridLevels) -> torch
     """The hash grid's features ``(M, L F)`` at points ``u`` ``(M, 3)`` of the unit cube
     (:class:`cryoscape.models.hash_grid.HashGrid`), ``table`` ``(L T, F)``.  Blocks of points, level by
     level: the cells' corner rows and fractions in one vectorised loop, then one gather per feature
-    (the table and the points are passed feature- and axis-major, so that both loops vectorise)."""
+    (the points are passed axis-major, so that the first loop vectorises)."""
     _threads()
     out = torch.empty(u.shape[0], len(levels.res) * table.shape[1], dtype=table.dtype)
-    _loops().hash_grid_forward_kernel(_np(table.t()), _np(u.t()), *levels, out.numpy())
+    _loops().hash_grid_forward_kernel(_np(table), _np(u.t()), *levels, out.numpy())
     return out
 
 
@@ -244,13 +244,12 @@ def hash_grid_gradients(table: torch.Tensor, u: torch.Tensor, grad: torch.Tensor
     g_table = g_u = None
     u_t, grad = _np(u.t()), _np(grad)
     if want_table:
-        g_table_t = torch.zeros(table.shape[1], table.shape[0], dtype=table.dtype)
+        g_table = torch.zeros_like(table)
         bounds = _level_bounds(len(levels.res), threads)
-        loops.hash_grid_table_gradient_kernel(u_t, grad, *levels, bounds, g_table_t.numpy())
-        g_table = g_table_t.t().contiguous()
+        loops.hash_grid_table_gradient_kernel(u_t, grad, *levels, bounds, g_table.numpy())
     if want_u:
         g_u_t = torch.empty(3, u.shape[0], dtype=u.dtype)
-        loops.hash_grid_position_gradient_kernel(_np(table.t()), u_t, grad, *levels, g_u_t.numpy())
+        loops.hash_grid_position_gradient_kernel(_np(table), u_t, grad, *levels, g_u_t.numpy())
         g_u = g_u_t.t().contiguous()
     return g_table, g_u
 
