@@ -195,7 +195,8 @@ class _Trilinear(torch.autograd.Function):
 class _CompiledGrid(torch.autograd.Function):
     """The whole grid (every level, from the points) as compiled CPU loops
     (:func:`cryoscape.models.sparse_kernels.hash_grid` and ``hash_grid_gradients``): the cells,
-    corner rows and weights are recomputed in registers in each direction instead of stored.
+    corner rows and weights are recomputed in each direction, a block of points at a time, instead
+    of stored for the batch.
     Inputs: ``tables`` ``(L, T, F)``, ``u`` ``(M, 3)`` in the unit cube; output ``(M, L F)``."""
 
     @staticmethod
