@@ -93,6 +93,20 @@ def test_compiled_cpu_kernels_equal_the_pytorch_path(monkeypatch, dtype):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+def test_a_nan_position_gives_nan_features_and_leaves_the_others_alone():
+    """A diverged run's NaN point must not index outside the table (the compiled loops clamp the cell)."""
+    if not sparse_kernels.usable(torch.zeros(1)):
+        pytest.skip("numba kernels unavailable")
+    g = _grid(n_levels=4, features_per_level=2, log2_table_size=8, base_resolution=4, max_resolution=32)
+    u = torch.rand(50, 3)
+    clean = g(u)
+    u[7] = float("nan")
+    out = g(u)
+    assert torch.isnan(out[7]).all()
+    keep = torch.arange(50) != 7
+    torch.testing.assert_close(out[keep], clean[keep], rtol=0, atol=0)
+
+
 def test_written_out_gradients_match_finite_differences():
     """The hand-written backwards pass gradcheck (float64): the PyTorch path's trilinear gather and, where
     numba runs, the compiled grid (tables' and positions' gradients, dense and hashed levels)."""

@@ -119,7 +119,9 @@ def _level_cells(u_t, lo, n, res, res_minus_one, side, dense, offset, mask, rows
         px, py, pz = ux[lo + i] * res, uy[lo + i] * res, uz[lo + i] * res
         fbx, fby, fbz = min(np.floor(px), res_minus_one), min(np.floor(py), res_minus_one), min(np.floor(pz), res_minus_one)
         frac[0, i], frac[1, i], frac[2, i] = px - fbx, py - fby, pz - fbz
-        bx, by, bz = np.int64(fbx), np.int64(fby), np.int64(fbz)
+        # clamped as integers too: a NaN position (a diverged run) must not index outside the table
+        top = side - 2
+        bx, by, bz = min(max(np.int64(fbx), 0), top), min(max(np.int64(fby), 0), top), min(max(np.int64(fbz), 0), top)
         if dense:
             r0 = offset + bx + side * (by + side * bz)
             r4 = r0 + side * side
