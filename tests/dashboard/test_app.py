@@ -99,3 +99,20 @@ def test_the_request_log_does_not_show_the_token(session, caplog):
         assert "GET /?token=*** HTTP" in logged and "s3cret-token" not in logged
     finally:
         running.shutdown()
+
+
+def test_a_noisy_surface_is_sent_on_a_coarser_grid_and_a_clean_one_in_full():
+    """The map reply keeps the browser's drawing bounded: at most MAX_TRIANGLES triangles (a noise map's
+    surface at step 1 has several times more), while a smooth map keeps every voxel."""
+    from cryoscape.dashboard.app import MAX_TRIANGLES, _map_reply
+    from cryoscape.report.mapviews import isosurface_mesh
+
+    noise = np.random.default_rng(0).normal(size=(64, 64, 64)).astype(np.float32)
+    reply = _map_reply(noise, level=0.0)
+    assert len(isosurface_mesh(noise, 0.0)[1]) > 2 * MAX_TRIANGLES
+    assert reply["mesh_step"] > 1 and 0 < reply["faces"]["shape"][0] <= MAX_TRIANGLES
+    x = np.linspace(-1, 1, 64)
+    blob = np.exp(-(x[:, None, None] ** 2 + x[None, :, None] ** 2 + x[None, None, :] ** 2) / 0.2).astype(np.float32)
+    smooth = _map_reply(blob, level=0.5)
+    assert smooth["mesh_step"] == 1
+    assert smooth["faces"]["shape"][0] == len(isosurface_mesh(blob, 0.5)[1]) > 1000

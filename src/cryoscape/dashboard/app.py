@@ -72,13 +72,34 @@ def _map_reply(volume: np.ndarray, level: float | None = None, **extra: Any) -> 
     The surface is triangulated here (marching cubes) rather than in the browser: plotly.js's own
     isosurface of a 64^3 grid takes seconds in a software-rendered browser, a mesh a fraction of one.
     """
-    from cryoscape.report.mapviews import central_slices, isosurface_level, isosurface_mesh
+    from cryoscape.report.mapviews import central_slices, isosurface_level
 
     level = isosurface_level(volume) if level is None else float(level)
-    vertices, faces = isosurface_mesh(volume, level, step=1 if volume.shape[0] <= 96 else 2)
+    vertices, faces, step = _budget_mesh(volume, level)
     lo, hi = float(volume.min()), float(volume.max())
     return dict(box=int(volume.shape[0]), level=level, min=lo, max=hi, vertices=_packed(vertices),
-                faces=_packed(faces, "int32"), slices=[_grey_png(s, lo, hi) for s in central_slices(volume)], **extra)
+                faces=_packed(faces, "int32"), mesh_step=step,
+                slices=[_grey_png(s, lo, hi) for s in central_slices(volume)], **extra)
+
+
+#: most triangles a map's surface is sent with: a software-rendered browser draws ~100,000 a second
+#: (README, "Time to the first map"), and a surface with more is mostly noise (an early map cut at the
+#: level of its noise had 540,000 at a 64^3 view and took 5-6 s to draw)
+MAX_TRIANGLES = 150_000
+
+
+def _budget_mesh(volume: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Marching cubes at every voxel (every 2nd above 96^3), then on ever coarser grids (step 2, 4, ...,
+    down to 8 samples a side) while the surface has more than :data:`MAX_TRIANGLES` triangles;
+    ``(vertices, faces, step)``."""
+    from cryoscape.report.mapviews import isosurface_mesh
+
+    step = 1 if volume.shape[0] <= 96 else 2
+    vertices, faces = isosurface_mesh(volume, level, step=step)
+    while len(faces) > MAX_TRIANGLES and step < volume.shape[0] // 8:
+        step *= 2
+        vertices, faces = isosurface_mesh(volume, level, step=step)
+    return vertices, faces, step
 
 
 def _grey_png(plane: np.ndarray, lo: float, hi: float) -> str:
