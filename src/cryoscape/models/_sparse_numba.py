@@ -108,12 +108,15 @@ _CHUNK = 1024
 
 
 @njit(cache=True, fastmath=_FAST)
-def _level_cells(u_t, lo, n, res, res_minus_one, side, dense, offset, mask, rows, frac):  # pragma: no cover
-    """Points ``lo .. lo + n`` of ``u_t`` ``(3, M)`` in one level of ``res`` cells per side whose block of
-    the table starts at ``offset``: their 8 corner rows ``rows`` ``(8, n)`` (``[z, y, x]`` corner order)
-    and cell fractions ``frac`` ``(3, n)``.  The arithmetic of HashGrid's PyTorch path (positions in
+def _level_cells(u_t, lo, n, level, res_all, res_minus_one_all, sides, dense_all, table_size, rows,
+                 frac):  # pragma: no cover - compiled
+    """Points ``lo .. lo + n`` of ``u_t`` ``(3, M)`` in level ``level`` (of ``res`` cells per side, its block
+    of the table starting at ``level * table_size``): their 8 corner rows ``rows`` ``(8, n)`` (``[z, y, x]``
+    corner order) and cell fractions ``frac`` ``(3, n)``.  The arithmetic of HashGrid's PyTorch path (positions in
     ``u``'s precision; dense rows, or Instant-NGP's hash, whose int64 products keep the low bits of the
     uint32 ones).  A loop of its own, over a block of points, so that the compiler vectorises it."""
+    res, res_minus_one, side, dense = res_all[level], res_minus_one_all[level], sides[level], dense_all[level]
+    offset, mask = level * table_size, table_size - 1
     ux, uy, uz = u_t[0], u_t[1], u_t[2]
     for i in range(n):
         px, py, pz = ux[lo + i] * res, uy[lo + i] * res, uz[lo + i] * res
@@ -157,8 +160,7 @@ def hash_grid_forward_kernel(table, u_t, res, res_minus_one, sides, dense, table
         lo = block * _CHUNK
         n = min(M - lo, _CHUNK)
         for level in range(L):
-            _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
-                         level * table_size, table_size - 1, rows, frac)
+            _level_cells(u_t, lo, n, level, res, res_minus_one, sides, dense, table_size, rows, frac)
             for f in range(F):
                 _gather(table, f, rows, frac, n, one, out, lo, level * F + f)
 
@@ -190,8 +192,7 @@ def hash_grid_table_gradient_kernel(u_t, grad, res, res_minus_one, sides, dense,
         for lo in range(0, M, _CHUNK):
             n = min(M - lo, _CHUNK)
             for level in range(level_bounds[t], level_bounds[t + 1]):
-                _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
-                             level * table_size, table_size - 1, rows, frac)
+                _level_cells(u_t, lo, n, level, res, res_minus_one, sides, dense, table_size, rows, frac)
                 for f in range(F):
                     _scatter(g_table, f, rows, frac, n, one, grad, lo, level * F + f)
 
@@ -231,8 +232,7 @@ def hash_grid_position_gradient_kernel(table, u_t, grad, res, res_minus_one, sid
         lo = block * _CHUNK
         n = min(M - lo, _CHUNK)
         for level in range(L):
-            _level_cells(u_t, lo, n, res[level], res_minus_one[level], sides[level], dense[level],
-                         level * table_size, table_size - 1, rows, frac)
+            _level_cells(u_t, lo, n, level, res, res_minus_one, sides, dense, table_size, rows, frac)
             dots[:] = 0.0
             for f in range(F):
                 _corner_dots(table, f, rows, n, grad, lo, level * F + f, dots)
