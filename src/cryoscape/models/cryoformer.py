@@ -102,7 +102,7 @@ class PointDeformation(nn.Module):
     def forward(self, centred: torch.Tensor, latent_term: torch.Tensor) -> torch.Tensor:
         """Displacements ``(B, M, 3)`` (unit-cube units) at points ``(B, M, 3)`` of ``[-1/2, 1/2]^3``."""
         h = self.point(centred * 2.0)
-        h = torch.relu(h + latent_term.to(h.dtype))  # in the layer's dtype: no (B, M, width) float32 copy under autocast
+        h = torch.relu(h + latent_term.to(h.dtype))  # the layer's dtype: no float32 (B, M, width) under autocast
         return self.out(torch.relu(self.hidden(h)))
 
 
@@ -273,7 +273,8 @@ class CryoFormer(VolumeDecoder):
         else:  # z concatenated to the grid features, as the neural field's first layer takes (x, z)
             hidden = self.spatial[0](feat)
             q = self.spatial[2](self.spatial[1](hidden + context.spatial.to(hidden.dtype)))
-        logits = q @ (keys.transpose(1, 2) / math.sqrt(self.query_dim)).to(q.dtype)  # scale the (B, C, N) keys, not (B, M, N)
+        # the (B, C, N) keys are scaled, not the (B, M, N) logits
+        logits = q @ (keys.transpose(1, 2) / math.sqrt(self.query_dim)).to(q.dtype)
         # in q's dtype: the CPU's bfloat16 softmax accumulates in float32 itself, and the weights were
         # rounded to bfloat16 for the product anyway (an explicit float32 copy cost 4 (B, M, N) casts a step)
         weights = torch.softmax(logits, dim=-1).to(q.dtype)

@@ -34,7 +34,8 @@ its cells, corner rows, weights and their gradients are a dozen broadcast passes
 temporaries.  :func:`hash_grid` and :func:`hash_grid_gradients` take the points themselves and
 recompute every level's cells, corner rows and weights a block of 1024 points at a time, into
 scratch arrays that stay in cache, so nothing of size ``(N, 8)`` is written to memory (an earlier
-version stored the rows: 64 bytes per point and level, streamed three times per step).  Their effect on CryoFormer's training speed is in the README.
+version stored the rows: 64 bytes per point and level, streamed three times per step).  Their
+effect on CryoFormer's training speed is in the README.
 """
 
 from __future__ import annotations
