@@ -365,10 +365,12 @@ def test_basis_abinit_searches_with_the_neural_field_and_learns_the_hinge(sim_ro
     """--decoder basis on the hinge test's data and schedule: the neural field searches (median pose
     error < 10 degrees; the basis searching itself stalled at 62-74), then the basis VAE, warm-started
     from the backprojection with those poses and training on its own batches of 64, orders the
-    latent, |Spearman| > 0.4 after 24 final epochs (measured 6.9 degrees and 0.58 on a 2-core AVX2
-    EPYC; 0.21 when the basis trained at the search's batch of 8).  About 2 minutes."""
+    latent, |Spearman| > 0.25 after 24 final epochs.  Measured: 6.9 degrees and 0.58 on a 2-core AVX2
+    EPYC; on an AMX Xeon 6.7-7.0 degrees and 0.32 / 0.38 / 0.48 / 0.58 (training seeds 0 and 1, float32
+    and bfloat16), so the floor sits below that spread and above the failure it guards against (0.00-0.21
+    when the basis trained at the search's batch of 8).  About 2-4 minutes."""
     run, _, angle, rho = _hinge_abinit(sim_root, tmp_path, decoder="basis")
     assert "warm start" in (run / "run.log").read_text()
     assert load_checkpoint(run / "checkpoint.pt")["decoder"]["name"] == "basis"
     assert angle < 10.0
-    assert rho > 0.4
+    assert rho > 0.25
