@@ -112,15 +112,16 @@ def _level_cells(u_t, lo, n, level, res_all, res_minus_one_all, sides, dense_all
                  frac):  # pragma: no cover - compiled
     """Points ``lo .. lo + n`` of ``u_t`` ``(3, M)`` in level ``level`` (of ``res`` cells per side, its block
     of the table starting at ``level * table_size``): their 8 corner rows ``rows`` ``(8, n)`` (``[z, y, x]``
-    corner order) and cell fractions ``frac`` ``(3, n)``.  The arithmetic of HashGrid's PyTorch path (positions in
-    ``u``'s precision; dense rows, or Instant-NGP's hash, whose int64 products keep the low bits of the
-    uint32 ones).  A loop of its own, over a block of points, so that the compiler vectorises it."""
+    corner order) and cell fractions ``frac`` ``(3, n)``.  The arithmetic of HashGrid's PyTorch path
+    (positions in ``u``'s precision; dense rows, or Instant-NGP's hash, whose int64 products keep the
+    low bits of the uint32 ones).  A loop of its own, over a block of points, so that the compiler vectorises it."""
     res, res_minus_one, side, dense = res_all[level], res_minus_one_all[level], sides[level], dense_all[level]
     offset, mask = level * table_size, table_size - 1
     ux, uy, uz = u_t[0], u_t[1], u_t[2]
     for i in range(n):
         px, py, pz = ux[lo + i] * res, uy[lo + i] * res, uz[lo + i] * res
-        fbx, fby, fbz = min(np.floor(px), res_minus_one), min(np.floor(py), res_minus_one), min(np.floor(pz), res_minus_one)
+        fbx, fby = min(np.floor(px), res_minus_one), min(np.floor(py), res_minus_one)
+        fbz = min(np.floor(pz), res_minus_one)
         frac[0, i], frac[1, i], frac[2, i] = px - fbx, py - fby, pz - fbz
         # clamped as integers too: a NaN position (a diverged run) must not index outside the table
         top = side - 2
