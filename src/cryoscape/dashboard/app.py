@@ -82,9 +82,9 @@ def _map_reply(volume: np.ndarray, level: float | None = None, **extra: Any) -> 
                 slices=[_grey_png(s, lo, hi) for s in central_slices(volume)], **extra)
 
 
-#: most triangles a map's surface is sent with: a software-rendered browser draws ~100,000 a second
-#: (README, "Time to the first map"), and a surface with more is mostly noise (an early map cut at the
-#: level of its noise had 540,000 at a 64^3 view and took 5-6 s to draw)
+#: most triangles a map's surface is sent with: a software-rendered browser takes seconds to draw more,
+#: and a surface that large is mostly noise, a map cut at the level of its noise (README, "Time to the
+#: first map", has the figures)
 MAX_TRIANGLES = 150_000
 
 
