@@ -108,14 +108,14 @@ _CHUNK = 1024
 
 
 @njit(cache=True, fastmath=_FAST)
-def _level_cells(u_t, lo, n, level, res_all, res_minus_one_all, sides, dense_all, table_size, rows,
-                 frac):  # pragma: no cover - compiled
+def _level_cells(u_t, lo, n, level, res_all, one, sides, dense_all, table_size, rows, frac):  # pragma: no cover - compiled
     """Points ``lo .. lo + n`` of ``u_t`` ``(3, M)`` in level ``level`` (of ``res`` cells per side, its block
     of the table starting at ``level * table_size``): their 8 corner rows ``rows`` ``(8, n)`` (``[z, y, x]``
     corner order) and cell fractions ``frac`` ``(3, n)``.  The arithmetic of HashGrid's PyTorch path
     (positions in ``u``'s precision; dense rows, or Instant-NGP's hash, whose int64 products keep the
     low bits of the uint32 ones).  A loop of its own, over a block of points, so that the compiler vectorises it."""
-    res, res_minus_one, side, dense = res_all[level], res_minus_one_all[level], sides[level], dense_all[level]
+    res, side, dense = res_all[level], sides[level], dense_all[level]
+    res_minus_one = res - one  # in the positions' dtype, as the PyTorch path's
     offset, mask = level * table_size, table_size - 1
     ux, uy, uz = u_t[0], u_t[1], u_t[2]
     for i in range(n):
@@ -153,7 +153,7 @@ def _gather(table, f, rows, frac, n, one, out, lo, col):  # pragma: no cover - c
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_forward_kernel(table, u_t, res, res_minus_one, sides, dense, table_size, one, rows_kind,
+def hash_grid_forward_kernel(table, u_t, res, sides, dense, table_size, one, rows_kind,
                              out):  # pragma: no cover - compiled
     M, L, F = u_t.shape[1], res.shape[0], table.shape[1]
     for block in prange((M + _CHUNK - 1) // _CHUNK):
@@ -161,7 +161,7 @@ def hash_grid_forward_kernel(table, u_t, res, res_minus_one, sides, dense, table
         lo = block * _CHUNK
         n = min(M - lo, _CHUNK)
         for level in range(L):
-            _level_cells(u_t, lo, n, level, res, res_minus_one, sides, dense, table_size, rows, frac)
+            _level_cells(u_t, lo, n, level, res, one, sides, dense, table_size, rows, frac)
             for f in range(F):
                 _gather(table, f, rows, frac, n, one, out, lo, level * F + f)
 
@@ -185,7 +185,7 @@ def _scatter(g_table, f, rows, frac, n, one, grad, lo, col):  # pragma: no cover
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_table_gradient_kernel(u_t, grad, res, res_minus_one, sides, dense, table_size, one, rows_kind,
+def hash_grid_table_gradient_kernel(u_t, grad, res, sides, dense, table_size, one, rows_kind,
                                     level_bounds, g_table):  # pragma: no cover - compiled
     M, F = u_t.shape[1], g_table.shape[1]
     for t in prange(level_bounds.shape[0] - 1):  # a level's rows are its own block: no shared writes
@@ -193,7 +193,7 @@ def hash_grid_table_gradient_kernel(u_t, grad, res, res_minus_one, sides, dense,
         for lo in range(0, M, _CHUNK):
             n = min(M - lo, _CHUNK)
             for level in range(level_bounds[t], level_bounds[t + 1]):
-                _level_cells(u_t, lo, n, level, res, res_minus_one, sides, dense, table_size, rows, frac)
+                _level_cells(u_t, lo, n, level, res, one, sides, dense, table_size, rows, frac)
                 for f in range(F):
                     _scatter(g_table, f, rows, frac, n, one, grad, lo, level * F + f)
 
@@ -224,7 +224,7 @@ def _position_terms(dots, frac, n, res, one, g_u):  # pragma: no cover - compile
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def hash_grid_position_gradient_kernel(table, u_t, grad, res, res_minus_one, sides, dense, table_size, one,
+def hash_grid_position_gradient_kernel(table, u_t, grad, res, sides, dense, table_size, one,
                                        rows_kind, g_u_t):  # pragma: no cover - compiled
     M, L, F = u_t.shape[1], res.shape[0], table.shape[1]
     for block in prange((M + _CHUNK - 1) // _CHUNK):
@@ -233,7 +233,7 @@ def hash_grid_position_gradient_kernel(table, u_t, grad, res, res_minus_one, sid
         lo = block * _CHUNK
         n = min(M - lo, _CHUNK)
         for level in range(L):
-            _level_cells(u_t, lo, n, level, res, res_minus_one, sides, dense, table_size, rows, frac)
+            _level_cells(u_t, lo, n, level, res, one, sides, dense, table_size, rows, frac)
             dots[:] = 0.0
             for f in range(F):
                 _corner_dots(table, f, rows, n, grad, lo, level * F + f, dots)

@@ -196,13 +196,12 @@ def backproject(index, w, imag_sign, values: torch.Tensor, weights: torch.Tensor
 
 class GridLevels(NamedTuple):
     """A hash grid's levels as the loops take them: cells per side ``res`` (float, the positions'
-    dtype) and ``res - 1``, corners per side ``sides`` (int64), ``dense`` (bool: indexed densely,
-    else hashed), the rows per level ``table_size`` (each level's block of the table), ``one`` (1 in
-    the positions' dtype, so that the weights stay in it) and ``rows_kind`` (an empty array of the
+    dtype), corners per side ``sides`` (int64), ``dense`` (bool: indexed densely, else hashed), the
+    rows per level ``table_size`` (each level's block of the table), ``one`` (1 in the positions'
+    dtype, so that the weights and ``res - 1`` stay in it) and ``rows_kind`` (an empty array of the
     row index type: int32 while every row fits it)."""
 
     res: np.ndarray
-    res_minus_one: np.ndarray
     sides: np.ndarray
     dense: np.ndarray
     table_size: int
@@ -215,7 +214,7 @@ def grid_levels(resolutions: list[int], table_size: int, dtype: torch.dtype) -> 
     res = torch.tensor(resolutions, dtype=dtype).numpy()
     sides = np.asarray(resolutions, dtype=np.int64) + 1
     rows_kind = np.empty(0, np.int32 if len(resolutions) * table_size < 2 ** 31 else np.int64)
-    return GridLevels(res, res - 1, sides, sides ** 3 <= table_size, int(table_size), res.dtype.type(1), rows_kind)
+    return GridLevels(res, sides, sides ** 3 <= table_size, int(table_size), res.dtype.type(1), rows_kind)
 
 
 def _level_bounds(n_levels: int, n_parts: int) -> np.ndarray:
