@@ -85,7 +85,6 @@ class HashGrid(nn.Module):
         n_dense = sum(is_dense)
         assert all(is_dense[:n_dense]) and not any(is_dense[n_dense:])
         self._groups = [(0, n_dense, True), (n_dense, self.n_levels, False)]
-        self._compiled_levels: dict[torch.dtype, sparse_kernels.GridLevels] = {}
 
     @property
     def out_features(self) -> int:
@@ -95,17 +94,13 @@ class HashGrid(nn.Module):
         lead = u.shape[:-1]
         u = u.reshape(-1, 3).clamp(0.0, 1.0)
         if sparse_kernels.usable(self.tables, u) and sparse_kernels.hash_grid_compiles(u.dtype):
-            out = _CompiledGrid.apply(self.tables, u, self._levels(u.dtype))
+            levels = sparse_kernels.grid_levels(self.resolutions, self.table_size, u.dtype)  # a few tiny arrays
+            out = _CompiledGrid.apply(self.tables, u, levels)
         else:
             # levels grow finer, so the dense ones come first: two vectorised groups, in level order
             parts = [self._group(u, start, stop, dense) for start, stop, dense in self._groups if stop > start]
             out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         return out.reshape(*lead, self.out_features)
-
-    def _levels(self, dtype: torch.dtype) -> sparse_kernels.GridLevels:
-        if dtype not in self._compiled_levels:
-            self._compiled_levels[dtype] = sparse_kernels.grid_levels(self.resolutions, self.table_size, dtype)
-        return self._compiled_levels[dtype]
 
     def _group(self, u: torch.Tensor, start: int, stop: int, dense: bool) -> torch.Tensor:
         """Features ``(M, G F)`` of the levels ``start:stop`` (all dense or all hashed), vectorised over them."""
