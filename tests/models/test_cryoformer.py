@@ -160,6 +160,29 @@ def test_latent_to_points_and_grid_learning_rate_options():
     assert float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
 
 
+def test_adam_steps_by_the_learning_rate_on_gradients_far_below_torchs_eps():
+    """CryoFormer's gradients start near zero with its density (README: the hash tables' RMS 1e-9 - 1e-10
+    in the first epoch at SNR 0.001).  Adam's first step is ``lr * g / (|g| + eps)``: with the decoder's
+    ``adam_eps`` the optimiser that training builds moves every parameter by the learning rate; with
+    torch's 1e-8 by 1% of it, which held the low-SNR runs still for epochs."""
+    from cryoscape.train.config import TrainConfig
+    from cryoscape.train.model import build_optimizers
+
+    lr, steps = 1e-3, {}
+    for eps in (None, 1e-8):
+        dec = build_decoder("cryoformer", box_size=12, zdim=0, **SMALL, **({} if eps is None else {"adam_eps": eps}))
+        before = [p.detach().clone() for p in dec.parameters()]
+        optimizer, _ = build_optimizers(TrainConfig(particles="unused.mrcs", lr=lr), dec, None)
+        assert optimizer.param_groups[0]["eps"] == (eps or dec.adam_eps())
+        for p in dec.parameters():
+            p.grad = torch.full_like(p, 1e-10)
+        optimizer.step()
+        steps[eps] = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, dec.parameters())])
+    assert dec.adam_eps() == 1e-8 and build_decoder("cryoformer", box_size=12, zdim=0, **SMALL).adam_eps() < 1e-12
+    torch.testing.assert_close(steps[None], torch.full_like(steps[None], lr), rtol=1e-3, atol=0)
+    assert float(steps[1e-8].max()) < 0.011 * lr
+
+
 def test_latent_warmup_gates_the_latent_over_the_first_steps():
     """With ``latent_warmup_steps`` the map ignores the latent at step 0 and follows it fully after the
     warm-up; the step count is saved with the model."""

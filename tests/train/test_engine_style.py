@@ -43,6 +43,6 @@ def test_train_never_probes_an_object_with_getattr_or_hasattr():
 def test_every_training_hook_is_declared_on_the_base_class(name):
     decoder = build_decoder(name, box_size=8, zdim=0)
     for hook in ("optimizer_param_groups", "set_data_spectrum", "warm_start", "regularization_loss",
-                 "after_optimizer_step"):
+                 "after_optimizer_step", "adam_eps"):
         assert hook in vars(VolumeDecoder) and callable(getattr(decoder, hook)), hook
     assert isinstance(decoder.wants_warm_start, bool) and isinstance(decoder.wants_data_spectrum, bool)

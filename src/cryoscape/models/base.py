@@ -99,6 +99,15 @@ class VolumeDecoder(nn.Module, abc.ABC):
         """
         return None
 
+    def adam_eps(self) -> float | None:
+        """Adam's epsilon for the dense parameter groups, or ``None`` (default): torch's ``1e-8``.
+
+        Adam divides by ``sqrt(v) + eps``: a decoder whose gradients start near or below ``1e-8``
+        (CryoFormer's, whose density starts near zero) would otherwise take steps shrunk by ``eps``
+        rather than set by ``lr``.
+        """
+        return None
+
     def set_data_spectrum(self, shell_rms: torch.Tensor, *, mean_ctf_squared: float | None = None) -> None:
         """Receive the data's per-shell RMS amplitude before a new run (when :attr:`wants_data_spectrum`)."""
 

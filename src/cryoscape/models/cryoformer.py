@@ -27,7 +27,8 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
 * ``latent_to_points`` / ``latent_to_spatial``: ``z`` is added to the hidden layer of every point's
   FFN / spatial MLP (concatenated to their inputs, as the neural field's first layer takes ``(x, z)``);
 * ``grid_lr_scale``: the hash tables train at this fraction of the learning rate;
-* ``latent_warmup_steps``: ``z`` is faded in over the first optimiser steps (the mean fits first).
+* ``latent_warmup_steps``: ``z`` is faded in over the first optimiser steps (the mean fits first);
+* ``adam_eps``: Adam's epsilon (:meth:`CryoFormer.adam_eps`).
 
 Forward models (``space``)
 --------------------------
@@ -144,7 +145,7 @@ class CryoFormer(VolumeDecoder):
                  chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4, deformation: bool = True,
                  deformation_width: int = 64, latent_to_points: bool = False, grid_lr_scale: float = 1.0,
                  latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
-                 deformation_init_scale: float = 0.0):
+                 deformation_init_scale: float = 0.0, adam_eps: float = 1e-15):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -163,7 +164,8 @@ class CryoFormer(VolumeDecoder):
                            chunk_points=chunk_points, grid_init_scale=grid_init_scale, deformation=deformation,
                            deformation_width=deformation_width, latent_to_points=latent_to_points,
                            grid_lr_scale=grid_lr_scale, latent_warmup_steps=latent_warmup_steps,
-                           latent_to_spatial=latent_to_spatial, deformation_init_scale=deformation_init_scale)
+                           latent_to_spatial=latent_to_spatial, deformation_init_scale=deformation_init_scale,
+                           adam_eps=adam_eps)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
@@ -218,6 +220,11 @@ class CryoFormer(VolumeDecoder):
             return None
         rest = [p for name, p in self.named_parameters() if not name.startswith("grid.")]
         return [{"params": list(self.grid.parameters()), "lr_scale": scale}, {"params": rest, "lr_scale": 1.0}]
+
+    def adam_eps(self) -> float | None:
+        """``adam_eps`` (default 1e-15): the density starts near zero, and its gradients with it, far below
+        torch's 1e-8 at low SNR, where that ``eps`` held the first epochs still (README, "Choosing a decoder")."""
+        return float(self.config["adam_eps"])
 
     def after_optimizer_step(self) -> None:
         if self.latent_warmup_steps > 0:

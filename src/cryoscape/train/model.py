@@ -116,12 +116,14 @@ def build_encoder_for(config: TrainConfig, box_size: int):
         raise InputError(f"the encoder could not be built ({err}); fix the --encoder/--enc-* options.") from None
 
 
-def _make_adam(params, *, lr: float, weight_decay: float) -> torch.optim.Adam:
-    """Adam, fused into one kernel where this torch build supports it for the parameters' device."""
+def _make_adam(params, *, lr: float, weight_decay: float, eps: float | None = None) -> torch.optim.Adam:
+    """Adam, fused into one kernel where this torch build supports it for the parameters' device
+    (``eps``: ``None`` for torch's default)."""
+    kwargs = {"lr": lr, "weight_decay": weight_decay, **({} if eps is None else {"eps": float(eps)})}
     try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, **kwargs)
 
 
 def model_param_groups(decoder, encoder, lr: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -152,7 +154,9 @@ def build_optimizers(config: TrainConfig, decoder, encoder):
     """``(Adam or None, row-sparse Adam or None)`` for the decoder and encoder (:func:`model_param_groups`)."""
     dense_groups, sparse_groups = model_param_groups(decoder, encoder, config.lr)
     # (a decoder whose parameters all have sparse gradients, e.g. a homogeneous voxel map, has no dense group)
-    optimizer = _make_adam(dense_groups, lr=config.lr, weight_decay=config.weight_decay) if dense_groups else None
+    optimizer = None
+    if dense_groups:
+        optimizer = _make_adam(dense_groups, lr=config.lr, weight_decay=config.weight_decay, eps=decoder.adam_eps())
     sparse_optimizer = None
     if sparse_groups:
         from cryoscape.models.sparse_slice import RowSparseAdam
