@@ -28,7 +28,11 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
   FFN / spatial MLP (concatenated to their inputs, as the neural field's first layer takes ``(x, z)``);
 * ``grid_lr_scale``: the hash tables train at this fraction of the learning rate;
 * ``latent_warmup_steps``: ``z`` is faded in over the first optimiser steps (the mean fits first);
-* ``adam_eps``: Adam's epsilon (:meth:`CryoFormer.adam_eps`).
+* ``adam_eps``: Adam's epsilon (:meth:`CryoFormer.adam_eps`);
+* ``occupancy`` (on by default, real space): an occupancy grid of ``occupancy_resolution^3`` cells
+  (:mod:`cryoscape.models.occupancy`, threshold ``occupancy_threshold``), refreshed every
+  ``occupancy_every`` training steps after ``occupancy_warmup_steps``; the network is queried only in
+  its occupied cells (the density is 0 in the others, in training and in the maps).
 
 Forward models (``space``)
 --------------------------
@@ -58,6 +62,7 @@ from cryoscape.fourier.fft import fft3_center, ifft3_center, iht3_center
 from cryoscape.models.base import VolumeDecoder, register_decoder
 from cryoscape.models.hash_grid import HashGrid
 from cryoscape.models.neural_field import hermitian_negative_mask
+from cryoscape.models.occupancy import OccupancyGrid
 from cryoscape.models.realspace import column_points, render_values
 
 __all__ = ["CryoFormer"]
@@ -145,7 +150,9 @@ class CryoFormer(VolumeDecoder):
                  chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4, deformation: bool = True,
                  deformation_width: int = 64, latent_to_points: bool = False, grid_lr_scale: float = 1.0,
                  latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
-                 deformation_init_scale: float = 0.0, adam_eps: float = 1e-15):
+                 deformation_init_scale: float = 0.0, adam_eps: float = 1e-15, occupancy: bool = True,
+                 occupancy_resolution: int = 16, occupancy_threshold: float = 0.2,
+                 occupancy_warmup_steps: int = 64, occupancy_every: int = 16):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -165,7 +172,9 @@ class CryoFormer(VolumeDecoder):
                            deformation_width=deformation_width, latent_to_points=latent_to_points,
                            grid_lr_scale=grid_lr_scale, latent_warmup_steps=latent_warmup_steps,
                            latent_to_spatial=latent_to_spatial, deformation_init_scale=deformation_init_scale,
-                           adam_eps=adam_eps)
+                           adam_eps=adam_eps, occupancy=occupancy, occupancy_resolution=occupancy_resolution,
+                           occupancy_threshold=occupancy_threshold, occupancy_warmup_steps=occupancy_warmup_steps,
+                           occupancy_every=occupancy_every)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
@@ -194,6 +203,11 @@ class CryoFormer(VolumeDecoder):
         self.register_buffer("output_scale", torch.tensor(4.0 / D ** 2 if space == "real" else 1.0),
                              persistent=False)
         self._columns = None
+        self.occupancy = None
+        if occupancy and space == "real":  # skip the empty cells of the box (models/occupancy.py)
+            self.occupancy = OccupancyGrid(D, resolution=int(occupancy_resolution),
+                                           threshold=float(occupancy_threshold))
+            self.register_buffer("occupancy_steps", torch.zeros((), dtype=torch.long))
 
     def _deformation_mlp(self, zdim: int, width: int, layers: int) -> nn.Module | None:
         if zdim == 0:
@@ -211,6 +225,10 @@ class CryoFormer(VolumeDecoder):
         if self.point_deformation is not None and not any(k.startswith("point_deformation.") for k in state_dict):
             self.point_deformation = None
             self.config["deformation"] = False
+        if self.occupancy is not None and "occupancy.level" not in state_dict:  # saved before the occupancy grid
+            self.occupancy = None
+            del self.occupancy_steps
+            self.config["occupancy"] = False
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def optimizer_param_groups(self) -> list[dict] | None:
@@ -294,11 +312,55 @@ class CryoFormer(VolumeDecoder):
         return (out, weights) if attention else out
 
     def density(self, world: torch.Tensor, context) -> torch.Tensor:
-        """Non-negative density ``(B, M)`` at world points ``(B, M, 3)`` (training pixels)."""
-        u = world / self.box_size + 0.5
-        raw = self.point_values(u, context)[..., 0].float()
-        inside = world.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
-        return nn.functional.softplus(raw) * self.output_scale * inside
+        """Non-negative density ``(B, M)`` at world points ``(B, M, 3)`` (training pixels): 0 outside the
+        rendered sphere and, once the occupancy grid has been refreshed, in its empty cells, where the
+        network is not queried."""
+        keep = self._queried(world)
+        if self.occupancy is None or not self.occupancy.refreshed:
+            return self._density_values(world, context) * keep
+        return self._density_at(world, keep, context)
+
+    def _queried(self, world: torch.Tensor) -> torch.Tensor:
+        """Bool ``(B, M)``: the points the network is queried at (in the sphere and an occupied cell)."""
+        keep = world.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
+        if self.occupancy is not None and self.occupancy.refreshed:
+            keep = keep & self.occupancy.contains(world)
+        return keep
+
+    def _density_values(self, world: torch.Tensor, context) -> torch.Tensor:
+        raw = self.point_values(world / self.box_size + 0.5, context)[..., 0].float()
+        return nn.functional.softplus(raw) * self.output_scale
+
+    def _density_at(self, world: torch.Tensor, keep: torch.Tensor, context) -> torch.Tensor:
+        """The density at the points ``keep`` ``(B, M)`` of ``world``, 0 elsewhere: each image's kept points
+        are gathered to the front (padded to the largest count), queried, and scattered back."""
+        B, M = keep.shape[0], world.shape[1]
+        counts = keep.sum(1)
+        K = int(counts.max()) if B else 0
+        order = torch.argsort(keep.to(torch.uint8), dim=1, descending=True, stable=True)[:, :K]  # (B, K)
+        points = torch.gather(world.expand(B, -1, -1), 1, order.unsqueeze(-1).expand(-1, -1, 3))
+        valid = torch.arange(K, device=world.device) < counts.unsqueeze(1)
+        values = self._density_values(points, context) * valid
+        return torch.zeros(B, M, device=world.device, dtype=values.dtype).scatter(1, order, values)
+
+    def _refresh_occupancy(self, context) -> None:
+        """During training: count the step; after the warm-up, refresh the occupancy grid every
+        ``occupancy_every`` steps from this batch's latents (the density without the grid).  The cells'
+        random points come from a generator seeded by the step (the training's random stream is left
+        as it was), so in data-parallel runs every process samples the same points, and the processes'
+        maxima are averaged: every process keeps the same grid."""
+        self.occupancy_steps += 1
+        step, warmup = int(self.occupancy_steps), int(self.config["occupancy_warmup_steps"])
+        if step < warmup or (step - warmup) % max(1, int(self.config["occupancy_every"])) != 0:
+            return
+
+        def batch_maxima(world: torch.Tensor) -> torch.Tensor:
+            values = self._density_values(world, context).float().amax(0, keepdim=True)
+            if self.process_sum is not None:
+                values = self.process_sum(values) / self.process_sum(torch.ones_like(values[:, :1]))
+            return values
+
+        self.occupancy.refresh(batch_maxima, generator=torch.Generator().manual_seed(step))
 
     def columns(self, device: torch.device):
         if self._columns is None or self._columns.positions.device != device:
@@ -314,6 +376,8 @@ class CryoFormer(VolumeDecoder):
             return None
         B = rotations.shape[0]
         context = self.image_context(z, B).expand(B)
+        if self.training and self.occupancy is not None:
+            self._refresh_occupancy(context)
         columns = self.columns(rotations.device)
         offsets = None
         if self.training and self.jitter and columns.step > 1:
@@ -385,8 +449,8 @@ class CryoFormer(VolumeDecoder):
         """``(N, n, n, n)``: per query, its attention weight at every voxel (real space; ``None`` for the
         Fourier-domain variant).
 
-        Voxels outside the rendered sphere are 0.  A query whose weight changes with ``z`` in a
-        region marks where the structure moves (notes/cryoformer.md).
+        Voxels outside the rendered sphere or the occupancy grid's occupied cells are 0.  A query whose
+        weight changes with ``z`` in a region marks where the structure moves (notes/cryoformer.md).
         """
         if self.space != "real":
             return None  # the Fourier-domain variant's queries attend over frequencies, not voxels
@@ -400,8 +464,7 @@ class CryoFormer(VolumeDecoder):
             parts = []
             for w in world.split(self.chunk_points, 1):
                 _, att = self.point_values(w / self.box_size + 0.5, context, attention=True)
-                inside = w.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
-                parts.append(att.float() * inside.unsqueeze(-1))
+                parts.append(att.float() * self._queried(w).unsqueeze(-1))
             att = torch.cat(parts, 1)[0]
         return att.T.reshape(-1, n, n, n)
 

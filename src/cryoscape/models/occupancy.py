@@ -1,0 +1,99 @@
+"""An occupancy grid: which cells of the box hold density, so that a real-space decoder skips the rest.
+
+A molecule fills a small part of its box (a cryo-EM box is typically 1.5-2x the particle's diameter;
+the built-in hinge's share is in the README), yet a real-space decoder
+(CryoFormer) queries its network at every lattice point of the sphere.  As in Instant-NGP (Mueller et
+al. 2022), a coarse grid of ``resolution^3`` cells over the box records, per cell, a decaying maximum of
+the density the model has at random points in it: ``level = max(decay * level, density)``, refreshed
+from the training batches' latents, so that over many refreshes it holds the union of the conformations
+seen.  A cell is occupied while its level, averaged over the cell and its neighbours, is above
+``threshold`` times the largest such average, or lies next to such a cell (``dilation`` cells); points in
+the other cells are not queried and have density 0.  (The average keeps a noisy map's isolated maxima
+from occupying the box: README, "Choosing a decoder: CryoFormer", has the fractions measured.)
+
+Until its first refresh every cell is occupied (the decoder refreshes it only after a warm-up, when its
+map has a shape).  A pruned cell is still evaluated at every refresh, so it comes back if the network's
+density there grows (through shared parameters) above the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["OccupancyGrid"]
+
+
+class OccupancyGrid(nn.Module):
+    """``resolution^3`` cells over the box ``[-D/2, D/2)^3`` (training pixels, origin at the centre).
+
+    Buffers (saved with the model): ``level`` ``(r, r, r)`` ``[z, y, x]`` the decaying maximum density
+    per cell (``inf``: never evaluated), ``occupied`` ``(r, r, r)`` bool.
+    """
+
+    def __init__(self, box_size: int, *, resolution: int = 16, threshold: float = 0.2, decay: float = 0.95,
+                 dilation: int = 1):
+        super().__init__()
+        if resolution < 1 or not 0.0 <= threshold < 1.0 or not 0.0 < decay <= 1.0 or dilation < 0:
+            raise ValueError(f"occupancy grid: need resolution >= 1, 0 <= threshold < 1, 0 < decay <= 1 and "
+                             f"dilation >= 0, got {resolution}, {threshold}, {decay}, {dilation}")
+        self.box_size, self.resolution = int(box_size), int(resolution)
+        self.threshold, self.decay, self.dilation = float(threshold), float(decay), int(dilation)
+        r = self.resolution
+        self.register_buffer("level", torch.full((r, r, r), float("inf")))
+        self.register_buffer("occupied", torch.ones(r, r, r, dtype=torch.bool))
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether the grid has been refreshed at least once (before that every cell is occupied)."""
+        return not bool(torch.isinf(self.level).all())
+
+    def occupied_fraction(self) -> float:
+        return float(self.occupied.float().mean())
+
+    def cells(self, world: torch.Tensor) -> torch.Tensor:
+        """Flat cell index ``x + r (y + r z)`` of world points ``(..., 3)`` (x, y, z; clamped to the box)."""
+        r = self.resolution
+        idx = ((world.detach() / self.box_size + 0.5) * r).floor().clamp(0, r - 1).long()
+        return idx[..., 0] + r * (idx[..., 1] + r * idx[..., 2])
+
+    def contains(self, world: torch.Tensor) -> torch.Tensor:
+        """Bool ``(...)``: whether each world point ``(..., 3)`` lies in an occupied cell."""
+        return self.occupied.reshape(-1)[self.cells(world)]
+
+    def sample_points(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One uniformly random world point in every cell, ``(r^3, 3)`` in flat cell order."""
+        r, device = self.resolution, self.level.device
+        axis = torch.arange(r, device=device, dtype=torch.float32)
+        zz, yy, xx = torch.meshgrid(axis, axis, axis, indexing="ij")
+        corner = torch.stack([xx, yy, zz], -1).reshape(-1, 3)
+        jitter = torch.rand(corner.shape, generator=generator, device="cpu").to(device)
+        return ((corner + jitter) / r - 0.5) * self.box_size
+
+    @torch.no_grad()
+    def refresh(self, density_fn: Callable[[torch.Tensor], torch.Tensor],
+                generator: torch.Generator | None = None) -> None:
+        """Evaluate ``density_fn`` (world ``(1, r^3, 3)`` -> densities ``(B, r^3)``, e.g. one row per latent)
+        at a random point of every cell and update ``level`` and ``occupied``."""
+        points = self.sample_points(generator)
+        values = density_fn(points.unsqueeze(0)).float().amax(0).reshape(self.level.shape)
+        fresh = torch.isinf(self.level)
+        self.level.copy_(torch.where(fresh, values, torch.maximum(self.level * self.decay, values)))
+        self.occupied.copy_(self._occupied_cells())
+
+    def _occupied_cells(self) -> torch.Tensor:
+        """Cells whose level, averaged with their neighbours' (an isolated noisy maximum does not keep a
+        cell), is above ``threshold`` times the largest such average; then dilated by ``dilation`` cells."""
+        smooth = nn.functional.avg_pool3d(self.level[None, None], 3, stride=1, padding=1,
+                                          count_include_pad=False)[0, 0]
+        top = float(smooth.max())
+        if not top > 0:
+            return torch.ones_like(self.occupied)
+        occupied = smooth > self.threshold * top
+        if self.dilation > 0:
+            k = 2 * self.dilation + 1
+            occupied = nn.functional.max_pool3d(occupied[None, None].float(), k, stride=1,
+                                                padding=self.dilation)[0, 0] > 0
+        return occupied

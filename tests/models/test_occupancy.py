@@ -1,0 +1,122 @@
+"""The occupancy grid (models/occupancy.py) and CryoFormer's use of it: empty cells are found, dilated,
+forgotten slowly and re-occupied; the pruned density equals the full one on the kept points and is 0
+elsewhere; training refreshes the grid after its warm-up; weights saved without a grid load as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cryoscape.models.base import build_decoder
+from cryoscape.models.occupancy import OccupancyGrid
+
+SMALL = dict(n_levels=4, log2_table_size=12, base_resolution=4, n_queries=8, query_dim=16, n_blocks=1, n_heads=2,
+             deform_width=32)
+
+
+def _ball(centre, radius: float, value: float = 1.0):
+    """A density function: ``value`` inside the ball (world units), 0 outside, one row."""
+    c = torch.tensor(centre, dtype=torch.float32)
+    return lambda world: ((world - c).norm(dim=-1) <= radius).float() * value
+
+
+def test_cells_index_the_box_and_every_cell_is_occupied_before_the_first_refresh():
+    grid = OccupancyGrid(16, resolution=4)
+    corners = torch.tensor([[-8.0, -8.0, -8.0], [7.9, -8.0, -8.0], [-8.0, 7.9, -8.0], [-8.0, -8.0, 7.9], [20.0, 0, 0]])
+    assert grid.cells(corners).tolist() == [0, 3, 12, 48, 4 * 2 + 3 + 16 * 2]  # clamped outside the box
+    assert not grid.refreshed and bool(grid.contains(torch.randn(100, 3) * 5).all())
+
+
+def test_refresh_keeps_the_cells_with_density_plus_a_dilated_ring():
+    tight = OccupancyGrid(32, resolution=8, dilation=0)
+    wide = OccupancyGrid(32, resolution=8, dilation=1)
+    for grid in (tight, wide):
+        torch.manual_seed(0)  # the same random points for both
+        for _ in range(20):  # random points per cell: the ball's cells are found within a few refreshes
+            grid.refresh(_ball((0.0, 0.0, 0.0), 6.0))
+    # the ball of radius 6 around the centre lies in the central 4x4x4 cells (4 px each), the far corners are empty
+    occ = tight.occupied
+    assert bool(occ[2:6, 2:6, 2:6].any()) and not bool(occ[0, 0, 0]) and not bool(occ[7, 7, 7])
+    assert not bool(occ[0].any()) and not bool(occ[-1].any())
+    dilated = torch.nn.functional.max_pool3d(occ[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+    assert torch.equal(wide.occupied, dilated) and wide.occupied.sum() > tight.occupied.sum()
+    inside, outside = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[-15.0, -15.0, -15.0]])
+    assert bool(tight.contains(inside)) and not bool(tight.contains(outside))
+
+
+def test_an_isolated_maximum_does_not_occupy_its_cell_but_a_domain_does():
+    """A noisy map's isolated maxima (one cell as dense as the molecule) are averaged with their empty
+    neighbours and dropped; a domain of 4 x 4 x 4 cells is kept, and so is its faint (25%) neighbour domain,
+    whose outer cells the average alone would drop (with their empty neighbours they fall below 0.2) and
+    the default dilation of one cell restores."""
+    grid = OccupancyGrid(64, resolution=16)
+    values = torch.zeros(16, 16, 16)
+    values[2:6, 2:6, 2:6] = 1.0  # the molecule
+    values[2:6, 2:6, 6:10] = 0.25  # a faint domain next to it
+    values[12, 12, 12] = 1.0  # an isolated maximum
+    grid.refresh(lambda world: values.reshape(-1)[grid.cells(world)])
+    assert bool(grid.occupied[2:6, 2:6, 2:10].all())
+    assert not bool(grid.occupied[12, 12, 12]) and not bool(grid.occupied[8:, 8:, 8:].any())
+    assert not bool(grid.occupied[8:].any()) and not bool(grid.occupied[:, 8:].any())  # within 2 cells of the domains
+    assert not bool(grid.occupied[..., 12:].any())
+
+
+def test_level_decays_so_density_that_moved_is_followed_and_the_old_place_forgotten():
+    torch.manual_seed(0)
+    grid = OccupancyGrid(32, resolution=8, dilation=0, decay=0.5, threshold=0.01)
+    a, b = torch.tensor([[-10.0, -10.0, -10.0]]), torch.tensor([[10.0, 10.0, 10.0]])
+    for _ in range(10):
+        grid.refresh(_ball((-10.0, -10.0, -10.0), 5.0))
+    assert bool(grid.contains(a)) and not bool(grid.contains(b))
+    grid.refresh(_ball((10.0, 10.0, 10.0), 5.0))  # a new place is occupied at once ...
+    assert bool(grid.contains(b)) and bool(grid.contains(a))  # ... and the old one is still kept
+    for _ in range(15):  # 0.5^7 < 0.01: forgotten after a few more refreshes
+        grid.refresh(_ball((10.0, 10.0, 10.0), 5.0))
+    assert bool(grid.contains(b)) and not bool(grid.contains(a))
+
+
+def test_occupancy_options_are_checked():
+    with pytest.raises(ValueError, match="occupancy grid"):
+        OccupancyGrid(16, threshold=1.5)
+
+
+def _cryoformer(**kw):
+    torch.manual_seed(0)
+    dec = build_decoder("cryoformer", box_size=16, zdim=0, **{**SMALL, **kw})
+    with torch.no_grad():
+        dec.grid.tables.uniform_(-1, 1)
+        dec.ffn[-1].bias.fill_(0.0)
+    return dec
+
+
+def test_pruned_density_equals_the_full_one_on_occupied_cells_and_is_zero_elsewhere():
+    dec = _cryoformer()
+    dec.occupancy.refresh(_ball((3.0, 0.0, -2.0), 4.0))  # an occupancy unrelated to the density
+    world = (torch.rand(2, 500, 3, generator=torch.Generator().manual_seed(1)) - 0.5) * 16
+    context = dec.image_context(None, 2).expand(2)
+    keep = dec._queried(world)
+    assert 0 < int(keep.sum()) < keep.numel() // 2
+    full = dec._density_values(world, context) * keep
+    pruned = dec.density(world, context)
+    torch.testing.assert_close(pruned, full)
+    pruned.sum().backward()  # the pruned path is differentiable through the kept points
+    assert float(dec.grid.tables.grad.abs().sum()) > 0
+    volume = dec.eval_volume()
+    cells = dec.occupancy.cells(dec._grid_points(16, "cpu"))[0]
+    assert float(volume.reshape(-1)[~dec.occupancy.occupied.reshape(-1)[cells]].abs().max()) == 0.0
+
+
+def test_training_refreshes_the_grid_after_its_warm_up_and_old_weights_load_without_it():
+    from cryoscape.data.training import fourier_pixels
+
+    dec = _cryoformer(occupancy_warmup_steps=3, occupancy_every=2).train()
+    R, pixels = torch.eye(3).expand(2, 3, 3), fourier_pixels(16)
+    for step in range(1, 6):
+        dec.predict_images(R, pixels, None, None)
+        assert dec.occupancy.refreshed == (step >= 3) and int(dec.occupancy_steps) == step
+    assert float(dec.state_dict()["occupancy.level"].max()) > 0
+    old = {k: v for k, v in dec.state_dict().items() if not k.startswith("occupancy")}
+    again = _cryoformer()
+    again.load_state_dict(old)
+    assert again.occupancy is None and again.config["occupancy"] is False
+    torch.testing.assert_close(again.eval_volume(), _cryoformer(occupancy=False).eval_volume())
