@@ -80,9 +80,9 @@ def test_occupancy_options_are_checked():
         OccupancyGrid(16, threshold=1.5)
 
 
-def _cryoformer(**kw):
+def _cryoformer(zdim: int = 0, **kw):
     torch.manual_seed(0)
-    dec = build_decoder("cryoformer", box_size=16, zdim=0, **{**SMALL, **kw})
+    dec = build_decoder("cryoformer", box_size=16, zdim=zdim, **{**SMALL, **kw})
     with torch.no_grad():
         dec.grid.tables.uniform_(-1, 1)
         dec.ffn[-1].bias.fill_(0.0)
@@ -120,3 +120,24 @@ def test_training_refreshes_the_grid_after_its_warm_up_and_old_weights_load_with
     again.load_state_dict(old)
     assert again.occupancy is None and again.config["occupancy"] is False
     torch.testing.assert_close(again.eval_volume(), _cryoformer(occupancy=False).eval_volume())
+
+
+def test_a_data_parallel_refresh_keeps_the_grid_of_one_process_with_the_whole_batch():
+    """Two processes, each with half of the batch's latents, sample the same points (seeded by the step)
+    and take the maximum over the processes (``process_max``): the grid one process gets from all."""
+    kw = dict(zdim=1, deformation_init_scale=0.5, occupancy_warmup_steps=1, occupancy_every=1)
+    z = torch.tensor([[-2.0], [2.0]])
+    one, two = _cryoformer(**kw), _cryoformer(**kw)
+    with torch.no_grad():
+        one._refresh_occupancy(one.image_context(z, 2))
+        points = two.occupancy.sample_points(torch.Generator().manual_seed(1)).unsqueeze(0)
+        other = two._density_values(points, two.image_context(z[1:], 1)).float().amax(0, keepdim=True)
+        two.process_max = lambda values: torch.maximum(values, other)  # the second process's images
+        two._refresh_occupancy(two.image_context(z[:1], 1))
+    assert one.occupancy.refreshed
+    torch.testing.assert_close(two.occupancy.level, one.occupancy.level)
+    assert torch.equal(two.occupancy.occupied, one.occupancy.occupied)
+    alone = _cryoformer(**kw)  # one process with only its own half differs
+    with torch.no_grad():
+        alone._refresh_occupancy(alone.image_context(z[:1], 1))
+    assert not torch.allclose(alone.occupancy.level, one.occupancy.level)

@@ -347,8 +347,8 @@ class CryoFormer(VolumeDecoder):
         """During training: count the step; after the warm-up, refresh the occupancy grid every
         ``occupancy_every`` steps from this batch's latents (the density without the grid).  The cells'
         random points come from a generator seeded by the step (the training's random stream is left
-        as it was), so in data-parallel runs every process samples the same points, and the processes'
-        maxima are averaged: every process keeps the same grid."""
+        as it was), so in data-parallel runs every process samples the same points and takes the
+        maximum over all processes' images: every process keeps the grid one process would."""
         self.occupancy_steps += 1
         step, warmup = int(self.occupancy_steps), int(self.config["occupancy_warmup_steps"])
         if step < warmup or (step - warmup) % max(1, int(self.config["occupancy_every"])) != 0:
@@ -356,9 +356,7 @@ class CryoFormer(VolumeDecoder):
 
         def batch_maxima(world: torch.Tensor) -> torch.Tensor:
             values = self._density_values(world, context).float().amax(0, keepdim=True)
-            if self.process_sum is not None:
-                values = self.process_sum(values) / self.process_sum(torch.ones_like(values[:, :1]))
-            return values
+            return values if self.process_max is None else self.process_max(values)
 
         self.occupancy.refresh(batch_maxima, generator=torch.Generator().manual_seed(step))
 

@@ -245,9 +245,11 @@ class Trainer:
         return int(partial["epoch"]) if partial is not None else max(0, int(state["epoch"]))
 
     def _share_statistics(self) -> None:
-        """Batch statistics of the decoder (the basis's running ``s(z)`` moments) over all processes."""
+        """Batch statistics of the decoder (the basis's running ``s(z)`` moments, CryoFormer's occupancy
+        maxima) over all processes."""
         if self.dist.enabled:
             self.model.decoder.process_sum = self.dist.sum_
+            self.model.decoder.process_max = self.dist.max_
 
     def _log_precision(self) -> None:
         config, device = self.config, self.device
