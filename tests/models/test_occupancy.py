@@ -101,6 +101,8 @@ def test_pruned_density_equals_the_full_one_on_occupied_cells_and_is_zero_elsewh
     torch.testing.assert_close(pruned, full)
     pruned.sum().backward()  # the pruned path is differentiable through the kept points
     assert float(dec.grid.tables.grad.abs().sum()) > 0
+    far = torch.full((1, 10, 3), -7.5)  # a chunk with no occupied point: zeros, the network not queried
+    assert torch.equal(dec.density(far, dec.image_context(None, 1)), torch.zeros(1, 10))
     volume = dec.eval_volume()
     cells = dec.occupancy.cells(dec._grid_points(16, "cpu"))[0]
     assert float(volume.reshape(-1)[~dec.occupancy.occupied.reshape(-1)[cells]].abs().max()) == 0.0

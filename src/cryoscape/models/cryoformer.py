@@ -337,6 +337,8 @@ class CryoFormer(VolumeDecoder):
         B, M = keep.shape[0], world.shape[1]
         counts = keep.sum(1)
         K = int(counts.max()) if B else 0
+        if K == 0:  # nothing occupied here (e.g. a map chunk outside the molecule)
+            return torch.zeros(B, M, device=world.device)
         order = torch.argsort(keep.to(torch.uint8), dim=1, descending=True, stable=True)[:, :K]  # (B, K)
         points = torch.gather(world.expand(B, -1, -1), 1, order.unsqueeze(-1).expand(-1, -1, 3))
         valid = torch.arange(K, device=world.device) < counts.unsqueeze(1)

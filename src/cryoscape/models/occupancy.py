@@ -50,9 +50,6 @@ class OccupancyGrid(nn.Module):
         """Whether the grid has been refreshed at least once (before that every cell is occupied)."""
         return not bool(torch.isinf(self.level).all())
 
-    def occupied_fraction(self) -> float:
-        return float(self.occupied.float().mean())
-
     def cells(self, world: torch.Tensor) -> torch.Tensor:
         """Flat cell index ``x + r (y + r z)`` of world points ``(..., 3)`` (x, y, z; clamped to the box)."""
         r = self.resolution
