@@ -316,16 +316,18 @@ class CryoFormer(VolumeDecoder):
         rendered sphere and, once the occupancy grid has been refreshed, in its empty cells, where the
         network is not queried."""
         keep = self._queried(world)
-        if self.occupancy is None or not self.occupancy.refreshed:
-            return self._density_values(world, context) * keep
-        return self._density_at(world, keep, context)
+        if self._pruned():
+            return self._density_at(world, keep, context)
+        return self._density_values(world, context) * keep
+
+    def _pruned(self) -> bool:
+        """Whether the occupancy grid skips points (there is one and it has been refreshed)."""
+        return self.occupancy is not None and self.occupancy.refreshed
 
     def _queried(self, world: torch.Tensor) -> torch.Tensor:
         """Bool ``(B, M)``: the points the network is queried at (in the sphere and an occupied cell)."""
         keep = world.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
-        if self.occupancy is not None and self.occupancy.refreshed:
-            keep = keep & self.occupancy.contains(world)
-        return keep
+        return keep & self.occupancy.contains(world) if self._pruned() else keep
 
     def _density_values(self, world: torch.Tensor, context) -> torch.Tensor:
         raw = self.point_values(world / self.box_size + 0.5, context)[..., 0].float()
