@@ -125,21 +125,29 @@ def test_training_refreshes_the_grid_after_its_warm_up_and_old_weights_load_with
 
 
 def test_a_data_parallel_refresh_keeps_the_grid_of_one_process_with_the_whole_batch():
-    """Two processes, each with half of the batch's latents, sample the same points (seeded by the step)
-    and take the maximum over the processes (``process_max``): the grid one process gets from all."""
+    """Two processes, each with half of the batch's latents, gather the whole batch's latents
+    (``process_gather_rows``) and draw the same points and cell-to-latent assignment (seeded by the
+    step): the grid one process gets from all.  Each cell is queried once per refresh, at one latent."""
     kw = dict(zdim=1, deformation_init_scale=0.5, occupancy_warmup_steps=1, occupancy_every=1)
     z = torch.tensor([[-2.0], [2.0]])
     one, two = _cryoformer(**kw), _cryoformer(**kw)
+    queried = []
+    one.point_values = _counting(one.point_values, queried)
     with torch.no_grad():
-        one._refresh_occupancy(one.image_context(z, 2))
-        points = two.occupancy.sample_points(torch.Generator().manual_seed(1)).unsqueeze(0)
-        other = two._density_values(points, two.image_context(z[1:], 1)).float().amax(0, keepdim=True)
-        two.process_max = lambda values: torch.maximum(values, other)  # the second process's images
-        two._refresh_occupancy(two.image_context(z[:1], 1))
-    assert one.occupancy.refreshed
+        one._refresh_occupancy(z)
+        two.process_gather_rows = lambda rows: torch.cat([rows, z[1:]])  # the second process's latents
+        two._refresh_occupancy(z[:1])
+    assert one.occupancy.refreshed and queried == [16 ** 3]
     torch.testing.assert_close(two.occupancy.level, one.occupancy.level)
     assert torch.equal(two.occupancy.occupied, one.occupancy.occupied)
     alone = _cryoformer(**kw)  # one process with only its own half differs
     with torch.no_grad():
-        alone._refresh_occupancy(alone.image_context(z[:1], 1))
+        alone._refresh_occupancy(z[:1])
     assert not torch.allclose(alone.occupancy.level, one.occupancy.level)
+
+
+def _counting(point_values, counts: list[int]):
+    def wrapped(u, context, **kw):
+        counts.append(u.shape[0] * u.shape[1])
+        return point_values(u, context, **kw)
+    return wrapped

@@ -81,9 +81,9 @@ def test_two_processes_train_like_one(tiny_dataset, tmp_path, decoder_args):
 
 def test_two_processes_keep_cryoformers_occupancy_grid_of_one(tiny_dataset, tmp_path):
     """CryoFormer's occupancy grid, refreshed every step from the batch's latents: two processes (half
-    the batch each, the maximum taken over both) keep the grid one process keeps.  The levels agree to
-    float rounding carried through 8 steps (measured 0.25% at most: Adam's eps of 1e-15 turns rounding
-    noise in near-zero gradients into full steps); without the maximum over the processes: 2%."""
+    the batch each, the whole batch's latents gathered) keep the grid one process keeps.  The levels agree
+    to float rounding carried through 8 steps (Adam's eps of 1e-15 turns rounding noise in near-zero
+    gradients into full steps; measured 0.25% at most)."""
     opts = ["n_levels=4", "log2_table_size=12", "base_resolution=4", "n_queries=8", "query_dim=16", "n_blocks=1",
             "n_heads=2", "render_size=8", "occupancy_warmup_steps=2", "occupancy_every=1"]
     args = ["train", str(tiny_dataset / "particles.star"), "-n", "1", "--zdim", "2", "--decoder", "cryoformer",

@@ -68,8 +68,8 @@ class VolumeDecoder(nn.Module, abc.ABC):
     #: set by the training engine in data-parallel runs: sums a tensor over the processes, for
     #: statistics of a whole batch (``None``: one process holds the whole batch)
     process_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-    #: the same for an elementwise maximum over the processes
-    process_max: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the same for the rows of a tensor (e.g. a batch's latents) from every process, in rank order
+    process_gather_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, *, box_size: int, zdim: int = 0):
         super().__init__()

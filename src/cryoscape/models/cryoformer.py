@@ -347,22 +347,36 @@ class CryoFormer(VolumeDecoder):
         values = self._density_values(points, context) * valid
         return torch.zeros(B, M, device=world.device, dtype=values.dtype).scatter(1, order, values)
 
-    def _refresh_occupancy(self, context) -> None:
+    def _refresh_occupancy(self, z: torch.Tensor | None) -> None:
         """During training: count the step; after the warm-up, refresh the occupancy grid every
-        ``occupancy_every`` steps from this batch's latents (the density without the grid).  The cells'
-        random points come from a generator seeded by the step (the training's random stream is left
-        as it was), so in data-parallel runs every process samples the same points and takes the
-        maximum over all processes' images: every process keeps the grid one process would."""
+        ``occupancy_every`` steps from this batch's latents ``z`` (the density without the grid), each
+        cell at one of them (:meth:`_cell_densities`).  In data-parallel runs the latents of the whole
+        batch are gathered and the cells' points and latents drawn from a generator seeded by the step
+        (the training's random stream is left as it was): every process keeps the grid one process would."""
         self.occupancy_steps += 1
         step, warmup = int(self.occupancy_steps), int(self.config["occupancy_warmup_steps"])
         if step < warmup or (step - warmup) % max(1, int(self.config["occupancy_every"])) != 0:
             return
+        with torch.no_grad():
+            if z is not None:
+                z = z.detach().float()
+                z = z if self.process_gather_rows is None else self.process_gather_rows(z)
+            context = self.image_context(z, 1 if z is None else z.shape[0])
+            generator = torch.Generator().manual_seed(step)
+            self.occupancy.refresh(lambda world: self._cell_densities(world, context, generator), generator=generator)
 
-        def batch_maxima(world: torch.Tensor) -> torch.Tensor:
-            values = self._density_values(world, context).float().amax(0, keepdim=True)
-            return values if self.process_max is None else self.process_max(values)
-
-        self.occupancy.refresh(batch_maxima, generator=torch.Generator().manual_seed(step))
+    def _cell_densities(self, world: torch.Tensor, context: ImageContext,
+                        generator: torch.Generator) -> torch.Tensor:
+        """The density ``(1, n)`` at the grid's points ``(1, n, 3)`` (one per cell), each at the latent of a
+        random one of the ``B`` images of ``context``: a refresh costs one query per cell whatever the
+        batch size, and over the refreshes a cell's decaying maximum gathers many latents."""
+        n, B = world.shape[1], context.keys.shape[0]
+        per_image = -(-n // B)
+        cells = torch.randperm(n, generator=generator)[torch.arange(B * per_image) % n].reshape(B, per_image)
+        cells = cells.to(world.device)
+        values = self._density_values(world[0][cells], context).float()
+        return torch.zeros(n, device=world.device).scatter_reduce(0, cells.reshape(-1), values.reshape(-1),
+                                                                  "amax").unsqueeze(0)
 
     def columns(self, device: torch.device):
         if self._columns is None or self._columns.positions.device != device:
@@ -377,9 +391,9 @@ class CryoFormer(VolumeDecoder):
         if self.space != "real":
             return None
         B = rotations.shape[0]
-        context = self.image_context(z, B).expand(B)
         if self.training and self.occupancy is not None:
-            self._refresh_occupancy(context)
+            self._refresh_occupancy(z)
+        context = self.image_context(z, B).expand(B)
         columns = self.columns(rotations.device)
         offsets = None
         if self.training and self.jitter and columns.step > 1:

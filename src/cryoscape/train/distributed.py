@@ -96,16 +96,9 @@ class Distributed:
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over processes, in place (returned)."""
-        return self._all_reduce_(tensor, dist.ReduceOp.SUM)
-
-    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Elementwise maximum of ``tensor`` over processes, in place (returned)."""
-        return self._all_reduce_(tensor, dist.ReduceOp.MAX)
-
-    def _all_reduce_(self, tensor: torch.Tensor, op) -> torch.Tensor:
         if self.enabled:
             buf = self._comm(tensor)
-            dist.all_reduce(buf, op=op)
+            dist.all_reduce(buf)
             if buf is not tensor:
                 tensor.copy_(buf)
         return tensor

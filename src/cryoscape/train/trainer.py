@@ -245,11 +245,11 @@ class Trainer:
         return int(partial["epoch"]) if partial is not None else max(0, int(state["epoch"]))
 
     def _share_statistics(self) -> None:
-        """Batch statistics of the decoder (the basis's running ``s(z)`` moments, CryoFormer's occupancy
-        maxima) over all processes."""
+        """Batch statistics of the decoder over all processes (the basis's running ``s(z)`` moments; the
+        whole batch's latents, from which CryoFormer refreshes its occupancy grid)."""
         if self.dist.enabled:
             self.model.decoder.process_sum = self.dist.sum_
-            self.model.decoder.process_max = self.dist.max_
+            self.model.decoder.process_gather_rows = lambda rows: self.dist.gather_rows(rows)[0]
 
     def _log_precision(self) -> None:
         config, device = self.config, self.device
