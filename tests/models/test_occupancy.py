@@ -137,7 +137,7 @@ def test_a_data_parallel_refresh_keeps_the_grid_of_one_process_with_the_whole_ba
         one._refresh_occupancy(z)
         two.process_gather_rows = lambda rows: torch.cat([rows, z[1:]])  # the second process's latents
         two._refresh_occupancy(z[:1])
-    assert one.occupancy.refreshed and queried == [16 ** 3]
+    assert one.occupancy.refreshed and queried == [one.occupancy.resolution ** 3]
     torch.testing.assert_close(two.occupancy.level, one.occupancy.level)
     assert torch.equal(two.occupancy.occupied, one.occupancy.occupied)
     alone = _cryoformer(**kw)  # one process with only its own half differs

@@ -29,7 +29,8 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
 * ``grid_lr_scale``: the hash tables train at this fraction of the learning rate;
 * ``latent_warmup_steps``: ``z`` is faded in over the first optimiser steps (the mean fits first);
 * ``adam_eps``: Adam's epsilon (:meth:`CryoFormer.adam_eps`);
-* ``occupancy`` (on by default, real space): an occupancy grid of ``occupancy_resolution^3`` cells
+* ``occupancy`` (on by default, real space): an occupancy grid of ``occupancy_resolution^3`` cells (by
+  default one per rendered lattice step and none finer than 2 training pixels: 32^3 at D=64)
   (:mod:`cryoscape.models.occupancy`, threshold ``occupancy_threshold``), refreshed every
   ``occupancy_every`` training steps after ``occupancy_warmup_steps``; the network is queried only in
   its occupied cells (the density is 0 in the others, in training and in the maps).
@@ -63,6 +64,7 @@ from cryoscape.models.base import VolumeDecoder, register_decoder
 from cryoscape.models.hash_grid import HashGrid
 from cryoscape.models.neural_field import hermitian_negative_mask
 from cryoscape.models.occupancy import OccupancyGrid
+from cryoscape.models.precision import Float32Linear
 from cryoscape.models.realspace import column_points, render_values
 
 __all__ = ["CryoFormer"]
@@ -95,10 +97,10 @@ class PointDeformation(nn.Module):
 
     def __init__(self, zdim: int, width: int, init_scale: float = 0.0):
         super().__init__()
-        self.point = nn.Linear(3, width)
+        self.point = Float32Linear(3, width)  # narrow layers in float32 (models/precision.py)
         self.latent = nn.Linear(zdim, width, bias=False)
         self.hidden = nn.Linear(width, width)
-        self.out = nn.Linear(width, 3)
+        self.out = Float32Linear(width, 3)
         nn.init.normal_(self.out.weight, std=float(init_scale))  # 0: exactly the undeformed map
         nn.init.zeros_(self.out.bias)
 
@@ -108,7 +110,7 @@ class PointDeformation(nn.Module):
     def forward(self, centred: torch.Tensor, latent_term: torch.Tensor) -> torch.Tensor:
         """Displacements ``(B, M, 3)`` (unit-cube units) at points ``(B, M, 3)`` of ``[-1/2, 1/2]^3``."""
         h = self.point(centred * 2.0)
-        h = torch.relu(h + latent_term.to(h.dtype))  # the layer's dtype: no float32 (B, M, width) under autocast
+        h = torch.relu(h + latent_term.float())
         return self.out(torch.relu(self.hidden(h)))
 
 
@@ -151,7 +153,7 @@ class CryoFormer(VolumeDecoder):
                  deformation_width: int = 64, latent_to_points: bool = False, grid_lr_scale: float = 1.0,
                  latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
                  deformation_init_scale: float = 0.0, adam_eps: float = 1e-15, occupancy: bool = True,
-                 occupancy_resolution: int = 16, occupancy_threshold: float = 0.2,
+                 occupancy_resolution: int | None = None, occupancy_threshold: float = 0.2,
                  occupancy_warmup_steps: int = 64, occupancy_every: int = 16):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
@@ -160,6 +162,8 @@ class CryoFormer(VolumeDecoder):
             raise ValueError(f"domain must be fourier or hartley, got {domain!r}")
         D = self.box_size
         render_size = int(render_size) if render_size is not None else min(D, 32)
+        # one cell per rendered lattice step, none finer than 2 training pixels
+        occupancy_resolution = int(occupancy_resolution or max(1, min(render_size, D // 2)))
         self.domain, self.space = domain, space
         self.render_size, self.radius_fraction, self.jitter = render_size, float(radius_fraction), bool(jitter)
         self.chunk_points = int(chunk_points)
@@ -179,8 +183,9 @@ class CryoFormer(VolumeDecoder):
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
                              init_scale=grid_init_scale)
-        self.spatial = nn.Sequential(nn.Linear(self.grid.out_features, spatial_width), nn.ReLU(),
-                                     nn.Linear(spatial_width, query_dim))
+        # the per-point layers with few inputs or outputs stay in float32 under autocast (Float32Linear)
+        self.spatial = nn.Sequential(Float32Linear(self.grid.out_features, spatial_width), nn.ReLU(),
+                                     Float32Linear(spatial_width, query_dim))
         self.n_queries, self.query_dim = int(n_queries), int(query_dim)
         self.deform = self._deformation_mlp(zdim, deform_width, deform_layers)
         self.transformer = QueryTransformer(n_queries=n_queries, dim=query_dim, n_blocks=n_blocks, n_heads=n_heads)
@@ -188,7 +193,7 @@ class CryoFormer(VolumeDecoder):
         self.value = nn.Linear(query_dim, query_dim)
         n_out = 1 if space == "real" else 2
         self.ffn = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, query_dim), nn.ReLU(),
-                                 nn.Linear(query_dim, n_out))
+                                 Float32Linear(query_dim, n_out))
         if space == "real":
             nn.init.constant_(self.ffn[-1].bias, -4.0)  # start near an empty box
         self.point_deformation = None
@@ -205,7 +210,7 @@ class CryoFormer(VolumeDecoder):
         self._columns = None
         self.occupancy = None
         if occupancy and space == "real":  # skip the empty cells of the box (models/occupancy.py)
-            self.occupancy = OccupancyGrid(D, resolution=int(occupancy_resolution),
+            self.occupancy = OccupancyGrid(D, resolution=occupancy_resolution,
                                            threshold=float(occupancy_threshold))
             self.register_buffer("occupancy_steps", torch.zeros((), dtype=torch.long))
 
@@ -292,23 +297,22 @@ class CryoFormer(VolumeDecoder):
         if context.deform is not None:
             u = u + self.point_deformation(u - 0.5, context.deform)
         feat = self.grid(u)
-        feat = feat.to(self.spatial[0].weight.dtype)
         if context.spatial is None:
-            q = self.spatial(feat)
+            q = self.spatial(feat)  # float32: the spatial MLP's layers are narrow (Float32Linear)
         else:  # z concatenated to the grid features, as the neural field's first layer takes (x, z)
             hidden = self.spatial[0](feat)
-            q = self.spatial[2](self.spatial[1](hidden + context.spatial.to(hidden.dtype)))
+            q = self.spatial[2](self.spatial[1](hidden + context.spatial.float()))
         # the (B, C, N) keys are scaled, not the (B, M, N) logits
         logits = q @ (keys.transpose(1, 2) / math.sqrt(self.query_dim)).to(q.dtype)
-        # in q's dtype: the CPU's bfloat16 softmax accumulates in float32 itself, and the weights were
-        # rounded to bfloat16 for the product anyway (an explicit float32 copy cost 4 (B, M, N) casts a step)
-        weights = torch.softmax(logits, dim=-1).to(q.dtype)
-        h = q + weights @ values.to(q.dtype)
+        # in the logits' dtype (autocast's): the CPU's bfloat16 softmax accumulates in float32 itself, and
+        # the weights are rounded to it for the product anyway (a float32 copy cost 4 (B, M, N) casts a step)
+        weights = torch.softmax(logits, dim=-1).to(logits.dtype)
+        h = q + weights @ values.to(weights.dtype)
         if context.ffn is None:
             out = self.ffn(h)
         else:
-            hidden = self.ffn[1](self.ffn[0](h)) + context.ffn.to(h.dtype)
-            out = self.ffn[3](self.ffn[2](hidden))
+            hidden = self.ffn[1](self.ffn[0](h))
+            out = self.ffn[3](self.ffn[2](hidden + context.ffn.to(hidden.dtype)))
         return (out, weights) if attention else out
 
     def density(self, world: torch.Tensor, context) -> torch.Tensor:

@@ -11,8 +11,9 @@ Training (train/loop.py, train/abinit.py), pose search (posesearch/) and map gen
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-__all__ = ["cpu_has_native_bfloat16", "resolve_amp", "amp_dtype", "autocast"]
+__all__ = ["cpu_has_native_bfloat16", "resolve_amp", "amp_dtype", "autocast", "Float32Linear"]
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -63,3 +64,17 @@ def autocast(device: torch.device | str, enabled: bool):
     if enabled and device.type in ("cuda", "cpu"):
         return torch.autocast(device_type=device.type, dtype=amp_dtype(device))
     return torch.autocast(device_type=device.type if device.type in ("cuda", "cpu") else "cpu", enabled=False)
+
+
+class Float32Linear(nn.Linear):
+    """A linear layer that stays in float32 under autocast (its input is cast up, its output is float32).
+
+    For a network's narrow layers (a few inputs or outputs, e.g. coordinates in, a density out) run
+    on many points: their products cost little in any precision, while the weight gradient, a
+    reduction over all the points into a thin matrix, ran several times slower in the CPU's bfloat16
+    than in float32 (README, "Choosing a decoder: CryoFormer").  Same parameters as ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.float())
