@@ -61,6 +61,22 @@ def test_an_isolated_maximum_does_not_occupy_its_cell_but_a_domain_does():
     assert not bool(grid.occupied[..., 12:].any())
 
 
+def test_the_threshold_counts_from_the_background_and_a_map_without_shape_is_not_pruned():
+    """A noisy map's background sits well above 0: the threshold is measured from it (here 40% of the
+    peak: a rule relative to the peak alone would keep every cell), while a near-uniform level (a model's
+    start, the background above half the peak) prunes nothing."""
+    grid = OccupancyGrid(64, resolution=16)
+    values = torch.full((16, 16, 16), 0.4)
+    values[2:6, 2:6, 2:6] = 1.0
+    grid.refresh(lambda world: values.reshape(-1)[grid.cells(world)])
+    assert bool(grid.occupied[2:6, 2:6, 2:6].all()) and not bool(grid.occupied[8:].any())
+    assert 0.01 < float(grid.occupied.float().mean()) < 0.1
+    flat = OccupancyGrid(64, resolution=16)
+    values = 1.0 + 0.01 * torch.rand(16, 16, 16, generator=torch.Generator().manual_seed(0))
+    flat.refresh(lambda world: values.reshape(-1)[flat.cells(world)])
+    assert flat.refreshed and bool(flat.occupied.all())
+
+
 def test_level_decays_so_density_that_moved_is_followed_and_the_old_place_forgotten():
     torch.manual_seed(0)
     grid = OccupancyGrid(32, resolution=8, dilation=0, decay=0.5, threshold=0.01)

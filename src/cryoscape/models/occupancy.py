@@ -7,8 +7,9 @@ al. 2022), a coarse grid of ``resolution^3`` cells over the box records, per cel
 the density the model has at random points in it: ``level = max(decay * level, density)``, refreshed
 from the training batches' latents, so that over many refreshes it holds the union of the conformations
 seen.  A cell is occupied while its level, averaged over the cell and its neighbours, is above
-``threshold`` times the largest such average, or lies next to such a cell (``dilation`` cells); points in
-the other cells are not queried and have density 0.  (The average keeps a noisy map's isolated maxima
+``threshold`` of the way from the lowest such average (the background: a noisy map's, or the near-uniform
+density a model starts from, is far from 0) to the highest, or lies next to such a cell (``dilation``
+cells); points in the other cells are not queried and have density 0.  (The average keeps a noisy map's isolated maxima
 from occupying the box: README, "Choosing a decoder: CryoFormer", has the fractions measured.)
 
 Until its first refresh every cell is occupied (the decoder refreshes it only after a warm-up, when its
@@ -82,13 +83,15 @@ class OccupancyGrid(nn.Module):
 
     def _occupied_cells(self) -> torch.Tensor:
         """Cells whose level, averaged with their neighbours' (an isolated noisy maximum does not keep a
-        cell), is above ``threshold`` times the largest such average; then dilated by ``dilation`` cells."""
+        cell), is above ``threshold`` of the way from the lowest such average (the background) to the
+        highest; every cell while the background is above half the highest (the map has no shape yet);
+        then dilated by ``dilation`` cells."""
         smooth = nn.functional.avg_pool3d(self.level[None, None], 3, stride=1, padding=1,
                                           count_include_pad=False)[0, 0]
-        top = float(smooth.max())
-        if not top > 0:
+        floor, top = float(smooth.min()), float(smooth.max())
+        if not top > 0 or floor > 0.5 * top:
             return torch.ones_like(self.occupied)
-        occupied = smooth > self.threshold * top
+        occupied = smooth - floor > self.threshold * (top - floor)
         if self.dilation > 0:
             k = 2 * self.dilation + 1
             occupied = nn.functional.max_pool3d(occupied[None, None].float(), k, stride=1,
