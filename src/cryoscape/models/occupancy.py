@@ -7,10 +7,11 @@ al. 2022), a coarse grid of ``resolution^3`` cells over the box records, per cel
 the density the model has at random points in it: ``level = max(decay * level, density)``, refreshed
 from the training batches' latents, so that over many refreshes it holds the union of the conformations
 seen.  A cell is occupied while its level, averaged over the cell and its neighbours, is above
-``threshold`` of the way from the lowest such average (the background: a noisy map's, or the near-uniform
-density a model starts from, is far from 0) to the highest, or lies next to such a cell (``dilation``
-cells); points in the other cells are not queried and have density 0.  (The average keeps a noisy map's isolated maxima
-from occupying the box: README, "Choosing a decoder: CryoFormer", has the fractions measured.)
+``threshold`` of the way from the lowest such average (the background: a noisy map's, or the
+near-uniform density a model starts from, is far from 0) to the highest, or lies next to such a cell
+(``dilation`` cells); points in the other cells are not queried and have density 0.  (The average keeps
+a noisy map's isolated maxima from occupying the box, and counting from the background its noise floor:
+README, "Choosing a decoder: CryoFormer", has the fractions measured.)
 
 Until its first refresh every cell is occupied (the decoder refreshes it only after a warm-up, when its
 map has a shape).  A pruned cell is still evaluated at every refresh, so it comes back if the network's

@@ -2,7 +2,8 @@
 
 Only the matrix products of encoders and decoders run in low precision (bfloat16: 8-bit mantissa,
 float32 exponent range, so no loss scaling); positions (the slice geometry, CryoFormer's rendering
-points), positional encodings, the image formation model, losses, FFTs and weights stay in float32.
+points), positional encodings, the image formation model, losses, FFTs and weights stay in float32,
+and so do a network's narrow layers run on many points (:class:`Float32Linear`).
 Training (train/loop.py, train/abinit.py), pose search (posesearch/) and map generation
 (analysis/maps.py) all decide with :func:`resolve_amp` and enter :func:`autocast`, so
 ``--amp/--no-amp`` means the same thing everywhere.
