@@ -64,7 +64,7 @@ echo "== 9/10 classical 3-D classification: 3 hinge states (D=32, SNR 0.5), cons
     -o "$OUT/classes" --no-align
 cat "$OUT/classes/model.tsv"
 
-CEPOCHS=${DEMO_CF_EPOCHS:-4}
+CEPOCHS=${DEMO_CF_EPOCHS:-6}
 echo "== 10/10 the motion with CryoFormer (--decoder cryoformer, a CPU-sized network, $CEPOCHS epochs), its encoder started from the basis run (--init-encoder); analyze adds its attention maps"
 "$BIN/cryoscape" train "$OUT/hinge/particles.star" --zdim 1 -n "$CEPOCHS" --beta 0.05 --decoder cryoformer \
     --init-encoder "$OUT/train" --enc-layers 2 --enc-dim 128 --decoder-opt n_levels=8 --decoder-opt log2_table_size=14 \
