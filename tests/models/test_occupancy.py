@@ -96,9 +96,9 @@ def test_occupancy_options_are_checked():
         OccupancyGrid(16, threshold=1.5)
 
 
-def _cryoformer(zdim: int = 0, **kw):
+def _cryoformer(zdim: int = 0, box_size: int = 16, **kw):
     torch.manual_seed(0)
-    dec = build_decoder("cryoformer", box_size=16, zdim=zdim, **{**SMALL, **kw})
+    dec = build_decoder("cryoformer", box_size=box_size, zdim=zdim, **{**SMALL, **kw})
     with torch.no_grad():
         dec.grid.tables.uniform_(-1, 1)
         dec.ffn[-1].bias.fill_(0.0)
@@ -167,3 +167,23 @@ def _counting(point_values, counts: list[int]):
         counts.append(u.shape[0] * u.shape[1])
         return point_values(u, context, **kw)
     return wrapped
+
+
+def test_training_renders_half_the_lattice_until_the_grid_prunes():
+    """``coarse_start=true``: while the occupancy grid has pruned nothing, training renders on half the lattice
+    (an eighth of the points), so the pixels beyond a quarter of the band are predicted as 0; once the grid
+    prunes, and in maps and evaluation, the full lattice."""
+    from cryoscape.data.training import fourier_pixels
+
+    dec = _cryoformer(box_size=32, coarse_start=True).train()
+    assert dec.render_size == 32 and dec._training_render_size() == 16
+    pixels = fourier_pixels(32)
+    far = pixels.coords_index.square().sum(-1) >= 8 ** 2
+    R = torch.eye(3).expand(2, 3, 3)
+    with torch.no_grad():
+        coarse = dec.predict_images(R, pixels, None, None)
+        assert float(coarse[:, far].abs().max()) == 0.0 and float(coarse[:, ~far].abs().max()) > 0
+        dec.occupancy.refresh(_ball((0.0, 0.0, 0.0), 6.0))  # the grid prunes: the full lattice from now on
+        assert dec._training_render_size() == 32
+        assert float(dec.predict_images(R, pixels, None, None)[:, far].abs().max()) > 0
+    assert _cryoformer(box_size=32).train()._training_render_size() == 32  # off by default

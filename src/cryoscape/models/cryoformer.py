@@ -33,7 +33,9 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
   default one per rendered lattice step and none finer than 2 training pixels: 32^3 at D=64)
   (:mod:`cryoscape.models.occupancy`, threshold ``occupancy_threshold``), refreshed every
   ``occupancy_every`` training steps after ``occupancy_warmup_steps``; the network is queried only in
-  its occupied cells (the density is 0 in the others, in training and in the maps).
+  its occupied cells (the density is 0 in the others, in training and in the maps);
+* ``coarse_start`` (off by default): training renders half the lattice until the occupancy grid first
+  prunes (:meth:`CryoFormer._training_render_size`; README has its speed and its cost at low SNR).
 
 Forward models (``space``)
 --------------------------
@@ -154,7 +156,7 @@ class CryoFormer(VolumeDecoder):
                  latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
                  deformation_init_scale: float = 0.0, adam_eps: float = 1e-15, occupancy: bool = True,
                  occupancy_resolution: int | None = None, occupancy_threshold: float = 0.2,
-                 occupancy_warmup_steps: int = 64, occupancy_every: int = 16):
+                 occupancy_warmup_steps: int = 64, occupancy_every: int = 16, coarse_start: bool = False):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -178,7 +180,7 @@ class CryoFormer(VolumeDecoder):
                            latent_to_spatial=latent_to_spatial, deformation_init_scale=deformation_init_scale,
                            adam_eps=adam_eps, occupancy=occupancy, occupancy_resolution=occupancy_resolution,
                            occupancy_threshold=occupancy_threshold, occupancy_warmup_steps=occupancy_warmup_steps,
-                           occupancy_every=occupancy_every)
+                           occupancy_every=occupancy_every, coarse_start=coarse_start)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
@@ -207,7 +209,7 @@ class CryoFormer(VolumeDecoder):
         # one training voxel's value is ~1/D^2 of a unit-RMS normalised transform (see module docstring)
         self.register_buffer("output_scale", torch.tensor(4.0 / D ** 2 if space == "real" else 1.0),
                              persistent=False)
-        self._columns = None
+        self._columns: dict[tuple[int, str], object] = {}
         self.occupancy = None
         if occupancy and space == "real":  # skip the empty cells of the box (models/occupancy.py)
             self.occupancy = OccupancyGrid(D, resolution=occupancy_resolution,
@@ -382,11 +384,21 @@ class CryoFormer(VolumeDecoder):
         return torch.zeros(n, device=world.device).scatter_reduce(0, cells.reshape(-1), values.reshape(-1),
                                                                   "amax").unsqueeze(0)
 
-    def columns(self, device: torch.device):
-        if self._columns is None or self._columns.positions.device != device:
-            self._columns = column_points(self.box_size, self.render_size, radius_fraction=self.radius_fraction,
-                                          device=device)
-        return self._columns
+    def columns(self, device: torch.device, render_size: int | None = None):
+        r = int(render_size or self.render_size)
+        key = (r, str(device))
+        if key not in self._columns:
+            self._columns[key] = column_points(self.box_size, r, radius_fraction=self.radius_fraction, device=device)
+        return self._columns[key]
+
+    def _training_render_size(self) -> int:
+        """``render_size``, or half of it (a quarter of the band, an eighth of the points) with ``coarse_start``
+        while the occupancy grid has pruned nothing: the map is still a blob (or, at low SNR, near-uniform)
+        and its high frequencies are noise, as in the frequency marching of classical refinement."""
+        if (self.config["coarse_start"] and self.occupancy is not None
+                and bool(self.occupancy.occupied.all()) and self.render_size >= 32):
+            return self.render_size // 2
+        return self.render_size
 
     # ---- the training hook
     def predict_images(self, rotations: torch.Tensor, pixels, z: torch.Tensor | None,
@@ -398,7 +410,7 @@ class CryoFormer(VolumeDecoder):
         if self.training and self.occupancy is not None:
             self._refresh_occupancy(z)
         context = self.image_context(z, B).expand(B)
-        columns = self.columns(rotations.device)
+        columns = self.columns(rotations.device, self._training_render_size() if self.training else None)
         offsets = None
         if self.training and self.jitter and columns.step > 1:
             offsets = (torch.rand(B, 3, device=rotations.device) - 0.5) * columns.step
