@@ -34,8 +34,9 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
   (:mod:`cryoscape.models.occupancy`, threshold ``occupancy_threshold``), refreshed every
   ``occupancy_every`` training steps after ``occupancy_warmup_steps``; the network is queried only in
   its occupied cells (the density is 0 in the others, in training and in the maps);
-* ``coarse_start`` (off by default): training renders half the lattice until the occupancy grid first
-  prunes (:meth:`CryoFormer._training_render_size`; README has its speed and its cost at low SNR).
+* ``coarse_start`` (off by default): training renders half the lattice while the occupancy grid prunes
+  nothing, i.e. until it first prunes (:meth:`CryoFormer._training_render_size`; README has its speed
+  and its cost at low SNR).
 
 Forward models (``space``)
 --------------------------
@@ -209,7 +210,7 @@ class CryoFormer(VolumeDecoder):
         # one training voxel's value is ~1/D^2 of a unit-RMS normalised transform (see module docstring)
         self.register_buffer("output_scale", torch.tensor(4.0 / D ** 2 if space == "real" else 1.0),
                              persistent=False)
-        self._columns: dict[tuple[int, str], object] = {}
+        self._columns: dict = {}  # (render size, device) -> the lattice's ColumnPoints
         self.occupancy = None
         if occupancy and space == "real":  # skip the empty cells of the box (models/occupancy.py)
             self.occupancy = OccupancyGrid(D, resolution=occupancy_resolution,
