@@ -322,18 +322,22 @@ class CryoFormer(VolumeDecoder):
         """Non-negative density ``(B, M)`` at world points ``(B, M, 3)`` (training pixels): 0 outside the
         rendered sphere and, once the occupancy grid has been refreshed, in its empty cells, where the
         network is not queried."""
-        keep = self._queried(world)
-        if self._pruned():
-            return self._density_at(world, keep, context)
-        return self._density_values(world, context) * keep
+        keep = self._in_sphere(world)
+        if not self._pruned():
+            return self._density_values(world, context) * keep
+        return self._density_at(world, keep & self.occupancy.contains(world), context)
 
     def _pruned(self) -> bool:
         """Whether the occupancy grid skips points (there is one and it has been refreshed)."""
         return self.occupancy is not None and self.occupancy.refreshed
 
+    def _in_sphere(self, world: torch.Tensor) -> torch.Tensor:
+        """Bool ``(B, M)``: the points inside the rendered sphere."""
+        return world.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
+
     def _queried(self, world: torch.Tensor) -> torch.Tensor:
         """Bool ``(B, M)``: the points the network is queried at (in the sphere and an occupied cell)."""
-        keep = world.square().sum(-1) <= (self.radius_fraction * self.box_size / 2) ** 2 + 1e-6
+        keep = self._in_sphere(world)
         return keep & self.occupancy.contains(world) if self._pruned() else keep
 
     def _density_values(self, world: torch.Tensor, context) -> torch.Tensor:
