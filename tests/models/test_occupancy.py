@@ -133,6 +133,10 @@ def test_training_refreshes_the_grid_after_its_warm_up_and_old_weights_load_with
         dec.predict_images(R, pixels, None, None)
         assert dec.occupancy.refreshed == (step >= 3) and int(dec.occupancy_steps) == step
     assert float(dec.state_dict()["occupancy.level"].max()) > 0
+    before_prior = {k: v for k, v in dec.state_dict().items() if k != "occupancy.prior"}  # saved before the prior
+    loaded = _cryoformer()
+    loaded.load_state_dict(before_prior)
+    assert bool(loaded.occupancy.prior.all()) and torch.equal(loaded.occupancy.level, dec.occupancy.level)
     old = {k: v for k, v in dec.state_dict().items() if not k.startswith("occupancy")}
     again = _cryoformer()
     again.load_state_dict(old)
@@ -187,3 +191,66 @@ def test_training_renders_half_the_lattice_until_the_grid_prunes():
         assert dec._training_render_size() == 32
         assert float(dec.predict_images(R, pixels, None, None)[:, far].abs().max()) > 0
     assert _cryoformer(box_size=32).train()._training_render_size() == 32  # off by default
+
+
+def test_a_consensus_prior_is_held_until_the_models_map_has_a_shape():
+    """``set_prior``: the cells a consensus map occupies, by the rule dilated one cell further, held before the
+    first refresh and by refreshes while the model's map has no shape (near-uniform), replaced once it has
+    one; a consensus without shape leaves every cell occupied."""
+    grid = OccupancyGrid(64, resolution=16)
+    levels = torch.zeros(16, 16, 16)
+    levels[6:10, 6:10, 6:10] = 1.0
+    grid.set_prior(levels)
+    # one cell more than a refresh from the same levels keeps
+    refreshed = OccupancyGrid(64, resolution=16)
+    refreshed.refresh(lambda world: levels.reshape(-1)[refreshed.cells(world)])
+    expected = torch.nn.functional.max_pool3d(refreshed.occupied[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+    assert expected.sum() > refreshed.occupied.sum() and bool(expected[4:12, 4:12, 4:12].all())
+    assert not bool(expected[:2].any()) and not bool(expected[..., 14:].any())
+    assert torch.equal(grid.prior, expected) and torch.equal(grid.occupied, expected) and grid.prunes
+    uniform = 1.0 + 0.01 * torch.rand(16, 16, 16, generator=torch.Generator().manual_seed(0))
+    grid.refresh(lambda world: uniform.reshape(-1)[grid.cells(world)])
+    assert grid.refreshed and torch.equal(grid.occupied, expected)
+    shaped = torch.zeros(16, 16, 16)
+    shaped[2:6, 2:6, 2:6] = 1.0
+    moved = OccupancyGrid(64, resolution=16)
+    moved.set_prior(levels)
+    moved.refresh(lambda world: shaped.reshape(-1)[moved.cells(world)])
+    assert bool(moved.occupied[2:6, 2:6, 2:6].all()) and not bool(moved.occupied[9:].any())
+    blank = OccupancyGrid(64, resolution=16)
+    blank.set_prior(uniform)
+    assert bool(blank.prior.all()) and not blank.prunes
+
+
+def test_training_starts_the_grid_from_the_consensus_map_of_the_posed_data(tmp_path):
+    """``train --decoder cryoformer`` on posed data: the warm start backprojects the images and the grid starts
+    with the consensus's cells (a quarter of the box for the D=32 hinge), which hold all of the molecule's
+    density in every conformation; the log says so.  Without the warm start the grid starts with every cell."""
+    import mrcfile
+    import numpy as np
+
+    from cryoscape.cli.main import main
+    from cryoscape.train.config import TrainConfig
+    from cryoscape.train.loop import run_training
+    from cryoscape.train.volumes import load_trained_model
+
+    data = tmp_path / "hinge"
+    assert main(["simulate", "-o", str(data), "-n", "64", "-D", "32", "--snr", "1", "--heterogeneity", "hinge",
+                 "--seed", "0", "--oversampling", "1"]) == 0
+    truth = np.load(data / "ground_truth.npz")
+    truth = torch.tensor(np.max([mrcfile.read(data / f) for f in truth["volume_files"]], 0)).clamp_min(0)
+    ax = torch.arange(32, dtype=torch.float32) - 16
+    zz, yy, xx = torch.meshgrid(ax, ax, ax, indexing="ij")
+    voxels = torch.stack([xx, yy, zz], -1).reshape(-1, 3)
+    shares = {}
+    for name, images in (("prior", 20000), ("none", 0)):
+        config = TrainConfig(particles=str(data / "particles.star"), decoder="cryoformer", zdim=1,
+                             decoder_options=dict(SMALL), num_epochs=1, batch_size=8, progress=False,
+                             warm_start_images=images, checkpoint_every=100)
+        run_training(config, tmp_path / name)
+        grid = load_trained_model(tmp_path / name)[0].occupancy
+        kept = grid.prior.reshape(-1)[grid.cells(voxels)].reshape(32, 32, 32)
+        shares[name] = float(grid.prior.float().mean())
+        assert float((truth * kept).sum() / truth.sum()) > 0.9999
+    assert 0.1 < shares["prior"] < 0.4 and shares["none"] == 1.0
+    assert "the occupancy grid starts with" in (tmp_path / "prior" / "run.log").read_text()

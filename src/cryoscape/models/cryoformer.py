@@ -34,8 +34,12 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
   (:mod:`cryoscape.models.occupancy`, threshold ``occupancy_threshold``), refreshed every
   ``occupancy_every`` training steps after ``occupancy_warmup_steps``; the network is queried only in
   its occupied cells (the density is 0 in the others, in training and in the maps);
+* ``occupancy_prior`` (on by default, with the grid): before the first epoch of a run with poses, the grid's
+  first cells come from the consensus map, the low-pass backprojection of the data
+  (:meth:`CryoFormer.warm_start`, :mod:`cryoscape.models.consensus`), so that the steps before the model's
+  own map has a shape query the molecule's cells, not the whole sphere;
 * ``coarse_start`` (off by default): training renders half the lattice while the occupancy grid prunes
-  nothing, i.e. until it first prunes (:meth:`CryoFormer._training_render_size`; README has its speed
+  nothing, i.e. until it first prunes (without a prior) (:meth:`CryoFormer._training_render_size`; README has its speed
   and its cost at low SNR).
 
 Forward models (``space``)
@@ -64,6 +68,7 @@ from torch import nn
 
 from cryoscape.fourier.fft import fft3_center, ifft3_center, iht3_center
 from cryoscape.models.base import VolumeDecoder, register_decoder
+from cryoscape.models.consensus import cell_maxima, lowpass_backprojection
 from cryoscape.models.hash_grid import HashGrid
 from cryoscape.models.neural_field import hermitian_negative_mask
 from cryoscape.models.occupancy import OccupancyGrid
@@ -157,7 +162,8 @@ class CryoFormer(VolumeDecoder):
                  latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
                  deformation_init_scale: float = 0.0, adam_eps: float = 1e-15, occupancy: bool = True,
                  occupancy_resolution: int | None = None, occupancy_threshold: float = 0.2,
-                 occupancy_warmup_steps: int = 64, occupancy_every: int = 16, coarse_start: bool = False):
+                 occupancy_warmup_steps: int = 64, occupancy_every: int = 16, coarse_start: bool = False,
+                 occupancy_prior: bool = True):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -181,7 +187,8 @@ class CryoFormer(VolumeDecoder):
                            latent_to_spatial=latent_to_spatial, deformation_init_scale=deformation_init_scale,
                            adam_eps=adam_eps, occupancy=occupancy, occupancy_resolution=occupancy_resolution,
                            occupancy_threshold=occupancy_threshold, occupancy_warmup_steps=occupancy_warmup_steps,
-                           occupancy_every=occupancy_every, coarse_start=coarse_start)
+                           occupancy_every=occupancy_every, coarse_start=coarse_start,
+                           occupancy_prior=occupancy_prior)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
@@ -216,6 +223,8 @@ class CryoFormer(VolumeDecoder):
             self.occupancy = OccupancyGrid(D, resolution=occupancy_resolution,
                                            threshold=float(occupancy_threshold))
             self.register_buffer("occupancy_steps", torch.zeros((), dtype=torch.long))
+        # the engine streams the posed data once before a new run: the grid's prior (warm_start)
+        self.wants_warm_start = self.occupancy is not None and bool(occupancy_prior)
 
     def _deformation_mlp(self, zdim: int, width: int, layers: int) -> nn.Module | None:
         if zdim == 0:
@@ -237,7 +246,28 @@ class CryoFormer(VolumeDecoder):
             self.occupancy = None
             del self.occupancy_steps
             self.config["occupancy"] = False
+        elif self.occupancy is not None and "occupancy.prior" not in state_dict:  # saved before the prior
+            state_dict = {**state_dict, "occupancy.prior": torch.ones_like(self.occupancy.prior)}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def warm_start(self, slices) -> dict:
+        """Set the occupancy grid's prior from the consensus map: the Wiener-filtered backprojection of the
+        posed data below one cycle per cell (:func:`~cryoscape.models.consensus.lowpass_backprojection`),
+        its maximum per cell (:meth:`~cryoscape.models.occupancy.OccupancyGrid.set_prior`).  Until the
+        model's own map has a shape the grid holds these cells instead of the whole sphere (README,
+        "Choosing a decoder: CryoFormer", has the shares and what they saved).  A training-loop hook,
+        called before the first epoch of a new run with poses (train/warm_start.py).
+
+        Returns ``{"n_images", "fsc_half", "prior_share", "note"}`` (the share of the grid's cells occupied,
+        and a line for the log).
+        """
+        grid = self.occupancy
+        volume, fsc, n_images = lowpass_backprojection(slices, self.box_size, min(grid.resolution, self.box_size // 2),
+                                                       domain=self.domain, device=grid.level.device)
+        grid.set_prior(cell_maxima(volume, self.box_size, grid.resolution))
+        share = float(grid.prior.float().mean())
+        return {"n_images": n_images, "fsc_half": fsc.float(), "prior_share": share,
+                "note": f"the occupancy grid starts with {share:.0%} of its cells"}
 
     def optimizer_param_groups(self) -> list[dict] | None:
         """The hash-grid tables at ``grid_lr_scale`` times the learning rate, the rest at 1 (``None`` if 1)."""
@@ -320,16 +350,15 @@ class CryoFormer(VolumeDecoder):
 
     def density(self, world: torch.Tensor, context) -> torch.Tensor:
         """Non-negative density ``(B, M)`` at world points ``(B, M, 3)`` (training pixels): 0 outside the
-        rendered sphere and, once the occupancy grid has been refreshed, in its empty cells, where the
-        network is not queried."""
+        rendered sphere and in the occupancy grid's empty cells, where the network is not queried."""
         keep = self._in_sphere(world)
         if not self._pruned():
             return self._density_values(world, context) * keep
         return self._density_at(world, keep & self.occupancy.contains(world), context)
 
     def _pruned(self) -> bool:
-        """Whether the occupancy grid skips points (there is one and it has been refreshed)."""
-        return self.occupancy is not None and self.occupancy.refreshed
+        """Whether the occupancy grid skips points (there is one and a cell is empty)."""
+        return self.occupancy is not None and self.occupancy.prunes
 
     def _in_sphere(self, world: torch.Tensor) -> torch.Tensor:
         """Bool ``(B, M)``: the points inside the rendered sphere."""
@@ -401,7 +430,7 @@ class CryoFormer(VolumeDecoder):
         while the occupancy grid has pruned nothing: the map is still a blob (or, at low SNR, near-uniform)
         and its high frequencies are noise, as in the frequency marching of classical refinement."""
         if (self.config["coarse_start"] and self.occupancy is not None
-                and bool(self.occupancy.occupied.all()) and self.render_size >= 32):
+                and not self.occupancy.prunes and self.render_size >= 32):
             return self.render_size // 2
         return self.render_size
 

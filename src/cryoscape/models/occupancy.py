@@ -13,9 +13,12 @@ near-uniform density a model starts from, is far from 0) to the highest, or lies
 a noisy map's isolated maxima from occupying the box, and counting from the background its noise floor:
 README, "Choosing a decoder: CryoFormer", has the fractions measured.)
 
-Until its first refresh every cell is occupied (the decoder refreshes it only after a warm-up, when its
-map has a shape).  A pruned cell is still evaluated at every refresh, so it comes back if the network's
-density there grows (through shared parameters) above the threshold.
+Until its first refresh, and while the model's map has no shape, the grid holds its *prior*: every cell,
+or the cells a consensus map occupies (:meth:`OccupancyGrid.set_prior`, from the backprojection of the
+data with their poses: CryoFormer's warm start), by the same rule dilated one cell further (the
+consensus averages the conformations and blurs what moves).  The decoder refreshes the grid only after a
+warm-up, when its map has a shape.  A pruned cell is still evaluated at every refresh, so it comes back
+if the network's density there grows (through shared parameters) above the threshold.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class OccupancyGrid(nn.Module):
     """``resolution^3`` cells over the box ``[-D/2, D/2)^3`` (training pixels, origin at the centre).
 
     Buffers (saved with the model): ``level`` ``(r, r, r)`` ``[z, y, x]`` the decaying maximum density
-    per cell (``inf``: never evaluated), ``occupied`` ``(r, r, r)`` bool.
+    per cell (``inf``: never evaluated), ``occupied`` ``(r, r, r)`` bool, ``prior`` ``(r, r, r)`` bool the
+    cells occupied while the model's map has no shape (all, unless :meth:`set_prior` was called).
     """
 
     def __init__(self, box_size: int, *, resolution: int = 16, threshold: float = 0.2, decay: float = 0.95,
@@ -46,11 +50,28 @@ class OccupancyGrid(nn.Module):
         r = self.resolution
         self.register_buffer("level", torch.full((r, r, r), float("inf")))
         self.register_buffer("occupied", torch.ones(r, r, r, dtype=torch.bool))
+        self.register_buffer("prior", torch.ones(r, r, r, dtype=torch.bool))
 
     @property
     def refreshed(self) -> bool:
-        """Whether the grid has been refreshed at least once (before that every cell is occupied)."""
+        """Whether the grid has been refreshed at least once (before that it holds its prior)."""
         return not bool(torch.isinf(self.level).all())
+
+    @property
+    def prunes(self) -> bool:
+        """Whether any cell is empty (else the decoder queries every point)."""
+        return not bool(self.occupied.all())
+
+    @torch.no_grad()
+    def set_prior(self, levels: torch.Tensor) -> None:
+        """Take the cells a consensus map occupies as the prior: ``levels`` ``(r, r, r)`` its maximum per
+        cell (:func:`cryoscape.models.consensus.cell_maxima`), by the rule of :meth:`_cells` dilated
+        ``dilation + 1`` cells; every cell if the map has no shape.  Before the first refresh the grid
+        holds the prior."""
+        cells = self._cells(levels.to(self.level.device).float(), self.dilation + 1)
+        self.prior.copy_(torch.ones_like(self.prior) if cells is None else cells)
+        if not self.refreshed:
+            self.occupied.copy_(self.prior)
 
     def cells(self, world: torch.Tensor) -> torch.Tensor:
         """Flat cell index ``x + r (y + r z)`` of world points ``(..., 3)`` (x, y, z; clamped to the box)."""
@@ -80,21 +101,21 @@ class OccupancyGrid(nn.Module):
         values = density_fn(points.unsqueeze(0)).float().amax(0).reshape(self.level.shape)
         fresh = torch.isinf(self.level)
         self.level.copy_(torch.where(fresh, values, torch.maximum(self.level * self.decay, values)))
-        self.occupied.copy_(self._occupied_cells())
+        cells = self._cells(self.level, self.dilation)
+        self.occupied.copy_(self.prior if cells is None else cells)
 
-    def _occupied_cells(self) -> torch.Tensor:
-        """Cells whose level, averaged with their neighbours' (an isolated noisy maximum does not keep a
+    def _cells(self, level: torch.Tensor, dilation: int) -> torch.Tensor | None:
+        """Cells whose ``level``, averaged with their neighbours' (an isolated noisy maximum does not keep a
         cell), is above ``threshold`` of the way from the lowest such average (the background) to the
-        highest; every cell while the background is above half the highest (the map has no shape yet);
-        then dilated by ``dilation`` cells."""
-        smooth = nn.functional.avg_pool3d(self.level[None, None], 3, stride=1, padding=1,
+        highest, dilated by ``dilation`` cells; ``None`` while the background is above half the highest
+        (the map has no shape yet)."""
+        smooth = nn.functional.avg_pool3d(level[None, None], 3, stride=1, padding=1,
                                           count_include_pad=False)[0, 0]
         floor, top = float(smooth.min()), float(smooth.max())
         if not top > 0 or floor > 0.5 * top:
-            return torch.ones_like(self.occupied)
+            return None
         occupied = smooth - floor > self.threshold * (top - floor)
-        if self.dilation > 0:
-            k = 2 * self.dilation + 1
-            occupied = nn.functional.max_pool3d(occupied[None, None].float(), k, stride=1,
-                                                padding=self.dilation)[0, 0] > 0
+        if dilation > 0:
+            k = 2 * dilation + 1
+            occupied = nn.functional.max_pool3d(occupied[None, None].float(), k, stride=1, padding=dilation)[0, 0] > 0
         return occupied

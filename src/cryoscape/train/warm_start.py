@@ -1,10 +1,12 @@
-"""Warm start: a first estimate of a decoder's mean map from the data, before the first epoch.
+"""Warm start: what a decoder takes from the posed data before the first epoch.
 
 With known poses the consensus map is one pass of backprojection away, and a voxel decoder
 trained by Adam from zero needs many epochs to get there (Adam moves every voxel by about its
 learning rate per step, however strong its gradient).  A decoder that wants it
-(``wants_warm_start``) implements the hook ``warm_start(slices)`` (today the structural basis, :meth:`cryoscape.models.basis.StructuralBasis.
-warm_start`) receives an iterator over the data, in batches, as exactly what the loss compares the
+(``wants_warm_start``) implements the hook ``warm_start(slices)`` (the structural basis starts its
+mean map from the backprojection, :meth:`cryoscape.models.basis.StructuralBasis.warm_start`;
+CryoFormer its occupancy grid's cells, :meth:`cryoscape.models.cryoformer.CryoFormer.warm_start`; the
+atomic model its blob width and amplitude) and receives an iterator over the data, in batches, as exactly what the loss compares the
 model with: the slice frequencies ``R^T k`` (cycles per pixel), the observed coefficients with
 the particle shift undone (the loss's units), the CTF and the likelihood's pixel weights
 (:mod:`cryoscape.train.likelihood`).  The training loop calls :func:`warm_start_decoder` in new
@@ -63,7 +65,9 @@ def warm_start_decoder(
         below = (torch.as_tensor(fsc)[1:] < 0.5).nonzero()
         shell = int(below[0, 0]) + 1 if below.numel() else len(fsc) - 1
         where = f"; half-map FSC falls below 0.5 at shell {shell} of {pixels.box_size // 2}"
-    log.info("warm start: the decoder's mean map from the backprojection of %d images in %.1f s%s",
+    if summary.get("note"):
+        where += f"; {summary['note']}"
+    log.info("warm start: %d posed images in %.1f s%s",
              summary.get("n_images", len(order)), summary["seconds"], where)
     return summary
 
