@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -345,6 +346,14 @@ def compare_to_reference(volume: np.ndarray, reference: np.ndarray, *, pixel_siz
 
 
 # --------------------------------------------------------------------------- output
+def warm_start_seconds(run_dir: Path) -> float | None:
+    """Seconds of a cryoscape run's warm start ("warm start: ... in X s" in run.log), None without one."""
+    path = Path(run_dir) / "run.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    hit = re.search(r"warm start: .*? in ([\d.]+) s", text)
+    return float(hit.group(1)) if hit else None
+
+
 def print_figure(name: str, value: float | str, unit: str = "", *, fmt: str = ".2f") -> None:
     """One figure per line: ``name: value unit``."""
     text = value if isinstance(value, str) else format(value, fmt)

@@ -49,6 +49,7 @@ from common import (  # noqa: E402
     run_timed,
     simulate_dataset,
     thread_env,
+    warm_start_seconds,
 )
 from train import decode_maps, last_latents, score_maps, training_seconds  # noqa: E402
 
@@ -159,6 +160,11 @@ def run_snr(args, env, exe: Path, snr: float) -> dict:
         auc = float(np.mean(score_maps(paths, truth["state_index"][index], data, args.box)["auc"]))
         results[name] = {"auc": auc, "img_s": args.n_images * args.epochs / train_s if train_s else float("nan")}
         print_figure(f"{tag} {name} training images/s", results[name]["img_s"], fmt=".2f")
+        warm_s = warm_start_seconds(run_dir) if tool != DRGN else None
+        if warm_s is not None:  # set-up before epoch 1 (CryoFormer's occupancy prior), not in the epoch times
+            print_figure(f"{tag} {name} warm start (set-up before epoch 1, from its log)", warm_s, "s", fmt=".2f")
+            print_figure(f"{tag} {name} training images/s with the warm start counted",
+                         args.n_images * args.epochs / (train_s + warm_s), fmt=".2f")
         print_figure(f"{tag} {name} per-image FSC AUC", auc, fmt=".3f")
         if name == "cryoformer_encoder":
             after = pose_errors(run_dir / f"poses.{epoch}.pkl", data, args.box)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
@@ -65,6 +64,7 @@ from common import (  # noqa: E402
     simulate_dataset,
     thread_env,
     tool_version,
+    warm_start_seconds,
 )
 from train import (  # noqa: E402  (the shared pieces of the training benchmark)
     cryodrgn_train,
@@ -147,14 +147,6 @@ for zi in latents:
     times.append(time.perf_counter() - t0)
 print(json.dumps({"times": times, "threads": torch.get_num_threads()}))
 """
-
-
-def warm_start_seconds(run_dir: Path) -> float | None:
-    """Seconds of the warm start ("warm start: ... in X s" in run.log), None without one."""
-    path = run_dir / "run.log"
-    text = path.read_text(errors="replace") if path.exists() else ""
-    hit = re.search(r"warm start: .*? in ([\d.]+) s", text)
-    return float(hit.group(1)) if hit else None
 
 
 def time_map_generation(run_dir: Path, z: np.ndarray, *, box: int, repeats: int, env) -> tuple[float, float]:
