@@ -114,8 +114,8 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
                             "searched (the basis: 64), else --batch-size]")
     sched.add_argument("--warm-start-images", type=int, default=None, metavar="N",
                        help="when the model is rebuilt after poses were found (the switch above, a reset), a "
-                            "decoder with a warm start (the basis) starts from the backprojection of up to N images "
-                            "with the current poses; 0: from zero [20000]")
+                            "decoder with a warm start (the basis's mean map, CryoFormer's occupancy grid) starts from the "
+                            "backprojection of up to N images with the current poses; 0: from zero [20000]")
     sched.add_argument("--search-chunk", type=int, default=None, metavar="N_IMAGES",
                        help="images searched with one model before it trains on them, at the band --k-min; the "
                             "chunk grows as (band / k-min)^3 [64]")

@@ -161,8 +161,9 @@ def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that fit the maps or the latents outside the optimiser: warm start, refits, latent searches."""
     opt = parser.add_argument_group("maps and latents fitted outside the optimiser")
     opt.add_argument("--warm-start-images", type=int, default=None, metavar="N",
-                     help="decoders with a mean volume (basis): start it from the Wiener-filtered backprojection "
-                          "of up to N images (0: start from zero) [20000]")
+                     help="decoders that start from the posed data: the basis's mean map from the Wiener-filtered "
+                          "backprojection of up to N images, CryoFormer's occupancy grid from its low-pass "
+                          "consensus (0: neither; from zero and every cell) [20000]")
     opt.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                      help="decoders linear in their voxels (basis): after the last epoch, re-solve the maps in "
                           "closed form from all images at their latents, with a gold-standard Wiener prior per "

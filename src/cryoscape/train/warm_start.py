@@ -10,11 +10,11 @@ atomic model its blob width and amplitude) and receives an iterator over the dat
 model with: the slice frequencies ``R^T k`` (cycles per pixel), the observed coefficients with
 the particle shift undone (the loss's units), the CTF and the likelihood's pixel weights
 (:mod:`cryoscape.train.likelihood`).  The training loop calls :func:`warm_start_decoder` in new
-runs (not resumed or loaded ones) unless ``--no-warm-start``; pose refinement starts from the
+runs (not resumed or loaded ones) unless ``--warm-start-images 0``; pose refinement starts from the
 same poses.  The images used are a random subset of at most ``warm_start_images``.  Like the
 noise-spectrum estimate before it, this is set-up: logged with its own time ("warm start: ... in
-X s"), not counted in the first epoch's time (bench/decoders.py reports it and the throughput
-with it included).
+X s"), not counted in the first epoch's time (bench/decoders.py and bench/cryoformer.py report it and
+the throughput with it included).
 """
 
 from __future__ import annotations
