@@ -37,28 +37,34 @@ def lowpass_backprojection(slices, box_size: int, band_index: int, *, domain: st
     """
     L = max(1, int(band_index))
     n = 2 * L + 3
-    dtype = torch.complex128 if domain == "fourier" else torch.float64
-    num = torch.zeros(2, n ** 3, dtype=dtype, device=device)
-    wsum = torch.zeros(2, n ** 3, dtype=torch.float64, device=device)
+    fourier = domain == "fourier"
+    # per half-set and voxel, real columns (accumulated with index_add_ on any device): the numerator
+    # sum w c X (real and imaginary parts, or the Hartley value) and the weight sum w c^2
+    sums = torch.zeros(2 * n ** 3, 3 if fourier else 2, dtype=torch.float64, device=device)
     n_images = 0
     for coords, target, ctf, pixel_weights in slices:
         index = coords.to(device, torch.float64) * box_size
         keep = index[0].norm(dim=-1) <= L  # |R^T k| = |k|: the same pixels in every image
-        index, target = index[:, keep], target.to(device)[:, keep].to(dtype)
+        index, target = index[:, keep], target.to(device)[:, keep]
         c = torch.ones(target.shape, dtype=torch.float64, device=device) if ctf is None else \
             ctf.to(device, torch.float64)[:, keep]
         w = pixel_weights.to(device, torch.float64)[keep]
-        halves = (torch.arange(target.shape[0], device=device) + n_images) % 2
-        mates = ((index, target),) if domain != "fourier" else ((index, target), (-index, target.conj()))
+        data = torch.view_as_real(target.to(torch.complex128)) if fourier else target.to(torch.float64)[..., None]
+        columns = torch.cat([data * (c * w)[..., None], (c.square() * w)[..., None]], -1)  # (B, P, C)
+        half = ((torch.arange(target.shape[0], device=device) + n_images) % 2 * n ** 3)[:, None]
+        mates = ((index, columns),)
+        if fourier:  # a half-plane pixel also stands for its Friedel mate: -k, the conjugate value
+            mates += ((-index, columns * columns.new_tensor([1.0, -1.0, 1.0])),)
         for points, values in mates:
             for flat, corner in _corners(points, L + 1):
-                for h in (0, 1):
-                    sel = halves == h
-                    num[h].index_add_(0, flat[sel].reshape(-1), (values * c * w * corner)[sel].reshape(-1))
-                    wsum[h].index_add_(0, flat[sel].reshape(-1), (c.square() * w * corner)[sel].reshape(-1))
+                rows = (values * corner[..., None]).reshape(-1, values.shape[-1])
+                sums.index_add_(0, (flat + half).reshape(-1), rows)
         n_images += int(target.shape[0])
     if n_images < 2:
         raise ValueError("a consensus map needs at least two images")
+    sums = sums.reshape(2, n ** 3, -1)
+    num = torch.complex(sums[..., 0], sums[..., 1]) if fourier else sums[..., 0]
+    wsum = sums[..., -1]
     fsc, ssnr = _halves_fsc(num, wsum, L)
     return _wiener(num.sum(0), wsum.sum(0), ssnr, L, domain), fsc, n_images
 
