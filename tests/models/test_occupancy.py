@@ -193,10 +193,11 @@ def test_training_renders_half_the_lattice_until_the_grid_prunes():
     assert _cryoformer(box_size=32).train()._training_render_size() == 32  # off by default
 
 
-def test_a_consensus_prior_is_held_until_the_models_map_has_a_shape():
+def test_a_consensus_prior_is_held_until_the_models_map_has_a_shape_and_kept_after():
     """``set_prior``: the cells a consensus map occupies, by the rule dilated one cell further, held before the
-    first refresh and by refreshes while the model's map has no shape (near-uniform), replaced once it has
-    one; a consensus without shape leaves every cell occupied."""
+    first refresh and by refreshes while the model's map has no shape (near-uniform); once it has one the
+    model's cells are added to the prior's (``keep_prior``, default) or replace them; a consensus without
+    shape leaves every cell occupied, and a prior of every cell is not kept (the grid still prunes)."""
     grid = OccupancyGrid(64, resolution=16)
     levels = torch.zeros(16, 16, 16)
     levels[6:10, 6:10, 6:10] = 1.0
@@ -213,13 +214,18 @@ def test_a_consensus_prior_is_held_until_the_models_map_has_a_shape():
     assert grid.refreshed and torch.equal(grid.occupied, expected)
     shaped = torch.zeros(16, 16, 16)
     shaped[2:6, 2:6, 2:6] = 1.0
-    moved = OccupancyGrid(64, resolution=16)
-    moved.set_prior(levels)
-    moved.refresh(lambda world: shaped.reshape(-1)[moved.cells(world)])
-    assert bool(moved.occupied[2:6, 2:6, 2:6].all()) and not bool(moved.occupied[9:].any())
+    kept, moved = OccupancyGrid(64, resolution=16), OccupancyGrid(64, resolution=16, keep_prior=False)
+    for g in (kept, moved):
+        g.set_prior(levels)
+        g.refresh(lambda world: shaped.reshape(-1)[g.cells(world)])
+        assert bool(g.occupied[2:6, 2:6, 2:6].all())
+    assert not bool(moved.occupied[9:].any()) and not bool(moved.occupied[expected].all())
+    assert bool(kept.occupied[expected].all()) and kept.occupied.sum() > expected.sum()
     blank = OccupancyGrid(64, resolution=16)
     blank.set_prior(uniform)
     assert bool(blank.prior.all()) and not blank.prunes
+    blank.refresh(lambda world: shaped.reshape(-1)[blank.cells(world)])
+    assert blank.prunes and not bool(blank.occupied[12:].any())
 
 
 def test_training_starts_the_grid_from_the_consensus_map_of_the_posed_data(tmp_path):

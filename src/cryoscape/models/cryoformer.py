@@ -37,7 +37,9 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
 * ``occupancy_prior`` (on by default, with the grid): before the first epoch of a run with poses, the grid's
   first cells come from the consensus map, the low-pass backprojection of the data
   (:meth:`CryoFormer.warm_start`, :mod:`cryoscape.models.consensus`), so that the steps before the model's
-  own map has a shape query the molecule's cells, not the whole sphere;
+  own map has a shape query the molecule's cells, not the whole sphere; with ``occupancy_keep_prior`` (on
+  by default) those cells stay occupied for the whole run (a minority state's part, weak in the early
+  map, is not pruned before the latent can learn it);
 * ``coarse_start`` (off by default): training renders half the lattice while the occupancy grid prunes
   nothing, i.e. until it first prunes (without a prior) (:meth:`CryoFormer._training_render_size`; README has its speed
   and its cost at low SNR).
@@ -163,7 +165,7 @@ class CryoFormer(VolumeDecoder):
                  deformation_init_scale: float = 0.0, adam_eps: float = 1e-15, occupancy: bool = True,
                  occupancy_resolution: int | None = None, occupancy_threshold: float = 0.2,
                  occupancy_warmup_steps: int = 64, occupancy_every: int = 16, coarse_start: bool = False,
-                 occupancy_prior: bool = True):
+                 occupancy_prior: bool = True, occupancy_keep_prior: bool = True):
         super().__init__(box_size=box_size, zdim=zdim)
         if space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {space!r}")
@@ -188,7 +190,7 @@ class CryoFormer(VolumeDecoder):
                            adam_eps=adam_eps, occupancy=occupancy, occupancy_resolution=occupancy_resolution,
                            occupancy_threshold=occupancy_threshold, occupancy_warmup_steps=occupancy_warmup_steps,
                            occupancy_every=occupancy_every, coarse_start=coarse_start,
-                           occupancy_prior=occupancy_prior)
+                           occupancy_prior=occupancy_prior, occupancy_keep_prior=occupancy_keep_prior)
         max_res = max(2, D)
         self.grid = HashGrid(n_levels=n_levels, features_per_level=features_per_level, log2_table_size=log2_table_size,
                              base_resolution=min(base_resolution, max_res), max_resolution=max_res,
@@ -220,8 +222,8 @@ class CryoFormer(VolumeDecoder):
         self._columns: dict = {}  # (render size, device) -> the lattice's ColumnPoints
         self.occupancy = None
         if occupancy and space == "real":  # skip the empty cells of the box (models/occupancy.py)
-            self.occupancy = OccupancyGrid(D, resolution=occupancy_resolution,
-                                           threshold=float(occupancy_threshold))
+            self.occupancy = OccupancyGrid(D, resolution=occupancy_resolution, threshold=float(occupancy_threshold),
+                                           keep_prior=bool(occupancy_keep_prior))
             self.register_buffer("occupancy_steps", torch.zeros((), dtype=torch.long))
         # the engine streams the posed data once before a new run: the grid's prior (warm_start)
         self.wants_warm_start = self.occupancy is not None and bool(occupancy_prior)

@@ -16,8 +16,11 @@ README, "Choosing a decoder: CryoFormer", has the fractions measured.)
 Until its first refresh, and while the model's map has no shape, the grid holds its *prior*: every cell,
 or the cells a consensus map occupies (:meth:`OccupancyGrid.set_prior`, from the backprojection of the
 data with their poses: CryoFormer's warm start), by the same rule dilated one cell further (the
-consensus averages the conformations and blurs what moves).  The decoder refreshes the grid only after a
-warm-up, when its map has a shape.  A pruned cell is still evaluated at every refresh, so it comes back
+consensus averages the conformations and blurs what moves).  With ``keep_prior`` (the default) the
+prior's cells stay occupied after that too: a part of the molecule present in a minority of the particles
+is weak in the model's early map (before its latent is in use) and would be pruned, and a pruned cell gets
+no gradient, so the model could never learn it (README, "Choosing a decoder: CryoFormer", has the measured
+case).  The decoder refreshes the grid only after a warm-up, when its map has a shape.  A pruned cell is still evaluated at every refresh, so it comes back
 if the network's density there grows (through shared parameters) above the threshold.
 """
 
@@ -36,17 +39,19 @@ class OccupancyGrid(nn.Module):
 
     Buffers (saved with the model): ``level`` ``(r, r, r)`` ``[z, y, x]`` the decaying maximum density
     per cell (``inf``: never evaluated), ``occupied`` ``(r, r, r)`` bool, ``prior`` ``(r, r, r)`` bool the
-    cells occupied while the model's map has no shape (all, unless :meth:`set_prior` was called).
+    cells occupied while the model's map has no shape (all, unless :meth:`set_prior` was called) and, with
+    ``keep_prior``, always.
     """
 
     def __init__(self, box_size: int, *, resolution: int = 16, threshold: float = 0.2, decay: float = 0.95,
-                 dilation: int = 1):
+                 dilation: int = 1, keep_prior: bool = True):
         super().__init__()
         if resolution < 1 or not 0.0 <= threshold < 1.0 or not 0.0 < decay <= 1.0 or dilation < 0:
             raise ValueError(f"occupancy grid: need resolution >= 1, 0 <= threshold < 1, 0 < decay <= 1 and "
                              f"dilation >= 0, got {resolution}, {threshold}, {decay}, {dilation}")
         self.box_size, self.resolution = int(box_size), int(resolution)
         self.threshold, self.decay, self.dilation = float(threshold), float(decay), int(dilation)
+        self.keep_prior = bool(keep_prior)
         r = self.resolution
         self.register_buffer("level", torch.full((r, r, r), float("inf")))
         self.register_buffer("occupied", torch.ones(r, r, r, dtype=torch.bool))
@@ -102,7 +107,11 @@ class OccupancyGrid(nn.Module):
         fresh = torch.isinf(self.level)
         self.level.copy_(torch.where(fresh, values, torch.maximum(self.level * self.decay, values)))
         cells = self._cells(self.level, self.dilation)
-        self.occupied.copy_(self.prior if cells is None else cells)
+        if cells is None:
+            cells = self.prior
+        elif self.keep_prior and not bool(self.prior.all()):
+            cells = cells | self.prior
+        self.occupied.copy_(cells)
 
     def _cells(self, level: torch.Tensor, dilation: int) -> torch.Tensor | None:
         """Cells whose ``level``, averaged with their neighbours' (an isolated noisy maximum does not keep a
