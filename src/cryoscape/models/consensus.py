@@ -11,7 +11,7 @@ the centred cube ``[-L-1, L+1]^3`` of integer frequencies (trilinear weights on 
 transpose of the slice's interpolation; a Fourier half-plane pixel also at its Friedel mate), in two
 half-sets of alternating images, and solves the per-shell Wiener
 estimate ``sum w c X / (sum w c^2 + <sum w c^2>_shell / SSNR_shell)`` with the SSNR from the half-map
-FSC (as the structural basis's warm start and RELION's reconstruction).  Cheap (a ``(2L + 1)^3``
+FSC (as the structural basis's warm start and RELION's reconstruction).  Cheap (a ``(2L + 3)^3``
 cube), coarse on purpose: CryoFormer reads its occupancy grid's first cells from it
 (:meth:`cryoscape.models.cryoformer.CryoFormer.warm_start`), where a cell is a few pixels wide.
 """

@@ -41,8 +41,8 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
   by default) those cells stay occupied for the whole run (a minority state's part, weak in the early
   map, is not pruned before the latent can learn it);
 * ``coarse_start`` (off by default): training renders half the lattice while the occupancy grid prunes
-  nothing, i.e. until it first prunes (without a prior) (:meth:`CryoFormer._training_render_size`; README has its speed
-  and its cost at low SNR).
+  nothing, i.e. until it first prunes; so only without a prior (:meth:`CryoFormer._training_render_size`;
+  README has its speed and its cost at low SNR).
 
 Forward models (``space``)
 --------------------------
@@ -256,8 +256,9 @@ class CryoFormer(VolumeDecoder):
         """Set the occupancy grid's prior from the consensus map: the Wiener-filtered backprojection of the
         posed data below one cycle per cell (:func:`~cryoscape.models.consensus.lowpass_backprojection`),
         its maximum per cell (:meth:`~cryoscape.models.occupancy.OccupancyGrid.set_prior`).  Until the
-        model's own map has a shape the grid holds these cells instead of the whole sphere (README,
-        "Choosing a decoder: CryoFormer", has the shares and what they saved).  A training-loop hook,
+        model's own map has a shape the grid holds these cells instead of the whole sphere, and with
+        ``occupancy_keep_prior`` it keeps them after (README, "Choosing a decoder: CryoFormer", has the
+        shares, what they saved and what keeping them protects).  A training-loop hook,
         called before the first epoch of a new run with poses (train/warm_start.py).
 
         Returns ``{"n_images", "fsc_half", "prior_share", "note"}`` (the share of the grid's cells occupied,

@@ -20,8 +20,9 @@ consensus averages the conformations and blurs what moves).  With ``keep_prior``
 prior's cells stay occupied after that too: a part of the molecule present in a minority of the particles
 is weak in the model's early map (before its latent is in use) and would be pruned, and a pruned cell gets
 no gradient, so the model could never learn it (README, "Choosing a decoder: CryoFormer", has the measured
-case).  The decoder refreshes the grid only after a warm-up, when its map has a shape.  A pruned cell is still evaluated at every refresh, so it comes back
-if the network's density there grows (through shared parameters) above the threshold.
+case).  The decoder refreshes the grid only after a warm-up, when its map has a shape.  A pruned cell is
+still evaluated at every refresh, so it comes back if the network's density there grows (through shared
+parameters) above the threshold.
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
 """Warm start: what a decoder takes from the posed data before the first epoch.
 
-With known poses the consensus map is one pass of backprojection away, and a voxel decoder
-trained by Adam from zero needs many epochs to get there (Adam moves every voxel by about its
-learning rate per step, however strong its gradient).  A decoder that wants it
-(``wants_warm_start``) implements the hook ``warm_start(slices)`` (the structural basis starts its
-mean map from the backprojection, :meth:`cryoscape.models.basis.StructuralBasis.warm_start`;
-CryoFormer its occupancy grid's cells, :meth:`cryoscape.models.cryoformer.CryoFormer.warm_start`; the
-atomic model its blob width and amplitude) and receives an iterator over the data, in batches, as exactly what the loss compares the
-model with: the slice frequencies ``R^T k`` (cycles per pixel), the observed coefficients with
-the particle shift undone (the loss's units), the CTF and the likelihood's pixel weights
-(:mod:`cryoscape.train.likelihood`).  The training loop calls :func:`warm_start_decoder` in new
-runs (not resumed or loaded ones) unless ``--warm-start-images 0``; pose refinement starts from the
-same poses.  The images used are a random subset of at most ``warm_start_images``.  Like the
-noise-spectrum estimate before it, this is set-up: logged with its own time ("warm start: ... in
-X s"), not counted in the first epoch's time (bench/decoders.py and bench/cryoformer.py report it and
-the throughput with it included).
+With known poses the consensus map is one pass of backprojection away, and a voxel decoder trained
+by Adam from zero needs many epochs to get there (Adam moves every voxel by about its learning rate
+per step, however strong its gradient). A decoder that wants it (``wants_warm_start``) implements
+the hook ``warm_start(slices)`` (the structural basis starts its mean map from the backprojection,
+:meth:`cryoscape.models.basis.StructuralBasis.warm_start`; CryoFormer its occupancy grid's cells,
+:meth:`cryoscape.models.cryoformer.CryoFormer.warm_start`; the atomic model its blob width and
+amplitude) and receives an iterator over the data, in batches, as exactly what the loss compares the
+model with: the slice frequencies ``R^T k`` (cycles per pixel), the observed coefficients with the
+particle shift undone (the loss's units), the CTF and the likelihood's pixel weights
+(:mod:`cryoscape.train.likelihood`). The training loop calls :func:`warm_start_decoder` in new runs
+(not resumed or loaded ones) unless ``--warm-start-images 0``; pose refinement starts from the same
+poses. The images used are a random subset of at most ``warm_start_images``. Like the noise-spectrum
+estimate before it, this is set-up: logged with its own time ("warm start: ... in X s"), not counted
+in the first epoch's time (bench/decoders.py and bench/cryoformer.py report it and the throughput
+with it included).
 """
 
 from __future__ import annotations
