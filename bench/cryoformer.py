@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import pickle
 import shutil
 import sys
 from pathlib import Path
