@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cryoscape.fourier.fft import ifft3_center, iht3_center
+from cryoscape.fourier.grids import shell_index_3d
 from cryoscape.models.subspace_fit import ssnr_from_halves
 
 __all__ = ["lowpass_backprojection", "cell_maxima"]
@@ -65,8 +66,9 @@ def lowpass_backprojection(slices, box_size: int, band_index: int, *, domain: st
     sums = sums.reshape(2, n ** 3, -1)
     num = torch.complex(sums[..., 0], sums[..., 1]) if fourier else sums[..., 0]
     wsum = sums[..., -1]
-    fsc, ssnr = _halves_fsc(num, wsum, L)
-    return _wiener(num.sum(0), wsum.sum(0), ssnr, L, domain), fsc, n_images
+    shells = shell_index_3d(n, device=num.device).clamp(max=L + 1).reshape(-1)  # L + 1: beyond the band
+    fsc, ssnr = _halves_fsc(num, wsum, shells, L)
+    return _wiener(num.sum(0), wsum.sum(0), ssnr, shells, L, domain), fsc, n_images
 
 
 def _corners(points: torch.Tensor, M: int):
@@ -84,26 +86,19 @@ def _corners(points: torch.Tensor, M: int):
                 yield ((q[..., 2] + dz) * n + q[..., 1] + dy) * n + q[..., 0] + dx, weight
 
 
-def _shells(L: int, device) -> torch.Tensor:
-    """Integer shell of every voxel of the cube ``[-L-1, L+1]^3``, ``L + 1`` beyond the band."""
-    r = torch.arange(-L - 1, L + 2, device=device, dtype=torch.float64)
-    zz, yy, xx = torch.meshgrid(r, r, r, indexing="ij")
-    return (xx.square() + yy.square() + zz.square()).sqrt().round().long().clamp(max=L + 1).reshape(-1)
-
-
-def _halves_fsc(num: torch.Tensor, wsum: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _halves_fsc(num: torch.Tensor, wsum: torch.Tensor, shells: torch.Tensor,
+                L: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fsc, ssnr)`` per shell ``0..L`` of the two half-sets' gridding estimates."""
     halves = torch.where(wsum > 0, num / wsum.clamp_min(1e-30), torch.zeros_like(num))
-    fsc, ssnr = ssnr_from_halves(halves[0].unsqueeze(-1), halves[1].unsqueeze(-1), _shells(L, num.device), L + 2)
+    fsc, ssnr = ssnr_from_halves(halves[0].unsqueeze(-1), halves[1].unsqueeze(-1), shells, L + 2)
     return fsc[: L + 1, 0], ssnr[: L + 1, 0]
 
 
-def _wiener(total_n: torch.Tensor, total_w: torch.Tensor, ssnr: torch.Tensor, L: int, domain: str) -> torch.Tensor:
-    """The real map of the full set's per-shell Wiener estimate (0 beyond the band)."""
-    shells = _shells(L, total_n.device)
-    counts = torch.zeros(L + 2, dtype=torch.float64, device=total_n.device).index_add_(0, shells,
-                                                                               torch.ones_like(total_w))
-    mean_w = torch.zeros_like(counts).index_add_(0, shells, total_w) / counts.clamp_min(1)
+def _wiener(total_n: torch.Tensor, total_w: torch.Tensor, ssnr: torch.Tensor, shells: torch.Tensor, L: int,
+            domain: str) -> torch.Tensor:
+    """The real map of the full set's per-shell Wiener estimate (0 beyond the band, shell ``L + 1``)."""
+    counts = torch.bincount(shells, minlength=L + 2).double()
+    mean_w = torch.bincount(shells, weights=total_w, minlength=L + 2) / counts.clamp_min(1)
     reg = torch.cat([mean_w[: L + 1] / ssnr, mean_w.new_full((1,), float("inf"))])[shells]
     cube = (total_n / (total_w + reg).clamp_min(1e-30)).reshape(2 * L + 3, 2 * L + 3, 2 * L + 3)
     volume = ifft3_center(cube).real if domain == "fourier" else iht3_center(cube)
