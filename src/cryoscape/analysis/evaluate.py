@@ -535,8 +535,29 @@ def evaluate_against_truth(
     """
     import yaml
 
-    from cryoscape.analysis.selection import run_particle_rows
     from cryoscape.io.writers import atomic_write
+
+    result, run, epoch, decoder, state = _open_evaluation(
+        truth, run_dir, epoch, z_path=z_path, ind=ind, maps_dir=maps_dir, poses=poses, n_images=n_images,
+        out_dir=out_dir, device=device)
+    accuracy = _evaluate_poses(result, poses, run, epoch)
+    _score_fsc(result, accuracy, maps_dir, decoder, state, n_images=n_images, box_size=box_size, device=device,
+               progress=progress, invert_maps=invert_maps, flip_maps=flip_maps)
+    if result.z is not None:
+        _score_latents(result, labels=labels, n_clusters=n_clusters, seed=seed)
+    if decoder is not None:  # atomic models: an atomic decoder against the true models (analysis/atomic.py)
+        _score_atomic_models(result, decoder, true_model)
+    with atomic_write(result.out_dir / "evaluation.yaml", "w") as fh:
+        yaml.safe_dump(result.to_dict(), fh, sort_keys=False)
+    return result
+
+
+def _open_evaluation(truth: PathLike, run_dir: PathLike | None, epoch: int | None, *, z_path: PathLike | None,
+                     ind: PathLike | str | None, maps_dir: PathLike | None, poses: PathLike | None, n_images: int,
+                     out_dir: PathLike | None,
+                     device: Any) -> tuple[Evaluation, Path | None, int | None, Any, dict | None]:
+    """Check the options, load the truth, what is evaluated and its particles' rows, and make the output folder."""
+    from cryoscape.analysis.selection import run_particle_rows
 
     gt = load_ground_truth(truth)
     run = Path(run_dir) if run_dir is not None else None
@@ -562,23 +583,28 @@ def evaluate_against_truth(
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     result = Evaluation(out_dir=out, n_particles=n_particles, rows=rows, source=source, truth=gt, z=z)
-    accuracy = _evaluate_poses(result, poses, run, epoch)
-    positions = evenly_spaced_indices(n_particles, n_images)
+    return result, run, epoch, decoder, state
+
+
+def _score_fsc(result: Evaluation, accuracy, maps_dir: PathLike | None, decoder, state: dict | None, *,
+               n_images: int, box_size: int | None, device: Any, progress: bool, invert_maps: bool,
+               flip_maps: bool) -> None:
+    """Per-image FSC at ``n_images`` evenly spaced particles, whose latents go to eval_z.txt for decoding maps."""
+    positions = evenly_spaced_indices(result.n_particles, n_images)
     result.fsc_positions = positions
-    if z is not None:
-        np.savetxt(out / "eval_z.txt", z[positions], fmt="%.7g")
+    if result.z is not None:
+        np.savetxt(result.out_dir / "eval_z.txt", result.z[positions], fmt="%.7g")
     maps = _maps_to_score(result, maps_dir, decoder, state, box_size, device, progress)
     if maps is not None:
         _score_maps(result, maps, accuracy, invert_maps=invert_maps, flip_maps=flip_maps)
-    if z is not None:
-        _score_latents(result, labels=labels, n_clusters=n_clusters, seed=seed)
-    if decoder is not None:  # atomic models: an atomic decoder against the true models (analysis/atomic.py)
-        from cryoscape.analysis.atomic import atomic_evaluation
 
-        result.atomic = atomic_evaluation(decoder, gt, rows, z, out, true_model=true_model)
-    with atomic_write(out / "evaluation.yaml", "w") as fh:
-        yaml.safe_dump(result.to_dict(), fh, sort_keys=False)
-    return result
+
+def _score_atomic_models(result: Evaluation, decoder, true_model: PathLike | None) -> None:
+    """``result.atomic``: the run's atomic models against the true ones (None without an atomic model or truth)."""
+    from cryoscape.analysis.atomic import atomic_evaluation
+
+    result.atomic = atomic_evaluation(decoder, result.truth, result.rows, result.z, result.out_dir,
+                                      true_model=true_model)
 
 
 def _evaluated_sources(run: Path | None, epoch: int | None, z_path: PathLike | None, maps_dir: PathLike | None,

@@ -385,8 +385,6 @@ def resolve_stacks(
         A stack is missing, an index is past the end of its stack, images are not square, or
         stacks differ in box size.
     """
-    from cryoscape.io.mrc import read_mrc_header  # another io module; imported when needed
-
     meta = os.fspath(metadata_path)
     meta_name = Path(meta).name
     codes, uniques = pd.factorize(pd.Series(np.asarray(raw_paths, dtype=object)), sort=False)
@@ -404,12 +402,35 @@ def resolve_stacks(
         if image_indices.min() < 0:
             raise InputError(f"{meta} references a negative image index; fix {meta_name}.")
 
+    resolved, pixel_by_stack, box_by_stack = _locate_stacks(
+        uniques, max_index, datadir=ddir, search_dirs=dirs, meta=meta, meta_name=meta_name, check_stacks=check_stacks
+    )
+    box_size = _common_box_size(box_by_stack, meta)
+    resolved_arr = np.array(resolved, dtype=object)
+    return StackInfo(
+        image_paths=resolved_arr[codes] if n else np.empty(0, dtype=object),
+        box_size=box_size,
+        header_pixel_size_angstrom=pixel_by_stack[codes] if n else np.empty(0),
+    )
+
+
+def _locate_stacks(
+    uniques,
+    max_index: np.ndarray,
+    *,
+    datadir: Path | None,
+    search_dirs: list[Path],
+    meta: str,
+    meta_name: str,
+    check_stacks: bool,
+) -> tuple[list[str], np.ndarray, dict[str, int]]:
+    """Resolve each unique stack (and check its header with ``check_stacks``): paths, header pixel sizes, boxes."""
     resolved: list[str] = []
     pixel_by_stack = np.full(len(uniques), np.nan)
     box_by_stack: dict[str, int] = {}
     for k, raw in enumerate(uniques):
         raw = str(raw)
-        candidates = _candidate_paths(raw, datadir=ddir, search_dirs=dirs)
+        candidates = _candidate_paths(raw, datadir=datadir, search_dirs=search_dirs)
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
             if check_stacks:
@@ -424,21 +445,33 @@ def resolve_stacks(
         resolved.append(str(found))
         if not check_stacks:
             continue
-        header = read_mrc_header(found)
-        if header.nx != header.ny:
-            raise InputError(
-                f"{found} holds {header.nx}x{header.ny} images, which are not square; "
-                "re-extract the particles in square boxes."
-            )
-        if max_index[k] >= header.nz:
-            raise InputError(
-                f"{meta_name} references image {max_index[k] + 1} of {raw} which holds "
-                f"{header.nz} images; pass the matching stack or fix {meta_name}."
-            )
+        header = _checked_stack_header(found, raw, max_index[k], meta_name)
         box_by_stack[str(found)] = int(header.nx)
         if header.pixel_size_angstrom and header.pixel_size_angstrom > 0:
             pixel_by_stack[k] = float(header.pixel_size_angstrom)
+    return resolved, pixel_by_stack, box_by_stack
 
+
+def _checked_stack_header(found: Path, raw: str, max_index, meta_name: str):
+    """The MRC header of one stack, once its images are known to be square and to include ``max_index``."""
+    from cryoscape.io.mrc import read_mrc_header  # another io module; imported when needed
+
+    header = read_mrc_header(found)
+    if header.nx != header.ny:
+        raise InputError(
+            f"{found} holds {header.nx}x{header.ny} images, which are not square; "
+            "re-extract the particles in square boxes."
+        )
+    if max_index >= header.nz:
+        raise InputError(
+            f"{meta_name} references image {max_index + 1} of {raw} which holds "
+            f"{header.nz} images; pass the matching stack or fix {meta_name}."
+        )
+    return header
+
+
+def _common_box_size(box_by_stack: dict[str, int], meta: str) -> int | None:
+    """The one box size of all opened stacks (None if none was opened); stacks must not differ in it."""
     boxes = sorted(set(box_by_stack.values()))
     if len(boxes) > 1:
         a = next(p for p, b in box_by_stack.items() if b == boxes[0])
@@ -447,12 +480,7 @@ def resolve_stacks(
             f"{meta} references stacks with different box sizes ({boxes[0]} px in {a}, "
             f"{boxes[-1]} px in {b}); rescale them to one box size first."
         )
-    resolved_arr = np.array(resolved, dtype=object)
-    return StackInfo(
-        image_paths=resolved_arr[codes] if n else np.empty(0, dtype=object),
-        box_size=boxes[0] if boxes else None,
-        header_pixel_size_angstrom=pixel_by_stack[codes] if n else np.empty(0),
-    )
+    return boxes[0] if boxes else None
 
 
 def _fill_pixel_size(pixel_size: np.ndarray | None, info: StackInfo) -> np.ndarray:

@@ -500,17 +500,7 @@ def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | No
     """
     table.require_pixel_size()
     sub = table if indices is None else table.subset(indices)
-    n = len(sub)
-    if sub.star_rows is not None:
-        rows = sub.star_rows.copy()
-        if image_names == "absolute":
-            rows["rlnImageName"] = pd.Series([f"{i + 1:06d}@{p}" for i, p in zip(sub.image_indices.tolist(),
-                                                                                 sub.image_paths.tolist())], dtype=object)
-        elif image_names != "keep":
-            rows["rlnImageName"] = _image_names_for(Path(path), rows["rlnImageName"], sub.image_paths)
-    else:
-        names = [f"{i + 1:06d}@{p}" for i, p in zip(sub.image_indices.tolist(), sub.image_paths.tolist())]
-        rows = pd.DataFrame({"rlnImageName": pd.Series(names, dtype=object)})
+    rows = _particle_rows(path, sub, image_names)
 
     values = _optics_values(sub)
     if sub.optics is None or len(sub.optics) == 0:
@@ -521,6 +511,39 @@ def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | No
     else:
         optics = _reconcile_optics(rows, sub.optics, values)
 
+    rows = _set_pose_columns(rows, sub)
+    if sub.ctf is not None:
+        _set_values(rows, "rlnDefocusU", sub.ctf.defocus_u_angstrom)
+        _set_values(rows, "rlnDefocusV", sub.ctf.defocus_v_angstrom)
+        _set_values(rows, "rlnDefocusAngle", sub.ctf.defocus_angle_deg)
+        # written whenever the source had it, or was not a STAR file (cryoDRGN's STAR parser
+        # needs the column; RELION treats a missing one as 0)
+        if "rlnPhaseShift" in rows.columns or sub.star_rows is None or np.any(sub.ctf.phase_shift_deg != 0):
+            _set_values(rows, "rlnPhaseShift", sub.ctf.phase_shift_deg)
+
+    text = "# version 30001, written by cryoscape\n\n" + _loop_text("optics", optics) + _loop_text("particles", rows)
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def _particle_rows(path: PathLike, sub: ParticleTable, image_names: str) -> pd.DataFrame:
+    """A copy of the table's STAR rows with ``rlnImageName`` as ``image_names`` asks, or new rows naming each image."""
+    if sub.star_rows is not None:
+        rows = sub.star_rows.copy()
+        if image_names == "absolute":
+            rows["rlnImageName"] = pd.Series([f"{i + 1:06d}@{p}" for i, p in zip(sub.image_indices.tolist(),
+                                                                                 sub.image_paths.tolist())], dtype=object)
+        elif image_names != "keep":
+            rows["rlnImageName"] = _image_names_for(Path(path), rows["rlnImageName"], sub.image_paths)
+    else:
+        names = [f"{i + 1:06d}@{p}" for i, p in zip(sub.image_indices.tolist(), sub.image_paths.tolist())]
+        rows = pd.DataFrame({"rlnImageName": pd.Series(names, dtype=object)})
+    return rows
+
+
+def _set_pose_columns(rows: pd.DataFrame, sub: ParticleTable) -> pd.DataFrame:
+    """``rows`` with the table's angles and shifts (angstroms) set where they changed; pixel shifts dropped."""
+    n = len(sub)
     if sub.rotations is not None:
         if all(c in rows.columns for c in ANGLE_COLUMNS):
             old = _eulers_to_matrices(np.stack([pd.to_numeric(rows[c]).to_numpy(np.float64) for c in ANGLE_COLUMNS], -1))
@@ -542,15 +565,4 @@ def write_star(path: PathLike, table: ParticleTable, *, indices: np.ndarray | No
         for k, name in enumerate(("rlnOriginXAngst", "rlnOriginYAngst")):
             _set_values(rows, name, shifts_angst[:, k], changed)
         rows = rows.drop(columns=[c for c in ("rlnOriginX", "rlnOriginY") if c in rows.columns])
-    if sub.ctf is not None:
-        _set_values(rows, "rlnDefocusU", sub.ctf.defocus_u_angstrom)
-        _set_values(rows, "rlnDefocusV", sub.ctf.defocus_v_angstrom)
-        _set_values(rows, "rlnDefocusAngle", sub.ctf.defocus_angle_deg)
-        # written whenever the source had it, or was not a STAR file (cryoDRGN's STAR parser
-        # needs the column; RELION treats a missing one as 0)
-        if "rlnPhaseShift" in rows.columns or sub.star_rows is None or np.any(sub.ctf.phase_shift_deg != 0):
-            _set_values(rows, "rlnPhaseShift", sub.ctf.phase_shift_deg)
-
-    text = "# version 30001, written by cryoscape\n\n" + _loop_text("optics", optics) + _loop_text("particles", rows)
-    with atomic_write(path, "w") as f:
-        f.write(text)
+    return rows

@@ -439,7 +439,30 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
     want_umap = get_umap is not None and zdim >= 2
     sections: list[Section] = []
 
-    # -- overview
+    sections.append(_overview_section(out, run=run, epoch=epoch, n=n, zdim=zdim, want_umap=want_umap))
+    sections.append(_latent_section(figures, z=z, pca=pca, want_umap=want_umap, get_umap=get_umap,
+                                    umap_fit_max=umap_fit_max))
+
+    if kmeans is not None:
+        sections.append(_kmeans_section(out, figures, z=z, pca=pca, kmeans=kmeans, ksample=ksample,
+                                        want_umap=want_umap, get_umap=get_umap, get_maps=get_maps,
+                                        map_views=map_views))
+    sections += [_pc_section(out, figures, pc=pc, coords=coords, pca=pca, zdim=zdim, get_maps=get_maps,
+                             map_views=map_views) for pc, coords in pc_coords.items()]
+
+    # -- training
+    if history:
+        sections.append(Section(
+            "Training", paragraphs=[f"{len(history)} epoch(s) recorded in the run's checkpoint."],
+            figures=[Figure(plots.plot_learning_curve(history, figures / "learning_curve.png", mark_epoch=epoch),
+                            "Learning curve: loss per epoch (mean over the epoch's batches)")]))
+    for section in sections:  # now the figures that wait for UMAP and the maps
+        section.figures = [f() if callable(f) else f for f in section.figures]
+    return sections
+
+
+def _overview_section(out: Path, *, run: Path, epoch: int, n: int, zdim: int, want_umap: bool) -> Section:
+    """The overview section: which run, epoch and latents were analysed, and links to the files written."""
     overview = [
         f"Run {run} at epoch {epoch} (0-based; cryoDRGN would call it epoch {epoch + 1}): {n} particles, "
         f"{zdim}-dimensional latent space (the per-particle posterior means, z.{epoch}.npy).",
@@ -450,9 +473,15 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
         files.append((out / "umap.npy", "UMAP embedding (umap.npy)"))
     files.append((out / "config.yaml", "arguments (config.yaml)"))
     files.append((out / "analyze.log", "log (analyze.log)"))
-    sections.append(Section("Overview", paragraphs=overview, links=files))
+    return Section("Overview", paragraphs=overview, links=files)
 
-    # -- latent distribution
+
+def _latent_section(figures: Path, *, z: np.ndarray, pca: PCAResult, want_umap: bool, get_umap,
+                    umap_fit_max: int) -> Section:
+    """The latent-space section: histogram (1-D) or PCA plots now, UMAP plots as placeholders drawn later."""
+    from cryoscape.report import plots
+
+    n, zdim = z.shape
     latent_figs: list[Figure] = []
     paragraphs: list[str] = []
     if zdim == 1:
@@ -490,24 +519,7 @@ def _plot_and_describe(out: Path, figures: Path, *, run: Path, z: np.ndarray, ep
                                                  ylabel="UMAP2", title="density on UMAP"),
                                "Density (log scale) of the UMAP embedding"),
             ]
-    sections.append(Section("Latent space", paragraphs=paragraphs, figures=latent_figs))
-
-    if kmeans is not None:
-        sections.append(_kmeans_section(out, figures, z=z, pca=pca, kmeans=kmeans, ksample=ksample,
-                                        want_umap=want_umap, get_umap=get_umap, get_maps=get_maps,
-                                        map_views=map_views))
-    sections += [_pc_section(out, figures, pc=pc, coords=coords, pca=pca, zdim=zdim, get_maps=get_maps,
-                             map_views=map_views) for pc, coords in pc_coords.items()]
-
-    # -- training
-    if history:
-        sections.append(Section(
-            "Training", paragraphs=[f"{len(history)} epoch(s) recorded in the run's checkpoint."],
-            figures=[Figure(plots.plot_learning_curve(history, figures / "learning_curve.png", mark_epoch=epoch),
-                            "Learning curve: loss per epoch (mean over the epoch's batches)")]))
-    for section in sections:  # now the figures that wait for UMAP and the maps
-        section.figures = [f() if callable(f) else f for f in section.figures]
-    return sections
+    return Section("Latent space", paragraphs=paragraphs, figures=latent_figs)
 
 
 def _kmeans_section(out: Path, figures: Path, *, z: np.ndarray, pca: PCAResult, kmeans: KMeansResult, ksample: int,

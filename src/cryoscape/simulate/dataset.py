@@ -209,30 +209,43 @@ def simulate_dataset(
                          voltage_kv=voltage_kv, cs_mm=cs_mm, amplitude_contrast=amplitude_contrast,
                          b_factor_angstrom2=b_factor_angstrom2, shift_max_pixel=shift_max_pixel)
     params = sample_image_parameters(n_images, ensemble, seed=seed, **image_options)
-    D, pixel = ensemble.box_size, float(ensemble.pixel_size_angstrom)
 
     # ground-truth volumes first: they are what every later check compares against
-    (out_dir / VOLUME_DIR).mkdir(exist_ok=True)
-    volume_files = [f"{VOLUME_DIR}/vol_{m:03d}.mrc" for m in range(ensemble.n_states)]
-    for m, name in enumerate(volume_files):
-        write_mrc(out_dir / name, ensemble.volumes[m], pixel_size_angstrom=pixel, is_stack=False)
+    volume_files = _write_volumes(out_dir, ensemble)
 
     result = _write_stack(
         out_dir / STACK_NAME, ensemble, params, snr=snr, seed=seed, batch_size=batch_size, device=device,
         oversampling=oversampling, progress=progress,
     )
 
+    _write_image_truth(out_dir, ensemble, params, result, volume_files, seed=seed, image_options=image_options)
+    if arguments is None:
+        arguments = dict(n_images=n_images, seed=seed, snr=snr, **image_options, batch_size=batch_size,
+                         oversampling=oversampling)
+    _write_config_and_log(out_dir, ensemble, result, arguments=arguments, started=started, n_images=n_images)
+    return out_dir
+
+
+def _write_volumes(out_dir: Path, ensemble: Ensemble) -> list[str]:
+    """Write each state's ground-truth volume as ``gt_volumes/vol_MMM.mrc``; their paths relative to ``out_dir``."""
+    pixel = float(ensemble.pixel_size_angstrom)
+    (out_dir / VOLUME_DIR).mkdir(exist_ok=True)
+    volume_files = [f"{VOLUME_DIR}/vol_{m:03d}.mrc" for m in range(ensemble.n_states)]
+    for m, name in enumerate(volume_files):
+        write_mrc(out_dir / name, ensemble.volumes[m], pixel_size_angstrom=pixel, is_stack=False)
+    return volume_files
+
+
+def _write_image_truth(out_dir: Path, ensemble: Ensemble, params: ImageParameters, result: SimulationResult,
+                       volume_files: list[str], *, seed: int, image_options: dict[str, Any]) -> None:
+    """Write each image's truth: its pose and CTF (STAR, poses.pkl, ctf.pkl) and all of it (ground_truth.npz)."""
+    D, pixel = ensemble.box_size, float(ensemble.pixel_size_angstrom)
     table = _particle_table(out_dir, params)
     write_star(out_dir / STAR_NAME, table)
     write_poses_pkl(out_dir / POSES_NAME, params.rotations, params.shifts_pixel, box_size=D)
     write_ctf_pkl(out_dir / CTF_NAME, params.ctf.to_cryodrgn_array(D, pixel))
     _write_ground_truth(out_dir / GROUND_TRUTH_NAME, ensemble, params, result, volume_files, seed=seed,
                         **image_options)
-    if arguments is None:
-        arguments = dict(n_images=n_images, seed=seed, snr=snr, **image_options, batch_size=batch_size,
-                         oversampling=oversampling)
-    _write_config_and_log(out_dir, ensemble, result, arguments=arguments, started=started, n_images=n_images)
-    return out_dir
 
 
 def _write_ground_truth(path: Path, ensemble: Ensemble, params, result, volume_files: list[str], *, seed: int,

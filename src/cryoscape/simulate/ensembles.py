@@ -194,17 +194,7 @@ def load_volumes(
         with atomic models, non-cubic maps.
     """
     paths = [Path(p) for p in paths]
-    if not paths:
-        raise InputError("no volume files were given; pass at least one .mrc, .pdb or .cif file.")
-    for p in paths:
-        if not (is_map_path(p) or is_atomic_model_path(p)):
-            raise InputError(
-                f"{p} has the unknown extension '{p.suffix}'; pass a map (.mrc, .map) or an atomic "
-                "model (.pdb, .cif).",
-                path=p,
-            )
-        if not p.is_file():
-            raise InputError(f"{p} was not found; pass an existing map or atomic model.", path=p)
+    _check_volume_paths(paths)
     maps = [p for p in paths if is_map_path(p)]
     models = [p for p in paths if is_atomic_model_path(p)]
     pixel = pixel_size_angstrom
@@ -230,6 +220,28 @@ def load_volumes(
         D = 64 if D is None else D
         pixel = round(extent / (0.6 * D), 3) if pixel is None else pixel
     resolution = 3.0 * pixel if resolution_angstrom is None else resolution_angstrom
+    return _volumes_on_grid(paths, D, pixel, resolution, center), float(pixel)
+
+
+def _check_volume_paths(paths: list[Path]) -> None:
+    """Reject an empty list, unknown extensions and missing files, in file order, before any is read."""
+    if not paths:
+        raise InputError("no volume files were given; pass at least one .mrc, .pdb or .cif file.")
+    for p in paths:
+        if not (is_map_path(p) or is_atomic_model_path(p)):
+            raise InputError(
+                f"{p} has the unknown extension '{p.suffix}'; pass a map (.mrc, .map) or an atomic "
+                "model (.pdb, .cif).",
+                path=p,
+            )
+        if not p.is_file():
+            raise InputError(f"{p} was not found; pass an existing map or atomic model.", path=p)
+
+
+def _volumes_on_grid(
+    paths: list[Path], D: int, pixel: float, resolution: float, center: np.ndarray | None
+) -> np.ndarray:
+    """Resample each map and render each atomic model (shifted by ``center``) onto the common grid."""
     out = np.empty((len(paths), D, D, D), dtype=np.float32)
     for m, p in enumerate(paths):
         if is_map_path(p):
@@ -238,7 +250,7 @@ def load_volumes(
             out[m] = volume_from_atomic_model(
                 p, box_size=D, pixel_size_angstrom=pixel, resolution_angstrom=resolution, center=center
             )
-    return out, float(pixel)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,8 +431,43 @@ def build_ensemble(
     InputError
         Contradictory options (e.g. ``--classes`` with ``--heterogeneity hinge``), bad files.
     """
-    from cryoscape.simulate.molecule import default_pixel_size_angstrom
+    builtin = _check_ensemble_options(molecule, heterogeneity, classes, populations, trajectory)
+    grid = dict(box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, resolution_angstrom=resolution_angstrom)
+    if classes:
+        if heterogeneity not in (None, "discrete"):
+            raise InputError(f"--classes gives discrete classes but --heterogeneity is {heterogeneity}; drop one of them.")
+        volumes, pixel = load_volumes(classes, **grid)
+        return discrete_ensemble(
+            volumes, pixel_size_angstrom=pixel, populations=populations, labels=[os.fspath(p) for p in classes]
+        )
+    if trajectory:
+        if heterogeneity not in (None, "trajectory"):
+            raise InputError(f"--trajectory gives a trajectory but --heterogeneity is {heterogeneity}; drop one of them.")
+        volumes, pixel = load_volumes(trajectory, **grid)
+        return trajectory_ensemble(volumes, pixel_size_angstrom=pixel, labels=[os.fspath(p) for p in trajectory])
 
+    if builtin:
+        return _builtin_ensemble(
+            heterogeneity, n_classes, populations, hinge_range_deg, hinge_states, box_size, pixel_size_angstrom,
+            resolution_angstrom,
+        )
+
+    kind = heterogeneity or "none"
+    if kind != "none":
+        what = {"discrete": "--classes FILE...", "trajectory": "--trajectory FILE...", "hinge": "the built-in molecule (--molecule hinge)"}
+        raise InputError(f"--heterogeneity {kind} with --molecule {molecule} needs {what[kind]}; pass those or --heterogeneity none.")
+    volumes, pixel = load_volumes([molecule], **grid)
+    return homogeneous_ensemble(volumes[0], pixel_size_angstrom=pixel, label=os.fspath(molecule))
+
+
+def _check_ensemble_options(
+    molecule: str | os.PathLike | None,
+    heterogeneity: str | None,
+    classes: Sequence[PathLike] | None,
+    populations: Sequence[float] | None,
+    trajectory: Sequence[PathLike] | None,
+) -> bool:
+    """Reject contradictory ``cryoscape simulate`` options; True when the built-in molecule is meant."""
     if heterogeneity is not None and heterogeneity not in HETEROGENEITY_CHOICES:
         raise InputError(f"unknown heterogeneity {heterogeneity!r}; use one of {', '.join(HETEROGENEITY_CHOICES)}.")
     if classes and trajectory:
@@ -433,50 +480,39 @@ def build_ensemble(
             f"--molecule {molecule} cannot be combined with --classes/--trajectory; list every volume "
             "in --classes or --trajectory instead."
         )
-    if classes:
-        if heterogeneity not in (None, "discrete"):
-            raise InputError(f"--classes gives discrete classes but --heterogeneity is {heterogeneity}; drop one of them.")
-        volumes, pixel = load_volumes(
-            classes, box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, resolution_angstrom=resolution_angstrom
-        )
-        return discrete_ensemble(
-            volumes, pixel_size_angstrom=pixel, populations=populations, labels=[os.fspath(p) for p in classes]
-        )
-    if trajectory:
-        if heterogeneity not in (None, "trajectory"):
-            raise InputError(f"--trajectory gives a trajectory but --heterogeneity is {heterogeneity}; drop one of them.")
-        volumes, pixel = load_volumes(
-            trajectory, box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, resolution_angstrom=resolution_angstrom
-        )
-        return trajectory_ensemble(volumes, pixel_size_angstrom=pixel, labels=[os.fspath(p) for p in trajectory])
+    return builtin
 
-    if builtin:
-        D = 64 if box_size is None else int(box_size)
-        pixel = default_pixel_size_angstrom(D) if pixel_size_angstrom is None else float(pixel_size_angstrom)
-        resolution = 3.0 * pixel if resolution_angstrom is None else float(resolution_angstrom)
-        kind = heterogeneity or "hinge"
-        common = dict(box_size=D, pixel_size_angstrom=pixel, resolution_angstrom=resolution)
-        if kind == "hinge":
-            return hinge_ensemble(angle_range_deg=hinge_range_deg, n_states=hinge_states, **common)
-        if kind == "discrete":
-            return hinge_discrete_ensemble(
-                3 if n_classes is None else n_classes, angle_range_deg=hinge_range_deg, populations=populations, **common
-            )
-        if kind == "none":
-            angle = float(hinge_range_deg[0])
-            return homogeneous_ensemble(
-                _render_hinge(angle, D, pixel, resolution), pixel_size_angstrom=pixel, label=f"hinge {angle:.3f} deg"
-            )
-        raise InputError(
-            "--heterogeneity trajectory needs --trajectory FILE...; for a continuous motion of the built-in "
-            "molecule use --heterogeneity hinge."
-        )
 
-    kind = heterogeneity or "none"
-    if kind != "none":
-        what = {"discrete": "--classes FILE...", "trajectory": "--trajectory FILE...", "hinge": "the built-in molecule (--molecule hinge)"}
-        raise InputError(f"--heterogeneity {kind} with --molecule {molecule} needs {what[kind]}; pass those or --heterogeneity none.")
-    volumes, pixel = load_volumes(
-        [molecule], box_size=box_size, pixel_size_angstrom=pixel_size_angstrom, resolution_angstrom=resolution_angstrom
+def _builtin_ensemble(
+    heterogeneity: str | None,
+    n_classes: int | None,
+    populations: Sequence[float] | None,
+    hinge_range_deg: Sequence[float],
+    hinge_states: int,
+    box_size: int | None,
+    pixel_size_angstrom: float | None,
+    resolution_angstrom: float | None,
+) -> Ensemble:
+    """The built-in hinge molecule's ensemble (default ``"hinge"``), on its default grid unless given one."""
+    from cryoscape.simulate.molecule import default_pixel_size_angstrom
+
+    D = 64 if box_size is None else int(box_size)
+    pixel = default_pixel_size_angstrom(D) if pixel_size_angstrom is None else float(pixel_size_angstrom)
+    resolution = 3.0 * pixel if resolution_angstrom is None else float(resolution_angstrom)
+    kind = heterogeneity or "hinge"
+    common = dict(box_size=D, pixel_size_angstrom=pixel, resolution_angstrom=resolution)
+    if kind == "hinge":
+        return hinge_ensemble(angle_range_deg=hinge_range_deg, n_states=hinge_states, **common)
+    if kind == "discrete":
+        return hinge_discrete_ensemble(
+            3 if n_classes is None else n_classes, angle_range_deg=hinge_range_deg, populations=populations, **common
+        )
+    if kind == "none":
+        angle = float(hinge_range_deg[0])
+        return homogeneous_ensemble(
+            _render_hinge(angle, D, pixel, resolution), pixel_size_angstrom=pixel, label=f"hinge {angle:.3f} deg"
+        )
+    raise InputError(
+        "--heterogeneity trajectory needs --trajectory FILE...; for a continuous motion of the built-in "
+        "molecule use --heterogeneity hinge."
     )
-    return homogeneous_ensemble(volumes[0], pixel_size_angstrom=pixel, label=os.fspath(molecule))

@@ -326,8 +326,6 @@ def simulate_images(
     -------
     SimulationResult
     """
-    from tqdm.auto import tqdm
-
     N, D = len(params), params.box_size
     if ensemble.box_size != D:
         raise ValueError(f"parameters are for box {D} but the ensemble's volumes are {ensemble.box_size}")
@@ -339,8 +337,24 @@ def simulate_images(
     if noisy and not float(snr) > 0:
         raise ValueError(f"snr must be positive, got {snr}")
 
+    clean_stats = _project_all_states(ensemble, params, out, batch=batch, device=device, dtype=dtype,
+                                      oversampling=oversampling, progress=progress)
+    signal_variance = clean_stats.variance
+    if not noisy:
+        return SimulationResult(out, signal_variance, 0.0, math.inf, clean_stats.as_dict())
+
+    noise_std = math.sqrt(signal_variance / float(snr))
+    final_stats = _add_noise(out, N, D, noise_std, seed=seed, chunk=max(batch, 256), progress=progress)
+    return SimulationResult(out, signal_variance, noise_std, float(snr), final_stats.as_dict())
+
+
+def _project_all_states(ensemble: Ensemble, params: ImageParameters, out: Any, *, batch: int, device: torch.device,
+                        dtype: torch.dtype, oversampling: int, progress: bool) -> _RunningStats:
+    """Write every clean image into ``out``, state by state (one prepared volume in memory); their statistics."""
+    from tqdm.auto import tqdm
+
     clean_stats = _RunningStats()
-    bar = tqdm(total=N, desc="projecting", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(params), desc="projecting", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for m in range(ensemble.n_states):
             members = np.flatnonzero(params.state_index == m)
@@ -358,15 +372,15 @@ def simulate_images(
             del prepared
     finally:
         bar.close()
+    return clean_stats
 
-    signal_variance = clean_stats.variance
-    if not noisy:
-        return SimulationResult(out, signal_variance, 0.0, math.inf, clean_stats.as_dict())
 
-    noise_std = math.sqrt(signal_variance / float(snr))
+def _add_noise(out: Any, N: int, D: int, noise_std: float, *, seed: int, chunk: int, progress: bool) -> _RunningStats:
+    """Add the seed's noise stream to ``out`` in index order, ``chunk`` images at a time; the final statistics."""
+    from tqdm.auto import tqdm
+
     rng = np.random.default_rng(_seed_streams(seed)["noise"])
     final_stats = _RunningStats()
-    chunk = max(batch, 256)
     with tqdm(total=N, desc="adding noise", unit="img", disable=not progress, dynamic_ncols=True) as bar2:
         for start in range(0, N, chunk):
             stop = min(N, start + chunk)
@@ -375,4 +389,4 @@ def simulate_images(
             out[start:stop] = block
             final_stats.add(block)
             bar2.update(stop - start)
-    return SimulationResult(out, signal_variance, noise_std, float(snr), final_stats.as_dict())
+    return final_stats
