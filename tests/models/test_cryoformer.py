@@ -225,7 +225,7 @@ def test_heterogeneous_training_writes_latents_and_its_loss_falls(sim_root, tmp_
                              extra=("--n-classes", "2", "--shift-max-pixel", "1"))
     config = TrainConfig(particles=str(tiny_dataset / "particles.star"), decoder="cryoformer", zdim=1,
                          decoder_options=dict(SMALL), num_epochs=3, batch_size=8, lr=2e-3, beta=0.05,
-                         enc_layers=2, enc_dim=32, progress=False, checkpoint_every=100)
+                         enc_layers=2, enc_dim=32, progress=False, checkpoint_every=100, teacher_epochs=0)
     result = run_training(config, tmp_path / "run")
     z = np.load(tmp_path / "run" / "z.2.npy")
     assert z.shape == (64, 1) and np.isfinite(z).all()

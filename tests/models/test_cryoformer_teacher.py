@@ -1,5 +1,6 @@
 """The latent teacher (train/teacher.py): ``--init-encoder RUN`` copies a finished run's VAE encoder into a
-new run (here a voxel-basis run into a CryoFormer run), which then trains it further."""
+new run (here a voxel-basis run into a CryoFormer run), which then trains it further; ``--teacher-epochs``
+(CryoFormer's default) trains that basis run first, in RUN/teacher."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_init_encoder_copies_the_teacher_and_the_run_trains_it_from_there(teache
     assert _largest_change(ref, encoder.state_dict()) == 0.0
     common = ["train", str(data / "particles.star"), "--decoder", "cryoformer", "-n", "1", "-b", "8", *VAE, *TINY]
     assert main([*common, "-o", str(tmp_path / "taught"), "--init-encoder", str(basis)]) == 0
-    assert main([*common, "-o", str(tmp_path / "fresh")]) == 0
+    assert main([*common, "-o", str(tmp_path / "fresh"), "--teacher-epochs", "0"]) == 0
     moved = _largest_change(ref, _encoder_state(tmp_path / "taught"))
     assert 0.0 < moved < 0.02, moved
     assert _largest_change(ref, _encoder_state(tmp_path / "fresh")) > 0.1
@@ -71,3 +72,60 @@ def test_init_encoder_refuses_an_encoder_of_another_shape(teacher):
         copy_encoder(None, basis)
     state = {k: v.clone() for k, v in other.state_dict().items()}
     assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())  # left as it was
+
+
+def test_teacher_epochs_follow_the_decoder_and_the_options():
+    from cryoscape.train.config import TrainConfig
+    from cryoscape.train.teacher import teacher_config, teacher_epochs_for
+
+    def config(**kw):
+        return TrainConfig(**{"particles": "p.star", "decoder": "cryoformer", "zdim": 4, **kw})
+
+    assert teacher_epochs_for(config()) == 12  # CryoFormer's default
+    assert teacher_epochs_for(config(teacher_epochs=3)) == 3
+    assert teacher_epochs_for(config(teacher_epochs=0)) == 0
+    assert teacher_epochs_for(config(zdim=0)) == 0
+    assert teacher_epochs_for(config(decoder="neural_field")) == 0
+    assert teacher_epochs_for(config(decoder="basis", teacher_epochs=5)) == 0  # the basis is its own teacher
+    assert teacher_epochs_for(config(init_encoder="run_basis")) == 0
+    with pytest.raises(InputError, match="leave --teacher-epochs out"):
+        teacher_epochs_for(config(init_encoder="run_basis", teacher_epochs=3))
+    with pytest.raises(ValueError, match="needs --zdim > 0"):
+        config(zdim=0, teacher_epochs=2).validate()
+    with pytest.raises(ValueError, match="0 \\(no teacher\\) or positive"):
+        config(teacher_epochs=-1).validate()
+    student = config(teacher_epochs=5, lr=3e-4, batch_size=8, refine_poses=True, enc_dim=64, beta=0.05,
+                     decoder_options={"render_size": 8})
+    teacher = teacher_config(student)
+    assert (teacher.decoder, teacher.num_epochs, teacher.lr, teacher.batch_size) == ("basis", 5, 1e-3, 64)
+    assert teacher.decoder_options == {} and not teacher.refine_poses and teacher.pose_source == "table"
+    assert teacher.init_encoder is None and teacher.teacher_epochs == 0
+    assert (teacher.zdim, teacher.enc_dim, teacher.beta, teacher.particles) == (4, 64, 0.05, "p.star")
+
+
+def test_train_trains_the_teacher_first_in_its_own_folder_and_starts_from_its_encoder(teacher, tmp_path):
+    """``--teacher-epochs 2``: a 2-epoch basis run in RUN/teacher (its epochs in its own run.log), whose
+    encoder the 1-epoch CryoFormer run starts from and ends near; a finished teacher is reused, not retrained."""
+    from cryoscape.cli.main import main
+    from cryoscape.io.particles import load_particles
+    from cryoscape.train.checkpoint import load_checkpoint
+    from cryoscape.train.config import TrainConfig
+    from cryoscape.train.teacher import train_teacher
+
+    data, _ = teacher
+    run = tmp_path / "run"
+    assert main(["train", str(data / "particles.star"), "--decoder", "cryoformer", "-n", "1", "-b", "8", *VAE, *TINY,
+                 "--teacher-epochs", "2", "-o", str(run)]) == 0
+    state = load_checkpoint(run / "teacher" / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["decoder"]["name"] == "basis"
+    moved = _largest_change(state["encoder"]["state"], _encoder_state(run))
+    assert 0.0 < moved < 0.02, moved
+    student_log, teacher_log = (run / "run.log").read_text(), (run / "teacher" / "run.log").read_text()
+    assert "epoch 2/2" in teacher_log and "epoch 2/2" not in student_log and "epoch 1/1" in student_log
+    assert "teacher: 2 epochs in" in student_log and "encoder: copied from" in student_log
+    saved = load_checkpoint(run / "checkpoint.pt")["config"]
+    assert saved["teacher_epochs"] == 2 and saved["init_encoder"] == str(run / "teacher")
+    before = (run / "teacher" / "checkpoint.pt").stat().st_mtime_ns
+    config = TrainConfig(particles=str(data / "particles.star"), decoder="cryoformer", zdim=1, teacher_epochs=2)
+    assert train_teacher(config, load_particles(str(data / "particles.star")), run) == run / "teacher"
+    assert (run / "teacher" / "checkpoint.pt").stat().st_mtime_ns == before

@@ -252,7 +252,7 @@ def test_training_starts_the_grid_from_the_consensus_map_of_the_posed_data(tmp_p
     for name, images in (("prior", 20000), ("none", 0)):
         config = TrainConfig(particles=str(data / "particles.star"), decoder="cryoformer", zdim=1,
                              decoder_options=dict(SMALL), num_epochs=1, batch_size=8, progress=False,
-                             warm_start_images=images, checkpoint_every=100)
+                             warm_start_images=images, checkpoint_every=100, teacher_epochs=0)
         run_training(config, tmp_path / name)
         grid = load_trained_model(tmp_path / name)[0].occupancy
         kept = grid.prior.reshape(-1)[grid.cells(voxels)].reshape(32, 32, 32)

@@ -156,6 +156,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
                      help="start the VAE encoder from a finished run's (folder, checkpoint.pt or weights.EPOCH.pt; "
                           "same --zdim/--encoder/--enc-*), e.g. a fast --decoder basis run teaching CryoFormer its "
                           "latent")
+    run.add_argument("--teacher-epochs", type=int, default=None, metavar="N",
+                     help="first train a voxel-basis run of N epochs (in RUN/teacher) and start the VAE encoder from "
+                          "its (an automatic --init-encoder; zdim > 0) [the decoder's: cryoformer 12, others 0]")
 
 def _add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that fit the maps or the latents outside the optimiser: warm start, refits, latent searches."""
@@ -267,6 +270,7 @@ def _config_from_args(args: argparse.Namespace):
         latent_search_epochs=args.latent_search_epochs,
         latent_search_points=pick(args.latent_search_points, defaults.latent_search_points),
         init_encoder=args.init_encoder,
+        teacher_epochs=args.teacher_epochs,
         progress=not args.no_progress,
     )
 

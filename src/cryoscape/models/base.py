@@ -65,6 +65,9 @@ class VolumeDecoder(nn.Module, abc.ABC):
     #: share of a run's final epochs whose latents the engine searches against the decoder when
     #: ``--latent-search-epochs`` is not given (train/latent_search.py; 0: none)
     latent_search_fraction: float = 0.0
+    #: epochs of a voxel-basis run that teaches a new ``train`` run's VAE encoder its latent before this
+    #: decoder trains, when ``--teacher-epochs`` is not given (train/teacher.py; 0: none)
+    teacher_epochs: int = 0
     #: set by the training engine in data-parallel runs: sums a tensor over the processes, for
     #: statistics of a whole batch (``None``: one process holds the whole batch)
     process_sum: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -154,6 +154,10 @@ class CryoFormer(VolumeDecoder):
     "hartley"); ``space`` where the network lives ("real" or "fourier").
     """
 
+    #: a new ``train`` run with a latent first trains a voxel basis this many epochs and starts its encoder from
+    #: the basis's (train/teacher.py): alone, CryoFormer's latent collapsed to its prior at D=64 (README)
+    teacher_epochs = 12
+
     def __init__(self, *, box_size: int, zdim: int = 0, domain: str = "fourier", space: str = "real",
                  n_levels: int = 16, features_per_level: int = 2, log2_table_size: int = 15,
                  base_resolution: int = 16, spatial_width: int = 16, n_queries: int = 64, query_dim: int = 64,

@@ -162,6 +162,9 @@ class TrainConfig:
     # a latent teacher (train/teacher.py): the encoder starts from this finished run's (folder or .pt; train only,
     # fresh runs)
     init_encoder: str | None = None
+    # an automatic teacher (train/teacher.py): a voxel-basis run of this many epochs (in RUN/teacher) starts the
+    # encoder (None: the decoder's teacher_epochs; 0: none; fresh train runs with zdim > 0 only)
+    teacher_epochs: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -275,3 +278,7 @@ class TrainConfig:
             raise ValueError(f"--latent-search-points must be at least 2, got {self.latent_search_points}")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        if self.teacher_epochs is not None and self.teacher_epochs < 0:
+            raise ValueError(f"--teacher-epochs must be 0 (no teacher) or positive, got {self.teacher_epochs}")
+        if self.teacher_epochs and self.zdim <= 0:
+            raise ValueError("--teacher-epochs trains a teacher for the VAE encoder, so it needs --zdim > 0")

@@ -60,6 +60,7 @@ from cryoscape.train.model import check_options
 from cryoscape.train.objective import batch_loss, tilt_rotation
 from cryoscape.train.pose_sources import KnownPoses, PoseSource
 from cryoscape.train.schedule import ConstantSchedule
+from cryoscape.train.teacher import teacher_epochs_for, train_teacher
 from cryoscape.train.trainer import RunContext, Trainer, TrainingDiverged, TrainResult
 
 __all__ = [
@@ -136,6 +137,9 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
             resume_state.pop("partial", None)
             log.info("starting from %s (epoch %d)", init_from, resume_state["epoch"])
         table, tilted = load_tables(config)
+        if init_from is None and teacher_epochs_for(config):  # an automatic latent teacher (train/teacher.py)
+            config.teacher_epochs = teacher_epochs_for(config)
+            config.init_encoder = str(train_teacher(config, table, out, tilted_table=tilted, dist=dist))
         return train_model(config, table, out, tilted_table=tilted, resume_state=resume_state,
                            arguments=arguments, dist=dist)
 
