@@ -354,6 +354,14 @@ def warm_start_seconds(run_dir: Path) -> float | None:
     return float(hit.group(1)) if hit else None
 
 
+def teacher_seconds(run_dir: Path) -> float | None:
+    """Seconds of a cryoscape run's automatic teacher ("teacher: N epochs in X s" in run.log), None without one."""
+    path = Path(run_dir) / "run.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    hit = re.search(r"teacher: \d+ epochs in ([\d.]+) s", text)
+    return float(hit.group(1)) if hit else None
+
+
 def print_figure(name: str, value: float | str, unit: str = "", *, fmt: str = ".2f") -> None:
     """One figure per line: ``name: value unit``."""
     text = value if isinstance(value, str) else format(value, fmt)

@@ -19,8 +19,9 @@ Figures per run: training images/s (images x epochs / the sum of the epoch times
 per-image FSC AUC to the truth (``--fsc-images`` evenly spaced images, each decoded at its latent by
 the tool's own command, bench/train.py's scoring); for the encoder run, the median rotation error
 (degrees) and shift error (pixels) of the perturbed input poses and of the refined poses
-(``poses.E.pkl`` of the last epoch) against the truth; a cryoscape run's warm start (set-up before
-epoch 1, e.g. CryoFormer's occupancy prior) and its throughput with it counted.  Ratios last:
+(``poses.E.pkl`` of the last epoch) against the truth; a cryoscape run's set-up before epoch 1
+(its warm start, e.g. CryoFormer's occupancy prior, and CryoFormer's automatic teacher, a basis run
+of ``--teacher-epochs``) and its throughput with it counted.  Ratios last:
 CryoFormer's AUC over each peer's, the refined over the input pose error, CryoFormer's time per epoch
 over the neural field's.  The host is shared and its speed drifts by more than the changes measured,
 so by default (``--bracket``) the neural field trains again after the others and its time is the mean
@@ -51,6 +52,7 @@ from common import (  # noqa: E402
     print_note,
     run_timed,
     simulate_dataset,
+    teacher_seconds,
     thread_env,
     warm_start_seconds,
 )
@@ -78,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="orientation encoder form of the refined run [residual]")
     p.add_argument("--cryoformer-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="--decoder-opt of both CryoFormer runs (repeatable)")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="CryoFormer's automatic teacher (train --teacher-epochs) [its default; 0: none]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="our runs with --amp or --no-amp (default: train's own, bfloat16 autocast on GPUs and on "
@@ -117,6 +121,8 @@ def commands(args, exe: Path, data: Path, poses: Path, runs: Path) -> dict[str, 
     if args.amp is not None:
         ours.append("--amp" if args.amp else "--no-amp")
     cf = [x for kv in args.cryoformer_opt for x in ("--decoder-opt", kv)]
+    if args.teacher_epochs is not None:
+        cf += ["--teacher-epochs", str(args.teacher_epochs)]
     cmds = {
         DRGN: [str(exe), "train_vae", *inputs, "-o", str(runs / DRGN), "--zdim", "8", *ENCODER, *MLP,
                "-n", str(args.epochs), "-b", "8", "--seed", "0", "--no-analysis"],
@@ -167,10 +173,15 @@ def run_snr(args, env, exe: Path, snr: float) -> dict:
         results[name] = {"auc": auc, "img_s": args.n_images * args.epochs / train_s if train_s else float("nan")}
         print_figure(f"{tag} {name} training images/s", results[name]["img_s"], fmt=".2f")
         warm_s = warm_start_seconds(run_dir) if tool != DRGN else None
+        teach_s = teacher_seconds(run_dir) if tool != DRGN else None
         if warm_s is not None:  # set-up before epoch 1 (CryoFormer's occupancy prior), not in the epoch times
             print_figure(f"{tag} {name} warm start (set-up before epoch 1, from its log)", warm_s, "s", fmt=".2f")
-            print_figure(f"{tag} {name} training images/s with the warm start counted",
-                         args.n_images * args.epochs / (train_s + warm_s), fmt=".2f")
+        if teach_s is not None:  # CryoFormer's automatic teacher (a basis run before it), not in the epoch times
+            print_figure(f"{tag} {name} teacher (a basis run before epoch 1, from its log)", teach_s, "s", fmt=".2f")
+        if warm_s is not None or teach_s is not None:
+            setup_s = (warm_s or 0.0) + (teach_s or 0.0)
+            print_figure(f"{tag} {name} training images/s with the set-up counted",
+                         args.n_images * args.epochs / (train_s + setup_s), fmt=".2f")
         print_figure(f"{tag} {name} per-image FSC AUC", auc, fmt=".3f")
         if name == "cryoformer_encoder":
             after = pose_errors(run_dir / f"poses.{epoch}.pkl", data, args.box)

@@ -94,7 +94,7 @@ def runs(data: Path, out: Path, epochs: int) -> dict[str, list[str]]:
         "cryoformer_prior_not_kept": [*taught, "--decoder-opt", "occupancy_keep_prior=false",
                                       "-o", str(out / "cryoformer_prior_not_kept")],
         "cryoformer_no_grid": [*taught, "--decoder-opt", "occupancy=false", "-o", str(out / "cryoformer_no_grid")],
-        "cryoformer_untaught": [*cf, "-o", str(out / "cryoformer_untaught")],
+        "cryoformer_untaught": [*cf, "--teacher-epochs", "0", "-o", str(out / "cryoformer_untaught")],
     }
 
 

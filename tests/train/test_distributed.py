@@ -96,6 +96,27 @@ def test_two_processes_keep_cryoformers_occupancy_grid_of_one(tiny_dataset, tmp_
     assert torch.equal(two["occupancy.occupied"], one["occupancy.occupied"])
 
 
+def test_two_processes_train_the_teacher_then_the_student(tiny_dataset, tmp_path):
+    """``--teacher-epochs``: both processes train the basis teacher together in RUN/teacher, then the
+    CryoFormer student from its encoder; the teacher's weights are those one process trains (the basis's
+    data-parallel steps are the whole batch's), and the student starts from them."""
+    opts = ["n_levels=2", "log2_table_size=10", "base_resolution=4", "n_queries=4", "query_dim=8", "n_blocks=1",
+            "n_heads=2", "render_size=8"]
+    args = ["train", str(tiny_dataset / "particles.star"), "-n", "1", "--zdim", "2", "--decoder", "cryoformer",
+            "--teacher-epochs", "1", "--enc-dim", "32", "--enc-layers", "2", "-b", "8",
+            *[x for o in opts for x in ("--decoder-opt", o)], *COMMON]
+    _run([*args, "-o", str(tmp_path / "one")])
+    _run([*args, "-o", str(tmp_path / "two")], procs=2)
+    teachers = [load_checkpoint(tmp_path / name / "teacher" / "checkpoint.pt")["encoder"]["state"]
+                for name in ("one", "two")]
+    for key, value in teachers[0].items():
+        torch.testing.assert_close(teachers[1][key], value, rtol=1e-3, atol=1e-5)
+    student = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["encoder"]["state"]
+    moved = max(float((student[k] - teachers[1][k]).abs().max()) for k in student)
+    assert 0.0 < moved < 0.02, moved
+    assert "teacher: 1 epochs in" in (tmp_path / "two" / "run.log").read_text()
+
+
 def test_two_processes_search_poses_like_one(tiny_dataset, tmp_path):
     """An ab initio run (warm-up, search, reuse, search epochs): the searches are split and gathered."""
     args = ["abinit", str(tiny_dataset / "particles.star"), "-n", "3", "--dec-dim", "32", "--dec-layers", "2",

@@ -201,10 +201,7 @@ def _config_from_args(args: argparse.Namespace):
         return default if value is None else value
 
     return TrainConfig(
-        particles=args.particles,
-        poses=args.poses,
-        ctf=args.ctf,
-        datadir=args.datadir,
+        particles=args.particles, poses=args.poses, ctf=args.ctf, datadir=args.datadir,
         ind=args.ind,
         first=args.first,
         pixel_size_angstrom=args.pixel_size_angstrom,
@@ -269,8 +266,7 @@ def _config_from_args(args: argparse.Namespace):
         refit_latent_candidates=pick(args.refit_latent_candidates, defaults.refit_latent_candidates),
         latent_search_epochs=args.latent_search_epochs,
         latent_search_points=pick(args.latent_search_points, defaults.latent_search_points),
-        init_encoder=args.init_encoder,
-        teacher_epochs=args.teacher_epochs,
+        init_encoder=args.init_encoder, teacher_epochs=args.teacher_epochs,
         progress=not args.no_progress,
     )
 
