@@ -100,6 +100,7 @@ def test_teacher_epochs_follow_the_decoder_and_the_options():
     assert (teacher.decoder, teacher.num_epochs, teacher.lr, teacher.batch_size) == ("basis", 5, 1e-3, 64)
     assert teacher.decoder_options == {} and not teacher.refine_poses and teacher.pose_source == "table"
     assert teacher.init_encoder is None and teacher.teacher_epochs == 0
+    assert not teacher.refit and not teacher.refit_latents  # the student takes the encoder only
     assert (teacher.zdim, teacher.enc_dim, teacher.beta, teacher.particles) == (4, 64, 0.05, "p.star")
 
 

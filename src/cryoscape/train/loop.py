@@ -128,6 +128,7 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
     optimiser state, normalisation and epoch the new run starts from (cryoDRGN's ``--load``).
     """
     check_options(config)
+    teacher_epochs = teacher_epochs_for(config) if init_from is None else 0  # --load brings its encoder
     out = Path(out_dir)
     refuse_to_overwrite_run(out, "train")
     with RunContext(out) as dist:
@@ -137,8 +138,8 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
             resume_state.pop("partial", None)
             log.info("starting from %s (epoch %d)", init_from, resume_state["epoch"])
         table, tilted = load_tables(config)
-        if init_from is None and teacher_epochs_for(config):  # an automatic latent teacher (train/teacher.py)
-            config.teacher_epochs = teacher_epochs_for(config)
+        if teacher_epochs:  # an automatic latent teacher (train/teacher.py)
+            config.teacher_epochs = teacher_epochs
             config.init_encoder = str(train_teacher(config, table, out, tilted_table=tilted, dist=dist))
         return train_model(config, table, out, tilted_table=tilted, resume_state=resume_state,
                            arguments=arguments, dist=dist)
