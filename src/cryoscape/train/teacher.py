@@ -13,7 +13,7 @@ The automatic teacher (``--teacher-epochs N``; by default the decoder's
 :attr:`~cryoscape.models.base.VolumeDecoder.teacher_epochs`, 12 for CryoFormer, 0 for the others):
 a fresh run with a latent first trains that voxel-basis run itself, in ``RUN/teacher`` (a complete
 run folder with its own run.log), and starts its encoder from it.  Why by default for CryoFormer: on
-the D=64 hinge (8000 images, SNR 0.1, true poses) its latent collapsed to the prior (KL 2e-4, |Spearman|
+the D=64 hinge (8000 images, SNR 0.1, true poses) its latent collapsed to the prior (KL 3e-5, |Spearman|
 0.00 after 12 epochs) where the basis ordered the hinge in 52 s (README "Choosing a decoder").  A
 finished teacher in ``RUN/teacher`` (a run stopped after it) is reused.
 
@@ -60,7 +60,6 @@ def copy_encoder(encoder: torch.nn.Module | None, source: str | Path) -> None:
                          "--encoder and --enc-* options as that run.")
     encoder.load_state_dict(entry["state"])
     log.info("encoder: copied from %s", path)
-
 
 
 def teacher_epochs_for(config) -> int:
