@@ -13,9 +13,9 @@ The automatic teacher (``--teacher-epochs N``; by default the decoder's
 :attr:`~cryoscape.models.base.VolumeDecoder.teacher_epochs`, 12 for CryoFormer, 0 for the others):
 a fresh run with a latent first trains that voxel-basis run itself, in ``RUN/teacher`` (a complete
 run folder with its own run.log), and starts its encoder from it.  Why by default for CryoFormer: on
-the D=64 hinge (8000 images, SNR 0.1, true poses) its latent collapsed to the prior (KL 3e-5, |Spearman|
-0.00 after 12 epochs) where the basis ordered the hinge in 52 s (README "Choosing a decoder").  A
-finished teacher in ``RUN/teacher`` (a run stopped after it) is reused.
+the D=64 hinge with enough images to learn it, its latent alone collapsed onto the prior while the
+basis ordered the hinge in a fraction of the time (README "Choosing a decoder: CryoFormer", *The
+latent at D=64*).  A finished teacher in ``RUN/teacher`` (a run stopped after it) is reused.
 
 Only ``cryoscape train`` has these options, and only for a run that starts fresh (a resumed run
 has its own encoder in its checkpoint; ``--load`` brings one).
@@ -80,7 +80,7 @@ def teacher_config(config):
     """The teacher run's options: the voxel basis at its own defaults (learning rate, batch, width), with the
     student's data, encoder, latent and KL weight, on the table's poses (neither refined nor predicted), and
     without the refits after its epochs (they re-solve its maps and latents, not its encoder, the one thing
-    the student takes: 6 of a 1000-image teacher's 15 s)."""
+    the student takes)."""
     epochs = int(config.teacher_epochs)
     return dataclasses.replace(config, decoder="basis", decoder_options={}, lr=None, batch_size=None, dec_dim=None,
                                num_epochs=epochs, refine_poses=False, pose_source="table", latent_search_epochs=None,
