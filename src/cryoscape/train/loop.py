@@ -42,6 +42,7 @@ default mixed precision on GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,10 @@ def run_training(config: TrainConfig, out_dir: str | Path, *, arguments: dict[st
             resume_state.pop("partial", None)
             log.info("starting from %s (epoch %d)", init_from, resume_state["epoch"])
         table, tilted = load_tables(config)
-        if teacher_epochs:  # an automatic latent teacher (train/teacher.py)
-            config.teacher_epochs = teacher_epochs
-            config.init_encoder = str(train_teacher(config, table, out, tilted_table=tilted, dist=dist))
+        if teacher_epochs:  # an automatic latent teacher (train/teacher.py); the caller's config stays as given
+            config = dataclasses.replace(config, teacher_epochs=teacher_epochs)
+            config = dataclasses.replace(config, init_encoder=str(train_teacher(config, table, out,
+                                                                                tilted_table=tilted, dist=dist)))
         return train_model(config, table, out, tilted_table=tilted, resume_state=resume_state,
                            arguments=arguments, dist=dist)
 

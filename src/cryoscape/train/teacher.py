@@ -108,14 +108,11 @@ def train_teacher(config, table, out: str | Path, *, tilted_table=None, dist=Non
 
 
 def _finished_epochs(folder: Path) -> int:
-    """Epochs a finished run in ``folder`` trained (0 when there is none or it stopped inside an epoch)."""
-    from cryoscape.train.checkpoint import load_checkpoint
+    """Epochs a run in ``folder`` finished, by its last ``weights.E.pt`` (the teacher writes one, after its
+    last epoch; 0 when there is none)."""
+    from cryoscape.train.checkpoint import available_epochs
 
-    path = folder / "checkpoint.pt"
-    if not path.exists():
-        return 0
-    state = load_checkpoint(path)
-    return 0 if state.get("partial") is not None else int(state["epoch"]) + 1
+    return max(available_epochs(folder), default=-1) + 1
 
 
 @contextlib.contextmanager
