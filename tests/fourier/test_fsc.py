@@ -134,3 +134,13 @@ def test_plot_and_text_outputs(tmp_path):
     assert np.allclose(table[1:, 2], 1.5 / freqs[1:], rtol=1e-5)
     assert np.allclose(table[:, 3], fsc, atol=1e-6)
     assert txt.read_text().startswith("# frequency_cycles_per_pixel")
+
+
+def test_first_shell_below_counts_from_the_first_shell_after_the_origin():
+    from cryoscape.fourier.fsc import first_shell_below
+
+    curve = np.array([0.2, 0.99, 0.9, 0.6, 0.4, 0.1])  # the origin's value is not read
+    assert first_shell_below(curve, 0.5) == 4
+    assert first_shell_below(curve, 0.143) == 5
+    assert first_shell_below(curve, 0.05) == 5  # never below: the last shell
+    assert first_shell_below(torch.tensor([1.0, 0.1, 0.9]), 0.5) == 1

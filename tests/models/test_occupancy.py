@@ -260,3 +260,19 @@ def test_training_starts_the_grid_from_the_consensus_map_of_the_posed_data(tmp_p
         assert float((truth * kept).sum() / truth.sum()) > 0.9999
     assert 0.1 < shares["prior"] < 0.4 and shares["none"] == 1.0
     assert "the occupancy grid starts with" in (tmp_path / "prior" / "run.log").read_text()
+
+
+def test_the_warm_start_names_the_whole_band_when_the_data_resolve_beyond_the_rendered_one():
+    """The log's hint: a half-map FSC above 0.143 past ``render_size / 2`` shells (what a ``render_size^3``
+    lattice predicts) names ``render_size=D`` and its cost; none when the FSC falls inside the band, when
+    the whole band is rendered already, or for the Fourier-space variant (which has no lattice)."""
+    def fsc(falls_at: int, shells: int = 17):
+        return torch.where(torch.arange(shells) < falls_at, 0.9, 0.05)
+
+    half = build_decoder("cryoformer", box_size=32, zdim=0, render_size=16, **SMALL)
+    advice = half._band_advice(fsc(12))
+    assert "resolve to shell 12" in advice and "render_size=32" in advice and "about 8x the points" in advice
+    assert half._band_advice(fsc(8)) == ""  # shell 8 is the band's edge: |k| < 8 is rendered, 8 itself not used
+    assert build_decoder("cryoformer", box_size=32, zdim=0, render_size=32, **SMALL)._band_advice(fsc(16)) == ""
+    assert build_decoder("cryoformer", box_size=32, zdim=0, render_size=16, space="fourier",
+                         **SMALL)._band_advice(fsc(12)) == ""

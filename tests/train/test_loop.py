@@ -228,3 +228,16 @@ def test_a_new_run_never_overwrites_another_runs_checkpoint(tiny_dataset, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "already holds a run" in err and f"--resume {tmp_path / 'run'}" in err
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_the_time_left_counts_each_epoch_kind_at_its_own_mean():
+    """The log's "about X left": ab initio's search, reuse and final epochs differ tenfold, so each later
+    epoch is counted at the mean time of the finished epochs of its kind (of all, for a kind not seen yet)."""
+    from cryoscape.train.trainer import remaining_seconds
+
+    history = [{"kind": "search", "seconds": 10.0}, {"kind": "reuse", "seconds": 1.0},
+               {"kind": "search", "seconds": 20.0}]
+    assert remaining_seconds(history, ["reuse", "search"]) == pytest.approx(1.0 + 15.0)
+    assert remaining_seconds(history, ["final", "final"]) == pytest.approx(2 * 31.0 / 3)
+    assert remaining_seconds([{"seconds": 4.0}, {"seconds": 6.0}], ["train"] * 3) == pytest.approx(15.0)
+    assert remaining_seconds(history, []) == 0.0

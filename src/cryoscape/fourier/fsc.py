@@ -22,6 +22,7 @@ __all__ = [
     "fourier_shell_correlation",
     "fourier_ring_correlation",
     "resolution_at_threshold",
+    "first_shell_below",
     "frequency_to_angstrom",
     "gold_standard_fsc",
     "fsc_auc",
@@ -142,6 +143,14 @@ def resolution_at_threshold(freqs, fsc, threshold: float) -> float:
     c0, c1 = c[i - 1], c[i]
     fraction = (c0 - threshold) / (c0 - c1)
     return float(f[i - 1] + fraction * (f[i] - f[i - 1]))
+
+
+def first_shell_below(fsc, threshold: float) -> int:
+    """The first shell after the origin (an index in Fourier pixels) where ``fsc`` (per integer shell)
+    falls below ``threshold``; the last shell when it never does: how far a half-map FSC resolves."""
+    c = _to_numpy(fsc).reshape(-1)
+    below = np.nonzero(c[1:] < threshold)[0]
+    return int(below[0]) + 1 if below.size else len(c) - 1
 
 
 def frequency_to_angstrom(freq_cycles_per_pixel, pixel_size_angstrom: float):

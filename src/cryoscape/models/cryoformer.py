@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from cryoscape.fourier.fft import fft3_center, ifft3_center, iht3_center
+from cryoscape.fourier.fsc import first_shell_below
 from cryoscape.models.base import VolumeDecoder, register_decoder
 from cryoscape.models.consensus import cell_maxima, lowpass_backprojection
 from cryoscape.models.hash_grid import HashGrid
@@ -274,7 +275,19 @@ class CryoFormer(VolumeDecoder):
         grid.set_prior(cell_maxima(volume, self.box_size, grid.resolution))
         share = float(grid.prior.float().mean())
         return {"n_images": n_images, "fsc_half": fsc.float(), "prior_share": share,
-                "note": f"the occupancy grid starts with {share:.0%} of its cells"}
+                "note": f"the occupancy grid starts with {share:.0%} of its cells{self._band_advice(fsc)}"}
+
+    def _band_advice(self, fsc: torch.Tensor) -> str:
+        """A hint for the log when the data resolve beyond the rendered band: the half-map FSC of the
+        warm start stays above 0.143 past ``render_size / 2`` Fourier pixels, the highest frequency a
+        ``render_size^3`` lattice predicts (README "Choosing a decoder: CryoFormer" measures the trade)."""
+        D, r = self.box_size, self.render_size
+        resolved = first_shell_below(fsc, 0.143)
+        if self.space != "real" or r >= D or resolved <= r // 2:
+            return ""
+        return (f"; the data resolve to shell {resolved} (half-map FSC 0.143), beyond the {r}^3 lattice's band "
+                f"of {r // 2}: --decoder-opt render_size={D} trains the whole band, at about {(D / r) ** 3:.0f}x "
+                "the points per image")
 
     def optimizer_param_groups(self) -> list[dict] | None:
         """The hash-grid tables at ``grid_lr_scale`` times the learning rate, the rest at 1 (``None`` if 1)."""

@@ -174,6 +174,18 @@ class EpochProgress:
                 self.z_logvar[:] = state["z_logvar"]
 
 
+def remaining_seconds(history: list[dict[str, Any]], kinds: list[str]) -> float:
+    """Seconds that epochs of ``kinds`` (their plans' kinds) will take: each at the mean time of the
+    finished epochs of its kind (of all epochs where none was), since ab initio's search, reuse and
+    final epochs differ in cost tenfold and more."""
+    by_kind: dict[str, list[float]] = {}
+    for record in history:
+        by_kind.setdefault(record.get("kind", "train"), []).append(float(record["seconds"]))
+    every = [t for times in by_kind.values() for t in times]
+    overall = sum(every) / max(1, len(every))
+    return sum(sum(by_kind[k]) / len(by_kind[k]) if k in by_kind else overall for k in kinds)
+
+
 class Trainer:
     """Train a model on ``data`` with poses from ``poses`` epoch by epoch as ``schedule`` says.
 
@@ -581,8 +593,7 @@ class Trainer:
 
     def _log_epoch(self, plan: EpochPlan, record: dict[str, Any]) -> None:
         epoch = record["epoch"]
-        remaining = self.schedule.num_epochs - epoch - 1
-        per_epoch = (time.perf_counter() - self.run_start) / max(1, len(self.history))
+        later = [self.schedule.plan(e, self.D).kind for e in range(epoch + 1, self.schedule.num_epochs)]
         what = "" if plan.kind == "train" else f" ({plan.kind}, band {record.get('band_pixel', self.D):.0f} px)"
         extra = ""
         if plan.search is not None:
@@ -591,7 +602,7 @@ class Trainer:
         log.info("epoch %d/%d%s: loss %.5g (squared error %.5g, KL %.4g, beta %.3g) in %.1f s, %.0f img/s%s%s",
                  epoch + 1, self.schedule.num_epochs, what, record["loss"], record["error"], record["kl"],
                  record["beta"], record["seconds"], record["images_per_second"], extra,
-                 f"; about {format_seconds(per_epoch * remaining)} left" if remaining else "")
+                 f"; about {format_seconds(remaining_seconds(self.history, later))} left" if later else "")
 
     # ---- checkpoints
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:

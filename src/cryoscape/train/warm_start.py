@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cryoscape.data.training import ParticleDataset, iterate_batches
+from cryoscape.fourier.fsc import first_shell_below
 from cryoscape.train.likelihood import centre_values, slice_points, to_domain
 
 __all__ = ["warm_start_decoder", "posed_slices"]
@@ -62,9 +63,7 @@ def warm_start_decoder(
     fsc = summary.get("fsc_half")
     where = ""
     if fsc is not None:
-        below = (torch.as_tensor(fsc)[1:] < 0.5).nonzero()
-        shell = int(below[0, 0]) + 1 if below.numel() else len(fsc) - 1
-        where = f"; half-map FSC falls below 0.5 at shell {shell} of {pixels.box_size // 2}"
+        where = f"; half-map FSC falls below 0.5 at shell {first_shell_below(fsc, 0.5)} of {pixels.box_size // 2}"
     if summary.get("note"):
         where += f"; {summary['note']}"
     log.info("warm start: %d posed images in %.1f s%s",
