@@ -130,3 +130,60 @@ def test_train_trains_the_teacher_first_in_its_own_folder_and_starts_from_its_en
     config = TrainConfig(particles=str(data / "particles.star"), decoder="cryoformer", zdim=1, teacher_epochs=2)
     assert train_teacher(config, load_particles(str(data / "particles.star")), run) == run / "teacher"
     assert (run / "teacher" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_abinit_teacher_epochs_follow_the_decoder_and_the_switch():
+    """``abinit``: the teacher's epochs are fixed at the start of the run, CryoFormer's default when a new
+    VAE takes over at the first final epoch, none without that switch (refused when asked for)."""
+    from cryoscape.train.abinit import AbinitConfig, AbinitSchedule
+
+    def fixed(**kw):
+        config = AbinitConfig(**{"particles": "p.star", "decoder": "cryoformer", "zdim": 2, "num_epochs": 6,
+                                 "final_epochs": 2, **kw})
+        config.validate()
+        return AbinitSchedule(config).fixed(config)
+
+    assert fixed().teacher_epochs == 12
+    assert fixed(teacher_epochs=3).teacher_epochs == 3
+    assert fixed(decoder="neural_field").teacher_epochs == 0
+    assert fixed(zdim=0).teacher_epochs == 0
+    assert fixed(final_epochs=0).teacher_epochs == 0  # the VAE searches from the start: no switch
+    assert fixed().phase_config(0).teacher_epochs == 0  # the homogeneous search model has no latent
+    with pytest.raises(ValueError, match="does not have \\(the VAE searches from the start\\)"):
+        fixed(final_epochs=0, teacher_epochs=3)
+
+
+def test_abinit_trains_the_teacher_at_the_switch_on_the_poses_it_found(teacher, tmp_path, monkeypatch):
+    """``abinit --zdim 1 --decoder cryoformer --teacher-epochs 2``: at the first final epoch a 2-epoch basis
+    VAE is trained in RUN/teacher on the poses of the last search-phase epoch (poses.E.npz), and the new
+    CryoFormer VAE starts its encoder from it and ends near it after its one final epoch."""
+    import numpy as np
+
+    import cryoscape.train.trainer as trainer_module
+    from cryoscape.cli.main import main
+    from cryoscape.train.checkpoint import load_checkpoint
+
+    data, _ = teacher
+    seen = []
+    real = trainer_module.train_teacher
+
+    def recording(config, table, out, **kw):
+        seen.append((config.teacher_epochs, np.array(table.rotations), np.array(table.shifts_pixel)))
+        return real(config, table, out, **kw)
+
+    monkeypatch.setattr(trainer_module, "train_teacher", recording)
+    run = tmp_path / "ab"
+    assert main(["abinit", str(data / "particles.star"), "-o", str(run), "-n", "3", "--final-epochs", "1",
+                 "--search-decoder", "neural_field", "--decoder", "cryoformer", "--pretrain", "48",
+                 "--teacher-epochs", "2", *VAE, *TINY]) == 0
+    assert len(seen) == 1 and seen[0][0] == 2
+    found = np.load(run / "poses.1.npz")
+    np.testing.assert_allclose(seen[0][1], found["rotations"], atol=1e-6)
+    np.testing.assert_allclose(seen[0][2], found["shifts_pixel"], atol=1e-5)
+    state = load_checkpoint(run / "teacher" / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["decoder"]["name"] == "basis"
+    moved = _largest_change(state["encoder"]["state"], _encoder_state(run))
+    assert 0.0 < moved < 0.02, moved
+    log = (run / "run.log").read_text()
+    assert "teacher: 2 epochs in" in log and "encoder: copied from" in log and "epoch 2/2" not in log
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["teacher_epochs"] == 2

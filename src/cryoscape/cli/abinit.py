@@ -112,6 +112,10 @@ def _add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--final-batch-size", type=int, default=None, metavar="N",
                        help="images per batch from that switch on [the final decoder's own when another decoder "
                             "searched (the basis: 64), else --batch-size]")
+    sched.add_argument("--teacher-epochs", type=int, default=None, metavar="N",
+                       help="with --zdim: at that switch, first train a voxel-basis VAE of N epochs on the poses "
+                            "found (in RUN/teacher) and start the new VAE's encoder from it; 0: none [the decoder's: "
+                            "12 for cryoformer, 0 for the others]")
     sched.add_argument("--warm-start-images", type=int, default=None, metavar="N",
                        help="when the model is rebuilt after poses were found (the switch above, a reset), a "
                             "decoder with a warm start (the basis's mean map, CryoFormer's occupancy grid) starts from the "
@@ -174,7 +178,7 @@ def _config_from_args(args: argparse.Namespace):
         search_every=pick(args.search_every, d.search_every), final_epochs=pick(args.final_epochs, d.final_epochs),
         reset_epochs=list(args.reset_epochs or []), reset_before_final=args.reset_before_final,
         vae_start_epoch=pick(args.vae_start_epoch, d.vae_start_epoch), search_decoder=args.search_decoder,
-        final_batch_size=args.final_batch_size,
+        final_batch_size=args.final_batch_size, teacher_epochs=args.teacher_epochs,
         warm_start_images=pick(args.warm_start_images, d.warm_start_images),
         search_chunk=pick(args.search_chunk, d.search_chunk), band_limit_training=not args.no_band_limit,
         base_level=_GRID_LEVELS[args.base_grid], n_refine=pick(args.n_refine, d.n_refine),

@@ -35,6 +35,9 @@ the poses found (``vae_start_epoch`` moves the switch; 0 is the thesis's schedul
 searching from the start with latents from its encoder).  On the 1000-image, 32-px hinge test the
 VAE-from-the-start schedule reached 8.9 degrees and a latent that followed the pose errors
 (|Spearman| 0.18); the two-phase one 7.1 degrees and |Spearman| 0.878 to the hinge angle.
+A decoder that learns its latent slowly (CryoFormer) has its new encoder start from a latent
+teacher, a voxel-basis VAE of ``teacher_epochs`` epochs trained at the switch on the poses found
+(train/teacher.py, in ``RUN/teacher``).
 
 A decoder that does not align from random poses (the voxel basis: a voxel map has no smoothness
 of its own) trains in the second phase only: the search model is another decoder
@@ -97,6 +100,7 @@ from cryoscape.train.loop import check_particle_count, load_resume_state
 from cryoscape.train.model import check_options
 from cryoscape.train.pose_sources import SearchedPoses
 from cryoscape.train.schedule import EpochPlan, Schedule
+from cryoscape.train.teacher import teacher_epochs_for
 from cryoscape.train.trainer import RunContext, Trainer, TrainResult
 
 __all__ = ["AbinitConfig", "AbinitResult", "AbinitSchedule", "run_abinit", "resume_abinit", "abinit_model", "epoch_plan"]
@@ -190,6 +194,10 @@ class AbinitConfig(TrainConfig):
                              f"the poses, which needs --final-epochs N (or --vae-start-epoch with --zdim); or pass "
                              f"--search-decoder {self.decoder} to search with it from the start")
         start = self.vae_start()
+        if self.teacher_epochs and not start:
+            raise ValueError("--teacher-epochs starts the encoder of the VAE that takes over from the homogeneous "
+                             "search model, which this run does not have (the VAE searches from the start); add "
+                             "--final-epochs N, or drop it")
         if start and plan[start] == SEARCH:
             raise ValueError(f"--vae-start-epoch {start} is a search epoch; the new VAE must first "
                              "train on the poses (choose an epoch that is not a multiple of --search-every)")
@@ -260,8 +268,9 @@ class AbinitConfig(TrainConfig):
         :meth:`pose_search_decoder`) before :meth:`vae_start`, else these."""
         if epoch < self.vae_start():
             if self.switches_decoder():  # the final decoder's options are not the search decoder's
-                return dataclasses.replace(self, zdim=0, decoder=self.pose_search_decoder(), decoder_options={})
-            return dataclasses.replace(self, zdim=0)
+                return dataclasses.replace(self, zdim=0, decoder=self.pose_search_decoder(), decoder_options={},
+                                           teacher_epochs=0)
+            return dataclasses.replace(self, zdim=0, teacher_epochs=0)
         return self
 
     def search_epochs(self) -> list[int]:
@@ -324,8 +333,8 @@ class AbinitSchedule(Schedule):
         self.kinds = epoch_plan(config)
 
     def fixed(self, config: AbinitConfig) -> AbinitConfig:
-        """Lengths that default to "the whole run" and the phases are fixed at the start of a run
-        (a resume with another ``--num-epochs`` or other final epochs keeps them)."""
+        """Lengths that default to "the whole run", the phases and the teacher's epochs are fixed at the
+        start of a run (a resume with another ``--num-epochs`` or other final epochs keeps them)."""
         if config.beta == "anneal" and config.beta_anneal_epochs is None:
             config = dataclasses.replace(config, beta_anneal_epochs=max(1, math.ceil(config.num_epochs / 4)))
         if config.k_ramp_epochs is None:
@@ -334,6 +343,8 @@ class AbinitSchedule(Schedule):
             config = dataclasses.replace(config, search_decoder=config.pose_search_decoder())
         if config.vae_start_epoch is None and (config.zdim > 0 or config.switches_decoder()):
             config = dataclasses.replace(config, vae_start_epoch=config.vae_start())
+        if config.teacher_epochs is None:  # the decoder's latent teacher at the switch (train/teacher.py)
+            config = dataclasses.replace(config, teacher_epochs=teacher_epochs_for(config) if config.vae_start() else 0)
         return config
 
     def warmup(self, box_size: int) -> tuple[int, float | None]:

@@ -72,6 +72,11 @@ class PoseSource:
         """``(rotations, shifts)`` of every particle as float64 arrays, when this source found them."""
         return None, None
 
+    def posed_table(self):
+        """The particle table with the poses this source found so far (a latent teacher trains on them,
+        train/teacher.py), or ``None`` when it found none (the table's own poses are the caller's)."""
+        return None
+
     def batches_per_chunk(self, plan) -> int:
         """Batches trained after one :meth:`prepare` (1: prepare every batch)."""
         return 1
@@ -255,6 +260,12 @@ class SearchedPoses(PoseSource):
 
     def final_poses(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         return self.rotations.double().numpy(), self.shifts.double().numpy()
+
+    def posed_table(self):
+        if not self.has_poses():
+            return None
+        rotations, shifts = self.final_poses()
+        return dataclasses.replace(self.table, rotations=rotations, shifts_pixel=shifts)
 
     def batches_per_chunk(self, plan) -> int:
         return max(1, plan.search_images // plan.batch_size) if plan.search is not None else 1

@@ -17,8 +17,11 @@ the D=64 hinge with enough images to learn it, its latent alone collapsed onto t
 basis ordered the hinge in a fraction of the time (README "Choosing a decoder: CryoFormer", *The
 latent at D=64*).  A finished teacher in ``RUN/teacher`` (a run stopped after it) is reused.
 
-Only ``cryoscape train`` has these options, and only for a run that starts fresh (a resumed run
-has its own encoder in its checkpoint; ``--load`` brings one).
+``cryoscape train`` has both options, for a run that starts fresh (a resumed run has its own encoder
+in its checkpoint; ``--load`` brings one).  ``cryoscape abinit`` has ``--teacher-epochs``: when its new
+VAE takes over from the homogeneous search model (the switch of train/abinit.py), the teacher is
+trained on the poses found so far (:meth:`~cryoscape.train.pose_sources.PoseSource.posed_table`) and
+the VAE's encoder starts from it (:meth:`~cryoscape.train.trainer.Trainer.teach`).
 """
 
 from __future__ import annotations
@@ -77,15 +80,20 @@ def teacher_epochs_for(config) -> int:
 
 
 def teacher_config(config):
-    """The teacher run's options: the voxel basis at its own defaults (learning rate, batch, width), with the
-    student's data, encoder, latent and KL weight, on the table's poses (neither refined nor predicted), and
-    without the refits after its epochs (they re-solve its maps and latents, not its encoder, the one thing
-    the student takes)."""
+    """The teacher run's options (a ``cryoscape train`` :class:`~cryoscape.train.config.TrainConfig`, also for
+    an ab initio student): the voxel basis at its own defaults (learning rate, batch, width) in its Fourier
+    domain, with the student's data, encoder, latent and KL weight, on the table's poses (neither refined nor
+    predicted), and without the refits after its epochs (they re-solve its maps and latents, not its
+    encoder, the one thing the student takes)."""
+    from cryoscape.train.config import TrainConfig
+
     epochs = int(config.teacher_epochs)
-    return dataclasses.replace(config, decoder="basis", decoder_options={}, lr=None, batch_size=None, dec_dim=None,
-                               num_epochs=epochs, refine_poses=False, pose_source="table", latent_search_epochs=None,
-                               latent_search_start=None, refit=False, refit_latents=False, init_encoder=None,
-                               teacher_epochs=0, checkpoint_every=epochs)
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    options.update(decoder="basis", decoder_options={}, domain="fourier", lr=None, batch_size=None, dec_dim=None,
+                   num_epochs=epochs, refine_poses=False, pose_source="table", latent_search_epochs=None,
+                   latent_search_start=None, refit=False, refit_latents=False, init_encoder=None, teacher_epochs=0,
+                   checkpoint_every=epochs)
+    return TrainConfig(**options)
 
 
 def train_teacher(config, table, out: str | Path, *, tilted_table=None, dist=None) -> Path:

@@ -62,7 +62,7 @@ from cryoscape.train.outputs import format_seconds, plot_losses, write_epoch_map
 from cryoscape.train.pose_sources import PoseSource, RandomPoses, Shard
 from cryoscape.train.refit import refine_latents, refit_decoder, sampled_latents
 from cryoscape.train.schedule import EpochPlan, Schedule
-from cryoscape.train.teacher import copy_encoder
+from cryoscape.train.teacher import copy_encoder, teacher_epochs_for, train_teacher
 from cryoscape.train.warm_start import warm_start_decoder
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "RunContext", "band_pixels", "epoch_generator"]
@@ -374,7 +374,8 @@ class Trainer:
 
     def _apply_model_changes(self, epoch: int, plan: EpochPlan) -> None:
         phase, rebuilt = plan.model_config, False
-        if (self.model.zdim, self.model.name) != (phase.zdim, phase.decoder):
+        switched = (self.model.zdim, self.model.name) != (phase.zdim, phase.decoder)
+        if switched:
             self.model = Model(phase, self.D, self.device, seed=plan.model_seed)
             self._share_statistics()
             likelihood_pixels(self.config, self.data.dataset, self.model.decoder, fresh=True)
@@ -389,8 +390,24 @@ class Trainer:
                 likelihood_pixels(self.config, self.data.dataset, self.model.decoder, fresh=True)
             log.info("epoch %d: model and optimiser reset (poses kept)", epoch + 1)
             rebuilt = True
+        if switched and self.model.encoder is not None:
+            self.teach(phase)
         if rebuilt and self.config.warm_start_images and self.poses.has_poses():
             self._warm_start(self.config.seed + epoch)
+
+    def teach(self, phase) -> None:
+        """A new VAE that takes over mid-run (ab initio's switch) starts its encoder from a latent teacher
+        trained on the poses found so far, when ``phase`` asks for one (train/teacher.py; ``cryoscape train``
+        trains its teacher before the run instead).  The random state is the same after it as before, so a
+        run that reuses a finished teacher (a resume) continues as one that trained it."""
+        table = self.poses.posed_table()
+        epochs = teacher_epochs_for(phase) if table is not None else 0
+        if epochs <= 0:
+            return
+        rng = capture_rng_state()
+        folder = train_teacher(dataclasses.replace(phase, teacher_epochs=epochs), table, self.out, dist=self.dist)
+        restore_rng_state(rng)
+        copy_encoder(self.model.encoder, folder)
 
     def _latent_search(self, epoch: int) -> LatentSearch | None:
         """The latent search of ``epoch`` (train/latent_search.py): from ``latent_search_start`` on (the
