@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--poses", default="poses.pkl", help="pose file inside --data [poses.pkl: the true poses]")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--decoders", nargs="+", choices=list(DECODERS), default=list(DECODERS))
+    p.add_argument("--cryoformer-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="--decoder-opt of both CryoFormer runs (e.g. render_size=64: the whole band at D=64)")
     p.add_argument("--fsc-images", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None, help="[DATA/../runs/latent_epochs_NAME_eE]")
@@ -71,6 +73,8 @@ def train_and_score(args, name: str, runs: Path, env: dict, states: np.ndarray, 
     out = runs / name
     shutil.rmtree(out, ignore_errors=True)
     extra = ["--init-encoder", str(runs / "basis")] if name == "cryoformer_teacher" else []
+    if name.startswith("cryoformer"):
+        extra += [x for kv in args.cryoformer_opt for x in ("--decoder-opt", kv)]
     command = [*cryoscape_command(), "train", str(args.data / "particles.mrcs"), "--poses", str(args.data / args.poses),
                "--ctf", str(args.data / "ctf.pkl"), *ENCODER, *DECODERS[name], *extra, "-n", str(args.epochs),
                "--checkpoint-every", str(args.epochs), "--no-progress", "-o", str(out)]

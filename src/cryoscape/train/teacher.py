@@ -88,7 +88,7 @@ def teacher_config(config):
     from cryoscape.train.config import TrainConfig
 
     epochs = int(config.teacher_epochs)
-    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig)}
+    options = TrainConfig.from_dict(config.to_dict()).to_dict()  # train's options only (an AbinitConfig has more)
     options.update(decoder="basis", decoder_options={}, domain="fourier", lr=None, batch_size=None, dec_dim=None,
                    num_epochs=epochs, refine_poses=False, pose_source="table", latent_search_epochs=None,
                    latent_search_start=None, refit=False, refit_latents=False, init_encoder=None, teacher_epochs=0,
