@@ -86,3 +86,23 @@ def test_a_run_saved_before_the_refit_resumes_without_it():
     assert TrainConfig(decoder="basis", refit_every=5).refit_every_for(1000) == 5
     with pytest.raises(ValueError, match="refit-every"):
         TrainConfig(refit_every=-1).validate()
+
+
+@pytest.mark.parametrize("command, config_class", [("train", "TrainConfig"), ("abinit", "AbinitConfig")])
+def test_the_commands_defaults_are_the_configs_defaults(command, config_class):
+    """A library caller and a command-line user get the same run: every option left out on the command line
+    takes the config class's default (they once differed in the encoder and in abinit's positional encoding)."""
+    import dataclasses
+    import importlib
+
+    from cryoscape.cli.main import build_parser
+    from cryoscape.train.abinit import AbinitConfig
+    from cryoscape.train.config import TrainConfig
+
+    cls = {"TrainConfig": TrainConfig, "AbinitConfig": AbinitConfig}[config_class]
+    cli = importlib.import_module(f"cryoscape.cli.{command}")
+    config = cli._config_from_args(build_parser().parse_args([command, "p.star", "-o", "r"]))
+    default = cls(particles=config.particles)
+    differ = {f.name: (getattr(config, f.name), getattr(default, f.name)) for f in dataclasses.fields(cls)
+              if getattr(config, f.name) != getattr(default, f.name)}
+    assert differ == {}

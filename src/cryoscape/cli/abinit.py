@@ -56,7 +56,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dec-layers", type=int, default=3, help="decoder hidden layers [3]")
     model.add_argument("--dec-dim", type=int, default=None, help="decoder width [128]")
     model.add_argument("--domain", choices=("fourier", "hartley"), default="fourier", help="decoder output domain [fourier]")
-    model.add_argument("--pe-type", default="geom_lowf", help="positional encoding [geom_lowf]")
+    model.add_argument("--pe-type", default=None, help="positional encoding [geom_lowf]")
     model.add_argument("--pe-dim", type=int, default=None, help="number of encoding frequencies (default: by box)")
     model.add_argument("--feat-sigma", type=float, default=None, dest="gaussian_scale", metavar="SIGMA",
                        help="scale of the gaussian encoding's frequencies")
@@ -165,8 +165,8 @@ def _config_from_args(args: argparse.Namespace):
         window_outer_radius_fraction=args.window_r_outer, lazy=args.lazy, n_normalization_images=args.norm_images,
         shuffle_chunk=args.shuffle_chunk, cache_dir=args.cache_dir,
         zdim=args.zdim, decoder=args.decoder, decoder_options=dict(args.decoder_opt), dec_layers=args.dec_layers,
-        dec_dim=pick(args.dec_dim, d.dec_dim), domain=args.domain, pe_type=args.pe_type, pe_dim=args.pe_dim,
-        gaussian_scale=args.gaussian_scale, encoder=args.encoder, enc_layers=args.enc_layers,
+        dec_dim=pick(args.dec_dim, d.dec_dim), domain=args.domain, pe_type=pick(args.pe_type, d.pe_type),
+        pe_dim=args.pe_dim, gaussian_scale=args.gaussian_scale, encoder=args.encoder, enc_layers=args.enc_layers,
         enc_dim=args.enc_dim, noise_model=args.noise_model,
         num_epochs=pick(args.num_epochs, d.num_epochs), batch_size=pick(args.batch_size, d.batch_size),
         lr=pick(args.lr, d.lr), weight_decay=pick(args.weight_decay, d.weight_decay), beta=args.beta,

@@ -127,6 +127,7 @@ class AbinitConfig(TrainConfig):
     # from random poses, the basis does not)
     decoder: str = "neural_field"
     dec_dim: int = 128
+    pe_type: str = "geom_lowf"  # the encoding bench/abinit.py's pose search was measured with (train's is gaussian)
     lr: float = 1e-3
     batch_size: int = 16
     num_epochs: int = 16

@@ -98,7 +98,7 @@ class TrainConfig:
     pe_type: str = "gaussian"
     pe_dim: int | None = None
     gaussian_scale: float | None = None
-    encoder: str = "mlp"
+    encoder: str = "resmlp"  # as the commands' --encoder (tests/train/test_config.py checks they agree)
     enc_layers: int = 3
     enc_dim: int = 256
     enc_mask_radius_fraction: float | None = None
