@@ -180,7 +180,7 @@ def remaining_seconds(history: list[dict[str, Any]], kinds: list[str]) -> float:
     final epochs differ in cost tenfold and more."""
     by_kind: dict[str, list[float]] = {}
     for record in history:
-        by_kind.setdefault(record.get("kind", "train"), []).append(float(record["seconds"]))
+        by_kind.setdefault(record.get("kind", "train"), []).append(float(record["seconds"]))  # older runs: none
     every = [t for times in by_kind.values() for t in times]
     overall = sum(every) / max(1, len(every))
     return sum(sum(by_kind[k]) / len(by_kind[k]) if k in by_kind else overall for k in kinds)
@@ -534,7 +534,7 @@ class Trainer:
         if not all(math.isfinite(v) for v in totals):
             self._diverged(epoch, progress.batches_done - 1, totals[0])
         seconds = progress.seconds
-        record = {"epoch": epoch, **plan.record,
+        record = {"epoch": epoch, "kind": plan.kind, **plan.record,
                   "loss": totals[0], "error": totals[1], "kl": totals[2], "beta": self.config.beta_at(epoch + 1),
                   "seconds": seconds, "wall_seconds": time.perf_counter() - self.run_start,
                   "images_per_second": seen / max(seconds, 1e-9), **self.poses.epoch_record()}
