@@ -4,6 +4,8 @@ new run (here a voxel-basis run into a CryoFormer run), which then trains it fur
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -127,8 +129,14 @@ def test_train_trains_the_teacher_first_in_its_own_folder_and_starts_from_its_en
     saved = load_checkpoint(run / "checkpoint.pt")["config"]
     assert saved["teacher_epochs"] == 2 and saved["init_encoder"] == str(run / "teacher")
     before = (run / "teacher" / "checkpoint.pt").stat().st_mtime_ns
-    config = TrainConfig(particles=str(data / "particles.star"), decoder="cryoformer", zdim=1, teacher_epochs=2)
-    assert train_teacher(config, load_particles(str(data / "particles.star")), run) == run / "teacher"
+    config = TrainConfig(particles=str(data / "particles.star"), decoder="cryoformer", zdim=1, teacher_epochs=2,
+                         encoder="resmlp", enc_layers=1, enc_dim=32)
+    table = load_particles(str(data / "particles.star"))
+    assert train_teacher(config, table, run) == run / "teacher"
+    assert (run / "teacher" / "checkpoint.pt").stat().st_mtime_ns == before
+    other = dataclasses.replace(config, enc_dim=64, seed=3)  # the folder reused after the options changed
+    with pytest.raises(InputError, match="other options \\(enc_dim: 32 there, 64 now, seed: 0 there, 3 now\\)"):
+        train_teacher(other, table, run)
     assert (run / "teacher" / "checkpoint.pt").stat().st_mtime_ns == before
 
 

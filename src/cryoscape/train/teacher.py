@@ -15,7 +15,9 @@ a fresh run with a latent first trains that voxel-basis run itself, in ``RUN/tea
 run folder with its own run.log), and starts its encoder from it.  Why by default for CryoFormer: on
 the D=64 hinge with enough images to learn it, its latent alone collapsed onto the prior while the
 basis ordered the hinge in a fraction of the time (README "Choosing a decoder: CryoFormer", *The
-latent at D=64*).  A finished teacher in ``RUN/teacher`` (a run stopped after it) is reused.
+latent at D=64*).  A finished teacher in ``RUN/teacher`` (a run stopped after it) is reused when it
+was trained on the same particles with the same encoder, length and seed; otherwise the run stops
+with one sentence naming the options that differ.
 
 ``cryoscape train`` has both options, for a run that starts fresh (a resumed run has its own encoder
 in its checkpoint; ``--load`` brings one).  ``cryoscape abinit`` has ``--teacher-epochs``: when its new
@@ -104,6 +106,7 @@ def train_teacher(config, table, out: str | Path, *, tilted_table=None, dist=Non
     folder = Path(out) / "teacher"
     teacher = teacher_config(config)
     if _finished_epochs(folder) >= teacher.num_epochs:
+        _check_same_teacher(folder, teacher)
         log.info("teacher: the finished voxel-basis run in %s starts the encoder", folder)
         return folder
     log.info("teacher: a voxel-basis run of %d epochs in %s (its own run.log) first, to start the encoder from "
@@ -113,6 +116,23 @@ def train_teacher(config, table, out: str | Path, *, tilted_table=None, dist=Non
         train_model(teacher, table, folder, tilted_table=tilted_table, dist=dist)
     log.info("teacher: %d epochs in %.1f s", teacher.num_epochs, time.perf_counter() - t0)
     return folder
+
+
+#: the options that make a finished teacher this run's teacher (its data, its encoder, its length and seed)
+_SAME_TEACHER = ("particles", "zdim", "encoder", "enc_layers", "enc_dim", "num_epochs", "seed")
+
+
+def _check_same_teacher(folder: Path, teacher) -> None:
+    """Raise :class:`InputError` when the finished run in ``folder`` was trained with other
+    :data:`_SAME_TEACHER` options than ``teacher`` (a run folder reused after its options changed)."""
+    from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
+
+    theirs, ours = load_checkpoint(find_checkpoint(folder)).get("config", {}), teacher.to_dict()
+    differ = [k for k in _SAME_TEACHER if theirs.get(k) != ours[k]]
+    if differ:
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in differ)
+        raise InputError(f"{folder} holds a teacher trained with other options ({detail}); remove that folder to "
+                         "train a new one, or pass --teacher-epochs 0.")
 
 
 def _finished_epochs(folder: Path) -> int:
