@@ -16,7 +16,7 @@ run folder with its own run.log), and starts its encoder from it.  Why by defaul
 the D=64 hinge with enough images to learn it, its latent alone collapsed onto the prior while the
 basis ordered the hinge in a fraction of the time (README "Choosing a decoder: CryoFormer", *The
 latent at D=64*).  A finished teacher in ``RUN/teacher`` (a run stopped after it) is reused when it
-was trained on the same particles with the same encoder, length and seed; otherwise the run stops
+was trained on the same particles and poses with the same encoder, length and seed; otherwise the run stops
 with one sentence naming the options that differ.
 
 ``cryoscape train`` has both options, for a run that starts fresh (a resumed run has its own encoder
@@ -118,8 +118,8 @@ def train_teacher(config, table, out: str | Path, *, tilted_table=None, dist=Non
     return folder
 
 
-#: the options that make a finished teacher this run's teacher (its data, its encoder, its length and seed)
-_SAME_TEACHER = ("particles", "zdim", "encoder", "enc_layers", "enc_dim", "num_epochs", "seed")
+#: the options that make a finished teacher this run's teacher (its data and poses, its encoder, its length and seed)
+_SAME_TEACHER = ("particles", "poses", "ctf", "zdim", "encoder", "enc_layers", "enc_dim", "num_epochs", "seed")
 
 
 def _check_same_teacher(folder: Path, teacher) -> None:
