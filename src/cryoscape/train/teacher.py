@@ -58,9 +58,8 @@ def copy_encoder(encoder: torch.nn.Module | None, source: str | Path) -> None:
     if entry is None:
         raise InputError(f"{path} holds no encoder (a homogeneous run); pass a run trained with --zdim > 0.")
     theirs, ours = dict(entry["config"]), dict(encoder.config)
-    if theirs != ours:
-        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ)
+    detail = _differences(theirs, ours, sorted(set(theirs) | set(ours)), "here")
+    if detail:
         raise InputError(f"the encoder of {path} differs from this run's ({detail}); use the same --zdim, "
                          "--encoder and --enc-* options as that run.")
     encoder.load_state_dict(entry["state"])
@@ -90,12 +89,11 @@ def teacher_config(config):
     from cryoscape.train.config import TrainConfig
 
     epochs = int(config.teacher_epochs)
-    options = TrainConfig.from_dict(config.to_dict()).to_dict()  # train's options only (an AbinitConfig has more)
-    options.update(decoder="basis", decoder_options={}, domain="fourier", lr=None, batch_size=None, dec_dim=None,
-                   num_epochs=epochs, refine_poses=False, pose_source="table", latent_search_epochs=None,
-                   latent_search_start=None, refit=False, refit_latents=False, init_encoder=None, teacher_epochs=0,
-                   checkpoint_every=epochs)
-    return TrainConfig(**options)
+    train_options = TrainConfig.from_dict(config.to_dict())  # train's options only (an AbinitConfig has more)
+    return dataclasses.replace(train_options, decoder="basis", decoder_options={}, domain="fourier", lr=None,
+                               batch_size=None, dec_dim=None, num_epochs=epochs, refine_poses=False,
+                               pose_source="table", latent_search_epochs=None, latent_search_start=None, refit=False,
+                               refit_latents=False, init_encoder=None, teacher_epochs=0, checkpoint_every=epochs)
 
 
 def train_teacher(config, table, out: str | Path, *, tilted_table=None, dist=None) -> Path:
@@ -127,12 +125,18 @@ def _check_same_teacher(folder: Path, teacher) -> None:
     :data:`_SAME_TEACHER` options than ``teacher`` (a run folder reused after its options changed)."""
     from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
 
-    theirs, ours = load_checkpoint(find_checkpoint(folder)).get("config", {}), teacher.to_dict()
-    differ = [k for k in _SAME_TEACHER if theirs.get(k) != ours[k]]
-    if differ:
-        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in differ)
+    theirs = load_checkpoint(find_checkpoint(folder)).get("config", {})
+    detail = _differences(theirs, teacher.to_dict(), _SAME_TEACHER, "now")
+    if detail:
         raise InputError(f"{folder} holds a teacher trained with other options ({detail}); remove that folder to "
                          "train a new one, or pass --teacher-epochs 0.")
+
+
+def _differences(theirs: dict, ours: dict, keys, ours_word: str) -> str:
+    """``"key: THEIRS there, OURS <ours_word>"`` for each of ``keys`` whose values differ, comma-separated
+    ("" when none does): the detail of the errors above."""
+    return ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} {ours_word}" for k in keys
+                     if theirs.get(k) != ours.get(k))
 
 
 def _finished_epochs(folder: Path) -> int:
