@@ -45,9 +45,10 @@ def _decoder(D=12, zdim=0, **kw):
 
 def test_real_space_images_equal_the_central_slices_of_the_map_on_grid_frequencies():
     """predict_images (rendering, r = D) equals forward() (3-D FFT of eval_volume) where the slice
-    frequencies fall on the grid: identity and 90-degree rotations."""
+    frequencies fall on the grid: identity and 90-degree rotations.  Every voxel (depth_stride 1): this
+    random grid has content to the corners of the box, which a stride of 2 would alias."""
     D = 12
-    dec = _decoder(D, render_size=D, radius_fraction=0.9)
+    dec = _decoder(D, render_size=D, depth_stride=1, radius_fraction=0.9)
     pixels = fourier_pixels(D)
     R = torch.stack([torch.eye(3), torch.tensor([[0.0, 0, 1], [0, 1, 0], [-1, 0, 0]])])
     with torch.no_grad():

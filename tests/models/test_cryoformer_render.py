@@ -66,3 +66,28 @@ def test_point_budget_is_the_lattice_inside_the_sphere():
     expected = math.pi / 6 * (0.9 * 32) ** 3
     assert abs(len(cols) - expected) / expected < 0.05
     assert int(cols.pixel.max()) < 32 * 32
+
+
+@pytest.mark.parametrize("render_size, sigma", [(32, 1.5), (16, 2.5)])
+def test_depth_stride_two_keeps_the_band_with_half_the_points(render_size, sigma):
+    """Planes every 2 lattice steps along z: the first aliased term (k_z = 1 / (2 s)) sits on the band's
+    edge, where these Gaussians keep exp(-2 pi^2 sigma^2 k^2) ~ 1e-5 (s = 1, sigma 1.5) and 6e-4 (s = 2,
+    sigma 2.5) of their peak; a stride of 3 would alias 1-2 % and fail.  With z offsets as well."""
+    D = 32
+    R = random_rotations(3, generator=torch.Generator().manual_seed(7))
+    pixels = fourier_pixels(D)
+    truth = transform_at_pixels(_analytic_images(R, D, sigma).float(), pixels)
+    band = pixels.coords_index.square().sum(-1) < (render_size / 2) ** 2
+    dense = column_points(D, render_size, radius_fraction=1.0)
+    cols = column_points(D, render_size, radius_fraction=1.0, depth_stride=2)
+    assert cols.z_step == 2 * cols.step and abs(len(cols) / len(dense) - 0.5) < 0.02
+    assert bool((cols.positions[:, 2] == 0).any())  # the centre plane is kept
+    scale = truth.abs().max()
+    z_only = torch.zeros(3, 3)
+    z_only[:, 2] = torch.tensor([-0.9, 0.3, 0.7]) * cols.z_step / 2
+    for offsets in (None, z_only):
+        rendered = render_values(lambda w: _density(w, sigma), R, cols, pixels.coords_index, box_size=D,
+                                 offsets=offsets)
+        assert float((rendered[:, band] - truth[:, band]).abs().max() / scale) < 1e-3
+    with pytest.raises(ValueError, match="depth_stride"):
+        column_points(D, render_size, depth_stride=0)

@@ -47,7 +47,8 @@ Latent paths (options; README "Choosing a decoder: CryoFormer" has what each did
 Forward models (``space``)
 --------------------------
 ``"real"`` (default): the density is queried at ``R^T x`` on a lattice of ``render_size^3``
-points inside the sphere of ``radius_fraction`` of the box, integrated along z, and the image's
+points inside the sphere of ``radius_fraction`` of the box (every ``depth_stride``-th plane along z:
+the default 2 halves the points, for aliasing beyond the band), integrated along z, and the image's
 transform taken by FFT (:mod:`cryoscape.models.realspace`, which states the cost budget and the
 band it predicts); the CTF multiplies it at the training pixels.  This is the
 :meth:`~cryoscape.models.base.VolumeDecoder.predict_images` hook; ``forward(coords, z)`` (the
@@ -81,6 +82,9 @@ from cryoscape.models.realspace import column_points, render_values
 __all__ = ["CryoFormer"]
 
 SPACES = ("real", "fourier")
+#: the lattice's default size (``min(D, this)``) with ``depth_stride`` 2: a CPU-sized budget at D=64
+#: (README, "Choosing a decoder: CryoFormer", has what 32, 48 and 64 gave)
+DEFAULT_RENDER_SIZE = 48
 
 
 class ImageContext(NamedTuple):
@@ -163,7 +167,8 @@ class CryoFormer(VolumeDecoder):
                  n_levels: int = 16, features_per_level: int = 2, log2_table_size: int = 15,
                  base_resolution: int = 16, spatial_width: int = 16, n_queries: int = 64, query_dim: int = 64,
                  n_blocks: int = 3, n_heads: int = 4, deform_width: int = 128, deform_layers: int = 2,
-                 render_size: int | None = None, radius_fraction: float = 0.9, jitter: bool = True,
+                 render_size: int | None = None, depth_stride: int = 2, radius_fraction: float = 0.9,
+                 jitter: bool = True,
                  chunk_points: int = 1 << 16, grid_init_scale: float = 1e-4, deformation: bool = True,
                  deformation_width: int = 64, latent_to_points: bool = False, grid_lr_scale: float = 1.0,
                  latent_warmup_steps: int = 0, latent_to_spatial: bool = False,
@@ -177,17 +182,19 @@ class CryoFormer(VolumeDecoder):
         if domain not in ("fourier", "hartley"):
             raise ValueError(f"domain must be fourier or hartley, got {domain!r}")
         D = self.box_size
-        render_size = int(render_size) if render_size is not None else min(D, 32)
+        render_size = int(render_size) if render_size is not None else min(D, DEFAULT_RENDER_SIZE)
         # one cell per rendered lattice step, none finer than 2 training pixels
         occupancy_resolution = int(occupancy_resolution or max(1, min(render_size, D // 2)))
         self.domain, self.space = domain, space
         self.render_size, self.radius_fraction, self.jitter = render_size, float(radius_fraction), bool(jitter)
+        self.depth_stride = int(depth_stride)
         self.chunk_points = int(chunk_points)
         self.config.update(domain=domain, space=space, n_levels=n_levels, features_per_level=features_per_level,
                            log2_table_size=log2_table_size, base_resolution=base_resolution,
                            spatial_width=spatial_width, n_queries=n_queries, query_dim=query_dim, n_blocks=n_blocks,
                            n_heads=n_heads, deform_width=deform_width, deform_layers=deform_layers,
-                           render_size=render_size, radius_fraction=radius_fraction, jitter=jitter,
+                           render_size=render_size, depth_stride=depth_stride, radius_fraction=radius_fraction,
+                           jitter=jitter,
                            chunk_points=chunk_points, grid_init_scale=grid_init_scale, deformation=deformation,
                            deformation_width=deformation_width, latent_to_points=latent_to_points,
                            grid_lr_scale=grid_lr_scale, latent_warmup_steps=latent_warmup_steps,
@@ -442,7 +449,8 @@ class CryoFormer(VolumeDecoder):
         r = int(render_size or self.render_size)
         key = (r, str(device))
         if key not in self._columns:
-            self._columns[key] = column_points(self.box_size, r, radius_fraction=self.radius_fraction, device=device)
+            self._columns[key] = column_points(self.box_size, r, radius_fraction=self.radius_fraction,
+                                               depth_stride=self.depth_stride, device=device)
         return self._columns[key]
 
     def _training_render_size(self) -> int:
@@ -466,8 +474,9 @@ class CryoFormer(VolumeDecoder):
         context = self.image_context(z, B).expand(B)
         columns = self.columns(rotations.device, self._training_render_size() if self.training else None)
         offsets = None
-        if self.training and self.jitter and columns.step > 1:
-            offsets = (torch.rand(B, 3, device=rotations.device) - 0.5) * columns.step
+        scale = torch.tensor(columns.jitter_scale(), device=rotations.device)
+        if self.training and self.jitter and bool(scale.any()):
+            offsets = (torch.rand(B, 3, device=rotations.device) - 0.5) * scale
         values = render_values(lambda world: self.density(world, context), rotations, columns, pixels.coords_index,
                                box_size=self.box_size, offsets=offsets)
         if pixels.domain == "hartley":

@@ -16,8 +16,16 @@ the projection at the frequencies ``|k| < r / 2`` (index units), which is the ba
 predicts; the training pixels beyond it are predicted as 0 (their error does not depend on the
 model).  ``r = D`` renders every voxel column with no band limit.
 
+Depth stride: the sum along z needs fewer samples than the image plane.  Sampling z every
+``depth_stride`` lattice steps (spacing ``s_z``) and summing times ``s_z`` gives the integral plus the
+density's transform at ``k_z = m / s_z`` (Poisson summation; ``m != 0``).  At ``s_z = 2 s`` the first
+of these lies on the band's edge (``r / 2`` index units), where the model has nothing the data
+constrain, and with a random z offset (jitter) their phases average to zero: halve the points for
+aliasing the data do not resolve.  ``depth_stride = 1`` (an isotropic lattice) keeps them at twice
+the band.
+
 Jitter: while training, every image's lattice is displaced by a random offset ``d`` of up to half
-a step along each axis, so that the model is queried everywhere and not only on the lattice; the
+a step along each axis (half the z spacing along z), so that the model is queried everywhere and not only on the lattice; the
 sampled projection is then ``p(x + d_xy)`` and its transform is multiplied by
 ``exp(-2 pi i k . d_xy)`` to put it back (the z offset needs no correction).
 
@@ -43,33 +51,46 @@ class ColumnPoints:
     """The lattice points of one image (image frame, training pixels) and the pixel each falls in.
 
     ``positions`` ``(M, 3)`` (x, y, z); ``pixel`` ``(M,)`` flat index into the ``r x r`` image
-    ``[y, x]``; ``render_size`` ``r``; ``step`` ``s = D / r``.
+    ``[y, x]``; ``render_size`` ``r``; ``step`` ``s = D / r`` (x and y); ``z_step`` the spacing along z
+    (``s`` times the depth stride).
     """
 
-    def __init__(self, positions: torch.Tensor, pixel: torch.Tensor, render_size: int, step: float):
+    def __init__(self, positions: torch.Tensor, pixel: torch.Tensor, render_size: int, step: float,
+                 z_step: float | None = None):
         self.positions, self.pixel, self.render_size, self.step = positions, pixel, int(render_size), float(step)
+        self.z_step = float(step if z_step is None else z_step)
 
     def __len__(self) -> int:
         return int(self.positions.shape[0])
 
     def to(self, device) -> "ColumnPoints":
-        return ColumnPoints(self.positions.to(device), self.pixel.to(device), self.render_size, self.step)
+        return ColumnPoints(self.positions.to(device), self.pixel.to(device), self.render_size, self.step,
+                            self.z_step)
+
+    def jitter_scale(self) -> tuple[float, float, float]:
+        """Per axis (x, y, z), the width of the lattice offset a training image draws: the spacing where it
+        exceeds one training pixel, else 0 (a lattice on the pixels needs none)."""
+        xy = self.step if self.step > 1 else 0.0
+        return xy, xy, self.z_step if self.z_step > 1 else 0.0
 
 
-def column_points(box_size: int, render_size: int, *, radius_fraction: float = 1.0,
+def column_points(box_size: int, render_size: int, *, radius_fraction: float = 1.0, depth_stride: int = 1,
                   device: torch.device | str | None = None) -> ColumnPoints:
-    """The ``r^3`` lattice of spacing ``D / r`` inside the sphere ``|X| <= radius_fraction * D / 2``."""
-    D, r = int(box_size), int(render_size)
+    """The ``r x r`` lattice of spacing ``D / r``, with planes every ``depth_stride`` steps along z (module
+    docstring), inside the sphere ``|X| <= radius_fraction * D / 2``."""
+    D, r, stride = int(box_size), int(render_size), int(depth_stride)
     if not 1 <= r <= D:
         raise ValueError(f"render_size must be between 1 and the box size {D}, got {r}")
+    if stride < 1:
+        raise ValueError(f"depth_stride must be a positive integer, got {depth_stride}")
     step = D / r
     axis = (torch.arange(r, dtype=torch.float32, device=device) - r // 2) * step
-    zz, yy, xx = torch.meshgrid(axis, axis, axis, indexing="ij")
+    zz, yy, xx = torch.meshgrid(axis[(r // 2) % stride::stride], axis, axis, indexing="ij")  # z = 0 is a plane
     pos = torch.stack([xx, yy, zz], -1).reshape(-1, 3)
     iy, ix = torch.meshgrid(torch.arange(r, device=device), torch.arange(r, device=device), indexing="ij")
-    pixel = (iy * r + ix).reshape(1, -1).expand(r, -1).reshape(-1)
+    pixel = (iy * r + ix).reshape(1, -1).expand(zz.shape[0], -1).reshape(-1)
     keep = pos.square().sum(-1) <= (radius_fraction * D / 2) ** 2 + 1e-6
-    return ColumnPoints(pos[keep], pixel[keep], r, step)
+    return ColumnPoints(pos[keep], pixel[keep], r, step, step * stride)
 
 
 def rotate_points(points: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -85,11 +106,11 @@ def rotate_points(points: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor
 
 
 def project_density(density: torch.Tensor, columns: ColumnPoints) -> torch.Tensor:
-    """``(B, M)`` densities at the lattice points -> ``(B, r, r)`` projections (sum along z times the step)."""
+    """``(B, M)`` densities at the lattice points -> ``(B, r, r)`` projections (sum along z times its spacing)."""
     B, r = density.shape[0], columns.render_size
     image = torch.zeros(B, r * r, dtype=density.dtype, device=density.device)
     image = image.index_add(1, columns.pixel, density)
-    return (image * columns.step).reshape(B, r, r)
+    return (image * columns.z_step).reshape(B, r, r)
 
 
 def image_values(projections: torch.Tensor, coords_index: torch.Tensor, *, box_size: int,
