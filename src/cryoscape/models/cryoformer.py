@@ -473,10 +473,9 @@ class CryoFormer(VolumeDecoder):
             self._refresh_occupancy(z)
         context = self.image_context(z, B).expand(B)
         columns = self.columns(rotations.device, self._training_render_size() if self.training else None)
-        offsets = None
-        scale = torch.tensor(columns.jitter_scale(), device=rotations.device)
-        if self.training and self.jitter and bool(scale.any()):
-            offsets = (torch.rand(B, 3, device=rotations.device) - 0.5) * scale
+        offsets, scale = None, columns.jitter_scale()
+        if self.training and self.jitter and any(scale):
+            offsets = (torch.rand(B, 3, device=rotations.device) - 0.5) * torch.tensor(scale, device=rotations.device)
         values = render_values(lambda world: self.density(world, context), rotations, columns, pixels.coords_index,
                                box_size=self.box_size, offsets=offsets)
         if pixels.domain == "hartley":

@@ -25,9 +25,9 @@ aliasing the data do not resolve.  ``depth_stride = 1`` (an isotropic lattice) k
 the band.
 
 Jitter: while training, every image's lattice is displaced by a random offset ``d`` of up to half
-a step along each axis (half the z spacing along z), so that the model is queried everywhere and not only on the lattice; the
-sampled projection is then ``p(x + d_xy)`` and its transform is multiplied by
-``exp(-2 pi i k . d_xy)`` to put it back (the z offset needs no correction).
+a step along each axis (half the z spacing along z), so that the model is queried everywhere and
+not only on the lattice; the sampled projection is then ``p(x + d_xy)`` and its transform is
+multiplied by ``exp(-2 pi i k . d_xy)`` to put it back (the z offset needs no correction).
 
 Shifts: the training objective undoes each image's shift on the data (a phase ramp,
 train/likelihood.py ``centre_values``), which is the in-plane translation ``t`` of querying
