@@ -9,6 +9,7 @@ import torch
 
 from cryoscape.data.training import fourier_pixels, transform_at_pixels
 from cryoscape.geometry.rotations import random_rotations
+from cryoscape.models.base import build_decoder
 from cryoscape.models.realspace import column_points, render_values
 
 SIGMA = 1.5
@@ -91,3 +92,5 @@ def test_depth_stride_two_keeps_the_band_with_half_the_points(render_size, sigma
         assert float((rendered[:, band] - truth[:, band]).abs().max() / scale) < 1e-3
     with pytest.raises(ValueError, match="depth_stride"):
         column_points(D, render_size, depth_stride=0)
+    with pytest.raises(ValueError, match="depth_stride a positive integer, got 32 and 0"):
+        build_decoder("cryoformer", box_size=D, depth_stride=0)  # at construction, not at the first step

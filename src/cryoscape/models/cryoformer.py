@@ -183,6 +183,9 @@ class CryoFormer(VolumeDecoder):
             raise ValueError(f"domain must be fourier or hartley, got {domain!r}")
         D = self.box_size
         render_size = int(render_size) if render_size is not None else min(D, DEFAULT_RENDER_SIZE)
+        if not 1 <= render_size <= D or int(depth_stride) < 1:
+            raise ValueError(f"render_size must be between 1 and the box size {D} and depth_stride a positive integer, "
+                             f"got {render_size} and {depth_stride}")
         # one cell per rendered lattice step, none finer than 2 training pixels
         occupancy_resolution = int(occupancy_resolution or max(1, min(render_size, D // 2)))
         self.domain, self.space = domain, space
