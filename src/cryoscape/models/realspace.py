@@ -10,7 +10,8 @@ Rendering a ``D x D`` image from a density exactly needs about ``D^3`` density q
 renderer instead samples a ``r x r x r`` lattice of spacing ``s = D / r`` training pixels
 (``r = render_size <= D``), keeping only the lattice points inside the sphere of radius
 ``radius_fraction * D / 2`` (the particle's support): about ``(pi / 6) (radius_fraction r)^3``
-queries per image.  Summing the samples along z (times the step ``s``) gives the projection at
+queries per image (divided by the depth stride, below).  Summing the samples along z (times their
+spacing) gives the projection at
 ``r x r`` pixels of size ``s``; its centred FFT times ``s^2`` is the unnormalised ``D x D`` FFT of
 the projection at the frequencies ``|k| < r / 2`` (index units), which is the band this renderer
 predicts; the training pixels beyond it are predicted as 0 (their error does not depend on the
