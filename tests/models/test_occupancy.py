@@ -273,6 +273,8 @@ def test_the_warm_start_names_the_whole_band_when_the_data_resolve_beyond_the_re
     advice = half._band_advice(fsc(12))
     assert "resolve to shell 12" in advice and "render_size=32" in advice and "about 8x the points" in advice
     assert half._band_advice(fsc(8)) == ""  # shell 8 is the band's edge: |k| < 8 is rendered, 8 itself not used
+    advice = build_decoder("cryoformer", box_size=64, zdim=0, **SMALL)._band_advice(fsc(26, 33))  # the 48^3 default
+    assert "beyond the 48^3 lattice's band of 24" in advice and "about 2.4x the points" in advice  # (64 / 48)^3 = 2.37
     assert build_decoder("cryoformer", box_size=32, zdim=0, render_size=32, **SMALL)._band_advice(fsc(16)) == ""
     assert build_decoder("cryoformer", box_size=32, zdim=0, render_size=16, space="fourier",
                          **SMALL)._band_advice(fsc(12)) == ""

@@ -296,7 +296,7 @@ class CryoFormer(VolumeDecoder):
         if self.space != "real" or r >= D or resolved <= r // 2:
             return ""
         return (f"; the data resolve to shell {resolved} (half-map FSC 0.143), beyond the {r}^3 lattice's band "
-                f"of {r // 2}: --decoder-opt render_size={D} trains the whole band, at about {(D / r) ** 3:.0f}x "
+                f"of {r // 2}: --decoder-opt render_size={D} trains the whole band, at about {(D / r) ** 3:.2g}x "
                 "the points per image")
 
     def optimizer_param_groups(self) -> list[dict] | None:
