@@ -94,3 +94,12 @@ def test_depth_stride_two_keeps_the_band_with_half_the_points(render_size, sigma
         column_points(D, render_size, depth_stride=0)
     with pytest.raises(ValueError, match="depth_stride a positive integer, got 32 and 0"):
         build_decoder("cryoformer", box_size=D, depth_stride=0)  # at construction, not at the first step
+
+
+def test_jitter_spans_one_spacing_per_axis_and_none_on_the_pixel_lattice():
+    """Training offsets (CryoFormer.predict_images): each axis moves by up to its own spacing, none where the
+    lattice is on the training pixels (every pixel column, every plane)."""
+    assert column_points(32, 32).jitter_scale() == (0.0, 0.0, 0.0)
+    assert column_points(32, 32, depth_stride=2).jitter_scale() == (0.0, 0.0, 2.0)
+    assert column_points(32, 16).jitter_scale() == (2.0, 2.0, 2.0)
+    assert column_points(32, 16, depth_stride=2).jitter_scale() == (2.0, 2.0, 4.0)
