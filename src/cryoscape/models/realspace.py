@@ -20,10 +20,10 @@ model).  ``r = D`` renders every voxel column with no band limit.
 Depth stride: the sum along z needs fewer samples than the image plane.  Sampling z every
 ``depth_stride`` lattice steps (spacing ``s_z``) and summing times ``s_z`` gives the integral plus the
 density's transform at ``k_z = m / s_z`` (Poisson summation; ``m != 0``).  At ``s_z = 2 s`` the first
-of these lies on the band's edge (``r / 2`` index units), where the model has nothing the data
-constrain, and with a random z offset (jitter) their phases average to zero: halve the points for
-aliasing the data do not resolve.  ``depth_stride = 1`` (an isotropic lattice) keeps them at twice
-the band.
+of these lies on the band's edge (``r / 2`` index units), and with a random z offset (jitter) their
+phases average to zero: half the points, for aliasing that is harmless where the band reaches past
+what the data resolve and costs where it does not (README, "The band at D=64", measures both).
+``depth_stride = 1`` (an isotropic lattice) keeps them at twice the band.
 
 Jitter: while training, every image's lattice is displaced by a random offset ``d`` of up to half
 a step along each axis (half the z spacing along z), so that the model is queried everywhere and
