@@ -48,7 +48,7 @@ Forward models (``space``)
 --------------------------
 ``"real"`` (default): the density is queried at ``R^T x`` on a lattice of ``render_size^3``
 points inside the sphere of ``radius_fraction`` of the box (every ``depth_stride``-th plane along z:
-the default 2 halves the points, for aliasing beyond the band), integrated along z, and the image's
+the default 2 halves the points, for aliasing at the band's edge), integrated along z, and the image's
 transform taken by FFT (:mod:`cryoscape.models.realspace`, which states the cost budget and the
 band it predicts); the CTF multiplies it at the training pixels.  This is the
 :meth:`~cryoscape.models.base.VolumeDecoder.predict_images` hook; ``forward(coords, z)`` (the
