@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 from cryoscape.errors import InputError
+from cryoscape.train.checkpoint import available_epochs, find_checkpoint, load_checkpoint
+from cryoscape.train.config import TrainConfig
 
 __all__ = ["copy_encoder", "teacher_epochs_for", "teacher_config", "train_teacher"]
 
@@ -49,8 +51,6 @@ def copy_encoder(encoder: torch.nn.Module | None, source: str | Path) -> None:
     Raises :class:`InputError` when this run has no encoder (``zdim 0``), the source has none, or
     their shapes differ (``--zdim``, ``--encoder``, ``--enc-layers/--enc-dim``, box size).
     """
-    from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
-
     if encoder is None:
         raise InputError("--init-encoder copies a VAE encoder, so it needs --zdim > 0.")
     path = find_checkpoint(source)
@@ -86,8 +86,6 @@ def teacher_config(config):
     domain, with the student's data, encoder, latent and KL weight, on the table's poses (neither refined nor
     predicted), and without the refits after its epochs (they re-solve its maps and latents, not its
     encoder, the one thing the student takes)."""
-    from cryoscape.train.config import TrainConfig
-
     epochs = int(config.teacher_epochs)
     train_options = TrainConfig.from_dict(config.to_dict())  # train's options only (an AbinitConfig has more)
     return dataclasses.replace(train_options, decoder="basis", decoder_options={}, domain="fourier", lr=None,
@@ -123,8 +121,6 @@ _SAME_TEACHER = ("particles", "poses", "ctf", "zdim", "encoder", "enc_layers", "
 def _check_same_teacher(folder: Path, teacher) -> None:
     """Raise :class:`InputError` when the finished run in ``folder`` was trained with other
     :data:`_SAME_TEACHER` options than ``teacher`` (a run folder reused after its options changed)."""
-    from cryoscape.train.checkpoint import find_checkpoint, load_checkpoint
-
     theirs = load_checkpoint(find_checkpoint(folder)).get("config", {})
     detail = _differences(theirs, teacher.to_dict(), _SAME_TEACHER, "now")
     if detail:
@@ -142,8 +138,6 @@ def _differences(theirs: dict, ours: dict, keys, ours_word: str) -> str:
 def _finished_epochs(folder: Path) -> int:
     """Epochs a run in ``folder`` finished, by its last ``weights.E.pt`` (the teacher writes one, after its
     last epoch; 0 when there is none)."""
-    from cryoscape.train.checkpoint import available_epochs
-
     return max(available_epochs(folder), default=-1) + 1
 
 
