@@ -241,3 +241,35 @@ def test_the_time_left_counts_each_epoch_kind_at_its_own_mean():
     assert remaining_seconds(history, ["final", "final"]) == pytest.approx(2 * 31.0 / 3)
     assert remaining_seconds([{"seconds": 4.0}, {"seconds": 6.0}], ["train"] * 3) == pytest.approx(15.0)
     assert remaining_seconds(history, []) == 0.0
+
+
+def test_a_resumed_run_keeps_the_decoder_it_was_saved_with(tiny_dataset, tmp_path):
+    """A CryoFormer run saved before today's lattice defaults (its config names render_size 8 and has no
+    depth_stride: every plane then) resumes with that lattice, not with the defaults of this version;
+    the resumed decoder is the saved one, option for option."""
+    from cryoscape.models.base import build_saved_decoder
+    from cryoscape.train.model import build_decoder_for, saved_decoder_options
+
+    config = tiny_config(tiny_dataset, decoder="cryoformer", zdim=1, num_epochs=1, teacher_epochs=0,
+                         decoder_options={"render_size": 8, "n_levels": 2, "n_blocks": 1})
+    run_training(config, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    saved = state["decoder"]["config"]
+    assert (saved["render_size"], saved["depth_stride"]) == (8, 2)
+    del saved["depth_stride"]  # as a checkpoint written before the depth stride
+    state["config"]["decoder_options"] = {"n_levels": 2, "n_blocks": 1}  # before render_size was passed
+    torch.save(state, path)
+
+    restored = TrainConfig.from_dict(state["config"])
+    options = saved_decoder_options(restored, state)
+    assert options == {"n_levels": 2, "n_blocks": 1, "render_size": 8, "depth_stride": 1}
+    built = build_decoder_for(TrainConfig.from_dict({**state["config"], "decoder_options": options}), 16)
+    assert built.config == build_saved_decoder("cryoformer", saved).config
+    assert build_saved_decoder("cryoformer", saved).depth_stride == 1
+    assert build_saved_decoder("cryoformer", {**saved, "depth_stride": 2}).depth_stride == 2
+
+    resumed = resume_training(tmp_path / "run", num_epochs=2)
+    assert resumed.epochs_done == 2
+    after = load_checkpoint(path)["decoder"]["config"]
+    assert (after["render_size"], after["depth_stride"]) == (8, 1)

@@ -42,7 +42,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["VolumeDecoder", "register_decoder", "build_decoder", "decoder_class", "decoder_names"]
+__all__ = ["VolumeDecoder", "register_decoder", "build_decoder", "build_saved_decoder", "decoder_class",
+           "decoder_names"]
 
 
 class VolumeDecoder(nn.Module, abc.ABC):
@@ -73,6 +74,13 @@ class VolumeDecoder(nn.Module, abc.ABC):
     process_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
     #: the same for the rows of a tensor (e.g. a batch's latents) from every process, in rank order
     process_gather_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def upgrade_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """A ``config`` saved by an older version, with the options added since set to what that version
+        did (not to today's defaults, which may differ): :func:`build_saved_decoder` rebuilds the decoder
+        a checkpoint was trained with.  The default changes nothing."""
+        return dict(config)
 
     def __init__(self, *, box_size: int, zdim: int = 0):
         super().__init__()
@@ -234,6 +242,12 @@ def build_decoder(name: str, **config: Any) -> VolumeDecoder:
     if name not in _REGISTRY:
         raise ValueError(f"unknown decoder {name!r}; choose one of {sorted(_REGISTRY)}")
     return _REGISTRY[name](**config)
+
+
+def build_saved_decoder(name: str, config: dict[str, Any]) -> VolumeDecoder:
+    """The decoder a checkpoint's ``{"name", "config"}`` describes, its config brought up to date by the
+    class's :meth:`VolumeDecoder.upgrade_config`."""
+    return build_decoder(name, **decoder_class(name).upgrade_config(config))
 
 
 def _load_builtin_decoders() -> None:

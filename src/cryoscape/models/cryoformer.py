@@ -253,6 +253,11 @@ class CryoFormer(VolumeDecoder):
         mods.append(nn.Linear(width, self.n_queries * self.query_dim))
         return nn.Sequential(*mods)
 
+    @classmethod
+    def upgrade_config(cls, config: dict) -> dict:
+        """A config saved before ``depth_stride`` rendered every plane (stride 1, not today's default)."""
+        return {"depth_stride": 1, **config}
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As ``nn.Module``'s; weights saved before ``deformation`` was on by default (a config without the
         key rebuilds with it, but the weights have no ``point_deformation.*``) load as the model they were."""

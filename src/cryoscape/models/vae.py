@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from cryoscape.models.base import VolumeDecoder, build_decoder
+from cryoscape.models.base import VolumeDecoder, build_saved_decoder
 from cryoscape.models.encoders import ImageEncoder, TiltPairEncoder, build_encoder
 
 __all__ = ["kl_divergence", "reparameterize", "VAEOutput", "HeterogeneousVAE", "build_vae"]
@@ -106,4 +106,4 @@ def build_vae(config: dict[str, Any]) -> HeterogeneousVAE:
     """Rebuild an (untrained) :class:`HeterogeneousVAE` from ``vae.config``."""
     dec = dict(config["decoder"])
     name = dec.pop("name")
-    return HeterogeneousVAE(build_encoder(config["encoder"]), build_decoder(name, **dec))
+    return HeterogeneousVAE(build_encoder(config["encoder"]), build_saved_decoder(name, dec))

@@ -57,7 +57,7 @@ from cryoscape.train.config import TrainConfig
 from cryoscape.train.distributed import Distributed
 from cryoscape.train.inputs import build_dataset, build_training_data, load_tables
 from cryoscape.train.latent_search import fixed_latent_search
-from cryoscape.train.model import check_options
+from cryoscape.train.model import check_options, saved_decoder_options
 from cryoscape.train.objective import batch_loss, tilt_rotation
 from cryoscape.train.pose_sources import KnownPoses, PoseSource
 from cryoscape.train.schedule import ConstantSchedule
@@ -185,6 +185,7 @@ def resume_training(run_dir: str | Path, *, arguments: dict[str, Any] | None = N
     """
     run = Path(run_dir)
     state, config = load_resume_state(run, TrainConfig, overrides, _RESUME_OVERRIDES, command="train", state=state)
+    config.decoder_options = saved_decoder_options(config, state)
     with RunContext(run) as dist:
         log.info("resuming %s after epoch %d", run, state["epoch"])
         table, tilted = load_tables(config)

@@ -43,11 +43,7 @@ def build_decoder_for(config: TrainConfig, box_size: int):
     names = decoder_names()
     if config.decoder not in names:
         raise InputError(f"--decoder {config.decoder} is not a known decoder; choose one of {', '.join(names)}.")
-    common: dict[str, Any] = {
-        "box_size": box_size, "zdim": config.zdim, "layers": config.dec_layers, "width": config.dec_dim,
-        "domain": config.domain, "encoding": config.pe_type, "n_freqs": config.pe_dim,
-        "gaussian_scale": config.gaussian_scale, "seed": config.seed,
-    }
+    common = _flag_options(config, box_size)
     kwargs = {k: v for k, v in common.items() if _takes(config.decoder, k)}
     kwargs.update(config.decoder_options or {})
     try:
@@ -58,6 +54,36 @@ def build_decoder_for(config: TrainConfig, box_size: int):
     if decoder.domain != config.domain:
         raise _domain_error(config, decoder.domain)
     return decoder
+
+
+def _flag_options(config: TrainConfig, box_size: int) -> dict[str, Any]:
+    """The decoder options train takes from its own flags (:func:`build_decoder_for`)."""
+    return {
+        "box_size": box_size, "zdim": config.zdim, "layers": config.dec_layers, "width": config.dec_dim,
+        "domain": config.domain, "encoding": config.pe_type, "n_freqs": config.pe_dim,
+        "gaussian_scale": config.gaussian_scale, "seed": config.seed,
+    }
+
+
+def saved_decoder_options(config: TrainConfig, state: dict[str, Any]) -> dict[str, Any]:
+    """The ``decoder_options`` a run resumed from checkpoint ``state`` continues with: its own, plus every
+    option whose saved value (brought up to date by the class's ``upgrade_config``) differs from what this
+    version would build from them, so that a default changed since the checkpoint does not change the model
+    in the middle of a run.  The options train takes from its own flags stay theirs (a checkpoint whose
+    flags and weights disagree is refused when the weights are loaded); unchanged when the checkpoint holds
+    another decoder."""
+    from cryoscape.models.base import decoder_class
+
+    options = dict(config.decoder_options or {})
+    spec = state.get("decoder") or {}
+    if spec.get("name") != config.decoder:
+        return options
+    saved = decoder_class(config.decoder).upgrade_config(spec["config"])
+    with torch.random.fork_rng(devices=[]):  # a throwaway build: the run's generator is left as it was
+        today = build_decoder_for(config, int(saved["box_size"])).config
+    flags = _flag_options(config, 0)
+    options.update({k: v for k, v in saved.items() if k in today and k not in flags and today[k] != v})
+    return options
 
 
 def check_options(config: TrainConfig) -> None:

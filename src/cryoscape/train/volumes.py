@@ -36,13 +36,13 @@ def load_trained_model(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]]:
     """``(decoder, encoder or None, checkpoint dict)`` of ``run_dir`` at ``epoch`` (default latest), in eval mode."""
-    from cryoscape.models.base import build_decoder
+    from cryoscape.models.base import build_saved_decoder
     from cryoscape.models.encoders import build_encoder
 
     path = find_checkpoint(run_dir, epoch)
     state = load_checkpoint(path, map_location="cpu")
     spec = state["decoder"]
-    decoder = build_decoder(spec["name"], **spec["config"])
+    decoder = build_saved_decoder(spec["name"], spec["config"])
     decoder.load_state_dict(spec["state"])
     decoder.to(device).eval()
     encoder = None
