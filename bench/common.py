@@ -355,10 +355,10 @@ def warm_start_seconds(run_dir: Path) -> float | None:
 
 
 def teacher_seconds(run_dir: Path) -> float | None:
-    """Seconds of a cryoscape run's automatic teacher ("teacher: N epochs in X s" in run.log), None without one."""
+    """Seconds of a cryoscape run's automatic teacher ("teacher: N epochs in X s", or "1 epoch", in run.log), None without one."""
     path = Path(run_dir) / "run.log"
     text = path.read_text(errors="replace") if path.exists() else ""
-    hit = re.search(r"teacher: \d+ epochs in ([\d.]+) s", text)
+    hit = re.search(r"teacher: \d+ epochs? in ([\d.]+) s", text)
     return float(hit.group(1)) if hit else None
 
 

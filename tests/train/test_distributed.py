@@ -114,7 +114,7 @@ def test_two_processes_train_the_teacher_then_the_student(tiny_dataset, tmp_path
     student = load_checkpoint(tmp_path / "two" / "checkpoint.pt")["encoder"]["state"]
     moved = max(float((student[k] - teachers[1][k]).abs().max()) for k in student)
     assert 0.0 < moved < 0.02, moved
-    assert "teacher: 1 epochs in" in (tmp_path / "two" / "run.log").read_text()
+    assert "teacher: 1 epoch in" in (tmp_path / "two" / "run.log").read_text()
 
 
 def test_two_processes_search_poses_like_one(tiny_dataset, tmp_path):

@@ -105,12 +105,13 @@ def train_teacher(config, table, out: str | Path, *, tilted_table=None, dist=Non
         _check_same_teacher(folder, teacher)
         log.info("teacher: the finished voxel-basis run in %s starts the encoder", folder)
         return folder
-    log.info("teacher: a voxel-basis run of %d epochs in %s (its own run.log) first, to start the encoder from "
-             "(--teacher-epochs 0: none)", teacher.num_epochs, folder)
+    epochs = f"{teacher.num_epochs} epoch{'' if teacher.num_epochs == 1 else 's'}"
+    log.info("teacher: a voxel-basis run of %s in %s (its own run.log) first, to start the encoder from "
+             "(--teacher-epochs 0: none)", epochs, folder)
     t0 = time.perf_counter()
     with _own_log(folder, dist is None or dist.is_main):
         train_model(teacher, table, folder, tilted_table=tilted_table, dist=dist)
-    log.info("teacher: %d epochs in %.1f s", teacher.num_epochs, time.perf_counter() - t0)
+    log.info("teacher: %s in %.1f s", epochs, time.perf_counter() - t0)
     return folder
 
 
