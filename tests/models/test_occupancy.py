@@ -278,3 +278,25 @@ def test_the_warm_start_names_the_whole_band_when_the_data_resolve_beyond_the_re
     assert build_decoder("cryoformer", box_size=32, zdim=0, render_size=32, **SMALL)._band_advice(fsc(16)) == ""
     assert build_decoder("cryoformer", box_size=32, zdim=0, render_size=16, space="fourier",
                          **SMALL)._band_advice(fsc(12)) == ""
+
+
+def test_beside_a_kept_prior_the_models_cells_count_from_the_median_cell():
+    """Outside a kept consensus prior a cell joins only above ``threshold`` of the way from the median cell's
+    level (the background's typical one) to the highest: a low-SNR map's noise patch, above the lowest cell's
+    level but not the median's, stays out (a grid without a kept prior, counting from the lowest, takes it in),
+    while density well above the background does join."""
+    background = 0.4 * torch.rand(16, 16, 16, generator=torch.Generator().manual_seed(0))
+    consensus = torch.zeros(16, 16, 16)
+    consensus[6:10, 6:10, 6:10] = 1.0
+    levels = background.clone()
+    levels[6:10, 6:10, 6:10] = 1.0  # the molecule, inside the prior
+    levels[1:4, 1:4, 1:4] = 0.33  # a noise patch far from it
+    levels[12:15, 1:4, 12:15] = 0.9  # a part the consensus missed
+    kept, not_kept = OccupancyGrid(64, resolution=16), OccupancyGrid(64, resolution=16, keep_prior=False)
+    for g in (kept, not_kept):
+        g.set_prior(consensus)
+        g.refresh(lambda world, g=g: levels.reshape(-1)[g.cells(world)])
+        assert bool(g.occupied[13, 2, 13]) and bool(g.occupied[7:9, 7:9, 7:9].all())
+    assert bool(kept.occupied[kept.prior].all())
+    assert bool(not_kept.occupied[2, 2, 2]) and not bool(kept.occupied[2, 2, 2])
+    assert kept.occupied[:4, :4, :4].sum() == 0 and not_kept.occupied[:4, :4, :4].sum() > 20

@@ -20,7 +20,10 @@ consensus averages the conformations and blurs what moves).  With ``keep_prior``
 prior's cells stay occupied after that too: a part of the molecule present in a minority of the particles
 is weak in the model's early map (before its latent is in use) and would be pruned, and a pruned cell gets
 no gradient, so the model could never learn it (README, "Choosing a decoder: CryoFormer", has the measured
-case).  The decoder refreshes the grid only after a warm-up, when its map has a shape.  A pruned cell is
+case).  Beside a kept prior, the model's own cells are counted from the median cell's level instead of the
+lowest: the prior holds the molecule, a cell outside it joins for density that stands above the
+background's typical level, and the noise of a low-SNR map (above the lowest cell, not above the median)
+does not widen the grid.  The decoder refreshes the grid only after a warm-up, when its map has a shape.  A pruned cell is
 still evaluated at every refresh, so it comes back if the network's density there grows (through shared
 parameters) above the threshold.
 """
@@ -107,21 +110,25 @@ class OccupancyGrid(nn.Module):
         values = density_fn(points.unsqueeze(0)).float().amax(0).reshape(self.level.shape)
         fresh = torch.isinf(self.level)
         self.level.copy_(torch.where(fresh, values, torch.maximum(self.level * self.decay, values)))
-        cells = self._cells(self.level, self.dilation)
+        kept = self.keep_prior and not bool(self.prior.all())
+        # beside a kept prior, counted from the median cell: the noise of a low-SNR map stands above the lowest
+        # cell's level but not above the background's typical one (README, "Occupancy grid")
+        cells = self._cells(self.level, self.dilation, floor_quantile=0.5 if kept else 0.0)
         if cells is None:
             cells = self.prior
-        elif self.keep_prior and not bool(self.prior.all()):
+        elif kept:
             cells = cells | self.prior
         self.occupied.copy_(cells)
 
-    def _cells(self, level: torch.Tensor, dilation: int) -> torch.Tensor | None:
+    def _cells(self, level: torch.Tensor, dilation: int, floor_quantile: float = 0.0) -> torch.Tensor | None:
         """Cells whose ``level``, averaged with their neighbours' (an isolated noisy maximum does not keep a
-        cell), is above ``threshold`` of the way from the lowest such average (the background) to the
-        highest, dilated by ``dilation`` cells; ``None`` while the background is above half the highest
-        (the map has no shape yet)."""
+        cell), is above ``threshold`` of the way from the background (the ``floor_quantile`` of those
+        averages: 0, the lowest) to the highest, dilated by ``dilation`` cells; ``None`` while the background
+        is above half the highest (the map has no shape yet)."""
         smooth = nn.functional.avg_pool3d(level[None, None], 3, stride=1, padding=1,
                                           count_include_pad=False)[0, 0]
-        floor, top = float(smooth.min()), float(smooth.max())
+        top = float(smooth.max())
+        floor = float(smooth.min() if floor_quantile <= 0 else torch.quantile(smooth.reshape(-1), floor_quantile))
         if not top > 0 or floor > 0.5 * top:
             return None
         occupied = smooth - floor > self.threshold * (top - floor)
