@@ -355,7 +355,8 @@ def warm_start_seconds(run_dir: Path) -> float | None:
 
 
 def teacher_seconds(run_dir: Path) -> float | None:
-    """Seconds of a cryoscape run's automatic teacher ("teacher: N epochs in X s", or "1 epoch", in run.log), None without one."""
+    """Seconds of a cryoscape run's automatic teacher ("teacher: N epochs in X s" in run.log; "1 epoch"), None
+    without one."""
     path = Path(run_dir) / "run.log"
     text = path.read_text(errors="replace") if path.exists() else ""
     hit = re.search(r"teacher: \d+ epochs? in ([\d.]+) s", text)

@@ -23,9 +23,9 @@ no gradient, so the model could never learn it (README, "Choosing a decoder: Cry
 case).  Beside a kept prior, the model's own cells are counted from the median cell's level instead of the
 lowest: the prior holds the molecule, a cell outside it joins for density that stands above the
 background's typical level, and the noise of a low-SNR map (above the lowest cell, not above the median)
-does not widen the grid.  The decoder refreshes the grid only after a warm-up, when its map has a shape.  A pruned cell is
-still evaluated at every refresh, so it comes back if the network's density there grows (through shared
-parameters) above the threshold.
+does not widen the grid.  The decoder refreshes the grid only after a warm-up, when its map has a shape.
+A pruned cell is still evaluated at every refresh, so it comes back if the network's density there grows
+(through shared parameters) above the threshold.
 """
 
 from __future__ import annotations
