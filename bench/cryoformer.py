@@ -192,14 +192,18 @@ def run_snr(args, env, exe: Path, snr: float) -> dict:
     return results
 
 
+def train_into(command: list[str], run_dir: Path, log: Path, env) -> float | None:
+    """Run our ``train`` ``command`` into ``run_dir`` (its ``-o`` replaced) and return its epochs' seconds."""
+    at = command.index("-o") + 1
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_timed([*command[:at], str(run_dir), *command[at + 1:]], log_path=log, env=env)
+    return training_seconds(run_dir, log, "cryoscape")
+
+
 def bracket_neural_field(args, env, command: list[str], runs: Path, tag: str, results: dict) -> None:
     """Train the neural field once more, after the other tools, and time it by the mean of its two runs'
     training seconds (``results["neural_field"]["img_s"]`` is replaced; both runs' figures are printed)."""
-    run_dir = runs / "neural_field_again"
-    command = [*command[:command.index("-o") + 1], str(run_dir), *command[command.index("-o") + 2:]]
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_timed(command, log_path=runs / "neural_field_again.log", env=env)
-    again_s = training_seconds(run_dir, runs / "neural_field_again.log", "cryoscape")
+    again_s = train_into(command, runs / "neural_field_again", runs / "neural_field_again.log", env)
     first = results["neural_field"]["img_s"]
     again = args.n_images * args.epochs / again_s if again_s else float("nan")
     mean = 2 / (1 / first + 1 / again)  # images over the mean of the two runs' seconds

@@ -20,15 +20,13 @@ scores them).
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_name, print_figure, print_note, run_timed, simulate_dataset, thread_env  # noqa: E402
-from cryoformer import commands, parse_args, perturb_poses  # noqa: E402
-from train import training_seconds  # noqa: E402
+from common import machine_name, print_figure, print_note, simulate_dataset, thread_env  # noqa: E402
+from cryoformer import commands, parse_args, perturb_poses, train_into  # noqa: E402
 
 
 def parse_all(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
@@ -42,15 +40,6 @@ def parse_all(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
     return own, parse_args(rest)
 
 
-def train_seconds(args, env, command: list[str], run_dir: Path, log: Path) -> float:
-    """Train ``command`` into ``run_dir`` (its ``-o`` replaced) and return its epochs' seconds."""
-    at = command.index("-o") + 1
-    command = [*command[:at], str(run_dir), *command[at + 1:]]
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_timed(command, log_path=log, env=env)
-    return training_seconds(run_dir, log, "cryoscape")
-
-
 def time_snr(own, args, env, snr: float) -> None:
     data, _ = simulate_dataset(args.workdir / f"hinge_D{args.box}_n{args.n_images}_snr{snr:g}", box_size=args.box,
                                n_images=args.n_images, snr=snr, heterogeneity="hinge", env=env)
@@ -62,7 +51,7 @@ def time_snr(own, args, env, snr: float) -> None:
 
     def train(name: str) -> None:
         i = len(seconds[name])
-        seconds[name].append(train_seconds(args, env, cmds[name], runs / f"{name}_{i}", runs / f"{name}_{i}.log"))
+        seconds[name].append(train_into(cmds[name], runs / f"{name}_{i}", runs / f"{name}_{i}.log", env))
         print_note(f"SNR {snr:g} {name} run {i + 1}: {args.n_images * args.epochs / seconds[name][-1]:.1f} img/s")
 
     train("neural_field")
